@@ -1,0 +1,242 @@
+"""Dynamic fixed-point quantisation (SPEC section 1): reference, Triton kernels and launcher.
+
+A tensor ``x`` quantised to ``b`` bits is an integer tensor ``m`` and an exponent ``s``
+(per tensor, or one per slice along ``axis``) with ``x ~= m * 2**-s``. ``s`` is the largest
+integer with ``amax * 2**s <= 2**(b-1) - 1`` over the finite entries, capped so that the grid
+step ``2**-s`` stays representable in the input dtype.
+
+Every backend computes the mantissa the same way, in float32 arithmetic that is exact:
+``v = x * 2**s`` (a power-of-two scaling done in two steps so the factor never overflows),
+``f = floor(v)``; nearest rounding is half to even; stochastic rounding is
+``f + (u < v - f)`` with ``u ~ U[0, 1)``, which equals ``floor(v + u')`` for ``u' = 1 - u`` and
+is therefore unbiased: ``P(m = f + 1) = v - f``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # Triton ships with the CUDA builds of torch on Linux; the CPU route does not need it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    HAS_TRITON = False
+
+__all__ = [
+    "MAX_EXPONENT",
+    "MAX_BITS",
+    "mantissa_dtype",
+    "exponent_from_amax",
+    "pow2_factors",
+    "scale_pow2",
+    "quantise_reference",
+    "dequantise_reference",
+    "quantise_triton",
+    "HAS_TRITON",
+]
+
+# Largest exponent whose grid step 2**-s is still representable (down to the smallest subnormal).
+MAX_EXPONENT = {torch.float32: 149, torch.bfloat16: 133, torch.float16: 24}
+# Largest word length whose integer grid the dtype holds exactly (sign + significand bits).
+MAX_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+
+
+def mantissa_dtype(bits: int) -> torch.dtype:
+    """Storage dtype of the mantissas: int8 up to 8 bits, int16 up to 16, int32 above."""
+    return torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32
+
+
+def exponent_from_amax(amax: torch.Tensor, bits: int, max_exponent: int) -> torch.Tensor:
+    """Largest integer ``s`` with ``amax * 2**s <= 2**(bits-1) - 1`` (int32, same shape as amax).
+
+    Computed in float64, where ``amax * 2**s`` is exact, so the two corrections below make the
+    logarithm's rounding irrelevant. ``amax == 0`` (or non-finite) gives ``s = 0``.
+    """
+    qmax = float(2 ** (bits - 1) - 1)
+    a = amax.double()
+    valid = (a > 0) & torch.isfinite(a)
+    a = torch.where(valid, a, torch.ones_like(a))
+    s = torch.floor(torch.log2(qmax / a))
+    s = torch.where(torch.ldexp(a, s) > qmax, s - 1, s)
+    s = torch.where(torch.ldexp(a, s + 1) <= qmax, s + 1, s)
+    s = torch.clamp(s, max=max_exponent)
+    return torch.where(valid, s, torch.zeros_like(s)).to(torch.int32)
+
+
+def pow2_factors(s: torch.Tensor) -> torch.Tensor:
+    """Float32 factors ``(2**h, 2**(s-h), 2**-h, 2**(h-s))`` with ``h = floor(s / 2)``, stacked last.
+
+    Scaling by ``2**s`` as two multiplications keeps every factor finite (``|s| <= 149``).
+    """
+    s = s.to(torch.float64)
+    h = torch.floor(s / 2)
+    one = torch.ones_like(s)
+    parts = [torch.ldexp(one, e) for e in (h, s - h, -h, h - s)]
+    return torch.stack(parts, dim=-1).to(torch.float32)
+
+
+def _reduce_dims(x: torch.Tensor, axis: int | None) -> list[int] | None:
+    return None if axis is None else [d for d in range(x.dim()) if d != axis]
+
+
+def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return t
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def scale_pow2(t: torch.Tensor, s: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    """``t * 2**s`` (``s`` per tensor, or per slice along ``axis``), exact for float32 ``t``."""
+    f = pow2_factors(s)
+    return t * _broadcast(f[..., 0], t, axis) * _broadcast(f[..., 1], t, axis)
+
+
+def _round(v: torch.Tensor, rounding: str, noise: torch.Tensor | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    if rounding == "nearest":
+        return torch.round(v)
+    if noise is None:
+        noise = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
+    f = torch.floor(v)
+    return f + (noise < v - f).to(v.dtype)
+
+
+def quantise_reference(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None = None,
+                       generator: torch.Generator | None = None,
+                       noise: torch.Tensor | None = None):
+    """Plain-torch oracle. Returns ``(m, s, finite)``.
+
+    ``m`` holds the integer mantissas as float32 (0 where ``x`` is not finite), ``s`` the int32
+    exponent (0-d, or 1-d along ``axis``), ``finite`` the mask of finite entries. ``noise``
+    replaces the uniform draws of stochastic rounding (same shape as ``x``).
+    """
+    xf = x.float()
+    finite = torch.isfinite(xf)
+    mag = torch.where(finite, xf.abs(), torch.zeros_like(xf))
+    dims = _reduce_dims(x, axis)
+    if mag.numel() == 0:  # amax of nothing is 0, so s = 0
+        amax = mag.new_zeros(() if axis is None else (x.shape[axis],))
+    else:
+        amax = mag.amax() if dims is None else mag.amax(dim=dims) if dims else mag
+    s = exponent_from_amax(amax, bits, MAX_EXPONENT[x.dtype])
+    v = scale_pow2(torch.where(finite, xf, torch.zeros_like(xf)), s, axis)
+    return _round(v, rounding, noise, generator), s, finite
+
+
+def dequantise_reference(m: torch.Tensor, s: torch.Tensor, dtype: torch.dtype,
+                         axis: int | None = None) -> torch.Tensor:
+    """``m * 2**-s`` in ``dtype``; saturates at the dtype's largest finite value.
+
+    Saturation only acts when ``amax`` lies within a factor of two of the dtype's largest value
+    at a word length whose top grid point is not representable (e.g. 2 bits, ``amax > 2**127``).
+    """
+    fmax = torch.finfo(dtype).max
+    return torch.clamp(scale_pow2(m.float(), -s, axis), -fmax, fmax).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton: one kernel reduces |x| per block, a second scales, rounds and writes mantissas and/or
+# dequantised values. The tensor is viewed as (rows, L): one row per tensor, or one per channel.
+# --------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _absmax_kernel(
+        x_ptr, partial_ptr,  # pointers
+        L, n_blocks,  # sizes
+        BLOCK: tl.constexpr,
+    ):
+        # partial[row, blk] = max |x[row, blk*BLOCK : (blk+1)*BLOCK]| over finite entries
+        row = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < L
+        x = tl.load(x_ptr + row * L + offs, mask=mask, other=0.0).to(tl.float32)
+        finite = (x == x) & (tl.abs(x) < float("inf"))
+        a = tl.where(finite, tl.abs(x), 0.0)
+        tl.store(partial_ptr + row * n_blocks + blk, tl.max(a, axis=0))
+
+    @triton.jit
+    def _quantise_kernel(
+        x_ptr, noise_ptr, factor_ptr, m_ptr, q_ptr,  # pointers
+        L, seed, offset, fmax,  # sizes and scalars
+        STOCHASTIC: tl.constexpr, NOISE_FROM_PTR: tl.constexpr,
+        WRITE_M: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # m = round(x * 2**s[row]); q = m * 2**-s[row] (non-finite x passes through to q)
+        row = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < L
+        idx = row * L + offs
+        x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        up_hi = tl.load(factor_ptr + row * 4)
+        up_lo = tl.load(factor_ptr + row * 4 + 1)
+        finite = (x == x) & (tl.abs(x) < float("inf"))
+        v = tl.where(finite, x, 0.0) * up_hi * up_lo
+        f = tl.floor(v)
+        d = v - f
+        if STOCHASTIC:
+            if NOISE_FROM_PTR:
+                u = tl.load(noise_ptr + idx, mask=mask, other=0.0)
+            else:
+                u = tl.rand(seed, (idx + offset).to(tl.int32))
+            m = f + tl.where(u < d, 1.0, 0.0)
+        else:  # half to even
+            half = f * 0.5
+            odd = tl.floor(half) != half
+            m = f + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
+        if WRITE_M:
+            tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=mask)
+        if WRITE_Q:
+            down_hi = tl.load(factor_ptr + row * 4 + 2)
+            down_lo = tl.load(factor_ptr + row * 4 + 3)
+            q = tl.minimum(tl.maximum(m * down_hi * down_lo, -fmax), fmax)
+            q = tl.where(finite, q, x)
+            tl.store(q_ptr + idx, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None = None,
+                    seed: int = 0, offset: int = 0, noise: torch.Tensor | None = None,
+                    want_mantissa: bool = True, want_values: bool = False, block: int = 1024):
+    """Triton launcher. Returns ``(m or None, s, q or None)``.
+
+    ``m`` is the integer mantissa tensor (storage dtype of ``bits``), ``s`` the int32 exponent,
+    ``q`` the dequantised values in ``x.dtype``. Stochastic draws come from
+    ``tl.rand(seed, offset + flat_index)`` unless ``noise`` (float32, shape of ``x``) is given.
+    """
+    if not HAS_TRITON:
+        raise NotImplementedError("backend='triton' needs the triton package, which is not installed")
+    moved = x if axis in (None, 0) else x.movedim(axis, 0)
+    xc = moved.contiguous()
+    rows = 1 if axis is None else xc.shape[0]
+    L = xc.numel() // max(rows, 1)
+    if L == 0 or rows == 0:
+        s = torch.zeros(() if axis is None else (rows,), dtype=torch.int32, device=x.device)
+        m = torch.zeros(x.shape, dtype=mantissa_dtype(bits), device=x.device) if want_mantissa else None
+        return m, s, (x.clone() if want_values else None)
+    n_blocks = triton.cdiv(L, block)
+    partial = torch.empty((rows, n_blocks), dtype=torch.float32, device=x.device)
+    _absmax_kernel[(rows, n_blocks)](xc, partial, L, n_blocks, BLOCK=block)
+    s = exponent_from_amax(partial.amax(dim=1), bits, MAX_EXPONENT[x.dtype])
+    factors = pow2_factors(s).contiguous()
+    m = torch.empty(xc.shape, dtype=mantissa_dtype(bits), device=x.device) if want_mantissa else None
+    q = torch.empty_like(xc) if want_values else None
+    if noise is not None:
+        noise = (noise if axis in (None, 0) else noise.movedim(axis, 0)).float().contiguous()
+    _quantise_kernel[(rows, n_blocks)](
+        xc, noise if noise is not None else xc, factors,
+        m if m is not None else xc, q if q is not None else xc,
+        L, seed, offset, float(torch.finfo(x.dtype).max),
+        STOCHASTIC=rounding == "stochastic", NOISE_FROM_PTR=noise is not None,
+        WRITE_M=want_mantissa, WRITE_Q=want_values, BLOCK=block,
+    )
+    if axis is None:
+        s = s.reshape(())
+    back = (lambda t: t) if axis in (None, 0) else (lambda t: t.movedim(0, axis).contiguous())
+    return (back(m) if m is not None else None), s, (back(q) if q is not None else None)

@@ -1,0 +1,167 @@
+"""Public quantiser: ``quantise``, ``fake_quantise`` and ``QTensor`` (SPEC section 1).
+
+Three implementations sit behind one function, chosen by ``backend``:
+``"reference"`` (plain torch, the oracle), ``"triton"`` (fused kernels; CUDA, or the CPU under
+``TRITON_INTERPRET=1``) and ``"cpu"`` (the fast CPU path). ``"auto"`` picks Triton for CUDA
+tensors and the fast path for CPU tensors.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from muppet_fx.kernels.quantise import (
+    HAS_TRITON,
+    MAX_BITS,
+    dequantise_reference,
+    mantissa_dtype,
+    quantise_reference,
+    quantise_triton,
+)
+from muppet_fx.kernels.quantise_cpu import quantise_cpu
+
+__all__ = ["QTensor", "quantise", "fake_quantise", "ROUNDINGS", "BACKENDS"]
+
+ROUNDINGS = ("nearest", "stochastic")
+BACKENDS = ("auto", "reference", "triton", "cpu")
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A dynamic fixed-point tensor: ``value = mantissa * 2**-exponent``.
+
+    ``exponent`` is an ``int`` for per-tensor quantisation and a 1-d int32 tensor (one entry per
+    slice along ``axis``) for per-channel quantisation.
+    """
+
+    mantissa: torch.Tensor
+    exponent: int | torch.Tensor
+    bits: int
+    dtype: torch.dtype = torch.float32
+    axis: int | None = None
+
+    def dequantise(self) -> torch.Tensor:
+        s = torch.as_tensor(self.exponent, dtype=torch.int32, device=self.mantissa.device)
+        return dequantise_reference(self.mantissa, s, self.dtype, self.axis)
+
+
+def check_bits(bits, dtype: torch.dtype = torch.float32) -> int:
+    """Validate a word length for inputs of ``dtype``; returns it as ``int``."""
+    limit = MAX_BITS[dtype]
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= limit:
+        raise ValueError(f"bits={bits!r} is not a valid word length for {dtype} inputs: "
+                         f"expected an int in [2, {limit}]")
+    return bits
+
+
+def check_rounding(rounding) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r} is not supported; valid choices: {ROUNDINGS}")
+    return rounding
+
+
+def _check_input(x, bits, rounding, axis, backend, noise) -> str:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in MAX_BITS:
+        raise TypeError(f"cannot quantise a {x.dtype} tensor; supported dtypes: "
+                        f"{', '.join(map(str, MAX_BITS))}")
+    check_bits(bits, x.dtype)
+    check_rounding(rounding)
+    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)
+                             or not -x.dim() <= axis < x.dim()):
+        raise ValueError(f"axis={axis!r} is out of range for a {x.dim()}-d tensor "
+                         f"(None for one exponent per tensor, or a dimension index)")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; valid choices: {BACKENDS}")
+    if noise is not None and noise.shape != x.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x.shape)}")
+    if backend == "auto":
+        if x.device.type == "cuda" and HAS_TRITON:
+            return "triton"
+        return "cpu" if x.device.type == "cpu" else "reference"
+    if backend == "triton" and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
+                         f"triton is imported to run the kernels on the CPU; got device {x.device}")
+    if backend == "cpu" and x.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs a CPU tensor, got device {x.device}")
+    return backend
+
+
+def _triton_seed(seed, generator) -> int:
+    if seed is not None:
+        return int(seed)
+    return int(torch.randint(0, 2**31 - 1, (), generator=generator))
+
+
+def _run(x, bits, rounding, axis, backend, generator, seed, noise, values: bool):
+    """Returns ``(m, s, q)``: integer-valued mantissas (any dtype), int32 exponent tensor, and
+    the dequantised tensor (``values=True``) or ``None``."""
+    if backend == "triton":
+        m, s, q = quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(seed, generator),
+                                  noise=noise, want_mantissa=not values, want_values=values)
+        return m, s, q
+    impl = quantise_cpu if backend == "cpu" else quantise_reference
+    m, s, finite = impl(x, bits, rounding, axis=axis, generator=generator, noise=noise)
+    if not values:
+        return m, s, None
+    q = dequantise_reference(m, s, x.dtype, axis)
+    return m, s, (q if finite is None else torch.where(finite, q, x))
+
+
+def quantise(x: torch.Tensor, bits: int, rounding: str = "stochastic", *,
+             generator: torch.Generator | None = None, axis: int | None = None,
+             backend: str = "auto", seed: int | None = None,
+             noise: torch.Tensor | None = None) -> QTensor:
+    """Quantise ``x`` to ``bits``-bit dynamic fixed point.
+
+    Args:
+        x: float32, bfloat16 or float16 tensor; every entry must be finite.
+        bits: word length, 2..24 for float32 (11 for float16, 8 for bfloat16).
+        rounding: ``"nearest"`` (half to even) or ``"stochastic"`` (unbiased).
+        generator: CPU ``torch.Generator`` for the stochastic draws (reproducible runs).
+        axis: ``None`` for one exponent per tensor, or the dimension that gets one exponent
+            per slice (``0`` = per output channel for weights).
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cpu"``.
+        seed: seed of the Triton kernel's counter-based draws (default: drawn from ``generator``).
+        noise: explicit uniforms in ``[0, 1)`` for stochastic rounding, shape of ``x``.
+
+    Returns:
+        ``QTensor`` with int8/int16/int32 ``mantissa`` and the ``exponent``.
+
+    Example:
+        >>> q = quantise(torch.tensor([0.5, -1.0, 0.25]), 8, "nearest")
+        >>> q.mantissa.tolist(), q.exponent
+        ([32, -64, 16], 6)
+    """
+    backend = _check_input(x, bits, rounding, axis, backend, noise)
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"quantise got {int(bad.sum())} non-finite entries (first at index {idx}: "
+                         f"{x[idx].item()}); use fake_quantise to pass NaN/inf through")
+    axis = None if axis is None else axis % x.dim()
+    m, s, _ = _run(x, bits, rounding, axis, backend, generator, seed, noise, values=False)
+    exponent = int(s) if axis is None else s
+    return QTensor(m.to(mantissa_dtype(bits)), exponent, bits, x.dtype, axis)
+
+
+def fake_quantise(x: torch.Tensor, bits: int, rounding: str = "stochastic", *,
+                  generator: torch.Generator | None = None, axis: int | None = None,
+                  backend: str = "auto", seed: int | None = None,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
+    """``quantise(x, ...).dequantise()`` in one step, with NaN/inf passed through unchanged.
+
+    Same arguments as :func:`quantise`; returns a tensor of ``x``'s dtype and shape whose finite
+    entries lie on the ``bits``-bit grid.
+
+    Example:
+        >>> fake_quantise(torch.tensor([0.3, 1.0]), 4, "nearest").tolist()
+        [0.25, 1.0]
+    """
+    backend = _check_input(x, bits, rounding, axis, backend, noise)
+    axis = None if axis is None else axis % x.dim()
+    return _run(x, bits, rounding, axis, backend, generator, seed, noise, values=True)[2]
+

@@ -1,0 +1,1 @@
+"""torch.fx passes (installed as ``muppet_fx.passes``)."""

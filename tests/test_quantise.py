@@ -1,0 +1,218 @@
+"""Quantiser contract (SPEC section 1). Oracle: exact float64 arithmetic on the spec's rules."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from muppet_fx import QTensor, fake_quantise, quantise
+from muppet_fx.kernels.quantise import MAX_EXPONENT, exponent_from_amax
+from muppet_fx.kernels.quantise_cpu import host_exponent
+
+ROUNDINGS = ["nearest", "stochastic"]
+HOST_BACKENDS = ["reference", "cpu"]
+f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+tensors = st.lists(f32, min_size=1, max_size=40).map(lambda v: torch.tensor(v, dtype=torch.float32))
+bits_any = st.integers(2, 24)
+
+
+def _exact(x, bits, s):
+    """Spec oracle on the host: amax*2**s <= qmax < amax*2**(s+1) unless s hit the cap or amax==0."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = max((abs(v) for v in x.tolist()), default=0.0)
+    if amax == 0.0:
+        return s == 0
+    fits = math.ldexp(amax, s) <= qmax
+    maximal = s == MAX_EXPONENT[torch.float32] or math.ldexp(amax, s + 1) > qmax
+    return fits and maximal
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=tensors, bits=bits_any, rounding=st.sampled_from(ROUNDINGS),
+       backend=st.sampled_from(HOST_BACKENDS), seed=st.integers(0, 2**31))
+def test_mantissa_range_exponent_and_error(x, bits, rounding, backend, seed):
+    """Mantissas are integers in [-qmax, qmax]; the exponent is maximal; error <= 1/2 ulp
+    (nearest) or < 1 ulp (stochastic); dequantise == fake_quantise; dtype per word length."""
+    g = torch.Generator().manual_seed(seed)
+    q = quantise(x, bits, rounding, generator=g, backend=backend)
+    qmax = 2 ** (bits - 1) - 1
+    m = q.mantissa.to(torch.int64)
+    assert q.mantissa.dtype == (torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32)
+    assert int(m.abs().max()) <= qmax
+    assert _exact(x, bits, q.exponent)
+    err = (q.dequantise().double() - x.double()).abs()
+    ulp = 2.0 ** -q.exponent
+    if rounding == "nearest":
+        assert float(err.max()) <= ulp / 2
+    else:
+        assert float(err.max()) < ulp
+    g = torch.Generator().manual_seed(seed)
+    assert torch.equal(fake_quantise(x, bits, rounding, generator=g, backend=backend), q.dequantise())
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=tensors, bits=bits_any, rounding=st.sampled_from(ROUNDINGS))
+def test_idempotent_and_on_grid_fixed(x, bits, rounding):
+    """fq(fq(x)) == fq(x): values on the grid are returned exactly by both roundings."""
+    y = fake_quantise(x, bits, rounding)
+    assert torch.equal(fake_quantise(y, bits, rounding), y)
+    assert torch.equal(fake_quantise(y, bits, "stochastic"), y)
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=tensors, bits=bits_any, backend=st.sampled_from(HOST_BACKENDS))
+def test_nearest_sign_symmetric_and_monotone(x, bits, backend):
+    """Round half to even is odd-symmetric and order preserving within one tensor."""
+    y = fake_quantise(x, bits, "nearest", backend=backend)
+    assert torch.equal(fake_quantise(-x, bits, "nearest", backend=backend), -y)
+    xs, order = torch.sort(x)
+    ys = fake_quantise(xs, bits, "nearest", backend=backend)
+    assert bool((ys[1:] >= ys[:-1]).all())
+    assert torch.equal(ys, y[order])
+
+
+@settings(max_examples=100, deadline=None)
+@given(m=st.lists(st.integers(-127, 127), min_size=1, max_size=30), s=st.integers(-20, 40),
+       bits=st.integers(8, 24))
+def test_on_grid_values_unchanged_by_stochastic(m, s, bits):
+    """x = m * 2**-s with |m| <= 127 lies on every grid of >= 8 bits that covers it."""
+    x = torch.tensor([math.ldexp(v, -s) for v in m], dtype=torch.float32)
+    assert torch.equal(fake_quantise(x, bits, "stochastic"), x)
+
+
+def test_nearest_ties_to_even():
+    """v = k + 0.5 rounds to the even neighbour (torch.round semantics)."""
+    x = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 3.5])  # amax 127 -> s = 0 at 8 bits
+    for backend in HOST_BACKENDS:
+        q = quantise(x, 8, "nearest", backend=backend)
+        assert q.exponent == 0
+        assert q.mantissa.tolist() == [127, 0, 2, 2, 0, -2, 4]
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_stochastic_unbiased(backend, bits):
+    """E[m] = v: over N draws the mean mantissa is within 6 standard errors of v."""
+    qmax = 2 ** (bits - 1) - 1
+    v = torch.tensor([qmax, 0.3, -0.7, 0.5, qmax - 0.01, 0.001, -qmax + 0.25], dtype=torch.float32)
+    n = 20000
+    x = v.repeat(n)  # amax = qmax -> s = 0, so v is the scaled value itself
+    g = torch.Generator().manual_seed(1)
+    q = quantise(x, bits, "stochastic", generator=g, backend=backend)
+    assert q.exponent == 0
+    mean = q.mantissa.double().view(n, -1).mean(0)
+    frac = v.double() - v.double().floor()
+    bound = 6 * torch.sqrt(frac * (1 - frac) / n) + 1e-12
+    assert bool(((mean - v.double()).abs() <= bound).all()), (mean, v)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_zero_and_empty(backend):
+    z = torch.zeros(5)
+    q = quantise(z, 8, backend=backend)
+    assert q.exponent == 0 and q.mantissa.tolist() == [0] * 5
+    assert quantise(torch.zeros(0), 8, backend=backend).mantissa.numel() == 0
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_non_finite(backend, rounding):
+    """NaN/inf pass through fake_quantise; the finite entries use the finite amax; quantise raises."""
+    x = torch.tensor([float("nan"), 1.0, float("inf"), -0.3, float("-inf")])
+    y = fake_quantise(x, 8, rounding, backend=backend)
+    assert math.isnan(y[0]) and y[2] == float("inf") and y[4] == float("-inf")
+    ref = fake_quantise(torch.tensor([1.0, -0.3]), 8, "nearest")
+    if rounding == "nearest":
+        assert torch.equal(y[[1, 3]], ref)
+    with pytest.raises(ValueError, match="non-finite"):
+        quantise(x, 8, rounding, backend=backend)
+
+
+@pytest.mark.parametrize("dtype,bits,tiny", [(torch.float32, 24, 1e-45), (torch.float16, 11, 6e-8),
+                                              (torch.bfloat16, 8, 1e-38)])
+def test_dtype_limits_tiny_and_huge(dtype, bits, tiny):
+    """At the largest word length the grid is exact in the dtype; tiny and huge tensors stay finite."""
+    x = (torch.randn(64) * 3).to(dtype)
+    for backend in HOST_BACKENDS:
+        y = fake_quantise(x, bits, "nearest", backend=backend)
+        assert y.dtype == dtype
+        q = quantise(x, bits, "nearest", backend=backend)
+        assert torch.equal(q.mantissa.double() * 2.0 ** -q.exponent, y.double())  # exact in dtype
+        t = fake_quantise(torch.tensor([tiny, -tiny / 2], dtype=dtype), 2, "stochastic", backend=backend)
+        assert bool(torch.isfinite(t).all())
+        big = torch.tensor([torch.finfo(dtype).max, 1.0], dtype=dtype)
+        for b in (2, bits):
+            assert bool(torch.isfinite(fake_quantise(big, b, "nearest", backend=backend)).all())
+    assert quantise(torch.tensor([tiny], dtype=dtype), bits).exponent <= MAX_EXPONENT[dtype]
+
+
+def test_per_channel():
+    """axis=0: each slice gets the exponent it would get alone."""
+    w = torch.randn(6, 3, 3) * torch.logspace(-3, 3, 6).view(6, 1, 1)
+    q = quantise(w, 8, "nearest", axis=0)
+    assert q.exponent.shape == (6,)
+    for c in range(6):
+        alone = quantise(w[c], 8, "nearest")
+        assert int(q.exponent[c]) == alone.exponent
+        assert torch.equal(q.mantissa[c], alone.mantissa)
+    assert torch.equal(fake_quantise(w, 8, "nearest", axis=0), q.dequantise())
+    q1 = quantise(w, 8, "nearest", axis=-1)
+    assert q1.axis == 2 and q1.exponent.shape == (3,)
+
+
+def test_generator_reproducible():
+    x = torch.randn(1000)
+    for backend in HOST_BACKENDS:
+        a = fake_quantise(x, 6, generator=torch.Generator().manual_seed(3), backend=backend)
+        b = fake_quantise(x, 6, generator=torch.Generator().manual_seed(3), backend=backend)
+        c = fake_quantise(x, 6, generator=torch.Generator().manual_seed(4), backend=backend)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=tensors, bits=bits_any, rounding=st.sampled_from(ROUNDINGS))
+def test_fast_cpu_matches_reference(x, bits, rounding):
+    """The fast CPU path equals the reference exactly given the same uniform draws."""
+    u = torch.rand(x.shape)
+    a = quantise(x, bits, rounding, backend="reference", noise=u)
+    b = quantise(x, bits, rounding, backend="cpu", noise=u)
+    assert a.exponent == b.exponent and torch.equal(a.mantissa, b.mantissa)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=f32.map(abs), bits=bits_any)
+def test_host_and_tensor_exponent_rules_agree(a, bits):
+    t = torch.tensor([a], dtype=torch.float32)
+    assert int(exponent_from_amax(t, bits, 149)[0]) == host_exponent(float(t[0]), bits, 149)
+
+
+@pytest.mark.parametrize("call", [quantise, fake_quantise])
+def test_bad_arguments(call):
+    x = torch.randn(4)
+    for bits in (1, 25, 0, 8.0, True, "8"):
+        with pytest.raises(ValueError, match=r"\[2, 24\]"):
+            call(x, bits)
+    with pytest.raises(ValueError, match=r"\[2, 8\]"):
+        call(x.bfloat16(), 9)
+    with pytest.raises(ValueError, match=r"\[2, 11\]"):
+        call(x.half(), 12)
+    with pytest.raises(ValueError, match="nearest.*stochastic"):
+        call(x, 8, "truncate")
+    with pytest.raises(TypeError, match="int64"):
+        call(torch.arange(4), 8)
+    with pytest.raises(TypeError, match="list"):
+        call([1.0], 8)
+    with pytest.raises(ValueError, match="axis=3"):
+        call(x, 8, axis=3)
+    with pytest.raises(ValueError, match="backend='gpu'"):
+        call(x, 8, backend="gpu")
+    with pytest.raises(ValueError, match="noise has shape"):
+        call(x, 8, noise=torch.rand(3))
+
+
+def test_qtensor_is_public_and_frozen():
+    q = quantise(torch.tensor([1.0]), 8)
+    assert isinstance(q, QTensor)
+    with pytest.raises(Exception):
+        q.bits = 4
