@@ -1,44 +1,60 @@
-"""Fast CPU quantiser: the reference's arithmetic with fewer passes over memory.
+"""Fast CPU quantiser: one fused C pass (``quantise_cpu.c``) instead of a dozen torch ops.
 
-Where the reference masks non-finite entries and draws float32 uniforms with ``torch.rand``
-(the slowest step on CPU), this path
-- checks finiteness once through ``torch.aminmax`` (NaN and inf propagate into it) and takes the
-  masked reference route only when something is not finite;
-- computes the exponent on the host (the tensor is on the CPU, so this costs no device sync) and
-  scales with one multiplication when ``2**s`` is a normal float32;
-- draws stochastic-rounding uniforms from 64-bit integer words (``random_`` on int64 emits a
-  whole 64-bit Mersenne-Twister draw per element, about twice as fast per byte as ``rand``): two
-  24-bit uniforms ``r * 2**-24`` per word, the same resolution as ``torch.rand``'s float32 draws;
-- works in place on one scratch tensor.
-The results follow the reference exactly for nearest rounding and for the same ``noise``.
+The reference spends most of its time in ``torch.rand`` and in the dozen elementwise passes of
+its arithmetic. Here a float32 tensor costs two passes: an integer max over the magnitude bits
+(which also detects NaN/inf) and one fused scale-round-store pass. The exponent is computed on
+the host, which costs no synchronisation for a CPU tensor. Stochastic rounding draws its
+uniforms from a counter-based hash of ``(seed, index)``; results depend on the seed only.
+
+Inputs the C kernel does not cover (non-float32 dtypes, per-channel exponents, NaN/inf
+present) and machines without a C compiler take the reference route; the results follow the
+same rules, and for the same ``noise`` they are identical.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import struct
+from pathlib import Path
 
 import torch
 
-from .quantise import MAX_EXPONENT, quantise_reference
+from .cbuild import load_c_library
+from .quantise import MAX_EXPONENT, dequantise_reference, mantissa_dtype, quantise_reference
 
-__all__ = ["quantise_cpu", "uniform24", "host_exponent"]
+__all__ = ["quantise_cpu", "host_exponent", "c_kernel_available"]
 
-_TWO_M24 = 2.0 ** -24
+_SOURCE = Path(__file__).with_name("quantise_cpu.c")
+_FN = {torch.int8: "quantise_i8", torch.int16: "quantise_i16", torch.int32: "quantise_i32"}
+_lib = None
 
 
-def uniform24(numel: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``numel`` float32 uniforms on the grid ``k * 2**-24``, ``0 <= k < 2**24``."""
-    words = torch.empty((numel + 1) // 2, dtype=torch.int64)
-    words.random_(generator=generator)  # full 64-bit draws
-    r = words.view(torch.int32)[:numel] & 0xFFFFFF
-    return r.to(torch.float32).mul_(_TWO_M24)
+def _library():
+    global _lib
+    if _lib is None:
+        lib = load_c_library(_SOURCE)
+        if lib is not None:
+            lib.absmax_bits.restype = ctypes.c_uint32
+            lib.absmax_bits.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+            for name in _FN.values():
+                fn = getattr(lib, name)
+                fn.restype = None
+                fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 5
+                               + [ctypes.c_int, ctypes.c_uint64] + [ctypes.c_void_p] * 3 + [ctypes.c_int])
+        _lib = lib if lib is not None else False
+    return _lib or None
+
+
+def c_kernel_available() -> bool:
+    return _library() is not None
 
 
 def host_exponent(amax: float, bits: int, max_exponent: int) -> int:
+    """``exponent_from_amax`` for one Python float, exact in float64."""
     if amax == 0.0:
         return 0
     qmax = 2 ** (bits - 1) - 1
-    mant, e = math.frexp(amax)  # amax = mant * 2**e, 0.5 <= mant < 1
-    s = math.floor(math.log2(qmax)) - e  # then correct exactly with ldexp in float64
+    s = math.floor(math.log2(qmax / amax))
     while math.ldexp(amax, s) > qmax:
         s -= 1
     while math.ldexp(amax, s + 1) <= qmax:
@@ -46,30 +62,42 @@ def host_exponent(amax: float, bits: int, max_exponent: int) -> int:
     return min(s, max_exponent)
 
 
-def _mul_pow2_(t: torch.Tensor, s: int) -> torch.Tensor:
-    if -126 <= s <= 127:
-        return t.mul_(math.ldexp(1.0, s))
-    h = s // 2
-    return t.mul_(math.ldexp(1.0, h)).mul_(math.ldexp(1.0, s - h))
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None = None,
-                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
-    """Same contract as :func:`quantise_reference` (returns ``(m, s, finite)``; ``finite`` is
-    ``None`` when every entry is finite)."""
-    if axis is not None or x.numel() == 0:
-        return quantise_reference(x, bits, rounding, axis=axis, generator=generator, noise=noise)
-    lo, hi = torch.aminmax(x)
-    lo, hi = float(lo), float(hi)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return quantise_reference(x, bits, rounding, generator=generator, noise=noise)
-    s = host_exponent(max(-lo, hi), bits, MAX_EXPONENT[x.dtype])
-    v = _mul_pow2_(x.to(torch.float32, copy=True), s)
-    if rounding == "nearest":
-        m = v.round_()
-    else:
-        u = noise.to(torch.float32, copy=True) if noise is not None else uniform24(v.numel(), generator).view(v.shape)
-        f = torch.floor(v)
-        m = f.add_(u.lt_(v.sub_(f)).to(torch.float32))  # f + (u < v - f)
-    return m, torch.tensor(s, dtype=torch.int32), None
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 noise: torch.Tensor | None = None, want_mantissa: bool = True,
+                 want_values: bool = False):
+    """Returns ``(m or None, s, q or None)`` like :func:`quantise_triton`."""
+    lib = _library()
+    if lib is None or axis is not None or x.dtype != torch.float32 or x.numel() == 0:
+        return _via_reference(x, bits, rounding, axis, generator, noise, want_mantissa, want_values)
+    xc = x.contiguous()
+    n = xc.numel()
+    threads = torch.get_num_threads()
+    top = lib.absmax_bits(xc.data_ptr(), n, threads)
+    if top >= 0x7F800000:  # NaN or inf present: the masked reference handles them
+        return _via_reference(x, bits, rounding, axis, generator, noise, want_mantissa, want_values)
+    amax = struct.unpack("<f", struct.pack("<I", top))[0]
+    s = host_exponent(amax, bits, MAX_EXPONENT[torch.float32])
+    h, l = s // 2, s - s // 2
+    if rounding == "stochastic" and noise is None and seed is None:
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+    noise = None if noise is None or rounding == "nearest" else noise.float().contiguous()
+    m = torch.empty(x.shape, dtype=mantissa_dtype(bits)) if want_mantissa else None
+    q = torch.empty(x.shape, dtype=torch.float32) if want_values else None
+    getattr(lib, _FN[mantissa_dtype(bits)])(
+        xc.data_ptr(), n, math.ldexp(1.0, h), math.ldexp(1.0, l), math.ldexp(1.0, -h),
+        math.ldexp(1.0, -l), torch.finfo(torch.float32).max, int(rounding == "stochastic"),
+        (seed or 0) & (2**64 - 1), _ptr(noise), _ptr(m), _ptr(q), threads)
+    return m, torch.tensor(s, dtype=torch.int32), q
 
+
+def _via_reference(x, bits, rounding, axis, generator, noise, want_mantissa, want_values):
+    m, s, finite = quantise_reference(x, bits, rounding, axis=axis, generator=generator, noise=noise)
+    q = None
+    if want_values:
+        q = torch.where(finite, dequantise_reference(m, s, x.dtype, axis), x)
+    return (m.to(mantissa_dtype(bits)) if want_mantissa else None), s, q

@@ -7,6 +7,7 @@ tensors and the fast path for CPU tensors.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -97,18 +98,19 @@ def _triton_seed(seed, generator) -> int:
 
 
 def _run(x, bits, rounding, axis, backend, generator, seed, noise, values: bool):
-    """Returns ``(m, s, q)``: integer-valued mantissas (any dtype), int32 exponent tensor, and
-    the dequantised tensor (``values=True``) or ``None``."""
+    """Returns ``(m, s, q)``: the integer mantissas (``values=False``) or the dequantised tensor
+    (``values=True``), the other being ``None``, and the int32 exponent tensor ``s``."""
+    want = dict(want_mantissa=not values, want_values=values)
     if backend == "triton":
-        m, s, q = quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(seed, generator),
-                                  noise=noise, want_mantissa=not values, want_values=values)
-        return m, s, q
-    impl = quantise_cpu if backend == "cpu" else quantise_reference
-    m, s, finite = impl(x, bits, rounding, axis=axis, generator=generator, noise=noise)
+        return quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(seed, generator),
+                               noise=noise, **want)
+    if backend == "cpu":
+        return quantise_cpu(x, bits, rounding, axis=axis, generator=generator, seed=seed,
+                            noise=noise, **want)
+    m, s, finite = quantise_reference(x, bits, rounding, axis=axis, generator=generator, noise=noise)
     if not values:
         return m, s, None
-    q = dequantise_reference(m, s, x.dtype, axis)
-    return m, s, (q if finite is None else torch.where(finite, q, x))
+    return None, s, torch.where(finite, dequantise_reference(m, s, x.dtype, axis), x)
 
 
 def quantise(x: torch.Tensor, bits: int, rounding: str = "stochastic", *,
@@ -125,7 +127,8 @@ def quantise(x: torch.Tensor, bits: int, rounding: str = "stochastic", *,
         axis: ``None`` for one exponent per tensor, or the dimension that gets one exponent
             per slice (``0`` = per output channel for weights).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cpu"``.
-        seed: seed of the Triton kernel's counter-based draws (default: drawn from ``generator``).
+        seed: seed of the counter-based draws of the triton and cpu backends (default: drawn
+            from ``generator``).
         noise: explicit uniforms in ``[0, 1)`` for stochastic rounding, shape of ``x``.
 
     Returns:
@@ -137,8 +140,8 @@ def quantise(x: torch.Tensor, bits: int, rounding: str = "stochastic", *,
         ([32, -64, 16], 6)
     """
     backend = _check_input(x, bits, rounding, axis, backend, noise)
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
+    if x.numel() and not all(map(math.isfinite, torch.aminmax(x.float() if x.dtype != torch.float32 else x))):
+        bad = ~torch.isfinite(x)  # slow path only to name the offender
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"quantise got {int(bad.sum())} non-finite entries (first at index {idx}: "
                          f"{x[idx].item()}); use fake_quantise to pass NaN/inf through")

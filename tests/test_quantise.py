@@ -216,3 +216,32 @@ def test_qtensor_is_public_and_frozen():
     assert isinstance(q, QTensor)
     with pytest.raises(Exception):
         q.bits = 4
+
+
+def test_cpu_kernel_thread_count_independent():
+    """Counter-based draws: the same seed gives the same result with 1 or 2 threads."""
+    from muppet_fx.kernels.quantise_cpu import c_kernel_available
+
+    if not c_kernel_available():
+        pytest.skip("no C compiler: the cpu backend runs the reference route")
+    x = torch.randn(200_003)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = quantise(x, 8, seed=5, backend="cpu").mantissa
+        torch.set_num_threads(2)
+        b = quantise(x, 8, seed=5, backend="cpu").mantissa
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, quantise(x, 8, seed=6, backend="cpu").mantissa)
+
+
+def test_cpu_backend_without_compiler(monkeypatch):
+    """With no C library the cpu backend takes the reference route and gives its results."""
+    from muppet_fx.kernels import quantise_cpu
+
+    monkeypatch.setattr(quantise_cpu, "_lib", False)
+    x = torch.randn(33, 7)
+    assert torch.equal(fake_quantise(x, 8, "nearest", backend="cpu"),
+                       fake_quantise(x, 8, "nearest", backend="reference"))
