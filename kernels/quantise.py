@@ -29,6 +29,7 @@ __all__ = [
     "MAX_EXPONENT",
     "MAX_BITS",
     "mantissa_dtype",
+    "NONFINITE_EXPONENT",
     "exponent_from_amax",
     "pow2_factors",
     "scale_pow2",
@@ -42,6 +43,11 @@ __all__ = [
 MAX_EXPONENT = {torch.float32: 149, torch.bfloat16: 133, torch.float16: 24}
 # Largest word length whose integer grid the dtype holds exactly (sign + significand bits).
 MAX_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+
+
+# Exponent that marks a tensor holding NaN/inf in training ops: its dequantisation factor
+# 2**-NONFINITE_EXPONENT is inf, so the non-finite input shows up in the layer's output.
+NONFINITE_EXPONENT = -(2**30)
 
 
 def mantissa_dtype(bits: int) -> torch.dtype:
@@ -147,11 +153,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _absmax_kernel(
-        x_ptr, partial_ptr,  # pointers
+        x_ptr, partial_ptr, flag_ptr,  # pointers
         L, n_blocks,  # sizes
         BLOCK: tl.constexpr,
     ):
-        # partial[row, blk] = max |x[row, blk*BLOCK : (blk+1)*BLOCK]| over finite entries
+        # partial[row, blk] = max |x[row, blk*BLOCK : (blk+1)*BLOCK]| over finite entries;
+        # flag[row, blk] = 1 if that block holds a NaN or inf
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -160,6 +167,7 @@ if HAS_TRITON:
         finite = (x == x) & (tl.abs(x) < float("inf"))
         a = tl.where(finite, tl.abs(x), 0.0)
         tl.store(partial_ptr + row * n_blocks + blk, tl.max(a, axis=0))
+        tl.store(flag_ptr + row * n_blocks + blk, tl.max(tl.where(finite | ~mask, 0, 1), axis=0))
 
     @triton.jit
     def _quantise_kernel(
@@ -204,11 +212,12 @@ if HAS_TRITON:
 def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None = None,
                     seed: int = 0, offset: int = 0, noise: torch.Tensor | None = None,
                     want_mantissa: bool = True, want_values: bool = False, block: int = 1024):
-    """Triton launcher. Returns ``(m or None, s, q or None)``.
+    """Triton launcher. Returns ``(m or None, s, q or None, nonfinite)``.
 
     ``m`` is the integer mantissa tensor (storage dtype of ``bits``), ``s`` the int32 exponent,
     ``q`` the dequantised values in ``x.dtype``. Stochastic draws come from
     ``tl.rand(seed, offset + flat_index)`` unless ``noise`` (float32, shape of ``x``) is given.
+    ``nonfinite`` is a bool tensor shaped like ``s``: the row holds a NaN or inf.
     """
     if not HAS_TRITON:
         raise NotImplementedError("backend='triton' needs the triton package, which is not installed")
@@ -219,10 +228,11 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
     if L == 0 or rows == 0:
         s = torch.zeros(() if axis is None else (rows,), dtype=torch.int32, device=x.device)
         m = torch.zeros(x.shape, dtype=mantissa_dtype(bits), device=x.device) if want_mantissa else None
-        return m, s, (x.clone() if want_values else None)
+        return m, s, (x.clone() if want_values else None), torch.zeros(s.shape, dtype=torch.bool)
     n_blocks = triton.cdiv(L, block)
     partial = torch.empty((rows, n_blocks), dtype=torch.float32, device=x.device)
-    _absmax_kernel[(rows, n_blocks)](xc, partial, L, n_blocks, BLOCK=block)
+    flag = torch.empty((rows, n_blocks), dtype=torch.int8, device=x.device)
+    _absmax_kernel[(rows, n_blocks)](xc, partial, flag, L, n_blocks, BLOCK=block)
     s = exponent_from_amax(partial.amax(dim=1), bits, MAX_EXPONENT[x.dtype])
     factors = pow2_factors(s).contiguous()
     m = torch.empty(xc.shape, dtype=mantissa_dtype(bits), device=x.device) if want_mantissa else None
@@ -236,7 +246,8 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
         STOCHASTIC=rounding == "stochastic", NOISE_FROM_PTR=noise is not None,
         WRITE_M=want_mantissa, WRITE_Q=want_values, BLOCK=block,
     )
+    nonfinite = flag.amax(dim=1) > 0
     if axis is None:
-        s = s.reshape(())
+        s, nonfinite = s.reshape(()), nonfinite.reshape(())
     back = (lambda t: t) if axis in (None, 0) else (lambda t: t.movedim(0, axis).contiguous())
-    return (back(m) if m is not None else None), s, (back(q) if q is not None else None)
+    return (back(m) if m is not None else None), s, (back(q) if q is not None else None), nonfinite

@@ -70,9 +70,11 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
                  generator: torch.Generator | None = None, seed: int | None = None,
                  noise: torch.Tensor | None = None, want_mantissa: bool = True,
                  want_values: bool = False):
-    """Returns ``(m or None, s, q or None)`` like :func:`quantise_triton`."""
+    """Returns ``(m or None, s, q or None, nonfinite)`` like :func:`quantise_triton`
+    (``nonfinite`` is a Python bool here, or a tensor where the reference route ran)."""
     lib = _library()
-    if lib is None or axis is not None or x.dtype != torch.float32 or x.numel() == 0:
+    if (lib is None or axis is not None or x.dtype != torch.float32 or x.numel() == 0
+            or x.device.type != "cpu"):
         return _via_reference(x, bits, rounding, axis, generator, noise, want_mantissa, want_values)
     xc = x.contiguous()
     n = xc.numel()
@@ -92,7 +94,7 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
         xc.data_ptr(), n, math.ldexp(1.0, h), math.ldexp(1.0, l), math.ldexp(1.0, -h),
         math.ldexp(1.0, -l), torch.finfo(torch.float32).max, int(rounding == "stochastic"),
         (seed or 0) & (2**64 - 1), _ptr(noise), _ptr(m), _ptr(q), threads)
-    return m, torch.tensor(s, dtype=torch.int32), q
+    return m, torch.tensor(s, dtype=torch.int32), q, False
 
 
 def _via_reference(x, bits, rounding, axis, generator, noise, want_mantissa, want_values):
@@ -100,4 +102,6 @@ def _via_reference(x, bits, rounding, axis, generator, noise, want_mantissa, wan
     q = None
     if want_values:
         q = torch.where(finite, dequantise_reference(m, s, x.dtype, axis), x)
-    return (m.to(mantissa_dtype(bits)) if want_mantissa else None), s, q
+    dims = [d for d in range(x.dim()) if d != axis] if axis is not None else None
+    nonfinite = ~finite.all() if axis is None else ~finite.all(dim=dims) if dims else ~finite
+    return (m.to(mantissa_dtype(bits)) if want_mantissa else None), s, q, nonfinite

@@ -16,6 +16,7 @@ import torch
 from muppet_fx.kernels.quantise import (
     HAS_TRITON,
     MAX_BITS,
+    NONFINITE_EXPONENT,
     dequantise_reference,
     mantissa_dtype,
     quantise_reference,
@@ -103,14 +104,27 @@ def _run(x, bits, rounding, axis, backend, generator, seed, noise, values: bool)
     want = dict(want_mantissa=not values, want_values=values)
     if backend == "triton":
         return quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(seed, generator),
-                               noise=noise, **want)
+                               noise=noise, **want)[:3]
     if backend == "cpu":
         return quantise_cpu(x, bits, rounding, axis=axis, generator=generator, seed=seed,
-                            noise=noise, **want)
+                            noise=noise, **want)[:3]
     m, s, finite = quantise_reference(x, bits, rounding, axis=axis, generator=generator, noise=noise)
     if not values:
         return m, s, None
     return None, s, torch.where(finite, dequantise_reference(m, s, x.dtype, axis), x)
+
+
+def quantise_parts(x: torch.Tensor, bits: int, rounding: str, axis: int | None = None):
+    """Unchecked quantiser for training ops: ``(mantissa, exponent)`` with the default backend
+    of ``x``'s device. A tensor (or slice) holding NaN/inf gets ``NONFINITE_EXPONENT``, whose
+    dequantisation is non-finite, so a diverging run stays visible downstream."""
+    if x.device.type == "cuda" and HAS_TRITON:
+        m, s, _, bad = quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(None, None))
+    else:  # the C kernel on CPU tensors, the reference route elsewhere
+        m, s, _, bad = quantise_cpu(x, bits, rounding, axis=axis)
+    if bad is False:
+        return m, s
+    return m, torch.where(bad, torch.full_like(s, NONFINITE_EXPONENT), s)
 
 
 def quantise(x: torch.Tensor, bits: int, rounding: str = "stochastic", *,

@@ -1,0 +1,329 @@
+"""Quantised products as ``torch.library`` custom ops with autograd (SPEC section 2).
+
+Forward, for a product ``op(x, w)`` at ``b`` bits: quantise both operands (each with its own
+exponent, Eq. 4's ``SC_act`` and ``SC_weights``), compute the product on the grid, add the bias
+in FP32, quantise the output. Backward: quantise the incoming gradient (stochastic rounding),
+then both gradient products from the operands saved in forward, which are kept as integer
+mantissas plus exponents, not as FP32 copies.
+
+The ``emulate`` route computes the products in FP32 on the dequantised operands (the paper's
+set-up). Every op has a fake implementation, so ``torch.compile`` sees through them.
+
+The ``quant_*`` wrappers at the bottom are what the rewritten graphs call: they read the word
+lengths from the layer's :class:`~muppet_fx.state.Site` when they run.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from muppet_fx.kernels.quantise import mantissa_dtype, scale_pow2
+from muppet_fx.numerics import quantise_parts
+
+__all__ = ["quant_linear", "quant_conv", "quant_matmul", "quant_addmm", "quant_output"]
+
+
+def _empty(like: Tensor) -> Tensor:  # stands for "no gradient" (custom ops cannot return None)
+    return like.new_empty(0, dtype=torch.float32)
+
+
+def _deq(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
+    return scale_pow2(m.float(), -s, axis)
+
+
+def _fq(x: Tensor, bits: int, rounding: str) -> Tensor:
+    return _deq(*quantise_parts(x.float(), bits, rounding))
+
+
+def _fake_parts(t: Tensor, bits: int, axis: int | None = None):
+    s_shape = () if axis is None else (t.shape[axis],)
+    return t.new_empty(t.shape, dtype=mantissa_dtype(bits)), t.new_empty(s_shape, dtype=torch.int32)
+
+
+def _none_if_empty(flag: bool, t: Tensor) -> Tensor | None:
+    return t if flag else None
+
+
+# ---------------------------------------------------------------------------------- linear
+@torch.library.custom_op("muppet_fx::linear", mutates_args=())
+def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int, rounding: str,
+            grad_rounding: str, w_axis: Optional[int], quant_out: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x_m, x_s = quantise_parts(x.float(), bits, rounding)
+    w_m, w_s = quantise_parts(w.float(), bits, rounding, w_axis)
+    y = F.linear(_deq(x_m, x_s), _deq(w_m, w_s, w_axis), None if b is None else b.float())
+    if quant_out:
+        y = _fq(y, bits, rounding)
+    return y, x_m, x_s, w_m, w_s
+
+
+@_linear.register_fake
+def _(x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out):
+    y = x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)
+    return (y, *_fake_parts(x, bits), *_fake_parts(w, bits, w_axis))
+
+
+@torch.library.custom_op("muppet_fx::linear_backward", mutates_args=())
+def _linear_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor, bits: int,
+                     rounding: str, w_axis: Optional[int], need_x: bool, need_w: bool,
+                     need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    gq = _fq(g, bits, rounding).reshape(-1, g.shape[-1])
+    gx = (gq @ _deq(w_m, w_s, w_axis)).reshape(x_m.shape) if need_x else _empty(g)
+    gw = gq.t() @ _deq(x_m, x_s).reshape(-1, x_m.shape[-1]) if need_w else _empty(g)
+    gb = gq.sum(0) if need_b else _empty(g)
+    return gx, gw, gb
+
+
+@_linear_backward.register_fake
+def _(g, x_m, x_s, w_m, w_s, bits, rounding, w_axis, need_x, need_w, need_b):
+    e = g.new_empty(0, dtype=torch.float32)
+    return (g.new_empty(x_m.shape, dtype=torch.float32) if need_x else e,
+            g.new_empty(w_m.shape, dtype=torch.float32) if need_w else e,
+            g.new_empty(w_m.shape[:1], dtype=torch.float32) if need_b else e)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out = inputs
+    ctx.save_for_backward(*output[1:])
+    ctx.args = (bwd_bits, grad_rounding, w_axis)
+    ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
+
+
+def _linear_grad(ctx, gy, *_):
+    need = ctx.needs_input_grad[:3]
+    gx, gw, gb = _linear_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need)
+    grads = [_none_if_empty(n, t) for n, t in zip(need, (gx, gw, gb))]
+    grads = [None if t is None else t.to(d) for t, d in zip(grads, ctx.dtypes)]
+    return (*grads, None, None, None, None, None, None)
+
+
+_linear.register_autograd(_linear_grad, setup_context=_linear_setup)
+
+
+# ------------------------------------------------------------------------------ convolution
+@torch.library.custom_op("muppet_fx::conv", mutates_args=())
+def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding: list[int],
+          dilation: list[int], groups: int, bits: int, bwd_bits: int, rounding: str,
+          grad_rounding: str, w_axis: Optional[int], quant_out: bool
+          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x_m, x_s = quantise_parts(x.float(), bits, rounding)
+    w_m, w_s = quantise_parts(w.float(), bits, rounding, w_axis)
+    y = torch.convolution(_deq(x_m, x_s), _deq(w_m, w_s, w_axis), None if b is None else b.float(),
+                          stride, padding, dilation, False, [0] * len(stride), groups)
+    if quant_out:
+        y = _fq(y, bits, rounding)
+    return y, x_m, x_s, w_m, w_s
+
+
+@_conv.register_fake
+def _(x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad_rounding,
+      w_axis, quant_out):
+    spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+               zip(x.shape[2:], padding, dilation, w.shape[2:], stride)]
+    y = x.new_empty((x.shape[0], w.shape[0], *spatial), dtype=torch.float32)
+    return (y, *_fake_parts(x, bits), *_fake_parts(w, bits, w_axis))
+
+
+@torch.library.custom_op("muppet_fx::conv_backward", mutates_args=())
+def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor,
+                   stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                   bits: int, rounding: str, w_axis: Optional[int], need_x: bool, need_w: bool,
+                   need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    gq = _fq(g, bits, rounding)
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        gq, _deq(x_m, x_s), _deq(w_m, w_s, w_axis), [w_m.shape[0]] if need_b else None,
+        stride, padding, dilation, False, [0] * len(stride), groups, [need_x, need_w, need_b])
+    return tuple(t if t is not None else _empty(g) for t in (gx, gw, gb))
+
+
+@_conv_backward.register_fake
+def _(g, x_m, x_s, w_m, w_s, stride, padding, dilation, groups, bits, rounding, w_axis,
+      need_x, need_w, need_b):
+    e = g.new_empty(0, dtype=torch.float32)
+    return (g.new_empty(x_m.shape, dtype=torch.float32) if need_x else e,
+            g.new_empty(w_m.shape, dtype=torch.float32) if need_w else e,
+            g.new_empty(w_m.shape[:1], dtype=torch.float32) if need_b else e)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad_rounding, w_axis, _ = inputs
+    ctx.save_for_backward(*output[1:])
+    ctx.args = (stride, padding, dilation, groups, bwd_bits, grad_rounding, w_axis)
+    ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
+
+
+def _conv_grad(ctx, gy, *_):
+    need = ctx.needs_input_grad[:3]
+    gx, gw, gb = _conv_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need)
+    grads = [_none_if_empty(n, t) for n, t in zip(need, (gx, gw, gb))]
+    grads = [None if t is None else t.to(d) for t, d in zip(grads, ctx.dtypes)]
+    return (*grads,) + (None,) * 10
+
+
+_conv.register_autograd(_conv_grad, setup_context=_conv_setup)
+
+
+# ----------------------------------------------------------------------------------- matmul
+def _matmul_grads(g: Tensor, a: Tensor, b: Tensor, need_a: bool, need_b: bool):
+    """Gradients of ``torch.matmul(a, b)`` for any operand ranks (1-d promotion, broadcasting)."""
+    A = a.unsqueeze(0) if a.dim() == 1 else a
+    B = b.unsqueeze(-1) if b.dim() == 1 else b
+    G = g.unsqueeze(-1) if b.dim() == 1 else g
+    G = G.unsqueeze(-2) if a.dim() == 1 else G
+    ga, gb = _empty(g), _empty(g)
+    if need_a:
+        ga = (G @ B.transpose(-1, -2)).sum_to_size(A.shape).reshape(a.shape)
+    if need_b:
+        gb = (A.transpose(-1, -2) @ G).sum_to_size(B.shape).reshape(b.shape)
+    return ga, gb
+
+
+@torch.library.custom_op("muppet_fx::matmul", mutates_args=())
+def _matmul(a: Tensor, b: Tensor, bits: int, bwd_bits: int, rounding: str, grad_rounding: str,
+            quant_out: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    a_m, a_s = quantise_parts(a.float(), bits, rounding)
+    b_m, b_s = quantise_parts(b.float(), bits, rounding)
+    y = torch.matmul(_deq(a_m, a_s), _deq(b_m, b_s))
+    if quant_out:
+        y = _fq(y, bits, rounding)
+    return y, a_m, a_s, b_m, b_s
+
+
+@_matmul.register_fake
+def _(a, b, bits, bwd_bits, rounding, grad_rounding, quant_out):
+    y = torch.matmul(a.new_empty(a.shape, dtype=torch.float32), b.new_empty(b.shape, dtype=torch.float32))
+    return (y, *_fake_parts(a, bits), *_fake_parts(b, bits))
+
+
+@torch.library.custom_op("muppet_fx::matmul_backward", mutates_args=())
+def _matmul_backward(g: Tensor, a_m: Tensor, a_s: Tensor, b_m: Tensor, b_s: Tensor, bits: int,
+                     rounding: str, need_a: bool, need_b: bool) -> tuple[Tensor, Tensor]:
+    return _matmul_grads(_fq(g, bits, rounding), _deq(a_m, a_s), _deq(b_m, b_s), need_a, need_b)
+
+
+@_matmul_backward.register_fake
+def _(g, a_m, a_s, b_m, b_s, bits, rounding, need_a, need_b):
+    e = g.new_empty(0, dtype=torch.float32)
+    return (g.new_empty(a_m.shape, dtype=torch.float32) if need_a else e,
+            g.new_empty(b_m.shape, dtype=torch.float32) if need_b else e)
+
+
+def _matmul_setup(ctx, inputs, output):
+    a, b, bits, bwd_bits, rounding, grad_rounding, _ = inputs
+    ctx.save_for_backward(*output[1:])
+    ctx.args = (bwd_bits, grad_rounding)
+    ctx.dtypes = (a.dtype, b.dtype)
+
+
+def _matmul_grad(ctx, gy, *_):
+    need = ctx.needs_input_grad[:2]
+    ga, gb = _matmul_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need)
+    grads = [None if not n else t.to(d) for n, t, d in zip(need, (ga, gb), ctx.dtypes)]
+    return (*grads, None, None, None, None, None)
+
+
+_matmul.register_autograd(_matmul_grad, setup_context=_matmul_setup)
+
+
+# ------------------------------------------------------------------- output quantisation
+@torch.library.custom_op("muppet_fx::quantise_output", mutates_args=())
+def _quantise_output(y: Tensor, bits: int, rounding: str) -> Tensor:
+    return _fq(y, bits, rounding).to(y.dtype)
+
+
+@_quantise_output.register_fake
+def _(y, bits, rounding):
+    return torch.empty_like(y)
+
+
+# Straight-through: the next layer's backward quantises the gradient (SPEC section 2).
+_quantise_output.register_autograd(lambda ctx, g: (g, None, None), setup_context=lambda ctx, i, o: None)
+
+
+# --------------------------------------------------------------- wrappers the graphs call
+def _result(y: Tensor, like: Tensor) -> Tensor:
+    return y if not like.is_floating_point() or y.dtype == like.dtype else y.to(like.dtype)
+
+
+def quant_linear(site, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` at the site's current word length."""
+    st = site.state
+    if not st.quantised or st.suspended:
+        return F.linear(input, weight, bias)
+    c = st.config
+    y, _, x_s, _, w_s = _linear(input, weight, bias, st.fwd_bits, st.bwd_bits, c.rounding,
+                                c.grad_rounding, site.weight_axis, c.quantise_outputs)
+    site.record(x_s, w_s)
+    return _result(y, input)
+
+
+def _conv_padding(padding, weight: Tensor, dilation: list[int], input: Tensor):
+    """Integer padding for ``padding`` ints or 'valid'/'same'; asymmetric 'same' pads ``input``."""
+    n = weight.dim() - 2
+    if padding == "valid":
+        return [0] * n, input
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+        if all(t % 2 == 0 for t in total):
+            return [t // 2 for t in total], input
+        pads = []
+        for t in reversed(total):
+            pads += [t // 2, t - t // 2]
+        return [0] * n, F.pad(input, pads)
+    return list(padding) if isinstance(padding, (list, tuple)) else [padding] * n, input
+
+
+def quant_conv(site, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
+               padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """``F.conv1d/2d/3d`` at the site's current word length."""
+    st = site.state
+    n = weight.dim() - 2
+    if not st.quantised or st.suspended:
+        return (F.conv1d, F.conv2d, F.conv3d)[n - 1](input, weight, bias, stride, padding, dilation, groups)
+    as_list = (lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * n)
+    stride, dilation = as_list(stride), as_list(dilation)
+    padding, x = _conv_padding(padding, weight, dilation, input)
+    unbatched = x.dim() == n + 1
+    x = x.unsqueeze(0) if unbatched else x
+    c = st.config
+    y, _, x_s, _, w_s = _conv(x, weight, bias, stride, padding, dilation, groups, st.fwd_bits,
+                              st.bwd_bits, c.rounding, c.grad_rounding, site.weight_axis,
+                              c.quantise_outputs)
+    site.record(x_s, w_s)
+    return _result(y.squeeze(0) if unbatched else y, input)
+
+
+def quant_matmul(site, input: Tensor, other: Tensor) -> Tensor:
+    """``torch.matmul`` (and ``mm``, ``bmm``, ``@``) at the site's current word length."""
+    st = site.state
+    if not st.quantised or st.suspended:
+        return torch.matmul(input, other)
+    c = st.config
+    y, _, a_s, _, b_s = _matmul(input, other, st.fwd_bits, st.bwd_bits, c.rounding,
+                                c.grad_rounding, c.quantise_outputs)
+    site.record(a_s, b_s)
+    return _result(y, input)
+
+
+def quant_addmm(site, input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alpha=1) -> Tensor:
+    """``torch.addmm``/``baddbmm``: quantised product, FP32 scale and add, quantised output."""
+    st = site.state
+    fn = torch.addmm if mat1.dim() == 2 else torch.baddbmm
+    if not st.quantised or st.suspended:
+        return fn(input, mat1, mat2, beta=beta, alpha=alpha)
+    c = st.config
+    y, _, a_s, _, b_s = _matmul(mat1, mat2, st.fwd_bits, st.bwd_bits, c.rounding,
+                                c.grad_rounding, False)
+    site.record(a_s, b_s)
+    y = (y if alpha == 1 else alpha * y) + (input if beta == 1 else beta * input)
+    return _result(quant_output(site, y), mat1)
+
+
+def quant_output(site, y: Tensor) -> Tensor:
+    st = site.state
+    if not st.quantised or st.suspended or not st.config.quantise_outputs:
+        return y
+    return _quantise_output(y, st.fwd_bits, st.config.rounding)

@@ -1,0 +1,272 @@
+"""``prepare(model)``: the compiler entry point (SPEC sections 2 and 4).
+
+The prepared model is a shallow copy of the user's model whose class is a subclass of the
+original (``isinstance`` still holds, methods and attributes still work) with one of these
+forwards:
+- traced modules run the rewritten FX graph at fixed-point levels;
+- modules whose own code cannot be traced run their own Python forward under a
+  ``TorchFunctionMode`` that routes the conv/linear/matmul calls *their code* makes to the
+  quantised ops, with their children prepared recursively;
+- at ``"fp32"`` every module runs the original forward: outputs are bit-identical.
+Parameters and buffers are the original tensors (same objects), so any optimiser built on
+``pm.parameters()`` updates the FP32 master copy, and ``state_dict`` keys are unchanged.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch.overrides import TorchFunctionMode
+
+from muppet_fx.attention import AttentionSites, mha_unsupported_reason, quant_mha
+from muppet_fx.config import MuppetConfig
+from muppet_fx.ops import quant_conv, quant_linear
+from muppet_fx.passes.quantise_layers import (
+    FP32_MODULES,
+    FUNCTION_RULES,
+    RewriteContext,
+    insert_quant_nodes,
+)
+from muppet_fx.passes.runner import run_passes
+from muppet_fx.passes.trace import trace_with_leaves
+from muppet_fx.state import PrecisionState
+
+__all__ = ["prepare", "PreparedModule"]
+
+_METHOD_FUNCTIONS = {torch.Tensor.matmul: torch.matmul, torch.Tensor.__matmul__: torch.matmul,
+                     torch.Tensor.mm: torch.mm, torch.Tensor.bmm: torch.bmm,
+                     torch.Tensor.addmm: torch.addmm, torch.Tensor.baddbmm: torch.baddbmm}
+
+
+class PreparedModule:
+    """Mixin of every prepared module: the precision API, shared through one state object."""
+
+    _muppet_state: PrecisionState
+
+    @property
+    def precision(self):
+        """The current level of the ladder (an int word length or ``"fp32"``)."""
+        return self._muppet_state.level
+
+    @property
+    def ladder(self) -> tuple:
+        return self._muppet_state.config.ladder
+
+    def set_precision(self, level) -> None:
+        """Switch to ``level`` (must be in the ladder). Graphs are built once; no retrace."""
+        self._muppet_state.set_level(level)
+
+    def summary(self) -> str:
+        """Table of quantised layers (route, word length, last exponents) and FP32 layers."""
+        st = self._muppet_state
+        bits = "fp32" if not st.quantised else f"{st.fwd_bits}/{st.bwd_bits}"
+        exp = (lambda t: "-" if t is None else (int(t) if t.numel() == 1 else f"per-channel[{t.numel()}]"))
+        rows = [[s.name, s.op, st.route, bits, exp(s.w_exp), exp(s.x_exp), s.calls]
+                for s in st.sites.values()]
+        rows += [[f.name, f.op, "fp32", "fp32", "-", "-", f.reason] for f in st.fp32_layers.values()]
+        rows += [[path, "(own code)", "intercepted", "-", "-", "-", why] for path, why in st.opaque.items()]
+        return tabulate(rows, headers=["layer", "op", "route", "bits fwd/bwd", "weight exp",
+                                       "act exp", "calls / reason"])
+
+    def _muppet_run(self, fn, args, kwargs):
+        stack = self._muppet_state.stack
+        stack.append(self)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            stack.pop()
+
+
+class _GraphForward(PreparedModule):
+    def forward(self, *args, **kwargs):
+        if not self._muppet_state.quantised:
+            return super().forward(*args, **kwargs)
+        fn = self.__dict__.get("_muppet_code")
+        if fn is None:  # built once; it reaches modules, parameters and sites through ``self``
+            src = self._muppet_graph.python_code(root_module="self")
+            scope = dict(src.globals)
+            exec(compile(src.src, f"<muppet_fx graph {self._muppet_path or type(self).__name__}>", "exec"), scope)
+            fn = self.__dict__["_muppet_code"] = scope["forward"]
+        return self._muppet_run(fn, (self, *args), kwargs)
+
+
+class _InterceptMode(TorchFunctionMode):
+    """Routes conv/linear/matmul calls issued by ``owner``'s own code to quantised ops."""
+
+    def __init__(self, owner):
+        super().__init__()
+        self.owner, self.counts = owner, {}
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        st = self.owner._muppet_state
+        func_key = _METHOD_FUNCTIONS.get(func, func)
+        rule = FUNCTION_RULES.get(func_key)
+        if rule is None or not st.stack or st.stack[-1] is not self.owner:
+            return func(*args, **kwargs)
+        op, wrapper = rule
+        k = self.counts[op] = self.counts.get(op, -1) + 1
+        name = f"{self.owner._muppet_path}:{op}#{k}"
+        site = AttentionSites(st, name + ".", "matmul") if op == "sdpa" else st.site(name, op)
+        return wrapper(site, *args, **kwargs)
+
+
+class _InterceptForward(PreparedModule):
+    def forward(self, *args, **kwargs):
+        if not self._muppet_state.quantised:
+            return super().forward(*args, **kwargs)
+        with _InterceptMode(self):
+            return self._muppet_run(super().forward, args, kwargs)
+
+
+class _PassThroughForward(PreparedModule):
+    """A module kept FP32 (or without quantisable code) below intercepted code."""
+
+    def forward(self, *args, **kwargs):
+        if not self._muppet_state.quantised:
+            return super().forward(*args, **kwargs)
+        return self._muppet_run(super().forward, args, kwargs)
+
+
+class _LayerForward(PreparedModule):
+    """A conv/linear module prepared on its own (a child of untraceable code, or the root)."""
+
+    def forward(self, input):
+        if not self._muppet_state.quantised:
+            return super().forward(input)
+        site = self._muppet_layer_site
+        if isinstance(self, nn.Linear):
+            return self._muppet_run(quant_linear, (site, input, self.weight, self.bias), {})
+        if self.padding_mode != "zeros":
+            input, padding = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+        else:
+            padding = self.padding
+        args = (site, input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return self._muppet_run(quant_conv, args, {})
+
+
+class _AttentionForward(PreparedModule):
+    def forward(self, *args, **kwargs):
+        if not self._muppet_state.quantised:
+            return super().forward(*args, **kwargs)
+        return self._muppet_run(quant_mha, (self._muppet_sites_mha, self, *args), kwargs)
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _prepared_class(base: type, mixin: type) -> type:
+    if issubclass(base, PreparedModule):
+        raise TypeError(f"{base.__name__} is already prepared; prepare the original model instead")
+    key = (base, mixin)
+    if key not in _CLASSES:
+        _CLASSES[key] = type(f"Muppet{base.__name__}", (mixin, base), {"__module__": __name__})
+    return _CLASSES[key]
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing parameters, buffers and children, with its own containers."""
+    new = type(module).__new__(type(module))
+    new.__dict__.update({k: (v.copy() if isinstance(v, (dict, set)) else v)
+                         for k, v in module.__dict__.items()})
+    return new
+
+
+def _replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Set ``root.<path> = new``, shallow-copying the modules on the way so the user's model
+    is never modified."""
+    *parents, last = path.split(".")
+    owner = root
+    for name in parents:
+        child = _shallow_copy(owner._modules[name])
+        owner._modules[name] = child
+        owner = child
+    owner._modules[last] = new
+
+
+def _finish(module: nn.Module, mixin: type, path: str, state: PrecisionState, sites) -> nn.Module:
+    new = module if isinstance(module, PreparedModule) else _shallow_copy(module)
+    new.__class__ = _prepared_class(type(module), mixin)
+    new.__dict__.update(_muppet_state=state, _muppet_path=path, _muppet_sites=sites)
+    return new
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.Module:
+    keep = state.config.module_filter_fn or (lambda m, fqn: True)
+    if path and not keep(module, path):
+        state.keep_fp32(path, type(module).__name__, "excluded by module_filter_fn")
+        return _finish(module, _PassThroughForward, path, state, sites)
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        new = _finish(module, _LayerForward, path, state, sites)
+        op = "linear" if isinstance(module, nn.Linear) else f"conv{module.weight.dim() - 2}d"
+        axis = 0 if state.config.weight_granularity == "channel" else None
+        new.__dict__["_muppet_layer_site"] = state.site(path or type(module).__name__, op, axis)
+        return new
+    fp32_reason = next((r for t, r in FP32_MODULES.items() if isinstance(module, t)), None)
+    if isinstance(module, nn.MultiheadAttention):
+        fp32_reason = mha_unsupported_reason(module)
+        if fp32_reason is None:
+            new = _finish(module, _AttentionForward, path, state, sites)
+            new.__dict__["_muppet_sites_mha"] = AttentionSites(state, path + ".", "matmul")
+            return new
+    if fp32_reason is not None:
+        state.keep_fp32(path or type(module).__name__, type(module).__name__, fp32_reason)
+        return _finish(module, _PassThroughForward, path, state, sites)
+
+    graph, opaque, reasons = trace_with_leaves(module)
+    if graph is None:  # its own code is not traceable: intercept it, prepare its children
+        state.opaque[path or type(module).__name__] = "; ".join(reasons)
+        new = _shallow_copy(module)
+        for name, child in module.named_children():
+            new._modules[name] = _prepare(child, _join(path, name), state, sites)
+        return _finish(new, _InterceptForward, path, state, sites)
+
+    new = _shallow_copy(module)
+    for sub in opaque:
+        _replace_submodule(new, sub, _prepare(module.get_submodule(sub), _join(path, sub), state, sites))
+    ctx = RewriteContext(graph, dict(module.named_modules()), state, path + "." if path else "", sites, keep)
+    new.__dict__["_muppet_graph"] = run_passes(graph, [lambda g: insert_quant_nodes(g, ctx)],
+                                               owner=path or type(module).__name__)
+    return _finish(new, _GraphForward, path, state, sites)
+
+
+def prepare(model: nn.Module, example_inputs=None, config: MuppetConfig | None = None,
+            **overrides) -> nn.Module:
+    """Make ``model`` train on the MuPPET precision ladder.
+
+    Args:
+        model: any ``nn.Module``; it is not modified, and the result shares its parameters.
+        example_inputs: optional tuple of inputs; if given, one forward pass at the first level
+            checks that the prepared model runs and registers the layers of untraceable code.
+        config: a :class:`MuppetConfig`; ``overrides`` replace its fields (unknown names raise).
+
+    Returns:
+        The prepared module, called like ``model``, with ``.precision``, ``.set_precision(level)``
+        and ``.summary()``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> pm = prepare(net, ladder=(8, 16, "fp32"))
+        >>> pm(torch.randn(3, 4)).shape, pm.precision
+        (torch.Size([3, 2]), 8)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, PreparedModule):
+        raise TypeError(f"{type(model).__name__} is already prepared; prepare the original model instead")
+    config = MuppetConfig.build(config, **overrides)
+    state = PrecisionState(config)
+    pm = _prepare(model, "", state, types.SimpleNamespace())
+    if example_inputs is not None:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        with torch.no_grad():
+            pm(*args)
+    return pm
+

@@ -1,0 +1,78 @@
+"""Run-time state shared by every quantised layer of one prepared model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from muppet_fx.config import FP32, MuppetConfig
+
+__all__ = ["Site", "PrecisionState", "Fp32Layer"]
+
+
+@dataclass
+class Site:
+    """One quantised product in the model: a conv/linear layer or a matmul call.
+
+    ``calls`` counts executions; ``w_exp``/``x_exp``/``out_exp`` hold the last exponents as
+    tensors (read lazily by ``summary`` so the forward never synchronises).
+    """
+
+    name: str
+    op: str
+    state: "PrecisionState" = field(repr=False)
+    weight_axis: int | None = None
+    calls: int = 0
+    w_exp: torch.Tensor | None = field(default=None, repr=False)
+    x_exp: torch.Tensor | None = field(default=None, repr=False)
+
+    def record(self, x_exp: torch.Tensor | None, w_exp: torch.Tensor | None) -> None:
+        self.calls += 1
+        self.x_exp, self.w_exp = x_exp, w_exp
+
+
+@dataclass(frozen=True)
+class Fp32Layer:
+    name: str
+    op: str
+    reason: str
+
+
+class PrecisionState:
+    """Current level and word lengths, read by every quantised op at run time.
+
+    Changing ``fwd_bits`` within a fixed-point level (CPT) needs no new graph: the ops read it
+    when they run.
+    """
+
+    def __init__(self, config: MuppetConfig):
+        self.config = config
+        self.sites: dict[str, Site] = {}
+        self.fp32_layers: dict[str, Fp32Layer] = {}
+        self.suspended = 0  # >0: quantised wrappers run the FP32 op
+        self.stack: list = []  # prepared modules currently running, innermost last
+        self.opaque: dict[str, str] = {}  # untraceable module path -> why
+        self.set_level(config.ladder[0])
+
+    @property
+    def route(self) -> str:
+        """The kernel route the quantised products take ("auto" resolved)."""
+        return "emulate" if self.config.backend == "auto" else self.config.backend
+
+    @property
+    def quantised(self) -> bool:
+        return self.level != FP32
+
+    def set_level(self, level) -> None:
+        if level not in self.config.ladder:
+            raise ValueError(f"precision level {level!r} is not in the ladder {self.config.ladder}")
+        self.level = level
+        self.fwd_bits = self.bwd_bits = None if level == FP32 else level
+
+    def site(self, name: str, op: str, weight_axis: int | None = None) -> Site:
+        if name not in self.sites:
+            self.sites[name] = Site(name, op, self, weight_axis)
+        return self.sites[name]
+
+    def keep_fp32(self, name: str, op: str, reason: str) -> None:
+        self.fp32_layers[name] = Fp32Layer(name, op, reason)

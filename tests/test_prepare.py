@@ -1,0 +1,274 @@
+"""The FX pass on hand-made modules (SPEC sections 2 and 4).
+
+Oracles: the unprepared model (bit-identical at "fp32"), a straight-through fake-quantised
+re-implementation (gradients), and a count of the products the original model runs.
+"""
+import copy
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import muppet_fx
+from muppet_fx import MuppetConfig, fake_quantise, prepare
+
+from .helpers import count_products
+
+Pair = namedtuple("Pair", "a b")
+
+
+class FunctionalNet(nn.Module):
+    """Bare parameters used through F.conv2d / F.linear, a layer reused twice, tuple output."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2)
+        self.b = nn.Parameter(torch.zeros(4))
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Parameter(torch.randn(5, 16) * 0.2)
+
+    def forward(self, x):
+        y = F.relu(F.conv2d(x, self.w, self.b, padding=1))
+        y = F.adaptive_avg_pool2d(y, 2).flatten(1)
+        y = self.fc(self.fc(y))  # reused
+        return F.linear(y, self.head), y.mean()
+
+
+class HandAttention(nn.Module):
+    """Attention written with @, bmm and softmax; dict output."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(1, 2) / 8 ** 0.5, dim=-1)
+        return {"out": torch.bmm(att, v), "scores": att}
+
+
+class DataDependent(nn.Module):
+    """A submodule with Python control flow on tensor values, plus a direct matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.w = nn.Parameter(torch.randn(6, 6) * 0.3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = self.a(x)
+        return torch.matmul(x, self.w)
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(6, 6)
+        self.dd = DataDependent()
+        self.rnn = nn.LSTM(6, 6, batch_first=True)
+        self.mha = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x):
+        y = self.dd(self.pre(x))
+        y, _ = self.rnn(y)
+        y, w = self.mha(y, y, y)
+        return Pair(y, w)
+
+
+def _inputs(model):
+    return {FunctionalNet: (torch.randn(2, 3, 8, 8),), HandAttention: (torch.randn(2, 5, 8),),
+            Outer: (torch.randn(3, 4, 6).abs(),)}[type(model)]
+
+
+MODELS = [FunctionalNet, HandAttention, Outer]
+
+
+def _flat(out):
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flat(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _flat(v)]
+    return [out] if isinstance(out, torch.Tensor) else []
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_fp32_level_bit_identical(cls):
+    """Oracle: the unprepared model, exactly."""
+    model = cls().eval()
+    x = _inputs(model)
+    pm = prepare(model)
+    pm.set_precision("fp32")
+    ref, out = model(*x), pm(*x)
+    assert type(out) is type(ref)
+    assert all(torch.equal(a, b) for a, b in zip(_flat(ref), _flat(out)))
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_every_product_is_quantised_and_trains(cls):
+    """Sites executed == products the original runs; 8-bit step gives finite grads everywhere."""
+    model = cls()
+    x = _inputs(model)
+    expected = count_products(model, x)
+    pm = prepare(model)
+    out = pm(*x)
+    assert sum(s.calls for s in pm._muppet_state.sites.values()) == expected
+    loss = sum(t.float().sum() for t in _flat(out))
+    loss.backward()
+    ref_grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if n in ref_grads:
+            assert torch.isfinite(p.grad).all(), n
+
+
+def test_recurrent_and_opaque_are_reported():
+    pm = prepare(Outer())
+    pm(*_inputs(Outer()))
+    table = pm.summary()
+    assert "recurrent layers stay FP32" in table and "rnn" in table
+    assert "dd" in pm._muppet_state.opaque  # data-dependent submodule runs intercepted
+    names = set(pm._muppet_state.sites)
+    assert {"pre", "dd.a", "dd:matmul#0", "mha.in_proj", "mha.qk", "mha.av", "mha.out_proj"} <= names
+
+
+def test_parameters_are_shared_objects_and_model_untouched():
+    model = Outer()
+    before = type(model.dd), dict(model.named_modules())
+    pm = prepare(model)
+    assert [id(p) for p in pm.parameters()] == [id(p) for p in model.parameters()]
+    assert list(pm.state_dict()) == list(model.state_dict())
+    assert type(model.dd) is before[0] and dict(model.named_modules()) == before[1]
+    assert isinstance(pm, Outer)
+
+
+def _ste(x, bits):
+    """Straight-through nearest fake-quantiser."""
+    return x + (fake_quantise(x.detach(), bits, "nearest", backend="reference") - x).detach()
+
+
+class _GradQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bits):
+        ctx.bits = bits
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return fake_quantise(g, ctx.bits, "nearest", backend="reference"), None
+
+
+@pytest.mark.parametrize("bits", [4, 8, 12])
+def test_gradients_match_straight_through_oracle(bits):
+    """Oracle: autograd through STE quantisers of x, w and the output, and a gradient quantiser
+    in front of the product, i.e. the analytic gradient of the quantised forward."""
+    torch.manual_seed(1)
+    lin = nn.Linear(7, 5)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(3, 7, requires_grad=True)
+    xi = torch.randn(2, 2, 5, 5, requires_grad=True)
+    r1, r2 = torch.randn(3, 5), torch.randn(2, 3, 5, 5)
+
+    def oracle_linear(x):
+        y = F.linear(_ste(x, bits), _ste(lin.weight, bits), lin.bias)
+        return _ste(_GradQ.apply(y, bits), bits)
+
+    def oracle_conv(x):
+        y = F.conv2d(_ste(x, bits), _ste(conv.weight, bits), conv.bias, padding=1)
+        return _ste(_GradQ.apply(y, bits), bits)
+
+    for module, inp, r, oracle in ((lin, x, r1, oracle_linear), (conv, xi, r2, oracle_conv)):
+        params = [inp, *module.parameters()]
+        want = torch.autograd.grad((oracle(inp) * r).sum(), params)
+        pm = prepare(module, ladder=(bits, "fp32"), rounding="nearest", grad_rounding="nearest")
+        out = pm(inp)
+        assert torch.equal(out, oracle(inp).detach())
+        got = torch.autograd.grad((out * r).sum(), params)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_for_backward_is_low_precision():
+    """What backward keeps is int8 mantissas and exponents, not FP32 copies."""
+    lin = nn.Linear(64, 64)
+    pm = prepare(lin)
+    x = torch.randn(32, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pm(x)
+    big = [t for t in saved if t.numel() >= 64 * 32]
+    assert big and all(t.dtype == torch.int8 for t in big), [t.dtype for t in saved]
+
+
+def test_set_precision_and_errors():
+    pm = prepare(nn.Linear(3, 3), ladder=(8, 12, "fp32"))
+    assert pm.precision == 8
+    pm.set_precision(12)
+    assert pm.precision == 12 and pm._muppet_state.fwd_bits == 12
+    with pytest.raises(ValueError, match=r"16.*\(8, 12, 'fp32'\)"):
+        pm.set_precision(16)
+    with pytest.raises(TypeError, match="nn.Module"):
+        prepare(lambda x: x)
+    with pytest.raises(ValueError, match="unknown config option.*'bitz'"):
+        prepare(nn.Linear(3, 3), bitz=3)
+    with pytest.raises(ValueError, match="backend='fast'.*valid choices"):
+        prepare(nn.Linear(3, 3), backend="fast")
+    with pytest.raises(ValueError, match="ladder entry 40"):
+        MuppetConfig(ladder=(8, 40))
+    with pytest.raises(ValueError, match="'fp32' may only come last"):
+        MuppetConfig(ladder=("fp32", 8))
+    with pytest.raises(TypeError, match="already prepared"):
+        prepare(pm)
+
+
+def test_deepcopy_state_dict_and_to():
+    torch.manual_seed(0)
+    model = FunctionalNet()
+    pm = prepare(model, rounding="nearest")
+    x = torch.randn(2, 3, 8, 8)
+    clone = copy.deepcopy(pm)
+    assert all(a is not b for a, b in zip(clone.parameters(), pm.parameters()))
+    assert torch.equal(clone(x)[0], pm(x)[0])
+    clone.set_precision(12)
+    assert pm.precision == 8  # independent state
+    sd = pm.state_dict()
+    other = prepare(FunctionalNet(), rounding="nearest")
+    other.load_state_dict(sd)
+    assert torch.equal(other(x)[0], pm(x)[0])
+    moved = pm.to(torch.device("cpu"))
+    assert torch.equal(moved(x)[0], pm(x)[0])
+
+
+def test_module_filter_keeps_fp32():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    pm = prepare(net, module_filter_fn=lambda m, fqn: fqn != "2")
+    pm(torch.randn(3, 4))
+    assert set(pm._muppet_state.sites) == {"0"}
+    assert "excluded by module_filter_fn" in pm.summary()
+
+
+def test_torch_compile_matches_eager():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    pm = prepare(net, rounding="nearest", grad_rounding="nearest")
+    x = torch.randn(2, 3, 8, 8)
+    eager = pm(x)
+    compiled = torch.compile(pm, backend="aot_eager")
+    out = compiled(x)
+    assert torch.equal(out, eager)
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_example_inputs_registers_intercepted_layers():
+    pm = prepare(Outer(), example_inputs=(torch.randn(2, 4, 6).abs(),))
+    assert "dd:matmul#0" in pm._muppet_state.sites
+
+
+def test_public_surface():
+    assert set(muppet_fx.__all__) >= {"prepare", "quantise", "fake_quantise", "QTensor", "MuppetConfig"}
