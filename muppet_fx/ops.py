@@ -23,7 +23,8 @@ from torch import Tensor
 from muppet_fx.kernels.quantise import mantissa_dtype, scale_pow2
 from muppet_fx.numerics import quantise_parts
 
-__all__ = ["quant_linear", "quant_conv", "quant_matmul", "quant_addmm", "quant_output"]
+__all__ = ["quant_linear", "quant_conv", "quant_matmul", "quant_addmm", "quant_einsum",
+           "quant_output", "einsum_grad_equations"]
 
 
 def _empty(like: Tensor) -> Tensor:  # stands for "no gradient" (custom ops cannot return None)
@@ -228,6 +229,74 @@ def _matmul_grad(ctx, gy, *_):
 _matmul.register_autograd(_matmul_grad, setup_context=_matmul_setup)
 
 
+# ----------------------------------------------------------------------------------- einsum
+def einsum_grad_equations(equation: str) -> tuple[str, str] | None:
+    """``(grad_a, grad_b)`` equations for a two-operand einsum, or None where the simple rule
+    (every index of an operand found in the other operand or the output, no repeats, no
+    ellipsis) does not give the gradient."""
+    eq = equation.replace(" ", "")
+    if "..." in eq or "->" not in eq or eq.count(",") != 1:
+        return None
+    inputs, out = eq.split("->")
+    a, b = inputs.split(",")
+    if any(len(set(t)) != len(t) for t in (a, b, out)):
+        return None
+    if any(i not in b + out for i in a) or any(i not in a + out for i in b):
+        return None
+    return f"{out},{b}->{a}", f"{a},{out}->{b}"
+
+
+@torch.library.custom_op("muppet_fx::einsum", mutates_args=())
+def _einsum(equation: str, a: Tensor, b: Tensor, bits: int, bwd_bits: int, rounding: str,
+            grad_rounding: str, quant_out: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    a_m, a_s = quantise_parts(a.float(), bits, rounding)
+    b_m, b_s = quantise_parts(b.float(), bits, rounding)
+    y = torch.einsum(equation, _deq(a_m, a_s), _deq(b_m, b_s))
+    if quant_out:
+        y = _fq(y, bits, rounding)
+    return y, a_m, a_s, b_m, b_s
+
+
+@_einsum.register_fake
+def _(equation, a, b, bits, bwd_bits, rounding, grad_rounding, quant_out):
+    y = torch.einsum(equation, a.new_empty(a.shape, dtype=torch.float32), b.new_empty(b.shape, dtype=torch.float32))
+    return (y, *_fake_parts(a, bits), *_fake_parts(b, bits))
+
+
+@torch.library.custom_op("muppet_fx::einsum_backward", mutates_args=())
+def _einsum_backward(equation: str, g: Tensor, a_m: Tensor, a_s: Tensor, b_m: Tensor, b_s: Tensor,
+                     bits: int, rounding: str, need_a: bool, need_b: bool) -> tuple[Tensor, Tensor]:
+    eq_a, eq_b = einsum_grad_equations(equation)
+    gq = _fq(g, bits, rounding)
+    ga = torch.einsum(eq_a, gq, _deq(b_m, b_s)) if need_a else _empty(g)
+    gb = torch.einsum(eq_b, _deq(a_m, a_s), gq) if need_b else _empty(g)
+    return ga, gb
+
+
+@_einsum_backward.register_fake
+def _(equation, g, a_m, a_s, b_m, b_s, bits, rounding, need_a, need_b):
+    e = g.new_empty(0, dtype=torch.float32)
+    return (g.new_empty(a_m.shape, dtype=torch.float32) if need_a else e,
+            g.new_empty(b_m.shape, dtype=torch.float32) if need_b else e)
+
+
+def _einsum_setup(ctx, inputs, output):
+    equation, a, b, bits, bwd_bits, rounding, grad_rounding, _ = inputs
+    ctx.save_for_backward(*output[1:])
+    ctx.args = (bwd_bits, grad_rounding)
+    ctx.equation, ctx.dtypes = equation, (a.dtype, b.dtype)
+
+
+def _einsum_grad(ctx, gy, *_):
+    need = ctx.needs_input_grad[1:3]
+    ga, gb = _einsum_backward(ctx.equation, gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need)
+    grads = [None if not n else t.to(d) for n, t, d in zip(need, (ga, gb), ctx.dtypes)]
+    return (None, *grads, None, None, None, None, None)
+
+
+_einsum.register_autograd(_einsum_grad, setup_context=_einsum_setup)
+
+
 # ------------------------------------------------------------------- output quantisation
 @torch.library.custom_op("muppet_fx::quantise_output", mutates_args=())
 def _quantise_output(y: Tensor, bits: int, rounding: str) -> Tensor:
@@ -320,6 +389,23 @@ def quant_addmm(site, input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alph
     site.record(a_s, b_s)
     y = (y if alpha == 1 else alpha * y) + (input if beta == 1 else beta * input)
     return _result(quant_output(site, y), mat1)
+
+
+def quant_einsum(site, equation: str, *operands) -> Tensor:
+    """``torch.einsum`` of two operands at the site's current word length. Equations whose
+    gradient the simple rule does not cover run FP32 and are listed as such."""
+    ops = tuple(operands[0]) if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else operands
+    st = site.state
+    if not st.quantised or st.suspended:
+        return torch.einsum(equation, *ops)
+    if len(ops) != 2 or einsum_grad_equations(equation) is None:
+        st.keep_fp32(site.name, "einsum", f"equation {equation!r} with {len(ops)} operands is not routed")
+        return torch.einsum(equation, *ops)
+    c = st.config
+    y, _, a_s, _, b_s = _einsum(equation, ops[0], ops[1], st.fwd_bits, st.bwd_bits, c.rounding,
+                                c.grad_rounding, c.quantise_outputs)
+    site.record(a_s, b_s)
+    return _result(y, ops[0])
 
 
 def quant_output(site, y: Tensor) -> Tensor:

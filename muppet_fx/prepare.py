@@ -19,27 +19,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tabulate import tabulate
-from torch.overrides import TorchFunctionMode
 
 from muppet_fx.attention import AttentionSites, mha_unsupported_reason, quant_mha
 from muppet_fx.config import MuppetConfig
+from muppet_fx.intercept import InterceptMode
 from muppet_fx.ops import quant_conv, quant_linear
-from muppet_fx.passes.quantise_layers import (
-    FP32_MODULES,
-    FUNCTION_RULES,
-    RewriteContext,
-    insert_quant_nodes,
-)
+from muppet_fx.passes.quantise_layers import FP32_MODULES, RewriteContext, insert_quant_nodes
 from muppet_fx.passes.runner import run_passes
 from muppet_fx.passes.trace import trace_with_leaves
 from muppet_fx.state import PrecisionState
 
 __all__ = ["prepare", "PreparedModule"]
-
-_METHOD_FUNCTIONS = {torch.Tensor.matmul: torch.matmul, torch.Tensor.__matmul__: torch.matmul,
-                     torch.Tensor.mm: torch.mm, torch.Tensor.bmm: torch.bmm,
-                     torch.Tensor.addmm: torch.addmm, torch.Tensor.baddbmm: torch.baddbmm}
-
 
 class PreparedModule:
     """Mixin of every prepared module: the precision API, shared through one state object."""
@@ -93,32 +83,11 @@ class _GraphForward(PreparedModule):
         return self._muppet_run(fn, (self, *args), kwargs)
 
 
-class _InterceptMode(TorchFunctionMode):
-    """Routes conv/linear/matmul calls issued by ``owner``'s own code to quantised ops."""
-
-    def __init__(self, owner):
-        super().__init__()
-        self.owner, self.counts = owner, {}
-
-    def __torch_function__(self, func, types_, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        st = self.owner._muppet_state
-        func_key = _METHOD_FUNCTIONS.get(func, func)
-        rule = FUNCTION_RULES.get(func_key)
-        if rule is None or not st.stack or st.stack[-1] is not self.owner:
-            return func(*args, **kwargs)
-        op, wrapper = rule
-        k = self.counts[op] = self.counts.get(op, -1) + 1
-        name = f"{self.owner._muppet_path}:{op}#{k}"
-        site = AttentionSites(st, name + ".", "matmul") if op == "sdpa" else st.site(name, op)
-        return wrapper(site, *args, **kwargs)
-
-
 class _InterceptForward(PreparedModule):
     def forward(self, *args, **kwargs):
         if not self._muppet_state.quantised:
             return super().forward(*args, **kwargs)
-        with _InterceptMode(self):
+        with InterceptMode(self):
             return self._muppet_run(super().forward, args, kwargs)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import re
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from muppet_fx.attention import AttentionSites, mha_unsupported_reason, quant_mha, quant_sdpa
-from muppet_fx.ops import quant_addmm, quant_conv, quant_linear, quant_matmul
+from muppet_fx.ops import quant_addmm, quant_conv, quant_einsum, quant_linear, quant_matmul
 
 __all__ = ["Rule", "RULES", "FUNCTION_RULES", "METHOD_RULES", "insert_quant_nodes", "site_attr"]
 
@@ -35,6 +36,7 @@ FUNCTION_RULES: dict[Callable, tuple[str, Callable]] = {
     torch.addmm: ("addmm", quant_addmm),
     torch.baddbmm: ("baddbmm", quant_addmm),
     F.scaled_dot_product_attention: ("sdpa", quant_sdpa),
+    torch.einsum: ("einsum", quant_einsum),
 }
 METHOD_RULES: dict[str, tuple[str, Callable]] = {
     "matmul": ("matmul", quant_matmul), "__matmul__": ("matmul", quant_matmul),
@@ -144,6 +146,26 @@ def _rewrite_function(node: fx.Node, ctx: RewriteContext) -> None:
     node.args = (ctx.site_node(node, site), *node.args)
 
 
+_TORCH_ROOTS = {"torch", "operator", "_operator", "math", "builtins", "muppet_fx"}
+
+
+def _is_wrapped_function(node: fx.Node, ctx: RewriteContext) -> bool:
+    """A call of a user function FX did not trace into (``torch.fx.wrap``): its products are
+    invisible to the graph, so the call runs intercepted."""
+    if node.op != "call_function" or not isinstance(node.target, types.FunctionType):
+        return False
+    root = (getattr(node.target, "__module__", None) or "builtins").split(".")[0]
+    return root not in _TORCH_ROOTS
+
+
+def _rewrite_wrapped_function(node: fx.Node, ctx: RewriteContext) -> None:
+    from muppet_fx.intercept import InterceptScope, run_intercepted  # needs this module's tables
+
+    scope = InterceptScope(ctx.state, f"{ctx.prefix}{node.name}", node.target)
+    node.args = (ctx.site_node(node, scope), *node.args)
+    node.target = run_intercepted
+
+
 def _record_fp32(node: fx.Node, ctx: RewriteContext) -> None:
     m = _module(node, ctx)
     reason = next(r for t, r in FP32_MODULES.items() if isinstance(m, t))
@@ -171,6 +193,7 @@ RULES: list[Rule] = [
     Rule("function", lambda n, c: n.op == "call_function" and n.target in FUNCTION_RULES, _rewrite_function),
     Rule("method", lambda n, c: n.op == "call_method" and n.target in METHOD_RULES, _rewrite_function),
     Rule("kept FP32", _is_module(tuple(FP32_MODULES)), _record_fp32),
+    Rule("wrapped function", _is_wrapped_function, _rewrite_wrapped_function),
 ]
 
 

@@ -272,3 +272,34 @@ def test_example_inputs_registers_intercepted_layers():
 
 def test_public_surface():
     assert set(muppet_fx.__all__) >= {"prepare", "quantise", "fake_quantise", "QTensor", "MuppetConfig"}
+
+
+class EinsumNet(nn.Module):
+    def __init__(self, equation):
+        super().__init__()
+        self.equation = equation
+
+    def forward(self, a, b):
+        return torch.einsum(self.equation, a, b)
+
+
+class BmmNet(nn.Module):
+    def forward(self, a, b):
+        return torch.bmm(a, b)
+
+
+def test_einsum_equals_bmm_route():
+    """Oracle: the bmm route (same quantisers, same product): forward and both gradients equal."""
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    results = []
+    for net in (EinsumNet("b i j, b j k -> b i k"), BmmNet()):
+        pm = prepare(net, rounding="nearest", grad_rounding="nearest")
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        out = pm(x, y)
+        out.backward(torch.ones_like(out))
+        results.append((out, x.grad, y.grad))
+    for u, v in zip(*results):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+    pm = prepare(EinsumNet("ii,i->i"))
+    pm(torch.randn(3, 3), torch.randn(3))
+    assert "is not routed" in pm.summary()

@@ -1,0 +1,57 @@
+"""Quantising code that FX cannot see: untraceable module forwards and ``torch.fx.wrap``-ed
+functions run under a ``TorchFunctionMode`` that routes their conv/linear/matmul calls to the
+quantised wrappers, with one site per call (``<owner>:<op>#<k>``, k counting within one run)."""
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from muppet_fx.attention import AttentionSites
+from muppet_fx.passes.quantise_layers import FUNCTION_RULES
+
+__all__ = ["InterceptMode", "InterceptScope", "run_intercepted"]
+
+_METHOD_FUNCTIONS = {torch.Tensor.matmul: torch.matmul, torch.Tensor.__matmul__: torch.matmul,
+                     torch.Tensor.mm: torch.mm, torch.Tensor.bmm: torch.bmm,
+                     torch.Tensor.addmm: torch.addmm, torch.Tensor.baddbmm: torch.baddbmm}
+
+
+class InterceptMode(TorchFunctionMode):
+    """Intercepts only calls made while ``owner`` is the innermost running prepared module, so
+    children (prepared on their own, or kept FP32 on purpose) are left alone."""
+
+    def __init__(self, owner):
+        super().__init__()
+        self.owner, self.counts = owner, {}
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        st = self.owner._muppet_state
+        rule = FUNCTION_RULES.get(_METHOD_FUNCTIONS.get(func, func))
+        if rule is None or not st.stack or st.stack[-1] is not self.owner:
+            return func(*args, **kwargs)
+        op, wrapper = rule
+        k = self.counts[op] = self.counts.get(op, -1) + 1
+        name = f"{self.owner._muppet_path}:{op}#{k}"
+        site = AttentionSites(st, name + ".", "matmul") if op == "sdpa" else st.site(name, op)
+        return wrapper(site, *args, **kwargs)
+
+
+class InterceptScope:
+    """Stands in for a module as the owner of one intercepted call site of function ``fn``."""
+
+    def __init__(self, state, name: str, fn):
+        self._muppet_state, self._muppet_path, self.name, self.fn = state, name, name, fn
+
+
+def run_intercepted(scope: InterceptScope, *args, **kwargs):
+    """Call ``scope.fn`` with its products quantised (FP32 level: a plain call)."""
+    st, fn = scope._muppet_state, scope.fn
+    if not st.quantised:
+        return fn(*args, **kwargs)
+    with InterceptMode(scope):
+        st.stack.append(scope)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            st.stack.pop()
