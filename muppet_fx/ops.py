@@ -309,7 +309,8 @@ def _(y, bits, rounding):
 
 
 # Straight-through: the next layer's backward quantises the gradient (SPEC section 2).
-_quantise_output.register_autograd(lambda ctx, g: (g, None, None), setup_context=lambda ctx, i, o: None)
+_quantise_output.register_autograd(lambda ctx, g: (g, None, None),
+                                   setup_context=lambda ctx, inputs, output: None)
 
 
 # --------------------------------------------------------------- wrappers the graphs call

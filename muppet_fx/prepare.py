@@ -74,13 +74,7 @@ class _GraphForward(PreparedModule):
     def forward(self, *args, **kwargs):
         if not self._muppet_state.quantised:
             return super().forward(*args, **kwargs)
-        fn = self.__dict__.get("_muppet_code")
-        if fn is None:  # built once; it reaches modules, parameters and sites through ``self``
-            src = self._muppet_graph.python_code(root_module="self")
-            scope = dict(src.globals)
-            exec(compile(src.src, f"<muppet_fx graph {self._muppet_path or type(self).__name__}>", "exec"), scope)
-            fn = self.__dict__["_muppet_code"] = scope["forward"]
-        return self._muppet_run(fn, (self, *args), kwargs)
+        return self._muppet_run(self._muppet_code, (self, *args), kwargs)
 
 
 class _InterceptForward(PreparedModule):
@@ -201,9 +195,19 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
     for sub in opaque:
         _replace_submodule(new, sub, _prepare(module.get_submodule(sub), _join(path, sub), state, sites))
     ctx = RewriteContext(graph, dict(module.named_modules()), state, path + "." if path else "", sites, keep)
-    new.__dict__["_muppet_graph"] = run_passes(graph, [lambda g: insert_quant_nodes(g, ctx)],
-                                               owner=path or type(module).__name__)
+    owner = path or type(module).__name__
+    graph = run_passes(graph, [lambda g: insert_quant_nodes(g, ctx)], owner=owner)
+    new.__dict__.update(_muppet_graph=graph, _muppet_code=_compile_graph(graph, owner))
     return _finish(new, _GraphForward, path, state, sites)
+
+
+def _compile_graph(graph, owner: str):
+    """The graph's Python forward ``fn(self, *inputs)``; it reaches modules, parameters and
+    sites through ``self``, so copies of the module can share it."""
+    src = graph.python_code(root_module="self")
+    scope = dict(src.globals)
+    exec(compile(src.src, f"<muppet_fx graph {owner}>", "exec"), scope)
+    return scope["forward"]
 
 
 def prepare(model: nn.Module, example_inputs=None, config: MuppetConfig | None = None,

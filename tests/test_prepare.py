@@ -303,3 +303,46 @@ def test_einsum_equals_bmm_route():
     pm = prepare(EinsumNet("ii,i->i"))
     pm(torch.randn(3, 3), torch.randn(3))
     assert "is not routed" in pm.summary()
+
+
+class AddmmNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4) * 0.3)
+        self.bias = nn.Parameter(torch.randn(4) * 0.1)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x, *, scale=1.0):
+        y = torch.addmm(self.bias, x, self.w, beta=0.5, alpha=scale)
+        y = self.bn(torch.mm(y, self.w.t()))
+        z = torch.baddbmm(y.unsqueeze(0), y.unsqueeze(0), self.w.unsqueeze(0)).squeeze(0)
+        return Result(logits=z, aux=y.mm(self.w))
+
+
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass
+class Result:
+    logits: torch.Tensor
+    aux: torch.Tensor
+
+
+def test_addmm_family_kwargs_dataclass_and_shared_buffers():
+    """addmm/mm/baddbmm/Tensor.mm are quantised; keyword arguments and dataclass outputs pass
+    through; BN running statistics are the original buffers (updated in place)."""
+    model = AddmmNet()
+    x = torch.randn(5, 4)
+    n = count_products(model, (x,))
+    pm = prepare(model, rounding="nearest")
+    before = model.bn.running_mean.clone()
+    out = pm(x, scale=2.0)
+    assert isinstance(out, Result)
+    assert sum(s.calls for s in pm._muppet_state.sites.values()) == n == 4
+    assert not torch.equal(model.bn.running_mean, before)
+    assert pm.bn.running_mean is model.bn.running_mean
+    pm.set_precision("fp32")
+    model.eval(), pm.eval()
+    ref = model(x, scale=2.0)
+    got = pm(x, scale=2.0)
+    assert torch.equal(ref.logits, got.logits) and torch.equal(ref.aux, got.aux)
