@@ -33,7 +33,6 @@ __all__ = [
     "exponent_from_amax",
     "pow2_factors",
     "scale_pow2",
-    "saturation",
     "quantise_reference",
     "dequantise_reference",
     "quantise_triton",
@@ -74,8 +73,7 @@ def exponent_from_amax(amax: torch.Tensor, bits: int, max_exponent: int) -> torc
 
 
 def pow2_factors(s: torch.Tensor) -> torch.Tensor:
-    """Float32 factors ``(2**h, 2**(s-h), 2**-h, 2**(h-s))`` with ``h = floor(s / 2)``, stacked
-    last.
+    """Float32 factors ``(2**h, 2**(s-h), 2**-h, 2**(h-s))`` with ``h = floor(s / 2)``, stacked last.
 
     Scaling by ``2**s`` as two multiplications keeps every factor finite (``|s| <= 149``).
     """
@@ -138,21 +136,13 @@ def quantise_reference(x: torch.Tensor, bits: int, rounding: str, *, axis: int |
 
 def dequantise_reference(m: torch.Tensor, s: torch.Tensor, dtype: torch.dtype,
                          axis: int | None = None) -> torch.Tensor:
-    """``m * 2**-s`` in ``dtype``, saturated at the largest grid point the dtype can hold.
+    """``m * 2**-s`` in ``dtype``; saturates at the dtype's largest finite value.
 
     Saturation only acts when ``amax`` lies within a factor of two of the dtype's largest value
-    at a word length whose top grid point is not representable (e.g. 2 bits, ``amax > 2**127``);
-    the result stays on the grid, so quantising it again changes nothing.
+    at a word length whose top grid point is not representable (e.g. 2 bits, ``amax > 2**127``).
     """
-    sat = _broadcast(saturation(s, dtype), m, axis)
-    return torch.minimum(torch.maximum(scale_pow2(m.float(), -s, axis), -sat), sat).to(dtype)
-
-
-def saturation(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Largest grid point ``k * 2**-s`` not above the dtype's largest finite value (float32)."""
-    s = s.to(torch.float64)
-    k = torch.floor(torch.ldexp(torch.full_like(s, torch.finfo(dtype).max), s))
-    return torch.ldexp(k, -s).to(torch.float32)
+    fmax = torch.finfo(dtype).max
+    return torch.clamp(scale_pow2(m.float(), -s, axis), -fmax, fmax).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,7 +172,7 @@ if HAS_TRITON:
     @triton.jit
     def _quantise_kernel(
         x_ptr, noise_ptr, factor_ptr, m_ptr, q_ptr,  # pointers
-        L, seed, offset,  # sizes and scalars
+        L, seed, offset, fmax,  # sizes and scalars
         STOCHASTIC: tl.constexpr, NOISE_FROM_PTR: tl.constexpr,
         WRITE_M: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK: tl.constexpr,
     ):
@@ -193,8 +183,8 @@ if HAS_TRITON:
         mask = offs < L
         idx = row * L + offs
         x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        up_hi = tl.load(factor_ptr + row * 5)
-        up_lo = tl.load(factor_ptr + row * 5 + 1)
+        up_hi = tl.load(factor_ptr + row * 4)
+        up_lo = tl.load(factor_ptr + row * 4 + 1)
         finite = (x == x) & (tl.abs(x) < float("inf"))
         v = tl.where(finite, x, 0.0) * up_hi * up_lo
         f = tl.floor(v)
@@ -212,10 +202,9 @@ if HAS_TRITON:
         if WRITE_M:
             tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=mask)
         if WRITE_Q:
-            down_hi = tl.load(factor_ptr + row * 5 + 2)
-            down_lo = tl.load(factor_ptr + row * 5 + 3)
-            sat = tl.load(factor_ptr + row * 5 + 4)
-            q = tl.minimum(tl.maximum(m * down_hi * down_lo, -sat), sat)
+            down_hi = tl.load(factor_ptr + row * 4 + 2)
+            down_lo = tl.load(factor_ptr + row * 4 + 3)
+            q = tl.minimum(tl.maximum(m * down_hi * down_lo, -fmax), fmax)
             q = tl.where(finite, q, x)
             tl.store(q_ptr + idx, q.to(q_ptr.dtype.element_ty), mask=mask)
 
@@ -245,7 +234,7 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
     flag = torch.empty((rows, n_blocks), dtype=torch.int8, device=x.device)
     _absmax_kernel[(rows, n_blocks)](xc, partial, flag, L, n_blocks, BLOCK=block)
     s = exponent_from_amax(partial.amax(dim=1), bits, MAX_EXPONENT[x.dtype])
-    factors = torch.cat([pow2_factors(s).reshape(rows, 4), saturation(s, x.dtype).reshape(rows, 1)], 1)
+    factors = pow2_factors(s).contiguous()
     m = torch.empty(xc.shape, dtype=mantissa_dtype(bits), device=x.device) if want_mantissa else None
     q = torch.empty_like(xc) if want_values else None
     if noise is not None:
@@ -253,7 +242,7 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
     _quantise_kernel[(rows, n_blocks)](
         xc, noise if noise is not None else xc, factors,
         m if m is not None else xc, q if q is not None else xc,
-        L, seed, offset,
+        L, seed, offset, float(torch.finfo(x.dtype).max),
         STOCHASTIC=rounding == "stochastic", NOISE_FROM_PTR=noise is not None,
         WRITE_M=want_mantissa, WRITE_Q=want_values, BLOCK=block,
     )

@@ -4,8 +4,7 @@
  *   |x|; a result >= 0x7f800000 means an inf or NaN is present.
  * quantise_*: one pass that scales by 2**s (two power-of-two factors), rounds (half to even, or
  *   stochastic: floor(v) + (u < v - floor(v)) with u a 24-bit uniform), and writes the integer
- *   mantissas and/or the dequantised values m * 2**-s clamped to +-fmax, the largest grid
- *   point the float32 range holds.
+ *   mantissas and/or the dequantised values m * 2**-s clamped to +-fmax.
  * Uniforms come from `noise` when given, else from a counter-based hash of (seed, index), so a
  * result depends on the seed only, never on the thread count.
  */

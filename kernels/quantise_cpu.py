@@ -62,11 +62,6 @@ def host_exponent(amax: float, bits: int, max_exponent: int) -> int:
     return min(s, max_exponent)
 
 
-def _saturation(s: int) -> float:
-    """Largest grid point ``k * 2**-s`` not above float32's largest value (see ``saturation``)."""
-    return math.ldexp(math.floor(math.ldexp(torch.finfo(torch.float32).max, s)), -s)
-
-
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -97,7 +92,7 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
     q = torch.empty(x.shape, dtype=torch.float32) if want_values else None
     getattr(lib, _FN[mantissa_dtype(bits)])(
         xc.data_ptr(), n, math.ldexp(1.0, h), math.ldexp(1.0, l), math.ldexp(1.0, -h),
-        math.ldexp(1.0, -l), _saturation(s), int(rounding == "stochastic"),
+        math.ldexp(1.0, -l), torch.finfo(torch.float32).max, int(rounding == "stochastic"),
         (seed or 0) & (2**64 - 1), _ptr(noise), _ptr(m), _ptr(q), threads)
     return m, torch.tensor(s, dtype=torch.int32), q, False
 
