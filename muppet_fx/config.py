@@ -13,9 +13,10 @@ __all__ = ["MuppetConfig", "DEFAULT_LADDER", "FP32", "ROUTES"]
 
 FP32 = "fp32"
 DEFAULT_LADDER = (8, 12, 14, 16, FP32)
-# Kernel routes for the quantised products. "emulate": fake-quantised operands, FP32 products
-# (what the paper ran); "auto" picks the fastest exact-to-spec route available for the device.
-ROUTES = ("auto", "emulate")
+# Kernel routes for the quantised products (see muppet_fx.routes). "emulate": fake-quantised
+# operands, FP32 products (what the paper ran); "aten": exact integer kernels on the CPU;
+# "triton": Triton INT8/FP16 kernels on CUDA; "auto": triton on CUDA, aten on CPU.
+ROUTES = ("auto", "emulate", "aten", "triton")
 GRANULARITIES = ("tensor", "channel")
 
 

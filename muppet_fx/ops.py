@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from muppet_fx.kernels.quantise import mantissa_dtype, scale_pow2
+from muppet_fx import routes
 from muppet_fx.numerics import quantise_parts
 
 __all__ = ["quant_linear", "quant_conv", "quant_matmul", "quant_addmm", "quant_einsum",
@@ -51,18 +52,17 @@ def _none_if_empty(flag: bool, t: Tensor) -> Tensor | None:
 # ---------------------------------------------------------------------------------- linear
 @torch.library.custom_op("muppet_fx::linear", mutates_args=())
 def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int, rounding: str,
-            grad_rounding: str, w_axis: Optional[int], quant_out: bool
+            grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    x_m, x_s = quantise_parts(x.float(), bits, rounding)
+    x_m, x_s = quantise_parts(x.reshape(-1, x.shape[-1]).float(), bits, rounding)
     w_m, w_s = quantise_parts(w.float(), bits, rounding, w_axis)
-    y = F.linear(_deq(x_m, x_s), _deq(w_m, w_s, w_axis), None if b is None else b.float())
-    if quant_out:
-        y = _fq(y, bits, rounding)
-    return y, x_m, x_s, w_m, w_s
+    y = routes.linear_forward(route, x_m, x_s, w_m, w_s, w_axis, b)
+    y = y.reshape(*x.shape[:-1], w.shape[0])
+    return (_fq(y, bits, rounding) if quant_out else y), x_m.reshape(x.shape), x_s, w_m, w_s
 
 
 @_linear.register_fake
-def _(x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out):
+def _(x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out, route):
     y = x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)
     return (y, *_fake_parts(x, bits), *_fake_parts(w, bits, w_axis))
 
@@ -70,16 +70,17 @@ def _(x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out):
 @torch.library.custom_op("muppet_fx::linear_backward", mutates_args=())
 def _linear_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor, bits: int,
                      rounding: str, w_axis: Optional[int], need_x: bool, need_w: bool,
-                     need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    gq = _fq(g, bits, rounding).reshape(-1, g.shape[-1])
-    gx = (gq @ _deq(w_m, w_s, w_axis)).reshape(x_m.shape) if need_x else _empty(g)
-    gw = gq.t() @ _deq(x_m, x_s).reshape(-1, x_m.shape[-1]) if need_w else _empty(g)
-    gb = gq.sum(0) if need_b else _empty(g)
+                     need_b: bool, route: str) -> tuple[Tensor, Tensor, Tensor]:
+    g_m, g_s = quantise_parts(g.reshape(-1, g.shape[-1]).float(), bits, rounding)
+    x2 = x_m.reshape(-1, x_m.shape[-1])
+    gx = routes.linear_grad_input(route, g_m, g_s, w_m, w_s, w_axis).reshape(x_m.shape) if need_x else _empty(g)
+    gw = routes.linear_grad_weight(route, g_m, g_s, x2, x_s) if need_w else _empty(g)
+    gb = routes.dequantise(g_m, g_s).sum(0) if need_b else _empty(g)
     return gx, gw, gb
 
 
 @_linear_backward.register_fake
-def _(g, x_m, x_s, w_m, w_s, bits, rounding, w_axis, need_x, need_w, need_b):
+def _(g, x_m, x_s, w_m, w_s, bits, rounding, w_axis, need_x, need_w, need_b, route):
     e = g.new_empty(0, dtype=torch.float32)
     return (g.new_empty(x_m.shape, dtype=torch.float32) if need_x else e,
             g.new_empty(w_m.shape, dtype=torch.float32) if need_w else e,
@@ -87,18 +88,19 @@ def _(g, x_m, x_s, w_m, w_s, bits, rounding, w_axis, need_x, need_w, need_b):
 
 
 def _linear_setup(ctx, inputs, output):
-    x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out = inputs
+    x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out, route = inputs
     ctx.save_for_backward(*output[1:])
     ctx.args = (bwd_bits, grad_rounding, w_axis)
+    ctx.route = route
     ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
 
 
 def _linear_grad(ctx, gy, *_):
     need = ctx.needs_input_grad[:3]
-    gx, gw, gb = _linear_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need)
+    gx, gw, gb = _linear_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need, ctx.route)
     grads = [_none_if_empty(n, t) for n, t in zip(need, (gx, gw, gb))]
     grads = [None if t is None else t.to(d) for t, d in zip(grads, ctx.dtypes)]
-    return (*grads, None, None, None, None, None, None)
+    return (*grads,) + (None,) * 7
 
 
 _linear.register_autograd(_linear_grad, setup_context=_linear_setup)
@@ -108,20 +110,17 @@ _linear.register_autograd(_linear_grad, setup_context=_linear_setup)
 @torch.library.custom_op("muppet_fx::conv", mutates_args=())
 def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding: list[int],
           dilation: list[int], groups: int, bits: int, bwd_bits: int, rounding: str,
-          grad_rounding: str, w_axis: Optional[int], quant_out: bool
+          grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     x_m, x_s = quantise_parts(x.float(), bits, rounding)
     w_m, w_s = quantise_parts(w.float(), bits, rounding, w_axis)
-    y = torch.convolution(_deq(x_m, x_s), _deq(w_m, w_s, w_axis), None if b is None else b.float(),
-                          stride, padding, dilation, False, [0] * len(stride), groups)
-    if quant_out:
-        y = _fq(y, bits, rounding)
-    return y, x_m, x_s, w_m, w_s
+    y = routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding, dilation, groups)
+    return (_fq(y, bits, rounding) if quant_out else y), x_m, x_s, w_m, w_s
 
 
 @_conv.register_fake
 def _(x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad_rounding,
-      w_axis, quant_out):
+      w_axis, quant_out, route):
     spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
                zip(x.shape[2:], padding, dilation, w.shape[2:], stride)]
     y = x.new_empty((x.shape[0], w.shape[0], *spatial), dtype=torch.float32)
@@ -132,17 +131,18 @@ def _(x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad
 def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor,
                    stride: list[int], padding: list[int], dilation: list[int], groups: int,
                    bits: int, rounding: str, w_axis: Optional[int], need_x: bool, need_w: bool,
-                   need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    gq = _fq(g, bits, rounding)
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        gq, _deq(x_m, x_s), _deq(w_m, w_s, w_axis), [w_m.shape[0]] if need_b else None,
-        stride, padding, dilation, False, [0] * len(stride), groups, [need_x, need_w, need_b])
-    return tuple(t if t is not None else _empty(g) for t in (gx, gw, gb))
+                   need_b: bool, route: str) -> tuple[Tensor, Tensor, Tensor]:
+    g_m, g_s = quantise_parts(g.float(), bits, rounding)
+    conv = (stride, padding, dilation, groups)
+    gx = routes.conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_m.shape, *conv) if need_x else _empty(g)
+    gw = routes.conv_grad_weight(route, g_m, g_s, x_m, x_s, w_m.shape, *conv) if need_w else _empty(g)
+    gb = routes.dequantise(g_m, g_s).sum([d for d in range(g.dim()) if d != 1]) if need_b else _empty(g)
+    return gx, gw, gb
 
 
 @_conv_backward.register_fake
 def _(g, x_m, x_s, w_m, w_s, stride, padding, dilation, groups, bits, rounding, w_axis,
-      need_x, need_w, need_b):
+      need_x, need_w, need_b, route):
     e = g.new_empty(0, dtype=torch.float32)
     return (g.new_empty(x_m.shape, dtype=torch.float32) if need_x else e,
             g.new_empty(w_m.shape, dtype=torch.float32) if need_w else e,
@@ -150,18 +150,19 @@ def _(g, x_m, x_s, w_m, w_s, stride, padding, dilation, groups, bits, rounding, 
 
 
 def _conv_setup(ctx, inputs, output):
-    x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad_rounding, w_axis, _ = inputs
+    x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad_rounding, w_axis, _, route = inputs
     ctx.save_for_backward(*output[1:])
     ctx.args = (stride, padding, dilation, groups, bwd_bits, grad_rounding, w_axis)
+    ctx.route = route
     ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
 
 
 def _conv_grad(ctx, gy, *_):
     need = ctx.needs_input_grad[:3]
-    gx, gw, gb = _conv_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need)
+    gx, gw, gb = _conv_backward(gy, *ctx.saved_tensors, *ctx.args, *need, ctx.route)
     grads = [_none_if_empty(n, t) for n, t in zip(need, (gx, gw, gb))]
     grads = [None if t is None else t.to(d) for t, d in zip(grads, ctx.dtypes)]
-    return (*grads,) + (None,) * 10
+    return (*grads,) + (None,) * 11
 
 
 _conv.register_autograd(_conv_grad, setup_context=_conv_setup)
@@ -184,46 +185,51 @@ def _matmul_grads(g: Tensor, a: Tensor, b: Tensor, need_a: bool, need_b: bool):
 
 @torch.library.custom_op("muppet_fx::matmul", mutates_args=())
 def _matmul(a: Tensor, b: Tensor, bits: int, bwd_bits: int, rounding: str, grad_rounding: str,
-            quant_out: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            quant_out: bool, route: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     a_m, a_s = quantise_parts(a.float(), bits, rounding)
     b_m, b_s = quantise_parts(b.float(), bits, rounding)
-    y = torch.matmul(_deq(a_m, a_s), _deq(b_m, b_s))
+    y = routes.matmul_forward(route, a_m, a_s, b_m, b_s)
     if quant_out:
         y = _fq(y, bits, rounding)
     return y, a_m, a_s, b_m, b_s
 
 
 @_matmul.register_fake
-def _(a, b, bits, bwd_bits, rounding, grad_rounding, quant_out):
+def _(a, b, bits, bwd_bits, rounding, grad_rounding, quant_out, route):
     y = torch.matmul(a.new_empty(a.shape, dtype=torch.float32), b.new_empty(b.shape, dtype=torch.float32))
     return (y, *_fake_parts(a, bits), *_fake_parts(b, bits))
 
 
 @torch.library.custom_op("muppet_fx::matmul_backward", mutates_args=())
 def _matmul_backward(g: Tensor, a_m: Tensor, a_s: Tensor, b_m: Tensor, b_s: Tensor, bits: int,
-                     rounding: str, need_a: bool, need_b: bool) -> tuple[Tensor, Tensor]:
-    return _matmul_grads(_fq(g, bits, rounding), _deq(a_m, a_s), _deq(b_m, b_s), need_a, need_b)
+                     rounding: str, need_a: bool, need_b: bool, route: str) -> tuple[Tensor, Tensor]:
+    g_m, g_s = quantise_parts(g.float(), bits, rounding)
+    if route != "emulate" and a_m.dim() == 2 and b_m.dim() == 2:  # the two products, integer
+        ga = routes.matmul_forward(route, g_m, g_s, b_m.t(), b_s) if need_a else _empty(g)
+        gb = routes.matmul_forward(route, a_m.t(), a_s, g_m, g_s) if need_b else _empty(g)
+        return ga, gb
+    return _matmul_grads(_deq(g_m, g_s), _deq(a_m, a_s), _deq(b_m, b_s), need_a, need_b)
 
 
 @_matmul_backward.register_fake
-def _(g, a_m, a_s, b_m, b_s, bits, rounding, need_a, need_b):
+def _(g, a_m, a_s, b_m, b_s, bits, rounding, need_a, need_b, route):
     e = g.new_empty(0, dtype=torch.float32)
     return (g.new_empty(a_m.shape, dtype=torch.float32) if need_a else e,
             g.new_empty(b_m.shape, dtype=torch.float32) if need_b else e)
 
 
 def _matmul_setup(ctx, inputs, output):
-    a, b, bits, bwd_bits, rounding, grad_rounding, _ = inputs
+    a, b, bits, bwd_bits, rounding, grad_rounding, _, route = inputs
     ctx.save_for_backward(*output[1:])
     ctx.args = (bwd_bits, grad_rounding)
-    ctx.dtypes = (a.dtype, b.dtype)
+    ctx.dtypes, ctx.route = (a.dtype, b.dtype), route
 
 
 def _matmul_grad(ctx, gy, *_):
     need = ctx.needs_input_grad[:2]
-    ga, gb = _matmul_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need)
+    ga, gb = _matmul_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need, ctx.route)
     grads = [None if not n else t.to(d) for n, t, d in zip(need, (ga, gb), ctx.dtypes)]
-    return (*grads, None, None, None, None, None)
+    return (*grads,) + (None,) * 6
 
 
 _matmul.register_autograd(_matmul_grad, setup_context=_matmul_setup)
@@ -325,7 +331,8 @@ def quant_linear(site, input: Tensor, weight: Tensor, bias: Tensor | None = None
         return F.linear(input, weight, bias)
     c = st.config
     y, _, x_s, _, w_s = _linear(input, weight, bias, st.fwd_bits, st.bwd_bits, c.rounding,
-                                c.grad_rounding, site.weight_axis, c.quantise_outputs)
+                                c.grad_rounding, site.weight_axis, c.quantise_outputs,
+                                st.route_for(input.device))
     site.record(x_s, w_s)
     return _result(y, input)
 
@@ -361,7 +368,7 @@ def quant_conv(site, input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     c = st.config
     y, _, x_s, _, w_s = _conv(x, weight, bias, stride, padding, dilation, groups, st.fwd_bits,
                               st.bwd_bits, c.rounding, c.grad_rounding, site.weight_axis,
-                              c.quantise_outputs)
+                              c.quantise_outputs, st.route_for(x.device))
     site.record(x_s, w_s)
     return _result(y.squeeze(0) if unbatched else y, input)
 
@@ -373,7 +380,7 @@ def quant_matmul(site, input: Tensor, other: Tensor) -> Tensor:
         return torch.matmul(input, other)
     c = st.config
     y, _, a_s, _, b_s = _matmul(input, other, st.fwd_bits, st.bwd_bits, c.rounding,
-                                c.grad_rounding, c.quantise_outputs)
+                                c.grad_rounding, c.quantise_outputs, st.route_for(input.device))
     site.record(a_s, b_s)
     return _result(y, input)
 
@@ -386,7 +393,7 @@ def quant_addmm(site, input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alph
         return fn(input, mat1, mat2, beta=beta, alpha=alpha)
     c = st.config
     y, _, a_s, _, b_s = _matmul(mat1, mat2, st.fwd_bits, st.bwd_bits, c.rounding,
-                                c.grad_rounding, False)
+                                c.grad_rounding, False, st.route_for(mat1.device))
     site.record(a_s, b_s)
     y = (y if alpha == 1 else alpha * y) + (input if beta == 1 else beta * input)
     return _result(quant_output(site, y), mat1)

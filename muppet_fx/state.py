@@ -56,8 +56,13 @@ class PrecisionState:
 
     @property
     def route(self) -> str:
-        """The kernel route the quantised products take ("auto" resolved)."""
-        return "emulate" if self.config.backend == "auto" else self.config.backend
+        """The configured kernel route ("auto" resolves per device, see ``route_for``)."""
+        return self.config.backend
+
+    def route_for(self, device: torch.device) -> str:
+        from muppet_fx.routes import resolve_route
+
+        return resolve_route(self.config.backend, device)
 
     @property
     def quantised(self) -> bool:

@@ -1,0 +1,186 @@
+"""Exact integer GEMM and convolution on the CPU through ``torch._int_mm`` (int8 x int8 -> int32).
+
+- Up to 8 bits: one ``_int_mm``; the K dimension is cut into chunks short enough that the int32
+  accumulator cannot overflow (``K * 127 * 127 < 2**31``), partial sums added in int64.
+- 9 to 16 bits: each int16 mantissa is split as ``m = 256 * h + l + 128`` with
+  ``h = m >> 8`` and ``l = (m & 255) - 128``, both in int8. Then
+  ``A @ B = 65536 Ah@Bh + 256 (Ah@Bl + Al@Bh) + Al@Bl + 128 rowsum(A') + 128 colsum(B') + 16384 K``
+  (``A' = A - 128``): four int8 products and rank-one corrections, combined exactly in int64.
+Every result is the exact integer product, converted once to float32 with the power-of-two
+scale ``2**-(s_a + s_b)``.
+
+Convolutions with ``groups == 1`` lower to these GEMMs by im2col on the int8/int16 mantissas
+(never on FP32 data); grad-input of a stride-1 convolution is the convolution of the gradient
+with the flipped, transposed kernel, strided ones insert zeros first; grad-weight is
+``G^T @ cols``. ``*_reference`` functions compute the same integers in int64 with plain torch.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .cbuild import load_c_library
+
+__all__ = ["int_matmul", "int_matmul_reference", "im2col", "conv_forward", "conv_grad_input",
+           "conv_grad_weight", "workspace", "CHUNK"]
+
+# Longest K for which an int32 accumulator of int8 products (|p| <= 128*128) cannot overflow.
+CHUNK = (2**31 - 1) // (128 * 128)
+
+
+def _mm_int8(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    K = a.shape[1]
+    if K <= chunk:
+        if a.shape[0] * b.shape[1] >= 1 << 16:  # large outputs: reuse memory (see workspace)
+            out = workspace(a.shape[0] * b.shape[1], torch.int32, "acc").view(a.shape[0], b.shape[1])
+            return torch._int_mm(a, b, out=out)
+        return torch._int_mm(a, b)
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64)
+    for k in range(0, K, chunk):
+        out += torch._int_mm(a[:, k:k + chunk], b[k:k + chunk])
+    return out
+
+
+def _split(m: torch.Tensor):
+    """int16 -> (h, l) int8 with m = 256 h + l + 128."""
+    return (m >> 8).to(torch.int8), ((m & 255) - 128).to(torch.int8)
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """Exact ``a @ b`` for int8 or int16 2-d mantissa tensors (any strides); int32 or int64."""
+    if a.dtype == torch.int8 and b.dtype == torch.int8:
+        return _mm_int8(a, b, chunk)
+    if a.dtype not in (torch.int8, torch.int16) or b.dtype not in (torch.int8, torch.int16):
+        raise TypeError(f"int_matmul takes int8/int16 mantissas, got {a.dtype} and {b.dtype}")
+    a16, b16 = a.to(torch.int16), b.to(torch.int16)
+    ah, al = _split(a16)
+    bh, bl = _split(b16)
+    K = a.shape[1]
+    out = _mm_int8(ah, bh, chunk).to(torch.int64) * 65536
+    out += (_mm_int8(ah, bl, chunk).to(torch.int64) + _mm_int8(al, bh, chunk)) * 256
+    out += _mm_int8(al, bl, chunk)
+    out += 128 * (a16.sum(1, dtype=torch.int64) - 128 * K).unsqueeze(1)
+    out += 128 * (b16.sum(0, dtype=torch.int64) - 128 * K).unsqueeze(0)
+    return out + 16384 * K
+
+
+def int_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int64 oracle."""
+    return a.to(torch.int64) @ b.to(torch.int64)
+
+
+def _pair(v, n):
+    return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
+_IM2COL = {torch.int8: "im2col_i8", torch.int16: "im2col_i16"}
+_lib = None
+_workspace = threading.local()
+
+
+def workspace(numel: int, dtype: torch.dtype, slot: str) -> torch.Tensor:
+    """A reusable flat buffer per thread, dtype and slot. Fresh large allocations cost more in
+    page faults than im2col or the GEMM writing them, so intermediates reuse their memory."""
+    key = (slot, dtype)
+    buf = getattr(_workspace, "bufs", {}).get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype)
+        _workspace.__dict__.setdefault("bufs", {})[key] = buf
+    return buf[:numel]
+
+
+def _library():
+    global _lib
+    if _lib is None:
+        lib = load_c_library(Path(__file__).with_name("im2col_cpu.c"))
+        if lib is not None:
+            for name in _IM2COL.values():
+                fn = getattr(lib, name)
+                fn.restype = None
+                fn.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 8 + [ctypes.c_int] * 8
+                               + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int])
+        _lib = lib if lib is not None else False
+    return _lib or None
+
+
+def im2col(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """``[N, C, H, W]`` (any memory format) -> ``[N*OH*OW, kh*kw*C]`` patches, columns ordered
+    (tap, channel) so that channels-last inputs copy whole channel vectors."""
+    if x.dim() != 4:
+        raise NotImplementedError(f"im2col handles 2-d convolutions, got a {x.dim()}-d input")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (kernel, stride, padding, dilation))
+    N, C, H, W = x.shape
+    OH, OW = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
+    lib = _library()
+    if lib is not None and x.dtype in _IM2COL and x.device.type == "cpu":
+        out = workspace(N * OH * OW * kh * kw * C, x.dtype, "cols").view(N * OH * OW, kh * kw * C)
+        getattr(lib, _IM2COL[x.dtype])(x.data_ptr(), N, C, H, W, *x.stride(), kh, kw, sh, sw,
+                                       ph, pw, dh, dw, OH, OW, out.data_ptr(), torch.get_num_threads())
+        return out
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    s = xp.stride()
+    patches = xp.as_strided((N, OH, OW, kh, kw, C),
+                            (s[0], s[2] * sh, s[3] * sw, s[2] * dh, s[3] * dw, s[1]))
+    return patches.reshape(N * OH * OW, kh * kw * C)
+
+
+def _taps_last(w: torch.Tensor) -> torch.Tensor:
+    """``[Cout, C, kh, kw]`` -> ``[Cout, kh*kw*C]``, the column order of :func:`im2col`."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def _to_nchw(y2d: torch.Tensor, N: int, OH: int, OW: int) -> torch.Tensor:
+    """``[N*OH*OW, C]`` -> ``[N, C, OH, OW]`` in channels-last memory (no copy)."""
+    return y2d.reshape(N, OH, OW, -1).permute(0, 3, 1, 2)
+
+
+def _out_size(H, k, s, p, d):
+    return (H + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def conv_forward(x_m, w_m, stride, padding, dilation) -> torch.Tensor:
+    """Exact integer ``conv2d(x_m, w_m)`` (groups 1): int32/int64, channels-last NCHW."""
+    N, _, H, W = x_m.shape
+    Cout, _, kh, kw = w_m.shape
+    (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
+    OH, OW = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
+    cols = im2col(x_m, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    return _to_nchw(int_matmul(cols, _taps_last(w_m).t()), N, OH, OW)
+
+
+def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation) -> torch.Tensor:
+    """Exact integer gradient of ``conv2d`` w.r.t. its input, given the output gradient."""
+    N, C, H, W = input_shape
+    Cout, _, kh, kw = w_m.shape
+    (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
+    if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):  # a GEMM scattered onto the strided positions
+        OH, OW = g_m.shape[2:]
+        g2d = g_m.permute(0, 2, 3, 1).reshape(-1, Cout)
+        gx = int_matmul(g2d, w_m.reshape(Cout, C))
+        out = gx.new_zeros((N, H, W, C))
+        out[:, : (OH - 1) * sh + 1 : sh, : (OW - 1) * sw + 1 : sw] = gx.reshape(N, OH, OW, C)
+        return out.permute(0, 3, 1, 2)
+    if (sh, sw) != (1, 1):  # insert zeros so a stride-1 convolution computes the transpose
+        OH, OW = g_m.shape[2:]
+        eh = (H + 2 * ph - dh * (kh - 1) - 1) % sh
+        ew = (W + 2 * pw - dw * (kw - 1) - 1) % sw
+        big = g_m.new_zeros((N, Cout, (OH - 1) * sh + 1 + eh, (OW - 1) * sw + 1 + ew))
+        big[:, :, : (OH - 1) * sh + 1 : sh, : (OW - 1) * sw + 1 : sw] = g_m
+        g_m = big
+    w_t = w_m.flip(2, 3).transpose(0, 1)
+    pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
+    if min(pad) < 0:
+        raise NotImplementedError(f"padding {padding} larger than the dilated kernel")
+    return conv_forward(g_m, w_t, 1, pad, (dh, dw))
+
+
+def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation) -> torch.Tensor:
+    """Exact integer gradient of ``conv2d`` w.r.t. its weight: ``G^T @ im2col(x)``."""
+    Cout, C, kh, kw = weight_shape
+    cols = im2col(x_m, (kh, kw), stride, padding, dilation)
+    g2d = g_m.permute(0, 2, 3, 1).reshape(-1, Cout)
+    return int_matmul(g2d.t(), cols).reshape(Cout, kh, kw, C).permute(0, 3, 1, 2)
