@@ -32,8 +32,15 @@ __all__ = ["int_matmul", "int_matmul_reference", "im2col", "conv_forward", "conv
 CHUNK = (2**31 - 1) // (128 * 128)
 
 
-def _mm_int8(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def _mm_int8(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK, mm=None) -> torch.Tensor:
     K = a.shape[1]
+    if mm is not None:  # another int8 x int8 -> int32 kernel (the Triton one on CUDA)
+        if K <= chunk:
+            return mm(a, b)
+        out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64, device=a.device)
+        for k in range(0, K, chunk):
+            out += mm(a[:, k:k + chunk], b[k:k + chunk])
+        return out
     if K <= chunk:
         if a.shape[0] * b.shape[1] >= 1 << 16:  # large outputs: reuse memory (see workspace)
             out = workspace(a.shape[0] * b.shape[1], torch.int32, "acc").view(a.shape[0], b.shape[1])
@@ -50,19 +57,22 @@ def _split(m: torch.Tensor):
     return (m >> 8).to(torch.int8), ((m & 255) - 128).to(torch.int8)
 
 
-def int_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """Exact ``a @ b`` for int8 or int16 2-d mantissa tensors (any strides); int32 or int64."""
+def int_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK, mm=None) -> torch.Tensor:
+    """Exact ``a @ b`` for int8 or int16 2-d mantissa tensors (any strides); int32 or int64.
+
+    ``mm`` replaces ``torch._int_mm`` as the int8 kernel. A large int32 result may live in a
+    reused workspace: consume it before the next call."""
     if a.dtype == torch.int8 and b.dtype == torch.int8:
-        return _mm_int8(a, b, chunk)
+        return _mm_int8(a, b, chunk, mm)
     if a.dtype not in (torch.int8, torch.int16) or b.dtype not in (torch.int8, torch.int16):
         raise TypeError(f"int_matmul takes int8/int16 mantissas, got {a.dtype} and {b.dtype}")
     a16, b16 = a.to(torch.int16), b.to(torch.int16)
     ah, al = _split(a16)
     bh, bl = _split(b16)
     K = a.shape[1]
-    out = _mm_int8(ah, bh, chunk).to(torch.int64) * 65536
-    out += (_mm_int8(ah, bl, chunk).to(torch.int64) + _mm_int8(al, bh, chunk)) * 256
-    out += _mm_int8(al, bl, chunk)
+    out = _mm_int8(ah, bh, chunk, mm).to(torch.int64) * 65536
+    out += (_mm_int8(ah, bl, chunk, mm).to(torch.int64) + _mm_int8(al, bh, chunk, mm)) * 256
+    out += _mm_int8(al, bl, chunk, mm)
     out += 128 * (a16.sum(1, dtype=torch.int64) - 128 * K).unsqueeze(1)
     out += 128 * (b16.sum(0, dtype=torch.int64) - 128 * K).unsqueeze(0)
     return out + 16384 * K
@@ -142,17 +152,17 @@ def _out_size(H, k, s, p, d):
     return (H + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def conv_forward(x_m, w_m, stride, padding, dilation) -> torch.Tensor:
+def conv_forward(x_m, w_m, stride, padding, dilation, mm=None) -> torch.Tensor:
     """Exact integer ``conv2d(x_m, w_m)`` (groups 1): int32/int64, channels-last NCHW."""
     N, _, H, W = x_m.shape
     Cout, _, kh, kw = w_m.shape
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
     OH, OW = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
     cols = im2col(x_m, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
-    return _to_nchw(int_matmul(cols, _taps_last(w_m).t()), N, OH, OW)
+    return _to_nchw(int_matmul(cols, _taps_last(w_m).t(), mm=mm), N, OH, OW)
 
 
-def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation) -> torch.Tensor:
+def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation, mm=None) -> torch.Tensor:
     """Exact integer gradient of ``conv2d`` w.r.t. its input, given the output gradient."""
     N, C, H, W = input_shape
     Cout, _, kh, kw = w_m.shape
@@ -160,7 +170,7 @@ def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation) -> torch.T
     if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):  # a GEMM scattered onto the strided positions
         OH, OW = g_m.shape[2:]
         g2d = g_m.permute(0, 2, 3, 1).reshape(-1, Cout)
-        gx = int_matmul(g2d, w_m.reshape(Cout, C))
+        gx = int_matmul(g2d, w_m.reshape(Cout, C), mm=mm)
         out = gx.new_zeros((N, H, W, C))
         out[:, : (OH - 1) * sh + 1 : sh, : (OW - 1) * sw + 1 : sw] = gx.reshape(N, OH, OW, C)
         return out.permute(0, 3, 1, 2)
@@ -175,12 +185,12 @@ def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation) -> torch.T
     pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
     if min(pad) < 0:
         raise NotImplementedError(f"padding {padding} larger than the dilated kernel")
-    return conv_forward(g_m, w_t, 1, pad, (dh, dw))
+    return conv_forward(g_m, w_t, 1, pad, (dh, dw), mm=mm)
 
 
-def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation) -> torch.Tensor:
+def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None) -> torch.Tensor:
     """Exact integer gradient of ``conv2d`` w.r.t. its weight: ``G^T @ im2col(x)``."""
     Cout, C, kh, kw = weight_shape
     cols = im2col(x_m, (kh, kw), stride, padding, dilation)
     g2d = g_m.permute(0, 2, 3, 1).reshape(-1, Cout)
-    return int_matmul(g2d.t(), cols).reshape(Cout, kh, kw, C).permute(0, 3, 1, 2)
+    return int_matmul(g2d.t(), cols, mm=mm).reshape(Cout, kh, kw, C).permute(0, 3, 1, 2)

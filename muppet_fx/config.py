@@ -66,6 +66,9 @@ class MuppetConfig:
                                    ("weight_granularity", self.weight_granularity, GRANULARITIES)):
             if value not in valid:
                 raise ValueError(f"{name}={value!r} is not supported; valid choices: {valid}")
+        if self.exact and self.backend == "emulate":
+            raise ValueError("exact=True needs an exact route: backend 'auto', 'aten' or 'triton', "
+                             "not 'emulate' (FP32 accumulation rounds above 8 bits)")
         if self.module_filter_fn is not None and not callable(self.module_filter_fn):
             raise TypeError(f"module_filter_fn must be callable, got {type(self.module_filter_fn).__name__}")
 

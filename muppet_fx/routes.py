@@ -26,14 +26,15 @@ __all__ = ["ROUTE_NAMES", "resolve_route", "linear_forward", "linear_grad_input"
            "linear_grad_weight", "conv_forward", "conv_grad_input", "conv_grad_weight",
            "matmul_forward", "dequantise"]
 
-ROUTE_NAMES = ("emulate", "aten", "triton")
+ROUTE_NAMES = ("emulate", "aten", "triton", "triton_exact")
+TRITON = ("triton", "triton_exact")
 
 
-def resolve_route(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA, ``aten`` on CPU, ``emulate`` elsewhere."""
-    if backend != "auto":
-        return backend
-    return {"cuda": "triton", "cpu": "aten"}.get(device.type, "emulate")
+def resolve_route(backend: str, device: torch.device, exact: bool = False) -> str:
+    """``auto`` -> ``triton`` on CUDA, ``aten`` on CPU, ``emulate`` elsewhere; with ``exact``
+    the Triton route keeps 9-16 bit products on integer kernels (``triton_exact``)."""
+    route = backend if backend != "auto" else {"cuda": "triton", "cpu": "aten"}.get(device.type, "emulate")
+    return "triton_exact" if exact and route == "triton" else route
 
 
 def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
@@ -89,10 +90,11 @@ def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias):
     """``x @ w.T + bias`` for 2-d ``x_m [M, K]``, ``w_m [N, K]`` (per-tensor or per-row ``w_s``)."""
     if route == "emulate":
         return F.linear(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias)
-    if route == "triton":
+    if route in TRITON:
         from muppet_fx.kernels import gemm_triton
 
-        return gemm_triton.scaled_mm(x_m, x_s, w_m.t(), w_s, bias, b_axis=w_axis)
+        return gemm_triton.scaled_mm(x_m, x_s, w_m.t(), w_s, bias, b_axis=w_axis,
+                                     exact=route == "triton_exact")
     acc = _mm(x_m, w_m.t())
     if w_axis is None:
         return _apply(acc, _exponent(x_s, w_s), bias)
@@ -107,23 +109,33 @@ def linear_grad_input(route, g_m, g_s, w_m, w_s, w_axis):
         return _apply(_mm(g_m, w_m), _exponent(g_s, w_s))
     from muppet_fx.kernels import gemm_triton
 
-    return gemm_triton.scaled_mm(g_m, g_s, w_m, w_s)
+    return gemm_triton.scaled_mm(g_m, g_s, w_m, w_s, exact=route == "triton_exact")
 
 
 def linear_grad_weight(route, g_m, g_s, x_m, x_s):
     """``g.T @ x`` for ``g_m [M, N]``, ``x_m [M, K]``."""
     if route == "aten":
         return _apply(_mm(g_m.t(), x_m), _exponent(g_s, x_s))
-    if route == "triton":
+    if route in TRITON:
         from muppet_fx.kernels import gemm_triton
 
-        return gemm_triton.scaled_mm(g_m.t(), g_s, x_m, x_s)
+        return gemm_triton.scaled_mm(g_m.t(), g_s, x_m, x_s, exact=route == "triton_exact")
     return dequantise(g_m, g_s).t() @ dequantise(x_m, x_s)
 
 
 # --------------------------------------------------------------------------- convolution
 def _int_conv_ok(route, x_m, groups, w_axis) -> bool:
-    return route == "aten" and x_m.dim() == 4 and groups == 1 and w_axis is None and _int_ok(x_m)
+    return route in ("aten", *TRITON) and x_m.dim() == 4 and groups == 1 and w_axis is None \
+        and _int_ok(x_m)
+
+
+def _int8_kernel(route):
+    """The int8 GEMM under the integer convolutions: ``torch._int_mm`` (None) or Triton's."""
+    if route not in TRITON:
+        return None
+    from muppet_fx.kernels import gemm_triton
+
+    return gemm_triton.int_mm
 
 
 def _bias4(bias, y):
@@ -135,7 +147,7 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
         return torch.convolution(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias,
                                  stride, padding, dilation, False, [0] * len(stride), groups)
     if _int_conv_ok(route, x_m, groups, w_axis):
-        acc = gemm_cpu.conv_forward(x_m, w_m, stride, padding, dilation)
+        acc = gemm_cpu.conv_forward(x_m, w_m, stride, padding, dilation, mm=_int8_kernel(route))
         y = _apply(acc, _exponent(x_s, w_s))
         return y if bias is None else y.add_(_bias4(bias, y))
     dt = _exact_float(x_m, w_m, k=w_m[0].numel())  # exact on the mantissas as floats
@@ -150,7 +162,7 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
 
 def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding, dilation, groups):
     if _int_conv_ok(route, g_m, groups, w_axis):
-        acc = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation)
+        acc = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(route))
         return _apply(acc, _exponent(g_s, w_s))
     g, w = dequantise(g_m, g_s), dequantise(w_m, w_s, w_axis)
     if route != "emulate" and w_axis is None:
@@ -164,7 +176,7 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
 
 def conv_grad_weight(route, g_m, g_s, x_m, x_s, w_shape, stride, padding, dilation, groups):
     if _int_conv_ok(route, x_m, groups, None):
-        acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation)
+        acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(route))
         return _apply(acc, _exponent(g_s, x_s))
     g, x = dequantise(g_m, g_s), dequantise(x_m, x_s)
     if route != "emulate":
@@ -183,9 +195,9 @@ def matmul_forward(route, a_m, a_s, b_m, b_s):
         return torch.matmul(dequantise(a_m, a_s), dequantise(b_m, b_s))
     if a_m.dim() == 2 and b_m.dim() == 2 and route == "aten":
         return _apply(_mm(a_m, b_m), _exponent(a_s, b_s))
-    if a_m.dim() == 2 and b_m.dim() == 2 and route == "triton":
+    if a_m.dim() == 2 and b_m.dim() == 2 and route in TRITON:
         from muppet_fx.kernels import gemm_triton
 
-        return gemm_triton.scaled_mm(a_m, a_s, b_m, b_s)
+        return gemm_triton.scaled_mm(a_m, a_s, b_m, b_s, exact=route == "triton_exact")
     dt = _exact_float(a_m, b_m, k=a_m.shape[-1])
     return _apply(torch.matmul(a_m.to(dt), b_m.to(dt)), _exponent(a_s, b_s))

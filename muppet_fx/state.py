@@ -62,7 +62,7 @@ class PrecisionState:
     def route_for(self, device: torch.device) -> str:
         from muppet_fx.routes import resolve_route
 
-        return resolve_route(self.config.backend, device)
+        return resolve_route(self.config.backend, device, self.config.exact)
 
     @property
     def quantised(self) -> bool:

@@ -1,0 +1,68 @@
+"""Exact integer GEMM and convolution on the CPU. Oracle: int64 / float64 arithmetic, exactly."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from muppet_fx.kernels import gemm_cpu
+from muppet_fx.kernels.gemm_cpu import (conv_forward, conv_grad_input, conv_grad_weight, im2col,
+                                        int_matmul, int_matmul_reference)
+
+DTYPES = [(torch.int8, 127), (torch.int16, 32767)]
+SHAPES = [(1, 1, 1), (7, 33, 5), (129, 7, 3), (33, 129, 17)]
+CONVS = [  # N, C, H, W, Cout, k, stride, padding, dilation
+    (2, 3, 7, 9, 5, 3, 1, 1, 1), (2, 3, 8, 8, 4, 3, 2, 1, 1), (1, 2, 9, 7, 3, 1, 2, 0, 1),
+    (2, 3, 9, 9, 2, 3, 2, 0, 1), (1, 2, 11, 10, 3, 3, 1, 2, 2), (2, 3, 7, 7, 4, 5, 3, 2, 1),
+]
+
+
+@pytest.mark.parametrize("dtype,q", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int_matmul_exact(dtype, q, shape):
+    M, K, N = shape
+    a = torch.randint(-q, q + 1, (M, K), dtype=dtype)
+    b = torch.randint(-q, q + 1, (K, N), dtype=dtype)
+    want = int_matmul_reference(a, b)
+    assert torch.equal(int_matmul(a, b).long(), want)
+    assert torch.equal(int_matmul(a.t().contiguous().t(), b.t().contiguous().t()).long(), want)
+    assert torch.equal(int_matmul(a, b, chunk=4).long(), want)  # chunked accumulation
+
+
+def test_int16_extremes_and_chunked_overflow():
+    """All-extreme 16-bit operands: a naive int32 accumulator overflows (2 * 32767**2 > 2**31)
+    already at K = 2; the split route with chunked accumulation stays exact."""
+    K = 300
+    a = torch.full((3, K), 32767, dtype=torch.int16)
+    a[1] = -32767
+    b = torch.full((K, 2), 32767, dtype=torch.int16)
+    want = int_matmul_reference(a, b)
+    assert int(want.abs().max()) > 2**31  # would overflow int32
+    assert torch.equal(int_matmul(a, b).long(), want)
+    a8 = torch.full((2, 200_000), 127, dtype=torch.int8)  # K beyond one int32 chunk
+    b8 = torch.full((200_000, 1), 127, dtype=torch.int8)
+    assert int(int_matmul(a8, b8)[0, 0]) == 200_000 * 127 * 127
+
+
+@pytest.mark.parametrize("dtype,q", DTYPES)
+@pytest.mark.parametrize("case", CONVS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_exact(dtype, q, case, channels_last):
+    """Forward, grad-input and grad-weight equal float64 convolution of the same integers."""
+    N, C, H, W, Co, k, s, p, d = case
+    x = torch.randint(-q, q + 1, (N, C, H, W), dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-q, q + 1, (Co, C, k, k), dtype=dtype)
+    ref = F.conv2d(x.double(), w.double(), None, s, p, d)
+    assert torch.equal(conv_forward(x, w, s, p, d).double(), ref)
+    g = torch.randint(-q, q + 1, ref.shape, dtype=dtype)
+    gx, gw, _ = torch.ops.aten.convolution_backward(g.double(), x.double(), w.double(), None, [s, s], [p, p],
+                                                    [d, d], False, [0, 0], 1, [True, True, False])
+    assert torch.equal(conv_grad_input(g, w, x.shape, s, p, d).double(), gx)
+    assert torch.equal(conv_grad_weight(g, x, w.shape, s, p, d).double(), gw)
+
+
+def test_im2col_c_matches_torch_fallback(monkeypatch):
+    x = torch.randint(-127, 128, (2, 3, 7, 6), dtype=torch.int8)
+    fast = im2col(x, 3, 2, 1, 1).clone()
+    monkeypatch.setattr(gemm_cpu, "_lib", False)
+    assert torch.equal(im2col(x, 3, 2, 1, 1), fast)
