@@ -2,7 +2,9 @@
 
 - Up to 8 bits: one ``_int_mm``; the K dimension is cut into chunks short enough that the int32
   accumulator cannot overflow (``K * 127 * 127 < 2**31``), partial sums added in int64.
-- 9 to 16 bits: each int16 mantissa is split as ``m = 256 * h + l + 128`` with
+- 9 to 14 bits: ``m = 128 h + l`` with ``|h|, |l| <= 64``, so ``h + l`` is an int8 as well and
+  three products suffice (Karatsuba): ``A@B = 16384 HH + 128 ((Ah+Al)@(Bh+Bl) - HH - LL) + LL``.
+- 15 and 16 bits: each int16 mantissa is split as ``m = 256 * h + l + 128`` with
   ``h = m >> 8`` and ``l = (m & 255) - 128``, both in int8. Then
   ``A @ B = 65536 Ah@Bh + 256 (Ah@Bl + Al@Bh) + Al@Bl + 128 rowsum(A') + 128 colsum(B') + 16384 K``
   (``A' = A - 128``): four int8 products and rank-one corrections, combined exactly in int64.
@@ -52,9 +54,20 @@ def _mm_int8(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK, mm=None) -> t
     return out
 
 
+def _max_abs(m: torch.Tensor) -> int:
+    lo, hi = torch.aminmax(m)
+    return max(-int(lo), int(hi))
+
+
 def _split(m: torch.Tensor):
     """int16 -> (h, l) int8 with m = 256 h + l + 128."""
     return (m >> 8).to(torch.int8), ((m & 255) - 128).to(torch.int8)
+
+
+def _split128(m: torch.Tensor):
+    """|m| <= 8191 -> (h, l) int8 with m = 128 h + l, |h| <= 64, |l| <= 64, |h + l| <= 128."""
+    h = torch.div(m + 64, 128, rounding_mode="floor")
+    return h.to(torch.int8), (m - 128 * h).to(torch.int8)
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK, mm=None) -> torch.Tensor:
@@ -67,6 +80,8 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK, mm=None) ->
     if a.dtype not in (torch.int8, torch.int16) or b.dtype not in (torch.int8, torch.int16):
         raise TypeError(f"int_matmul takes int8/int16 mantissas, got {a.dtype} and {b.dtype}")
     a16, b16 = a.to(torch.int16), b.to(torch.int16)
+    if _narrow_int16(a16, b16):  # three products: A@B = 16384 HH + 128 (MID - HH - LL) + LL
+        return _karatsuba_bilinear(lambda x, y: _mm_int8(x, y, chunk, mm), a16, b16)
     ah, al = _split(a16)
     bh, bl = _split(b16)
     K = a.shape[1]
@@ -127,6 +142,8 @@ def im2col(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
     OH, OW = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
     lib = _library()
     if lib is not None and x.dtype in _IM2COL and x.device.type == "cpu":
+        if x.stride(1) != 1 and C > 1:  # one small transpose buys contiguous channel copies
+            x = x.contiguous(memory_format=torch.channels_last)
         out = workspace(N * OH * OW * kh * kw * C, x.dtype, "cols").view(N * OH * OW, kh * kw * C)
         getattr(lib, _IM2COL[x.dtype])(x.data_ptr(), N, C, H, W, *x.stride(), kh, kw, sh, sw,
                                        ph, pw, dh, dw, OH, OW, out.data_ptr(), torch.get_num_threads())
@@ -152,8 +169,30 @@ def _out_size(H, k, s, p, d):
     return (H + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _karatsuba_bilinear(f, a16, b16):
+    """Exact bilinear ``f`` (a conv or a GEMM that is exact on int8 operands) of operands up to
+    14 bits from three int8 evaluations: with ``m = 128 h + l``,
+    ``f(A, B) = 16384 f(Ah, Bh) + 128 (f(Ah+Al, Bh+Bl) - f(Ah, Bh) - f(Al, Bl)) + f(Al, Bl)``."""
+    ah, al = _split128(a16)
+    bh, bl = _split128(b16)
+    hh = f(ah, bh).to(torch.int64)
+    ll = f(al, bl).to(torch.int64)
+    mid = f(ah + al, bh + bl).to(torch.int64) - hh - ll
+    return hh * 16384 + mid * 128 + ll
+
+
+def _narrow_int16(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == torch.int16 and b.dtype == torch.int16 and _max_abs(a) <= 8191 \
+        and _max_abs(b) <= 8191
+
+
 def conv_forward(x_m, w_m, stride, padding, dilation, mm=None) -> torch.Tensor:
-    """Exact integer ``conv2d(x_m, w_m)`` (groups 1): int32/int64, channels-last NCHW."""
+    """Exact integer ``conv2d(x_m, w_m)`` (groups 1): int32/int64, channels-last NCHW.
+
+    Operands up to 14 bits are split before im2col, so the patches stay int8."""
+    if _narrow_int16(x_m, w_m):
+        return _karatsuba_bilinear(lambda a, b: conv_forward(a, b, stride, padding, dilation, mm),
+                                   x_m, w_m)
     N, _, H, W = x_m.shape
     Cout, _, kh, kw = w_m.shape
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
@@ -190,6 +229,9 @@ def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation, mm=None) -
 
 def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None) -> torch.Tensor:
     """Exact integer gradient of ``conv2d`` w.r.t. its weight: ``G^T @ im2col(x)``."""
+    if _narrow_int16(g_m, x_m):
+        return _karatsuba_bilinear(
+            lambda a, b: conv_grad_weight(a, b, weight_shape, stride, padding, dilation, mm), g_m, x_m)
     Cout, C, kh, kw = weight_shape
     cols = im2col(x_m, (kh, kw), stride, padding, dilation)
     g2d = g_m.permute(0, 2, 3, 1).reshape(-1, Cout)

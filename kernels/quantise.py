@@ -222,7 +222,9 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
     if not HAS_TRITON:
         raise NotImplementedError("backend='triton' needs the triton package, which is not installed")
     moved = x if axis in (None, 0) else x.movedim(axis, 0)
-    xc = moved.contiguous()
+    channels_last = axis is None and x.dim() == 4 and not x.is_contiguous() \
+        and x.is_contiguous(memory_format=torch.channels_last)
+    xc = moved if channels_last else moved.contiguous()  # per tensor, memory order is free
     rows = 1 if axis is None else xc.shape[0]
     L = xc.numel() // max(rows, 1)
     if L == 0 or rows == 0:
@@ -235,10 +237,11 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
     _absmax_kernel[(rows, n_blocks)](xc, partial, flag, L, n_blocks, BLOCK=block)
     s = exponent_from_amax(partial.amax(dim=1), bits, MAX_EXPONENT[x.dtype])
     factors = pow2_factors(s).contiguous()
-    m = torch.empty(xc.shape, dtype=mantissa_dtype(bits), device=x.device) if want_mantissa else None
+    m = torch.empty_like(xc, dtype=mantissa_dtype(bits)) if want_mantissa else None
     q = torch.empty_like(xc) if want_values else None
     if noise is not None:
-        noise = (noise if axis in (None, 0) else noise.movedim(axis, 0)).float().contiguous()
+        noise = (noise if axis in (None, 0) else noise.movedim(axis, 0)).float()
+        noise = noise.contiguous(memory_format=torch.channels_last) if channels_last else noise.contiguous()
     _quantise_kernel[(rows, n_blocks)](
         xc, noise if noise is not None else xc, factors,
         m if m is not None else xc, q if q is not None else xc,

@@ -69,14 +69,19 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  noise: torch.Tensor | None = None, want_mantissa: bool = True,
-                 want_values: bool = False):
+                 want_values: bool = False, out: torch.Tensor | None = None):
     """Returns ``(m or None, s, q or None, nonfinite)`` like :func:`quantise_triton`
-    (``nonfinite`` is a Python bool here, or a tensor where the reference route ran)."""
+    (``nonfinite`` is a Python bool here, or a tensor where the reference route ran).
+
+    Dense tensors in any memory order (channels-last included) are processed in place in that
+    order and the outputs keep it. ``out`` (a float32 tensor laid out like ``x``, which may be
+    ``x`` itself) receives the values."""
     lib = _library()
     if (lib is None or axis is not None or x.dtype != torch.float32 or x.numel() == 0
             or x.device.type != "cpu"):
         return _via_reference(x, bits, rounding, axis, generator, noise, want_mantissa, want_values)
-    xc = x.contiguous()
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    xc = x if dense else x.contiguous()
     n = xc.numel()
     threads = torch.get_num_threads()
     top = lib.absmax_bits(xc.data_ptr(), n, threads)
@@ -88,8 +93,8 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
     if rounding == "stochastic" and noise is None and seed is None:
         seed = int(torch.randint(0, 2**62, (), generator=generator))
     noise = None if noise is None or rounding == "nearest" else noise.float().contiguous()
-    m = torch.empty(x.shape, dtype=mantissa_dtype(bits)) if want_mantissa else None
-    q = torch.empty(x.shape, dtype=torch.float32) if want_values else None
+    m = torch.empty_like(xc, dtype=mantissa_dtype(bits)) if want_mantissa else None
+    q = (out if out is not None and out.stride() == xc.stride() else torch.empty_like(xc)) if want_values else None
     getattr(lib, _FN[mantissa_dtype(bits)])(
         xc.data_ptr(), n, math.ldexp(1.0, h), math.ldexp(1.0, l), math.ldexp(1.0, -h),
         math.ldexp(1.0, -l), torch.finfo(torch.float32).max, int(rounding == "stochastic"),

@@ -127,6 +127,17 @@ def quantise_parts(x: torch.Tensor, bits: int, rounding: str, axis: int | None =
     return m, torch.where(bad, torch.full_like(s, NONFINITE_EXPONENT), s)
 
 
+def fake_quantise_inplace(y: torch.Tensor, bits: int, rounding: str) -> torch.Tensor:
+    """Unchecked ``fake_quantise`` for a float32 tensor a training op owns: overwritten in
+    place on the CPU (one fused pass), NaN/inf passed through."""
+    if y.device.type == "cpu":
+        return quantise_cpu(y, bits, rounding, want_mantissa=False, want_values=True, out=y)[2]
+    if y.device.type == "cuda" and HAS_TRITON:
+        return quantise_triton(y, bits, rounding, seed=_triton_seed(None, None),
+                               want_mantissa=False, want_values=True)[2]
+    return _run(y, bits, rounding, None, "reference", None, None, None, values=True)[2]
+
+
 def quantise(x: torch.Tensor, bits: int, rounding: str = "stochastic", *,
              generator: torch.Generator | None = None, axis: int | None = None,
              backend: str = "auto", seed: int | None = None,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from muppet_fx.kernels.quantise import mantissa_dtype, scale_pow2
 from muppet_fx import routes
-from muppet_fx.numerics import quantise_parts
+from muppet_fx.numerics import fake_quantise_inplace, quantise_parts
 
 __all__ = ["quant_linear", "quant_conv", "quant_matmul", "quant_addmm", "quant_einsum",
            "quant_output", "einsum_grad_equations"]
@@ -37,12 +37,33 @@ def _deq(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
 
 
 def _fq(x: Tensor, bits: int, rounding: str) -> Tensor:
-    return _deq(*quantise_parts(x.float(), bits, rounding))
+    """Fake-quantise an FP32 tensor this module just computed (overwritten where possible)."""
+    return fake_quantise_inplace(x.float(), bits, rounding)
 
 
-def _fake_parts(t: Tensor, bits: int, axis: int | None = None):
+def _fake_parts(t: Tensor, bits: int, axis: int | None = None, keep_layout: bool = False):
+    """Fake mantissas and exponent; ``keep_layout``: the quantiser keeps a dense input's memory
+    order (channels-last activations stay channels-last)."""
     s_shape = () if axis is None else (t.shape[axis],)
-    return t.new_empty(t.shape, dtype=mantissa_dtype(bits)), t.new_empty(s_shape, dtype=torch.int32)
+    m = torch.empty_like(t, dtype=mantissa_dtype(bits)) if keep_layout and _dense(t) else \
+        t.new_empty(t.shape, dtype=mantissa_dtype(bits))
+    return m, t.new_empty(s_shape, dtype=torch.int32)
+
+
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _conv_layout(y: Tensor) -> Tensor:
+    """Convolution outputs leave the op channels-last (what the integer route writes), so the
+    real and the fake implementation agree on strides."""
+    return y.contiguous(memory_format=torch.channels_last) if y.dim() == 4 else y.contiguous()
+
+
+def _own(*ts: Tensor) -> tuple[Tensor, ...]:
+    """Op outputs must not be views (an in-place op on a view would bypass the custom
+    backward): reshaped results are returned as plain aliases of their storage."""
+    return tuple(t.detach() if t._is_view() else t for t in ts)
 
 
 def _none_if_empty(flag: bool, t: Tensor) -> Tensor | None:
@@ -58,7 +79,7 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int,
     w_m, w_s = quantise_parts(w.float(), bits, rounding, w_axis)
     y = routes.linear_forward(route, x_m, x_s, w_m, w_s, w_axis, b)
     y = y.reshape(*x.shape[:-1], w.shape[0])
-    return (_fq(y, bits, rounding) if quant_out else y), x_m.reshape(x.shape), x_s, w_m, w_s
+    return _own(_fq(y, bits, rounding) if quant_out else y, x_m.reshape(x.shape), x_s, w_m, w_s)
 
 
 @_linear.register_fake
@@ -75,8 +96,8 @@ def _linear_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tens
     x2 = x_m.reshape(-1, x_m.shape[-1])
     gx = routes.linear_grad_input(route, g_m, g_s, w_m, w_s, w_axis).reshape(x_m.shape) if need_x else _empty(g)
     gw = routes.linear_grad_weight(route, g_m, g_s, x2, x_s) if need_w else _empty(g)
-    gb = routes.dequantise(g_m, g_s).sum(0) if need_b else _empty(g)
-    return gx, gw, gb
+    gb = routes.sum_dequantised(g_m, g_s, [0]) if need_b else _empty(g)
+    return _own(gx, gw, gb)
 
 
 @_linear_backward.register_fake
@@ -114,8 +135,9 @@ def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding:
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     x_m, x_s = quantise_parts(x.float(), bits, rounding)
     w_m, w_s = quantise_parts(w.float(), bits, rounding, w_axis)
-    y = routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding, dilation, groups)
-    return (_fq(y, bits, rounding) if quant_out else y), x_m, x_s, w_m, w_s
+    y = _conv_layout(routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding,
+                                         dilation, groups))
+    return _own(_fq(y, bits, rounding) if quant_out else y, x_m, x_s, w_m, w_s)
 
 
 @_conv.register_fake
@@ -123,8 +145,8 @@ def _(x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad
       w_axis, quant_out, route):
     spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
                zip(x.shape[2:], padding, dilation, w.shape[2:], stride)]
-    y = x.new_empty((x.shape[0], w.shape[0], *spatial), dtype=torch.float32)
-    return (y, *_fake_parts(x, bits), *_fake_parts(w, bits, w_axis))
+    y = _conv_layout(x.new_empty((x.shape[0], w.shape[0], *spatial), dtype=torch.float32))
+    return (y, *_fake_parts(x, bits, keep_layout=True), *_fake_parts(w, bits, w_axis))
 
 
 @torch.library.custom_op("muppet_fx::conv_backward", mutates_args=())
@@ -136,8 +158,8 @@ def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor
     conv = (stride, padding, dilation, groups)
     gx = routes.conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_m.shape, *conv) if need_x else _empty(g)
     gw = routes.conv_grad_weight(route, g_m, g_s, x_m, x_s, w_m.shape, *conv) if need_w else _empty(g)
-    gb = routes.dequantise(g_m, g_s).sum([d for d in range(g.dim()) if d != 1]) if need_b else _empty(g)
-    return gx, gw, gb
+    gb = routes.sum_dequantised(g_m, g_s, [d for d in range(g.dim()) if d != 1]) if need_b else _empty(g)
+    return _own(gx, gw, gb)
 
 
 @_conv_backward.register_fake
@@ -180,7 +202,7 @@ def _matmul_grads(g: Tensor, a: Tensor, b: Tensor, need_a: bool, need_b: bool):
         ga = (G @ B.transpose(-1, -2)).sum_to_size(A.shape).reshape(a.shape)
     if need_b:
         gb = (A.transpose(-1, -2) @ G).sum_to_size(B.shape).reshape(b.shape)
-    return ga, gb
+    return _own(ga, gb)
 
 
 @torch.library.custom_op("muppet_fx::matmul", mutates_args=())
@@ -191,7 +213,7 @@ def _matmul(a: Tensor, b: Tensor, bits: int, bwd_bits: int, rounding: str, grad_
     y = routes.matmul_forward(route, a_m, a_s, b_m, b_s)
     if quant_out:
         y = _fq(y, bits, rounding)
-    return y, a_m, a_s, b_m, b_s
+    return _own(y, a_m, a_s, b_m, b_s)
 
 
 @_matmul.register_fake
@@ -207,7 +229,7 @@ def _matmul_backward(g: Tensor, a_m: Tensor, a_s: Tensor, b_m: Tensor, b_s: Tens
     if route != "emulate" and a_m.dim() == 2 and b_m.dim() == 2:  # the two products, integer
         ga = routes.matmul_forward(route, g_m, g_s, b_m.t(), b_s) if need_a else _empty(g)
         gb = routes.matmul_forward(route, a_m.t(), a_s, g_m, g_s) if need_b else _empty(g)
-        return ga, gb
+        return _own(ga, gb)
     return _matmul_grads(_deq(g_m, g_s), _deq(a_m, a_s), _deq(b_m, b_s), need_a, need_b)
 
 
@@ -260,7 +282,7 @@ def _einsum(equation: str, a: Tensor, b: Tensor, bits: int, bwd_bits: int, round
     y = torch.einsum(equation, _deq(a_m, a_s), _deq(b_m, b_s))
     if quant_out:
         y = _fq(y, bits, rounding)
-    return y, a_m, a_s, b_m, b_s
+    return _own(y, a_m, a_s, b_m, b_s)
 
 
 @_einsum.register_fake
@@ -273,10 +295,10 @@ def _(equation, a, b, bits, bwd_bits, rounding, grad_rounding, quant_out):
 def _einsum_backward(equation: str, g: Tensor, a_m: Tensor, a_s: Tensor, b_m: Tensor, b_s: Tensor,
                      bits: int, rounding: str, need_a: bool, need_b: bool) -> tuple[Tensor, Tensor]:
     eq_a, eq_b = einsum_grad_equations(equation)
-    gq = _fq(g, bits, rounding)
+    gq = _fq(g.to(torch.float32, copy=True), bits, rounding)
     ga = torch.einsum(eq_a, gq, _deq(b_m, b_s)) if need_a else _empty(g)
     gb = torch.einsum(eq_b, _deq(a_m, a_s), gq) if need_b else _empty(g)
-    return ga, gb
+    return _own(ga, gb)
 
 
 @_einsum_backward.register_fake
@@ -306,7 +328,7 @@ _einsum.register_autograd(_einsum_grad, setup_context=_einsum_setup)
 # ------------------------------------------------------------------- output quantisation
 @torch.library.custom_op("muppet_fx::quantise_output", mutates_args=())
 def _quantise_output(y: Tensor, bits: int, rounding: str) -> Tensor:
-    return _fq(y, bits, rounding).to(y.dtype)
+    return _fq(y.to(torch.float32, copy=True), bits, rounding).to(y.dtype)
 
 
 @_quantise_output.register_fake

@@ -3,11 +3,15 @@
 - ``emulate``: dequantise both operands and run the FP32 op (the paper's set-up; FP32
   accumulation, exact while partial sums stay below 2**24).
 - ``aten`` (CPU): exact integer products through ``torch._int_mm`` (see ``kernels/gemm_cpu``),
-  scaled once by ``2**-(s_a + s_b)``. Products it has no integer kernel for (grouped or 1-d/3-d
-  convolutions, batched matmuls) run on the mantissas as floats, in float32 where every partial
-  sum is an integer below 2**24 and in float64 otherwise, so they are exact too.
-- ``triton`` (CUDA): Triton INT8 kernels for up to 8 bits, FP16 kernels above (exact up to 12
-  bits, as in the paper); ``exact=True`` keeps 9-16 bit products on integer kernels.
+  scaled once by ``2**-(s_a + s_b)``: one int8 GEMM up to 8 bits, three (Karatsuba) up to 14.
+  At 15-16 bits the exact split needs four GEMMs plus corrections and loses to FP32 on these
+  CPUs, so ``aten`` multiplies those mantissas as FP32 numbers (rounded accumulation, the same
+  values as ``emulate``, like the FP16 route on CUDA); ``exact=True`` (``aten_exact``) keeps them
+  on the integer kernels. Products without an integer kernel (grouped or 1-d/3-d convolutions,
+  batched matmuls) run on the mantissas as floats, float32 where every partial sum is an
+  integer below 2**24 and float64 otherwise, so they are exact too.
+- ``triton`` (CUDA): Triton INT8 kernels up to 8 bits, FP16 kernels above (exact up to 12 bits,
+  as in the paper); ``triton_exact`` keeps 9-16 bit products on integer kernels.
 
 Every function returns float32 values ``(a @ b) * 2**-(s_a + s_b)`` (or the op's equivalent).
 """
@@ -22,182 +26,194 @@ from torch import Tensor
 from muppet_fx.kernels import gemm_cpu
 from muppet_fx.kernels.quantise import scale_pow2
 
-__all__ = ["ROUTE_NAMES", "resolve_route", "linear_forward", "linear_grad_input",
-           "linear_grad_weight", "conv_forward", "conv_grad_input", "conv_grad_weight",
-           "matmul_forward", "dequantise"]
+__all__ = ["ROUTE_NAMES", "resolve_route", "sum_dequantised", "dequantise", "linear_forward",
+           "linear_grad_input", "linear_grad_weight", "conv_forward", "conv_grad_input",
+           "conv_grad_weight", "matmul_forward"]
 
-ROUTE_NAMES = ("emulate", "aten", "triton", "triton_exact")
+ROUTE_NAMES = ("emulate", "aten", "aten_exact", "triton", "triton_exact")
 TRITON = ("triton", "triton_exact")
 
 
 def resolve_route(backend: str, device: torch.device, exact: bool = False) -> str:
     """``auto`` -> ``triton`` on CUDA, ``aten`` on CPU, ``emulate`` elsewhere; with ``exact``
-    the Triton route keeps 9-16 bit products on integer kernels (``triton_exact``)."""
+    the 15-16 bit products stay on integer kernels too (``aten_exact``, ``triton_exact``)."""
     route = backend if backend != "auto" else {"cuda": "triton", "cpu": "aten"}.get(device.type, "emulate")
-    return "triton_exact" if exact and route == "triton" else route
+    return f"{route}_exact" if exact and route in ("triton", "aten") else route
 
 
 def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
     return scale_pow2(m.float(), -s, axis)
 
 
-def _qmax(m: Tensor) -> int:
-    return {torch.int8: 127, torch.int16: 32767}.get(m.dtype, 2**23)
+def sum_dequantised(m: Tensor, s: Tensor, dims: list[int]) -> Tensor:
+    """``sum(m * 2**-s)`` over ``dims`` as an exact integer sum, scaled once (bias gradients)."""
+    return scale_pow2(m.sum(dims, dtype=torch.int64).double(), -s).float()
 
 
-def _exponent(s_a: Tensor, s_b: Tensor):
+# ------------------------------------------------------------------------------ helpers
+def _exponent(s_a: Tensor, s_b: Tensor, axis: int | None = None):
     """``-(s_a + s_b)``: a Python int for per-tensor exponents on the CPU (reading it costs no
     device sync), else an int64 tensor."""
-    if s_a.numel() == 1 and s_b.numel() == 1 and s_a.device.type == "cpu":
+    if axis is None and s_a.numel() == 1 and s_b.numel() == 1 and s_a.device.type == "cpu":
         return -(int(s_a) + int(s_b))
     return -(s_a.long() + s_b.long())
 
 
 def _apply(acc: Tensor, e, bias: Tensor | None = None, axis: int | None = None) -> Tensor:
-    """float32 ``acc * 2**e (+ bias)`` in one pass where ``2**e`` is a normal float32."""
+    """float32 ``acc * 2**e (+ bias)``, in one pass where ``2**e`` is a normal float32.
+    ``bias`` (and a tensor ``e`` with ``axis``) runs along dimension 1."""
     if isinstance(e, int) and -126 <= e <= 126:
         scale = math.ldexp(1.0, e)
-        y = torch.mul(acc, scale) if bias is None else torch.add(bias.float(), acc, alpha=scale)
+        if bias is None:
+            y = torch.mul(acc, scale)
+        elif acc.dim() == 2:
+            y = torch.add(bias.float(), acc, alpha=scale)
+        else:
+            y = torch.mul(acc, scale).add_(_along1(bias, acc))
         return y if y.dtype == torch.float32 else y.float()
     acc = acc if acc.dtype in (torch.float32, torch.float64) else acc.float()
     y = scale_pow2(acc, torch.as_tensor(e, device=acc.device), axis).float()
-    if bias is not None:
-        y = y + bias.float().view([-1 if d == 1 else 1 for d in range(y.dim())])
-    return y
+    return y if bias is None else y + _along1(bias, y)
 
 
-def _exact_float(*ms: Tensor, k: int) -> torch.dtype:
-    """float32 when every partial sum of a length-k product is an integer below 2**24."""
+def _along1(v: Tensor, like: Tensor) -> Tensor:
+    return v.float().view([-1 if d == 1 else 1 for d in range(like.dim())])
+
+
+def _wide(m: Tensor) -> bool:
+    return m.dtype == torch.int16 and gemm_cpu._max_abs(m) > 8191
+
+
+def _mode(route: str, a: Tensor, b: Tensor) -> str:
+    """``emulate``, ``int`` (integer kernels), ``float`` (mantissas as exact floats),
+    ``fp32`` (mantissas as FP32, rounded accumulation) or a Triton route."""
+    if route == "emulate" or route in TRITON:
+        return route
+    ints = a.dtype in (torch.int8, torch.int16) and b.dtype in (torch.int8, torch.int16)
+    if route == "aten" and (_wide(a) or _wide(b)):
+        return "fp32"
+    return "int" if ints else "float"
+
+
+def _float_dtype(mode: str, a: Tensor, b: Tensor, k: int) -> torch.dtype:
+    if mode == "fp32":
+        return torch.float32
     bound = k
-    for m in ms:
-        bound *= _qmax(m)
+    for m in (a, b):
+        bound *= {torch.int8: 127, torch.int16: 32767}.get(m.dtype, 2**23)
     return torch.float32 if bound < 2**24 else torch.float64
 
 
-# ------------------------------------------------------------------------------- linear
-def _int_ok(*ms: Tensor) -> bool:
-    return all(m.dtype in (torch.int8, torch.int16) for m in ms)
+def _triton():
+    from muppet_fx.kernels import gemm_triton
+
+    return gemm_triton
 
 
-def _mm(a_m: Tensor, b_m: Tensor) -> Tensor:
-    """Exact ``a_m @ b_m`` on the CPU: integer kernels up to 16 bits, float64 above."""
-    if _int_ok(a_m, b_m):
-        return gemm_cpu.int_matmul(a_m, b_m)
-    return a_m.double() @ b_m.double()
-
-
+# -------------------------------------------------------------------------------- linear
 def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias):
     """``x @ w.T + bias`` for 2-d ``x_m [M, K]``, ``w_m [N, K]`` (per-tensor or per-row ``w_s``)."""
-    if route == "emulate":
+    mode = _mode(route, x_m, w_m)
+    if mode == "emulate":
         return F.linear(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias)
-    if route in TRITON:
-        from muppet_fx.kernels import gemm_triton
-
-        return gemm_triton.scaled_mm(x_m, x_s, w_m.t(), w_s, bias, b_axis=w_axis,
-                                     exact=route == "triton_exact")
-    acc = _mm(x_m, w_m.t())
+    if mode in TRITON:
+        return _triton().scaled_mm(x_m, x_s, w_m.t(), w_s, bias, b_axis=w_axis,
+                                   exact=mode == "triton_exact")
+    if mode == "int":
+        acc = gemm_cpu.int_matmul(x_m, w_m.t())
+    else:
+        dt = _float_dtype(mode, x_m, w_m, x_m.shape[1])
+        acc = x_m.to(dt) @ w_m.to(dt).t()
     if w_axis is None:
         return _apply(acc, _exponent(x_s, w_s), bias)
-    return _apply(acc, -(x_s.long() + w_s.long()), bias, axis=1)
+    return _apply(acc, _exponent(x_s, w_s, axis=1), bias, axis=1)
 
 
 def linear_grad_input(route, g_m, g_s, w_m, w_s, w_axis):
     """``g @ w`` for ``g_m [M, N]``, ``w_m [N, K]``."""
-    if w_axis is not None or route == "emulate":  # a per-row weight scale does not factor out
+    mode = _mode(route, g_m, w_m)
+    if w_axis is not None or mode == "emulate":  # a per-row weight scale does not factor out
         return dequantise(g_m, g_s) @ dequantise(w_m, w_s, w_axis)
-    if route == "aten":
-        return _apply(_mm(g_m, w_m), _exponent(g_s, w_s))
-    from muppet_fx.kernels import gemm_triton
-
-    return gemm_triton.scaled_mm(g_m, g_s, w_m, w_s, exact=route == "triton_exact")
+    if mode in TRITON:
+        return _triton().scaled_mm(g_m, g_s, w_m, w_s, exact=mode == "triton_exact")
+    return matmul_forward(route, g_m, g_s, w_m, w_s)
 
 
 def linear_grad_weight(route, g_m, g_s, x_m, x_s):
     """``g.T @ x`` for ``g_m [M, N]``, ``x_m [M, K]``."""
-    if route == "aten":
-        return _apply(_mm(g_m.t(), x_m), _exponent(g_s, x_s))
-    if route in TRITON:
-        from muppet_fx.kernels import gemm_triton
-
-        return gemm_triton.scaled_mm(g_m.t(), g_s, x_m, x_s, exact=route == "triton_exact")
-    return dequantise(g_m, g_s).t() @ dequantise(x_m, x_s)
+    return matmul_forward(route, g_m.t(), g_s, x_m, x_s)
 
 
 # --------------------------------------------------------------------------- convolution
-def _int_conv_ok(route, x_m, groups, w_axis) -> bool:
-    return route in ("aten", *TRITON) and x_m.dim() == 4 and groups == 1 and w_axis is None \
-        and _int_ok(x_m)
+def _int_conv(mode, x_m, groups, w_axis) -> bool:
+    return mode in ("int", *TRITON) and x_m.dim() == 4 and groups == 1 and w_axis is None
 
 
-def _int8_kernel(route):
+def _int8_kernel(mode):
     """The int8 GEMM under the integer convolutions: ``torch._int_mm`` (None) or Triton's."""
-    if route not in TRITON:
-        return None
-    from muppet_fx.kernels import gemm_triton
-
-    return gemm_triton.int_mm
-
-
-def _bias4(bias, y):
-    return bias.float().view(1, -1, *([1] * (y.dim() - 2)))
+    return _triton().int_mm if mode in TRITON else None
 
 
 def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilation, groups):
-    if route == "emulate":
+    mode = _mode(route, x_m, w_m)
+    if mode == "emulate" or (mode in TRITON and not _int_conv(mode, x_m, groups, w_axis)):
         return torch.convolution(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias,
                                  stride, padding, dilation, False, [0] * len(stride), groups)
-    if _int_conv_ok(route, x_m, groups, w_axis):
-        acc = gemm_cpu.conv_forward(x_m, w_m, stride, padding, dilation, mm=_int8_kernel(route))
-        y = _apply(acc, _exponent(x_s, w_s))
-        return y if bias is None else y.add_(_bias4(bias, y))
-    dt = _exact_float(x_m, w_m, k=w_m[0].numel())  # exact on the mantissas as floats
-    acc = torch.convolution(x_m.to(dt), w_m.to(dt), None, stride, padding, dilation, False,
-                            [0] * len(stride), groups)
-    if w_axis is None:
-        y = _apply(acc, _exponent(x_s, w_s))
+    if _int_conv(mode, x_m, groups, w_axis):
+        acc = gemm_cpu.conv_forward(x_m, w_m, stride, padding, dilation, mm=_int8_kernel(mode))
     else:
-        y = _apply(acc, -(x_s.long() + w_s.long()), axis=1)
-    return y if bias is None else y + _bias4(bias, y)
+        dt = _float_dtype(mode, x_m, w_m, w_m[0].numel())
+        acc = torch.convolution(x_m.to(dt), w_m.to(dt), None, stride, padding, dilation, False,
+                                [0] * len(stride), groups)
+    if w_axis is None:
+        return _apply(acc, _exponent(x_s, w_s), bias)
+    return _apply(acc, _exponent(x_s, w_s, axis=1), bias, axis=1)
 
 
 def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding, dilation, groups):
-    if _int_conv_ok(route, g_m, groups, w_axis):
-        acc = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(route))
+    mode = _mode(route, g_m, w_m)
+    if _int_conv(mode, g_m, groups, w_axis):
+        acc = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(mode))
         return _apply(acc, _exponent(g_s, w_s))
-    g, w = dequantise(g_m, g_s), dequantise(w_m, w_s, w_axis)
-    if route != "emulate" and w_axis is None:
-        dt = _exact_float(g_m, w_m, k=w_m.shape[0] * w_m[0, 0].numel())
+    on_mantissas = mode in ("float", "fp32") and w_axis is None
+    if on_mantissas:
+        dt = _float_dtype(mode, g_m, w_m, w_m.shape[0] * w_m[0, 0].numel())
         g, w = g_m.to(dt), w_m.to(dt)
+    else:
+        g, w = dequantise(g_m, g_s), dequantise(w_m, w_s, w_axis)
     gx = torch.ops.aten.convolution_backward(g, g.new_empty(x_shape), w, None, stride, padding,
                                              dilation, False, [0] * len(stride), groups,
                                              [True, False, False])[0]
-    return gx.float() if route == "emulate" or w_axis is not None else _apply(gx, _exponent(g_s, w_s))
+    return _apply(gx, _exponent(g_s, w_s)) if on_mantissas else gx.float()
 
 
 def conv_grad_weight(route, g_m, g_s, x_m, x_s, w_shape, stride, padding, dilation, groups):
-    if _int_conv_ok(route, x_m, groups, None):
-        acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(route))
+    mode = _mode(route, g_m, x_m)
+    if _int_conv(mode, x_m, groups, None):
+        acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(mode))
         return _apply(acc, _exponent(g_s, x_s))
-    g, x = dequantise(g_m, g_s), dequantise(x_m, x_s)
-    if route != "emulate":
-        dt = _exact_float(g_m, x_m, k=g_m.numel() // g_m.shape[1])
+    on_mantissas = mode in ("float", "fp32")
+    if on_mantissas:
+        dt = _float_dtype(mode, g_m, x_m, g_m.numel() // g_m.shape[1])
         g, x = g_m.to(dt), x_m.to(dt)
+    else:
+        g, x = dequantise(g_m, g_s), dequantise(x_m, x_s)
     gw = torch.ops.aten.convolution_backward(g, x, x.new_empty(w_shape), None, stride, padding,
                                              dilation, False, [0] * len(stride), groups,
                                              [False, True, False])[1]
-    return gw.float() if route == "emulate" else _apply(gw, _exponent(g_s, x_s))
+    return _apply(gw, _exponent(g_s, x_s)) if on_mantissas else gw.float()
 
 
 # -------------------------------------------------------------------------------- matmul
 def matmul_forward(route, a_m, a_s, b_m, b_s):
     """``torch.matmul`` semantics (1-d promotion, broadcasting)."""
-    if route == "emulate":
+    mode = _mode(route, a_m, b_m)
+    if mode == "emulate":
         return torch.matmul(dequantise(a_m, a_s), dequantise(b_m, b_s))
-    if a_m.dim() == 2 and b_m.dim() == 2 and route == "aten":
-        return _apply(_mm(a_m, b_m), _exponent(a_s, b_s))
-    if a_m.dim() == 2 and b_m.dim() == 2 and route in TRITON:
-        from muppet_fx.kernels import gemm_triton
-
-        return gemm_triton.scaled_mm(a_m, a_s, b_m, b_s, exact=route == "triton_exact")
-    dt = _exact_float(a_m, b_m, k=a_m.shape[-1])
+    two_d = a_m.dim() == 2 and b_m.dim() == 2
+    if two_d and mode in TRITON:
+        return _triton().scaled_mm(a_m, a_s, b_m, b_s, exact=mode == "triton_exact")
+    if two_d and mode == "int":
+        return _apply(gemm_cpu.int_matmul(a_m, b_m), _exponent(a_s, b_s))
+    dt = _float_dtype("float" if mode in TRITON else mode, a_m, b_m, a_m.shape[-1])
     return _apply(torch.matmul(a_m.to(dt), b_m.to(dt)), _exponent(a_s, b_s))

@@ -7,7 +7,7 @@ from muppet_fx.kernels import gemm_cpu
 from muppet_fx.kernels.gemm_cpu import (conv_forward, conv_grad_input, conv_grad_weight, im2col,
                                         int_matmul, int_matmul_reference)
 
-DTYPES = [(torch.int8, 127), (torch.int16, 32767)]
+DTYPES = [(torch.int8, 127), (torch.int16, 8191), (torch.int16, 32767)]  # int8, Karatsuba, 4-way split
 SHAPES = [(1, 1, 1), (7, 33, 5), (129, 7, 3), (33, 129, 17)]
 CONVS = [  # N, C, H, W, Cout, k, stride, padding, dilation
     (2, 3, 7, 9, 5, 3, 1, 1, 1), (2, 3, 8, 8, 4, 3, 2, 1, 1), (1, 2, 9, 7, 3, 1, 2, 0, 1),

@@ -59,3 +59,13 @@ def test_kernel_random_draws():
     frac = v.double() - v.double().floor()
     bound = 6 * torch.sqrt(frac * (1 - frac) / n) + 1e-12
     assert bool(((m.mean(0) - v.double()).abs() <= bound).all())
+
+
+def test_channels_last_keeps_layout_and_matches():
+    """A dense channels-last tensor is quantised in its memory order; values equal the reference."""
+    x = torch.randn(2, 3, 5, 4).contiguous(memory_format=torch.channels_last)
+    u = torch.rand(x.shape)
+    for rounding in ("nearest", "stochastic"):
+        a = fake_quantise(x, 8, rounding, backend="reference", noise=u)
+        b = fake_quantise(x, 8, rounding, backend="triton", noise=u)
+        assert torch.equal(a, b) and b.is_contiguous(memory_format=torch.channels_last)
