@@ -2,12 +2,12 @@
 
 - ``emulate``: dequantise both operands and run the FP32 op (the paper's set-up; FP32
   accumulation, exact while partial sums stay below 2**24).
-- ``aten`` (CPU): exact integer products through ``torch._int_mm`` (see ``kernels/gemm_cpu``),
-  scaled once by ``2**-(s_a + s_b)``: one int8 GEMM up to 8 bits, three (Karatsuba) up to 14.
-  At 15-16 bits the exact split needs four GEMMs plus corrections and loses to FP32 on these
-  CPUs, so ``aten`` multiplies those mantissas as FP32 numbers (rounded accumulation, the same
-  values as ``emulate``, like the FP16 route on CUDA); ``exact=True`` (``aten_exact``) keeps them
-  on the integer kernels. Products without an integer kernel (grouped or 1-d/3-d convolutions,
+- ``aten`` (CPU): up to 8 bits, exact int8 products through ``torch._int_mm`` (see
+  ``kernels/gemm_cpu``), scaled once by ``2**-(s_a + s_b)``. At 9-16 bits the exact integer
+  routes (three int8 GEMMs up to 14 bits, four plus corrections above) lose to FP32 on these
+  CPUs, so ``aten`` multiplies those mantissas as FP32 numbers (rounded accumulation: the same
+  values as ``emulate``, as the FP16 route rounds on CUDA); ``exact=True`` (``aten_exact``)
+  keeps them on the integer kernels. Products without an integer kernel (grouped or 1-d/3-d convolutions,
   batched matmuls) run on the mantissas as floats, float32 where every partial sum is an
   integer below 2**24 and float64 otherwise, so they are exact too.
 - ``triton`` (CUDA): Triton INT8 kernels up to 8 bits, FP16 kernels above (exact up to 12 bits,
@@ -80,17 +80,13 @@ def _along1(v: Tensor, like: Tensor) -> Tensor:
     return v.float().view([-1 if d == 1 else 1 for d in range(like.dim())])
 
 
-def _wide(m: Tensor) -> bool:
-    return m.dtype == torch.int16 and gemm_cpu._max_abs(m) > 8191
-
-
 def _mode(route: str, a: Tensor, b: Tensor) -> str:
     """``emulate``, ``int`` (integer kernels), ``float`` (mantissas as exact floats),
     ``fp32`` (mantissas as FP32, rounded accumulation) or a Triton route."""
     if route == "emulate" or route in TRITON:
         return route
     ints = a.dtype in (torch.int8, torch.int16) and b.dtype in (torch.int8, torch.int16)
-    if route == "aten" and (_wide(a) or _wide(b)):
+    if route == "aten" and (a.dtype == torch.int16 or b.dtype == torch.int16):
         return "fp32"
     return "int" if ints else "float"
 

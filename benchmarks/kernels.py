@@ -1,0 +1,111 @@
+"""Low-precision kernels against FP32 and BF16, measured side by side in one run.
+
+    python benchmarks/kernels.py [--threads 2] [--reps 5] [--batch 128] [--quick]
+
+Table 1 (GEMMs): the im2col GEMM shapes of ResNet-18 (CIFAR stem, batch 128) for each distinct
+convolution, forward (``cols @ W^T``), grad-input (``G @ W``, as its stride-1 convolution) and
+grad-weight (``G^T @ cols``), plus 4096^3: FP32 ``torch.matmul``, BF16 ``torch.matmul``,
+``torch._int_mm`` and our exact integer route at 8 and 14 bits (Karatsuba, 3 int8 GEMMs).
+Table 2 (layers, forward + backward, everything included: quantisers, GEMMs, epilogues):
+``nn.Linear`` at M=N=K in {1024, 2048} and a 3x3 convolution 64->64 on 128x64x32x32, FP32
+against the prepared layer at 8, 12, 14 and 16 bits (``aten`` route) and under BF16 autocast.
+On CUDA the same tables use the Triton route and FP16/BF16 baselines.
+Interleaved repetitions, medians; ratios are FP32 time / route time (higher is faster).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import interleaved  # noqa: E402
+
+from muppet_fx import prepare  # noqa: E402
+from muppet_fx.kernels.gemm_cpu import int_matmul  # noqa: E402
+
+# (C_in, C_out, spatial, kernel, stride) of ResNet-18's distinct convolutions, CIFAR stem
+RESNET18_CONVS = [(3, 64, 32, 3, 1), (64, 64, 32, 3, 1), (64, 128, 32, 3, 2), (128, 128, 16, 3, 1),
+                  (64, 128, 32, 1, 2), (128, 256, 16, 3, 2), (256, 256, 8, 3, 1), (256, 512, 8, 3, 2),
+                  (512, 512, 4, 3, 1)]
+
+
+def gemm_shapes(batch):
+    for cin, cout, hw, k, s in RESNET18_CONVS:
+        out = hw // s
+        M, K = batch * out * out, cin * k * k
+        name = f"{cin}->{cout} {k}x{k}/{s} @{hw}"
+        yield f"{name} fwd", M, K, cout
+        yield f"{name} dX", batch * hw * hw, cout * k * k, cin
+        yield f"{name} dW", cout, M, K
+    yield "4096^3", 4096, 4096, 4096
+
+
+def table_gemm(args):
+    rows = []
+    shapes = list(gemm_shapes(args.batch))
+    if args.quick:
+        shapes = shapes[1:4] + shapes[-1:]
+    for name, M, K, N in shapes:
+        a8 = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+        b8 = torch.randint(-127, 128, (K, N), dtype=torch.int8)
+        a14 = torch.randint(-8191, 8192, (M, K), dtype=torch.int16)
+        b14 = torch.randint(-8191, 8192, (K, N), dtype=torch.int16)
+        af, bf = a8.float(), b8.float()
+        ab, bb = af.bfloat16(), bf.bfloat16()
+        cases = {"fp32": lambda: af @ bf, "bf16": lambda: ab @ bb, "_int_mm": lambda: torch._int_mm(a8, b8),
+                 "ours 8b": lambda: int_matmul(a8, b8), "ours 14b": lambda: int_matmul(a14, b14)}
+        med = interleaved(cases, args.reps)
+        base = med["fp32"]
+        rows.append([name, M, K, N, base * 1e3] + [base / med[k] for k in list(cases)[1:]])
+    print(f"\nGEMM, CPU threads={args.threads}, torch {torch.__version__}: FP32 ms and speed-up over FP32")
+    print(tabulate(rows, headers=["product", "M", "K", "N", "fp32 ms", "bf16", "_int_mm", "ours 8b", "ours 14b"],
+                   floatfmt=".2f"))
+
+
+def _step(module, x):
+    y = module(x)
+    y.backward(torch.ones_like(y))
+
+
+def _autocast_step(module, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x)
+    y.float().backward(torch.ones_like(y, dtype=torch.float32))
+
+
+def table_layers(args):
+    rows = []
+    layers = [(f"linear {n}^3", nn.Linear(n, n), (n, n)) for n in (1024, 2048)]
+    layers.append(("conv3x3 64->64, 128x64x32x32", nn.Conv2d(64, 64, 3, padding=1, bias=False),
+                   (args.batch, 64, 32, 32)))
+    for name, layer, shape in layers:
+        x = torch.randn(shape, requires_grad=True)
+        cases = {"fp32": lambda: _step(layer, x), "bf16 autocast": lambda: _autocast_step(layer, x)}
+        for bits in (8, 12, 14, 16):
+            pm = prepare(layer, ladder=(bits, "fp32"))
+            cases[f"{bits}b"] = (lambda pm=pm: _step(pm, x))
+        med = interleaved(cases, args.reps)
+        base = med["fp32"]
+        rows.append([name, base * 1e3] + [base / med[k] for k in list(cases)[1:]])
+    print(f"\nLayer forward+backward, CPU threads={args.threads}: FP32 ms and speed-up over FP32")
+    print(tabulate(rows, headers=["layer", "fp32 ms", "bf16 autocast", "8b", "12b", "14b", "16b"],
+                   floatfmt=".2f"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--quick", action="store_true", help="a few GEMM shapes only")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    table_layers(args)
+    table_gemm(args)
+
+
+if __name__ == "__main__":
+    main()
