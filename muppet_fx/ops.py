@@ -356,7 +356,13 @@ def quant_linear(site, input: Tensor, weight: Tensor, bias: Tensor | None = None
                                 c.grad_rounding, site.weight_axis, c.quantise_outputs,
                                 st.route_for(input.device))
     site.record(x_s, w_s)
+    _remember_weight(site, weight)
     return _result(y, input)
+
+
+def _remember_weight(site, weight: Tensor) -> None:
+    if site.weight is None and isinstance(weight, torch.nn.Parameter):
+        site.weight = weight
 
 
 def _conv_padding(padding, weight: Tensor, dilation: list[int], input: Tensor):
@@ -392,6 +398,7 @@ def quant_conv(site, input: Tensor, weight: Tensor, bias: Tensor | None = None, 
                               st.bwd_bits, c.rounding, c.grad_rounding, site.weight_axis,
                               c.quantise_outputs, st.route_for(x.device))
     site.record(x_s, w_s)
+    _remember_weight(site, weight)
     return _result(y.squeeze(0) if unbatched else y, input)
 
 
@@ -404,6 +411,7 @@ def quant_matmul(site, input: Tensor, other: Tensor) -> Tensor:
     y, _, a_s, _, b_s = _matmul(input, other, st.fwd_bits, st.bwd_bits, c.rounding,
                                 c.grad_rounding, c.quantise_outputs, st.route_for(input.device))
     site.record(a_s, b_s)
+    _remember_weight(site, other)
     return _result(y, input)
 
 

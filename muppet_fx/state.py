@@ -23,6 +23,7 @@ class Site:
     state: "PrecisionState" = field(repr=False)
     weight_axis: int | None = None
     calls: int = 0
+    weight: torch.nn.Parameter | None = field(default=None, repr=False)  # a reference, no copy
     w_exp: torch.Tensor | None = field(default=None, repr=False)
     x_exp: torch.Tensor | None = field(default=None, repr=False)
 
@@ -73,6 +74,15 @@ class PrecisionState:
             raise ValueError(f"precision level {level!r} is not in the ladder {self.config.ladder}")
         self.level = level
         self.fwd_bits = self.bwd_bits = None if level == FP32 else level
+
+    def set_bits(self, fwd_bits: int, bwd_bits: int) -> None:
+        """Word lengths inside the current fixed-point level (CPT); no graph changes."""
+        if not self.quantised:
+            raise ValueError("set_bits needs a fixed-point level; the model is at 'fp32'")
+        for name, b in (("fwd_bits", fwd_bits), ("bwd_bits", bwd_bits)):
+            if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 24:
+                raise ValueError(f"{name}={b!r} must be an int in [2, 24]")
+        self.fwd_bits, self.bwd_bits = fwd_bits, bwd_bits
 
     def site(self, name: str, op: str, weight_axis: int | None = None) -> Site:
         if name not in self.sites:

@@ -1,0 +1,104 @@
+"""FP32 master-copy optimiser and the paper's learning-rate rule (SPEC sections 2 and 3)."""
+from __future__ import annotations
+
+import torch
+
+from muppet_fx.config import FP32
+from muppet_fx.numerics import fake_quantise_inplace
+
+__all__ = ["MasterCopyOptimizer", "PrecisionLR"]
+
+
+class MasterCopyOptimizer(torch.optim.Optimizer):
+    """Wraps any ``torch.optim`` optimiser built on a prepared model's parameters.
+
+    ``step()``: if any gradient holds NaN/inf the update is skipped and counted in
+    ``skipped_steps`` (the FP32 master weights stay untouched); otherwise, at a fixed-point
+    level, every gradient is quantised to the current backward word length with stochastic
+    rounding, then the wrapped optimiser updates the FP32 weights. With a ``manager``, its
+    per-iteration hook runs after each step (CPT's word-length schedule).
+
+    It shares ``param_groups`` and ``state`` with the wrapped optimiser, so LR schedulers and
+    ``zero_grad`` work on either.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, pm, manager=None):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not hasattr(pm, "_muppet_state"):
+            raise TypeError(f"expected a model returned by muppet_fx.prepare, got {type(pm).__name__}")
+        self.optimizer, self.pm_state, self.manager = optimizer, pm._muppet_state, manager
+        self.param_groups, self.state, self.defaults = optimizer.param_groups, optimizer.state, optimizer.defaults
+        self.skipped_steps = 0
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+
+    def _grads(self):
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = self._grads()
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self.skipped_steps += 1
+            return loss
+        st = self.pm_state
+        if st.level != FP32:
+            for g in grads:
+                q = fake_quantise_inplace(g, st.bwd_bits, "stochastic")
+                if q is not g:
+                    g.copy_(q)
+        self.optimizer.step()
+        if self.manager is not None:
+            self.manager.after_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise ValueError("not a MasterCopyOptimizer state (expected keys 'optimizer', 'skipped_steps')")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.skipped_steps = state["skipped_steps"]
+
+
+class PrecisionLR:
+    """The paper's schedule: the learning rate stays at its initial value through the
+    fixed-point levels and, once the manager reaches FP32, is multiplied by ``gamma`` every
+    ``step_epochs`` epochs (paper: 45 FP32 epochs, /10 every 15). Call ``step()`` once per epoch,
+    after ``manager.end_epoch()``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, manager, gamma: float = 0.1, step_epochs: int = 15):
+        if step_epochs < 1:
+            raise ValueError(f"step_epochs={step_epochs} must be >= 1")
+        self.optimizer, self.manager, self.gamma, self.step_epochs = optimizer, manager, gamma, step_epochs
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def current_factor(self) -> float:
+        start = self.manager.fp32_start
+        if start is None or self.manager.epoch < start:
+            return 1.0
+        return self.gamma ** ((self.manager.epoch - start) // self.step_epochs)
+
+    def step(self) -> None:
+        f = self.current_factor()
+        for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = lr * f
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"base_lrs": list(self.base_lrs), "gamma": self.gamma, "step_epochs": self.step_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base_lrs, self.gamma, self.step_epochs = list(state["base_lrs"]), state["gamma"], state["step_epochs"]
