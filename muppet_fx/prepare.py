@@ -54,7 +54,9 @@ class PreparedModule:
         st = self._muppet_state
         bits = "fp32" if not st.quantised else f"{st.fwd_bits}/{st.bwd_bits}"
         exp = (lambda t: "-" if t is None else (int(t) if t.numel() == 1 else f"per-channel[{t.numel()}]"))
-        rows = [[s.name, s.op, st.route, bits, exp(s.w_exp), exp(s.x_exp), s.calls]
+        param = next(iter(self.parameters()), None)
+        route = st.route_for(param.device if param is not None else torch.device("cpu"))
+        rows = [[s.name, s.op, route, bits, exp(s.w_exp), exp(s.x_exp), s.calls]
                 for s in st.sites.values()]
         rows += [[f.name, f.op, "fp32", "fp32", "-", "-", f.reason] for f in st.fp32_layers.values()]
         rows += [[path, "(own code)", "intercepted", "-", "-", "-", why] for path, why in st.opaque.items()]

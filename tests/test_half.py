@@ -27,7 +27,7 @@ def test_training_steps_and_overflow_skip():
         loss = F.cross_entropy(model(x).float(), y)
         scaler.scale_loss(loss).backward()
         assert scaler.step(opt)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] and scaler.scale == 32.0
     before = [p.clone() for p in model.parameters()]
     opt.zero_grad()
