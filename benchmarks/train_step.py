@@ -1,0 +1,68 @@
+"""Whole training-step time, measured side by side in one run (interleaved, medians).
+
+    python benchmarks/train_step.py [--models resnet18,resnet20] [--batch 128] [--reps 5]
+
+Per model: FP32 eager; torch.autocast (bf16 on CPU, bf16 on CUDA); the prepared model at the
+``fp32`` level (the original forward); the ``emulate`` route at 8 bits (the paper's emulation);
+the default route at 8, 12, 14 and 16 bits. Columns: seconds per step (forward, backward, SGD
+step), ratio to FP32 and to autocast (higher is faster).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+from cifar_models import build_model  # noqa: E402
+from common import interleaved  # noqa: E402
+
+import muppet_fx  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet18,resnet20")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = build_model(name).to(device)
+        x = torch.randn(args.batch, 3, 32, 32, device=device)
+        y = torch.randint(0, 10, (args.batch,), device=device)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def step(net, autocast=False):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                out = net(x)
+            F.cross_entropy(out.float(), y).backward()
+            opt.step()
+
+        cases = {"fp32 eager": lambda: step(model), "autocast bf16": lambda: step(model, True)}
+        top = muppet_fx.prepare(model, ladder=(8, "fp32"))
+        top.set_precision("fp32")
+        cases["prepared, fp32 level"] = lambda: step(top)
+        emu = muppet_fx.prepare(model, ladder=(8, "fp32"), backend="emulate")
+        cases["emulate 8-bit"] = lambda: step(emu)
+        for bits in (8, 12, 14, 16):
+            pm = muppet_fx.prepare(model, ladder=(bits, "fp32"))
+            cases[f"{pm._muppet_state.route_for(x.device)} {bits}-bit"] = (lambda pm=pm: step(pm))
+        med = interleaved(cases, args.reps, sync=sync)
+        base, amp = med["fp32 eager"], med["autocast bf16"]
+        rows = [[k, v, base / v, amp / v] for k, v in med.items()]
+        print(f"\n{name}, batch {args.batch}, {device}, threads {args.threads}, torch {torch.__version__}")
+        print(tabulate(rows, headers=["configuration", "s/step", "speed-up vs fp32", "vs autocast"],
+                       floatfmt=".3f"))
+
+
+if __name__ == "__main__":
+    main()
