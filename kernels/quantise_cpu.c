@@ -40,34 +40,63 @@ uint32_t absmax_bits(const float *x, int64_t n, int nthreads) {
     return best;
 }
 
-#define QUANTISE_BODY(STORE_M)                                                       \
-    _Pragma("omp parallel for simd num_threads(nthreads) if (n > PAR_MIN) schedule(static)") \
-    for (int64_t i = 0; i < n; ++i) {                                                 \
-        float v = x[i] * up_hi * up_lo;                                               \
-        float m;                                                                      \
-        if (stochastic) {                                                             \
-            float f = floorf(v);                                                      \
-            float u = noise ? noise[i] : uniform24(seed, i);                          \
-            m = f + (u < v - f ? 1.0f : 0.0f);                                        \
-        } else {                                                                      \
-            m = nearbyintf(v);                                                        \
-        }                                                                             \
-        STORE_M;                                                                      \
-        if (q) {                                                                      \
-            float r = m * down_hi * down_lo;                                          \
-            q[i] = r > fmax ? fmax : (r < -fmax ? -fmax : r);                         \
-        }                                                                             \
-    }
+/* The rounding runs on blocks of CHUNK elements into a float buffer, one branch-free loop per
+ * mode, so that each loop vectorises; stores follow in loops of their own. Block starts are
+ * multiples of CHUNK, so the high word of the element index is constant within a block. */
+#define CHUNK 2048
 
-#define QUANTISE_FN(NAME, MTYPE)                                                      \
-    void NAME(const float *x, int64_t n, float up_hi, float up_lo, float down_hi,     \
-              float down_lo, float fmax, int stochastic, uint64_t seed,               \
-              const float *noise, MTYPE *mant, float *q, int nthreads) {              \
-        if (mant) {                                                                   \
-            QUANTISE_BODY(mant[i] = (MTYPE)m)                                         \
-        } else {                                                                      \
-            QUANTISE_BODY((void)0)                                                    \
-        }                                                                             \
+static void round_block(const float *x, int64_t start, int64_t len, float up_hi, float up_lo,
+                        int stochastic, uint64_t seed, const float *noise, float *m) {
+    const float *xs = x + start;
+    if (!stochastic) {
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) m[i] = rintf(xs[i] * up_hi * up_lo);
+    } else if (noise) {
+        const float *us = noise + start;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+            float v = xs[i] * up_hi * up_lo, f = floorf(v);
+            m[i] = f + (us[i] < v - f ? 1.0f : 0.0f);
+        }
+    } else {
+        uint32_t lo_seed = (uint32_t)seed;
+        uint32_t hi_mix = (uint32_t)(seed >> 32) ^ ((uint32_t)((uint64_t)start >> 32) * 0x85ebca6bU);
+        uint32_t base = (uint32_t)start;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+            uint32_t h = mix32((base + (uint32_t)i) * 0x9e3779b9U ^ lo_seed);
+            h = mix32(h ^ hi_mix);
+            float u = (float)(h >> 8) * 0x1p-24f;
+            float v = xs[i] * up_hi * up_lo, f = floorf(v);
+            m[i] = f + (u < v - f ? 1.0f : 0.0f);
+        }
+    }
+}
+
+#define QUANTISE_FN(NAME, MTYPE)                                                        \
+    void NAME(const float *x, int64_t n, float up_hi, float up_lo, float down_hi,       \
+              float down_lo, float fmax, int stochastic, uint64_t seed,                 \
+              const float *noise, MTYPE *mant, float *q, int nthreads) {                \
+        int64_t blocks = (n + CHUNK - 1) / CHUNK;                                       \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if (n > PAR_MIN)") \
+        for (int64_t b = 0; b < blocks; ++b) {                                          \
+            float m[CHUNK];                                                             \
+            int64_t start = b * CHUNK, len = n - start < CHUNK ? n - start : CHUNK;     \
+            round_block(x, start, len, up_hi, up_lo, stochastic, seed, noise, m);       \
+            if (mant) {                                                                 \
+                MTYPE *dst = mant + start;                                              \
+                _Pragma("omp simd")                                                     \
+                for (int64_t i = 0; i < len; ++i) dst[i] = (MTYPE)m[i];                 \
+            }                                                                           \
+            if (q) {                                                                    \
+                float *dst = q + start;                                                 \
+                _Pragma("omp simd")                                                     \
+                for (int64_t i = 0; i < len; ++i) {                                     \
+                    float r = m[i] * down_hi * down_lo;                                 \
+                    dst[i] = r > fmax ? fmax : (r < -fmax ? -fmax : r);                 \
+                }                                                                       \
+            }                                                                           \
+        }                                                                               \
     }
 
 QUANTISE_FN(quantise_i8, int8_t)
