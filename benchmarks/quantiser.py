@@ -8,11 +8,14 @@ Interleaved repetitions, medians, ratios to ``clone``. On CUDA the Triton rows a
 fraction of the device's copy bandwidth (as measured by ``clone``) they reach.
 """
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import interleaved  # noqa: E402
 
 from muppet_fx import fake_quantise, quantise
 from muppet_fx.kernels.quantise import quantise_reference
@@ -24,21 +27,6 @@ def eager_composition(x: torch.Tensor) -> torch.Tensor:
     s = torch.floor(torch.log2(127.0 / amax))
     v = x * torch.exp2(s)
     return (torch.floor(v + torch.rand_like(v)).clamp(-127, 127)) * torch.exp2(-s)
-
-
-def _bench(cases: dict, reps: int, sync) -> dict:
-    times = {k: [] for k in cases}
-    for fn in cases.values():
-        fn()
-        fn()
-    for _ in range(reps):
-        for k, fn in cases.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -63,7 +51,7 @@ def main() -> None:
         if args.compile:
             compiled = torch.compile(eager_composition)
             cases["composition under torch.compile"] = lambda: compiled(x)
-        med = _bench(cases, args.reps, sync)
+        med = interleaved(cases, args.reps, warmup=2, sync=sync)
         base = med["x.clone()"]
         rows = [[k, v * 1e3, v / base] for k, v in med.items()]
         print(f"\n{device} ({torch.cuda.get_device_name() if device == 'cuda' else 'threads=%d' % args.threads})"

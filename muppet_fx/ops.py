@@ -60,6 +60,11 @@ def _conv_layout(y: Tensor) -> Tensor:
     return y.contiguous(memory_format=torch.channels_last) if y.dim() == 4 else y.contiguous()
 
 
+def _fake_grads(g: Tensor, *wanted: tuple[bool, tuple]) -> tuple[Tensor, ...]:
+    """Fake backward outputs: float32 of ``shape`` where needed, empty where not."""
+    return tuple(g.new_empty(shape if need else (0,), dtype=torch.float32) for need, shape in wanted)
+
+
 def _own(*ts: Tensor) -> tuple[Tensor, ...]:
     """Op outputs must not be views (an in-place op on a view would bypass the custom
     backward): reshaped results are returned as plain aliases of their storage."""
@@ -102,10 +107,7 @@ def _linear_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tens
 
 @_linear_backward.register_fake
 def _(g, x_m, x_s, w_m, w_s, bits, rounding, w_axis, need_x, need_w, need_b, route):
-    e = g.new_empty(0, dtype=torch.float32)
-    return (g.new_empty(x_m.shape, dtype=torch.float32) if need_x else e,
-            g.new_empty(w_m.shape, dtype=torch.float32) if need_w else e,
-            g.new_empty(w_m.shape[:1], dtype=torch.float32) if need_b else e)
+    return _fake_grads(g, (need_x, x_m.shape), (need_w, w_m.shape), (need_b, w_m.shape[:1]))
 
 
 def _linear_setup(ctx, inputs, output):
@@ -165,10 +167,7 @@ def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor
 @_conv_backward.register_fake
 def _(g, x_m, x_s, w_m, w_s, stride, padding, dilation, groups, bits, rounding, w_axis,
       need_x, need_w, need_b, route):
-    e = g.new_empty(0, dtype=torch.float32)
-    return (g.new_empty(x_m.shape, dtype=torch.float32) if need_x else e,
-            g.new_empty(w_m.shape, dtype=torch.float32) if need_w else e,
-            g.new_empty(w_m.shape[:1], dtype=torch.float32) if need_b else e)
+    return _fake_grads(g, (need_x, x_m.shape), (need_w, w_m.shape), (need_b, w_m.shape[:1]))
 
 
 def _conv_setup(ctx, inputs, output):
@@ -235,9 +234,7 @@ def _matmul_backward(g: Tensor, a_m: Tensor, a_s: Tensor, b_m: Tensor, b_s: Tens
 
 @_matmul_backward.register_fake
 def _(g, a_m, a_s, b_m, b_s, bits, rounding, need_a, need_b, route):
-    e = g.new_empty(0, dtype=torch.float32)
-    return (g.new_empty(a_m.shape, dtype=torch.float32) if need_a else e,
-            g.new_empty(b_m.shape, dtype=torch.float32) if need_b else e)
+    return _fake_grads(g, (need_a, a_m.shape), (need_b, b_m.shape))
 
 
 def _matmul_setup(ctx, inputs, output):
@@ -303,9 +300,7 @@ def _einsum_backward(equation: str, g: Tensor, a_m: Tensor, a_s: Tensor, b_m: Te
 
 @_einsum_backward.register_fake
 def _(equation, g, a_m, a_s, b_m, b_s, bits, rounding, need_a, need_b):
-    e = g.new_empty(0, dtype=torch.float32)
-    return (g.new_empty(a_m.shape, dtype=torch.float32) if need_a else e,
-            g.new_empty(b_m.shape, dtype=torch.float32) if need_b else e)
+    return _fake_grads(g, (need_a, a_m.shape), (need_b, b_m.shape))
 
 
 def _einsum_setup(ctx, inputs, output):
