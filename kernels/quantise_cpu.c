@@ -45,14 +45,14 @@ uint32_t absmax_bits(const float *x, int64_t n, int nthreads) {
  * multiples of CHUNK, so the high word of the element index is constant within a block. */
 #define CHUNK 2048
 
-static void round_block(const float *x, int64_t start, int64_t len, float up_hi, float up_lo,
-                        int stochastic, uint64_t seed, const float *noise, float *m) {
-    const float *xs = x + start;
+/* Rounds xs[0 .. len) (elements start .. start + len of the tensor); us: the block's uniforms,
+ * or NULL for the counter-based draws. */
+static void round_block(const float *xs, const float *us, int64_t start, int64_t len,
+                        float up_hi, float up_lo, int stochastic, uint64_t seed, float *m) {
     if (!stochastic) {
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) m[i] = rintf(xs[i] * up_hi * up_lo);
-    } else if (noise) {
-        const float *us = noise + start;
+    } else if (us) {
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
             float v = xs[i] * up_hi * up_lo, f = floorf(v);
@@ -82,7 +82,8 @@ static void round_block(const float *x, int64_t start, int64_t len, float up_hi,
         for (int64_t b = 0; b < blocks; ++b) {                                          \
             float m[CHUNK];                                                             \
             int64_t start = b * CHUNK, len = n - start < CHUNK ? n - start : CHUNK;     \
-            round_block(x, start, len, up_hi, up_lo, stochastic, seed, noise, m);       \
+            round_block(x + start, noise ? noise + start : NULL, start, len, up_hi, up_lo, \
+                        stochastic, seed, m);                                           \
             if (mant) {                                                                 \
                 MTYPE *dst = mant + start;                                              \
                 _Pragma("omp simd")                                                     \
@@ -102,3 +103,35 @@ static void round_block(const float *x, int64_t start, int64_t len, float up_hi,
 QUANTISE_FN(quantise_i8, int8_t)
 QUANTISE_FN(quantise_i16, int16_t)
 QUANTISE_FN(quantise_i32, int32_t)
+
+/* Output quantisation straight from an int32 GEMM accumulator: q = round(acc * 2**e * 2**s)
+ * * 2**-s, where (float)acc is the value an FP32 epilogue would hold, so the result equals
+ * converting, scaling and quantising in three passes. up_* = 2**(e+s) in two factors. */
+int64_t absmax_i32(const int32_t *a, int64_t n, int nthreads) {
+    int64_t best = 0;
+#pragma omp parallel for simd reduction(max : best) num_threads(nthreads) if (n > PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        int64_t v = a[i] < 0 ? -(int64_t)a[i] : (int64_t)a[i];
+        best = v > best ? v : best;
+    }
+    return best;
+}
+
+void requantise_i32(const int32_t *acc, int64_t n, float up_hi, float up_lo, float down_hi,
+                    float down_lo, float fmax, int stochastic, uint64_t seed, float *q, int nthreads) {
+    int64_t blocks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > PAR_MIN)
+    for (int64_t b = 0; b < blocks; ++b) {
+        float x[CHUNK], m[CHUNK];
+        int64_t start = b * CHUNK, len = n - start < CHUNK ? n - start : CHUNK;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) x[i] = (float)acc[start + i];
+        round_block(x, NULL, start, len, up_hi, up_lo, stochastic, seed, m);
+        float *dst = q + start;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+            float r = m[i] * down_hi * down_lo;
+            dst[i] = r > fmax ? fmax : (r < -fmax ? -fmax : r);
+        }
+    }
+}

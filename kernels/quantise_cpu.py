@@ -22,11 +22,12 @@ import torch
 from .cbuild import load_c_library
 from .quantise import MAX_EXPONENT, dequantise_reference, mantissa_dtype, quantise_reference
 
-__all__ = ["quantise_cpu", "host_exponent", "c_kernel_available"]
+__all__ = ["quantise_cpu", "requantise_accumulator", "host_exponent", "c_kernel_available"]
 
 _SOURCE = Path(__file__).with_name("quantise_cpu.c")
 _FN = {torch.int8: "quantise_i8", torch.int16: "quantise_i16", torch.int32: "quantise_i32"}
 _lib = None
+_FMAX = torch.finfo(torch.float32).max
 
 
 def _library():
@@ -36,6 +37,11 @@ def _library():
         if lib is not None:
             lib.absmax_bits.restype = ctypes.c_uint32
             lib.absmax_bits.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+            lib.absmax_i32.restype = ctypes.c_int64
+            lib.absmax_i32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+            lib.requantise_i32.restype = None
+            lib.requantise_i32.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 5
+                                           + [ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int])
             for name in _FN.values():
                 fn = getattr(lib, name)
                 fn.restype = None
@@ -97,7 +103,7 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
     q = (out if out is not None and out.stride() == xc.stride() else torch.empty_like(xc)) if want_values else None
     getattr(lib, _FN[mantissa_dtype(bits)])(
         xc.data_ptr(), n, math.ldexp(1.0, h), math.ldexp(1.0, l), math.ldexp(1.0, -h),
-        math.ldexp(1.0, -l), torch.finfo(torch.float32).max, int(rounding == "stochastic"),
+        math.ldexp(1.0, -l), _FMAX, int(rounding == "stochastic"),
         (seed or 0) & (2**64 - 1), _ptr(noise), _ptr(m), _ptr(q), threads)
     return m, torch.tensor(s, dtype=torch.int32), q, False
 
@@ -110,3 +116,25 @@ def _via_reference(x, bits, rounding, axis, generator, noise, want_mantissa, wan
     dims = [d for d in range(x.dim()) if d != axis] if axis is not None else None
     nonfinite = ~finite.all() if axis is None else ~finite.all(dim=dims) if dims else ~finite
     return (m.to(mantissa_dtype(bits)) if want_mantissa else None), s, q, nonfinite
+
+
+def requantise_accumulator(acc: torch.Tensor, e: int, bits: int, rounding: str) -> torch.Tensor | None:
+    """``fake_quantise(acc.float() * 2**e)`` in one fused pass over an int32 GEMM accumulator
+    (dense, any memory order); the same values and draws as converting, scaling and quantising
+    separately. ``None`` where the C kernel does not apply (then take the separate passes)."""
+    lib = _library()
+    dense = acc.is_contiguous() or (acc.dim() == 4 and acc.is_contiguous(memory_format=torch.channels_last))
+    if lib is None or acc.dtype != torch.int32 or not dense or not -126 <= e <= 126 or acc.numel() == 0:
+        return None
+    n, threads = acc.numel(), torch.get_num_threads()
+    top = float(torch.tensor(float(lib.absmax_i32(acc.data_ptr(), n, threads)), dtype=torch.float32))
+    s = host_exponent(math.ldexp(top, e), bits, MAX_EXPONENT[torch.float32])
+    if not -126 <= e + s <= 126:
+        return None
+    seed = int(torch.randint(0, 2**62, ())) if rounding == "stochastic" else 0
+    h = s // 2
+    q = torch.empty_like(acc, dtype=torch.float32)
+    lib.requantise_i32(acc.data_ptr(), n, math.ldexp(1.0, e + s), 1.0, math.ldexp(1.0, -h),
+                       math.ldexp(1.0, h - s), _FMAX, int(rounding == "stochastic"), seed,
+                       q.data_ptr(), threads)
+    return q

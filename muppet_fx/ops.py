@@ -137,9 +137,10 @@ def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding:
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     x_m, x_s = quantise_parts(x.float(), bits, rounding)
     w_m, w_s = quantise_parts(w.float(), bits, rounding, w_axis)
-    y = _conv_layout(routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding,
-                                         dilation, groups))
-    return _own(_fq(y, bits, rounding) if quant_out else y, x_m, x_s, w_m, w_s)
+    y, done = routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding, dilation,
+                                  groups, (bits, rounding) if quant_out else None)
+    y = _conv_layout(y)
+    return _own(_fq(y, bits, rounding) if quant_out and not done else y, x_m, x_s, w_m, w_s)
 
 
 @_conv.register_fake

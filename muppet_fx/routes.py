@@ -25,6 +25,7 @@ from torch import Tensor
 
 from muppet_fx.kernels import gemm_cpu
 from muppet_fx.kernels.quantise import scale_pow2
+from muppet_fx.kernels.quantise_cpu import requantise_accumulator
 
 __all__ = ["ROUTE_NAMES", "resolve_route", "sum_dequantised", "dequantise", "linear_forward",
            "linear_grad_input", "linear_grad_weight", "conv_forward", "conv_grad_input",
@@ -150,20 +151,28 @@ def _int8_kernel(mode):
     return _triton().int_mm if mode in TRITON else None
 
 
-def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilation, groups):
+def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilation, groups,
+                 quantise_output: tuple[int, str] | None = None):
+    """Returns ``(y, quantised)``: with ``quantise_output=(bits, rounding)`` the integer route
+    may quantise the output straight from its accumulator (``quantised`` is then True)."""
     mode = _mode(route, x_m, w_m)
     if mode == "emulate" or (mode in TRITON and not _int_conv(mode, x_m, groups, w_axis)):
         return torch.convolution(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias,
-                                 stride, padding, dilation, False, [0] * len(stride), groups)
+                                 stride, padding, dilation, False, [0] * len(stride), groups), False
     if _int_conv(mode, x_m, groups, w_axis):
         acc = gemm_cpu.conv_forward(x_m, w_m, stride, padding, dilation, mm=_int8_kernel(mode))
+        e = _exponent(x_s, w_s)
+        if quantise_output is not None and bias is None and isinstance(e, int) and acc.device.type == "cpu":
+            q = requantise_accumulator(acc, e, *quantise_output)
+            if q is not None:
+                return q, True
     else:
         dt = _float_dtype(mode, x_m, w_m, w_m[0].numel())
         acc = torch.convolution(x_m.to(dt), w_m.to(dt), None, stride, padding, dilation, False,
                                 [0] * len(stride), groups)
     if w_axis is None:
-        return _apply(acc, _exponent(x_s, w_s), bias)
-    return _apply(acc, _exponent(x_s, w_s, axis=1), bias, axis=1)
+        return _apply(acc, _exponent(x_s, w_s), bias), False
+    return _apply(acc, _exponent(x_s, w_s, axis=1), bias, axis=1), False
 
 
 def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding, dilation, groups):

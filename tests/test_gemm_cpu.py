@@ -66,3 +66,22 @@ def test_im2col_c_matches_torch_fallback(monkeypatch):
     fast = im2col(x, 3, 2, 1, 1).clone()
     monkeypatch.setattr(gemm_cpu, "_lib", False)
     assert torch.equal(im2col(x, 3, 2, 1, 1), fast)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_fused_output_quantisation_equals_separate_passes(rounding):
+    """Oracle: convert, scale by 2**e and quantise in three passes with the same draws."""
+    from muppet_fx.kernels.quantise_cpu import c_kernel_available, requantise_accumulator
+    from muppet_fx.numerics import fake_quantise_inplace
+
+    if not c_kernel_available():
+        pytest.skip("no C compiler: the fused kernel is not built")
+    acc = torch.randint(-2**30, 2**30, (3, 5, 7, 11), dtype=torch.int32).contiguous(
+        memory_format=torch.channels_last)
+    for e in (-20, 0, 5):
+        torch.manual_seed(3)
+        fused = requantise_accumulator(acc, e, 8, rounding)
+        torch.manual_seed(3)
+        separate = fake_quantise_inplace(torch.mul(acc, 2.0**e), 8, rounding)
+        assert torch.equal(fused, separate) and fused.is_contiguous(memory_format=torch.channels_last)
+    assert requantise_accumulator(acc.long(), 0, 8, rounding) is None  # not an int32 accumulator
