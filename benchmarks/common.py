@@ -2,7 +2,6 @@
 import statistics
 import time
 
-import torch
 import torch.nn as nn
 import torchvision.models as tvm
 

@@ -13,7 +13,6 @@ is therefore unbiased: ``P(m = f + 1) = v - f``.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
