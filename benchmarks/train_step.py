@@ -5,9 +5,12 @@
 Per model: FP32 eager; torch.autocast (bf16 on CPU, bf16 on CUDA); the prepared model at the
 ``fp32`` level (the original forward); the ``emulate`` route at 8 bits (the paper's emulation);
 the default route at 8, 12, 14 and 16 bits. Columns: seconds per step (forward, backward, SGD
-step), ratio to FP32 and to autocast (higher is faster).
+step), ratio to FP32 and to autocast (higher is faster); with ``--memory``, peak memory of each
+configuration measured in a fresh process (max RSS on CPU, ``max_memory_allocated`` on CUDA).
 """
 import argparse
+import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,45 +26,85 @@ from common import interleaved  # noqa: E402
 import muppet_fx  # noqa: E402
 
 
+def make_cases(name: str, batch: int, device: str) -> dict:
+    """Configuration name -> a function running one training step."""
+    torch.manual_seed(0)
+    model = build_model(name).to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step(net, autocast=False):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            out = net(x)
+        F.cross_entropy(out.float(), y).backward()
+        opt.step()
+
+    cases = {"fp32 eager": lambda: step(model), "autocast bf16": lambda: step(model, True)}
+    top = muppet_fx.prepare(model, ladder=(8, "fp32"))
+    top.set_precision("fp32")
+    cases["prepared, fp32 level"] = lambda: step(top)
+    emu = muppet_fx.prepare(model, ladder=(8, "fp32"), backend="emulate")
+    cases["emulate 8-bit"] = lambda: step(emu)
+    for bits in (8, 12, 14, 16):
+        pm = muppet_fx.prepare(model, ladder=(bits, "fp32"))
+        cases[f"{pm._muppet_state.route_for(x.device)} {bits}-bit"] = (lambda pm=pm: step(pm))
+    return cases
+
+
+def peak_memory_mib(name: str, case: str, batch: int, threads: int) -> float:
+    """Peak memory of ``case`` in a fresh process: max RSS on the CPU, max allocated on CUDA."""
+    out = subprocess.run([sys.executable, __file__, "--models", name, "--only", case, "--batch", str(batch),
+                          "--threads", str(threads)], capture_output=True, text=True, check=True).stdout
+    return float(out.split("PEAK_MIB")[1].split()[0])
+
+
+def _rss_high_water_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _only(args, device) -> None:
+    run = make_cases(args.models, args.batch, device)[args.only]
+    run()  # first step: kernels built, workspaces allocated
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:  # reset the RSS high-water mark so import-time peaks do not hide the step's
+        Path("/proc/self/clear_refs").write_text("5")
+    run()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_high_water_mib()
+    print(f"PEAK_MIB {peak:.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet18,resnet20")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory", action="store_true", help="add peak memory, one fresh process per configuration")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one case, print its peak
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.only:
+        return _only(args, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for name in args.models.split(","):
-        torch.manual_seed(0)
-        model = build_model(name).to(device)
-        x = torch.randn(args.batch, 3, 32, 32, device=device)
-        y = torch.randint(0, 10, (args.batch,), device=device)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-        def step(net, autocast=False):
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-                out = net(x)
-            F.cross_entropy(out.float(), y).backward()
-            opt.step()
-
-        cases = {"fp32 eager": lambda: step(model), "autocast bf16": lambda: step(model, True)}
-        top = muppet_fx.prepare(model, ladder=(8, "fp32"))
-        top.set_precision("fp32")
-        cases["prepared, fp32 level"] = lambda: step(top)
-        emu = muppet_fx.prepare(model, ladder=(8, "fp32"), backend="emulate")
-        cases["emulate 8-bit"] = lambda: step(emu)
-        for bits in (8, 12, 14, 16):
-            pm = muppet_fx.prepare(model, ladder=(bits, "fp32"))
-            cases[f"{pm._muppet_state.route_for(x.device)} {bits}-bit"] = (lambda pm=pm: step(pm))
+        cases = make_cases(name, args.batch, device)
         med = interleaved(cases, args.reps, sync=sync)
         base, amp = med["fp32 eager"], med["autocast bf16"]
+        headers = ["configuration", "s/step", "speed-up vs fp32", "vs autocast"]
         rows = [[k, v, base / v, amp / v] for k, v in med.items()]
+        if args.memory:
+            headers.append("peak MiB (RSS)" if device == "cpu" else "peak MiB allocated")
+            for row in rows:
+                row.append(peak_memory_mib(name, row[0], args.batch, args.threads))
         print(f"\n{name}, batch {args.batch}, {device}, threads {args.threads}, torch {torch.__version__}")
-        print(tabulate(rows, headers=["configuration", "s/step", "speed-up vs fp32", "vs autocast"],
-                       floatfmt=".3f"))
+        print(tabulate(rows, headers=headers, floatfmt=".3f"))
 
 
 if __name__ == "__main__":
