@@ -129,7 +129,6 @@ def scaled_mm(a_m, a_s, b_m, b_s, bias=None, b_axis=None, exact: bool = False) -
     exponent per column of ``b_m`` (per output channel of a weight passed as ``w.t()``)."""
     _check(a_m, b_m)
     per_col = b_axis is not None
-    out = torch.empty((a_m.shape[0], b_m.shape[1]), dtype=torch.float32, device=a_m.device)
     if a_m.dtype == torch.int16 and exact:
         from .gemm_cpu import int_matmul  # the split-int16 algebra, with the Triton int8 kernel
 
@@ -139,6 +138,7 @@ def scaled_mm(a_m, a_s, b_m, b_s, bias=None, b_axis=None, exact: bool = False) -
         y = y.float()
         return y if bias is None else y + bias.float()
     fp16 = a_m.dtype == torch.int16
+    out = torch.empty((a_m.shape[0], b_m.shape[1]), dtype=torch.float32, device=a_m.device)
     return _launch(a_m, b_m, out, _factors(a_s, b_s, per_col), bias, per_col, False, fp16)
 
 

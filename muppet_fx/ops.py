@@ -71,8 +71,10 @@ def _own(*ts: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.detach() if t._is_view() else t for t in ts)
 
 
-def _none_if_empty(flag: bool, t: Tensor) -> Tensor | None:
-    return t if flag else None
+def _input_grads(need, grads, dtypes) -> list[Tensor | None]:
+    """Autograd's view of a backward op's outputs: None where no gradient was asked for, else
+    the gradient in its input's dtype."""
+    return [t.to(d) if n else None for n, t, d in zip(need, grads, dtypes)]
 
 
 # ---------------------------------------------------------------------------------- linear
@@ -121,8 +123,7 @@ def _linear_setup(ctx, inputs, output):
 def _linear_grad(ctx, gy, *_):
     need = ctx.needs_input_grad[:3]
     gx, gw, gb = _linear_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need, ctx.route)
-    grads = [_none_if_empty(n, t) for n, t in zip(need, (gx, gw, gb))]
-    grads = [None if t is None else t.to(d) for t, d in zip(grads, ctx.dtypes)]
+    grads = _input_grads(need, (gx, gw, gb), ctx.dtypes)
     return (*grads,) + (None,) * 7
 
 
@@ -182,8 +183,7 @@ def _conv_setup(ctx, inputs, output):
 def _conv_grad(ctx, gy, *_):
     need = ctx.needs_input_grad[:3]
     gx, gw, gb = _conv_backward(gy, *ctx.saved_tensors, *ctx.args, *need, ctx.route)
-    grads = [_none_if_empty(n, t) for n, t in zip(need, (gx, gw, gb))]
-    grads = [None if t is None else t.to(d) for t, d in zip(grads, ctx.dtypes)]
+    grads = _input_grads(need, (gx, gw, gb), ctx.dtypes)
     return (*grads,) + (None,) * 11
 
 
@@ -248,7 +248,7 @@ def _matmul_setup(ctx, inputs, output):
 def _matmul_grad(ctx, gy, *_):
     need = ctx.needs_input_grad[:2]
     ga, gb = _matmul_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need, ctx.route)
-    grads = [None if not n else t.to(d) for n, t, d in zip(need, (ga, gb), ctx.dtypes)]
+    grads = _input_grads(need, (ga, gb), ctx.dtypes)
     return (*grads,) + (None,) * 6
 
 
@@ -314,7 +314,7 @@ def _einsum_setup(ctx, inputs, output):
 def _einsum_grad(ctx, gy, *_):
     need = ctx.needs_input_grad[1:3]
     ga, gb = _einsum_backward(ctx.equation, gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need)
-    grads = [None if not n else t.to(d) for n, t, d in zip(need, (ga, gb), ctx.dtypes)]
+    grads = _input_grads(need, (ga, gb), ctx.dtypes)
     return (None, *grads, None, None, None, None, None)
 
 
