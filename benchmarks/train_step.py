@@ -7,6 +7,8 @@ Per model: FP32 eager; torch.autocast (bf16 on CPU, bf16 on CUDA); the prepared 
 the default route at 8, 12, 14 and 16 bits. Columns: seconds per step (forward, backward, SGD
 step), ratio to FP32 and to autocast (higher is faster); with ``--memory``, peak memory of each
 configuration measured in a fresh process (max RSS on CPU, ``max_memory_allocated`` on CUDA).
+``--allocator reuse`` (the default) calls ``muppet_fx.reuse_cpu_memory()`` first, for every
+configuration alike; ``--allocator default`` measures glibc's defaults.
 """
 import argparse
 import resource
@@ -53,10 +55,10 @@ def make_cases(name: str, batch: int, device: str) -> dict:
     return cases
 
 
-def peak_memory_mib(name: str, case: str, batch: int, threads: int) -> float:
+def peak_memory_mib(name: str, case: str, batch: int, threads: int, allocator: str) -> float:
     """Peak memory of ``case`` in a fresh process: max RSS on the CPU, max allocated on CUDA."""
     out = subprocess.run([sys.executable, __file__, "--models", name, "--only", case, "--batch", str(batch),
-                          "--threads", str(threads)], capture_output=True, text=True, check=True).stdout
+                          "--threads", str(threads), "--allocator", allocator], capture_output=True, text=True, check=True).stdout
     return float(out.split("PEAK_MIB")[1].split()[0])
 
 
@@ -86,9 +88,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory", action="store_true", help="add peak memory, one fresh process per configuration")
+    p.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
+                   help="reuse: keep freed CPU memory mapped (muppet_fx.reuse_cpu_memory) for all configurations")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one case, print its peak
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.allocator == "reuse":
+        muppet_fx.reuse_cpu_memory()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.only:
         return _only(args, device)
@@ -102,8 +108,9 @@ def main() -> None:
         if args.memory:
             headers.append("peak MiB (RSS)" if device == "cpu" else "peak MiB allocated")
             for row in rows:
-                row.append(peak_memory_mib(name, row[0], args.batch, args.threads))
-        print(f"\n{name}, batch {args.batch}, {device}, threads {args.threads}, torch {torch.__version__}")
+                row.append(peak_memory_mib(name, row[0], args.batch, args.threads, args.allocator))
+        print(f"\n{name}, batch {args.batch}, {device}, threads {args.threads}, allocator {args.allocator}, "
+              f"torch {torch.__version__}")
         print(tabulate(rows, headers=headers, floatfmt=".3f"))
 
 

@@ -1,4 +1,5 @@
 """muppet_fx: multi-precision policy enforced training for any PyTorch model."""
+from muppet_fx.allocator import reuse_cpu_memory
 from muppet_fx.checkpoint import load_checkpoint, save_checkpoint
 from muppet_fx.config import MuppetConfig
 from muppet_fx.manager import PrecisionManager
@@ -11,5 +12,6 @@ from muppet_fx.prepare import prepare
 
 __all__ = ["QTensor", "quantise", "fake_quantise", "prepare", "MuppetConfig", "PrecisionManager",
            "MasterCopyOptimizer", "PrecisionLR", "GradientDiversityPolicy", "FixedPolicy",
-           "ScheduledPolicy", "CyclicPolicy", "save_checkpoint", "load_checkpoint", "plot_policy"]
+           "ScheduledPolicy", "CyclicPolicy", "save_checkpoint", "load_checkpoint", "plot_policy",
+           "reuse_cpu_memory"]
 __version__ = "0.1.0"
