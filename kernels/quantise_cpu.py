@@ -85,14 +85,14 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
     lib = _library()
     if (lib is None or axis is not None or x.dtype != torch.float32 or x.numel() == 0
             or x.device.type != "cpu"):
-        return _via_reference(x, bits, rounding, axis, generator, noise, want_mantissa, want_values)
+        return _via_reference(x, bits, rounding, axis, _seeded(generator, seed), noise, want_mantissa, want_values)
     dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
     xc = x if dense else x.contiguous()
     n = xc.numel()
     threads = torch.get_num_threads()
     top = lib.absmax_bits(xc.data_ptr(), n, threads)
     if top >= 0x7F800000:  # NaN or inf present: the masked reference handles them
-        return _via_reference(x, bits, rounding, axis, generator, noise, want_mantissa, want_values)
+        return _via_reference(x, bits, rounding, axis, _seeded(generator, seed), noise, want_mantissa, want_values)
     amax = struct.unpack("<f", struct.pack("<I", top))[0]
     s = host_exponent(amax, bits, MAX_EXPONENT[torch.float32])
     h, l = s // 2, s - s // 2
@@ -106,6 +106,11 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
         math.ldexp(1.0, -l), _FMAX, int(rounding == "stochastic"),
         (seed or 0) & (2**64 - 1), _ptr(noise), _ptr(m), _ptr(q), threads)
     return m, torch.tensor(s, dtype=torch.int32), q, False
+
+
+def _seeded(generator, seed):
+    """The reference route draws from a generator: one seeded with ``seed`` when given."""
+    return generator if seed is None else torch.Generator().manual_seed(seed & (2**63 - 1))
 
 
 def _via_reference(x, bits, rounding, axis, generator, noise, want_mantissa, want_values):

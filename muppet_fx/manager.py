@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from muppet_fx.config import FP32
+from muppet_fx.distributed import from_rank0, unwrap
 from muppet_fx.policies import GradientDiversityPolicy, Policy
 
 __all__ = ["PrecisionManager"]
@@ -22,12 +23,17 @@ class PrecisionManager:
         policy: a :mod:`~muppet_fx.policies` policy (default: ``GradientDiversityPolicy()``).
         log_path: optional ``.csv`` or ``.json`` file rewritten with ``history`` every epoch.
 
+    Under ``torch.distributed`` (pass the prepared model or its DDP wrapper), every rank runs
+    the policy on the same averaged gradients and then adopts rank 0's decision and record, so
+    no floating-point difference can split the ranks.
+
     Use: ``manager.end_epoch()`` after each epoch (with a :class:`MasterCopyOptimizer` the
     per-iteration hooks run by themselves). ``history`` holds one record per epoch: the policy's
     record (``epoch, diversity, p, threshold, violations, switched``) plus the ``level`` trained.
     """
 
     def __init__(self, pm, policy: Policy | None = None, *, log_path: str | Path | None = None):
+        pm = unwrap(pm)
         if not hasattr(pm, "_muppet_state"):
             raise TypeError(f"PrecisionManager needs a model returned by muppet_fx.prepare, got {type(pm).__name__}")
         self.pm, self.state = pm, pm._muppet_state
@@ -81,6 +87,9 @@ class PrecisionManager:
         else:
             decision = self.policy.update(self.epoch, self.gradients())
             record = dict(self.policy.history[-1])
+        decision, record = from_rank0((decision, record))
+        if self.policy.history and level != FP32:
+            self.policy.history[-1] = dict(record)
         record["level"] = level
         new = None
         if decision is True:

@@ -127,15 +127,17 @@ def quantise_parts(x: torch.Tensor, bits: int, rounding: str, axis: int | None =
     return m, torch.where(bad, torch.full_like(s, NONFINITE_EXPONENT), s)
 
 
-def fake_quantise_inplace(y: torch.Tensor, bits: int, rounding: str) -> torch.Tensor:
+def fake_quantise_inplace(y: torch.Tensor, bits: int, rounding: str, seed: int | None = None) -> torch.Tensor:
     """Unchecked ``fake_quantise`` for a float32 tensor a training op owns: overwritten in
-    place on the CPU (one fused pass), NaN/inf passed through."""
+    place on the CPU (one fused pass), NaN/inf passed through. ``seed`` fixes the stochastic
+    draws (default: drawn from torch's generator)."""
     if y.device.type == "cpu":
-        return quantise_cpu(y, bits, rounding, want_mantissa=False, want_values=True, out=y)[2]
+        return quantise_cpu(y, bits, rounding, seed=seed, want_mantissa=False, want_values=True, out=y)[2]
     if y.device.type == "cuda" and HAS_TRITON:
-        return quantise_triton(y, bits, rounding, seed=_triton_seed(None, None),
+        return quantise_triton(y, bits, rounding, seed=_triton_seed(seed, None),
                                want_mantissa=False, want_values=True)[2]
-    return _run(y, bits, rounding, None, "reference", None, None, None, values=True)[2]
+    generator = None if seed is None else torch.Generator(device=y.device).manual_seed(seed)
+    return _run(y, bits, rounding, None, "reference", generator, None, None, values=True)[2]
 
 
 def quantise(x: torch.Tensor, bits: int, rounding: str = "stochastic", *,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from muppet_fx.config import FP32
+from muppet_fx.distributed import is_distributed, shared_seed, unwrap
 from muppet_fx.numerics import fake_quantise_inplace
 
 __all__ = ["MasterCopyOptimizer", "PrecisionLR"]
@@ -18,6 +19,10 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
     rounding, then the wrapped optimiser updates the FP32 weights. With a ``manager``, its
     per-iteration hook runs after each step (CPT's word-length schedule).
 
+    Under ``torch.distributed`` (build it on every rank, after ``init_process_group``) the
+    rounding draws come from a generator seeded identically on all ranks, so identical averaged
+    gradients give identical master weights whatever each rank's own random state.
+
     It shares ``param_groups`` and ``state`` with the wrapped optimiser, so LR schedulers and
     ``zero_grad`` work on either.
     """
@@ -25,8 +30,10 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, pm, manager=None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        pm = unwrap(pm)
         if not hasattr(pm, "_muppet_state"):
             raise TypeError(f"expected a model returned by muppet_fx.prepare, got {type(pm).__name__}")
+        self.generator = torch.Generator().manual_seed(shared_seed()) if is_distributed() else None
         self.optimizer, self.pm_state, self.manager = optimizer, pm._muppet_state, manager
         self.param_groups, self.state, self.defaults = optimizer.param_groups, optimizer.state, optimizer.defaults
         self.skipped_steps = 0
@@ -49,8 +56,10 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
             return loss
         st = self.pm_state
         if st.level != FP32:
-            for g in grads:
-                q = fake_quantise_inplace(g, st.bwd_bits, "stochastic")
+            seeds = [None] * len(grads) if self.generator is None else \
+                torch.randint(0, 2**62, (len(grads),), generator=self.generator).tolist()
+            for g, seed in zip(grads, seeds):
+                q = fake_quantise_inplace(g, st.bwd_bits, "stochastic", seed=seed)
                 if q is not g:
                     g.copy_(q)
         self.optimizer.step()
@@ -62,13 +71,18 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "skipped_steps": self.skipped_steps}
+        state = {"optimizer": self.optimizer.state_dict(), "skipped_steps": self.skipped_steps}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or "optimizer" not in state:
             raise ValueError("not a MasterCopyOptimizer state (expected keys 'optimizer', 'skipped_steps')")
         self.optimizer.load_state_dict(state["optimizer"])
         self.skipped_steps = state["skipped_steps"]
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
 
 
 class PrecisionLR:
