@@ -4,6 +4,7 @@
     python examples/train_resnet.py --compare fp32,muppet,amp,cpt --out runs/compare
     python examples/train_resnet.py --model resnet18 --paper --subset 0 --device cuda   # the paper's recipe
     python examples/train_resnet.py --out runs/compare --resume      # continue from the last checkpoints
+    torchrun --nproc_per_node 2 examples/train_resnet.py --comm quantised   # data parallel (gloo/NCCL)
 
 Modes: muppet (ladder 8, 12, 14, 16 bits then FP32, switched by the gradient-diversity policy,
 LR constant until FP32 then /10 every --lr-step epochs), fp32, amp (torch.autocast: bf16 on CPU,
@@ -11,13 +12,22 @@ fp16 on CUDA), cpt (cyclic 3..8-bit forward, 8-bit gradients), int8, int16 (fixe
 throughout), fp16 (half weights, activations and gradients with loss scaling; bf16 on CPU).
 Writes to --out: metrics.csv, policy-<mode>.json, policy-<mode>.png, report.md and
 checkpoint-<mode>.pt after every epoch.
+
+Under torchrun the same command trains data-parallel (DistributedDataParallel; gloo on CPU,
+NCCL on CUDA): --batch-size stays the global batch, split evenly over the ranks; each rank
+reads its own share of every epoch's shuffled order; rank 0 alone prints, writes outputs and
+checkpoints; --resume works the same. --comm quantised all-reduces gradients in the current
+level's fixed-point format. If a rank dies, the others stop with an error (at the latest
+after --dist-timeout seconds) instead of waiting forever.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import datetime
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,6 +44,7 @@ from cifar_data import augment, find_data_dir, load_cifar10, normalise  # noqa: 
 from cifar_models import build_model  # noqa: E402
 
 import muppet_fx  # noqa: E402
+from muppet_fx.distributed import register_quantised_allreduce, unwrap  # noqa: E402
 from muppet_fx.half import DynamicLossScaler, to_half  # noqa: E402
 
 MODES = ("muppet", "fp32", "amp", "cpt", "int8", "int16", "fp16")
@@ -72,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--comm", default="fp32", choices=("fp32", "quantised"), help="under torchrun: "
+                   "gradient all-reduce in FP32 (default) or in the level's fixed-point format")
+    p.add_argument("--dist-timeout", type=float, default=300.0, help="under torchrun: seconds a "
+                   "collective may wait for the other ranks before the run stops (default 300)")
     return p
 
 
@@ -99,6 +114,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.epochs < 1 or not 0 <= args.fp32_epochs <= args.epochs or args.lr_step < 1:
         parser.error(f"need epochs >= 1, 0 <= fp32-epochs <= epochs, lr-step >= 1 (got {args.epochs}, "
                      f"{args.fp32_epochs}, {args.lr_step})")
+    args.world = int(os.environ.get("WORLD_SIZE", "1"))
+    args.rank = int(os.environ.get("RANK", "0"))
+    if args.batch_size % args.world:
+        parser.error(f"--batch-size {args.batch_size} is the global batch and must divide evenly "
+                     f"over {args.world} ranks")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -136,6 +156,7 @@ class Run:
     scaler: object = None
     autocast: object = None
     note: str = ""
+    comm: object = None  # the quantised all-reduce's state (byte counters)
     metrics: list = field(default_factory=list)
     elapsed: float = 0.0
     start_epoch: int = 0
@@ -163,6 +184,16 @@ class StepLR:
         self.epoch, self.base = s["epoch"], s["base"]
 
 
+def _data_parallel(run: Run, args) -> Run:
+    """Under torchrun: the network trains inside DistributedDataParallel."""
+    if args.world > 1:
+        pm = run.net
+        run.net = nn.parallel.DistributedDataParallel(pm)
+        if args.comm == "quantised" and run.manager is not None:
+            run.comm = register_quantised_allreduce(run.net, pm)
+    return run
+
+
 def make_run(mode: str, args, steps_per_epoch: int) -> Run:
     torch.manual_seed(args.seed)
     model = build_model(args.model).to(args.device)
@@ -176,13 +207,13 @@ def make_run(mode: str, args, steps_per_epoch: int) -> Run:
             run.autocast = lambda: torch.autocast(args.device, dtype=dtype)
             run.scaler = torch.amp.GradScaler("cuda") if args.device == "cuda" else None
             run.note = f"autocast {dtype}".replace("torch.", "")
-        return run
+        return _data_parallel(run, args)
     if mode == "fp16":
         model, note = to_half(model, args.device)
         opt = sgd(model.parameters())
         scaler = DynamicLossScaler(init_scale=2.0**16 if args.device == "cuda" else 1.0)
-        return Run(mode, model, model, opt, scaler=scaler, note=note,
-                   scheduler=StepLR(opt, args.epochs, args.fp32_epochs, args.lr_step))
+        return _data_parallel(Run(mode, model, model, opt, scaler=scaler, note=note,
+                                  scheduler=StepLR(opt, args.epochs, args.fp32_epochs, args.lr_step)), args)
     ladders = {"muppet": (8, 12, 14, 16, "fp32"), "cpt": (8, "fp32"), "int8": (8,), "int16": (16,)}
     pm = muppet_fx.prepare(model, ladder=ladders[mode])
     if mode == "muppet":
@@ -200,7 +231,7 @@ def make_run(mode: str, args, steps_per_epoch: int) -> Run:
     sched = muppet_fx.PrecisionLR(opt, manager, gamma=0.1, step_epochs=args.lr_step) if mode == "muppet" \
         else StepLR(opt, args.epochs, args.fp32_epochs, args.lr_step)
     route = pm._muppet_state.route_for(torch.device(args.device))
-    return Run(mode, model, pm, opt, manager=manager, scheduler=sched, note=f"route {route}")
+    return _data_parallel(Run(mode, model, pm, opt, manager=manager, scheduler=sched, note=f"route {route}"), args)
 
 
 def _level(run: Run):
@@ -213,13 +244,15 @@ def _level(run: Run):
 def train_epoch(run: Run, x, y, epoch: int, args) -> tuple[float, float]:
     run.net.train()
     g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-    order = torch.randperm(len(x), generator=g)
+    order = torch.randperm(len(x), generator=g)  # the same order on every rank
+    order = order[: len(order) - len(order) % args.world][args.rank:: args.world]  # this rank's share
+    batch = args.batch_size // args.world
     dtype = next(run.model.parameters()).dtype
     total_loss, correct, seen = 0.0, 0, 0
-    batches = range(0, len(x), args.batch_size)
-    bar = tqdm(batches, desc=f"{run.mode} epoch {epoch}", leave=False, disable=args.no_progress)
+    batches = range(0, len(order), batch)
+    bar = tqdm(batches, desc=f"{run.mode} epoch {epoch}", leave=False, disable=args.no_progress or args.rank > 0)
     for i in bar:
-        idx = order[i:i + args.batch_size]
+        idx = order[i:i + batch]
         xb = normalise(augment(x[idx], g)).to(args.device, dtype)
         yb = y[idx].to(args.device)
         run.optimizer.zero_grad(set_to_none=True)
@@ -240,7 +273,16 @@ def train_epoch(run: Run, x, y, epoch: int, args) -> tuple[float, float]:
         correct += int((out.argmax(1) == yb).sum())
         seen += len(idx)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", prec=_level(run))
+    total_loss, correct, seen = _sum_over_ranks(args, total_loss, correct, seen)
     return total_loss / seen, correct / seen
+
+
+def _sum_over_ranks(args, *values):
+    if args.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
 
 
 @torch.no_grad()
@@ -248,11 +290,14 @@ def evaluate(run: Run, x, y, args) -> float:
     """Top-1 of the network itself: the FP32 master weights (half weights in fp16 mode)."""
     run.model.eval()
     dtype = next(run.model.parameters()).dtype
+    share = math.ceil(len(x) / args.world)  # each rank scores a slice; counts are summed
+    x, y = x[args.rank * share:(args.rank + 1) * share], y[args.rank * share:(args.rank + 1) * share]
     correct = 0
     for i in range(0, len(x), 500):
         out = run.model(normalise(x[i:i + 500]).to(args.device, dtype))
         correct += int((out.argmax(1).cpu() == y[i:i + 500]).sum())
-    return correct / len(x)
+    correct, total = _sum_over_ranks(args, correct, len(x))
+    return correct / total
 
 
 def run_mode(mode: str, args, data) -> Run:
@@ -262,10 +307,10 @@ def run_mode(mode: str, args, data) -> Run:
     out = Path(args.out)
     ckpt = out / f"checkpoint-{mode}.pt"
     if args.resume and ckpt.exists():
-        extra = muppet_fx.load_checkpoint(ckpt, model=run.net, optimizer=run.optimizer,
+        extra = muppet_fx.load_checkpoint(ckpt, model=unwrap(run.net), optimizer=run.optimizer,
                                           manager=run.manager, scheduler=run.scheduler)
         run.start_epoch, run.metrics, run.elapsed = extra["epoch"], extra["metrics"], extra["elapsed"]
-        print(f"[{mode}] resumed from {ckpt} at epoch {run.start_epoch}")
+        say(args, f"[{mode}] resumed from {ckpt} at epoch {run.start_epoch}")
     for epoch in range(run.start_epoch, args.epochs):
         level = _level(run)
         t0 = time.perf_counter()
@@ -279,7 +324,7 @@ def run_mode(mode: str, args, data) -> Run:
                 run.manager.state.set_level("fp32")
                 run.manager.fp32_start = epoch + 1
                 run.manager.history[-1].update(switched=True, forced=True)
-                print(f"[{mode}] epoch {epoch}: {old} -> fp32 (forced: last {args.fp32_epochs} epochs are FP32)")
+                say(args, f"[{mode}] epoch {epoch}: {old} -> fp32 (forced: last {args.fp32_epochs} epochs are FP32)")
         run.scheduler.step()
         run.elapsed += time.perf_counter() - t0
         test_acc = evaluate(run, xt, yt, args)
@@ -287,15 +332,23 @@ def run_mode(mode: str, args, data) -> Run:
         run.metrics.append({"mode": mode, "epoch": epoch, "level": level, "train_loss": round(loss, 4),
                             "train_acc": round(acc, 4), "test_acc": round(test_acc, 4),
                             "epoch_time_s": round(time.perf_counter() - t0, 2), "lr_next": lr})
-        print(f"[{mode}] epoch {epoch:3d}  level {str(level):>9}  loss {loss:.3f}  train {acc:.3f}  "
-              f"test {test_acc:.3f}  {run.metrics[-1]['epoch_time_s']:.1f}s")
-        muppet_fx.save_checkpoint(ckpt, model=run.net, optimizer=run.optimizer, manager=run.manager,
+        comm = "" if run.comm is None else f"  comm {run.comm.bytes_sent / max(run.comm.fp32_bytes, 1):.2f}x fp32 bytes"
+        say(args, f"[{mode}] epoch {epoch:3d}  level {str(level):>9}  loss {loss:.3f}  train {acc:.3f}  "
+              f"test {test_acc:.3f}  {run.metrics[-1]['epoch_time_s']:.1f}s{comm}")
+        if args.rank > 0:  # rank 0 writes for everyone: the ranks hold identical state
+            continue
+        muppet_fx.save_checkpoint(ckpt, model=unwrap(run.net), optimizer=run.optimizer, manager=run.manager,
                                   scheduler=run.scheduler,
                                   extra={"epoch": epoch + 1, "model": args.model, "mode": mode,
                                          "metrics": run.metrics, "elapsed": run.elapsed})
-    if run.manager is not None and run.manager.history:
+    if run.manager is not None and run.manager.history and args.rank == 0:
         muppet_fx.plot_policy(run.manager.history, out / f"policy-{mode}.png")
     return run
+
+
+def say(args, line: str) -> None:
+    if args.rank == 0:
+        print(line, flush=True)
 
 
 def summarise(runs: list[Run]) -> list[dict]:
@@ -344,9 +397,36 @@ def main(argv=None) -> list[Run]:
         x, y = x[: args.subset], y[: args.subset]
     if args.test_subset:
         xt, yt = xt[: args.test_subset], yt[: args.test_subset]
-    runs = [run_mode(mode, args, ((x, y), (xt, yt))) for mode in args.modes]
-    print(write_outputs(runs, args))
+    with distributed(args):
+        runs = [run_mode(mode, args, ((x, y), (xt, yt))) for mode in args.modes]
+    if args.rank == 0:
+        print(write_outputs(runs, args))
     return runs
+
+
+@contextlib.contextmanager
+def distributed(args):
+    """Under torchrun: one process group for the run (gloo on CPU, NCCL on CUDA), a clear
+    error when another rank fails, and the group torn down at the end."""
+    if args.world == 1:
+        yield
+        return
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(seconds=args.dist_timeout))
+    try:
+        yield
+    except (torch.distributed.DistError, RuntimeError) as err:
+        if not isinstance(err, torch.distributed.DistError) and "gloo" not in str(err).lower() \
+                and "nccl" not in str(err).lower():
+            raise
+        raise SystemExit(f"[rank {args.rank}] stopped: a collective with the other ranks failed "
+                         f"({type(err).__name__}: {str(err).splitlines()[0]}). Another rank has "
+                         f"stopped or did not answer within --dist-timeout {args.dist_timeout:g}s; "
+                         f"continue from the last checkpoint with --resume.") from err
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

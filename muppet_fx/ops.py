@@ -60,6 +60,14 @@ def _conv_layout(y: Tensor) -> Tensor:
     return y.contiguous(memory_format=torch.channels_last) if y.dim() == 4 else y.contiguous()
 
 
+def _strides_of(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` with exactly ``ref``'s strides (DDP's gradient buckets compare them literally,
+    size-1 dimensions included)."""
+    if t.stride() == ref.stride():
+        return t
+    return torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _fake_grads(g: Tensor, *wanted: tuple[bool, tuple]) -> tuple[Tensor, ...]:
     """Fake backward outputs: float32 of ``shape`` where needed, empty where not."""
     return tuple(g.new_empty(shape if need else (0,), dtype=torch.float32) for need, shape in wanted)
@@ -161,7 +169,7 @@ def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor
     g_m, g_s = quantise_parts(g.float(), bits, rounding)
     conv = (stride, padding, dilation, groups)
     gx = routes.conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_m.shape, *conv) if need_x else _empty(g)
-    gw = routes.conv_grad_weight(route, g_m, g_s, x_m, x_s, w_m.shape, *conv) if need_w else _empty(g)
+    gw = _strides_of(routes.conv_grad_weight(route, g_m, g_s, x_m, x_s, w_m.shape, *conv), w_m) if need_w else _empty(g)
     gb = routes.sum_dequantised(g_m, g_s, [d for d in range(g.dim()) if d != 1]) if need_b else _empty(g)
     return _own(gx, gw, gb)
 
