@@ -1,4 +1,5 @@
 """muppet_fx: multi-precision policy enforced training for any PyTorch model."""
+from muppet_fx import distributed  # noqa: F401  (muppet_fx.distributed.register_quantised_allreduce)
 from muppet_fx.allocator import reuse_cpu_memory
 from muppet_fx.checkpoint import load_checkpoint, save_checkpoint
 from muppet_fx.config import MuppetConfig
