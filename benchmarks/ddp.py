@@ -7,7 +7,9 @@ Spawns ``--world`` gloo processes on this machine (one thread each). Per level o
 DistributedDataParallel side by side, interleaved: one with DDP's FP32 all-reduce, one with
 ``register_quantised_allreduce``. Columns: median step time (forward, backward with gradient
 all-reduce, optimiser step), gradient bytes each rank hands to all-reduce per step, and the
-relative L2 error of the averaged gradient against the FP32 average of the same gradients.
+relative L2 error of the averaged gradient against the FP32 average of the same gradients,
+next to the error of the optimiser's own rounding of that average to the level's grid (which
+MuPPET applies in any case).
 ``--batch`` is the global batch, split over the ranks.
 """
 import argparse
@@ -79,11 +81,17 @@ def _worker(rank, args, port, results):
         dist.all_reduce(exact)
         exact /= args.world
         bits = None if level == "fp32" else level
-        avg = quantised_allreduce(flat, [g.numel() for g in grads], bits)[0].wait()
+        avg = quantised_allreduce(flat, bits)[0].wait()
         err = float((avg - exact).norm() / exact.norm())
+        # the optimiser's own rounding of the averaged gradient (per tensor, stochastic)
+        if bits is None:
+            own = 0.0
+        else:
+            rounded = torch.cat([muppet_fx.fake_quantise(t, bits) for t in exact.split([g.numel() for g in grads])])
+            own = float((rounded - exact).norm() / exact.norm())
         base = med["fp32 all-reduce"]
         rows.append([level, base * 1e3, med["fixed-point hook"] * 1e3, base / med["fixed-point hook"],
-                     grad_bytes / 2**20, sent / 2**20, sent / grad_bytes, err])
+                     grad_bytes / 2**20, sent / 2**20, sent / grad_bytes, err, own])
     if rank == 0:
         results["rows"] = rows
     dist.destroy_process_group()
@@ -108,7 +116,7 @@ def main() -> None:
           f"torch {torch.__version__}")
     print(tabulate(results["rows"], floatfmt=".3f", headers=[
         "level", "fp32 all-reduce ms", "hook ms", "speed-up", "fp32 MiB/step", "hook MiB/step",
-        "bytes ratio", "grad rel. error"]))
+        "bytes ratio", "hook grad rel. error", "optimiser rounding rel. error"]))
 
 
 if __name__ == "__main__":

@@ -335,6 +335,8 @@ def run_mode(mode: str, args, data) -> Run:
         comm = "" if run.comm is None else f"  comm {run.comm.bytes_sent / max(run.comm.fp32_bytes, 1):.2f}x fp32 bytes"
         say(args, f"[{mode}] epoch {epoch:3d}  level {str(level):>9}  loss {loss:.3f}  train {acc:.3f}  "
               f"test {test_acc:.3f}  {run.metrics[-1]['epoch_time_s']:.1f}s{comm}")
+        if run.comm is not None:
+            run.comm.reset_counters()  # the ratio printed is per epoch
         if args.rank > 0:  # rank 0 writes for everyone: the ranks hold identical state
             continue
         muppet_fx.save_checkpoint(ckpt, model=unwrap(run.net), optimizer=run.optimizer, manager=run.manager,

@@ -13,8 +13,6 @@ never a parameter, a module or a graph, so DDP's hooks and buckets stay valid.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -70,51 +68,52 @@ def _limit(bits: int, wire: torch.dtype, world: int) -> int:
     return min(full, room)
 
 
-def _exponents(amax: Tensor, limit: int) -> list[int]:
-    """Per-tensor ``s`` with ``amax * 2**s <= limit`` as large as possible (0 for all-zero)."""
-    a = amax.double()
-    s = torch.where(a > 0, torch.floor(torch.log2(limit / a.clamp_min(1e-300))), torch.zeros_like(a))
+def _block_exponents(blocks: Tensor, limit: int) -> Tensor:
+    """int8 ``s`` per row with ``absmax * 2**s <= limit`` as large as possible; all-zero rows
+    get the largest exponent (they do not constrain the other ranks)."""
+    a = blocks.abs().amax(1).double()
+    s = torch.floor(torch.log2(limit / a)).clamp(-_MAX_EXPONENT, _MAX_EXPONENT)
     s = s - (a * torch.exp2(s) > limit).double()  # log2 rounding at exact powers of two
-    return [int(v) for v in s.clamp(-_MAX_EXPONENT, _MAX_EXPONENT).tolist()]
+    return s.clamp_min(-_MAX_EXPONENT).to(torch.int8)
 
 
-def quantised_allreduce(flat: Tensor, numels: list[int], bits: int | None, *, group=None,
+def quantised_allreduce(flat: Tensor, bits: int | None, *, group=None, block: int = 256,
                         generator: torch.Generator | None = None, wire: torch.dtype | None = None):
-    """Average ``flat`` (float32, the concatenation of tensors of ``numels`` elements) over
-    the ranks in fixed point. Returns ``(future, bytes_sent)``; the future yields the average.
+    """Average the float32 vector ``flat`` over the ranks in fixed point. Returns
+    ``(future, bytes_sent)``; the future yields the average.
 
-    Each tensor gets one exponent agreed across ranks (an all-reduce MAX of the absmaxes);
-    every rank rounds ``g * 2**s`` stochastically to integers bounded so that their sum fits
-    the wire type; the integers are summed exactly and scaled once by ``2**-s / world``. The
-    error of each element is below ``2**-s`` (one unit of the shared grid). Non-finite
-    gradients fall back to an FP32 all-reduce on every rank, so the optimiser sees them."""
+    Every ``block`` consecutive elements share one exponent, agreed across ranks (an int8
+    all-reduce MIN of the local exponents, one byte per block). Each rank rounds
+    ``g * 2**s`` stochastically to integers bounded so that the sum of ``world`` of them fits
+    the wire type; the integers are summed exactly and scaled once by ``2**-s / world``. Every
+    element's error is below ``2**-s`` of its block. A non-finite value on any rank sends the
+    bucket through an FP32 all-reduce on every rank, so the optimiser sees it and skips."""
     world = dist.get_world_size(group)
-    backend = dist.get_backend(group)
-    wire = wire or wire_dtype(bits, backend)
+    wire = wire or wire_dtype(bits, dist.get_backend(group))
     if bits is None or wire == torch.float32:
         out = flat.div(world)
         fut = dist.all_reduce(out, group=group, async_op=True).get_future()
         return fut.then(lambda f: f.value()[0]), flat.numel() * 4
     limit = _limit(bits, wire, world)
-    parts = list(flat.split(numels))
-    amax = torch.stack(torch._foreach_norm(parts, float("inf"))).float()
-    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-    sent = amax.numel() * 4
-    if not bool(torch.isfinite(amax).all()):  # same verdict on every rank: amax is shared
-        fut, n = quantised_allreduce(flat, numels, None, group=group)
-        return fut, sent + n
-    exps = _exponents(amax, limit)
-    q = flat.clone()
-    qs = list(q.split(numels))
-    torch._foreach_mul_(qs, [math.ldexp(1.0, s) for s in exps])
+    n = flat.numel()
+    padded = torch.nn.functional.pad(flat, (0, -n % block)).view(-1, block)
+    finite = bool(torch.isfinite(flat).all())
+    exps = torch.empty(padded.shape[0] + 1, dtype=torch.int8, device=flat.device)
+    exps[-1] = 127 if finite else -128  # MIN over ranks: -128 when any rank holds NaN/inf
+    if finite:
+        exps[:-1] = _block_exponents(padded, limit)
+    dist.all_reduce(exps, op=dist.ReduceOp.MIN, group=group)
+    sent = exps.numel()
+    if int(exps[-1]) == -128:
+        fut, fp32 = quantised_allreduce(flat, None, group=group)
+        return fut, sent + fp32
+    s = exps[:-1].float().unsqueeze(1)
+    q = torch.ldexp(padded, s)
     q.add_(torch.rand(q.shape, generator=generator, device=q.device)).floor_().clamp_(-limit, limit)
     m = q.to(wire)
-    inv = [math.ldexp(1.0, -s) / world for s in exps]
 
     def dequantise(f):
-        total = f.value()[0].float()
-        torch._foreach_mul_(list(total.split(numels)), inv)
-        return total
+        return torch.ldexp(f.value()[0].float(), -s).div_(world).view(-1)[:n]
 
     fut = dist.all_reduce(m, group=group, async_op=True).get_future()
     return fut.then(dequantise), sent + m.numel() * m.element_size()
@@ -125,13 +124,16 @@ class QuantisedAllReduce:
     generator for the rounding draws, and byte counters (``bytes_sent`` on the wire,
     ``fp32_bytes`` what an FP32 all-reduce of the same buckets would send; per rank)."""
 
-    def __init__(self, pm, process_group=None, wire: torch.dtype | None = None, seed: int | None = None):
+    def __init__(self, pm, process_group=None, wire: torch.dtype | None = None, block: int = 256,
+                 seed: int | None = None):
         pm = unwrap(pm)
         if not hasattr(pm, "_muppet_state"):
             raise TypeError(f"expected a model returned by muppet_fx.prepare, got {type(pm).__name__}")
         if wire not in (None, torch.int8, torch.int16, torch.int32):
             raise ValueError(f"wire={wire!r}; valid choices: None (auto), torch.int8, torch.int16, torch.int32")
-        self.precision, self.group, self.wire = pm._muppet_state, process_group, wire
+        if not isinstance(block, int) or block < 1:
+            raise ValueError(f"block={block!r} must be an int >= 1 (elements sharing an exponent)")
+        self.precision, self.group, self.wire, self.block = pm._muppet_state, process_group, wire, block
         base = shared_seed(process_group) if seed is None else seed
         self.seed = base + dist.get_rank(process_group)  # independent rounding on each rank
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -149,24 +151,21 @@ class QuantisedAllReduce:
 
 def _hook(state: QuantisedAllReduce, bucket):  # no annotation: DDP checks it against a runtime type
     flat = bucket.buffer()
-    numels = [g.numel() for g in bucket.gradients()]
-    if sum(numels) != flat.numel():  # not a plain concatenation: one exponent for the bucket
-        numels = [flat.numel()]
     bits = state.precision.bwd_bits if state.precision.quantised else None
-    fut, sent = quantised_allreduce(flat, numels, bits, group=state.group, wire=state.wire,
+    fut, sent = quantised_allreduce(flat, bits, group=state.group, wire=state.wire, block=state.block,
                                     generator=state.generator(flat.device))
     state.bytes_sent += sent
     state.fp32_bytes += flat.numel() * 4
     return fut
 
 
-def register_quantised_allreduce(ddp, pm=None, *, process_group=None,
-                                 wire: torch.dtype | None = None) -> QuantisedAllReduce:
+def register_quantised_allreduce(ddp, pm=None, *, process_group=None, wire: torch.dtype | None = None,
+                                 block: int = 256) -> QuantisedAllReduce:
     """Install the fixed-point gradient all-reduce on ``ddp`` (a ``DistributedDataParallel``
     around a prepared model, or ``pm``'s wrapper). Returns the hook state with its byte
     counters. Call once, before the first backward, on every rank."""
     if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
         raise TypeError(f"expected a DistributedDataParallel model, got {type(ddp).__name__}")
-    state = QuantisedAllReduce(pm if pm is not None else ddp.module, process_group, wire)
+    state = QuantisedAllReduce(pm if pm is not None else ddp.module, process_group, wire, block)
     ddp.register_comm_hook(state, _hook)
     return state

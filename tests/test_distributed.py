@@ -98,45 +98,56 @@ def test_ranks_stay_identical_across_switches(hook):
         assert 0 < sent < fp32, (sent, fp32)
 
 
+BLOCK = 16
+
+
 def _hook_worker(rank, port, results):
     _init(rank, port)
     g = torch.Generator().manual_seed(rank)
-    numels = [1, 7, 33, 129, 1000]
-    flat = torch.cat([torch.randn(n, generator=g) * 10.0 ** (i - 2) for i, n in enumerate(numels)])
-    flat[40] = 0.0
+    sizes = [1, 7, 33, 129, 1000]  # magnitudes 1e-2 .. 1e2 so blocks need their own exponents
+    flat = torch.cat([torch.randn(n, generator=g) * 10.0 ** (i - 2) for i, n in enumerate(sizes)])
+    flat[40:40 + BLOCK] = 0.0  # an all-zero block
     exact = flat.clone()
     dist.all_reduce(exact)
     exact /= WORLD
     out = {}
     for bits in (4, 8, 12, 16):
-        fut, sent = quantised_allreduce(flat.clone(), numels, bits, generator=torch.Generator().manual_seed(rank))
+        fut, sent = quantised_allreduce(flat.clone(), bits, block=BLOCK,
+                                        generator=torch.Generator().manual_seed(rank))
         avg = fut.wait()
-        amax = torch.stack([p.abs().max() for p in flat.split(numels)])
+        amax = torch.nn.functional.pad(flat.abs(), (0, -flat.numel() % BLOCK)).view(-1, BLOCK).amax(1)
         dist.all_reduce(amax, op=dist.ReduceOp.MAX)
         out[bits] = (avg, amax, sent)
-    results[rank] = {"exact": exact, "out": out, "flat_numel": flat.numel(), "numels": numels}
+    bad = flat.clone()
+    if rank == 1:
+        bad[3] = float("nan")
+    nan_avg, _ = quantised_allreduce(bad, 8, block=BLOCK)
+    results[rank] = {"exact": exact, "out": out, "n": flat.numel(), "nan_avg": nan_avg.wait()}
     dist.destroy_process_group()
 
 
-def test_quantised_allreduce_within_one_unit_of_the_shared_grid():
+def test_quantised_allreduce_within_one_unit_of_each_blocks_grid():
     results = mp.Manager().dict()
     mp.spawn(_hook_worker, args=(_free_port(), results), nprocs=WORLD)
     r0, r1 = results[0], results[1]
-    numels = r0["numels"]
+    n = r0["n"]
     for bits, (avg, amax, sent) in r0["out"].items():
         assert torch.equal(avg, r1["out"][bits][0])  # integer sums: identical on every rank
         wire = wire_dtype(bits, "gloo")
-        full = 2 ** (bits - 1) - 1
-        limit = min(full, torch.iinfo(wire).max // WORLD)
-        err = (avg - r0["exact"]).abs()
-        for part, e, a in zip(err.split(numels), avg.split(numels), amax):
-            s = torch.floor(torch.log2(limit / a.double()))
-            unit = float(torch.exp2(-s))
-            assert float(part.max()) <= unit * (1 + 1e-6), (bits, float(part.max()), unit)
-            # the average lies on the grid 2**-s / WORLD: the product is an integer
-            assert torch.equal(e.double() * WORLD / unit, (e.double() * WORLD / unit).round())
-        assert sent == r0["flat_numel"] * torch.tensor([], dtype=wire).element_size() + 4 * len(numels)
+        limit = min(2 ** (bits - 1) - 1, torch.iinfo(wire).max // WORLD)
+        s = torch.where(amax > 0, torch.floor(torch.log2(limit / amax.double())), torch.full_like(amax.double(), 126))
+        unit = torch.exp2(-s).repeat_interleave(BLOCK)[:n]
+        err = (avg.double() - r0["exact"].double()).abs()
+        assert bool((err <= unit * (1 + 1e-6)).all()), (bits, float((err / unit).max()))
+        # the average lies on each block's grid 2**-s / WORLD: every such multiple is an integer
+        steps = avg.double() * WORLD / unit
+        assert torch.equal(steps, steps.round())
+        blocks = -(-n // BLOCK)
+        assert sent == blocks * BLOCK * torch.tensor([], dtype=wire).element_size() + blocks + 1  # padded
     assert float((r0["out"][16][0] - r0["exact"]).abs().max()) < float((r0["out"][4][0] - r0["exact"]).abs().max())
+    # a NaN on one rank reaches every rank (FP32 fallback), so every optimiser skips the step
+    assert torch.isnan(r0["nan_avg"][3]) and torch.isnan(r1["nan_avg"][3])
+    assert torch.equal(r0["nan_avg"][4:], r1["nan_avg"][4:])
 
 
 def _broadcast_worker(rank, port, results):
