@@ -201,8 +201,11 @@ def conv_forward(x_m, w_m, stride, padding, dilation, mm=None) -> torch.Tensor:
     return _to_nchw(int_matmul(cols, _taps_last(w_m).t(), mm=mm), N, OH, OW)
 
 
-def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation, mm=None) -> torch.Tensor:
-    """Exact integer gradient of ``conv2d`` w.r.t. its input, given the output gradient."""
+def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation, mm=None, conv=None) -> torch.Tensor:
+    """Exact integer gradient of ``conv2d`` w.r.t. its input, given the output gradient.
+
+    ``conv(x, w, stride, padding, dilation)`` replaces :func:`conv_forward` for the stride-1
+    convolution this reduces to (1x1 unpadded kernels stay a GEMM)."""
     N, C, H, W = input_shape
     Cout, _, kh, kw = w_m.shape
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
@@ -224,6 +227,8 @@ def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation, mm=None) -
     pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
     if min(pad) < 0:
         raise NotImplementedError(f"padding {padding} larger than the dilated kernel")
+    if conv is not None:
+        return conv(g_m, w_t, 1, pad, (dh, dw))
     return conv_forward(g_m, w_t, 1, pad, (dh, dw), mm=mm)
 
 

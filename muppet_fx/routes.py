@@ -3,7 +3,8 @@
 - ``emulate``: dequantise both operands and run the FP32 op (the paper's set-up; FP32
   accumulation, exact while partial sums stay below 2**24).
 - ``aten`` (CPU): up to 8 bits, exact int8 products through ``torch._int_mm`` (see
-  ``kernels/gemm_cpu``), scaled once by ``2**-(s_a + s_b)``. At 9-16 bits the exact integer
+  ``kernels/gemm_cpu``), scaled once by ``2**-(s_a + s_b)``; 2-d convolutions forward and
+  grad-input through oneDNN's int8 convolution (``kernels/conv_onednn``, no im2col buffer). At 9-16 bits the exact integer
   routes (three int8 GEMMs up to 14 bits, four plus corrections above) lose to FP32 on these
   CPUs, so ``aten`` multiplies those mantissas as FP32 numbers (rounded accumulation: the same
   values as ``emulate``, as the FP16 route rounds on CUDA); ``exact=True`` (``aten_exact``)
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from muppet_fx.kernels import gemm_cpu
+from muppet_fx.kernels import conv_onednn, gemm_cpu
 from muppet_fx.kernels.quantise import scale_pow2
 from muppet_fx.kernels.quantise_cpu import requantise_accumulator
 
@@ -160,8 +161,11 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
         return torch.convolution(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias,
                                  stride, padding, dilation, False, [0] * len(stride), groups), False
     if _int_conv(mode, x_m, groups, w_axis):
-        acc = gemm_cpu.conv_forward(x_m, w_m, stride, padding, dilation, mm=_int8_kernel(mode))
         e = _exponent(x_s, w_s)
+        if mode == "int" and conv_onednn.supports(x_m, w_m, groups, e):
+            y = conv_onednn.conv2d(x_m, w_m, e, stride, padding, dilation)
+            return (y if bias is None else y.add_(_along1(bias, y))), False
+        acc = gemm_cpu.conv_forward(x_m, w_m, stride, padding, dilation, mm=_int8_kernel(mode))
         if quantise_output is not None and bias is None and isinstance(e, int) and acc.device.type == "cpu":
             q = requantise_accumulator(acc, e, *quantise_output)
             if q is not None:
@@ -178,8 +182,13 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
 def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding, dilation, groups):
     mode = _mode(route, g_m, w_m)
     if _int_conv(mode, g_m, groups, w_axis):
-        acc = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(mode))
-        return _apply(acc, _exponent(g_s, w_s))
+        e = _exponent(g_s, w_s)
+        conv = None
+        if mode == "int" and conv_onednn.supports(g_m, w_m, groups, e):  # already scaled floats
+            conv = lambda x, w, s, p, d: conv_onednn.conv2d(x, w, e, s, p, d)  # noqa: E731
+        gx = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(mode),
+                                      conv=conv)
+        return gx if gx.is_floating_point() else _apply(gx, e)
     on_mantissas = mode in ("float", "fp32") and w_axis is None
     if on_mantissas:
         dt = _float_dtype(mode, g_m, w_m, w_m.shape[0] * w_m[0, 0].numel())

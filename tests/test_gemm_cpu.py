@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from muppet_fx.kernels import gemm_cpu
+from muppet_fx.kernels import conv_onednn, gemm_cpu
 from muppet_fx.kernels.gemm_cpu import (conv_forward, conv_grad_input, conv_grad_weight, im2col,
                                         int_matmul, int_matmul_reference)
 
@@ -85,3 +85,32 @@ def test_fused_output_quantisation_equals_separate_passes(rounding):
         separate = fake_quantise_inplace(torch.mul(acc, 2.0**e), 8, rounding)
         assert torch.equal(fused, separate) and fused.is_contiguous(memory_format=torch.channels_last)
     assert requantise_accumulator(acc.long(), 0, 8, rounding) is None  # not an int32 accumulator
+
+
+@pytest.mark.skipif(not conv_onednn.available(), reason="this torch build has no oneDNN quantised convolution")
+@pytest.mark.parametrize("shape", [(2, 512, 6, 16, 3, 1, 1, 1), (3, 7, 9, 5, 3, 2, 1, 1), (2, 33, 8, 8, 1, 2, 0, 1),
+                                   (1, 3, 11, 4, 5, 1, 2, 1), (2, 5, 13, 3, 3, 1, 2, 2)])
+@pytest.mark.parametrize("e", [-14, 0, 5])
+def test_onednn_conv_equals_the_integer_oracle(shape, e):
+    """oneDNN's int8 convolution (uint8 + zero point 128) is the exact integer convolution,
+    rounded once to float32 and scaled by 2**e, also where sums pass 2**24."""
+    N, C, H, Co, k, s, p, d = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randint(-128, 128, (N, C, H, H), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (Co, C, k, k), dtype=torch.int8, generator=g)
+    x[0], w[0] = -128, -128  # the largest products
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), stride=s, padding=p, dilation=d)
+    assert conv_onednn.supports(x, w, 1, e)
+    y = conv_onednn.conv2d(x, w, e, s, p, d)
+    assert torch.equal(y, exact.float() * 2.0**e)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_onednn_conv_declines_what_it_cannot_do_exactly():
+    x = torch.zeros(1, 8, 4, 4, dtype=torch.int8)
+    w = torch.zeros(2, 8, 3, 3, dtype=torch.int8)
+    assert not conv_onednn.supports(x, w, 2, 0)  # groups
+    assert not conv_onednn.supports(x, w, 1, -140)  # scale below float32's normal range
+    assert not conv_onednn.supports(x.to(torch.int16), w, 1, 0)
+    big = torch.zeros(2, 8000, 3, 3, dtype=torch.int8)  # K = 72,000: the int32 sum could overflow
+    assert not conv_onednn.supports(torch.zeros(1, 8000, 4, 4, dtype=torch.int8), big, 1, 0)

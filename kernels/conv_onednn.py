@@ -1,0 +1,45 @@
+"""Exact int8 convolution on the CPU through oneDNN's quantised convolution (``onednn.qconv2d``).
+
+oneDNN convolves uint8 activations with int8 weights in int32 (its VNNI kernels take
+unsigned x signed bytes natively) without an im2col buffer in memory. Signed mantissas
+``m`` become ``m + 128`` with zero point 128 (one XOR of the sign bit); oneDNN subtracts the
+zero point's contribution in int32, so the accumulator is the exact integer convolution of the
+mantissas as long as ``255 * 128 * K < 2**31`` for the reduction length
+``K = C_in * kh * kw`` (true below K = 65,793; every torchvision model stays far below).
+The accumulator is converted to float32 once and scaled by ``2**e`` (both scales are powers
+of two, so the scaling itself is exact): the same values as :func:`gemm_cpu.conv_forward`
+followed by the float32 conversion.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["available", "supports", "conv2d"]
+
+_MAX_K = (2**31 - 1) // (255 * 128)
+
+
+def available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn") \
+        and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+def supports(x_m: torch.Tensor, w_m: torch.Tensor, groups: int, e) -> bool:
+    """int8 2-d convolutions without groups, a scale ``2**e`` far from float32's limits."""
+    return (x_m.dtype == torch.int8 and w_m.dtype == torch.int8 and x_m.dim() == 4
+            and x_m.device.type == "cpu" and groups == 1 and isinstance(e, int) and -120 <= e <= 120
+            and w_m[0].numel() <= _MAX_K and available())
+
+
+def conv2d(x_m: torch.Tensor, w_m: torch.Tensor, e: int, stride, padding, dilation) -> torch.Tensor:
+    """float32 ``conv2d(x_m, w_m) * 2**e``, channels-last, from int8 mantissas."""
+    stride, padding, dilation = (list(v) if isinstance(v, (list, tuple)) else [v, v]
+                                 for v in (stride, padding, dilation))
+    xu = torch.bitwise_xor(x_m.contiguous(memory_format=torch.channels_last).view(torch.uint8), 128)
+    x_scale = 2.0 ** (e // 2)
+    w_scale = torch.full((w_m.shape[0],), 2.0 ** (e - e // 2), dtype=torch.float32)
+    w_zero = torch.zeros(w_m.shape[0], dtype=torch.int32)
+    packed = torch.ops.onednn.qconv_prepack(w_m.contiguous(), w_scale, x_scale, 128, stride, padding,
+                                            dilation, 1, list(xu.shape))
+    return torch.ops.onednn.qconv2d_pointwise(xu, x_scale, 128, packed, w_scale, w_zero, None, stride,
+                                              padding, dilation, 1, 1.0, 0, torch.float32, "none", [], "")
