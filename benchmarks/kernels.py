@@ -11,6 +11,8 @@ Table 2 (layers, forward + backward, everything included: quantisers, GEMMs, epi
 against the prepared layer at 8, 12, 14 and 16 bits (``aten`` route) and under BF16 autocast.
 On CUDA the same tables use the Triton route and FP16/BF16 baselines.
 Interleaved repetitions, medians; ratios are FP32 time / route time (higher is faster).
+``--allocator reuse`` (the default) calls ``muppet_fx.reuse_cpu_memory()`` first, which every
+case shares; ``--allocator default`` keeps glibc's defaults.
 """
 import argparse
 import sys
@@ -23,7 +25,7 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved  # noqa: E402
 
-from muppet_fx import prepare  # noqa: E402
+from muppet_fx import prepare, reuse_cpu_memory  # noqa: E402
 from muppet_fx.kernels.gemm_cpu import int_matmul  # noqa: E402
 
 # (C_in, C_out, spatial, kernel, stride) of ResNet-18's distinct convolutions, CIFAR stem
@@ -90,7 +92,8 @@ def table_layers(args):
         med = interleaved(cases, args.reps)
         base = med["fp32"]
         rows.append([name, base * 1e3] + [base / med[k] for k in list(cases)[1:]])
-    print(f"\nLayer forward+backward, CPU threads={args.threads}: FP32 ms and speed-up over FP32")
+    print(f"\nLayer forward+backward, CPU threads={args.threads}, allocator {args.allocator}: "
+          "FP32 ms and speed-up over FP32")
     print(tabulate(rows, headers=["layer", "fp32 ms", "bf16 autocast", "8b", "12b", "14b", "16b"],
                    floatfmt=".2f"))
 
@@ -101,8 +104,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="a few GEMM shapes only")
+    p.add_argument("--allocator", choices=("reuse", "default"), default="reuse")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.allocator == "reuse":
+        reuse_cpu_memory()
     table_layers(args)
     table_gemm(args)
 

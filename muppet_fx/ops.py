@@ -55,8 +55,9 @@ def _dense(t: Tensor) -> bool:
 
 
 def _conv_layout(y: Tensor) -> Tensor:
-    """Convolution outputs leave the op channels-last (what the integer route writes), so the
-    real and the fake implementation agree on strides."""
+    """Convolution outputs and input gradients leave the ops channels-last (what the integer
+    routes write, and what keeps the elementwise layers between convolutions on one layout),
+    so the real and the fake implementations agree on strides."""
     return y.contiguous(memory_format=torch.channels_last) if y.dim() == 4 else y.contiguous()
 
 
@@ -168,7 +169,8 @@ def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor
                    need_b: bool, route: str) -> tuple[Tensor, Tensor, Tensor]:
     g_m, g_s = quantise_parts(g.float(), bits, rounding)
     conv = (stride, padding, dilation, groups)
-    gx = routes.conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_m.shape, *conv) if need_x else _empty(g)
+    gx = _conv_layout(routes.conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_m.shape, *conv)) \
+        if need_x else _empty(g)
     gw = _strides_of(routes.conv_grad_weight(route, g_m, g_s, x_m, x_s, w_m.shape, *conv), w_m) if need_w else _empty(g)
     gb = routes.sum_dequantised(g_m, g_s, [d for d in range(g.dim()) if d != 1]) if need_b else _empty(g)
     return _own(gx, gw, gb)
@@ -177,7 +179,8 @@ def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor
 @_conv_backward.register_fake
 def _(g, x_m, x_s, w_m, w_s, stride, padding, dilation, groups, bits, rounding, w_axis,
       need_x, need_w, need_b, route):
-    return _fake_grads(g, (need_x, x_m.shape), (need_w, w_m.shape), (need_b, w_m.shape[:1]))
+    gx, gw, gb = _fake_grads(g, (need_x, x_m.shape), (need_w, w_m.shape), (need_b, w_m.shape[:1]))
+    return (_conv_layout(gx) if need_x else gx), gw, gb
 
 
 def _conv_setup(ctx, inputs, output):

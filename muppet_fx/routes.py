@@ -4,11 +4,13 @@
   accumulation, exact while partial sums stay below 2**24).
 - ``aten`` (CPU): up to 8 bits, exact int8 products through ``torch._int_mm`` (see
   ``kernels/gemm_cpu``), scaled once by ``2**-(s_a + s_b)``; 2-d convolutions forward and
-  grad-input through oneDNN's int8 convolution (``kernels/conv_onednn``, no im2col buffer). At 9-16 bits the exact integer
-  routes (three int8 GEMMs up to 14 bits, four plus corrections above) lose to FP32 on these
-  CPUs, so ``aten`` multiplies those mantissas as FP32 numbers (rounded accumulation: the same
-  values as ``emulate``, as the FP16 route rounds on CUDA); ``exact=True`` (``aten_exact``)
-  keeps them on the integer kernels. Products without an integer kernel (grouped or 1-d/3-d convolutions,
+  grad-input through oneDNN's int8 convolution (``kernels/conv_onednn``, no im2col buffer).
+  At 9-16 bits the exact integer routes (three int8 GEMMs up to 14 bits, four plus
+  corrections above) lose to FP32 on these CPUs, so ``aten`` runs the FP32 op on the
+  dequantised operands (rounded accumulation: the values of ``emulate``, as the FP16 route
+  rounds on CUDA; scaling by a power of two commutes with FP32 rounding, so this equals the
+  scaled FP32 product of the mantissas); ``exact=True`` (``aten_exact``) keeps them on the
+  integer kernels. Products without an integer kernel (grouped or 1-d/3-d convolutions,
   batched matmuls) run on the mantissas as floats, float32 where every partial sum is an
   integer below 2**24 and float64 otherwise, so they are exact too.
 - ``triton`` (CUDA): Triton INT8 kernels up to 8 bits, FP16 kernels above (exact up to 12 bits,
@@ -44,6 +46,12 @@ def resolve_route(backend: str, device: torch.device, exact: bool = False) -> st
 
 
 def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
+    """float32 ``m * 2**-s``; one pass (conversion and scale together) for a per-tensor
+    exponent on the CPU."""
+    if axis is None and s.numel() == 1 and s.device.type == "cpu" and m.device.type == "cpu":
+        e = -int(s)
+        if -126 <= e <= 126:
+            return torch.mul(m, math.ldexp(1.0, e))
     return scale_pow2(m.float(), -s, axis)
 
 
@@ -94,8 +102,6 @@ def _mode(route: str, a: Tensor, b: Tensor) -> str:
 
 
 def _float_dtype(mode: str, a: Tensor, b: Tensor, k: int) -> torch.dtype:
-    if mode == "fp32":
-        return torch.float32
     bound = k
     for m in (a, b):
         bound *= {torch.int8: 127, torch.int16: 32767}.get(m.dtype, 2**23)
@@ -112,7 +118,7 @@ def _triton():
 def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias):
     """``x @ w.T + bias`` for 2-d ``x_m [M, K]``, ``w_m [N, K]`` (per-tensor or per-row ``w_s``)."""
     mode = _mode(route, x_m, w_m)
-    if mode == "emulate":
+    if mode in ("emulate", "fp32"):  # fp32: the same values, scaled before the product
         return F.linear(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias)
     if mode in TRITON:
         return _triton().scaled_mm(x_m, x_s, w_m.t(), w_s, bias, b_axis=w_axis,
@@ -130,7 +136,7 @@ def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias):
 def linear_grad_input(route, g_m, g_s, w_m, w_s, w_axis):
     """``g @ w`` for ``g_m [M, N]``, ``w_m [N, K]``."""
     mode = _mode(route, g_m, w_m)
-    if w_axis is not None or mode == "emulate":  # a per-row weight scale does not factor out
+    if w_axis is not None or mode in ("emulate", "fp32"):  # a per-row weight scale does not factor out
         return dequantise(g_m, g_s) @ dequantise(w_m, w_s, w_axis)
     if mode in TRITON:
         return _triton().scaled_mm(g_m, g_s, w_m, w_s, exact=mode == "triton_exact")
@@ -157,7 +163,7 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
     """Returns ``(y, quantised)``: with ``quantise_output=(bits, rounding)`` the integer route
     may quantise the output straight from its accumulator (``quantised`` is then True)."""
     mode = _mode(route, x_m, w_m)
-    if mode == "emulate" or (mode in TRITON and not _int_conv(mode, x_m, groups, w_axis)):
+    if mode in ("emulate", "fp32") or (mode in TRITON and not _int_conv(mode, x_m, groups, w_axis)):
         return torch.convolution(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias,
                                  stride, padding, dilation, False, [0] * len(stride), groups), False
     if _int_conv(mode, x_m, groups, w_axis):
@@ -179,6 +185,13 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
     return _apply(acc, _exponent(x_s, w_s, axis=1), bias, axis=1), False
 
 
+def _placeholder(g: Tensor, shape) -> Tensor:
+    """The input stand-in of ``convolution_backward``: its layout picks grad-input's, which
+    should be channels-last like every activation between these layers."""
+    t = g.new_empty(shape)
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
 def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding, dilation, groups):
     mode = _mode(route, g_m, w_m)
     if _int_conv(mode, g_m, groups, w_axis):
@@ -189,13 +202,13 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
         gx = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(mode),
                                       conv=conv)
         return gx if gx.is_floating_point() else _apply(gx, e)
-    on_mantissas = mode in ("float", "fp32") and w_axis is None
+    on_mantissas = mode == "float" and w_axis is None  # exact float sums of the integers
     if on_mantissas:
         dt = _float_dtype(mode, g_m, w_m, w_m.shape[0] * w_m[0, 0].numel())
         g, w = g_m.to(dt), w_m.to(dt)
     else:
         g, w = dequantise(g_m, g_s), dequantise(w_m, w_s, w_axis)
-    gx = torch.ops.aten.convolution_backward(g, g.new_empty(x_shape), w, None, stride, padding,
+    gx = torch.ops.aten.convolution_backward(g, _placeholder(g, x_shape), w, None, stride, padding,
                                              dilation, False, [0] * len(stride), groups,
                                              [True, False, False])[0]
     return _apply(gx, _exponent(g_s, w_s)) if on_mantissas else gx.float()
@@ -206,7 +219,7 @@ def conv_grad_weight(route, g_m, g_s, x_m, x_s, w_shape, stride, padding, dilati
     if _int_conv(mode, x_m, groups, None):
         acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(mode))
         return _apply(acc, _exponent(g_s, x_s))
-    on_mantissas = mode in ("float", "fp32")
+    on_mantissas = mode == "float"
     if on_mantissas:
         dt = _float_dtype(mode, g_m, x_m, g_m.numel() // g_m.shape[1])
         g, x = g_m.to(dt), x_m.to(dt)
@@ -222,7 +235,7 @@ def conv_grad_weight(route, g_m, g_s, x_m, x_s, w_shape, stride, padding, dilati
 def matmul_forward(route, a_m, a_s, b_m, b_s):
     """``torch.matmul`` semantics (1-d promotion, broadcasting)."""
     mode = _mode(route, a_m, b_m)
-    if mode == "emulate":
+    if mode in ("emulate", "fp32"):
         return torch.matmul(dequantise(a_m, a_s), dequantise(b_m, b_s))
     two_d = a_m.dim() == 2 and b_m.dim() == 2
     if two_d and mode in TRITON:
