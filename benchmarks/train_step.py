@@ -28,7 +28,7 @@ from common import interleaved  # noqa: E402
 import muppet_fx  # noqa: E402
 
 
-def make_cases(name: str, batch: int, device: str) -> dict:
+def make_cases(name: str, batch: int, device: str, compile_: bool = False) -> dict:
     """Configuration name -> a function running one training step."""
     torch.manual_seed(0)
     model = build_model(name).to(device)
@@ -52,13 +52,18 @@ def make_cases(name: str, batch: int, device: str) -> dict:
     for bits in (8, 12, 14, 16):
         pm = muppet_fx.prepare(model, ladder=(bits, "fp32"))
         cases[f"{pm._muppet_state.route_for(x.device)} {bits}-bit"] = (lambda pm=pm: step(pm))
+        if compile_ and bits == 8:
+            compiled = torch.compile(pm)
+            cases[f"torch.compile, {pm._muppet_state.route_for(x.device)} {bits}-bit"] = \
+                (lambda c=compiled: step(c))
     return cases
 
 
-def peak_memory_mib(name: str, case: str, batch: int, threads: int, allocator: str) -> float:
+def peak_memory_mib(name: str, case: str, batch: int, threads: int, allocator: str, compile_: bool) -> float:
     """Peak memory of ``case`` in a fresh process: max RSS on the CPU, max allocated on CUDA."""
     out = subprocess.run([sys.executable, __file__, "--models", name, "--only", case, "--batch", str(batch),
-                          "--threads", str(threads), "--allocator", allocator], capture_output=True, text=True, check=True).stdout
+                          "--threads", str(threads), "--allocator", allocator] + (["--compile"] if compile_ else []),
+                         capture_output=True, text=True, check=True).stdout
     return float(out.split("PEAK_MIB")[1].split()[0])
 
 
@@ -70,7 +75,7 @@ def _rss_high_water_mib() -> float:
 
 
 def _only(args, device) -> None:
-    run = make_cases(args.models, args.batch, device)[args.only]
+    run = make_cases(args.models, args.batch, device, args.compile)[args.only]
     run()  # first step: kernels built, workspaces allocated
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -87,6 +92,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="add torch.compile of the 8-bit model")
     p.add_argument("--memory", action="store_true", help="add peak memory, one fresh process per configuration")
     p.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
                    help="reuse: keep freed CPU memory mapped (muppet_fx.reuse_cpu_memory) for all configurations")
@@ -100,7 +106,7 @@ def main() -> None:
         return _only(args, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for name in args.models.split(","):
-        cases = make_cases(name, args.batch, device)
+        cases = make_cases(name, args.batch, device, args.compile)
         med = interleaved(cases, args.reps, sync=sync)
         base, amp = med["fp32 eager"], med["autocast bf16"]
         headers = ["configuration", "s/step", "speed-up vs fp32", "vs autocast"]
@@ -108,7 +114,7 @@ def main() -> None:
         if args.memory:
             headers.append("peak MiB (RSS)" if device == "cpu" else "peak MiB allocated")
             for row in rows:
-                row.append(peak_memory_mib(name, row[0], args.batch, args.threads, args.allocator))
+                row.append(peak_memory_mib(name, row[0], args.batch, args.threads, args.allocator, args.compile))
         print(f"\n{name}, batch {args.batch}, {device}, threads {args.threads}, allocator {args.allocator}, "
               f"torch {torch.__version__}")
         print(tabulate(rows, headers=headers, floatfmt=".3f"))
