@@ -14,7 +14,7 @@ __all__ = ["Site", "PrecisionState", "Fp32Layer"]
 class Site:
     """One quantised product in the model: a conv/linear layer or a matmul call.
 
-    ``calls`` counts executions; ``w_exp``/``x_exp``/``out_exp`` hold the last exponents as
+    ``calls`` counts eager executions (not those inside a ``torch.compile`` graph); ``w_exp``/``x_exp``/``out_exp`` hold the last exponents as
     tensors (read lazily by ``summary`` so the forward never synchronises).
     """
 
@@ -28,7 +28,8 @@ class Site:
     x_exp: torch.Tensor | None = field(default=None, repr=False)
 
     def record(self, x_exp: torch.Tensor | None, w_exp: torch.Tensor | None) -> None:
-        self.calls += 1
+        if not torch.compiler.is_compiling():  # under torch.compile a counter would be a guard
+            self.calls += 1                     # that fails every call: one recompile per step
         self.x_exp, self.w_exp = x_exp, w_exp
 
 

@@ -265,6 +265,30 @@ def test_torch_compile_matches_eager():
     assert all(p.grad is not None for p in net.parameters())
 
 
+def test_torch_compile_compiles_once_per_level():
+    """Steps at one level reuse the compiled graph (no per-call Python state in the guards);
+    a precision switch compiles the new level once."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    pm = prepare(net, ladder=(8, 12, "fp32"))
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(len(gm.graph.nodes))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(pm, backend=counting_backend)
+    x = torch.randn(2, 3, 8, 8)
+    pm(x)  # eager first call: layers remember their weights
+    for _ in range(4):
+        compiled(x).sum().backward()
+    assert len(compiles) == 1, compiles
+    pm.set_precision(12)
+    for _ in range(3):
+        compiled(x).sum().backward()
+    assert len(compiles) == 2, compiles
+
+
 def test_example_inputs_registers_intercepted_layers():
     pm = prepare(Outer(), example_inputs=(torch.randn(2, 4, 6).abs(),))
     assert "dd:matmul#0" in pm._muppet_state.sites
