@@ -9,7 +9,9 @@ grad-weight (``G^T @ cols``), plus 4096^3: FP32 ``torch.matmul``, BF16 ``torch.m
 Table 2 (layers, forward + backward, everything included: quantisers, GEMMs, epilogues):
 ``nn.Linear`` at M=N=K in {1024, 2048} and a 3x3 convolution 64->64 on 128x64x32x32, FP32
 against the prepared layer at 8, 12, 14 and 16 bits (``aten`` route) and under BF16 autocast.
-On CUDA the same tables use the Triton route and FP16/BF16 baselines.
+On CUDA (``--device cuda``) two tables measure the GPU targets instead: the Triton INT8 GEMM
+against ``torch._int_mm``, BF16 and FP16 ``torch.matmul`` at 4096^3 and the ResNet-18 GEMM shapes,
+and the implicit-GEMM INT8 convolution (forward and grad-input) against cuDNN BF16 ``conv2d``.
 Interleaved repetitions, medians; ratios are FP32 time / route time (higher is faster).
 ``--allocator reuse`` (the default) calls ``muppet_fx.reuse_cpu_memory()`` first, which every
 case shares; ``--allocator default`` keeps glibc's defaults.
@@ -98,6 +100,56 @@ def table_layers(args):
                    floatfmt=".2f"))
 
 
+def table_cuda_gemm(args):
+    from muppet_fx.kernels import gemm_triton
+
+    rows = []
+    shapes = list(gemm_shapes(args.batch))
+    for name, M, K, N in (shapes[-1:] + shapes[:-1] if not args.quick else shapes[-1:]):
+        a8 = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
+        b8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda").t()  # X W^T layout
+        ab, bb = a8.bfloat16(), b8.bfloat16()
+        ah, bh = a8.half(), b8.half()
+        cases = {"bf16": lambda: ab @ bb, "fp16": lambda: ah @ bh,
+                 "_int_mm": lambda: torch._int_mm(a8, b8.contiguous()),
+                 "triton int8": lambda: gemm_triton.int_mm(a8, b8)}
+        med = interleaved(cases, args.reps, warmup=3, sync=torch.cuda.synchronize)
+        tops = {k: 2 * M * N * K / v / 1e12 for k, v in med.items()}
+        rows.append([name, M, K, N] + [tops[k] for k in cases]
+                    + [med["_int_mm"] / med["triton int8"], med["bf16"] / med["triton int8"]])
+    print(f"\nGEMM, {torch.cuda.get_device_name()}, torch {torch.__version__}: TFLOP/s (TOP/s for int8); "
+          "targets: triton/_int_mm >= 0.8, triton/bf16 >= 1.6 at 4096^3")
+    print(tabulate(rows, headers=["product", "M", "K", "N", "bf16", "fp16", "_int_mm", "triton int8",
+                                  "triton / _int_mm", "triton / bf16"], floatfmt=".2f"))
+
+
+def table_cuda_conv(args):
+    from muppet_fx.kernels import conv_triton
+
+    rows = []
+    for cin, cout, hw, k, s in (RESNET18_CONVS[1:4] if args.quick else RESNET18_CONVS):
+        cl = torch.channels_last
+        x8 = torch.randint(-127, 128, (args.batch, cin, hw, hw), dtype=torch.int8, device="cuda")
+        x8 = x8.contiguous(memory_format=cl)
+        w8 = torch.randint(-127, 128, (cout, cin, k, k), dtype=torch.int8, device="cuda").contiguous(memory_format=cl)
+        xb, wb = x8.bfloat16(), w8.bfloat16()
+        pad = k // 2
+        g8 = conv_triton.conv2d_int(x8, w8, s, pad).clamp(-127, 127).to(torch.int8)
+        gb = g8.bfloat16()
+        cases = {"bf16 fwd": lambda: torch.nn.functional.conv2d(xb, wb, None, s, pad),
+                 "int8 fwd": lambda: conv_triton.conv2d_int(x8, w8, s, pad),
+                 "bf16 dX": lambda: torch.ops.aten.convolution_backward(
+                     gb, xb, wb, None, [s, s], [pad, pad], [1, 1], False, [0, 0], 1, [True, False, False]),
+                 "int8 dX": lambda: conv_triton.conv2d_grad_input_int(g8, w8, x8.shape, s, pad)}
+        med = interleaved(cases, args.reps, warmup=3, sync=torch.cuda.synchronize)
+        rows.append([f"{cin}->{cout} {k}x{k}/{s} @{hw}", med["bf16 fwd"] * 1e3,
+                     med["bf16 fwd"] / med["int8 fwd"], med["bf16 dX"] * 1e3, med["bf16 dX"] / med["int8 dX"]])
+    print(f"\nImplicit-GEMM INT8 convolution vs cuDNN BF16, {torch.cuda.get_device_name()}, batch {args.batch}, "
+          "channels-last (ratio > 1: ours faster)")
+    print(tabulate(rows, headers=["conv", "bf16 fwd ms", "int8 fwd speed-up", "bf16 dX ms", "int8 dX speed-up"],
+                   floatfmt=".2f"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -105,7 +157,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="a few GEMM shapes only")
     p.add_argument("--allocator", choices=("reuse", "default"), default="reuse")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = p.parse_args()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible to torch")
+        table_cuda_gemm(args)
+        table_cuda_conv(args)
+        return
     torch.set_num_threads(args.threads)
     if args.allocator == "reuse":
         reuse_cpu_memory()

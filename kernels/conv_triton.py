@@ -1,0 +1,162 @@
+"""Implicit-GEMM int8 convolution in Triton: exact int32 sums, no im2col buffer in memory.
+
+One kernel serves both products of a 2-d convolution (groups 1) that read an activation:
+- forward, ``y[n, o, p, q] = sum_{c,i,j} x[n, c, p*s - pad + i*d, ...] w[o, c, i, j]``;
+- grad-input (``TRANSPOSED``), ``dx[n, c, h, w] = sum_{o,i,j} dy[n, o, (h + pad - i*d) / s, ...]
+  w[o, c, i, j]`` over the taps where the division is exact and in range.
+The GEMM's rows are output pixels and its reduction runs over (tap, channel) with the channel
+fastest, so channels-last operands are read in contiguous runs. Patches are gathered tile by tile
+inside the kernel; out-of-range taps load zeros. Any strides work.
+``*_reference`` functions compute the same in int64 with plain torch.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .quantise import HAS_TRITON
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["conv2d_int", "conv2d_grad_input_int", "conv2d_int_reference",
+           "conv2d_grad_input_int_reference"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=st, num_warps=nw)
+            for bm, bn, bk, st, nw in [(128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 3, 8),
+                                       (64, 128, 64, 4, 4), (32, 64, 64, 4, 4)]]
+
+
+if HAS_TRITON:
+
+    @triton.autotune(configs=_configs(), key=["M", "N", "K", "KW", "SH", "TRANSPOSED"])
+    @triton.jit
+    def _conv_kernel(
+        a_ptr, w_ptr, c_ptr,
+        M, N, K, C,  # GEMM sizes; C = channels summed per tap
+        AH, AW, OH, OW, KW,  # source spatial size, output spatial size, kernel width
+        SH, SW, PH, PW, DH, DW,
+        s_an, s_ac, s_ah, s_aw,  # source strides (n, channel, h, w)
+        s_wk, s_wn, s_wh, s_ww,  # weight strides: summed channel, output channel, tap h, tap w
+        s_cn, s_cc, s_ch, s_cw,  # output strides
+        TRANSPOSED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n = rm // (OH * OW)
+        pix = rm % (OH * OW)
+        p = pix // OW
+        q = pix % OW
+        row_ok = rm < M
+        a_row = n.to(tl.int64) * s_an
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            c = rk % C
+            tap = rk // C
+            i = tap // KW
+            j = tap % KW
+            if TRANSPOSED:  # source pixel (p + pad - i*d) / s, where exact
+                hn = p[:, None] + PH - i[None, :] * DH
+                wn = q[:, None] + PW - j[None, :] * DW
+                h = tl.where(hn >= 0, hn, 0) // SH
+                w = tl.where(wn >= 0, wn, 0) // SW
+                ok = (hn >= 0) & (hn % SH == 0) & (wn >= 0) & (wn % SW == 0)
+            else:
+                h = p[:, None] * SH - PH + i[None, :] * DH
+                w = q[:, None] * SW - PW + j[None, :] * DW
+                ok = (h >= 0) & (w >= 0)
+            ok = ok & (h < AH) & (w < AW) & row_ok[:, None] & (rk[None, :] < K)
+            a_ptrs = a_ptr + a_row[:, None] + c[None, :] * s_ac + h * s_ah + w * s_aw
+            a = tl.load(a_ptrs, mask=ok, other=0)
+            w_ptrs = (w_ptr + c[:, None] * s_wk + i[:, None] * s_wh + j[:, None] * s_ww
+                      + rn[None, :].to(tl.int64) * s_wn)
+            b = tl.load(w_ptrs, mask=(rk[:, None] < K) & (rn[None, :] < N), other=0)
+            acc += tl.dot(a, b, out_dtype=tl.int32)
+        c_ptrs = (c_ptr + n[:, None].to(tl.int64) * s_cn + p[:, None] * s_ch + q[:, None] * s_cw
+                  + rn[None, :] * s_cc)
+        tl.store(c_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
+
+
+def _pair(v):
+    return tuple(v) * (2 // len(v)) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _check(a, w, what):
+    if not HAS_TRITON:
+        raise NotImplementedError("the triton route needs the triton package, which is not installed")
+    if a.dim() != 4 or w.dim() != 4:
+        raise ValueError(f"{what} needs 4-d operands, got {tuple(a.shape)} and {tuple(w.shape)}")
+    if a.dtype != torch.int8 or w.dtype != torch.int8:
+        raise TypeError(f"{what} takes int8 mantissas, got {a.dtype} and {w.dtype}")
+
+
+def _run(a, w, out, C, out_hw, w_strides, geometry, transposed):
+    (sh, sw), (ph, pw), (dh, dw) = geometry
+    N_img, _, AH, AW = a.shape
+    OH, OW = out_hw
+    Nout = out.shape[1]
+    kh, kw = w.shape[2:]
+    M, K = N_img * OH * OW, C * kh * kw
+    if K > 133143:  # 127 * 127 * K must fit int32
+        raise ValueError(f"the int8 convolution sums K = {K} products per output; at most 133143 fit int32")
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Nout, meta["BLOCK_N"]))
+    _conv_kernel[grid](a, w, out, M, Nout, K, C, AH, AW, OH, OW, kw, sh, sw, ph, pw, dh, dw,
+                       *a.stride(), *w_strides, w.stride(2), w.stride(3), *out.stride(),
+                       TRANSPOSED=transposed)
+    return out
+
+
+def _empty(shape, like):
+    return torch.empty(shape, dtype=torch.int32, device=like.device, memory_format=torch.channels_last)
+
+
+def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """Exact int32 ``conv2d(x_m, w_m)`` of int8 mantissas (channels-last result)."""
+    _check(x_m, w_m, "conv2d_int")
+    geometry = tuple(_pair(v) for v in (stride, padding, dilation))
+    (sh, sw), (ph, pw), (dh, dw) = geometry
+    N, C, H, W = x_m.shape
+    Cout, Cw, kh, kw = w_m.shape
+    if Cw != C:
+        raise ValueError(f"conv2d_int: input has {C} channels, weight expects {Cw} (groups 1 only)")
+    OH, OW = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out = _empty((N, Cout, OH, OW), x_m)
+    return _run(x_m, w_m, out, C, (OH, OW), (w_m.stride(1), w_m.stride(0)), geometry, False)
+
+
+def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """Exact int32 gradient of ``conv2d`` w.r.t. an input of ``input_shape`` (channels-last)."""
+    _check(g_m, w_m, "conv2d_grad_input_int")
+    geometry = tuple(_pair(v) for v in (stride, padding, dilation))
+    N, C, H, W = input_shape
+    Cout = w_m.shape[0]
+    if g_m.shape[1] != Cout or w_m.shape[1] != C:
+        raise ValueError(f"conv2d_grad_input_int: gradient {tuple(g_m.shape)}, weight {tuple(w_m.shape)} "
+                         f"and input shape {tuple(input_shape)} do not match")
+    out = _empty((N, C, H, W), g_m)
+    return _run(g_m, w_m, out, Cout, (H, W), (w_m.stride(0), w_m.stride(1)), geometry, True)
+
+
+def conv2d_int_reference(x_m, w_m, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """int64 twin (float64 sums of int8 products are exact far beyond int32's range)."""
+    return F.conv2d(x_m.double(), w_m.double(), None, stride, padding, dilation).long()
+
+
+def conv2d_grad_input_int_reference(g_m, w_m, input_shape, stride=1, padding=0, dilation=1):
+    g = g_m.double()
+    return torch.ops.aten.convolution_backward(
+        g, g.new_empty(input_shape), w_m.double(), None, _pair(stride), _pair(padding), _pair(dilation),
+        False, [0, 0], 1, [True, False, False])[0].long()
