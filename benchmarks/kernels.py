@@ -11,7 +11,7 @@ Table 2 (layers, forward + backward, everything included: quantisers, GEMMs, epi
 against the prepared layer at 8, 12, 14 and 16 bits (``aten`` route) and under BF16 autocast.
 On CUDA (``--device cuda``) two tables measure the GPU targets instead: the Triton INT8 GEMM
 against ``torch._int_mm``, BF16 and FP16 ``torch.matmul`` at 4096^3 and the ResNet-18 GEMM shapes,
-and the implicit-GEMM INT8 convolution (forward and grad-input) against cuDNN BF16 ``conv2d``.
+and the implicit-GEMM INT8 convolution (forward, grad-input, grad-weight) against cuDNN BF16.
 Interleaved repetitions, medians; ratios are FP32 time / route time (higher is faster).
 ``--allocator reuse`` (the default) calls ``muppet_fx.reuse_cpu_memory()`` first, which every
 case shares; ``--allocator default`` keeps glibc's defaults.
@@ -140,14 +140,18 @@ def table_cuda_conv(args):
                  "int8 fwd": lambda: conv_triton.conv2d_int(x8, w8, s, pad),
                  "bf16 dX": lambda: torch.ops.aten.convolution_backward(
                      gb, xb, wb, None, [s, s], [pad, pad], [1, 1], False, [0, 0], 1, [True, False, False]),
-                 "int8 dX": lambda: conv_triton.conv2d_grad_input_int(g8, w8, x8.shape, s, pad)}
+                 "int8 dX": lambda: conv_triton.conv2d_grad_input_int(g8, w8, x8.shape, s, pad),
+                 "bf16 dW": lambda: torch.ops.aten.convolution_backward(
+                     gb, xb, wb, None, [s, s], [pad, pad], [1, 1], False, [0, 0], 1, [False, True, False]),
+                 "int8 dW": lambda: conv_triton.conv2d_grad_weight_int(g8, x8, w8.shape, s, pad)}
         med = interleaved(cases, args.reps, warmup=3, sync=torch.cuda.synchronize)
         rows.append([f"{cin}->{cout} {k}x{k}/{s} @{hw}", med["bf16 fwd"] * 1e3,
-                     med["bf16 fwd"] / med["int8 fwd"], med["bf16 dX"] * 1e3, med["bf16 dX"] / med["int8 dX"]])
+                     med["bf16 fwd"] / med["int8 fwd"], med["bf16 dX"] * 1e3, med["bf16 dX"] / med["int8 dX"],
+                     med["bf16 dW"] * 1e3, med["bf16 dW"] / med["int8 dW"]])
     print(f"\nImplicit-GEMM INT8 convolution vs cuDNN BF16, {torch.cuda.get_device_name()}, batch {args.batch}, "
           "channels-last (ratio > 1: ours faster)")
-    print(tabulate(rows, headers=["conv", "bf16 fwd ms", "int8 fwd speed-up", "bf16 dX ms", "int8 dX speed-up"],
-                   floatfmt=".2f"))
+    print(tabulate(rows, headers=["conv", "bf16 fwd ms", "int8 fwd speed-up", "bf16 dX ms", "int8 dX speed-up",
+                                  "bf16 dW ms", "int8 dW speed-up"], floatfmt=".2f"))
 
 
 def main() -> None:

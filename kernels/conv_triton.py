@@ -22,8 +22,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["conv2d_int", "conv2d_grad_input_int", "conv2d_int_reference",
-           "conv2d_grad_input_int_reference"]
+__all__ = ["conv2d_int", "conv2d_grad_input_int", "conv2d_grad_weight_int", "conv2d_int_reference",
+           "conv2d_grad_input_int_reference", "conv2d_grad_weight_int_reference"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -89,6 +89,46 @@ if HAS_TRITON:
                   + rn[None, :] * s_cc)
         tl.store(c_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
 
+    @triton.autotune(configs=_configs(), key=["M", "N", "R", "KW", "SH"])
+    @triton.jit
+    def _conv_grad_weight_kernel(
+        g_ptr, x_ptr, c_ptr,
+        M, N, R, C, R_SPLIT,  # Cout, kh*kw*C, summed pixels, input channels, pixels per split
+        H, W, OH, OW, KW, SH, SW, PH, PW, DH, DW,
+        s_gn, s_gc, s_gh, s_gw, s_xn, s_xc, s_xh, s_xw,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # partial[split, o, (i, j, c)] = sum over this split's output pixels of g[., o, .] x[patch]
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        split = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c = rn % C
+        tap = rn // C
+        i = tap // KW
+        j = tap % KW
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        r_end = min(R, (split + 1) * R_SPLIT)
+        for r0 in range(split * R_SPLIT, r_end, BLOCK_K):
+            r = r0 + tl.arange(0, BLOCK_K)
+            n = r // (OH * OW)
+            pix = r % (OH * OW)
+            p = pix // OW
+            q = pix % OW
+            r_ok = r < r_end
+            g_ptrs = (g_ptr + rm[:, None] * s_gc + n[None, :].to(tl.int64) * s_gn + p[None, :] * s_gh
+                      + q[None, :] * s_gw)
+            a = tl.load(g_ptrs, mask=(rm[:, None] < M) & r_ok[None, :], other=0)
+            h = p[:, None] * SH - PH + i[None, :] * DH
+            w = q[:, None] * SW - PW + j[None, :] * DW
+            ok = (h >= 0) & (h < H) & (w >= 0) & (w < W) & r_ok[:, None] & (rn[None, :] < N)
+            x_ptrs = x_ptr + n[:, None].to(tl.int64) * s_xn + c[None, :] * s_xc + h * s_xh + w * s_xw
+            b = tl.load(x_ptrs, mask=ok, other=0)
+            acc += tl.dot(a, b, out_dtype=tl.int32)
+        c_ptrs = c_ptr + split.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :]
+        tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
 
 def _pair(v):
     return tuple(v) * (2 // len(v)) if isinstance(v, (tuple, list)) else (v, v)
@@ -150,6 +190,33 @@ def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1
     return _run(g_m, w_m, out, Cout, (H, W), (w_m.stride(0), w_m.stride(1)), geometry, True)
 
 
+_R_SPLIT = 131072  # 127 * 127 * 131072 < 2**31: each split's int32 sum cannot overflow
+
+
+def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1,
+                           r_split: int = _R_SPLIT) -> torch.Tensor:
+    """Exact gradient of ``conv2d`` w.r.t. its weight: int32 (int64 when the pixel sum is split
+    into int32 partials), shaped ``weight_shape`` with channels-last strides."""
+    _check(g_m, x_m, "conv2d_grad_weight_int")
+    (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (stride, padding, dilation))
+    Cout, C, kh, kw = weight_shape
+    N_img, Cx, H, W = x_m.shape
+    OH, OW = g_m.shape[2:]
+    if Cx != C or g_m.shape[:2] != (N_img, Cout):
+        raise ValueError(f"conv2d_grad_weight_int: gradient {tuple(g_m.shape)}, input {tuple(x_m.shape)} "
+                         f"and weight shape {tuple(weight_shape)} do not match")
+    if not 0 < r_split <= _R_SPLIT:
+        raise ValueError(f"r_split={r_split}: must be in 1..{_R_SPLIT} so int32 partial sums cannot overflow")
+    M, K, R = Cout, kh * kw * C, N_img * OH * OW
+    splits = triton.cdiv(R, r_split)
+    part = torch.empty((splits, M, K), dtype=torch.int32, device=g_m.device)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]), splits)
+    _conv_grad_weight_kernel[grid](g_m, x_m, part, M, K, R, C, r_split, H, W, OH, OW, kw, sh, sw, ph, pw,
+                                   dh, dw, *g_m.stride(), *x_m.stride())
+    acc = part[0] if splits == 1 else part.sum(0, dtype=torch.int64)
+    return acc.view(Cout, kh, kw, C).permute(0, 3, 1, 2)
+
+
 def conv2d_int_reference(x_m, w_m, stride=1, padding=0, dilation=1) -> torch.Tensor:
     """int64 twin (float64 sums of int8 products are exact far beyond int32's range)."""
     return F.conv2d(x_m.double(), w_m.double(), None, stride, padding, dilation).long()
@@ -160,3 +227,10 @@ def conv2d_grad_input_int_reference(g_m, w_m, input_shape, stride=1, padding=0, 
     return torch.ops.aten.convolution_backward(
         g, g.new_empty(input_shape), w_m.double(), None, _pair(stride), _pair(padding), _pair(dilation),
         False, [0, 0], 1, [True, False, False])[0].long()
+
+
+def conv2d_grad_weight_int_reference(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1):
+    x = x_m.double()
+    return torch.ops.aten.convolution_backward(
+        g_m.double(), x, x.new_empty(weight_shape), None, _pair(stride), _pair(padding), _pair(dilation),
+        False, [0, 0], 1, [False, True, False])[1].long()

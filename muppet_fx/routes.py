@@ -15,8 +15,8 @@
   integer below 2**24 and float64 otherwise, so they are exact too.
 - ``triton`` (CUDA): Triton INT8 kernels up to 8 bits, FP16 kernels above (exact up to 12 bits,
   as in the paper); ``triton_exact`` keeps 9-16 bit products on integer kernels. 8-bit 2-d
-  convolutions, forward and grad-input, run on an implicit-GEMM kernel (``kernels/conv_triton``);
-  grad-weight and wider convolutions go through im2col and the GEMMs.
+  convolutions (forward, grad-input, grad-weight) run on implicit-GEMM kernels
+  (``kernels/conv_triton``); wider convolutions go through im2col and the GEMMs.
 
 Every function returns float32 values ``(a @ b) * 2**-(s_a + s_b)`` (or the op's equivalent).
 """
@@ -232,6 +232,9 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
 
 def conv_grad_weight(route, g_m, g_s, x_m, x_s, w_shape, stride, padding, dilation, groups):
     mode = _mode(route, g_m, x_m)
+    if mode in TRITON and _int_conv(mode, x_m, groups, None) and _both_int8(g_m, x_m):
+        acc = _conv_triton().conv2d_grad_weight_int(g_m, x_m, w_shape, stride, padding, dilation)
+        return _apply(acc, _exponent(g_s, x_s))
     if _int_conv(mode, x_m, groups, None):
         acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(mode))
         return _apply(acc, _exponent(g_s, x_s))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from muppet_fx.kernels.conv_triton import (conv2d_grad_input_int, conv2d_grad_input_int_reference,
+                                           conv2d_grad_weight_int, conv2d_grad_weight_int_reference,
                                            conv2d_int, conv2d_int_reference)
 from muppet_fx.kernels.quantise import HAS_TRITON
 
@@ -75,3 +76,28 @@ def test_bad_input_is_named():
         conv2d_int(x.float(), torch.zeros(2, 3, 1, 1, dtype=torch.int8))
     with pytest.raises(ValueError, match="3 channels, weight expects 4"):
         conv2d_int(x, torch.zeros(2, 4, 1, 1, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grad_weight_exact(device, case, channels_last):
+    x, w, geometry = _operands(case, device, channels_last)
+    out_shape = conv2d_int_reference(x, w, *geometry).shape
+    g = torch.randint(-127, 128, out_shape, dtype=torch.int8, device=device)
+    if channels_last:
+        g = g.contiguous(memory_format=torch.channels_last)
+    gw = conv2d_grad_weight_int(g, x, w.shape, *geometry)
+    assert gw.shape == w.shape
+    assert torch.equal(gw.long(), conv2d_grad_weight_int_reference(g, x, w.shape, *geometry))
+
+
+def test_grad_weight_split_pixel_sum_is_exact():
+    # r_split=7 over 2*6*6 = 72 output pixels: 11 int32 partials summed in int64
+    x = torch.randint(-127, 128, (2, 5, 6, 6), dtype=torch.int8)
+    g = torch.randint(-127, 128, (2, 3, 6, 6), dtype=torch.int8)
+    gw = conv2d_grad_weight_int(g, x, (3, 5, 3, 3), 1, 1, r_split=7)
+    assert gw.dtype == torch.int64
+    assert torch.equal(gw, conv2d_grad_weight_int_reference(g, x, (3, 5, 3, 3), 1, 1))
+    with pytest.raises(ValueError, match="r_split=0"):
+        conv2d_grad_weight_int(g, x, (3, 5, 3, 3), 1, 1, r_split=0)
