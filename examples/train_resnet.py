@@ -122,8 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_text("ok")
-        (out / ".write-test").unlink()
+        probe = out / f".write-test-{os.getpid()}"  # one per process: ranks check side by side
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as err:
         parser.error(f"--out {str(out)!r} is not writable: {err}")
     data_dir = find_data_dir([args.data_dir] if args.data_dir else DATA_CANDIDATES)
