@@ -1,13 +1,16 @@
-"""Implicit-GEMM int8 convolution in Triton: exact int32 sums, no im2col buffer in memory.
+"""Implicit-GEMM convolutions in Triton (2-d, groups 1): patches are gathered tile by tile inside
+the kernels, so no im2col buffer exists in memory.
 
-One kernel serves both products of a 2-d convolution (groups 1) that read an activation:
-- forward, ``y[n, o, p, q] = sum_{c,i,j} x[n, c, p*s - pad + i*d, ...] w[o, c, i, j]``;
-- grad-input (``TRANSPOSED``), ``dx[n, c, h, w] = sum_{o,i,j} dy[n, o, (h + pad - i*d) / s, ...]
-  w[o, c, i, j]`` over the taps where the division is exact and in range.
-The GEMM's rows are output pixels and its reduction runs over (tap, channel) with the channel
-fastest, so channels-last operands are read in contiguous runs. Patches are gathered tile by tile
-inside the kernel; out-of-range taps load zeros. Any strides work.
-``*_reference`` functions compute the same in int64 with plain torch.
+- ``_conv_kernel``: forward, ``y[n, o, p, q] = sum_{c,i,j} x[n, c, p*s - pad + i*d, ...] w[o, c, i, j]``,
+  and grad-input (``TRANSPOSED``), ``dx[n, c, h, w] = sum_{o,i,j} dy[n, o, (h + pad - i*d) / s, ...]
+  w[o, c, i, j]`` over the taps where the division is exact and in range. Rows are output pixels;
+  the reduction runs over (tap, channel) with the channel fastest, so channels-last operands are
+  read in contiguous runs. int8 mantissas: int32 sums, exact. int16 mantissas (9-16 bits): FP16
+  operands with FP32 accumulation, exact up to 12 bits (the paper's hardware mapping).
+- ``_conv_grad_weight_kernel`` (int8): the weight gradient, reducing over output pixels in splits
+  whose int32 partials cannot overflow.
+Out-of-range taps load zeros and any strides work. ``*_reference`` functions compute the same with
+plain torch in float64 (exact for these integer sums).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ def _configs():
 
 if HAS_TRITON:
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "K", "KW", "SH", "TRANSPOSED"])
+    @triton.autotune(configs=_configs(), key=["M", "N", "K", "KW", "SH", "TRANSPOSED", "USE_FP16"])
     @triton.jit
     def _conv_kernel(
         a_ptr, w_ptr, c_ptr,
@@ -48,7 +51,7 @@ if HAS_TRITON:
         s_an, s_ac, s_ah, s_aw,  # source strides (n, channel, h, w)
         s_wk, s_wn, s_wh, s_ww,  # weight strides: summed channel, output channel, tap h, tap w
         s_cn, s_cc, s_ch, s_cw,  # output strides
-        TRANSPOSED: tl.constexpr,
+        TRANSPOSED: tl.constexpr, USE_FP16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -61,7 +64,7 @@ if HAS_TRITON:
         q = pix % OW
         row_ok = rm < M
         a_row = n.to(tl.int64) * s_an
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if USE_FP16 else tl.int32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             c = rk % C
@@ -84,7 +87,10 @@ if HAS_TRITON:
             w_ptrs = (w_ptr + c[:, None] * s_wk + i[:, None] * s_wh + j[:, None] * s_ww
                       + rn[None, :].to(tl.int64) * s_wn)
             b = tl.load(w_ptrs, mask=(rk[:, None] < K) & (rn[None, :] < N), other=0)
-            acc += tl.dot(a, b, out_dtype=tl.int32)
+            if USE_FP16:
+                acc += tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+            else:
+                acc += tl.dot(a, b, out_dtype=tl.int32)
         c_ptrs = (c_ptr + n[:, None].to(tl.int64) * s_cn + p[:, None] * s_ch + q[:, None] * s_cw
                   + rn[None, :] * s_cc)
         tl.store(c_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
@@ -134,13 +140,14 @@ def _pair(v):
     return tuple(v) * (2 // len(v)) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def _check(a, w, what):
+def _check(a, w, what, fp16_ok=False):
     if not HAS_TRITON:
         raise NotImplementedError("the triton route needs the triton package, which is not installed")
     if a.dim() != 4 or w.dim() != 4:
         raise ValueError(f"{what} needs 4-d operands, got {tuple(a.shape)} and {tuple(w.shape)}")
-    if a.dtype != torch.int8 or w.dtype != torch.int8:
-        raise TypeError(f"{what} takes int8 mantissas, got {a.dtype} and {w.dtype}")
+    allowed = (torch.int8, torch.int16) if fp16_ok else (torch.int8,)
+    if a.dtype not in allowed or w.dtype != a.dtype:
+        raise TypeError(f"{what} takes mantissas of one dtype out of {allowed}, got {a.dtype} and {w.dtype}")
 
 
 def _run(a, w, out, C, out_hw, w_strides, geometry, transposed):
@@ -150,22 +157,25 @@ def _run(a, w, out, C, out_hw, w_strides, geometry, transposed):
     Nout = out.shape[1]
     kh, kw = w.shape[2:]
     M, K = N_img * OH * OW, C * kh * kw
-    if K > 133143:  # 127 * 127 * K must fit int32
+    fp16 = a.dtype == torch.int16
+    if K > 133143 and not fp16:  # 127 * 127 * K must fit int32
         raise ValueError(f"the int8 convolution sums K = {K} products per output; at most 133143 fit int32")
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Nout, meta["BLOCK_N"]))
     _conv_kernel[grid](a, w, out, M, Nout, K, C, AH, AW, OH, OW, kw, sh, sw, ph, pw, dh, dw,
                        *a.stride(), *w_strides, w.stride(2), w.stride(3), *out.stride(),
-                       TRANSPOSED=transposed)
+                       TRANSPOSED=transposed, USE_FP16=fp16)
     return out
 
 
 def _empty(shape, like):
-    return torch.empty(shape, dtype=torch.int32, device=like.device, memory_format=torch.channels_last)
+    dtype = torch.float32 if like.dtype == torch.int16 else torch.int32
+    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=torch.channels_last)
 
 
 def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1) -> torch.Tensor:
-    """Exact int32 ``conv2d(x_m, w_m)`` of int8 mantissas (channels-last result)."""
-    _check(x_m, w_m, "conv2d_int")
+    """Exact int32 ``conv2d(x_m, w_m)`` of int8 mantissas (channels-last result); int16
+    mantissas run as FP16 with FP32 accumulation and give float32 (exact up to 12 bits)."""
+    _check(x_m, w_m, "conv2d_int", fp16_ok=True)
     geometry = tuple(_pair(v) for v in (stride, padding, dilation))
     (sh, sw), (ph, pw), (dh, dw) = geometry
     N, C, H, W = x_m.shape
@@ -178,8 +188,9 @@ def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1) -> torch.Tensor:
 
 
 def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1) -> torch.Tensor:
-    """Exact int32 gradient of ``conv2d`` w.r.t. an input of ``input_shape`` (channels-last)."""
-    _check(g_m, w_m, "conv2d_grad_input_int")
+    """Exact int32 gradient of ``conv2d`` w.r.t. an input of ``input_shape`` (channels-last);
+    int16 mantissas as in :func:`conv2d_int`."""
+    _check(g_m, w_m, "conv2d_grad_input_int", fp16_ok=True)
     geometry = tuple(_pair(v) for v in (stride, padding, dilation))
     N, C, H, W = input_shape
     Cout = w_m.shape[0]
@@ -218,15 +229,20 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
 
 
 def conv2d_int_reference(x_m, w_m, stride=1, padding=0, dilation=1) -> torch.Tensor:
-    """int64 twin (float64 sums of int8 products are exact far beyond int32's range)."""
+    """int64 twin (float64 sums of int8 products are exact far beyond int32's range); int16
+    mantissas are rounded to FP16 first and the float64 result returned."""
+    if x_m.dtype == torch.int16:
+        return F.conv2d(x_m.half().double(), w_m.half().double(), None, stride, padding, dilation)
     return F.conv2d(x_m.double(), w_m.double(), None, stride, padding, dilation).long()
 
 
 def conv2d_grad_input_int_reference(g_m, w_m, input_shape, stride=1, padding=0, dilation=1):
-    g = g_m.double()
-    return torch.ops.aten.convolution_backward(
-        g, g.new_empty(input_shape), w_m.double(), None, _pair(stride), _pair(padding), _pair(dilation),
-        False, [0, 0], 1, [True, False, False])[0].long()
+    fp16 = g_m.dtype == torch.int16
+    g, w = (g_m.half().double(), w_m.half().double()) if fp16 else (g_m.double(), w_m.double())
+    gx = torch.ops.aten.convolution_backward(
+        g, g.new_empty(input_shape), w, None, _pair(stride), _pair(padding), _pair(dilation),
+        False, [0, 0], 1, [True, False, False])[0]
+    return gx if fp16 else gx.long()
 
 
 def conv2d_grad_weight_int_reference(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1):

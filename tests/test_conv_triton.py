@@ -101,3 +101,24 @@ def test_grad_weight_split_pixel_sum_is_exact():
     assert torch.equal(gw, conv2d_grad_weight_int_reference(g, x, (3, 5, 3, 3), 1, 1))
     with pytest.raises(ValueError, match="r_split=0"):
         conv2d_grad_weight_int(g, x, (3, 5, 3, 3), 1, 1, r_split=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES[1:4])
+@pytest.mark.parametrize("q", [2047, 32767])
+def test_int16_runs_as_fp16_within_fp32_accumulation_bound(device, case, q):
+    """12-bit mantissas are exact in FP16, so only FP32 accumulation rounds: |err| <= K 2**-24
+    sum |a||b| per output. 16-bit ones are rounded to FP16 on load, as the reference does."""
+    x8, w8, geometry = _operands(case, device, True)
+    x = torch.randint(-q, q + 1, x8.shape, dtype=torch.int16, device=device)
+    w = torch.randint(-q, q + 1, w8.shape, dtype=torch.int16, device=device)
+    k = w[0].numel()
+    y = conv2d_int(x, w, *geometry)
+    ref = conv2d_int_reference(x, w, *geometry)
+    bound = k * 2.0**-24 * conv2d_int_reference(x.abs(), w.abs(), *geometry) + 1e-9
+    assert y.dtype == torch.float32 and ((y.double() - ref).abs() <= bound).all()
+    g = torch.randint(-q, q + 1, ref.shape, dtype=torch.int16, device=device)
+    gx = conv2d_grad_input_int(g, w, x.shape, *geometry)
+    gref = conv2d_grad_input_int_reference(g, w, x.shape, *geometry)
+    gbound = k * 2.0**-24 * conv2d_grad_input_int_reference(g.abs(), w.abs(), x.shape, *geometry) + 1e-9
+    assert ((gx.double() - gref).abs() <= gbound).all()
