@@ -19,6 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .gemm_cpu import CHUNK, _out_size, _pair
 from .quantise import HAS_TRITON
 
 if HAS_TRITON:
@@ -136,10 +137,6 @@ if HAS_TRITON:
         tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _pair(v):
-    return tuple(v) * (2 // len(v)) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def _check(a, w, what, fp16_ok=False):
     if not HAS_TRITON:
         raise NotImplementedError("the triton route needs the triton package, which is not installed")
@@ -158,8 +155,8 @@ def _run(a, w, out, C, out_hw, w_strides, geometry, transposed):
     kh, kw = w.shape[2:]
     M, K = N_img * OH * OW, C * kh * kw
     fp16 = a.dtype == torch.int16
-    if K > 133143 and not fp16:  # 127 * 127 * K must fit int32
-        raise ValueError(f"the int8 convolution sums K = {K} products per output; at most 133143 fit int32")
+    if K > CHUNK and not fp16:  # 128 * 128 * K must fit int32
+        raise ValueError(f"the int8 convolution sums K = {K} products per output; at most {CHUNK} fit int32")
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Nout, meta["BLOCK_N"]))
     _conv_kernel[grid](a, w, out, M, Nout, K, C, AH, AW, OH, OW, kw, sh, sw, ph, pw, dh, dw,
                        *a.stride(), *w_strides, w.stride(2), w.stride(3), *out.stride(),
@@ -176,13 +173,13 @@ def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1) -> torch.Tensor:
     """Exact int32 ``conv2d(x_m, w_m)`` of int8 mantissas (channels-last result); int16
     mantissas run as FP16 with FP32 accumulation and give float32 (exact up to 12 bits)."""
     _check(x_m, w_m, "conv2d_int", fp16_ok=True)
-    geometry = tuple(_pair(v) for v in (stride, padding, dilation))
+    geometry = tuple(_pair(v, 2) for v in (stride, padding, dilation))
     (sh, sw), (ph, pw), (dh, dw) = geometry
     N, C, H, W = x_m.shape
     Cout, Cw, kh, kw = w_m.shape
     if Cw != C:
         raise ValueError(f"conv2d_int: input has {C} channels, weight expects {Cw} (groups 1 only)")
-    OH, OW = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    OH, OW = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
     out = _empty((N, Cout, OH, OW), x_m)
     return _run(x_m, w_m, out, C, (OH, OW), (w_m.stride(1), w_m.stride(0)), geometry, False)
 
@@ -191,7 +188,7 @@ def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1
     """Exact int32 gradient of ``conv2d`` w.r.t. an input of ``input_shape`` (channels-last);
     int16 mantissas as in :func:`conv2d_int`."""
     _check(g_m, w_m, "conv2d_grad_input_int", fp16_ok=True)
-    geometry = tuple(_pair(v) for v in (stride, padding, dilation))
+    geometry = tuple(_pair(v, 2) for v in (stride, padding, dilation))
     N, C, H, W = input_shape
     Cout = w_m.shape[0]
     if g_m.shape[1] != Cout or w_m.shape[1] != C:
@@ -201,23 +198,20 @@ def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1
     return _run(g_m, w_m, out, Cout, (H, W), (w_m.stride(0), w_m.stride(1)), geometry, True)
 
 
-_R_SPLIT = 131072  # 127 * 127 * 131072 < 2**31: each split's int32 sum cannot overflow
-
-
 def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1,
-                           r_split: int = _R_SPLIT) -> torch.Tensor:
+                           r_split: int = CHUNK) -> torch.Tensor:
     """Exact gradient of ``conv2d`` w.r.t. its weight: int32 (int64 when the pixel sum is split
     into int32 partials), shaped ``weight_shape`` with channels-last strides."""
     _check(g_m, x_m, "conv2d_grad_weight_int")
-    (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (stride, padding, dilation))
+    (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
     Cout, C, kh, kw = weight_shape
     N_img, Cx, H, W = x_m.shape
     OH, OW = g_m.shape[2:]
     if Cx != C or g_m.shape[:2] != (N_img, Cout):
         raise ValueError(f"conv2d_grad_weight_int: gradient {tuple(g_m.shape)}, input {tuple(x_m.shape)} "
                          f"and weight shape {tuple(weight_shape)} do not match")
-    if not 0 < r_split <= _R_SPLIT:
-        raise ValueError(f"r_split={r_split}: must be in 1..{_R_SPLIT} so int32 partial sums cannot overflow")
+    if not 0 < r_split <= CHUNK:  # each split's int32 partial sum cannot overflow
+        raise ValueError(f"r_split={r_split}: must be in 1..{CHUNK} so int32 partial sums cannot overflow")
     M, K, R = Cout, kh * kw * C, N_img * OH * OW
     splits = triton.cdiv(R, r_split)
     part = torch.empty((splits, M, K), dtype=torch.int32, device=g_m.device)
@@ -240,7 +234,7 @@ def conv2d_grad_input_int_reference(g_m, w_m, input_shape, stride=1, padding=0, 
     fp16 = g_m.dtype == torch.int16
     g, w = (g_m.half().double(), w_m.half().double()) if fp16 else (g_m.double(), w_m.double())
     gx = torch.ops.aten.convolution_backward(
-        g, g.new_empty(input_shape), w, None, _pair(stride), _pair(padding), _pair(dilation),
+        g, g.new_empty(input_shape), w, None, _pair(stride, 2), _pair(padding, 2), _pair(dilation, 2),
         False, [0, 0], 1, [True, False, False])[0]
     return gx if fp16 else gx.long()
 
@@ -248,5 +242,5 @@ def conv2d_grad_input_int_reference(g_m, w_m, input_shape, stride=1, padding=0, 
 def conv2d_grad_weight_int_reference(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1):
     x = x_m.double()
     return torch.ops.aten.convolution_backward(
-        g_m.double(), x, x.new_empty(weight_shape), None, _pair(stride), _pair(padding), _pair(dilation),
+        g_m.double(), x, x.new_empty(weight_shape), None, _pair(stride, 2), _pair(padding, 2), _pair(dilation, 2),
         False, [0, 0], 1, [False, True, False])[1].long()

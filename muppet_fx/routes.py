@@ -217,11 +217,11 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
     mode = _mode(route, g_m, w_m)
     if _int_conv(mode, g_m, groups, w_axis):
         e = _exponent(g_s, w_s)
+        if _triton_conv(mode, g_m, w_m):
+            return _apply(_conv_triton().conv2d_grad_input_int(g_m, w_m, x_shape, stride, padding, dilation), e)
         conv = None
         if mode == "int" and conv_onednn.supports(g_m, w_m, groups, e):  # already scaled floats
             conv = lambda x, w, s, p, d: conv_onednn.conv2d(x, w, e, s, p, d)  # noqa: E731
-        if _triton_conv(mode, g_m, w_m):
-            return _apply(_conv_triton().conv2d_grad_input_int(g_m, w_m, x_shape, stride, padding, dilation), e)
         gx = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(mode),
                                       conv=conv)
         return gx if gx.is_floating_point() else _apply(gx, e)
@@ -239,11 +239,11 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
 
 def conv_grad_weight(route, g_m, g_s, x_m, x_s, w_shape, stride, padding, dilation, groups):
     mode = _mode(route, g_m, x_m)
-    if mode in TRITON and _int_conv(mode, x_m, groups, None) and _both_int8(g_m, x_m):
-        acc = _conv_triton().conv2d_grad_weight_int(g_m, x_m, w_shape, stride, padding, dilation)
-        return _apply(acc, _exponent(g_s, x_s))
     if _int_conv(mode, x_m, groups, None):
-        acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(mode))
+        if _triton_conv(mode, g_m, x_m):
+            acc = _conv_triton().conv2d_grad_weight_int(g_m, x_m, w_shape, stride, padding, dilation)
+        else:
+            acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(mode))
         return _apply(acc, _exponent(g_s, x_s))
     on_mantissas = mode == "float"
     if on_mantissas:

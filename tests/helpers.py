@@ -1,4 +1,7 @@
 """Shared test helpers."""
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -26,3 +29,13 @@ def count_products(model, inputs) -> int:
     with _Count() as c:
         model(*inputs)
     return c.n
+
+
+def write_cifar_npz(folder: Path, n_train: int, n_test: int) -> Path:
+    """A CIFAR-10 stand-in in the npz layout of our data copy: random images and labels, seed 0."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for name, n in (("train.npz", n_train), ("test.npz", n_test)):
+        np.savez(folder / name, images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 labels=rng.integers(0, 10, n).astype(np.int64))
+    return folder

@@ -35,6 +35,13 @@ def _operands(case, device, channels_last):
     return x, wt, (stride, pad, dil)
 
 
+def _output_grad(x, w, geometry, channels_last):
+    """Random int8 mantissas shaped like the convolution's output."""
+    g = torch.randint(-127, 128, conv2d_int_reference(x, w, *geometry).shape, dtype=torch.int8,
+                      device=x.device)
+    return g.contiguous(memory_format=torch.channels_last) if channels_last else g
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -50,10 +57,7 @@ def test_forward_exact(device, case, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_grad_input_exact(device, case, channels_last):
     x, w, geometry = _operands(case, device, channels_last)
-    out_shape = conv2d_int_reference(x, w, *geometry).shape
-    g = torch.randint(-127, 128, out_shape, dtype=torch.int8, device=device)
-    if channels_last:
-        g = g.contiguous(memory_format=torch.channels_last)
+    g = _output_grad(x, w, geometry, channels_last)
     gx = conv2d_grad_input_int(g, w, x.shape, *geometry)
     assert gx.shape == x.shape
     assert torch.equal(gx.long(), conv2d_grad_input_int_reference(g, w, x.shape, *geometry))
@@ -83,10 +87,7 @@ def test_bad_input_is_named():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_grad_weight_exact(device, case, channels_last):
     x, w, geometry = _operands(case, device, channels_last)
-    out_shape = conv2d_int_reference(x, w, *geometry).shape
-    g = torch.randint(-127, 128, out_shape, dtype=torch.int8, device=device)
-    if channels_last:
-        g = g.contiguous(memory_format=torch.channels_last)
+    g = _output_grad(x, w, geometry, channels_last)
     gw = conv2d_grad_weight_int(g, x, w.shape, *geometry)
     assert gw.shape == w.shape
     assert torch.equal(gw.long(), conv2d_grad_weight_int_reference(g, x, w.shape, *geometry))

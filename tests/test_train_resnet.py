@@ -16,16 +16,12 @@ import cifar_data  # noqa: E402
 import train_resnet  # noqa: E402
 from cifar_models import build_model  # noqa: E402
 
+from .helpers import write_cifar_npz  # noqa: E402
+
 
 @pytest.fixture
 def npz_dir(tmp_path):
-    rng = np.random.default_rng(0)
-    d = tmp_path / "npz"
-    d.mkdir()
-    for name, n in (("train.npz", 300), ("test.npz", 120)):
-        np.savez(d / name, images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 labels=rng.integers(0, 10, n).astype(np.int64))
-    return d
+    return write_cifar_npz(tmp_path / "npz", 300, 120)
 
 
 def test_both_data_layouts(npz_dir, tmp_path):

@@ -8,9 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch.distributed as dist
+
+from .helpers import write_cifar_npz
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train_resnet.py"
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -19,13 +20,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 @pytest.fixture
 def data_dir(tmp_path):
-    rng = np.random.default_rng(0)
-    d = tmp_path / "npz"
-    d.mkdir()
-    for name, n in (("train.npz", 256), ("test.npz", 100)):
-        np.savez(d / name, images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 labels=rng.integers(0, 10, n).astype(np.int64))
-    return d
+    return write_cifar_npz(tmp_path / "npz", 256, 100)
 
 
 def _args(data_dir, out, epochs):
