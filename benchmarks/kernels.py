@@ -5,7 +5,8 @@
 Table 1 (GEMMs): the im2col GEMM shapes of ResNet-18 (CIFAR stem, batch 128) for each distinct
 convolution, forward (``cols @ W^T``), grad-input (``G @ W``, as its stride-1 convolution) and
 grad-weight (``G^T @ cols``), plus 4096^3: FP32 ``torch.matmul``, BF16 ``torch.matmul``,
-``torch._int_mm`` and our exact integer route at 8 and 14 bits (Karatsuba, 3 int8 GEMMs).
+``torch._int_mm`` and our exact scaled integer GEMM (``scaled_int_matmul``: float32 output,
+scale applied) at 8 bits (one int8 GEMM), 14 bits (Karatsuba, three) and 16 bits (four).
 Table 2 (layers, forward + backward, everything included: quantisers, GEMMs, epilogues):
 ``nn.Linear`` at M=N=K in {1024, 2048} and a 3x3 convolution 64->64 on 128x64x32x32, FP32
 against the prepared layer at 8, 12, 14 and 16 bits (``aten`` route) and under BF16 autocast.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved  # noqa: E402
 
 from muppet_fx import prepare, reuse_cpu_memory  # noqa: E402
-from muppet_fx.kernels.gemm_cpu import int_matmul  # noqa: E402
+from muppet_fx.kernels.scaled_mm_cpu import scaled_int_matmul  # noqa: E402
 
 # (C_in, C_out, spatial, kernel, stride) of ResNet-18's distinct convolutions, CIFAR stem
 RESNET18_CONVS = [(3, 64, 32, 3, 1), (64, 64, 32, 3, 1), (64, 128, 32, 3, 2), (128, 128, 16, 3, 1),
@@ -57,15 +58,20 @@ def table_gemm(args):
         b8 = torch.randint(-127, 128, (K, N), dtype=torch.int8)
         a14 = torch.randint(-8191, 8192, (M, K), dtype=torch.int16)
         b14 = torch.randint(-8191, 8192, (K, N), dtype=torch.int16)
+        a16 = torch.randint(-32767, 32768, (M, K), dtype=torch.int16)
+        b16 = torch.randint(-32767, 32768, (K, N), dtype=torch.int16)
         af, bf = a8.float(), b8.float()
         ab, bb = af.bfloat16(), bf.bfloat16()
         cases = {"fp32": lambda: af @ bf, "bf16": lambda: ab @ bb, "_int_mm": lambda: torch._int_mm(a8, b8),
-                 "ours 8b": lambda: int_matmul(a8, b8), "ours 14b": lambda: int_matmul(a14, b14)}
+                 "ours 8b": lambda: scaled_int_matmul(a8, b8, -10),
+                 "ours 14b": lambda: scaled_int_matmul(a14, b14, -10),
+                 "ours 16b": lambda: scaled_int_matmul(a16, b16, -10)}
         med = interleaved(cases, args.reps)
         base = med["fp32"]
         rows.append([name, M, K, N, base * 1e3] + [base / med[k] for k in list(cases)[1:]])
     print(f"\nGEMM, CPU threads={args.threads}, torch {torch.__version__}: FP32 ms and speed-up over FP32")
-    print(tabulate(rows, headers=["product", "M", "K", "N", "fp32 ms", "bf16", "_int_mm", "ours 8b", "ours 14b"],
+    print(tabulate(rows, headers=["product", "M", "K", "N", "fp32 ms", "bf16", "_int_mm", "ours 8b", "ours 14b",
+                                  "ours 16b"],
                    floatfmt=".2f"))
 
 

@@ -28,13 +28,25 @@ import torch.nn.functional as F
 from .cbuild import load_c_library
 
 __all__ = ["int_matmul", "int_matmul_reference", "im2col", "conv_forward", "conv_grad_input",
-           "conv_grad_weight", "workspace", "CHUNK"]
+           "conv_grad_weight", "workspace", "gemm_layout", "CHUNK"]
 
 # Longest K for which an int32 accumulator of int8 products (|p| <= 128*128) cannot overflow.
 CHUNK = (2**31 - 1) // (128 * 128)
 
 
+def gemm_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is plainly row-major (strides ``(cols, 1)``) or column-major (``(1, rows)``,
+    both sides above 1), else a row-major copy. ``torch._int_mm`` on the CPU misreads the
+    degenerate strides of a transposed single row or column (``(1, 1)`` for a 1x2 view) and
+    returns garbage."""
+    rows, cols = t.shape
+    if t.stride() == (cols, 1) or (t.stride() == (1, rows) and rows > 1 and cols > 1):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _mm_int8(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK, mm=None) -> torch.Tensor:
+    a, b = gemm_layout(a), gemm_layout(b)
     K = a.shape[1]
     if mm is not None:  # another int8 x int8 -> int32 kernel (the Triton one on CUDA)
         if K <= chunk:

@@ -91,6 +91,7 @@ def _input_grads(need, grads, dtypes) -> list[Tensor | None]:
 def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int, rounding: str,
             grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    route = routes.for_level(route, bits)
     x_m, x_s = quantise_parts(x.reshape(-1, x.shape[-1]).float(), bits, rounding)
     w_m, w_s = quantise_parts(w.float(), bits, rounding, w_axis)
     y = routes.linear_forward(route, x_m, x_s, w_m, w_s, w_axis, b)
@@ -108,6 +109,7 @@ def _(x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out, route
 def _linear_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor, bits: int,
                      rounding: str, w_axis: Optional[int], need_x: bool, need_w: bool,
                      need_b: bool, route: str) -> tuple[Tensor, Tensor, Tensor]:
+    route = routes.for_level(route, bits)
     g_m, g_s = quantise_parts(g.reshape(-1, g.shape[-1]).float(), bits, rounding)
     x2 = x_m.reshape(-1, x_m.shape[-1])
     gx = routes.linear_grad_input(route, g_m, g_s, w_m, w_s, w_axis).reshape(x_m.shape) if need_x else _empty(g)
@@ -145,6 +147,7 @@ def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding:
           dilation: list[int], groups: int, bits: int, bwd_bits: int, rounding: str,
           grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    route = routes.for_level(route, bits)
     x_m, x_s = quantise_parts(x.float(), bits, rounding)
     w_m, w_s = quantise_parts(w.float(), bits, rounding, w_axis)
     y, done = routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding, dilation,
@@ -167,6 +170,7 @@ def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor
                    stride: list[int], padding: list[int], dilation: list[int], groups: int,
                    bits: int, rounding: str, w_axis: Optional[int], need_x: bool, need_w: bool,
                    need_b: bool, route: str) -> tuple[Tensor, Tensor, Tensor]:
+    route = routes.for_level(route, bits)
     g_m, g_s = quantise_parts(g.float(), bits, rounding)
     conv = (stride, padding, dilation, groups)
     gx = _conv_layout(routes.conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_m.shape, *conv)) \
@@ -219,6 +223,7 @@ def _matmul_grads(g: Tensor, a: Tensor, b: Tensor, need_a: bool, need_b: bool):
 @torch.library.custom_op("muppet_fx::matmul", mutates_args=())
 def _matmul(a: Tensor, b: Tensor, bits: int, bwd_bits: int, rounding: str, grad_rounding: str,
             quant_out: bool, route: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    route = routes.for_level(route, bits)
     a_m, a_s = quantise_parts(a.float(), bits, rounding)
     b_m, b_s = quantise_parts(b.float(), bits, rounding)
     y = routes.matmul_forward(route, a_m, a_s, b_m, b_s)
@@ -236,6 +241,7 @@ def _(a, b, bits, bwd_bits, rounding, grad_rounding, quant_out, route):
 @torch.library.custom_op("muppet_fx::matmul_backward", mutates_args=())
 def _matmul_backward(g: Tensor, a_m: Tensor, a_s: Tensor, b_m: Tensor, b_s: Tensor, bits: int,
                      rounding: str, need_a: bool, need_b: bool, route: str) -> tuple[Tensor, Tensor]:
+    route = routes.for_level(route, bits)
     g_m, g_s = quantise_parts(g.float(), bits, rounding)
     if route != "emulate" and a_m.dim() == 2 and b_m.dim() == 2:  # the two products, integer
         ga = routes.matmul_forward(route, g_m, g_s, b_m.t(), b_s) if need_a else _empty(g)

@@ -5,8 +5,10 @@
 - ``aten`` (CPU): up to 8 bits, exact int8 products through ``torch._int_mm`` (see
   ``kernels/gemm_cpu``), scaled once by ``2**-(s_a + s_b)``; 2-d convolutions forward and
   grad-input through oneDNN's int8 convolution (``kernels/conv_onednn``, no im2col buffer).
-  At 9-16 bits the exact integer routes (three int8 GEMMs up to 14 bits, four plus
-  corrections above) lose to FP32 on these CPUs, so ``aten`` runs the FP32 op on the
+  GEMMs at 9-14 bits take three int8 products (Karatsuba) with the passes around them fused
+  (``kernels/scaled_mm_cpu``), exact and faster than FP32. Above 14 bits (four int8 products)
+  and for 9-16 bit convolutions (three im2col GEMMs) the integer routes lose to FP32 on these
+  CPUs, so ``aten`` (as ``aten_wide`` from :func:`for_level`) runs the FP32 op on the
   dequantised operands (rounded accumulation: the values of ``emulate``, as the FP16 route
   rounds on CUDA; scaling by a power of two commutes with FP32 rounding, so this equals the
   scaled FP32 product of the mantissas); ``exact=True`` (``aten_exact``) keeps them on the
@@ -28,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from muppet_fx.kernels import conv_onednn, gemm_cpu
+from muppet_fx.kernels import conv_onednn, gemm_cpu, scaled_mm_cpu
 from muppet_fx.kernels.quantise import scale_pow2
 from muppet_fx.kernels.quantise_cpu import requantise_accumulator
 
-__all__ = ["ROUTE_NAMES", "resolve_route", "sum_dequantised", "dequantise", "linear_forward",
+__all__ = ["ROUTE_NAMES", "resolve_route", "for_level", "sum_dequantised", "dequantise", "linear_forward",
            "linear_grad_input", "linear_grad_weight", "conv_forward", "conv_grad_input",
            "conv_grad_weight", "matmul_forward"]
 
@@ -45,6 +47,12 @@ def resolve_route(backend: str, device: torch.device, exact: bool = False) -> st
     the 15-16 bit products stay on integer kernels too (``aten_exact``, ``triton_exact``)."""
     route = backend if backend != "auto" else {"cuda": "triton", "cpu": "aten"}.get(device.type, "emulate")
     return f"{route}_exact" if exact and route in ("triton", "aten") else route
+
+
+def for_level(route: str, bits: int) -> str:
+    """The route for one product at ``bits``: ``aten`` above 14 bits is ``aten_wide``
+    (FP32 on the dequantised operands, see the module notes)."""
+    return "aten_wide" if route == "aten" and bits > 14 else route
 
 
 def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
@@ -98,9 +106,23 @@ def _mode(route: str, a: Tensor, b: Tensor) -> str:
     if route == "emulate" or route in TRITON:
         return route
     ints = a.dtype in (torch.int8, torch.int16) and b.dtype in (torch.int8, torch.int16)
-    if route == "aten" and (a.dtype == torch.int16 or b.dtype == torch.int16):
+    if route == "aten_wide" and (a.dtype == torch.int16 or b.dtype == torch.int16):
         return "fp32"
     return "int" if ints else "float"
+
+
+def _conv_mode(route: str, a: Tensor, b: Tensor) -> str:
+    """As :func:`_mode`; ``aten`` convolutions of int16 operands run in FP32 (see the notes)."""
+    if route == "aten" and (a.dtype == torch.int16 or b.dtype == torch.int16):
+        return "fp32"
+    return _mode(route, a, b)
+
+
+def _scaled_int(a: Tensor, b: Tensor, e, bias: Tensor | None = None) -> Tensor:
+    """float32 ``(a @ b) * 2**e (+ bias)`` on the integer kernels: the fused CPU kernel where it
+    applies, else :func:`gemm_cpu.int_matmul` and a scaling pass."""
+    y = scaled_mm_cpu.scaled_int_matmul(a, b, e, bias) if isinstance(e, int) else None
+    return y if y is not None else _apply(gemm_cpu.int_matmul(a, b), e, bias)
 
 
 def _float_dtype(mode: str, a: Tensor, b: Tensor, k: int) -> torch.dtype:
@@ -125,6 +147,8 @@ def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias):
     if mode in TRITON:
         return _triton().scaled_mm(x_m, x_s, w_m.t(), w_s, bias, b_axis=w_axis,
                                    exact=mode == "triton_exact")
+    if mode == "int" and w_axis is None:
+        return _scaled_int(x_m, w_m.t(), _exponent(x_s, w_s), bias)
     if mode == "int":
         acc = gemm_cpu.int_matmul(x_m, w_m.t())
     else:
@@ -181,7 +205,7 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
                  quantise_output: tuple[int, str] | None = None):
     """Returns ``(y, quantised)``: with ``quantise_output=(bits, rounding)`` the integer route
     may quantise the output straight from its accumulator (``quantised`` is then True)."""
-    mode = _mode(route, x_m, w_m)
+    mode = _conv_mode(route, x_m, w_m)
     if mode in ("emulate", "fp32") or (mode in TRITON and not _int_conv(mode, x_m, groups, w_axis)):
         return torch.convolution(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias,
                                  stride, padding, dilation, False, [0] * len(stride), groups), False
@@ -214,7 +238,7 @@ def _placeholder(g: Tensor, shape) -> Tensor:
 
 
 def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding, dilation, groups):
-    mode = _mode(route, g_m, w_m)
+    mode = _conv_mode(route, g_m, w_m)
     if _int_conv(mode, g_m, groups, w_axis):
         e = _exponent(g_s, w_s)
         if _triton_conv(mode, g_m, w_m):
@@ -238,7 +262,7 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
 
 
 def conv_grad_weight(route, g_m, g_s, x_m, x_s, w_shape, stride, padding, dilation, groups):
-    mode = _mode(route, g_m, x_m)
+    mode = _conv_mode(route, g_m, x_m)
     if _int_conv(mode, x_m, groups, None):
         if _triton_conv(mode, g_m, x_m):
             acc = _conv_triton().conv2d_grad_weight_int(g_m, x_m, w_shape, stride, padding, dilation)
@@ -267,6 +291,6 @@ def matmul_forward(route, a_m, a_s, b_m, b_s):
     if two_d and mode in TRITON:
         return _triton().scaled_mm(a_m, a_s, b_m, b_s, exact=mode == "triton_exact")
     if two_d and mode == "int":
-        return _apply(gemm_cpu.int_matmul(a_m, b_m), _exponent(a_s, b_s))
+        return _scaled_int(a_m, b_m, _exponent(a_s, b_s))
     dt = _float_dtype("float" if mode in TRITON else mode, a_m, b_m, a_m.shape[-1])
     return _apply(torch.matmul(a_m.to(dt), b_m.to(dt)), _exponent(a_s, b_s))

@@ -114,3 +114,13 @@ def test_onednn_conv_declines_what_it_cannot_do_exactly():
     assert not conv_onednn.supports(x.to(torch.int16), w, 1, 0)
     big = torch.zeros(2, 8000, 3, 3, dtype=torch.int8)  # K = 72,000: the int32 sum could overflow
     assert not conv_onednn.supports(torch.zeros(1, 8000, 4, 4, dtype=torch.int8), big, 1, 0)
+
+
+@pytest.mark.parametrize("dtype,q", DTYPES)
+def test_degenerate_strides_of_single_rows_and_columns(dtype, q):
+    """A transposed 2x1 weight is a 1x2 view with strides (1, 1), which ``torch._int_mm``
+    misreads; every such view must still give the exact product (e.g. ``nn.Linear(1, 2)``)."""
+    for M, K, N in [(1, 1, 2), (3, 1, 2), (1, 2, 1), (2, 1, 1)]:
+        a = torch.randint(-q, q + 1, (K, M), dtype=dtype).t()
+        b = torch.randint(-q, q + 1, (N, K), dtype=dtype).t()
+        assert torch.equal(int_matmul(a, b).long(), int_matmul_reference(a, b))

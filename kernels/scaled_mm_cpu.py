@@ -1,0 +1,128 @@
+"""Scaled exact integer GEMM on the CPU: ``float32(a @ b) * 2**e + bias`` from int8/int16 mantissas.
+
+The same integers as :func:`gemm_cpu.int_matmul`, with the passes around the int8 products fused
+in C (``scaled_mm_cpu.c``): one pass splits an int16 operand into its int8 digits, one pass
+combines the int32 accumulators into the exact integer, converts it to float32 once, scales it
+and adds the bias. Done with torch ops, these passes (shifts, casts, int64 sums) cost more than
+the three int8 products themselves, which kept the 9-14 bit levels slower than FP32.
+
+Returns ``None`` where it does not apply (reduction longer than one int32 chunk, a scale outside
+float32's normal range, no C compiler); callers then take :func:`gemm_cpu.int_matmul`.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from pathlib import Path
+
+import torch
+
+from .cbuild import load_c_library
+from .gemm_cpu import CHUNK, gemm_layout, workspace
+
+__all__ = ["scaled_int_matmul"]
+
+_lib = None
+_P = ctypes.c_void_p
+
+
+def _library():
+    global _lib
+    if _lib is None:
+        lib = load_c_library(Path(__file__).with_name("scaled_mm_cpu.c"))
+        if lib is not None:
+            lib.split128_i16.restype = ctypes.c_int
+            lib.split128_i16.argtypes = [_P, ctypes.c_int64, _P, _P, _P, ctypes.c_int]
+            lib.split256_i16.restype = None
+            lib.split256_i16.argtypes = [_P, ctypes.c_int64, _P, _P, ctypes.c_int]
+            lib.combine_i32.restype = None
+            lib.combine_i32.argtypes = ([ctypes.c_int] + [_P] * 6 + [ctypes.c_int64] * 2
+                                        + [_P, ctypes.c_int, ctypes.c_float, _P, _P, ctypes.c_int])
+        _lib = lib if lib is not None else False
+    return _lib or None
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """Row- or column-major (see :func:`gemm_layout`): the storage is exactly the elements, so
+    a flat C loop over ``numel`` visits each once, and the digit planes keep the layout."""
+    return gemm_layout(t)
+
+
+def _planes(t: torch.Tensor, names) -> list[torch.Tensor]:
+    """int8 buffers laid out like ``t`` (same strides), reused across calls."""
+    return [workspace(t.numel(), torch.int8, name).as_strided(t.shape, t.stride()) for name in names]
+
+
+def _split(lib, t: torch.Tensor, tag: str, karatsuba: bool):
+    threads = torch.get_num_threads()
+    if karatsuba:
+        h, l, s = _planes(t, (f"{tag}h", f"{tag}l", f"{tag}s"))
+        bad = lib.split128_i16(t.data_ptr(), t.numel(), h.data_ptr(), l.data_ptr(), s.data_ptr(), threads)
+        return None if bad else (h, l, s)
+    h, l = _planes(t, (f"{tag}h", f"{tag}l"))
+    lib.split256_i16(t.data_ptr(), t.numel(), h.data_ptr(), l.data_ptr(), threads)
+    return h, l
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, slot: int) -> torch.Tensor:
+    out = workspace(a.shape[0] * b.shape[1], torch.int32, f"acc{slot}").view(a.shape[0], b.shape[1])
+    return torch._int_mm(a, b, out=out)
+
+
+def _products(lib, a: torch.Tensor, b: torch.Tensor):
+    """``(parts, accumulators)`` for one reduction chunk (``K <= CHUNK``), or ``None`` where an
+    int16 operand exceeds 14 bits (the caller then takes the four-product split)."""
+    if a.dtype == torch.int8 and b.dtype == torch.int8:
+        return 1, [_mm(a, b, 0), None, None, None]
+    pa, pb = _split(lib, a, "a", True), _split(lib, b, "b", True)
+    if pa is None or pb is None:
+        return None
+    return 3, [_mm(pa[0], pb[0], 0), _mm(pa[2], pb[2], 1), _mm(pa[1], pb[1], 2), None]
+
+
+def _products256(lib, a: torch.Tensor, b: torch.Tensor):
+    (ah, al), (bh, bl) = _split(lib, a, "a", False), _split(lib, b, "b", False)
+    return 4, [_mm(ah, bh, 0), _mm(ah, bl, 1), _mm(al, bh, 2), _mm(al, bl, 3)]
+
+
+def scaled_int_matmul(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tensor | None = None,
+                      chunk: int = CHUNK):
+    """float32 ``(a @ b) * 2**e (+ bias)`` for 2-d int8/int16 mantissas ``a [M, K]``, ``b [K, N]``
+    (any strides), the exact product rounded once to float32; ``None`` where not applicable.
+    Reductions longer than ``chunk`` run in chunks whose exact values add up in int64."""
+    lib = _library()
+    M, K = a.shape
+    N = b.shape[1]
+    if (lib is None or a.device.type != "cpu" or not isinstance(e, int) or not -126 <= e <= 126
+            or min(M, N, K) == 0 or not 0 < chunk <= CHUNK or a.dtype not in (torch.int8, torch.int16)
+            or b.dtype not in (torch.int8, torch.int16)):
+        return None
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+        if bias.shape != (N,):
+            return None
+    if a.dtype != b.dtype:
+        a, b = a.to(torch.int16), b.to(torch.int16)
+    a, b = _dense(a), _dense(b)
+    out = torch.empty(M, N, dtype=torch.float32)
+    step = -(-K // -(-K // chunk))  # equal chunks: no short tail product
+    chunks = [(k, min(k + step, K)) for k in range(0, K, step)]
+    carry = torch.empty(M, N, dtype=torch.int64) if len(chunks) > 1 else None
+    if not _run(lib, _products, a, b, chunks, None, None, carry, e, bias, out):
+        # A@B = 65536 HH + 256 (HL + LH) + LL + 128 rowsum(A') + 128 colsum(B') + 16384 K
+        rc = (128 * (a.sum(1, dtype=torch.int64) - 128 * K)).contiguous()
+        cc = (128 * (b.sum(0, dtype=torch.int64) - 128 * K) + 16384 * K).contiguous()
+        _run(lib, _products256, a, b, chunks, rc, cc, carry, e, bias, out)
+    return out
+
+
+def _run(lib, products, a, b, chunks, rc, cc, carry, e, bias, out) -> bool:
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    for n, (i, j) in enumerate(chunks):
+        got = products(lib, _dense(a[:, i:j]), _dense(b[i:j]))
+        if got is None:
+            return False
+        stage = 0 if carry is None else (1 if n == 0 else (3 if n == len(chunks) - 1 else 2))
+        lib.combine_i32(got[0], *(ptr(t) for t in got[1]), ptr(rc), ptr(cc), *out.shape, ptr(carry),
+                        stage, math.ldexp(1.0, e), ptr(bias), out.data_ptr(), torch.get_num_threads())
+    return True
