@@ -104,6 +104,16 @@ QUANTISE_FN(quantise_i8, int8_t)
 QUANTISE_FN(quantise_i16, int16_t)
 QUANTISE_FN(quantise_i32, int32_t)
 
+/* Dequantisation: out = (float)m * 2**e, exact (|m| < 2**24; the scale is a normal power of two). */
+#define DEQUANTISE_FN(NAME, MTYPE)                                                           \
+    void NAME(const MTYPE *m, int64_t n, float scale, float *out, int nthreads) {           \
+        _Pragma("omp parallel for simd num_threads(nthreads) if (n > PAR_MIN) schedule(static)") \
+        for (int64_t i = 0; i < n; ++i) out[i] = (float)m[i] * scale;                       \
+    }
+
+DEQUANTISE_FN(dequantise_i8, int8_t)
+DEQUANTISE_FN(dequantise_i16, int16_t)
+
 /* Output quantisation straight from an int32 GEMM accumulator: q = round(acc * 2**e * 2**s)
  * * 2**-s, where (float)acc is the value an FP32 epilogue would hold, so the result equals
  * converting, scaling and quantising in three passes. up_* = 2**(e+s) in two factors. */

@@ -22,9 +22,10 @@ import torch
 from .cbuild import load_c_library
 from .quantise import MAX_EXPONENT, dequantise_reference, mantissa_dtype, quantise_reference
 
-__all__ = ["quantise_cpu", "requantise_accumulator", "host_exponent", "c_kernel_available"]
+__all__ = ["quantise_cpu", "dequantise_cpu", "requantise_accumulator", "host_exponent", "c_kernel_available"]
 
 _SOURCE = Path(__file__).with_name("quantise_cpu.c")
+_DEQ = {torch.int8: "dequantise_i8", torch.int16: "dequantise_i16"}
 _FN = {torch.int8: "quantise_i8", torch.int16: "quantise_i16", torch.int32: "quantise_i32"}
 _lib = None
 _FMAX = torch.finfo(torch.float32).max
@@ -42,6 +43,10 @@ def _library():
             lib.requantise_i32.restype = None
             lib.requantise_i32.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 5
                                            + [ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int])
+            for name in _DEQ.values():
+                getattr(lib, name).restype = None
+                getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                                               ctypes.c_void_p, ctypes.c_int]
             for name in _FN.values():
                 fn = getattr(lib, name)
                 fn.restype = None
@@ -106,6 +111,24 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
         math.ldexp(1.0, -l), _FMAX, int(rounding == "stochastic"),
         (seed or 0) & (2**64 - 1), _ptr(noise), _ptr(m), _ptr(q), threads)
     return m, torch.tensor(s, dtype=torch.int32), q, False
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def dequantise_cpu(m: torch.Tensor, e: int) -> torch.Tensor | None:
+    """float32 ``m * 2**e`` in one pass for a dense int8/int16 CPU tensor (layout kept); ``None``
+    where the C kernel does not apply. Casting and scaling with torch ops costs several times
+    more on these mantissa dtypes."""
+    lib = _library()
+    if (lib is None or m.dtype not in _DEQ or m.device.type != "cpu" or not -126 <= e <= 126
+            or not _dense(m)):
+        return None
+    out = torch.empty_like(m, dtype=torch.float32)
+    getattr(lib, _DEQ[m.dtype])(m.data_ptr(), m.numel(), math.ldexp(1.0, e), out.data_ptr(),
+                                torch.get_num_threads())
+    return out
 
 
 def _seeded(generator, seed):

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from muppet_fx.kernels import conv_onednn, gemm_cpu, scaled_mm_cpu
 from muppet_fx.kernels.quantise import scale_pow2
-from muppet_fx.kernels.quantise_cpu import requantise_accumulator
+from muppet_fx.kernels.quantise_cpu import dequantise_cpu, requantise_accumulator
 
 __all__ = ["ROUTE_NAMES", "resolve_route", "for_level", "sum_dequantised", "dequantise", "linear_forward",
            "linear_grad_input", "linear_grad_weight", "conv_forward", "conv_grad_input",
@@ -60,6 +60,9 @@ def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
     exponent on the CPU."""
     if axis is None and s.numel() == 1 and s.device.type == "cpu" and m.device.type == "cpu":
         e = -int(s)
+        y = dequantise_cpu(m, e)
+        if y is not None:
+            return y
         if -126 <= e <= 126:
             return torch.mul(m, math.ldexp(1.0, e))
     return scale_pow2(m.float(), -s, axis)

@@ -266,3 +266,21 @@ def test_saturation(backend):
         assert torch.equal(fake_quantise(y, bits, "nearest", backend=backend), y)
         ys = fake_quantise(x, bits, "stochastic", backend=backend)
         assert bool(torch.isfinite(ys).all())
+
+
+@pytest.mark.parametrize("dtype,q", [(torch.int8, 127), (torch.int16, 32767)])
+def test_cpu_dequantise_exact_and_layout_kept(dtype, q):
+    """One fused pass: float32 ``m * 2**e`` exactly, channels-last kept; ``None`` (the caller's
+    torch fallback) for a scale outside float32's normal range or a strided view."""
+    from muppet_fx.kernels.quantise_cpu import c_kernel_available, dequantise_cpu
+    if not c_kernel_available():
+        pytest.skip("no C compiler")
+    m = torch.randint(-q, q + 1, (3, 5, 7, 9), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    m[0, 0, 0, 0] = -q - 1
+    for e in (-126, -20, 0, 9, 126):
+        y = dequantise_cpu(m, e)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y, m.double().mul(2.0**e).float())
+    assert dequantise_cpu(m, 127) is None and dequantise_cpu(m, -127) is None
+    assert dequantise_cpu(m[:, :, ::2], 0) is None
+    assert dequantise_cpu(m.int(), 0) is None
