@@ -7,8 +7,8 @@ the kernels, so no im2col buffer exists in memory.
   the reduction runs over (tap, channel) with the channel fastest, so channels-last operands are
   read in contiguous runs. int8 mantissas: int32 sums, exact. int16 mantissas (9-16 bits): FP16
   operands with FP32 accumulation, exact up to 12 bits (the paper's hardware mapping).
-- ``_conv_grad_weight_kernel`` (int8): the weight gradient, reducing over output pixels in splits
-  whose int32 partials cannot overflow.
+- ``_conv_grad_weight_kernel``: the weight gradient, reducing over output pixels in splits whose
+  int32 partials cannot overflow (int8), or in FP16 with FP32 accumulation (int16).
 Out-of-range taps load zeros and any strides work. ``*_reference`` functions compute the same with
 plain torch in float64 (exact for these integer sums).
 """
@@ -96,13 +96,14 @@ if HAS_TRITON:
                   + rn[None, :] * s_cc)
         tl.store(c_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "R", "KW", "SH"])
+    @triton.autotune(configs=_configs(), key=["M", "N", "R", "KW", "SH", "USE_FP16"])
     @triton.jit
     def _conv_grad_weight_kernel(
         g_ptr, x_ptr, c_ptr,
         M, N, R, C, R_SPLIT,  # Cout, kh*kw*C, summed pixels, input channels, pixels per split
         H, W, OH, OW, KW, SH, SW, PH, PW, DH, DW,
         s_gn, s_gc, s_gh, s_gw, s_xn, s_xc, s_xh, s_xw,
+        USE_FP16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # partial[split, o, (i, j, c)] = sum over this split's output pixels of g[., o, .] x[patch]
@@ -115,7 +116,7 @@ if HAS_TRITON:
         tap = rn // C
         i = tap // KW
         j = tap % KW
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if USE_FP16 else tl.int32)
         r_end = min(R, (split + 1) * R_SPLIT)
         for r0 in range(split * R_SPLIT, r_end, BLOCK_K):
             r = r0 + tl.arange(0, BLOCK_K)
@@ -132,7 +133,10 @@ if HAS_TRITON:
             ok = (h >= 0) & (h < H) & (w >= 0) & (w < W) & r_ok[:, None] & (rn[None, :] < N)
             x_ptrs = x_ptr + n[:, None].to(tl.int64) * s_xn + c[None, :] * s_xc + h * s_xh + w * s_xw
             b = tl.load(x_ptrs, mask=ok, other=0)
-            acc += tl.dot(a, b, out_dtype=tl.int32)
+            if USE_FP16:
+                acc += tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+            else:
+                acc += tl.dot(a, b, out_dtype=tl.int32)
         c_ptrs = c_ptr + split.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :]
         tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -201,8 +205,9 @@ def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1
 def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1,
                            r_split: int = CHUNK) -> torch.Tensor:
     """Exact gradient of ``conv2d`` w.r.t. its weight: int32 (int64 when the pixel sum is split
-    into int32 partials), shaped ``weight_shape`` with channels-last strides."""
-    _check(g_m, x_m, "conv2d_grad_weight_int")
+    into int32 partials), shaped ``weight_shape`` with channels-last strides; int16 mantissas
+    as in :func:`conv2d_int` (float32 partials)."""
+    _check(g_m, x_m, "conv2d_grad_weight_int", fp16_ok=True)
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
     Cout, C, kh, kw = weight_shape
     N_img, Cx, H, W = x_m.shape
@@ -214,11 +219,12 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
         raise ValueError(f"r_split={r_split}: must be in 1..{CHUNK} so int32 partial sums cannot overflow")
     M, K, R = Cout, kh * kw * C, N_img * OH * OW
     splits = triton.cdiv(R, r_split)
-    part = torch.empty((splits, M, K), dtype=torch.int32, device=g_m.device)
+    fp16 = g_m.dtype == torch.int16
+    part = torch.empty((splits, M, K), dtype=torch.float32 if fp16 else torch.int32, device=g_m.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]), splits)
     _conv_grad_weight_kernel[grid](g_m, x_m, part, M, K, R, C, r_split, H, W, OH, OW, kw, sh, sw, ph, pw,
-                                   dh, dw, *g_m.stride(), *x_m.stride())
-    acc = part[0] if splits == 1 else part.sum(0, dtype=torch.int64)
+                                   dh, dw, *g_m.stride(), *x_m.stride(), USE_FP16=fp16)
+    acc = part[0] if splits == 1 else part.sum(0, dtype=torch.float32 if fp16 else torch.int64)
     return acc.view(Cout, kh, kw, C).permute(0, 3, 1, 2)
 
 
@@ -240,7 +246,9 @@ def conv2d_grad_input_int_reference(g_m, w_m, input_shape, stride=1, padding=0, 
 
 
 def conv2d_grad_weight_int_reference(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1):
-    x = x_m.double()
-    return torch.ops.aten.convolution_backward(
-        g_m.double(), x, x.new_empty(weight_shape), None, _pair(stride, 2), _pair(padding, 2), _pair(dilation, 2),
-        False, [0, 0], 1, [False, True, False])[1].long()
+    fp16 = g_m.dtype == torch.int16
+    g, x = (g_m.half().double(), x_m.half().double()) if fp16 else (g_m.double(), x_m.double())
+    gw = torch.ops.aten.convolution_backward(
+        g, x, x.new_empty(weight_shape), None, _pair(stride, 2), _pair(padding, 2), _pair(dilation, 2),
+        False, [0, 0], 1, [False, True, False])[1]
+    return gw if fp16 else gw.long()

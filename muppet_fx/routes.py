@@ -17,8 +17,8 @@
   integer below 2**24 and float64 otherwise, so they are exact too.
 - ``triton`` (CUDA): Triton INT8 kernels up to 8 bits, FP16 kernels above (exact up to 12 bits,
   as in the paper); ``triton_exact`` keeps 9-16 bit products on integer kernels. 2-d
-  convolutions at 8 bits run on implicit-GEMM kernels (``kernels/conv_triton``); the rest go
-  through im2col and the GEMMs.
+  convolutions run on implicit-GEMM kernels (``kernels/conv_triton``: int8, or FP16 at 9-16 bits);
+  the exact 9-16 bit ones go through im2col and the split-int8 GEMMs.
 
 Every function returns float32 values ``(a @ b) * 2**-(s_a + s_b)`` (or the op's equivalent).
 """
@@ -187,10 +187,10 @@ def _both_int8(a: Tensor, b: Tensor) -> bool:
 
 
 def _triton_conv(mode: str, a: Tensor, b: Tensor) -> bool:
-    """int8 operands. The kernel's FP16 mode (int16 operands) is not routed yet: in the small CNN
-    of tests/test_routes.py it moved the first layer's gradients 10% from the exact route, though
-    each convolution alone stays within 3.5e-4."""
-    return mode in TRITON and _both_int8(a, b)
+    """The implicit-GEMM kernels take int8 operands (exact), and int16 ones in their FP16 mode on
+    ``triton`` (``triton_exact`` keeps those on the split-int8 GEMMs)."""
+    fp16 = mode == "triton" and a.dtype == torch.int16 and b.dtype == torch.int16
+    return mode in TRITON and (_both_int8(a, b) or fp16)
 
 
 def _conv_triton():

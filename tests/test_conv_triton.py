@@ -123,3 +123,9 @@ def test_int16_runs_as_fp16_within_fp32_accumulation_bound(device, case, q):
     gref = conv2d_grad_input_int_reference(g, w, x.shape, *geometry)
     gbound = k * 2.0**-24 * conv2d_grad_input_int_reference(g.abs(), w.abs(), x.shape, *geometry) + 1e-9
     assert ((gx.double() - gref).abs() <= gbound).all()
+    # grad-weight: the reduction runs over the N*OH*OW output pixels
+    r = g.shape[0] * g.shape[2] * g.shape[3]
+    gw = conv2d_grad_weight_int(g, x, w.shape, *geometry)
+    wref = conv2d_grad_weight_int_reference(g, x, w.shape, *geometry)
+    wbound = r * 2.0**-24 * conv2d_grad_weight_int_reference(g.abs(), x.abs(), w.shape, *geometry) + 1e-9
+    assert gw.dtype == torch.float32 and ((gw.double() - wref).abs() <= wbound).all()

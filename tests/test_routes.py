@@ -66,11 +66,15 @@ def test_integer_routes_exact_at_8_bits(case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_routes_at_16_bits(case):
+def test_routes_at_16_bits(case, monkeypatch):
     """16 bits: the exact routes (aten and triton with exact=True) agree bit for bit; emulate
-    and the default aten route (FP32 products above 8 bits) within 1e-3 relative L2 per tensor
-    of them; the FP16 Triton route (mantissas rounded to FP16, the paper's mapping) within 1e-2
-    relative L2 over all outputs and gradients together."""
+    and the default aten route (FP32 products above 14 bits) within 1e-3 relative L2 per tensor
+    of them. The FP16 Triton route (mantissas rounded to FP16, the paper's mapping) is checked
+    against its own twin, the same network with every FP16 kernel replaced by its float64
+    reference on FP16-rounded operands, within the same 1e-3 per tensor. Against the exact route
+    it differs by far more in this tiny network (about 10% on the first layer's gradients): the
+    twin differs by exactly as much, so that is FP16 rounding of 16-bit mantissas, not the
+    kernels."""
     make, inputs = CASES[case]
     torch.manual_seed(1)
     x = inputs()
@@ -82,6 +86,46 @@ def test_routes_at_16_bits(case):
         pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1")
     for g, w in zip(_run(make, x, "triton", 16, exact=True), exact):
         assert torch.equal(g, w)
-    fp16 = torch.cat([t.flatten() for t in _run(make, x, "triton", 16)])
-    ref = torch.cat([t.flatten() for t in exact])
-    assert (fp16 - ref).norm() <= 1e-2 * ref.norm()
+    calls = _count_fp16_calls(monkeypatch)
+    fp16 = _run(make, x, "triton", 16)
+    assert calls["conv"] == (3 * 3 if case == "cnn" else 0) and calls["gemm"] > 0
+    _use_fp16_references(monkeypatch)
+    for g, w in zip(fp16, _run(make, x, "triton", 16)):
+        assert (g - w).norm() <= 1e-3 * w.norm() + 1e-6
+
+
+def _count_fp16_calls(monkeypatch):
+    """Counts the FP16-mode kernel calls (int16 operands) of the triton route."""
+    from muppet_fx.kernels import conv_triton, gemm_triton
+
+    calls = {"conv": 0, "gemm": 0}
+
+    def counted(module, name, kind):
+        real = getattr(module, name)
+
+        def wrapper(a, *args, **kwargs):
+            calls[kind] += a.dtype == torch.int16 and not kwargs.get("exact", False)
+            return real(a, *args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+    for name in ("conv2d_int", "conv2d_grad_input_int", "conv2d_grad_weight_int"):
+        counted(conv_triton, name, "conv")
+    counted(gemm_triton, "scaled_mm", "gemm")
+    return calls
+
+
+def _use_fp16_references(monkeypatch):
+    """Swaps every FP16-mode kernel for its plain-torch reference (FP16-rounded operands,
+    float64 sums); int8 and exact calls keep the kernels."""
+    from muppet_fx.kernels import conv_triton, gemm_triton
+
+    def swap(module, name, reference):
+        real = getattr(module, name)
+
+        def wrapper(a, *args, exact=False, **kwargs):
+            if a.dtype == torch.int16 and not exact:
+                return reference(a, *args, **kwargs).float()
+            return real(a, *args, exact=exact, **kwargs) if name == "scaled_mm" else real(a, *args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+    for name in ("conv2d_int", "conv2d_grad_input_int", "conv2d_grad_weight_int"):
+        swap(conv_triton, name, getattr(conv_triton, name + "_reference"))
+    swap(gemm_triton, "scaled_mm", lambda *a, **k: gemm_triton.scaled_mm_reference(*a, **k, fp16=True))
