@@ -108,6 +108,7 @@ def table_layers(args):
 
 def table_cuda_gemm(args):
     from muppet_fx.kernels import gemm_triton
+    from muppet_fx.kernels.quantise import quantise_triton
 
     rows = []
     shapes = list(gemm_shapes(args.batch))
@@ -116,17 +117,23 @@ def table_cuda_gemm(args):
         b8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda").t()  # X W^T layout
         ab, bb = a8.bfloat16(), b8.bfloat16()
         ah, bh = a8.half(), b8.half()
+        s0 = torch.tensor(0, dtype=torch.int32, device="cuda")
         cases = {"bf16": lambda: ab @ bb, "fp16": lambda: ah @ bh,
                  "_int_mm": lambda: torch._int_mm(a8, b8.contiguous()),
-                 "triton int8": lambda: gemm_triton.int_mm(a8, b8)}
+                 "triton int8": lambda: gemm_triton.int_mm(a8, b8),
+                 "int8+q separate": lambda: quantise_triton(gemm_triton.scaled_mm(a8, s0, b8, s0), 8, "stochastic",
+                                                            want_mantissa=False, want_values=True),
+                 "int8+q fused": lambda: gemm_triton.scaled_mm(a8, s0, b8, s0, quantise_output=(8, "stochastic", 0))}
         med = interleaved(cases, args.reps, warmup=3, sync=torch.cuda.synchronize)
         tops = {k: 2 * M * N * K / v / 1e12 for k, v in med.items()}
-        rows.append([name, M, K, N] + [tops[k] for k in cases]
-                    + [med["_int_mm"] / med["triton int8"], med["bf16"] / med["triton int8"]])
+        rows.append([name, M, K, N] + [tops[k] for k in list(cases)[:4]]
+                    + [med["_int_mm"] / med["triton int8"], med["bf16"] / med["triton int8"],
+                       med["int8+q separate"] / med["int8+q fused"]])
     print(f"\nGEMM, {torch.cuda.get_device_name()}, torch {torch.__version__}: TFLOP/s (TOP/s for int8); "
           "targets: triton/_int_mm >= 0.8, triton/bf16 >= 1.6 at 4096^3")
     print(tabulate(rows, headers=["product", "M", "K", "N", "bf16", "fp16", "_int_mm", "triton int8",
-                                  "triton / _int_mm", "triton / bf16"], floatfmt=".2f"))
+                                  "triton / _int_mm", "triton / bf16", "output quantiser fused speed-up"],
+                   floatfmt=".2f"))
 
 
 def table_cuda_conv(args):

@@ -210,13 +210,18 @@ if HAS_TRITON:
 
 def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None = None,
                     seed: int = 0, offset: int = 0, noise: torch.Tensor | None = None,
-                    want_mantissa: bool = True, want_values: bool = False, block: int = 1024):
+                    want_mantissa: bool = True, want_values: bool = False, block: int = 1024,
+                    amax_partials: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    out: torch.Tensor | None = None):
     """Triton launcher. Returns ``(m or None, s, q or None, nonfinite)``.
 
     ``m`` is the integer mantissa tensor (storage dtype of ``bits``), ``s`` the int32 exponent,
     ``q`` the dequantised values in ``x.dtype``. Stochastic draws come from
     ``tl.rand(seed, offset + flat_index)`` unless ``noise`` (float32, shape of ``x``) is given.
     ``nonfinite`` is a bool tensor shaped like ``s``: the row holds a NaN or inf.
+    ``amax_partials`` (per tensor only): ``(max |x| over finite entries, nonfinite flags)`` per
+    block, ``[1, n]`` each, already reduced by whoever wrote ``x`` (a GEMM epilogue); the
+    reduction pass is then skipped. ``out`` (contiguous, may be ``x``) receives ``q``.
     """
     if not HAS_TRITON:
         raise NotImplementedError("backend='triton' needs the triton package, which is not installed")
@@ -231,13 +236,19 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
         m = torch.zeros(x.shape, dtype=mantissa_dtype(bits), device=x.device) if want_mantissa else None
         return m, s, (x.clone() if want_values else None), torch.zeros(s.shape, dtype=torch.bool)
     n_blocks = triton.cdiv(L, block)
-    partial = torch.empty((rows, n_blocks), dtype=torch.float32, device=x.device)
-    flag = torch.empty((rows, n_blocks), dtype=torch.int8, device=x.device)
-    _absmax_kernel[(rows, n_blocks)](xc, partial, flag, L, n_blocks, BLOCK=block)
+    if amax_partials is not None:
+        if axis is not None:
+            raise NotImplementedError("amax_partials holds one per-tensor reduction; axis must be None")
+        partial, flag = amax_partials
+    else:
+        partial = torch.empty((rows, n_blocks), dtype=torch.float32, device=x.device)
+        flag = torch.empty((rows, n_blocks), dtype=torch.int8, device=x.device)
+        _absmax_kernel[(rows, n_blocks)](xc, partial, flag, L, n_blocks, BLOCK=block)
     s = exponent_from_amax(partial.amax(dim=1), bits, MAX_EXPONENT[x.dtype])
     factors = pow2_factors(s).contiguous()
     m = torch.empty_like(xc, dtype=mantissa_dtype(bits)) if want_mantissa else None
-    q = torch.empty_like(xc) if want_values else None
+    q = (out if out is not None and out.is_contiguous() and xc.is_contiguous() else torch.empty_like(xc)) \
+        if want_values else None
     if noise is not None:
         noise = (noise if axis in (None, 0) else noise.movedim(axis, 0)).float()
         noise = noise.contiguous(memory_format=torch.channels_last) if channels_last else noise.contiguous()

@@ -94,9 +94,9 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int,
     route = routes.for_level(route, bits)
     x_m, x_s = quantise_parts(x.reshape(-1, x.shape[-1]).float(), bits, rounding)
     w_m, w_s = quantise_parts(w.float(), bits, rounding, w_axis)
-    y = routes.linear_forward(route, x_m, x_s, w_m, w_s, w_axis, b)
+    y, done = routes.linear_forward(route, x_m, x_s, w_m, w_s, w_axis, b, (bits, rounding) if quant_out else None)
     y = y.reshape(*x.shape[:-1], w.shape[0])
-    return _own(_fq(y, bits, rounding) if quant_out else y, x_m.reshape(x.shape), x_s, w_m, w_s)
+    return _own(_fq(y, bits, rounding) if quant_out and not done else y, x_m.reshape(x.shape), x_s, w_m, w_s)
 
 
 @_linear.register_fake

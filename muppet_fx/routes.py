@@ -33,6 +33,7 @@ from torch import Tensor
 from muppet_fx.kernels import conv_onednn, gemm_cpu, scaled_mm_cpu
 from muppet_fx.kernels.quantise import scale_pow2
 from muppet_fx.kernels.quantise_cpu import dequantise_cpu, requantise_accumulator
+from muppet_fx.numerics import _triton_seed
 
 __all__ = ["ROUTE_NAMES", "resolve_route", "for_level", "sum_dequantised", "dequantise", "linear_forward",
            "linear_grad_input", "linear_grad_weight", "conv_forward", "conv_grad_input",
@@ -142,24 +143,34 @@ def _triton():
 
 
 # -------------------------------------------------------------------------------- linear
-def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias):
-    """``x @ w.T + bias`` for 2-d ``x_m [M, K]``, ``w_m [N, K]`` (per-tensor or per-row ``w_s``)."""
+def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias,
+                   quantise_output: tuple[int, str] | None = None):
+    """``x @ w.T + bias`` for 2-d ``x_m [M, K]``, ``w_m [N, K]`` (per-tensor or per-row ``w_s``).
+    Returns ``(y, quantised)`` like :func:`conv_forward`: the Triton GEMM quantises the output
+    in its epilogue when asked."""
     mode = _mode(route, x_m, w_m)
     if mode in ("emulate", "fp32"):  # fp32: the same values, scaled before the product
-        return F.linear(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias)
+        return F.linear(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias), False
     if mode in TRITON:
+        q = _with_seed(quantise_output)
         return _triton().scaled_mm(x_m, x_s, w_m.t(), w_s, bias, b_axis=w_axis,
-                                   exact=mode == "triton_exact")
+                                   exact=mode == "triton_exact", quantise_output=q), q is not None
     if mode == "int" and w_axis is None:
-        return _scaled_int(x_m, w_m.t(), _exponent(x_s, w_s), bias)
+        return _scaled_int(x_m, w_m.t(), _exponent(x_s, w_s), bias), False
     if mode == "int":
         acc = gemm_cpu.int_matmul(x_m, w_m.t())
     else:
         dt = _float_dtype(mode, x_m, w_m, x_m.shape[1])
         acc = x_m.to(dt) @ w_m.to(dt).t()
     if w_axis is None:
-        return _apply(acc, _exponent(x_s, w_s), bias)
-    return _apply(acc, _exponent(x_s, w_s, axis=1), bias, axis=1)
+        return _apply(acc, _exponent(x_s, w_s), bias), False
+    return _apply(acc, _exponent(x_s, w_s, axis=1), bias, axis=1), False
+
+
+def _with_seed(quantise_output):
+    """``(bits, rounding)`` -> ``(bits, rounding, seed)``, the seed drawn from torch's generator
+    as the separate output quantiser draws it (same stream, same draws)."""
+    return None if quantise_output is None else (*quantise_output, _triton_seed(None, None))
 
 
 def linear_grad_input(route, g_m, g_s, w_m, w_s, w_axis):

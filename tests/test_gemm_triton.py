@@ -63,3 +63,43 @@ def test_bad_operands():
         int_mm(a, torch.zeros(5, 2, dtype=torch.int8))
     with pytest.raises(TypeError, match="int8 or int16"):
         int_mm(a.float(), torch.zeros(4, 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,q,bits", [(torch.int8, 127, 8), (torch.int16, 2047, 12), (torch.int16, 32767, 16)])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_epilogue_output_quantisation(device, dtype, q, bits, rounding):
+    """The epilogue's per-tile max |C| replaces the quantiser's reduction pass: the output
+    equals quantising the plain GEMM output separately (same seed), bit for bit, NaN from the
+    bias passed through and left out of the exponent."""
+    from muppet_fx.kernels.quantise import quantise_triton
+
+    sa = torch.tensor(4, dtype=torch.int32, device=device)
+    sb = torch.tensor(9, dtype=torch.int32, device=device)
+    for M, K, N in [(1, 1, 1), (33, 129, 17), (70, 40, 65)]:
+        a, b = _operands(dtype, q, M, K, N, device, True)
+        bias = torch.randn(N, device=device)
+        if N > 1:
+            bias[1] = float("nan")
+        y = scaled_mm(a, sa, b, sb, bias)
+        want = quantise_triton(y, bits, rounding, seed=11, want_mantissa=False, want_values=True)[2]
+        got = scaled_mm(a, sa, b, sb, bias, quantise_output=(bits, rounding, 11))
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+        assert N == 1 or bool(got[:, 1].isnan().all())
+        finite = got[got.isfinite()]
+        s = quantise_triton(y, bits, "nearest")[1]
+        m = finite.double() * 2.0 ** s.item()  # on the grid of the tensor's exponent
+        assert torch.equal(m, m.round()) and bool((m.abs() <= 2 ** (bits - 1) - 1).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_epilogue_max_ignores_tile_padding(device):
+    """Rows past M inside the last tile hold just the bias (1020 here); the real rows hold
+    1020 - 20 = 1000. The exponent must come from 1000 (1000 * 2**-3 = 125 fits 8 bits,
+    1020 * 2**-3 does not), so padding must not enter the max."""
+    a = torch.ones(33, 20, dtype=torch.int8, device=device)
+    b = -torch.ones(20, 3, dtype=torch.int8, device=device)
+    zero = torch.tensor(0, dtype=torch.int32, device=device)
+    bias = torch.tensor([1020.0, 0.0, 0.0], device=device)
+    got = scaled_mm(a, zero, b, zero, bias, quantise_output=(8, "nearest", 0))
+    assert torch.equal(got[:, 0], torch.full((33,), 1000.0, device=device))

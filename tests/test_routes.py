@@ -54,15 +54,24 @@ HAS_TRITON_RUN = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_integer_routes_exact_at_8_bits(case):
-    """8 bits: aten and triton equal emulate bit for bit."""
+def test_integer_routes_exact_at_8_bits(case, monkeypatch):
+    """8 bits: aten and triton equal emulate bit for bit, the triton GEMMs quantising their
+    outputs in the epilogue (every linear layer)."""
     make, inputs = CASES[case]
     torch.manual_seed(1)
     x = inputs()
     want = _run(make, x, "emulate", 8)
+    fused = []
+    if HAS_TRITON_RUN:
+        from muppet_fx.kernels import gemm_triton
+
+        real = gemm_triton.scaled_mm
+        monkeypatch.setattr(gemm_triton, "scaled_mm", lambda *a, quantise_output=None, **k: (
+            fused.append(quantise_output is not None), real(*a, quantise_output=quantise_output, **k))[1])
     for backend in ["aten"] + (["triton"] if HAS_TRITON_RUN else []):
         for g, w in zip(_run(make, x, backend, 8), want):
             assert torch.equal(g, w), backend
+    assert not HAS_TRITON_RUN or any(fused)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -128,4 +137,15 @@ def _use_fp16_references(monkeypatch):
         monkeypatch.setattr(module, name, wrapper)
     for name in ("conv2d_int", "conv2d_grad_input_int", "conv2d_grad_weight_int"):
         swap(conv_triton, name, getattr(conv_triton, name + "_reference"))
-    swap(gemm_triton, "scaled_mm", lambda *a, **k: gemm_triton.scaled_mm_reference(*a, **k, fp16=True))
+    swap(gemm_triton, "scaled_mm", _gemm_fp16_reference)
+
+
+def _gemm_fp16_reference(a_m, a_s, b_m, b_s, bias=None, b_axis=None, quantise_output=None):
+    from muppet_fx.kernels.gemm_triton import scaled_mm_reference
+    from muppet_fx.kernels.quantise import quantise_triton
+
+    y = scaled_mm_reference(a_m, a_s, b_m, b_s, bias, b_axis, fp16=True)
+    if quantise_output is None:
+        return y
+    bits, rounding, seed = quantise_output
+    return quantise_triton(y, bits, rounding, seed=seed, want_mantissa=False, want_values=True)[2]
