@@ -61,11 +61,19 @@ def test_conv_exact(dtype, q, case, channels_last):
     assert torch.equal(conv_grad_weight(g, x, w.shape, s, p, d).double(), gw)
 
 
-def test_im2col_c_matches_torch_fallback(monkeypatch):
-    x = torch.randint(-127, 128, (2, 3, 7, 6), dtype=torch.int8)
-    fast = im2col(x, 3, 2, 1, 1).clone()
+@pytest.mark.parametrize("geometry", [(3, 2, 1, 1), (3, 1, 1, 1), ((1, 5), 1, (0, 2), 1), (5, 1, 3, 1),
+                                      (3, 1, 2, 2), (5, 1, 0, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_im2col_c_matches_torch_fallback(monkeypatch, geometry, channels_last):
+    """The C kernel (whole kernel rows copied where they lie inside the image, taps one by one
+    at the borders) against the strided-view fallback."""
+    x = torch.randint(-127, 128, (2, 16, 7, 6), dtype=torch.int8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    k, s, p, d = geometry
+    fast = im2col(x, k, s, p, d).clone()
     monkeypatch.setattr(gemm_cpu, "_lib", False)
-    assert torch.equal(im2col(x, 3, 2, 1, 1), fast)
+    assert torch.equal(im2col(x, k, s, p, d), fast)
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
