@@ -6,8 +6,9 @@ combines the int32 accumulators into the exact integer, converts it to float32 o
 and adds the bias. Done with torch ops, these passes (shifts, casts, int64 sums) cost more than
 the three int8 products themselves, which kept the 9-14 bit levels slower than FP32.
 
-Returns ``None`` where it does not apply (reduction longer than one int32 chunk, a scale outside
-float32's normal range, no C compiler); callers then take :func:`gemm_cpu.int_matmul`.
+Reductions longer than one int32-safe chunk run chunk by chunk, their exact values summed in
+int64. Returns ``None`` where it does not apply (a scale outside float32's normal range, no C
+compiler, other dtypes); callers then take :func:`gemm_cpu.int_matmul`.
 """
 from __future__ import annotations
 
@@ -42,14 +43,10 @@ def _library():
     return _lib or None
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """Row- or column-major (see :func:`gemm_layout`): the storage is exactly the elements, so
-    a flat C loop over ``numel`` visits each once, and the digit planes keep the layout."""
-    return gemm_layout(t)
-
-
 def _planes(t: torch.Tensor, names) -> list[torch.Tensor]:
-    """int8 buffers laid out like ``t`` (same strides), reused across calls."""
+    """int8 buffers laid out like ``t`` (same strides), reused across calls. ``t`` is row- or
+    column-major (:func:`gemm_layout`), so its storage is exactly its elements and the C passes
+    run flat over ``numel`` of them."""
     return [workspace(t.numel(), torch.int8, name).as_strided(t.shape, t.stride()) for name in names]
 
 
@@ -103,7 +100,7 @@ def scaled_int_matmul(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tens
             return None
     if a.dtype != b.dtype:
         a, b = a.to(torch.int16), b.to(torch.int16)
-    a, b = _dense(a), _dense(b)
+    a, b = gemm_layout(a), gemm_layout(b)
     out = torch.empty(M, N, dtype=torch.float32)
     step = -(-K // -(-K // chunk))  # equal chunks: no short tail product
     chunks = [(k, min(k + step, K)) for k in range(0, K, step)]
@@ -119,7 +116,7 @@ def scaled_int_matmul(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tens
 def _run(lib, products, a, b, chunks, rc, cc, carry, e, bias, out) -> bool:
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     for n, (i, j) in enumerate(chunks):
-        got = products(lib, _dense(a[:, i:j]), _dense(b[i:j]))
+        got = products(lib, gemm_layout(a[:, i:j]), gemm_layout(b[i:j]))
         if got is None:
             return False
         stage = 0 if carry is None else (1 if n == 0 else (3 if n == len(chunks) - 1 else 2))
