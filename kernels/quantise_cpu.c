@@ -21,13 +21,6 @@ static inline uint32_t mix32(uint32_t h) { /* avalanche finaliser (lowbias32 con
     return h;
 }
 
-static inline float uniform24(uint64_t seed, int64_t i) {
-    uint32_t lo = (uint32_t)i, hi = (uint32_t)((uint64_t)i >> 32);
-    uint32_t h = mix32(lo * 0x9e3779b9U ^ (uint32_t)seed);
-    h = mix32(h ^ (uint32_t)(seed >> 32) ^ (hi * 0x85ebca6bU));
-    return (float)(h >> 8) * 0x1p-24f;
-}
-
 uint32_t absmax_bits(const float *x, int64_t n, int nthreads) {
     uint32_t best = 0;
 #pragma omp parallel for simd reduction(max : best) num_threads(nthreads) if (n > PAR_MIN) schedule(static)
@@ -59,13 +52,14 @@ static void round_block(const float *xs, const float *us, int64_t start, int64_t
             m[i] = f + (us[i] < v - f ? 1.0f : 0.0f);
         }
     } else {
-        uint32_t lo_seed = (uint32_t)seed;
-        uint32_t hi_mix = (uint32_t)(seed >> 32) ^ ((uint32_t)((uint64_t)start >> 32) * 0x85ebca6bU);
+        /* one key per block (seed and the index's high word), then one finaliser per element:
+         * i -> mix32(i * golden ^ key) is a bijection of the low word for a fixed key */
+        uint32_t key = mix32((uint32_t)seed ^ mix32((uint32_t)(seed >> 32)
+                                                    ^ ((uint32_t)((uint64_t)start >> 32) * 0x85ebca6bU)));
         uint32_t base = (uint32_t)start;
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
-            uint32_t h = mix32((base + (uint32_t)i) * 0x9e3779b9U ^ lo_seed);
-            h = mix32(h ^ hi_mix);
+            uint32_t h = mix32((base + (uint32_t)i) * 0x9e3779b9U ^ key);
             float u = (float)(h >> 8) * 0x1p-24f;
             float v = xs[i] * up_hi * up_lo, f = floorf(v);
             m[i] = f + (u < v - f ? 1.0f : 0.0f);

@@ -241,6 +241,27 @@ def test_cpu_kernel_thread_count_independent():
     assert not torch.equal(a, quantise(x, 8, seed=6, backend="cpu").mantissa)
 
 
+@pytest.mark.parametrize("seeds", [(5, 6), (1, 2**32 + 1), (7, 7 + 2**40)])
+def test_cpu_draws_unbiased_and_uncorrelated(seeds):
+    """Values halfway between grid points round up with probability 1/2: over 2**20 elements
+    (across many of the kernel's 2048-element blocks) the up-rate, the correlation of
+    neighbours and the correlation between two seeds (differing in low or only in high
+    words) stay within 6 standard errors of 1/2, 0 and 0."""
+    from muppet_fx.kernels.quantise_cpu import c_kernel_available
+
+    if not c_kernel_available():
+        pytest.skip("no C compiler: the cpu backend runs the reference route")
+    n = 2**20
+    x = torch.full((n,), 0.5)
+    x[0] = 127.0  # sets the exponent to 0, so 0.5 is the scaled value itself
+    up = [quantise(x, 8, seed=s, backend="cpu").mantissa[1:].double() for s in seeds]
+    se = 6 / (n - 1) ** 0.5
+    for u in up:
+        assert abs(u.mean().item() - 0.5) <= 0.5 * se
+        assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()) <= se
+    assert abs(torch.corrcoef(torch.stack(up))[0, 1].item()) <= se
+
+
 def test_cpu_backend_without_compiler(monkeypatch):
     """With no C library the cpu backend takes the reference route and gives its results."""
     from muppet_fx.kernels import quantise_cpu
