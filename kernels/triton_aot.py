@@ -1,0 +1,200 @@
+"""Ahead-of-time compilation of this package's Triton kernels for NVIDIA GPUs, on any machine.
+
+Triton ships its own ``ptxas``, so a kernel compiles to a cubin for a named architecture
+without a GPU. That answers, before any GPU run, what the interpreter cannot: every autotuning
+configuration compiles; the inner products lower to tensor-core MMA instructions of the
+intended types (int8 x int8 -> int32 for the 8-bit levels, fp16 x fp16 -> fp32 for 9-16 bits);
+and each configuration's shared memory and registers against the architecture's per-block
+limits (the autotuner skips a configuration that does not fit at launch, so at least one must).
+Speed and on-device numerics still need a GPU (``benchmarks/gpu_check.sh``).
+
+    python -m muppet_fx.kernels.triton_aot [--arch sm_80 sm_89 sm_90] [--json FILE]
+
+Must run without ``TRITON_INTERPRET`` (interpreted kernels have no compiler behind them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+__all__ = ["ARCHS", "Variant", "variants", "compile_variant", "check_all"]
+
+# Opt-in shared memory per block (bytes) and a GPU of each architecture.
+ARCHS = {"sm_80": (80, 166912, "A100"), "sm_89": (89, 101376, "L4 / RTX 4090"),
+         "sm_90": (90, 232448, "H100 / H200")}
+MMA = {"int8": re.compile(r"mma\S*\.s32\.s8\.s8"), "fp16": re.compile(r"mma\S*\.f32\.f16\.f16")}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compilation: a kernel, its mode (the constexpr flags and pointer types a launcher
+    passes), one autotuning configuration."""
+    kernel: str
+    mode: str
+    config: str
+    pointers: tuple  # (argument name, Triton type) for every pointer argument
+    constexprs: tuple  # (name, value)
+    unit: tuple  # integer arguments equal to 1 in the usual launch (Triton specialises them)
+    num_warps: int
+    num_stages: int
+    mma: str | None  # "int8", "fp16" or None (no product)
+
+
+def _kernels():
+    from . import conv_triton, gemm_triton, quantise
+
+    return {"scaled_mm": gemm_triton._scaled_mm_kernel, "conv": conv_triton._conv_kernel,
+            "conv_grad_weight": conv_triton._conv_grad_weight_kernel,
+            "absmax": quantise._absmax_kernel, "quantise": quantise._quantise_kernel}
+
+
+def _modes():
+    """(kernel, mode, pointer types, constexpr flags, unit strides, MMA type) as the launchers
+    call them."""
+    def ops(t):
+        return {"int8": "*i8", "fp16": "*i16"}[t]
+
+    def acc(t):
+        return {"int8": "*i32", "fp16": "*fp32"}[t]
+
+    for t in ("int8", "fp16"):
+        mm = {"a_ptr": ops(t), "b_ptr": ops(t), "c_ptr": "*fp32", "bias_ptr": "*fp32", "factor_ptr": "*fp32",
+              "amax_ptr": "*fp32", "flag_ptr": "*i8"}
+        flags = dict(HAS_BIAS=True, PER_COL=False, RAW_INT=False, USE_FP16=t == "fp16", WRITE_AMAX=True)
+        # X W^T: row-major X, W read transposed, row-major output
+        yield "scaled_mm", f"{t} bias+amax", mm, flags, ("stride_ak", "stride_bk", "stride_cn"), t
+        for transposed in (False, True):  # channels-last operands: channel strides are 1
+            yield ("conv", f"{t} {'grad-input' if transposed else 'forward'}",
+                   {"a_ptr": ops(t), "w_ptr": ops(t), "c_ptr": acc(t)},
+                   dict(TRANSPOSED=transposed, USE_FP16=t == "fp16"),
+                   ("s_ac", "s_wn" if transposed else "s_wk", "s_cc"), t)
+        yield ("conv_grad_weight", t, {"g_ptr": ops(t), "x_ptr": ops(t), "c_ptr": acc(t)},
+               dict(USE_FP16=t == "fp16"), ("s_gc", "s_xc"), t)
+    yield ("scaled_mm", "int8 raw int32", {**mm, "a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*i32"},
+           dict(HAS_BIAS=False, PER_COL=False, RAW_INT=True, USE_FP16=False, WRITE_AMAX=False),
+           ("stride_ak", "stride_bn", "stride_cn"), "int8")
+    yield ("absmax", "fp32", {"x_ptr": "*fp32", "partial_ptr": "*fp32", "flag_ptr": "*i8"}, dict(BLOCK=1024), (),
+           None)
+    for m in ("i8", "i16"):
+        yield ("quantise", f"stochastic -> {m}",
+               {"x_ptr": "*fp32", "noise_ptr": "*fp32", "factor_ptr": "*fp32", "m_ptr": f"*{m}", "q_ptr": "*fp32"},
+               dict(STOCHASTIC=True, NOISE_FROM_PTR=False, WRITE_M=True, WRITE_Q=True, BLOCK=1024), (), None)
+
+
+def variants() -> list[Variant]:
+    """Every (kernel, mode, autotuning configuration) the launchers can run."""
+    kernels = _kernels()
+    out = []
+    for name, mode, pointers, flags, unit, mma in _modes():
+        k = kernels[name]
+        configs = getattr(k, "configs", None) or [None]  # plain @triton.jit: launch defaults
+        for c in configs:
+            meta = dict(c.kwargs) if c is not None else {}
+            label = ",".join(f"{v}" for v in meta.values()) or "default"
+            warps, stages = (c.num_warps, c.num_stages) if c is not None else (4, 3)
+            out.append(Variant(name, mode, f"{label} w{warps} s{stages}", tuple(pointers.items()),
+                               tuple({**flags, **meta}.items()), unit, warps, stages, mma))
+    return out
+
+
+def _bin(tool: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def _resources(cubin: bytes, ptx: str) -> dict:
+    """Registers and static shared memory of the cubin (cuobjdump), spill stores of the PTX
+    (ptxas --verbose, which tells spills apart from a plain stack frame)."""
+    with tempfile.TemporaryDirectory() as d:
+        cub, src = os.path.join(d, "k.cubin"), os.path.join(d, "k.ptx")
+        with open(cub, "wb") as f:
+            f.write(cubin)
+        with open(src, "w") as f:
+            f.write(ptx)
+        usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", cub], capture_output=True,
+                               text=True).stdout
+        target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+        verbose = subprocess.run([_bin("ptxas"), f"-arch={target}", "--verbose", src, "-o", os.path.join(d, "o")],
+                                 capture_output=True, text=True).stderr
+    res = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|SHARED):(\d+)", usage)}
+    res["spill"] = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", verbose))
+    return res
+
+
+def compile_variant(v: Variant, arch: str) -> dict:
+    """Compile ``v`` for ``arch`` (a key of :data:`ARCHS`); a dict of what was found."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cc, smem_limit, _ = ARCHS[arch]
+    from triton.runtime.jit import JITFunction
+
+    fn = _kernels()[v.kernel]
+    while not isinstance(fn, JITFunction):  # an Autotuner wraps the JITFunction
+        fn = fn.fn
+    pointers, constexprs = dict(v.pointers), {**dict(v.constexprs), **{a: 1 for a in v.unit}}
+    sig = {a: pointers.get(a) or ("constexpr" if a in constexprs else "fp32" if a == "fmax" else "i32")
+           for a in fn.arg_names}
+    # As at launch: torch's allocations are 16-byte aligned and most sizes and strides of the
+    # networks' layers are multiples of 16, which Triton specialises on (vector loads).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a] not in ("constexpr", "fp32")}
+    row = {**asdict(v), "arch": arch}
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                           target=GPUTarget("cuda", cc, 32),
+                           options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    except Exception as e:  # noqa: BLE001 (reported, not hidden: the row says why)
+        return {**row, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    res = _resources(k.asm["cubin"], k.asm["ptx"])
+    shared = k.metadata.shared + res.get("shared", 0)
+    found = sorted({m.group(0) for m in re.finditer(r"\S*mma\S*\.(?:s32|f32)\.\S+", k.asm["ptx"])})
+    return {**row, "ok": True, "error": None, "shared": shared, "fits": shared <= smem_limit,
+            "regs": res.get("reg"), "spill_bytes": res["spill"],
+            "mma": found, "mma_ok": v.mma is None or any(MMA[v.mma].search(x) for x in found)}
+
+
+def _one(args):
+    return compile_variant(*args)
+
+
+def check_all(archs=("sm_80", "sm_90"), workers: int = 2) -> list[dict]:
+    """Compile every variant for every architecture, ``workers`` processes at a time."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("triton_aot compiles real kernels: unset TRITON_INTERPRET first")
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise ValueError(f"unknown architecture(s) {unknown}; valid choices: {list(ARCHS)}")
+    jobs = [(v, a) for a in archs for v in variants()]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_one, jobs))
+
+
+def main() -> None:
+    from tabulate import tabulate
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", default=["sm_80", "sm_89", "sm_90"], choices=list(ARCHS))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", help="also write every row to this file")
+    args = p.parse_args()
+    rows = check_all(tuple(args.arch), args.workers)
+    print(tabulate([[r["arch"], r["kernel"], r["mode"], r["config"], "yes" if r["ok"] else r["error"],
+                     r.get("shared"), "yes" if r.get("fits") else "no", r.get("regs"), r.get("spill_bytes"),
+                     " ".join(x.split(".")[0] for x in r.get("mma", [])) or "-"] for r in rows],
+                   headers=["arch", "kernel", "mode", "config (blocks, warps, stages)", "compiles",
+                            "shared B", "fits", "regs", "spill B", "mma"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
