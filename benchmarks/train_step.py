@@ -2,11 +2,12 @@
 
     python benchmarks/train_step.py [--models resnet18,resnet20] [--batch 128] [--reps 5]
 
-Per model: FP32 eager; torch.autocast (bf16 on CPU, bf16 on CUDA); the prepared model at the
+Per model: FP32 eager; torch.autocast (bf16; on CUDA also fp16); the prepared model at the
 ``fp32`` level (the original forward); the ``emulate`` route at 8 bits (the paper's emulation);
 the default route at 8, 12, 14 and 16 bits. Columns: seconds per step (forward, backward, SGD
 step), ratio to FP32 and to autocast (higher is faster); with ``--memory``, peak memory of each
-configuration measured in a fresh process (max RSS on CPU, ``max_memory_allocated`` on CUDA).
+configuration (max RSS of a fresh process on the CPU; on CUDA ``max_memory_allocated`` over one
+step in this process, the allocator's peak statistics being reset before it).
 ``--allocator reuse`` (the default) calls ``muppet_fx.reuse_cpu_memory()`` first, for every
 configuration alike; ``--allocator default`` measures glibc's defaults.
 """
@@ -36,14 +37,16 @@ def make_cases(name: str, batch: int, device: str, compile_: bool = False) -> di
     y = torch.randint(0, 10, (batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
-    def step(net, autocast=False):
+    def step(net, autocast=None):
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             out = net(x)
         F.cross_entropy(out.float(), y).backward()
         opt.step()
 
-    cases = {"fp32 eager": lambda: step(model), "autocast bf16": lambda: step(model, True)}
+    cases = {"fp32 eager": lambda: step(model), "autocast bf16": lambda: step(model, torch.bfloat16)}
+    if device == "cuda":  # the usual GPU mixed precision (no loss scaling: it costs little time)
+        cases["autocast fp16"] = lambda: step(model, torch.float16)
     top = muppet_fx.prepare(model, ladder=(8, "fp32"))
     top.set_precision("fp32")
     cases["prepared, fp32 level"] = lambda: step(top)
@@ -57,6 +60,16 @@ def make_cases(name: str, batch: int, device: str, compile_: bool = False) -> di
             cases[f"torch.compile, {pm._muppet_state.route_for(x.device)} {bits}-bit"] = \
                 (lambda c=compiled: step(c))
     return cases
+
+
+def cuda_peak_mib(run) -> float:
+    """Peak CUDA memory allocated during one call of ``run`` (after a first call built everything)."""
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def peak_memory_mib(name: str, case: str, batch: int, threads: int, allocator: str, compile_: bool) -> float:
@@ -114,7 +127,8 @@ def main() -> None:
         if args.memory:
             headers.append("peak MiB (RSS)" if device == "cpu" else "peak MiB allocated")
             for row in rows:
-                row.append(peak_memory_mib(name, row[0], args.batch, args.threads, args.allocator, args.compile))
+                row.append(cuda_peak_mib(cases[row[0]]) if device == "cuda" else
+                           peak_memory_mib(name, row[0], args.batch, args.threads, args.allocator, args.compile))
         print(f"\n{name}, batch {args.batch}, {device}, threads {args.threads}, allocator {args.allocator}, "
               f"torch {torch.__version__}")
         print(tabulate(rows, headers=headers, floatfmt=".3f"))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .gemm_cpu import CHUNK, _out_size, _pair
-from .quantise import HAS_TRITON
+from .quantise import HAS_TRITON, autotune_bench
 
 if HAS_TRITON:
     import triton
@@ -42,7 +42,8 @@ def _configs():
 
 if HAS_TRITON:
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "K", "KW", "SH", "TRANSPOSED", "USE_FP16"])
+    @triton.autotune(configs=_configs(), key=["M", "N", "K", "KW", "SH", "TRANSPOSED", "USE_FP16"],
+                     do_bench=autotune_bench)
     @triton.jit
     def _conv_kernel(
         a_ptr, w_ptr, c_ptr,
@@ -96,7 +97,8 @@ if HAS_TRITON:
                   + rn[None, :] * s_cc)
         tl.store(c_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "R", "KW", "SH", "USE_FP16"])
+    @triton.autotune(configs=_configs(), key=["M", "N", "R", "KW", "SH", "USE_FP16"],
+                     do_bench=autotune_bench)
     @triton.jit
     def _conv_grad_weight_kernel(
         g_ptr, x_ptr, c_ptr,

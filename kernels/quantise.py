@@ -36,12 +36,22 @@ __all__ = [
     "dequantise_reference",
     "quantise_triton",
     "HAS_TRITON",
+    "autotune_bench",
 ]
 
 # Largest exponent whose grid step 2**-s is still representable (down to the smallest subnormal).
 MAX_EXPONENT = {torch.float32: 149, torch.bfloat16: 133, torch.float16: 24}
 # Largest word length whose integer grid the dtype holds exactly (sign + significand bits).
 MAX_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+
+
+def autotune_bench(fn, quantiles):
+    """The autotuners' timer: 5 ms of warm-up and 20 ms of timed runs per configuration.
+    Triton's default (25 + 100 ms) makes a network's first training step spend minutes tuning:
+    every layer shape is a new key for each of the three products."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
 # Exponent that marks a tensor holding NaN/inf in training ops: its dequantisation factor

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in one run that fits a short lease (at most 9 minutes on one
+# H200), most valuable first; each step has its own time limit and a failing step does not stop
+# the next. Logs go to OUT_DIR (default: $OUT if set, else benchmarks/results/gpu-check), at most
+# seven files, each headed by the device, torch/triton versions and the date:
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]
+#
+#   00-env.log          nvidia-smi, versions, the offline install of this package
+#   01-correctness.log  every Triton kernel at full size against exact references
+#   02-kernels.log      Triton INT8 GEMM vs torch._int_mm / BF16 / FP16, implicit-GEMM conv vs cuDNN BF16
+#   03-train-step.log   ResNet-18 (CIFAR, batch 256) step: FP32, autocast bf16/fp16, 8-16 bit, peak memory
+#   04-tests.log        the test suite on the GPU (compiled kernels, no interpreter)
+#   summary.log         each step's exit status and seconds
+set -u
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-benchmarks/results/gpu-check}}
+mkdir -p "$OUT_DIR"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+
+header() {
+    $PY - <<'EOF'
+import datetime, torch
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = "not installed"
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+print(f"# {name}, torch {torch.__version__}, triton {tv}, {datetime.date.today()}")
+EOF
+}
+
+step() {  # step NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    local log="$OUT_DIR/$name.log" t0=$SECONDS
+    { header; echo "\$ $*"; } >"$log" 2>&1
+    timeout "$limit" "$@" >>"$log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT_DIR/summary.log"
+}
+
+: >"$OUT_DIR/summary.log"
+step 00-env 60 bash -c "nvidia-smi; $PY -m pip install -q --no-deps --no-index --no-build-isolation -e . \
+    && $PY -c 'import muppet_fx; print(\"muppet_fx\", muppet_fx.__file__)'"
+step 01-correctness 120 $PY benchmarks/gpu_correctness.py --batch 128
+step 02-kernels 120 $PY benchmarks/kernels.py --device cuda --reps 5
+step 03-train-step 160 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 5 --memory
+step 04-tests 80 $PY -m pytest -q -p no:cacheprovider --maxfail=10 tests
