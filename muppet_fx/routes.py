@@ -70,8 +70,18 @@ def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
 
 
 def sum_dequantised(m: Tensor, s: Tensor, dims: list[int]) -> Tensor:
-    """``sum(m * 2**-s)`` over ``dims`` as an exact integer sum, scaled once (bias gradients)."""
-    return scale_pow2(m.sum(dims, dtype=torch.int64).double(), -s).float()
+    """``sum(m * 2**-s)`` over ``dims`` as an exact integer sum, scaled once (bias gradients).
+
+    On the CPU an int8 sum over all dimensions but one runs as ``ones @ m`` on the int8 GEMM:
+    torch's int64 reduction took 24 ms on a 131072 x 64 gradient, the GEMM 1.2 ms."""
+    keep = [d for d in range(m.dim()) if d not in dims]
+    if m.device.type == "cpu" and m.dtype == torch.int8 and len(keep) == 1 and m.numel() > 0:
+        rows = m.movedim(keep[0], -1).reshape(-1, m.shape[keep[0]])  # a view for channels-last gradients
+        total = gemm_cpu.int_matmul(torch.ones(1, rows.shape[0], dtype=torch.int8), rows)[0]
+    else:
+        narrow = m.dtype in (torch.int8, torch.int16) and m.numel() * 32767 < 2**31  # int32 cannot overflow
+        total = m.sum(dims, dtype=torch.int32 if narrow else torch.int64)
+    return scale_pow2(total.double(), -s).float()
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -149,3 +149,22 @@ def _gemm_fp16_reference(a_m, a_s, b_m, b_s, bias=None, b_axis=None, quantise_ou
         return y
     bits, rounding, seed = quantise_output
     return quantise_triton(y, bits, rounding, seed=seed, want_mantissa=False, want_values=True)[2]
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.int8, 127), (torch.int16, 32767)])
+@pytest.mark.parametrize("shape,dims,channels_last", [
+    ((1024, 1024), [0], False), ((7, 33), [0], False), ((1, 1), [0], False),
+    ((5, 3, 9, 7), [0, 2, 3], True), ((5, 3, 9, 7), [0, 2, 3], False),
+    ((131073, 3), [0], False),  # longer than one int32-safe GEMM chunk
+    ((2, 4, 3), [0, 1], False)])
+def test_bias_gradient_sums_exactly(dtype, bound, shape, dims, channels_last):
+    """Bias gradients (``sum_dequantised``; the CPU runs int8 ones as a GEMM ``ones @ m``) equal
+    the float64 sum of the mantissas, scaled: exact, extreme mantissas included."""
+    from muppet_fx.routes import sum_dequantised
+
+    m = torch.randint(-bound, bound + 1, shape, dtype=dtype)
+    m.view(-1)[: m.numel() // 2] = bound  # same-sign runs: the sums reach their largest sizes
+    if channels_last:
+        m = m.contiguous(memory_format=torch.channels_last)
+    s = torch.tensor(5, dtype=torch.int32)
+    assert torch.equal(sum_dequantised(m, s, dims), (m.double().sum(dims) * 2.0**-5).float())
