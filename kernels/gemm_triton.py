@@ -8,7 +8,7 @@ strides, so ``X W^T``, ``dY W`` and ``dY^T X`` all run without materialised tran
   are exact in FP16, wider ones round to FP16 on load (the paper's hardware mapping). With
   ``exact=True`` the int16 operands are split into int8 halves and multiplied exactly.
 Optionally the output is quantised to the level's word length (SPEC section 2): the epilogue
-writes each tile's max |C|, so the quantiser needs only its rounding pass, not its reduction.
+reduces max |C| by atomic maxima, so the quantiser needs only its rounding pass, not its reduction.
 ``*_reference`` functions compute the same with plain torch.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ from .quantise import HAS_TRITON, autotune_bench, pow2_factors, quantise_triton
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .quantise import pow2_f32
 
 __all__ = ["scaled_mm", "int_mm", "scaled_mm_reference"]
 
@@ -43,16 +45,18 @@ if HAS_TRITON:
                      do_bench=autotune_bench)
     @triton.jit
     def _scaled_mm_kernel(
-        a_ptr, b_ptr, c_ptr, bias_ptr, factor_ptr, amax_ptr, flag_ptr,  # pointers
+        a_ptr, b_ptr, c_ptr, bias_ptr, sa_ptr, sb_ptr, amax_ptr,  # pointers; sa, sb: int exponents
         M, N, K,  # sizes
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,  # strides
         HAS_BIAS: tl.constexpr, PER_COL: tl.constexpr, RAW_INT: tl.constexpr,
         USE_FP16: tl.constexpr, WRITE_AMAX: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        # C[m, n] = sum_k A[m, k] B[k, n] * f_hi * f_lo (+ bias[n]); RAW_INT stores the int32 sum.
-        # WRITE_AMAX: this tile's max |C| over finite entries goes to amax[pid] and flag[pid] = 1
-        # if it holds a NaN or inf, the partials the output quantiser reduces (no second read of C)
+        # C[m, n] = sum_k A[m, k] B[k, n] * 2**-(sa + sb[n]) (+ bias[n]); RAW_INT stores the int32
+        # sum. The scale is applied as two exact factors 2**h * 2**(e-h), as pow2_factors does.
+        # WRITE_AMAX: the bits of this tile's max |C| over finite entries go to amax[0] by atomic
+        # max, and amax[1] = 1 if it holds a NaN or inf: the output quantiser's reduction, done
+        # without a second read of C
         pid = tl.program_id(0)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         group = GROUP_M * num_n  # grouped ordering keeps B tiles in L2
@@ -85,12 +89,11 @@ if HAS_TRITON:
             tl.store(c_ptrs, acc, mask=mask)
         else:
             if PER_COL:
-                f_hi = tl.load(factor_ptr + rn * 2, mask=rn < N, other=1.0)[None, :]
-                f_lo = tl.load(factor_ptr + rn * 2 + 1, mask=rn < N, other=1.0)[None, :]
+                e = -(tl.load(sa_ptr).to(tl.int64) + tl.load(sb_ptr + rn, mask=rn < N, other=0).to(tl.int64))[None, :]
             else:
-                f_hi = tl.load(factor_ptr)
-                f_lo = tl.load(factor_ptr + 1)
-            c = acc.to(tl.float32) * f_hi * f_lo
+                e = -(tl.load(sa_ptr).to(tl.int64) + tl.load(sb_ptr).to(tl.int64))
+            h = e >> 1
+            c = acc.to(tl.float32) * pow2_f32(h) * pow2_f32(e - h)
             if HAS_BIAS:
                 c += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             tl.store(c_ptrs, c, mask=mask)
@@ -98,27 +101,20 @@ if HAS_TRITON:
                 finite = (c == c) & (tl.abs(c) < float("inf"))
                 tile_max = tl.max(tl.max(tl.where(finite & mask, tl.abs(c), 0.0), axis=1), axis=0)
                 bad = tl.max(tl.max(tl.where(finite | ~mask, 0, 1), axis=1), axis=0)
-                tl.store(amax_ptr + pid, tile_max)
-                tl.store(flag_ptr + pid, bad.to(tl.int8))
+                tl.atomic_max(amax_ptr, tile_max.to(tl.int32, bitcast=True))
+                tl.atomic_max(amax_ptr + 1, bad.to(tl.int32))
 
 
-def _launch(a, b, out, factors, bias, per_col, raw, fp16, amax=None):
+def _launch(a, b, out, exponents, bias, per_col, raw, fp16, amax=None):
     M, K = a.shape
     N = b.shape[1]
+    s_a, s_b = exponents if exponents is not None else (out, out)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _scaled_mm_kernel[grid](
-        a, b, out, bias if bias is not None else out, factors if factors is not None else out,
-        amax[0] if amax is not None else out, amax[1] if amax is not None else out,
+        a, b, out, bias if bias is not None else out, s_a, s_b, amax if amax is not None else out,
         M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, PER_COL=per_col, RAW_INT=raw, USE_FP16=fp16, WRITE_AMAX=amax is not None)
     return out
-
-
-def _amax_slots(M, N, device):
-    """Zeroed per-tile partials for WRITE_AMAX, one slot per program of the smallest tiling
-    (32 x 32); programs of a larger tiling leave the rest at 0, neutral for the max."""
-    n = triton.cdiv(M, 32) * triton.cdiv(N, 32)
-    return torch.zeros((1, n), dtype=torch.float32, device=device), torch.zeros((1, n), dtype=torch.int8, device=device)
 
 
 def _check(a, b):
@@ -137,10 +133,11 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _launch(a, b, out, None, None, False, True, False)
 
 
-def _factors(s_a, s_b, per_col):
-    e = s_a.long() + s_b.long()
-    f = pow2_factors(-e)[..., :2]
-    return f.reshape(-1, 2).contiguous() if per_col else f.reshape(2).contiguous()
+def _exponents(s_a, s_b, per_col):
+    """The exponents as the kernel reads them: one for ``a``, one (or one per column) for ``b``."""
+    s_a = s_a.reshape(1)
+    s_b = s_b.reshape(-1) if per_col else s_b.reshape(1)
+    return s_a if s_a.is_contiguous() else s_a.contiguous(), s_b if s_b.is_contiguous() else s_b.contiguous()
 
 
 def scaled_mm(a_m, a_s, b_m, b_s, bias=None, b_axis=None, exact: bool = False,
@@ -149,8 +146,8 @@ def scaled_mm(a_m, a_s, b_m, b_s, bias=None, b_axis=None, exact: bool = False,
     exponent per column of ``b_m`` (per output channel of a weight passed as ``w.t()``).
 
     ``quantise_output=(bits, rounding, seed)`` returns the output fake-quantised to ``bits``
-    (per-tensor exponent, NaN/inf passed through): the epilogue writes each tile's max |C|, so
-    the quantiser skips its own reduction pass over C. Same values as
+    (per-tensor exponent, NaN/inf passed through): the epilogue reduces max |C| into one slot
+    by atomic maxima, so the quantiser skips its own reduction pass over C. Same values as
     ``quantise_triton(C, bits, rounding, seed=seed, want_values=True)``."""
     _check(a_m, b_m)
     if quantise_output is not None:
@@ -159,11 +156,11 @@ def scaled_mm(a_m, a_s, b_m, b_s, bias=None, b_axis=None, exact: bool = False,
             y = scaled_mm(a_m, a_s, b_m, b_s, bias, b_axis, exact=True)
             return quantise_triton(y, bits, rounding, seed=seed, want_mantissa=False, want_values=True)[2]
         out = torch.empty((a_m.shape[0], b_m.shape[1]), dtype=torch.float32, device=a_m.device)
-        amax = _amax_slots(out.shape[0], out.shape[1], out.device)
-        _launch(a_m, b_m, out, _factors(a_s, b_s, b_axis is not None), bias, b_axis is not None, False,
+        amax = torch.zeros((1, 2), dtype=torch.int32, device=out.device)
+        _launch(a_m, b_m, out, _exponents(a_s, b_s, b_axis is not None), bias, b_axis is not None, False,
                 a_m.dtype == torch.int16, amax)
         return quantise_triton(out, bits, rounding, seed=seed, want_mantissa=False, want_values=True,
-                               amax_partials=amax, out=out)[2]
+                               amax_slot=amax, out=out)[2]
     per_col = b_axis is not None
     if a_m.dtype == torch.int16 and exact:
         from .gemm_cpu import int_matmul  # the split-int16 algebra, with the Triton int8 kernel
@@ -175,7 +172,7 @@ def scaled_mm(a_m, a_s, b_m, b_s, bias=None, b_axis=None, exact: bool = False,
         return y if bias is None else y + bias.float()
     fp16 = a_m.dtype == torch.int16
     out = torch.empty((a_m.shape[0], b_m.shape[1]), dtype=torch.float32, device=a_m.device)
-    return _launch(a_m, b_m, out, _factors(a_s, b_s, per_col), bias, per_col, False, fp16)
+    return _launch(a_m, b_m, out, _exponents(a_s, b_s, per_col), bias, per_col, False, fp16)
 
 
 def scaled_mm_reference(a_m, a_s, b_m, b_s, bias=None, b_axis=None, fp16: bool = False):

@@ -155,47 +155,76 @@ def dequantise_reference(m: torch.Tensor, s: torch.Tensor, dtype: torch.dtype,
 
 
 # --------------------------------------------------------------------------------------------
-# Triton: one kernel reduces |x| per block, a second scales, rounds and writes mantissas and/or
+# Triton: one kernel reduces |x| into one slot per row with atomic maxima, a second derives the
+# exponent from that slot inside the kernel, then scales, rounds and writes mantissas and/or
 # dequantised values. The tensor is viewed as (rows, L): one row per tensor, or one per channel.
+# Three launches per quantisation (zeroing the slots included), where computing the exponent
+# and its factors with torch ops on the device took about forty.
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
     @triton.jit
+    def _exponent_of(a_bits, qmax, log2_qmax, max_exp):
+        # The largest s with amax * 2**s <= qmax = 2**(b-1) - 1 (SPEC section 1), from the float32
+        # bits of amax (finite, >= 0; 0 gives s = 0), in integers: amax = sig * 2**e exactly, and
+        # sig * 2**t lies in [2**log2_qmax, 2**(log2_qmax + 1)) like qmax, so t or t - 1 is the
+        # largest t with sig * 2**t <= qmax; then s = t - e, capped at max_exp.
+        field = (a_bits >> 23) & 0xFF
+        sig = tl.where(field > 0, (a_bits & 0x7FFFFF) | 0x800000, a_bits & 0x7FFFFF)
+        e = tl.where(field > 0, field - 150, -149)
+        log2_sig = ((sig.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # sig < 2**24: exact
+        t = log2_qmax - log2_sig
+        fits = (sig.to(tl.int64) << tl.maximum(t, 0)) <= (qmax.to(tl.int64) << tl.maximum(-t, 0))
+        s = tl.minimum(tl.where(fits, t, t - 1) - e, max_exp)
+        return tl.where(a_bits > 0, s, 0)
+
+    @triton.jit
+    def pow2_f32(k):
+        # float32 2**k for an integer k, built from its bits, so exact: subnormal down to 2**-149,
+        # 0 below, inf above 2**127 (a NONFINITE_EXPONENT shows up as inf, as with torch.ldexp)
+        kc = tl.minimum(tl.maximum(k, -150), 128).to(tl.int32)
+        sub = 1 << tl.minimum(tl.maximum(kc + 149, 0), 22)
+        bits = tl.where(kc >= -126, (kc + 127) << 23, tl.where(kc >= -149, sub, 0))
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _absmax_kernel(
-        x_ptr, partial_ptr, flag_ptr,  # pointers
-        L, n_blocks,  # sizes
+        x_ptr, slot_ptr,  # pointers; slot[row] = (bits of max |x| over finite entries, non-finite flag)
+        L,  # size
         BLOCK: tl.constexpr,
     ):
-        # partial[row, blk] = max |x[row, blk*BLOCK : (blk+1)*BLOCK]| over finite entries;
-        # flag[row, blk] = 1 if that block holds a NaN or inf
+        # For finite non-negative floats the int32 bit patterns order like the values, so an
+        # integer atomic max over blocks is the float max.
         row = tl.program_id(0).to(tl.int64)
-        blk = tl.program_id(1)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < L
         x = tl.load(x_ptr + row * L + offs, mask=mask, other=0.0).to(tl.float32)
         finite = (x == x) & (tl.abs(x) < float("inf"))
-        a = tl.where(finite, tl.abs(x), 0.0)
-        tl.store(partial_ptr + row * n_blocks + blk, tl.max(a, axis=0))
-        tl.store(flag_ptr + row * n_blocks + blk, tl.max(tl.where(finite | ~mask, 0, 1), axis=0))
+        a = tl.max(tl.where(finite, tl.abs(x), 0.0), axis=0)
+        tl.atomic_max(slot_ptr + row * 2, a.to(tl.int32, bitcast=True))
+        tl.atomic_max(slot_ptr + row * 2 + 1, tl.max(tl.where(finite | ~mask, 0, 1), axis=0))
 
     @triton.jit
     def _quantise_kernel(
-        x_ptr, noise_ptr, factor_ptr, m_ptr, q_ptr,  # pointers
-        L, seed, offset, fmax,  # sizes and scalars
+        x_ptr, noise_ptr, slot_ptr, s_ptr, m_ptr, q_ptr,  # pointers
+        L, seed, offset, fmax, qmax, log2_qmax, max_exp,  # sizes and scalars
         STOCHASTIC: tl.constexpr, NOISE_FROM_PTR: tl.constexpr,
         WRITE_M: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        # m = round(x * 2**s[row]); q = m * 2**-s[row] (non-finite x passes through to q)
+        # s[row] from the row's max |x|; m = round(x * 2**s); q = m * 2**-s (non-finite x passes
+        # through to q). 2**s is applied as two factors 2**h * 2**(s-h), h = floor(s / 2).
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
+        s = _exponent_of(tl.load(slot_ptr + row * 2), qmax, log2_qmax, max_exp)
+        if blk == 0:
+            tl.store(s_ptr + row, s)
+        h = s >> 1
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < L
         idx = row * L + offs
         x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        up_hi = tl.load(factor_ptr + row * 4)
-        up_lo = tl.load(factor_ptr + row * 4 + 1)
         finite = (x == x) & (tl.abs(x) < float("inf"))
-        v = tl.where(finite, x, 0.0) * up_hi * up_lo
+        v = tl.where(finite, x, 0.0) * pow2_f32(h) * pow2_f32(s - h)
         f = tl.floor(v)
         d = v - f
         if STOCHASTIC:
@@ -211,9 +240,7 @@ if HAS_TRITON:
         if WRITE_M:
             tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=mask)
         if WRITE_Q:
-            down_hi = tl.load(factor_ptr + row * 4 + 2)
-            down_lo = tl.load(factor_ptr + row * 4 + 3)
-            q = tl.minimum(tl.maximum(m * down_hi * down_lo, -fmax), fmax)
+            q = tl.minimum(tl.maximum(m * pow2_f32(-h) * pow2_f32(h - s), -fmax), fmax)
             q = tl.where(finite, q, x)
             tl.store(q_ptr + idx, q.to(q_ptr.dtype.element_ty), mask=mask)
 
@@ -221,16 +248,15 @@ if HAS_TRITON:
 def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None = None,
                     seed: int = 0, offset: int = 0, noise: torch.Tensor | None = None,
                     want_mantissa: bool = True, want_values: bool = False, block: int = 1024,
-                    amax_partials: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    out: torch.Tensor | None = None):
+                    amax_slot: torch.Tensor | None = None, out: torch.Tensor | None = None):
     """Triton launcher. Returns ``(m or None, s, q or None, nonfinite)``.
 
     ``m`` is the integer mantissa tensor (storage dtype of ``bits``), ``s`` the int32 exponent,
     ``q`` the dequantised values in ``x.dtype``. Stochastic draws come from
     ``tl.rand(seed, offset + flat_index)`` unless ``noise`` (float32, shape of ``x``) is given.
     ``nonfinite`` is a bool tensor shaped like ``s``: the row holds a NaN or inf.
-    ``amax_partials`` (per tensor only): ``(max |x| over finite entries, nonfinite flags)`` per
-    block, ``[1, n]`` each, already reduced by whoever wrote ``x`` (a GEMM epilogue); the
+    ``amax_slot`` (per tensor only): int32 ``[1, 2]``, the bits of max |x| over finite entries
+    and a non-finite flag, already reduced by whoever wrote ``x`` (a GEMM epilogue); the
     reduction pass is then skipped. ``out`` (contiguous, may be ``x``) receives ``q``.
     """
     if not HAS_TRITON:
@@ -246,16 +272,14 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
         m = torch.zeros(x.shape, dtype=mantissa_dtype(bits), device=x.device) if want_mantissa else None
         return m, s, (x.clone() if want_values else None), torch.zeros(s.shape, dtype=torch.bool)
     n_blocks = triton.cdiv(L, block)
-    if amax_partials is not None:
+    if amax_slot is not None:
         if axis is not None:
-            raise NotImplementedError("amax_partials holds one per-tensor reduction; axis must be None")
-        partial, flag = amax_partials
+            raise NotImplementedError("amax_slot holds one per-tensor reduction; axis must be None")
+        slot = amax_slot
     else:
-        partial = torch.empty((rows, n_blocks), dtype=torch.float32, device=x.device)
-        flag = torch.empty((rows, n_blocks), dtype=torch.int8, device=x.device)
-        _absmax_kernel[(rows, n_blocks)](xc, partial, flag, L, n_blocks, BLOCK=block)
-    s = exponent_from_amax(partial.amax(dim=1), bits, MAX_EXPONENT[x.dtype])
-    factors = pow2_factors(s).contiguous()
+        slot = torch.zeros((rows, 2), dtype=torch.int32, device=x.device)
+        _absmax_kernel[(rows, n_blocks)](xc, slot, L, BLOCK=block)
+    s = torch.empty(rows, dtype=torch.int32, device=x.device)
     m = torch.empty_like(xc, dtype=mantissa_dtype(bits)) if want_mantissa else None
     q = (out if out is not None and out.is_contiguous() and xc.is_contiguous() else torch.empty_like(xc)) \
         if want_values else None
@@ -263,13 +287,13 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
         noise = (noise if axis in (None, 0) else noise.movedim(axis, 0)).float()
         noise = noise.contiguous(memory_format=torch.channels_last) if channels_last else noise.contiguous()
     _quantise_kernel[(rows, n_blocks)](
-        xc, noise if noise is not None else xc, factors,
+        xc, noise if noise is not None else xc, slot, s,
         m if m is not None else xc, q if q is not None else xc,
-        L, seed, offset, float(torch.finfo(x.dtype).max),
-        STOCHASTIC=rounding == "stochastic", NOISE_FROM_PTR=noise is not None,
+        L, seed, offset, float(torch.finfo(x.dtype).max), 2 ** (bits - 1) - 1, bits - 2,
+        MAX_EXPONENT[x.dtype], STOCHASTIC=rounding == "stochastic", NOISE_FROM_PTR=noise is not None,
         WRITE_M=want_mantissa, WRITE_Q=want_values, BLOCK=block,
     )
-    nonfinite = flag.amax(dim=1) > 0
+    nonfinite = slot[:, 1] > 0
     if axis is None:
         s, nonfinite = s.reshape(()), nonfinite.reshape(())
     back = (lambda t: t) if axis in (None, 0) else (lambda t: t.movedim(0, axis).contiguous())

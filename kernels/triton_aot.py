@@ -64,8 +64,8 @@ def _modes():
         return {"int8": "*i32", "fp16": "*fp32"}[t]
 
     for t in ("int8", "fp16"):
-        mm = {"a_ptr": ops(t), "b_ptr": ops(t), "c_ptr": "*fp32", "bias_ptr": "*fp32", "factor_ptr": "*fp32",
-              "amax_ptr": "*fp32", "flag_ptr": "*i8"}
+        mm = {"a_ptr": ops(t), "b_ptr": ops(t), "c_ptr": "*fp32", "bias_ptr": "*fp32", "sa_ptr": "*i32",
+              "sb_ptr": "*i32", "amax_ptr": "*i32"}
         flags = dict(HAS_BIAS=True, PER_COL=False, RAW_INT=False, USE_FP16=t == "fp16", WRITE_AMAX=True)
         # X W^T: row-major X, W read transposed, row-major output
         yield "scaled_mm", f"{t} bias+amax", mm, flags, ("stride_ak", "stride_bk", "stride_cn"), t
@@ -79,11 +79,11 @@ def _modes():
     yield ("scaled_mm", "int8 raw int32", {**mm, "a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*i32"},
            dict(HAS_BIAS=False, PER_COL=False, RAW_INT=True, USE_FP16=False, WRITE_AMAX=False),
            ("stride_ak", "stride_bn", "stride_cn"), "int8")
-    yield ("absmax", "fp32", {"x_ptr": "*fp32", "partial_ptr": "*fp32", "flag_ptr": "*i8"}, dict(BLOCK=1024), (),
-           None)
+    yield "absmax", "fp32", {"x_ptr": "*fp32", "slot_ptr": "*i32"}, dict(BLOCK=1024), (), None
     for m in ("i8", "i16"):
         yield ("quantise", f"stochastic -> {m}",
-               {"x_ptr": "*fp32", "noise_ptr": "*fp32", "factor_ptr": "*fp32", "m_ptr": f"*{m}", "q_ptr": "*fp32"},
+               {"x_ptr": "*fp32", "noise_ptr": "*fp32", "slot_ptr": "*i32", "s_ptr": "*i32", "m_ptr": f"*{m}",
+                "q_ptr": "*fp32"},
                dict(STOCHASTIC=True, NOISE_FROM_PTR=False, WRITE_M=True, WRITE_Q=True, BLOCK=1024), (), None)
 
 

@@ -69,3 +69,54 @@ def test_channels_last_keeps_layout_and_matches():
         a = fake_quantise(x, 8, rounding, backend="reference", noise=u)
         b = fake_quantise(x, 8, rounding, backend="triton", noise=u)
         assert torch.equal(a, b) and b.is_contiguous(memory_format=torch.channels_last)
+
+
+def _hard_amaxes() -> torch.Tensor:
+    """Values where an exponent rule slips: subnormals, powers of two, the float32 extremes,
+    and the grid boundaries qmax * 2**k of every word length with their neighbours."""
+    tiny = torch.tensor([1, 2, 3, 0x7FFFFF, 0x800000, 0x800001], dtype=torch.int32).view(torch.float32)
+    powers = torch.ldexp(torch.ones(60), torch.linspace(-140, 127, 60).round().int())
+    edges = []
+    for b in range(2, 25):
+        q = torch.tensor(float(2 ** (b - 1) - 1))
+        for k in (-100, -7, 0, 5, 90):
+            v = torch.ldexp(q, torch.tensor(k))
+            edges += [v, torch.nextafter(v, torch.tensor(0.0)), torch.nextafter(v, torch.tensor(float("inf")))]
+    big = torch.tensor([torch.finfo(torch.float32).max, 1.7e38, 0.1, 1.0, 3.0, 0.0])
+    return torch.cat([tiny, powers, torch.stack(edges), big, torch.rand(50) * 10.0 ** torch.randint(-30, 30, (50,))])
+
+
+@pytest.mark.parametrize("bits", [2, 8, 12, 16, 24])
+def test_in_kernel_exponent_equals_the_host_rule(bits):
+    """The quantise kernel derives s from max |x| in integer arithmetic; oracle: the float64
+    rule ``exponent_from_amax`` on the same maxima (one row per value, per-row exponents),
+    exactly, at the float32 extremes and every word length's grid boundaries."""
+    from muppet_fx.kernels.quantise import MAX_EXPONENT, exponent_from_amax, quantise_triton
+
+    amax = _hard_amaxes()
+    x = torch.stack([amax, -amax / 3, amax * 0], dim=1)  # the row's max |x| is amax
+    _, s, _, bad = quantise_triton(x, bits, "nearest", axis=0)
+    assert not bad.any()
+    assert torch.equal(s.cpu(), exponent_from_amax(amax, bits, MAX_EXPONENT[torch.float32]))
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from muppet_fx.kernels.quantise import pow2_f32
+
+    @triton.jit
+    def _pow2_kernel(k_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        k = tl.load(k_ptr + offs, mask=offs < N, other=0)
+        tl.store(out_ptr + offs, pow2_f32(k), mask=offs < N)
+
+
+def test_pow2_from_bits_is_exact():
+    """``pow2_f32(k)`` against ``torch.ldexp(1, k)``: exact for every k in -200..300, subnormals,
+    0 below 2**-149 and inf above 2**127 included."""
+    k = torch.arange(-200, 301, dtype=torch.int64)
+    out = torch.empty(k.shape, dtype=torch.float32)
+    _pow2_kernel[(1,)](k, out, k.numel(), BLOCK=512)
+    assert torch.equal(out, torch.ldexp(torch.ones(k.shape, dtype=torch.float64), k).float())
