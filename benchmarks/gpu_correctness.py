@@ -12,6 +12,7 @@ forward, grad-input and grad-weight, and 4096^3. Oracles:
 - FP16 mode at 12 bits (exact operands): within ``K * 2**-24 * (|a| @ |b|)`` of the float64
   product (float32 accumulation), plus one rounding;
 - the GEMM epilogue's output quantisation: bit-equal to the separate quantiser on the same seed;
+- the convolution epilogue's dequantisation (subnormal scales included): bit-equal to torch's;
 - the quantiser: nearest rounding bit-equal to the torch reference, stochastic rounding
   unbiased within 6 standard errors over 16M draws.
 Every check prints PASS or FAIL with its numbers; the exit status is the number of failures.
@@ -126,6 +127,10 @@ def conv_int8(cin, cout, hw, k, s, batch):
     y = conv_triton.conv2d_int(x, w, s, p)
     ref = torch.nn.functional.conv2d(x.double(), w.double(), None, s, p)
     out = [_exact(y, ref, "forward")]
+    exps = (torch.tensor(9, dtype=torch.int32, device=DEVICE), torch.tensor(140, dtype=torch.int32, device=DEVICE))
+    scaled = conv_triton.conv2d_int(x, w, s, p, scale=exps)  # the epilogue the routes use
+    want = conv_triton._epilogue_reference(ref.long(), exps, None)
+    assert torch.equal(scaled, want), f"scaled epilogue: {(scaled != want).sum().item()} elements differ"
     g = _ints(tuple(ref.shape), 127, torch.int8).contiguous(memory_format=torch.channels_last)
     gx = conv_triton.conv2d_grad_input_int(g, w, x.shape, s, p)
     gd, xd, wd = g.double(), x.double(), w.double()

@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from .gemm_cpu import CHUNK, _out_size, _pair
-from .quantise import HAS_TRITON, autotune_bench
+from .quantise import HAS_TRITON, autotune_bench, scale_pow2
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .quantise import pow2_f32
 
 __all__ = ["conv2d_int", "conv2d_grad_input_int", "conv2d_grad_weight_int", "conv2d_int_reference",
            "conv2d_grad_input_int_reference", "conv2d_grad_weight_int_reference"]
@@ -46,14 +48,14 @@ if HAS_TRITON:
                      do_bench=autotune_bench)
     @triton.jit
     def _conv_kernel(
-        a_ptr, w_ptr, c_ptr,
+        a_ptr, w_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,  # SCALED: c = acc * 2**-(sa + sb) (+ bias), float32
         M, N, K, C,  # GEMM sizes; C = channels summed per tap
         AH, AW, OH, OW, KW,  # source spatial size, output spatial size, kernel width
         SH, SW, PH, PW, DH, DW,
         s_an, s_ac, s_ah, s_aw,  # source strides (n, channel, h, w)
         s_wk, s_wn, s_wh, s_ww,  # weight strides: summed channel, output channel, tap h, tap w
         s_cn, s_cc, s_ch, s_cw,  # output strides
-        TRANSPOSED: tl.constexpr, USE_FP16: tl.constexpr,
+        TRANSPOSED: tl.constexpr, USE_FP16: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -95,7 +97,15 @@ if HAS_TRITON:
                 acc += tl.dot(a, b, out_dtype=tl.int32)
         c_ptrs = (c_ptr + n[:, None].to(tl.int64) * s_cn + p[:, None] * s_ch + q[:, None] * s_cw
                   + rn[None, :] * s_cc)
-        tl.store(c_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
+        if SCALED:  # the dequantisation in the epilogue: two exact power-of-two factors
+            e = -(tl.load(sa_ptr).to(tl.int64) + tl.load(sb_ptr).to(tl.int64))
+            h = e >> 1
+            out = acc.to(tl.float32) * pow2_f32(h) * pow2_f32(e - h)
+            if HAS_BIAS:
+                out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(c_ptrs, out, mask=row_ok[:, None] & (rn[None, :] < N))
+        else:
+            tl.store(c_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
 
     @triton.autotune(configs=_configs(), key=["M", "N", "R", "KW", "SH", "USE_FP16"],
                      do_bench=autotune_bench)
@@ -153,7 +163,7 @@ def _check(a, w, what, fp16_ok=False):
         raise TypeError(f"{what} takes mantissas of one dtype out of {allowed}, got {a.dtype} and {w.dtype}")
 
 
-def _run(a, w, out, C, out_hw, w_strides, geometry, transposed):
+def _run(a, w, out, C, out_hw, w_strides, geometry, transposed, scale=None, bias=None):
     (sh, sw), (ph, pw), (dh, dw) = geometry
     N_img, _, AH, AW = a.shape
     OH, OW = out_hw
@@ -164,20 +174,31 @@ def _run(a, w, out, C, out_hw, w_strides, geometry, transposed):
     if K > CHUNK and not fp16:  # 128 * 128 * K must fit int32
         raise ValueError(f"the int8 convolution sums K = {K} products per output; at most {CHUNK} fit int32")
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Nout, meta["BLOCK_N"]))
-    _conv_kernel[grid](a, w, out, M, Nout, K, C, AH, AW, OH, OW, kw, sh, sw, ph, pw, dh, dw,
+    s_a, s_b = (t.reshape(1) for t in scale) if scale is not None else (out, out)
+    _conv_kernel[grid](a, w, out, s_a, s_b, bias if bias is not None else out,
+                       M, Nout, K, C, AH, AW, OH, OW, kw, sh, sw, ph, pw, dh, dw,
                        *a.stride(), *w_strides, w.stride(2), w.stride(3), *out.stride(),
-                       TRANSPOSED=transposed, USE_FP16=fp16)
+                       TRANSPOSED=transposed, USE_FP16=fp16, SCALED=scale is not None, HAS_BIAS=bias is not None)
     return out
 
 
-def _empty(shape, like):
-    dtype = torch.float32 if like.dtype == torch.int16 else torch.int32
+def _empty(shape, like, scaled=False):
+    dtype = torch.float32 if like.dtype == torch.int16 or scaled else torch.int32
     return torch.empty(shape, dtype=dtype, device=like.device, memory_format=torch.channels_last)
 
 
-def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1) -> torch.Tensor:
+def _check_scale(scale, bias, cout):
+    if scale is not None and (len(scale) != 2 or any(t.numel() != 1 for t in scale)):
+        raise ValueError("scale must be (s_a, s_b), one per-tensor exponent each")
+    if bias is not None and (scale is None or bias.shape != (cout,) or not bias.is_contiguous()):
+        raise ValueError(f"bias needs scale and a contiguous shape ({cout},), got {tuple(bias.shape)}")
+
+
+def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, bias=None) -> torch.Tensor:
     """Exact int32 ``conv2d(x_m, w_m)`` of int8 mantissas (channels-last result); int16
-    mantissas run as FP16 with FP32 accumulation and give float32 (exact up to 12 bits)."""
+    mantissas run as FP16 with FP32 accumulation and give float32 (exact up to 12 bits).
+    ``scale=(s_x, s_w)`` (exponent tensors) dequantises in the epilogue: float32
+    ``acc * 2**-(s_x + s_w)``, plus ``bias`` (float32 ``[C_out]``) when given."""
     _check(x_m, w_m, "conv2d_int", fp16_ok=True)
     geometry = tuple(_pair(v, 2) for v in (stride, padding, dilation))
     (sh, sw), (ph, pw), (dh, dw) = geometry
@@ -186,13 +207,14 @@ def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1) -> torch.Tensor:
     if Cw != C:
         raise ValueError(f"conv2d_int: input has {C} channels, weight expects {Cw} (groups 1 only)")
     OH, OW = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
-    out = _empty((N, Cout, OH, OW), x_m)
-    return _run(x_m, w_m, out, C, (OH, OW), (w_m.stride(1), w_m.stride(0)), geometry, False)
+    _check_scale(scale, bias, Cout)
+    out = _empty((N, Cout, OH, OW), x_m, scale is not None)
+    return _run(x_m, w_m, out, C, (OH, OW), (w_m.stride(1), w_m.stride(0)), geometry, False, scale, bias)
 
 
-def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1) -> torch.Tensor:
+def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1, scale=None) -> torch.Tensor:
     """Exact int32 gradient of ``conv2d`` w.r.t. an input of ``input_shape`` (channels-last);
-    int16 mantissas as in :func:`conv2d_int`."""
+    int16 mantissas and ``scale=(s_g, s_w)`` as in :func:`conv2d_int`."""
     _check(g_m, w_m, "conv2d_grad_input_int", fp16_ok=True)
     geometry = tuple(_pair(v, 2) for v in (stride, padding, dilation))
     N, C, H, W = input_shape
@@ -200,8 +222,9 @@ def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1
     if g_m.shape[1] != Cout or w_m.shape[1] != C:
         raise ValueError(f"conv2d_grad_input_int: gradient {tuple(g_m.shape)}, weight {tuple(w_m.shape)} "
                          f"and input shape {tuple(input_shape)} do not match")
-    out = _empty((N, C, H, W), g_m)
-    return _run(g_m, w_m, out, Cout, (H, W), (w_m.stride(0), w_m.stride(1)), geometry, True)
+    _check_scale(scale, None, C)
+    out = _empty((N, C, H, W), g_m, scale is not None)
+    return _run(g_m, w_m, out, Cout, (H, W), (w_m.stride(0), w_m.stride(1)), geometry, True, scale)
 
 
 def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1,
@@ -230,21 +253,31 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
     return acc.view(Cout, kh, kw, C).permute(0, 3, 1, 2)
 
 
-def conv2d_int_reference(x_m, w_m, stride=1, padding=0, dilation=1) -> torch.Tensor:
+def _epilogue_reference(acc, scale, bias):
+    """What the kernels' ``scale``/``bias`` epilogue computes: float32 sum, two exact factors, bias."""
+    if scale is None:
+        return acc
+    y = scale_pow2(acc.float(), -(scale[0].long() + scale[1].long()).reshape(()))
+    return y if bias is None else y + bias.float().view(1, -1, 1, 1)
+
+
+def conv2d_int_reference(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, bias=None) -> torch.Tensor:
     """int64 twin (float64 sums of int8 products are exact far beyond int32's range); int16
     mantissas are rounded to FP16 first and the float64 result returned."""
     if x_m.dtype == torch.int16:
-        return F.conv2d(x_m.half().double(), w_m.half().double(), None, stride, padding, dilation)
-    return F.conv2d(x_m.double(), w_m.double(), None, stride, padding, dilation).long()
+        acc = F.conv2d(x_m.half().double(), w_m.half().double(), None, stride, padding, dilation)
+    else:
+        acc = F.conv2d(x_m.double(), w_m.double(), None, stride, padding, dilation).long()
+    return _epilogue_reference(acc, scale, bias)
 
 
-def conv2d_grad_input_int_reference(g_m, w_m, input_shape, stride=1, padding=0, dilation=1):
+def conv2d_grad_input_int_reference(g_m, w_m, input_shape, stride=1, padding=0, dilation=1, scale=None):
     fp16 = g_m.dtype == torch.int16
     g, w = (g_m.half().double(), w_m.half().double()) if fp16 else (g_m.double(), w_m.double())
     gx = torch.ops.aten.convolution_backward(
         g, g.new_empty(input_shape), w, None, _pair(stride, 2), _pair(padding, 2), _pair(dilation, 2),
         False, [0, 0], 1, [True, False, False])[0]
-    return gx if fp16 else gx.long()
+    return _epilogue_reference(gx if fp16 else gx.long(), scale, None)
 
 
 def conv2d_grad_weight_int_reference(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1):

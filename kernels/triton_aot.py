@@ -71,8 +71,9 @@ def _modes():
         yield "scaled_mm", f"{t} bias+amax", mm, flags, ("stride_ak", "stride_bk", "stride_cn"), t
         for transposed in (False, True):  # channels-last operands: channel strides are 1
             yield ("conv", f"{t} {'grad-input' if transposed else 'forward'}",
-                   {"a_ptr": ops(t), "w_ptr": ops(t), "c_ptr": acc(t)},
-                   dict(TRANSPOSED=transposed, USE_FP16=t == "fp16"),
+                   {"a_ptr": ops(t), "w_ptr": ops(t), "c_ptr": "*fp32", "sa_ptr": "*i32", "sb_ptr": "*i32",
+                    "bias_ptr": "*fp32"},
+                   dict(TRANSPOSED=transposed, USE_FP16=t == "fp16", SCALED=True, HAS_BIAS=not transposed),
                    ("s_ac", "s_wn" if transposed else "s_wk", "s_cc"), t)
         yield ("conv_grad_weight", t, {"g_ptr": ops(t), "x_ptr": ops(t), "c_ptr": acc(t)},
                dict(USE_FP16=t == "fp16"), ("s_gc", "s_xc"), t)

@@ -233,13 +233,14 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
     if mode in ("emulate", "fp32") or (mode in TRITON and not _int_conv(mode, x_m, groups, w_axis)):
         return torch.convolution(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias,
                                  stride, padding, dilation, False, [0] * len(stride), groups), False
+    if _int_conv(mode, x_m, groups, w_axis) and _triton_conv(mode, x_m, w_m):
+        b = None if bias is None else bias.detach().float().contiguous()  # dequantised and biased in the epilogue
+        return _conv_triton().conv2d_int(x_m, w_m, stride, padding, dilation, (x_s, w_s), b), False
     if _int_conv(mode, x_m, groups, w_axis):
         e = _exponent(x_s, w_s)
         if mode == "int" and conv_onednn.supports(x_m, w_m, groups, e):
             y = conv_onednn.conv2d(x_m, w_m, e, stride, padding, dilation)
             return (y if bias is None else y.add_(_along1(bias, y))), False
-        if _triton_conv(mode, x_m, w_m):
-            return _apply(_conv_triton().conv2d_int(x_m, w_m, stride, padding, dilation), e, bias), False
         acc = gemm_cpu.conv_forward(x_m, w_m, stride, padding, dilation, mm=_int8_kernel(mode))
         if quantise_output is not None and bias is None and isinstance(e, int) and acc.device.type == "cpu":
             q = requantise_accumulator(acc, e, *quantise_output)
@@ -263,10 +264,10 @@ def _placeholder(g: Tensor, shape) -> Tensor:
 
 def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding, dilation, groups):
     mode = _conv_mode(route, g_m, w_m)
+    if _int_conv(mode, g_m, groups, w_axis) and _triton_conv(mode, g_m, w_m):
+        return _conv_triton().conv2d_grad_input_int(g_m, w_m, x_shape, stride, padding, dilation, (g_s, w_s))
     if _int_conv(mode, g_m, groups, w_axis):
         e = _exponent(g_s, w_s)
-        if _triton_conv(mode, g_m, w_m):
-            return _apply(_conv_triton().conv2d_grad_input_int(g_m, w_m, x_shape, stride, padding, dilation), e)
         conv = None
         if mode == "int" and conv_onednn.supports(g_m, w_m, groups, e):  # already scaled floats
             conv = lambda x, w, s, p, d: conv_onednn.conv2d(x, w, e, s, p, d)  # noqa: E731

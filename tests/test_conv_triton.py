@@ -129,3 +129,23 @@ def test_int16_runs_as_fp16_within_fp32_accumulation_bound(device, case, q):
     wref = conv2d_grad_weight_int_reference(g, x, w.shape, *geometry)
     wbound = r * 2.0**-24 * conv2d_grad_weight_int_reference(g.abs(), x.abs(), w.shape, *geometry) + 1e-9
     assert gw.dtype == torch.float32 and ((gw.double() - wref).abs() <= wbound).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("exponents", [(7, 9), (-3, 140), (149, 149), (-(2**30), 4)])
+def test_epilogue_dequantises_exactly(device, exponents):
+    """``scale=(s_x, s_w)`` (and ``bias``) in the epilogue: the int32 sum converted to float32,
+    times ``2**-(s_x + s_w)`` as two exact factors, plus the bias, bit-equal to doing the same
+    in torch after the kernel, forward and grad-input; subnormal scales and the non-finite
+    exponent (inf) included."""
+    x, w, geometry = _operands(CASES[2], device, True)
+    s = tuple(torch.tensor(e, dtype=torch.int32, device=device) for e in exponents)
+    bias = torch.randn(w.shape[0], device=device)
+    y = conv2d_int(x, w, *geometry, scale=s, bias=bias)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y.nan_to_num(), conv2d_int_reference(x, w, *geometry, scale=s, bias=bias).nan_to_num())
+    g = _output_grad(x, w, geometry, True)
+    gx = conv2d_grad_input_int(g, w, x.shape, *geometry, scale=s)
+    assert torch.equal(gx.nan_to_num(), conv2d_grad_input_int_reference(g, w, x.shape, *geometry, scale=s).nan_to_num())
+    with pytest.raises(ValueError, match="bias"):
+        conv2d_int(x, w, *geometry, bias=bias)
