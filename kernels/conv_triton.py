@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .gemm_cpu import CHUNK, _out_size, _pair
-from .quantise import HAS_TRITON, autotune_bench, scale_pow2
+from .quantise import HAS_TRITON, autotune_bench, scale_pow2, scale_triton
 
 if HAS_TRITON:
     import triton
@@ -228,10 +228,11 @@ def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1
 
 
 def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1,
-                           r_split: int = CHUNK) -> torch.Tensor:
+                           r_split: int = CHUNK, scale=None) -> torch.Tensor:
     """Exact gradient of ``conv2d`` w.r.t. its weight: int32 (int64 when the pixel sum is split
     into int32 partials), shaped ``weight_shape`` with channels-last strides; int16 mantissas
-    as in :func:`conv2d_int` (float32 partials)."""
+    as in :func:`conv2d_int` (float32 partials). ``scale=(s_g, s_x)`` returns float32
+    ``acc * 2**-(s_g + s_x)`` (one more launch, after the partials are summed)."""
     _check(g_m, x_m, "conv2d_grad_weight_int", fp16_ok=True)
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
     Cout, C, kh, kw = weight_shape
@@ -250,6 +251,9 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
     _conv_grad_weight_kernel[grid](g_m, x_m, part, M, K, R, C, r_split, H, W, OH, OW, kw, sh, sw, ph, pw,
                                    dh, dw, *g_m.stride(), *x_m.stride(), USE_FP16=fp16)
     acc = part[0] if splits == 1 else part.sum(0, dtype=torch.float32 if fp16 else torch.int64)
+    if scale is not None:
+        _check_scale(scale, None, Cout)
+        acc = scale_triton(acc, *scale)
     return acc.view(Cout, kh, kw, C).permute(0, 3, 1, 2)
 
 
@@ -280,10 +284,10 @@ def conv2d_grad_input_int_reference(g_m, w_m, input_shape, stride=1, padding=0, 
     return _epilogue_reference(gx if fp16 else gx.long(), scale, None)
 
 
-def conv2d_grad_weight_int_reference(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1):
+def conv2d_grad_weight_int_reference(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1, scale=None):
     fp16 = g_m.dtype == torch.int16
     g, x = (g_m.half().double(), x_m.half().double()) if fp16 else (g_m.double(), x_m.double())
     gw = torch.ops.aten.convolution_backward(
         g, x, x.new_empty(weight_shape), None, _pair(stride, 2), _pair(padding, 2), _pair(dilation, 2),
         False, [0, 0], 1, [False, True, False])[1]
-    return gw if fp16 else gw.long()
+    return _epilogue_reference(gw if fp16 else gw.long(), scale, None)

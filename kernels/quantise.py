@@ -35,6 +35,7 @@ __all__ = [
     "quantise_reference",
     "dequantise_reference",
     "quantise_triton",
+    "scale_triton",
     "HAS_TRITON",
     "autotune_bench",
 ]
@@ -208,16 +209,20 @@ if HAS_TRITON:
     def _quantise_kernel(
         x_ptr, noise_ptr, slot_ptr, s_ptr, m_ptr, q_ptr,  # pointers
         L, seed, offset, fmax, qmax, log2_qmax, max_exp,  # sizes and scalars
-        STOCHASTIC: tl.constexpr, NOISE_FROM_PTR: tl.constexpr,
+        STOCHASTIC: tl.constexpr, NOISE_FROM_PTR: tl.constexpr, MARK_NONFINITE: tl.constexpr,
         WRITE_M: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # s[row] from the row's max |x|; m = round(x * 2**s); q = m * 2**-s (non-finite x passes
         # through to q). 2**s is applied as two factors 2**h * 2**(s-h), h = floor(s / 2).
+        # MARK_NONFINITE: a row holding NaN/inf reports NONFINITE_EXPONENT as its s.
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         s = _exponent_of(tl.load(slot_ptr + row * 2), qmax, log2_qmax, max_exp)
         if blk == 0:
-            tl.store(s_ptr + row, s)
+            if MARK_NONFINITE:
+                tl.store(s_ptr + row, tl.where(tl.load(slot_ptr + row * 2 + 1) > 0, -(2**30), s))
+            else:
+                tl.store(s_ptr + row, s)
         h = s >> 1
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < L
@@ -244,11 +249,33 @@ if HAS_TRITON:
             q = tl.where(finite, q, x)
             tl.store(q_ptr + idx, q.to(q_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _scale_kernel(acc_ptr, out_ptr, sa_ptr, sb_ptr, n, BLOCK: tl.constexpr):
+        # out = float32(acc) * 2**-(sa + sb), the power of two as two exact factors
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        e = -(tl.load(sa_ptr).to(tl.int64) + tl.load(sb_ptr).to(tl.int64))
+        h = e >> 1
+        acc = tl.load(acc_ptr + offs, mask=offs < n, other=0)
+        tl.store(out_ptr + offs, acc.to(tl.float32) * pow2_f32(h) * pow2_f32(e - h), mask=offs < n)
+
+
+def scale_triton(acc: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
+    """float32 ``acc * 2**-(s_a + s_b)`` for a contiguous integer (or float) accumulator and two
+    per-tensor exponents on the device: one launch, where torch ops take about twenty."""
+    if not acc.is_contiguous():
+        raise ValueError("scale_triton needs a contiguous accumulator")
+    out = torch.empty(acc.shape, dtype=torch.float32, device=acc.device)
+    n = acc.numel()
+    if n:
+        _scale_kernel[(triton.cdiv(n, 1024),)](acc, out, s_a.reshape(1), s_b.reshape(1), n, BLOCK=1024)
+    return out
+
 
 def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None = None,
                     seed: int = 0, offset: int = 0, noise: torch.Tensor | None = None,
                     want_mantissa: bool = True, want_values: bool = False, block: int = 1024,
-                    amax_slot: torch.Tensor | None = None, out: torch.Tensor | None = None):
+                    amax_slot: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    mark_nonfinite: bool = False):
     """Triton launcher. Returns ``(m or None, s, q or None, nonfinite)``.
 
     ``m`` is the integer mantissa tensor (storage dtype of ``bits``), ``s`` the int32 exponent,
@@ -258,6 +285,8 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
     ``amax_slot`` (per tensor only): int32 ``[1, 2]``, the bits of max |x| over finite entries
     and a non-finite flag, already reduced by whoever wrote ``x`` (a GEMM epilogue); the
     reduction pass is then skipped. ``out`` (contiguous, may be ``x``) receives ``q``.
+    ``mark_nonfinite``: a row holding NaN/inf gets ``NONFINITE_EXPONENT`` as its ``s`` (what the
+    training ops want), set by the kernel.
     """
     if not HAS_TRITON:
         raise NotImplementedError("backend='triton' needs the triton package, which is not installed")
@@ -291,6 +320,7 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
         m if m is not None else xc, q if q is not None else xc,
         L, seed, offset, float(torch.finfo(x.dtype).max), 2 ** (bits - 1) - 1, bits - 2,
         MAX_EXPONENT[x.dtype], STOCHASTIC=rounding == "stochastic", NOISE_FROM_PTR=noise is not None,
+        MARK_NONFINITE=mark_nonfinite,
         WRITE_M=want_mantissa, WRITE_Q=want_values, BLOCK=block,
     )
     nonfinite = slot[:, 1] > 0

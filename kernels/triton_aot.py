@@ -51,7 +51,8 @@ def _kernels():
 
     return {"scaled_mm": gemm_triton._scaled_mm_kernel, "conv": conv_triton._conv_kernel,
             "conv_grad_weight": conv_triton._conv_grad_weight_kernel,
-            "absmax": quantise._absmax_kernel, "quantise": quantise._quantise_kernel}
+            "absmax": quantise._absmax_kernel, "quantise": quantise._quantise_kernel,
+            "scale": quantise._scale_kernel}
 
 
 def _modes():
@@ -81,11 +82,15 @@ def _modes():
            dict(HAS_BIAS=False, PER_COL=False, RAW_INT=True, USE_FP16=False, WRITE_AMAX=False),
            ("stride_ak", "stride_bn", "stride_cn"), "int8")
     yield "absmax", "fp32", {"x_ptr": "*fp32", "slot_ptr": "*i32"}, dict(BLOCK=1024), (), None
+    for acc_t in ("i32", "i64"):
+        yield ("scale", f"{acc_t} -> fp32", {"acc_ptr": f"*{acc_t}", "out_ptr": "*fp32", "sa_ptr": "*i32",
+                                             "sb_ptr": "*i32"}, dict(BLOCK=1024), (), None)
     for m in ("i8", "i16"):
         yield ("quantise", f"stochastic -> {m}",
                {"x_ptr": "*fp32", "noise_ptr": "*fp32", "slot_ptr": "*i32", "s_ptr": "*i32", "m_ptr": f"*{m}",
                 "q_ptr": "*fp32"},
-               dict(STOCHASTIC=True, NOISE_FROM_PTR=False, WRITE_M=True, WRITE_Q=True, BLOCK=1024), (), None)
+               dict(STOCHASTIC=True, NOISE_FROM_PTR=False, MARK_NONFINITE=True, WRITE_M=True, WRITE_Q=True,
+                    BLOCK=1024), (), None)
 
 
 def variants() -> list[Variant]:

@@ -118,8 +118,8 @@ def quantise_parts(x: torch.Tensor, bits: int, rounding: str, axis: int | None =
     """Unchecked quantiser for training ops: ``(mantissa, exponent)`` with the default backend
     of ``x``'s device. A tensor (or slice) holding NaN/inf gets ``NONFINITE_EXPONENT``, whose
     dequantisation is non-finite, so a diverging run stays visible downstream."""
-    if x.device.type == "cuda" and HAS_TRITON:
-        m, s, _, bad = quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(None, None))
+    if x.device.type == "cuda" and HAS_TRITON:  # the kernel marks non-finite rows itself
+        return quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(None, None), mark_nonfinite=True)[:2]
     else:  # the C kernel on CPU tensors, the reference route elsewhere
         m, s, _, bad = quantise_cpu(x, bits, rounding, axis=axis)
     if bad is False:

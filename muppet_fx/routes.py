@@ -288,11 +288,10 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
 
 def conv_grad_weight(route, g_m, g_s, x_m, x_s, w_shape, stride, padding, dilation, groups):
     mode = _conv_mode(route, g_m, x_m)
+    if _int_conv(mode, x_m, groups, None) and _triton_conv(mode, g_m, x_m):
+        return _conv_triton().conv2d_grad_weight_int(g_m, x_m, w_shape, stride, padding, dilation, scale=(g_s, x_s))
     if _int_conv(mode, x_m, groups, None):
-        if _triton_conv(mode, g_m, x_m):
-            acc = _conv_triton().conv2d_grad_weight_int(g_m, x_m, w_shape, stride, padding, dilation)
-        else:
-            acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(mode))
+        acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(mode))
         return _apply(acc, _exponent(g_s, x_s))
     on_mantissas = mode == "float"
     if on_mantissas:

@@ -149,3 +149,17 @@ def test_epilogue_dequantises_exactly(device, exponents):
     assert torch.equal(gx.nan_to_num(), conv2d_grad_input_int_reference(g, w, x.shape, *geometry, scale=s).nan_to_num())
     with pytest.raises(ValueError, match="bias"):
         conv2d_int(x, w, *geometry, bias=bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("r_split", [None, 37])
+def test_grad_weight_scaled_exactly(device, r_split):
+    """``scale`` on grad-weight (one partial, or several summed in int64 first): bit-equal to the
+    exact sum converted to float32 and scaled in torch."""
+    x, w, geometry = _operands(CASES[1], device, True)
+    g = _output_grad(x, w, geometry, True)
+    s = (torch.tensor(-20, dtype=torch.int32, device=device), torch.tensor(150, dtype=torch.int32, device=device))
+    kw = {} if r_split is None else {"r_split": r_split}
+    gw = conv2d_grad_weight_int(g, x, w.shape, *geometry, scale=s, **kw)
+    assert gw.dtype == torch.float32
+    assert torch.equal(gw, conv2d_grad_weight_int_reference(g, x, w.shape, *geometry, scale=s))

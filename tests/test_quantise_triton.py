@@ -120,3 +120,17 @@ def test_pow2_from_bits_is_exact():
     out = torch.empty(k.shape, dtype=torch.float32)
     _pow2_kernel[(1,)](k, out, k.numel(), BLOCK=512)
     assert torch.equal(out, torch.ldexp(torch.ones(k.shape, dtype=torch.float64), k).float())
+
+
+def test_kernel_marks_nonfinite_rows():
+    """``mark_nonfinite``: the rows holding NaN or inf report NONFINITE_EXPONENT (what the
+    training ops pass on, so the layer's output turns non-finite); the other rows keep the
+    reference exponent."""
+    from muppet_fx.kernels.quantise import NONFINITE_EXPONENT, quantise_triton
+
+    x = torch.randn(4, 9)
+    x[1, 3], x[3, 0] = float("nan"), float("-inf")
+    _, s, _, bad = quantise_triton(x, 8, "nearest", axis=0, mark_nonfinite=True)
+    _, s_plain, _, _ = quantise_triton(x, 8, "nearest", axis=0)
+    assert bad.tolist() == [False, True, False, True]
+    assert s.tolist() == [s_plain[0].item(), NONFINITE_EXPONENT, s_plain[2].item(), NONFINITE_EXPONENT]
