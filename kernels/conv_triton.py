@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from .gemm_cpu import CHUNK, _out_size, _pair
-from .quantise import HAS_TRITON, autotune_bench, scale_pow2, scale_triton
+from .quantise import HAS_TRITON, autotune_bench, quantise_triton, scale_pow2, scale_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .quantise import pow2_f32
+    from .quantise import pow2_f32, reduce_amax
 
 __all__ = ["conv2d_int", "conv2d_grad_input_int", "conv2d_grad_weight_int", "conv2d_int_reference",
            "conv2d_grad_input_int_reference", "conv2d_grad_weight_int_reference"]
@@ -48,7 +48,7 @@ if HAS_TRITON:
                      do_bench=autotune_bench)
     @triton.jit
     def _conv_kernel(
-        a_ptr, w_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,  # SCALED: c = acc * 2**-(sa + sb) (+ bias), float32
+        a_ptr, w_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, amax_ptr,  # SCALED: c = acc * 2**-(sa + sb) (+ bias)
         M, N, K, C,  # GEMM sizes; C = channels summed per tap
         AH, AW, OH, OW, KW,  # source spatial size, output spatial size, kernel width
         SH, SW, PH, PW, DH, DW,
@@ -56,6 +56,7 @@ if HAS_TRITON:
         s_wk, s_wn, s_wh, s_ww,  # weight strides: summed channel, output channel, tap h, tap w
         s_cn, s_cc, s_ch, s_cw,  # output strides
         TRANSPOSED: tl.constexpr, USE_FP16: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+        WRITE_AMAX: tl.constexpr,  # with SCALED: max |c| for the output quantiser (see reduce_amax)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -104,6 +105,8 @@ if HAS_TRITON:
             if HAS_BIAS:
                 out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             tl.store(c_ptrs, out, mask=row_ok[:, None] & (rn[None, :] < N))
+            if WRITE_AMAX:
+                reduce_amax(out, row_ok[:, None] & (rn[None, :] < N), amax_ptr)
         else:
             tl.store(c_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
 
@@ -163,7 +166,7 @@ def _check(a, w, what, fp16_ok=False):
         raise TypeError(f"{what} takes mantissas of one dtype out of {allowed}, got {a.dtype} and {w.dtype}")
 
 
-def _run(a, w, out, C, out_hw, w_strides, geometry, transposed, scale=None, bias=None):
+def _run(a, w, out, C, out_hw, w_strides, geometry, transposed, scale=None, bias=None, amax=None):
     (sh, sw), (ph, pw), (dh, dw) = geometry
     N_img, _, AH, AW = a.shape
     OH, OW = out_hw
@@ -175,10 +178,11 @@ def _run(a, w, out, C, out_hw, w_strides, geometry, transposed, scale=None, bias
         raise ValueError(f"the int8 convolution sums K = {K} products per output; at most {CHUNK} fit int32")
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Nout, meta["BLOCK_N"]))
     s_a, s_b = (t.reshape(1) for t in scale) if scale is not None else (out, out)
-    _conv_kernel[grid](a, w, out, s_a, s_b, bias if bias is not None else out,
+    _conv_kernel[grid](a, w, out, s_a, s_b, bias if bias is not None else out, amax if amax is not None else out,
                        M, Nout, K, C, AH, AW, OH, OW, kw, sh, sw, ph, pw, dh, dw,
                        *a.stride(), *w_strides, w.stride(2), w.stride(3), *out.stride(),
-                       TRANSPOSED=transposed, USE_FP16=fp16, SCALED=scale is not None, HAS_BIAS=bias is not None)
+                       TRANSPOSED=transposed, USE_FP16=fp16, SCALED=scale is not None, HAS_BIAS=bias is not None,
+                       WRITE_AMAX=amax is not None)
     return out
 
 
@@ -194,11 +198,15 @@ def _check_scale(scale, bias, cout):
         raise ValueError(f"bias needs scale and a contiguous shape ({cout},), got {tuple(bias.shape)}")
 
 
-def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, bias=None) -> torch.Tensor:
+def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, bias=None,
+               quantise_output: tuple[int, str, int] | None = None) -> torch.Tensor:
     """Exact int32 ``conv2d(x_m, w_m)`` of int8 mantissas (channels-last result); int16
     mantissas run as FP16 with FP32 accumulation and give float32 (exact up to 12 bits).
     ``scale=(s_x, s_w)`` (exponent tensors) dequantises in the epilogue: float32
-    ``acc * 2**-(s_x + s_w)``, plus ``bias`` (float32 ``[C_out]``) when given."""
+    ``acc * 2**-(s_x + s_w)``, plus ``bias`` (float32 ``[C_out]``) when given.
+    ``quantise_output=(bits, rounding, seed)`` (with ``scale``) returns that output fake-quantised,
+    the epilogue reducing max |y| so the quantiser runs its rounding pass only: the values of
+    ``quantise_triton(y, bits, rounding, seed=seed, want_values=True)``."""
     _check(x_m, w_m, "conv2d_int", fp16_ok=True)
     geometry = tuple(_pair(v, 2) for v in (stride, padding, dilation))
     (sh, sw), (ph, pw), (dh, dw) = geometry
@@ -208,8 +216,16 @@ def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, bias=None)
         raise ValueError(f"conv2d_int: input has {C} channels, weight expects {Cw} (groups 1 only)")
     OH, OW = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
     _check_scale(scale, bias, Cout)
+    if quantise_output is not None and scale is None:
+        raise ValueError("quantise_output needs scale: the output quantiser works on dequantised values")
     out = _empty((N, Cout, OH, OW), x_m, scale is not None)
-    return _run(x_m, w_m, out, C, (OH, OW), (w_m.stride(1), w_m.stride(0)), geometry, False, scale, bias)
+    amax = None if quantise_output is None else torch.zeros((1, 2), dtype=torch.int32, device=x_m.device)
+    _run(x_m, w_m, out, C, (OH, OW), (w_m.stride(1), w_m.stride(0)), geometry, False, scale, bias, amax)
+    if quantise_output is None:
+        return out
+    bits, rounding, seed = quantise_output
+    return quantise_triton(out, bits, rounding, seed=seed, want_mantissa=False, want_values=True,
+                           amax_slot=amax, out=out)[2]
 
 
 def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1, scale=None) -> torch.Tensor:
@@ -265,14 +281,21 @@ def _epilogue_reference(acc, scale, bias):
     return y if bias is None else y + bias.float().view(1, -1, 1, 1)
 
 
-def conv2d_int_reference(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, bias=None) -> torch.Tensor:
+def conv2d_int_reference(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, bias=None,
+                         quantise_output=None) -> torch.Tensor:
     """int64 twin (float64 sums of int8 products are exact far beyond int32's range); int16
-    mantissas are rounded to FP16 first and the float64 result returned."""
+    mantissas are rounded to FP16 first and the float64 result returned. ``quantise_output``
+    runs the separate quantiser on the scaled result (its own reduction pass)."""
     if x_m.dtype == torch.int16:
         acc = F.conv2d(x_m.half().double(), w_m.half().double(), None, stride, padding, dilation)
     else:
         acc = F.conv2d(x_m.double(), w_m.double(), None, stride, padding, dilation).long()
-    return _epilogue_reference(acc, scale, bias)
+    y = _epilogue_reference(acc, scale, bias)
+    if quantise_output is None:
+        return y
+    bits, rounding, seed = quantise_output
+    return quantise_triton(y.contiguous(memory_format=torch.channels_last), bits, rounding, seed=seed,
+                           want_mantissa=False, want_values=True)[2]
 
 
 def conv2d_grad_input_int_reference(g_m, w_m, input_shape, stride=1, padding=0, dilation=1, scale=None):

@@ -23,7 +23,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .quantise import pow2_f32
+    from .quantise import pow2_f32, reduce_amax
 
 __all__ = ["scaled_mm", "int_mm", "scaled_mm_reference"]
 
@@ -98,11 +98,7 @@ if HAS_TRITON:
                 c += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             tl.store(c_ptrs, c, mask=mask)
             if WRITE_AMAX:
-                finite = (c == c) & (tl.abs(c) < float("inf"))
-                tile_max = tl.max(tl.max(tl.where(finite & mask, tl.abs(c), 0.0), axis=1), axis=0)
-                bad = tl.max(tl.max(tl.where(finite | ~mask, 0, 1), axis=1), axis=0)
-                tl.atomic_max(amax_ptr, tile_max.to(tl.int32, bitcast=True))
-                tl.atomic_max(amax_ptr + 1, bad.to(tl.int32))
+                reduce_amax(c, mask, amax_ptr)
 
 
 def _launch(a, b, out, exponents, bias, per_col, raw, fp16, amax=None):

@@ -189,6 +189,17 @@ if HAS_TRITON:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def reduce_amax(c, mask, amax_ptr):
+        # A GEMM or convolution epilogue's share of the output quantiser's reduction: the bits of
+        # max |c| over this tile's finite entries into amax[0] and a NaN/inf flag into amax[1],
+        # by atomic maxima (finite non-negative float32 bit patterns order like the values).
+        finite = (c == c) & (tl.abs(c) < float("inf"))
+        tile_max = tl.max(tl.max(tl.where(finite & mask, tl.abs(c), 0.0), axis=1), axis=0)
+        bad = tl.max(tl.max(tl.where(finite | ~mask, 0, 1), axis=1), axis=0)
+        tl.atomic_max(amax_ptr, tile_max.to(tl.int32, bitcast=True))
+        tl.atomic_max(amax_ptr + 1, bad.to(tl.int32))
+
+    @triton.jit
     def _absmax_kernel(
         x_ptr, slot_ptr,  # pointers; slot[row] = (bits of max |x| over finite entries, non-finite flag)
         L,  # size
@@ -284,7 +295,7 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
     ``nonfinite`` is a bool tensor shaped like ``s``: the row holds a NaN or inf.
     ``amax_slot`` (per tensor only): int32 ``[1, 2]``, the bits of max |x| over finite entries
     and a non-finite flag, already reduced by whoever wrote ``x`` (a GEMM epilogue); the
-    reduction pass is then skipped. ``out`` (contiguous, may be ``x``) receives ``q``.
+    reduction pass is then skipped. ``out`` (laid out like ``x``, may be ``x``) receives ``q``.
     ``mark_nonfinite``: a row holding NaN/inf gets ``NONFINITE_EXPONENT`` as its ``s`` (what the
     training ops want), set by the kernel.
     """
@@ -310,8 +321,8 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
         _absmax_kernel[(rows, n_blocks)](xc, slot, L, BLOCK=block)
     s = torch.empty(rows, dtype=torch.int32, device=x.device)
     m = torch.empty_like(xc, dtype=mantissa_dtype(bits)) if want_mantissa else None
-    q = (out if out is not None and out.is_contiguous() and xc.is_contiguous() else torch.empty_like(xc)) \
-        if want_values else None
+    in_place = out is not None and out.shape == xc.shape and out.stride() == xc.stride()
+    q = (out if in_place else torch.empty_like(xc)) if want_values else None
     if noise is not None:
         noise = (noise if axis in (None, 0) else noise.movedim(axis, 0)).float()
         noise = noise.contiguous(memory_format=torch.channels_last) if channels_last else noise.contiguous()

@@ -73,8 +73,9 @@ def _modes():
         for transposed in (False, True):  # channels-last operands: channel strides are 1
             yield ("conv", f"{t} {'grad-input' if transposed else 'forward'}",
                    {"a_ptr": ops(t), "w_ptr": ops(t), "c_ptr": "*fp32", "sa_ptr": "*i32", "sb_ptr": "*i32",
-                    "bias_ptr": "*fp32"},
-                   dict(TRANSPOSED=transposed, USE_FP16=t == "fp16", SCALED=True, HAS_BIAS=not transposed),
+                    "bias_ptr": "*fp32", "amax_ptr": "*i32"},
+                   dict(TRANSPOSED=transposed, USE_FP16=t == "fp16", SCALED=True, HAS_BIAS=not transposed,
+                        WRITE_AMAX=not transposed),
                    ("s_ac", "s_wn" if transposed else "s_wk", "s_cc"), t)
         yield ("conv_grad_weight", t, {"g_ptr": ops(t), "x_ptr": ops(t), "c_ptr": acc(t)},
                dict(USE_FP16=t == "fp16"), ("s_gc", "s_xc"), t)

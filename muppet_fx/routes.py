@@ -235,7 +235,8 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
                                  stride, padding, dilation, False, [0] * len(stride), groups), False
     if _int_conv(mode, x_m, groups, w_axis) and _triton_conv(mode, x_m, w_m):
         b = None if bias is None else bias.detach().float().contiguous()  # dequantised and biased in the epilogue
-        return _conv_triton().conv2d_int(x_m, w_m, stride, padding, dilation, (x_s, w_s), b), False
+        q = _with_seed(quantise_output)
+        return _conv_triton().conv2d_int(x_m, w_m, stride, padding, dilation, (x_s, w_s), b, q), q is not None
     if _int_conv(mode, x_m, groups, w_axis):
         e = _exponent(x_s, w_s)
         if mode == "int" and conv_onednn.supports(x_m, w_m, groups, e):

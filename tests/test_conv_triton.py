@@ -163,3 +163,22 @@ def test_grad_weight_scaled_exactly(device, r_split):
     gw = conv2d_grad_weight_int(g, x, w.shape, *geometry, scale=s, **kw)
     assert gw.dtype == torch.float32
     assert torch.equal(gw, conv2d_grad_weight_int_reference(g, x, w.shape, *geometry, scale=s))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits,rounding", [(8, "stochastic"), (8, "nearest"), (4, "stochastic")])
+def test_output_quantised_in_the_epilogue(device, bits, rounding):
+    """``quantise_output``: the epilogue's max |y| replaces the quantiser's reduction; oracle: the
+    scaled convolution quantised by the separate quantiser on the same seed, bit-equal."""
+    from muppet_fx.kernels.quantise import quantise_triton
+
+    x, w, geometry = _operands(CASES[3], device, True)
+    s = (torch.tensor(9, dtype=torch.int32, device=device), torch.tensor(6, dtype=torch.int32, device=device))
+    bias = torch.randn(w.shape[0], device=device)
+    fused = conv2d_int(x, w, *geometry, scale=s, bias=bias, quantise_output=(bits, rounding, 99))
+    plain = conv2d_int(x, w, *geometry, scale=s, bias=bias)
+    want = quantise_triton(plain, bits, rounding, seed=99, want_mantissa=False, want_values=True)[2]
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(fused, want) and fused.unique().numel() <= 2**bits
+    with pytest.raises(ValueError, match="needs scale"):
+        conv2d_int(x, w, *geometry, quantise_output=(bits, rounding, 99))
