@@ -46,5 +46,5 @@ step 00-env 60 bash -c "nvidia-smi; $PY -m pip install -q --no-deps --no-index -
     && $PY -c 'import muppet_fx; print(\"muppet_fx\", muppet_fx.__file__)'"
 step 01-correctness 120 $PY benchmarks/gpu_correctness.py --batch 128
 step 02-kernels 120 $PY benchmarks/kernels.py --device cuda --reps 5
-step 03-train-step 160 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 5 --memory
+step 03-train-step 160 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 5 --memory --saved
 step 04-tests 80 $PY -m pytest -q -p no:cacheprovider --maxfail=10 tests

@@ -5,7 +5,8 @@
 Per model: FP32 eager; torch.autocast (bf16; on CUDA also fp16); the prepared model at the
 ``fp32`` level (the original forward); the ``emulate`` route at 8 bits (the paper's emulation);
 the default route at 8, 12, 14 and 16 bits. Columns: seconds per step (forward, backward, SGD
-step), ratio to FP32 and to autocast (higher is faster); with ``--memory``, peak memory of each
+step), ratio to FP32 and to autocast (higher is faster); with ``--saved``, the activation memory
+autograd saves for backward (device-independent); with ``--memory``, peak memory of each
 configuration (max RSS of a fresh process on the CPU; on CUDA ``max_memory_allocated`` over one
 step in this process, the allocator's peak statistics being reset before it).
 ``--allocator reuse`` (the default) calls ``muppet_fx.reuse_cpu_memory()`` first, for every
@@ -62,6 +63,19 @@ def make_cases(name: str, batch: int, device: str, compile_: bool = False) -> di
     return cases
 
 
+def saved_mib(run) -> float:
+    """MiB of tensors autograd saves for backward during one call of ``run`` (each storage
+    counted once): the activation memory of a step, the same on every device."""
+    seen = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values()) / 2**20
+
+
 def cuda_peak_mib(run) -> float:
     """Peak CUDA memory allocated during one call of ``run`` (after a first call built everything)."""
     run()
@@ -107,6 +121,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="add torch.compile of the 8-bit model")
     p.add_argument("--memory", action="store_true", help="add peak memory, one fresh process per configuration")
+    p.add_argument("--saved", action="store_true", help="add the activation memory saved for backward")
     p.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
                    help="reuse: keep freed CPU memory mapped (muppet_fx.reuse_cpu_memory) for all configurations")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one case, print its peak
@@ -124,6 +139,11 @@ def main() -> None:
         base, amp = med["fp32 eager"], med["autocast bf16"]
         headers = ["configuration", "s/step", "speed-up vs fp32", "vs autocast"]
         rows = [[k, v, base / v, amp / v] for k, v in med.items()]
+        if args.saved:
+            headers += ["saved for backward MiB", "saved vs fp32"]
+            saved = {k: saved_mib(cases[k]) for k in med}
+            for row in rows:
+                row += [saved[row[0]], saved[row[0]] / saved["fp32 eager"]]
         if args.memory:
             headers.append("peak MiB (RSS)" if device == "cpu" else "peak MiB allocated")
             for row in rows:

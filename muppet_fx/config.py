@@ -34,6 +34,9 @@ class MuppetConfig:
             ``"channel"`` (one per output channel).
         quantise_outputs: quantise each layer's output feature map (SPEC section 2).
         exact: force exact routes at every level.
+        compact_activations: at fixed-point levels, batch norms after quantised layers keep
+            their input for backward as mantissas and ReLUs keep byte masks (same values and
+            gradients, less memory; see ``muppet_fx.compact``).
         module_filter_fn: ``fn(module, fqn) -> bool``; modules for which it returns False stay
             FP32 (listed in the summary).
     """
@@ -45,6 +48,7 @@ class MuppetConfig:
     weight_granularity: str = "tensor"
     quantise_outputs: bool = True
     exact: bool = False
+    compact_activations: bool = True
     module_filter_fn: Callable[[nn.Module, str], bool] | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -66,6 +70,9 @@ class MuppetConfig:
                                    ("weight_granularity", self.weight_granularity, GRANULARITIES)):
             if value not in valid:
                 raise ValueError(f"{name}={value!r} is not supported; valid choices: {valid}")
+        for name in ("quantise_outputs", "exact", "compact_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.exact and self.backend == "emulate":
             raise ValueError("exact=True needs an exact route: backend 'auto', 'aten' or 'triton', "
                              "not 'emulate' (FP32 accumulation rounds above 8 bits)")

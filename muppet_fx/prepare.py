@@ -24,6 +24,7 @@ from muppet_fx.attention import AttentionSites, mha_unsupported_reason, quant_mh
 from muppet_fx.config import MuppetConfig
 from muppet_fx.intercept import InterceptMode
 from muppet_fx.ops import quant_conv, quant_linear
+from muppet_fx.passes.compact_saved import compact_saved_tensors
 from muppet_fx.passes.quantise_layers import FP32_MODULES, RewriteContext, insert_quant_nodes
 from muppet_fx.passes.runner import run_passes
 from muppet_fx.passes.trace import trace_with_leaves
@@ -198,7 +199,8 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
         _replace_submodule(new, sub, _prepare(module.get_submodule(sub), _join(path, sub), state, sites))
     ctx = RewriteContext(graph, dict(module.named_modules()), state, path + "." if path else "", sites, keep)
     owner = path or type(module).__name__
-    graph = run_passes(graph, [lambda g: insert_quant_nodes(g, ctx)], owner=owner)
+    graph = run_passes(graph, [lambda g: insert_quant_nodes(g, ctx), lambda g: compact_saved_tensors(g, ctx)],
+                       owner=owner)
     new.__dict__.update(_muppet_graph=graph, _muppet_code=_compile_graph(graph, owner))
     return _finish(new, _GraphForward, path, state, sites)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from muppet_fx.attention import AttentionSites, mha_unsupported_reason, quant_mha, quant_sdpa
 from muppet_fx.ops import quant_addmm, quant_conv, quant_einsum, quant_linear, quant_matmul
 
-__all__ = ["Rule", "RULES", "FUNCTION_RULES", "METHOD_RULES", "insert_quant_nodes", "site_attr"]
+__all__ = ["Rule", "RULES", "FUNCTION_RULES", "METHOD_RULES", "insert_quant_nodes", "apply_first_rule", "site_attr"]
 
 # Function-level ops: target -> (op name, wrapper). The intercept mode uses the same table.
 FUNCTION_RULES: dict[Callable, tuple[str, Callable]] = {
@@ -209,8 +209,12 @@ def insert_quant_nodes(graph: fx.Graph, ctx: RewriteContext) -> fx.Graph:
             if node.target in FUNCTION_RULES or node.target in METHOD_RULES:
                 ctx.state.keep_fp32(f"{ctx.prefix}{node.name}", str(node.target), "excluded by module_filter_fn")
             continue
-        for rule in RULES:
-            if rule.matches(node, ctx):
-                rule.rewrite(node, ctx)
-                break
+        apply_first_rule(node, ctx, RULES)
     return graph
+
+
+def apply_first_rule(node: fx.Node, ctx: RewriteContext, rules: list[Rule]) -> None:
+    """Rewrite ``node`` with the first rule of ``rules`` that matches it, if any."""
+    rule = next((r for r in rules if r.matches(node, ctx)), None)
+    if rule is not None:
+        rule.rewrite(node, ctx)

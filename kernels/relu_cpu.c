@@ -1,0 +1,24 @@
+/* ReLU that keeps a one-byte mask for backward, and its backward, called through ctypes.
+ *
+ * relu_mask: y = x < 0 ? 0 : x (torch.relu: NaN and -0.0 pass), mask = (y != 0), one pass.
+ * relu_mask_backward: gx = mask ? g : 0, one pass: what threshold_backward(g, y, 0) computes
+ *   (y <= 0 gives +0, anything else, NaN included, passes g).
+ */
+#include <stdint.h>
+
+#define PAR_MIN 32768
+
+void relu_mask(const float *x, int64_t n, float *y, uint8_t *mask, int nthreads) {
+#pragma omp parallel for simd num_threads(nthreads) if (n > PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        float v = x[i];
+        float r = v < 0.0f ? 0.0f : v; /* torch.relu: NaN and -0.0 pass unchanged */
+        y[i] = r;
+        mask[i] = r != 0.0f;
+    }
+}
+
+void relu_mask_backward(const float *g, const uint8_t *mask, int64_t n, float *gx, int nthreads) {
+#pragma omp parallel for simd num_threads(nthreads) if (n > PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; ++i) gx[i] = mask[i] ? g[i] : 0.0f;
+}

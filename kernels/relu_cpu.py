@@ -1,0 +1,60 @@
+"""ReLU with a byte mask for backward, one C pass each way (``relu_cpu.c``).
+
+``torch.where(mask, grad, 0)`` on a bool mask ran 7x slower than ``threshold_backward`` on these
+CPUs (4.3 vs 0.6 ms on a 128x16x32x32 activation), which made saving a mask instead of the float32
+output cost a fifth of a ResNet-20 step. Returns ``None`` where the kernel does not apply (no C
+compiler, not float32 on the CPU, different memory orders); callers then use torch ops.
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from .cbuild import load_c_library
+
+__all__ = ["relu_with_mask", "relu_mask_backward"]
+
+_lib = None
+_P = ctypes.c_void_p
+
+
+def _library():
+    global _lib
+    if _lib is None:
+        lib = load_c_library(Path(__file__).with_name("relu_cpu.c"))
+        if lib is not None:
+            lib.relu_mask.restype = None
+            lib.relu_mask.argtypes = [_P, ctypes.c_int64, _P, _P, ctypes.c_int]
+            lib.relu_mask_backward.restype = None
+            lib.relu_mask_backward.argtypes = [_P, _P, ctypes.c_int64, _P, ctypes.c_int]
+        _lib = lib if lib is not None else False
+    return _lib or None
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def relu_with_mask(x: torch.Tensor):
+    """``(relu(x), relu(x) != 0 as uint8)``, laid out like ``x``; ``None`` where not applicable."""
+    lib = _library()
+    if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or not _dense(x):
+        return None
+    y = torch.empty_like(x)
+    mask = torch.empty_like(x, dtype=torch.uint8)
+    lib.relu_mask(x.data_ptr(), x.numel(), y.data_ptr(), mask.data_ptr(), torch.get_num_threads())
+    return y, mask
+
+
+def relu_mask_backward(grad: torch.Tensor, mask: torch.Tensor):
+    """``where(mask, grad, 0)`` for a float32 ``grad`` in ``mask``'s memory order; ``None`` where
+    not applicable."""
+    lib = _library()
+    if (lib is None or grad.device.type != "cpu" or grad.dtype != torch.float32 or mask.dtype != torch.uint8
+            or grad.shape != mask.shape or grad.stride() != mask.stride() or not _dense(grad)):
+        return None
+    out = torch.empty_like(grad)
+    lib.relu_mask_backward(grad.data_ptr(), mask.data_ptr(), grad.numel(), out.data_ptr(), torch.get_num_threads())
+    return out

@@ -1,0 +1,111 @@
+"""Activations saved for backward in the width they carry.
+
+At a fixed-point level a quantised layer's output feature map lies on its ``b``-bit grid (SPEC
+section 2), yet the batch norm after it keeps that map for backward as float32, four bytes per
+value, and ReLU keeps its float32 output. Here:
+
+- the batch norm that reads a quantised layer's output saves it as ``b``-bit mantissas and one
+  exponent. Quantising grid values again with nearest rounding returns them exactly: the
+  rounded values stay within ``(2**(b-1) - 1) * 2**-s`` of the layer's exponent ``s``, so the
+  new exponent is ``s`` or finer, and a finer grid still holds every value. Backward dequantises them and runs the stock
+  batch-norm backward on the identical input;
+- ReLU saves a one-byte mask ``out != 0`` (what ``threshold_backward`` tests: ``out <= 0``
+  gives 0, NaN passes the gradient) and backward is ``where(mask, grad, 0)``.
+
+Outputs and gradients are bit-identical to the stock ops; only the saved bytes change (ResNet
+blocks at 8 bits keep about 3 bytes per activation for backward instead of 8). Both run in
+eager training at fixed-point levels; under ``torch.compile``, without gradients, in eval mode
+or above 16 bits the stock ops run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from muppet_fx.kernels.relu_cpu import relu_mask_backward, relu_with_mask
+from muppet_fx.numerics import quantise_parts
+from muppet_fx.routes import dequantise
+
+__all__ = ["compact_batch_norm", "compact_relu", "BATCH_NORMS"]
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _active(state, x: Tensor) -> bool:
+    return (state.quantised and not state.suspended and state.config.compact_activations
+            and torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling())
+
+
+class _GridBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm whose input is saved as mantissas (see the module notes)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, bits):
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        m, s = quantise_parts(x.detach(), bits, "nearest")
+        ctx.save_for_backward(m, s, weight, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        m, s, weight, mean, invstd = ctx.saved_tensors
+        x = dequantise(m, s)
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, [need[0], need[1], need[2]])
+        return gx, gw, gb, None, None, None, None, None
+
+
+def _momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """The running-average factor ``_BatchNorm.forward`` uses in training (and its counter step)."""
+    if bn.num_batches_tracked is None:
+        return 0.0 if bn.momentum is None else bn.momentum
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
+def compact_batch_norm(site, input: Tensor, bn: nn.Module) -> Tensor:
+    """``bn(input)`` for the output of the quantised layer ``site``: in training at up to 16
+    bits the input is kept for backward as mantissas (exact, see the module notes)."""
+    st = site.state
+    bits = st.fwd_bits
+    if (not _active(st, input) or not st.config.quantise_outputs or type(bn) not in BATCH_NORMS
+            or not bn.training or not bn.track_running_stats or bits is None or bits > 16
+            or input.dtype != torch.float32):
+        return bn(input)
+    bn._check_input_dim(input)
+    return _GridBatchNorm.apply(input, bn.weight, bn.bias, bn.running_mean, bn.running_var, _momentum(bn),
+                                bn.eps, bits)
+
+
+class _MaskedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        fused = relu_with_mask(x)  # one C pass on the CPU
+        y, mask = fused if fused is not None else (torch.relu(x), None)
+        ctx.save_for_backward(mask if mask is not None else (y != 0).view(torch.uint8))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        gx = relu_mask_backward(grad, mask)
+        if gx is None and mask.stride() != grad.stride() and mask.shape == grad.shape:
+            gx = relu_mask_backward(grad.contiguous(memory_format=_order(mask)), mask)
+        return gx if gx is not None else torch.where(mask.view(torch.bool), grad, 0.0)
+
+
+def _order(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if t.dim() == 4 and not t.is_contiguous() else torch.contiguous_format
+
+
+def compact_relu(holder, input: Tensor, inplace: bool = False) -> Tensor:
+    """``F.relu(input)`` saving a byte mask for backward at fixed-point levels. ``inplace`` is
+    accepted for the stock signature; the pass rewrites in-place calls only where nothing else
+    reads their input, so a fresh output is the same program."""
+    if not _active(holder.state, input) or input.dtype != torch.float32:
+        return F.relu(input, inplace=inplace)
+    return _MaskedReLU.apply(input)

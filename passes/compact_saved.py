@@ -1,0 +1,82 @@
+"""The memory pass: batch norms after quantised layers, and ReLUs, keep compact saved tensors.
+
+Runs after ``insert_quant_nodes``. A batch-norm module whose input is the output of a quantised
+conv/linear call becomes :func:`~muppet_fx.compact.compact_batch_norm` with that layer's site
+(the site tells at run time whether the output was quantised, and to how many bits); ReLU
+modules, functions and methods become :func:`~muppet_fx.compact.compact_relu`. In-place ReLUs
+are rewritten only where no other node reads their input, since the rewrite returns a new
+tensor. Same values and gradients (see ``muppet_fx.compact``); less memory.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from muppet_fx.compact import BATCH_NORMS, compact_batch_norm, compact_relu
+from muppet_fx.ops import quant_conv, quant_linear
+from muppet_fx.passes.quantise_layers import RewriteContext, Rule, apply_first_rule
+
+__all__ = ["COMPACT_RULES", "compact_saved_tensors"]
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_HOLDER = "_precision_state"
+
+
+def _module(node: fx.Node, ctx: RewriteContext):
+    return ctx.modules.get(node.target) if node.op == "call_module" else None
+
+
+def _after_quantised_layer(node: fx.Node, ctx: RewriteContext) -> bool:
+    x = node.args[0] if node.args else None
+    return (type(_module(node, ctx)) in BATCH_NORMS and len(node.args) == 1 and not node.kwargs
+            and isinstance(x, fx.Node) and x.op == "call_function" and x.target in (quant_conv, quant_linear))
+
+
+def _rewrite_batch_norm(node: fx.Node, ctx: RewriteContext) -> None:
+    site = node.args[0].args[0]  # the producer's site node
+    bn = ctx.attr_node(node, node.target)
+    node.op, node.target, node.args = "call_function", compact_batch_norm, (site, node.args[0], bn)
+
+
+def _inplace(node: fx.Node, ctx: RewriteContext) -> bool:
+    m = _module(node, ctx)
+    if m is not None:
+        return m.inplace
+    if node.op == "call_method":
+        return node.target == "relu_"
+    return node.target is torch.relu_ or bool(node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False))
+
+
+def _is_relu(node: fx.Node, ctx: RewriteContext) -> bool:
+    plain = (type(_module(node, ctx)) is nn.ReLU or (node.op == "call_function" and node.target in _RELU_FUNCTIONS)
+             or (node.op == "call_method" and node.target in ("relu", "relu_")))
+    if not plain or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    return not _inplace(node, ctx) or len(node.args[0].users) == 1
+
+
+def _rewrite_relu(node: fx.Node, ctx: RewriteContext) -> None:
+    if not hasattr(ctx.sites, _HOLDER):
+        setattr(ctx.sites, _HOLDER, types.SimpleNamespace(state=ctx.state))
+    with ctx.graph.inserting_before(node):
+        holder = ctx.graph.get_attr(f"_muppet_sites.{_HOLDER}")
+    node.op, node.target, node.args, node.kwargs = "call_function", compact_relu, (holder, node.args[0]), {}
+
+
+COMPACT_RULES: list[Rule] = [
+    Rule("batch norm after a quantised layer", _after_quantised_layer, _rewrite_batch_norm),
+    Rule("relu", _is_relu, _rewrite_relu),
+]
+
+
+def compact_saved_tensors(graph: fx.Graph, ctx: RewriteContext) -> fx.Graph:
+    """Apply the first matching rule to every node (modules the filter rejects stay as they are)."""
+    for node in list(graph.nodes):
+        m = _module(node, ctx)
+        if m is None or ctx.keep(m, ctx.prefix + node.target):
+            apply_first_rule(node, ctx, COMPACT_RULES)
+    return graph

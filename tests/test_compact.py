@@ -1,0 +1,161 @@
+"""Compact saved activations (``muppet_fx.compact``, ``passes/compact_saved``).
+
+Oracles: the same prepared model with ``compact_activations=False`` (stock batch norm and ReLU):
+outputs, parameter gradients and buffers bit-identical under stochastic rounding with the same
+seeds; the stock ops' own gradients, bit for bit (sign of zero included), for the masked ReLU on
+NaN, infinities and negative zeros; and the bytes autograd saves for backward, counted by a
+saved-tensor hook, at most half of FP32's at 8 bits.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from muppet_fx import MuppetConfig, prepare
+from muppet_fx.compact import compact_batch_norm, compact_relu
+from muppet_fx.kernels.relu_cpu import relu_mask_backward, relu_with_mask
+
+
+class Net(nn.Module):
+    """Every pattern the pass handles, and two it must leave alone."""
+
+    def __init__(self, momentum=0.1):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(8, momentum=momentum)
+        self.r1 = nn.ReLU(inplace=True)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.b2 = nn.BatchNorm2d(8)
+        self.b3 = nn.BatchNorm2d(8)  # after an add: not a quantised layer's output
+        self.fc = nn.Linear(8 * 4 * 4, 6)
+        self.b4 = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        x = self.r1(self.b1(self.c1(x)))
+        y = F.relu(self.b2(self.c2(x)))
+        z = self.b3(y + 1.0).relu()
+        w = z * 2.0
+        torch.relu_(w)  # in place, its input read again below: not rewritten
+        z = w + z
+        return torch.relu(self.b4(self.fc(z.flatten(1))))
+
+
+def _run(bits, compact, momentum=0.1, channels_last=True):
+    torch.manual_seed(0)
+    net = Net(momentum)
+    pm = prepare(net, ladder=(bits, "fp32"), compact_activations=compact)
+    x = torch.randn(4, 3, 8, 8)
+    x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    torch.manual_seed(1)
+    out = pm(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    return pm, [out.detach(), x.grad] + [p.grad for p in net.parameters()] + list(net.buffers())
+
+
+@pytest.mark.parametrize("bits", [4, 8, 12, 16])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_values_and_gradients_are_bit_identical(bits, momentum):
+    _, stock = _run(bits, False, momentum)
+    pm, compact = _run(bits, True, momentum)
+    assert len(stock) == len(compact)
+    for a, b in zip(stock, compact):
+        assert torch.equal(a, b)
+    code = pm._muppet_graph.python_code("self").src
+    assert code.count("compact_batch_norm") == 3  # b1, b2, b4; not b3 (input is an add)
+    assert code.count("compact_relu") == 4 and "relu_" in code  # the re-read in-place ReLU stays stock
+
+
+def test_nchw_inputs_and_24_bits_take_the_fallbacks():
+    for bits, cl in ((8, False), (24, True)):
+        _, stock = _run(bits, False, channels_last=cl)
+        _, compact = _run(bits, True, channels_last=cl)
+        assert all(torch.equal(a, b) for a, b in zip(stock, compact))
+
+
+def _saved_bytes(model, x):
+    seen = {}
+
+    def pack(t):
+        seen.setdefault((t.untyped_storage().data_ptr(), t.dtype), (t.untyped_storage().nbytes(), t.dtype))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    out.sum().backward()
+    return sum(n for n, _ in seen.values()), {d for _, d in seen.values()}
+
+
+def test_saved_activations_at_8_bits_are_at_most_half_of_fp32():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(4):
+        layers += [nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)]
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), *layers)
+    x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    fp32, _ = _saved_bytes(net, x)
+    stock, _ = _saved_bytes(prepare(net, ladder=(8, "fp32"), compact_activations=False), x)
+    small, dtypes = _saved_bytes(prepare(net, ladder=(8, "fp32")), x)
+    assert stock > 0.8 * fp32  # float32 batch-norm inputs and ReLU outputs dominate
+    assert small <= 0.5 * fp32, (small / fp32)
+    assert torch.int8 in dtypes and torch.uint8 in dtypes
+
+
+def test_eval_mode_and_no_grad_run_the_stock_ops():
+    torch.manual_seed(0)
+    net = Net()
+    pm = prepare(net, ladder=(8, "fp32"))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = pm(x)
+    pm.eval()
+    torch.manual_seed(1)
+    b = pm(x)
+    torch.manual_seed(1)
+    pm_stock = prepare(net, ladder=(8, "fp32"), compact_activations=False).eval()
+    assert torch.equal(b, pm_stock(x)) and a.shape == b.shape
+
+
+def test_masked_relu_matches_threshold_backward_bit_for_bit():
+    """NaN, +-inf and -0.0 in the input and NaN in the gradient: same output and same gradient
+    bits as ``torch.relu``'s autograd (C kernel and torch fallback alike)."""
+    x = torch.tensor([1.5, -2.0, 0.0, -0.0, float("nan"), float("inf"), -float("inf"), 3e-45, -3e-45] * 9)
+    g = torch.tensor([0.5, float("nan"), -1.0, 2.0, -3.0, 4.0, float("nan"), -0.0, 1.0] * 9)
+    xs = x.clone().requires_grad_()
+    want = torch.relu(xs)
+    want.backward(g)
+    holder = type("H", (), {})()
+    holder.state = prepare(nn.Linear(2, 2), ladder=(8, "fp32"))._muppet_state
+    for torch_only in (False, True):
+        xc = x.clone().requires_grad_()
+        if torch_only:  # a layout the C kernel declines
+            xc = x.clone().reshape(9, 9).t().requires_grad_()
+            got = compact_relu(holder, xc)
+            got.backward(g.reshape(9, 9).t())
+            got, grad = got.t().reshape(-1), xc.grad.t().reshape(-1)
+        else:
+            got = compact_relu(holder, xc)
+            got.backward(g)
+            grad = xc.grad
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+        assert torch.equal(grad.view(torch.int32), xs.grad.view(torch.int32))
+
+
+def test_relu_kernels_declines_what_they_do_not_cover():
+    assert relu_with_mask(torch.randn(3, dtype=torch.float64)) is None
+    y, m = relu_with_mask(torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last))
+    assert m.dtype == torch.uint8 and m.stride() == y.stride()
+    assert relu_mask_backward(torch.randn(2, 3, 4, 5), m) is None  # other memory order
+
+
+def test_batch_norm_outside_a_quantised_graph_runs_the_module():
+    bn = nn.BatchNorm2d(3)
+    site = prepare(nn.Conv2d(3, 3, 1), ladder=(8, "fp32"))._muppet_layer_site
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    torch.manual_seed(0)
+    assert torch.equal(compact_batch_norm(site, x, nn.GroupNorm(1, 3)), nn.GroupNorm(1, 3)(x))
+    assert compact_batch_norm(site, x, bn).shape == x.shape
+
+
+def test_config_rejects_a_non_bool():
+    with pytest.raises(TypeError, match="compact_activations must be True or False"):
+        MuppetConfig(compact_activations="yes")
