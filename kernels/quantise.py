@@ -261,24 +261,29 @@ if HAS_TRITON:
             tl.store(q_ptr + idx, q.to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _scale_kernel(acc_ptr, out_ptr, sa_ptr, sb_ptr, n, BLOCK: tl.constexpr):
-        # out = float32(acc) * 2**-(sa + sb), the power of two as two exact factors
+    def _scale_kernel(acc_ptr, out_ptr, sa_ptr, sb_ptr, n, HAS_SB: tl.constexpr, BLOCK: tl.constexpr):
+        # out = float32(acc) * 2**-(sa + sb) (sb = 0 without HAS_SB), as two exact factors
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        e = -(tl.load(sa_ptr).to(tl.int64) + tl.load(sb_ptr).to(tl.int64))
+        e = -tl.load(sa_ptr).to(tl.int64)
+        if HAS_SB:
+            e -= tl.load(sb_ptr).to(tl.int64)
         h = e >> 1
         acc = tl.load(acc_ptr + offs, mask=offs < n, other=0)
         tl.store(out_ptr + offs, acc.to(tl.float32) * pow2_f32(h) * pow2_f32(e - h), mask=offs < n)
 
 
-def scale_triton(acc: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
-    """float32 ``acc * 2**-(s_a + s_b)`` for a contiguous integer (or float) accumulator and two
-    per-tensor exponents on the device: one launch, where torch ops take about twenty."""
-    if not acc.is_contiguous():
-        raise ValueError("scale_triton needs a contiguous accumulator")
-    out = torch.empty(acc.shape, dtype=torch.float32, device=acc.device)
+def scale_triton(acc: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 ``acc * 2**-(s_a + s_b)`` for a dense integer (or float) accumulator (mantissas,
+    for a dequantisation with ``s_b=None``) and per-tensor exponents on the device, laid out like
+    ``acc``: one launch, where torch ops take about twenty."""
+    dense = acc.is_contiguous() or (acc.dim() == 4 and acc.is_contiguous(memory_format=torch.channels_last))
+    if not dense:
+        raise ValueError("scale_triton needs a dense accumulator (contiguous or channels-last)")
+    out = torch.empty_like(acc, dtype=torch.float32)
     n = acc.numel()
     if n:
-        _scale_kernel[(triton.cdiv(n, 1024),)](acc, out, s_a.reshape(1), s_b.reshape(1), n, BLOCK=1024)
+        _scale_kernel[(triton.cdiv(n, 1024),)](acc, out, s_a.reshape(1), (s_a if s_b is None else s_b).reshape(1), n,
+                                               HAS_SB=s_b is not None, BLOCK=1024)
     return out
 
 

@@ -85,7 +85,7 @@ def _modes():
     yield "absmax", "fp32", {"x_ptr": "*fp32", "slot_ptr": "*i32"}, dict(BLOCK=1024), (), None
     for acc_t in ("i32", "i64"):
         yield ("scale", f"{acc_t} -> fp32", {"acc_ptr": f"*{acc_t}", "out_ptr": "*fp32", "sa_ptr": "*i32",
-                                             "sb_ptr": "*i32"}, dict(BLOCK=1024), (), None)
+                                             "sb_ptr": "*i32"}, dict(HAS_SB=True, BLOCK=1024), (), None)
     for m in ("i8", "i16"):
         yield ("quantise", f"stochastic -> {m}",
                {"x_ptr": "*fp32", "noise_ptr": "*fp32", "slot_ptr": "*i32", "s_ptr": "*i32", "m_ptr": f"*{m}",

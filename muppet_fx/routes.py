@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from muppet_fx.kernels import conv_onednn, gemm_cpu, scaled_mm_cpu
-from muppet_fx.kernels.quantise import scale_pow2
+from muppet_fx.kernels.quantise import HAS_TRITON, scale_pow2, scale_triton
 from muppet_fx.kernels.quantise_cpu import dequantise_cpu, requantise_accumulator
 from muppet_fx.numerics import _triton_seed
 
@@ -66,7 +66,13 @@ def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
             return y
         if -126 <= e <= 126:
             return torch.mul(m, math.ldexp(1.0, e))
+    if axis is None and s.numel() == 1 and m.device.type == "cuda" and HAS_TRITON and _dense(m):
+        return scale_triton(m, s)  # one kernel reading the exponent, no device ops for the scale
     return scale_pow2(m.float(), -s, axis)
+
+
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def sum_dequantised(m: Tensor, s: Tensor, dims: list[int]) -> Tensor:

@@ -134,3 +134,22 @@ def test_kernel_marks_nonfinite_rows():
     _, s_plain, _, _ = quantise_triton(x, 8, "nearest", axis=0)
     assert bad.tolist() == [False, True, False, True]
     assert s.tolist() == [s_plain[0].item(), NONFINITE_EXPONENT, s_plain[2].item(), NONFINITE_EXPONENT]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
+def test_scale_kernel_dequantises_exactly(dtype):
+    """``scale_triton``: mantissas (or accumulators) times ``2**-(s_a + s_b)``, laid out like
+    the input (channels-last kept); oracle: ``scale_pow2`` on the float32 conversion (what the
+    routes did with torch ops), bit for bit, for normal, subnormal and overflowing scales."""
+    from muppet_fx.kernels.quantise import scale_pow2, scale_triton
+
+    m = torch.randint(-100, 101, (2, 3, 5, 7), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    for s_a, s_b in ((7, None), (-20, 150), (140, 9), (-100, -60)):
+        sa = torch.tensor(s_a, dtype=torch.int32)
+        sb = None if s_b is None else torch.tensor(s_b, dtype=torch.int32)
+        got = scale_triton(m, sa, sb)
+        want = scale_pow2(m.float(), -(sa + (0 if sb is None else sb)))
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="dense"):
+        scale_triton(m[:, :, ::2], torch.tensor(1))
