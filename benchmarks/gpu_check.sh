@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one run that fits a short lease (at most 9 minutes on one
+# Every check that needs a CUDA GPU, in one run that fits a short GPU booking (at most 9 minutes on one
 # H200), most valuable first; each step has its own time limit and a failing step does not stop
 # the next. Logs go to OUT_DIR (default: $OUT if set, else benchmarks/results/gpu-check), at most
 # seven files, each headed by the device, torch/triton versions and the date:

@@ -1,5 +1,5 @@
 """``benchmarks/gpu_correctness.py`` runs on small odd shapes in the interpreter, so the GPU
-check script cannot rot between GPU sessions; a broken kernel makes it report failures.
+check script cannot rot between GPU runs; a broken kernel makes it report failures.
 
 Oracle: the script's own checks (exact int8 sums, float32-accumulation bounds, bit-equal fused
 quantisation) pass on the reference-checked kernels, and fail, with a non-zero exit status, when
