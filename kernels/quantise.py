@@ -38,12 +38,23 @@ __all__ = [
     "scale_triton",
     "HAS_TRITON",
     "autotune_bench",
+    "triton_path",
 ]
 
 # Largest exponent whose grid step 2**-s is still representable (down to the smallest subnormal).
 MAX_EXPONENT = {torch.float32: 149, torch.bfloat16: 133, torch.float16: 24}
 # Largest word length whose integer grid the dtype holds exactly (sign + significand bits).
 MAX_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+
+
+# Tests set this (with TRITON_INTERPRET=1) to run the training ops' CUDA code path on CPU tensors.
+FORCE_TRITON_PATH = False
+
+
+def triton_path(t: torch.Tensor) -> bool:
+    """Whether the training ops quantise and dequantise ``t`` with the Triton kernels: CUDA
+    tensors, or any tensor while ``FORCE_TRITON_PATH`` is set."""
+    return HAS_TRITON and (t.device.type == "cuda" or FORCE_TRITON_PATH)
 
 
 def autotune_bench(fn, quantiles):

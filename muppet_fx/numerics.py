@@ -21,6 +21,7 @@ from muppet_fx.kernels.quantise import (
     mantissa_dtype,
     quantise_reference,
     quantise_triton,
+    triton_path,
 )
 from muppet_fx.kernels.quantise_cpu import quantise_cpu
 
@@ -118,7 +119,7 @@ def quantise_parts(x: torch.Tensor, bits: int, rounding: str, axis: int | None =
     """Unchecked quantiser for training ops: ``(mantissa, exponent)`` with the default backend
     of ``x``'s device. A tensor (or slice) holding NaN/inf gets ``NONFINITE_EXPONENT``, whose
     dequantisation is non-finite, so a diverging run stays visible downstream."""
-    if x.device.type == "cuda" and HAS_TRITON:  # the kernel marks non-finite rows itself
+    if triton_path(x):  # the kernel marks non-finite rows itself
         return quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(None, None), mark_nonfinite=True)[:2]
     else:  # the C kernel on CPU tensors, the reference route elsewhere
         m, s, _, bad = quantise_cpu(x, bits, rounding, axis=axis)
@@ -131,9 +132,9 @@ def fake_quantise_inplace(y: torch.Tensor, bits: int, rounding: str, seed: int |
     """Unchecked ``fake_quantise`` for a float32 tensor a training op owns: overwritten in
     place on the CPU (one fused pass), NaN/inf passed through. ``seed`` fixes the stochastic
     draws (default: drawn from torch's generator)."""
-    if y.device.type == "cpu":
+    if y.device.type == "cpu" and not triton_path(y):
         return quantise_cpu(y, bits, rounding, seed=seed, want_mantissa=False, want_values=True, out=y)[2]
-    if y.device.type == "cuda" and HAS_TRITON:
+    if triton_path(y):
         return quantise_triton(y, bits, rounding, seed=_triton_seed(seed, None),
                                want_mantissa=False, want_values=True)[2]
     generator = None if seed is None else torch.Generator(device=y.device).manual_seed(seed)

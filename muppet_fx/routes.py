@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from muppet_fx.kernels import conv_onednn, gemm_cpu, scaled_mm_cpu
-from muppet_fx.kernels.quantise import HAS_TRITON, scale_pow2, scale_triton
+from muppet_fx.kernels.quantise import scale_pow2, scale_triton, triton_path
 from muppet_fx.kernels.quantise_cpu import dequantise_cpu, requantise_accumulator
 from muppet_fx.numerics import _triton_seed
 
@@ -59,6 +59,8 @@ def for_level(route: str, bits: int) -> str:
 def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
     """float32 ``m * 2**-s``; one pass (conversion and scale together) for a per-tensor
     exponent on the CPU."""
+    if axis is None and s.numel() == 1 and triton_path(m) and _dense(m):
+        return scale_triton(m, s)  # one kernel reading the exponent, no device ops for the scale
     if axis is None and s.numel() == 1 and s.device.type == "cpu" and m.device.type == "cpu":
         e = -int(s)
         y = dequantise_cpu(m, e)
@@ -66,8 +68,6 @@ def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
             return y
         if -126 <= e <= 126:
             return torch.mul(m, math.ldexp(1.0, e))
-    if axis is None and s.numel() == 1 and m.device.type == "cuda" and HAS_TRITON and _dense(m):
-        return scale_triton(m, s)  # one kernel reading the exponent, no device ops for the scale
     return scale_pow2(m.float(), -s, axis)
 
 
