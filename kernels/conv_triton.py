@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .gemm_cpu import CHUNK, _out_size, _pair
-from .quantise import HAS_TRITON, autotune_bench, quantise_triton, scale_pow2, scale_triton
+from .quantise import HAS_TRITON, autotune, quantise_triton, scale_pow2, scale_triton
 
 if HAS_TRITON:
     import triton
@@ -44,8 +44,7 @@ def _configs():
 
 if HAS_TRITON:
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "K", "KW", "SH", "TRANSPOSED", "USE_FP16"],
-                     do_bench=autotune_bench)
+    @autotune(_configs(), ["M", "N", "K", "KW", "SH", "TRANSPOSED", "USE_FP16"])
     @triton.jit
     def _conv_kernel(
         a_ptr, w_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, amax_ptr,  # SCALED: c = acc * 2**-(sa + sb) (+ bias)
@@ -110,8 +109,7 @@ if HAS_TRITON:
         else:
             tl.store(c_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "R", "KW", "SH", "USE_FP16"],
-                     do_bench=autotune_bench)
+    @autotune(_configs(), ["M", "N", "R", "KW", "SH", "USE_FP16"])
     @triton.jit
     def _conv_grad_weight_kernel(
         g_ptr, x_ptr, c_ptr,

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .quantise import HAS_TRITON, autotune_bench, pow2_factors, quantise_triton
+from .quantise import HAS_TRITON, autotune, pow2_factors, quantise_triton
 
 if HAS_TRITON:
     import triton
@@ -41,8 +41,7 @@ def _configs():
 
 if HAS_TRITON:
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "K", "USE_FP16", "WRITE_AMAX"],
-                     do_bench=autotune_bench)
+    @autotune(_configs(), ["M", "N", "K", "USE_FP16", "WRITE_AMAX"])
     @triton.jit
     def _scaled_mm_kernel(
         a_ptr, b_ptr, c_ptr, bias_ptr, sa_ptr, sb_ptr, amax_ptr,  # pointers; sa, sb: int exponents

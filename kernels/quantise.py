@@ -38,6 +38,7 @@ __all__ = [
     "scale_triton",
     "HAS_TRITON",
     "autotune_bench",
+    "autotune",
     "triton_path",
 ]
 
@@ -64,6 +65,16 @@ def autotune_bench(fn, quantiles):
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotune(configs, key):
+    """``triton.autotune`` with :func:`autotune_bench` as its timer; Triton releases before the
+    ``do_bench`` argument (3.3) take the same times through ``warmup``/``rep``."""
+    import inspect
+
+    timer = ({"do_bench": autotune_bench} if "do_bench" in inspect.signature(triton.autotune).parameters
+             else {"warmup": 5, "rep": 20})
+    return triton.autotune(configs=configs, key=key, **timer)
 
 
 # Exponent that marks a tensor holding NaN/inf in training ops: its dequantisation factor
