@@ -10,7 +10,7 @@
 #   01-correctness.log  every Triton kernel at full size against exact references
 #   02-kernels.log      Triton INT8 GEMM vs torch._int_mm / BF16 / FP16, implicit-GEMM conv vs cuDNN BF16
 #   03-train-step.log   ResNet-18 (CIFAR, batch 256) step: FP32, autocast bf16/fp16, 8-16 bit, peak memory
-#   04-tests.log        the test suite on the GPU (compiled kernels, no interpreter)
+#   04-tests.log        the kernel, route and memory tests on the GPU (compiled kernels, no interpreter)
 #   summary.log         each step's exit status and seconds
 set -u
 cd "$(dirname "$0")/.."
@@ -52,5 +52,6 @@ if ! $PY -c "import muppet_fx" 2>/dev/null; then  # not installable here: the pa
 fi
 step 01-correctness 120 $PY benchmarks/gpu_correctness.py --batch 128
 step 02-kernels 120 $PY benchmarks/kernels.py --device cuda --reps 5
-step 03-train-step 160 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 5 --memory --saved
-step 04-tests 80 $PY -m pytest -q -p no:cacheprovider --maxfail=10 tests
+step 03-train-step 150 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 5 --memory --saved
+step 04-tests 90 $PY -m pytest -q -p no:cacheprovider --maxfail=10 tests/test_gemm_triton.py tests/test_conv_triton.py \
+    tests/test_quantise_triton.py tests/test_routes.py tests/test_compact.py

@@ -176,6 +176,12 @@ def check_all(archs=("sm_80", "sm_90"), workers: int = 2) -> list[dict]:
     """Compile every variant for every architecture, ``workers`` processes at a time."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("triton_aot compiles real kernels: unset TRITON_INTERPRET first")
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    if not {"constexprs", "attrs"} <= set(inspect.signature(ASTSource).parameters):
+        raise RuntimeError("triton_aot needs the ASTSource(fn, signature, constexprs, attrs) of Triton 3.3 or later")
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         raise ValueError(f"unknown architecture(s) {unknown}; valid choices: {list(ARCHS)}")

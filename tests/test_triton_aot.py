@@ -15,10 +15,12 @@ import sys
 from collections import defaultdict
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-pytestmark = pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build carries no ptxas")
+pytestmark = [pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build carries no ptxas"),
+              pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU compiles and runs the kernels for real")]
 
 
 @pytest.fixture(scope="module")
