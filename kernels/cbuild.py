@@ -16,11 +16,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["load_c_library"]
+__all__ = ["load_c_library", "bound_library"]
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
          "-shared", "-fPIC", "-std=gnu11"]
 _cache: dict[str, ctypes.CDLL | None] = {}
+_bound: dict[str, ctypes.CDLL | None] = {}
 
 
 def _cpu_model() -> str:
@@ -61,3 +62,17 @@ def load_c_library(source: Path) -> ctypes.CDLL | None:
                           "falling back to torch ops")
     _cache[key] = lib
     return lib
+
+
+def bound_library(source: Path, signatures: dict) -> ctypes.CDLL | None:
+    """:func:`load_c_library` with each function's ctypes signature set from
+    ``{name: (restype, [argtypes])}``; ``None`` where no library could be built."""
+    key = str(source)
+    if key not in _bound:
+        lib = load_c_library(source)
+        if lib is not None:
+            for name, (restype, argtypes) in signatures.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = restype, list(argtypes)
+        _bound[key] = lib
+    return _bound[key]

@@ -12,25 +12,17 @@ from pathlib import Path
 
 import torch
 
-from .cbuild import load_c_library
+from .cbuild import bound_library
 
 __all__ = ["relu_with_mask", "relu_mask_backward"]
 
-_lib = None
 _P = ctypes.c_void_p
+_SIGNATURES = {"relu_mask": (None, [_P, ctypes.c_int64, _P, _P, ctypes.c_int]),
+               "relu_mask_backward": (None, [_P, _P, ctypes.c_int64, _P, ctypes.c_int])}
 
 
 def _library():
-    global _lib
-    if _lib is None:
-        lib = load_c_library(Path(__file__).with_name("relu_cpu.c"))
-        if lib is not None:
-            lib.relu_mask.restype = None
-            lib.relu_mask.argtypes = [_P, ctypes.c_int64, _P, _P, ctypes.c_int]
-            lib.relu_mask_backward.restype = None
-            lib.relu_mask_backward.argtypes = [_P, _P, ctypes.c_int64, _P, ctypes.c_int]
-        _lib = lib if lib is not None else False
-    return _lib or None
+    return bound_library(Path(__file__).with_name("relu_cpu.c"), _SIGNATURES)
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -18,29 +18,22 @@ from pathlib import Path
 
 import torch
 
-from .cbuild import load_c_library
+from .cbuild import bound_library
 from .gemm_cpu import CHUNK, gemm_layout, workspace
 
 __all__ = ["scaled_int_matmul"]
 
-_lib = None
 _P = ctypes.c_void_p
+_SIGNATURES = {
+    "split128_i16": (ctypes.c_int, [_P, ctypes.c_int64, _P, _P, _P, ctypes.c_int]),
+    "split256_i16": (None, [_P, ctypes.c_int64, _P, _P, ctypes.c_int]),
+    "combine_i32": (None, [ctypes.c_int] + [_P] * 6 + [ctypes.c_int64] * 2
+                    + [_P, ctypes.c_int, ctypes.c_float, _P, _P, ctypes.c_int]),
+}
 
 
 def _library():
-    global _lib
-    if _lib is None:
-        lib = load_c_library(Path(__file__).with_name("scaled_mm_cpu.c"))
-        if lib is not None:
-            lib.split128_i16.restype = ctypes.c_int
-            lib.split128_i16.argtypes = [_P, ctypes.c_int64, _P, _P, _P, ctypes.c_int]
-            lib.split256_i16.restype = None
-            lib.split256_i16.argtypes = [_P, ctypes.c_int64, _P, _P, ctypes.c_int]
-            lib.combine_i32.restype = None
-            lib.combine_i32.argtypes = ([ctypes.c_int] + [_P] * 6 + [ctypes.c_int64] * 2
-                                        + [_P, ctypes.c_int, ctypes.c_float, _P, _P, ctypes.c_int])
-        _lib = lib if lib is not None else False
-    return _lib or None
+    return bound_library(Path(__file__).with_name("scaled_mm_cpu.c"), _SIGNATURES)
 
 
 def _planes(t: torch.Tensor, names) -> list[torch.Tensor]:
