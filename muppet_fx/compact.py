@@ -93,7 +93,7 @@ class _MaskedReLU(torch.autograd.Function):
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
         gx = relu_mask_backward(grad, mask)
-        if gx is None and mask.stride() != grad.stride() and mask.shape == grad.shape:
+        if gx is None and grad.device.type == "cpu" and mask.stride() != grad.stride() and mask.shape == grad.shape:
             gx = relu_mask_backward(grad.contiguous(memory_format=_order(mask)), mask)
         return gx if gx is not None else torch.where(mask.view(torch.bool), grad, 0.0)
 
