@@ -44,6 +44,7 @@ __all__ = [
 
 # Largest exponent whose grid step 2**-s is still representable (down to the smallest subnormal).
 MAX_EXPONENT = {torch.float32: 149, torch.bfloat16: 133, torch.float16: 24}
+_FMAX = {dt: float(torch.finfo(dt).max) for dt in MAX_EXPONENT}
 # Largest word length whose integer grid the dtype holds exactly (sign + significand bits).
 MAX_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
 
@@ -324,7 +325,7 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
     and a non-finite flag, already reduced by whoever wrote ``x`` (a GEMM epilogue); the
     reduction pass is then skipped. ``out`` (laid out like ``x``, may be ``x``) receives ``q``.
     ``mark_nonfinite``: a row holding NaN/inf gets ``NONFINITE_EXPONENT`` as its ``s`` (what the
-    training ops want), set by the kernel.
+    training ops want), set by the kernel; ``nonfinite`` is then ``None`` (one device op fewer).
     """
     if not HAS_TRITON:
         raise NotImplementedError("backend='triton' needs the triton package, which is not installed")
@@ -356,13 +357,13 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
     _quantise_kernel[(rows, n_blocks)](
         xc, noise if noise is not None else xc, slot, s,
         m if m is not None else xc, q if q is not None else xc,
-        L, seed, offset, float(torch.finfo(x.dtype).max), 2 ** (bits - 1) - 1, bits - 2,
+        L, seed, offset, _FMAX[x.dtype], 2 ** (bits - 1) - 1, bits - 2,
         MAX_EXPONENT[x.dtype], STOCHASTIC=rounding == "stochastic", NOISE_FROM_PTR=noise is not None,
         MARK_NONFINITE=mark_nonfinite,
         WRITE_M=want_mantissa, WRITE_Q=want_values, BLOCK=block,
     )
-    nonfinite = slot[:, 1] > 0
+    nonfinite = None if mark_nonfinite else slot[:, 1] > 0
     if axis is None:
-        s, nonfinite = s.reshape(()), nonfinite.reshape(())
+        s, nonfinite = s.reshape(()), (None if nonfinite is None else nonfinite.reshape(()))
     back = (lambda t: t) if axis in (None, 0) else (lambda t: t.movedim(0, axis).contiguous())
     return (back(m) if m is not None else None), s, (back(q) if q is not None else None), nonfinite

@@ -130,8 +130,9 @@ def test_kernel_marks_nonfinite_rows():
 
     x = torch.randn(4, 9)
     x[1, 3], x[3, 0] = float("nan"), float("-inf")
-    _, s, _, bad = quantise_triton(x, 8, "nearest", axis=0, mark_nonfinite=True)
-    _, s_plain, _, _ = quantise_triton(x, 8, "nearest", axis=0)
+    _, s, _, none = quantise_triton(x, 8, "nearest", axis=0, mark_nonfinite=True)
+    _, s_plain, _, bad = quantise_triton(x, 8, "nearest", axis=0)
+    assert none is None
     assert bad.tolist() == [False, True, False, True]
     assert s.tolist() == [s_plain[0].item(), NONFINITE_EXPONENT, s_plain[2].item(), NONFINITE_EXPONENT]
 
