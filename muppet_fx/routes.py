@@ -58,7 +58,7 @@ def for_level(route: str, bits: int) -> str:
 
 def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
     """float32 ``m * 2**-s``; one pass (conversion and scale together) for a per-tensor
-    exponent on the CPU."""
+    exponent: a C pass on the CPU, a Triton kernel reading the exponent on CUDA."""
     if axis is None and s.numel() == 1 and triton_path(m) and _dense(m):
         return scale_triton(m, s)  # one kernel reading the exponent, no device ops for the scale
     if axis is None and s.numel() == 1 and s.device.type == "cpu" and m.device.type == "cpu":
