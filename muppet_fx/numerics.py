@@ -93,9 +93,14 @@ def _check_input(x, bits, rounding, axis, backend, noise) -> str:
     return backend
 
 
-def _triton_seed(seed, generator) -> int:
+def _triton_seed(seed, generator, rounding: str = "stochastic") -> int:
+    """The seed of the Triton kernels' draws: ``seed`` if given, else drawn from ``generator``,
+    and only for stochastic rounding, as the CPU kernel draws, so that a nearest-rounding
+    quantisation leaves torch's random stream where it was."""
     if seed is not None:
         return int(seed)
+    if rounding != "stochastic":
+        return 0
     return int(torch.randint(0, 2**31 - 1, (), generator=generator))
 
 
@@ -104,7 +109,7 @@ def _run(x, bits, rounding, axis, backend, generator, seed, noise, values: bool)
     (``values=True``), the other being ``None``, and the int32 exponent tensor ``s``."""
     want = dict(want_mantissa=not values, want_values=values)
     if backend == "triton":
-        return quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(seed, generator),
+        return quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(seed, generator, rounding),
                                noise=noise, **want)[:3]
     if backend == "cpu":
         return quantise_cpu(x, bits, rounding, axis=axis, generator=generator, seed=seed,
@@ -120,7 +125,8 @@ def quantise_parts(x: torch.Tensor, bits: int, rounding: str, axis: int | None =
     of ``x``'s device. A tensor (or slice) holding NaN/inf gets ``NONFINITE_EXPONENT``, whose
     dequantisation is non-finite, so a diverging run stays visible downstream."""
     if triton_path(x):  # the kernel marks non-finite rows itself
-        return quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(None, None), mark_nonfinite=True)[:2]
+        return quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(None, None, rounding),
+                               mark_nonfinite=True)[:2]
     else:  # the C kernel on CPU tensors, the reference route elsewhere
         m, s, _, bad = quantise_cpu(x, bits, rounding, axis=axis)
     if bad is False:
@@ -135,7 +141,7 @@ def fake_quantise_inplace(y: torch.Tensor, bits: int, rounding: str, seed: int |
     if y.device.type == "cpu" and not triton_path(y):
         return quantise_cpu(y, bits, rounding, seed=seed, want_mantissa=False, want_values=True, out=y)[2]
     if triton_path(y):
-        return quantise_triton(y, bits, rounding, seed=_triton_seed(seed, None),
+        return quantise_triton(y, bits, rounding, seed=_triton_seed(seed, None, rounding),
                                want_mantissa=False, want_values=True)[2]
     generator = None if seed is None else torch.Generator(device=y.device).manual_seed(seed)
     return _run(y, bits, rounding, None, "reference", generator, None, None, values=True)[2]

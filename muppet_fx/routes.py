@@ -186,7 +186,7 @@ def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias,
 def _with_seed(quantise_output):
     """``(bits, rounding)`` -> ``(bits, rounding, seed)``, the seed drawn from torch's generator
     as the separate output quantiser draws it (same stream, same draws)."""
-    return None if quantise_output is None else (*quantise_output, _triton_seed(None, None))
+    return None if quantise_output is None else (*quantise_output, _triton_seed(None, None, quantise_output[1]))
 
 
 def linear_grad_input(route, g_m, g_s, w_m, w_s, w_axis):

@@ -6,6 +6,8 @@ seeds; the stock ops' own gradients, bit for bit (sign of zero included), for th
 NaN, infinities and negative zeros; and the bytes autograd saves for backward, counted by a
 saved-tensor hook, at most half of FP32's at 8 bits.
 """
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -40,10 +42,10 @@ class Net(nn.Module):
         return torch.relu(self.b4(self.fc(z.flatten(1))))
 
 
-def _run(bits, compact, momentum=0.1, channels_last=True):
+def _run(bits, compact, momentum=0.1, channels_last=True, backend="auto"):
     torch.manual_seed(0)
     net = Net(momentum)
-    pm = prepare(net, ladder=(bits, "fp32"), compact_activations=compact)
+    pm = prepare(net, ladder=(bits, "fp32"), compact_activations=compact, backend=backend)
     x = torch.randn(4, 3, 8, 8)
     x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
     torch.manual_seed(1)
@@ -63,6 +65,20 @@ def test_values_and_gradients_are_bit_identical(bits, momentum):
     code = pm._muppet_graph.python_code("self").src
     assert code.count("compact_batch_norm") == 3  # b1, b2, b4; not b3 (input is an add)
     assert code.count("compact_relu") == 4 and "relu_" in code  # the re-read in-place ReLU stays stock
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="triton kernels need CUDA or TRITON_INTERPRET=1")
+def test_bit_identical_on_the_cuda_code_path(monkeypatch):
+    """The triton route as on CUDA (Triton quantisers forced for CPU tensors), stochastic
+    rounding: the batch norm's nearest re-quantisation draws no seed, so every later draw, and
+    so every value and gradient, stays as with the stock ops."""
+    from muppet_fx.kernels import quantise
+
+    monkeypatch.setattr(quantise, "FORCE_TRITON_PATH", True)
+    _, stock = _run(8, False, backend="triton")
+    _, compact = _run(8, True, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(stock, compact))
 
 
 def test_nchw_inputs_and_24_bits_take_the_fallbacks():
