@@ -28,6 +28,7 @@ __all__ = [
     "MAX_EXPONENT",
     "MAX_BITS",
     "mantissa_dtype",
+    "is_dense",
     "NONFINITE_EXPONENT",
     "exponent_from_amax",
     "pow2_factors",
@@ -81,6 +82,11 @@ def autotune(configs, key):
 # Exponent that marks a tensor holding NaN/inf in training ops: its dequantisation factor
 # 2**-NONFINITE_EXPONENT is inf, so the non-finite input shows up in the layer's output.
 NONFINITE_EXPONENT = -(2**30)
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Contiguous, or channels-last 4-d: the memory orders the kernels walk flat."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def mantissa_dtype(bits: int) -> torch.dtype:
@@ -299,8 +305,7 @@ def scale_triton(acc: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor | None 
     """float32 ``acc * 2**-(s_a + s_b)`` for a dense integer (or float) accumulator (mantissas,
     for a dequantisation with ``s_b=None``) and per-tensor exponents on the device, laid out like
     ``acc``: one launch, where torch ops take about twenty."""
-    dense = acc.is_contiguous() or (acc.dim() == 4 and acc.is_contiguous(memory_format=torch.channels_last))
-    if not dense:
+    if not is_dense(acc):
         raise ValueError("scale_triton needs a dense accumulator (contiguous or channels-last)")
     out = torch.empty_like(acc, dtype=torch.float32)
     n = acc.numel()

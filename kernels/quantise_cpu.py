@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .cbuild import load_c_library
-from .quantise import MAX_EXPONENT, dequantise_reference, mantissa_dtype, quantise_reference
+from .quantise import MAX_EXPONENT, dequantise_reference, is_dense, mantissa_dtype, quantise_reference
 
 __all__ = ["quantise_cpu", "dequantise_cpu", "requantise_accumulator", "host_exponent", "c_kernel_available"]
 
@@ -91,8 +91,7 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
     if (lib is None or axis is not None or x.dtype != torch.float32 or x.numel() == 0
             or x.device.type != "cpu"):
         return _via_reference(x, bits, rounding, axis, _seeded(generator, seed), noise, want_mantissa, want_values)
-    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-    xc = x if dense else x.contiguous()
+    xc = x if is_dense(x) else x.contiguous()
     n = xc.numel()
     threads = torch.get_num_threads()
     top = lib.absmax_bits(xc.data_ptr(), n, threads)
@@ -113,17 +112,13 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
     return m, torch.tensor(s, dtype=torch.int32), q, False
 
 
-def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-
-
 def dequantise_cpu(m: torch.Tensor, e: int) -> torch.Tensor | None:
     """float32 ``m * 2**e`` in one pass for a dense int8/int16 CPU tensor (layout kept); ``None``
     where the C kernel does not apply. Casting and scaling with torch ops costs several times
     more on these mantissa dtypes."""
     lib = _library()
     if (lib is None or m.dtype not in _DEQ or m.device.type != "cpu" or not -126 <= e <= 126
-            or not _dense(m)):
+            or not is_dense(m)):
         return None
     out = torch.empty_like(m, dtype=torch.float32)
     getattr(lib, _DEQ[m.dtype])(m.data_ptr(), m.numel(), math.ldexp(1.0, e), out.data_ptr(),
@@ -151,8 +146,7 @@ def requantise_accumulator(acc: torch.Tensor, e: int, bits: int, rounding: str) 
     (dense, any memory order); the same values and draws as converting, scaling and quantising
     separately. ``None`` where the C kernel does not apply (then take the separate passes)."""
     lib = _library()
-    dense = acc.is_contiguous() or (acc.dim() == 4 and acc.is_contiguous(memory_format=torch.channels_last))
-    if lib is None or acc.dtype != torch.int32 or not dense or not -126 <= e <= 126 or acc.numel() == 0:
+    if lib is None or acc.dtype != torch.int32 or not is_dense(acc) or not -126 <= e <= 126 or acc.numel() == 0:
         return None
     n, threads = acc.numel(), torch.get_num_threads()
     top = float(torch.tensor(float(lib.absmax_i32(acc.data_ptr(), n, threads)), dtype=torch.float32))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .cbuild import bound_library
+from .quantise import is_dense
 
 __all__ = ["relu_with_mask", "relu_mask_backward"]
 
@@ -25,14 +26,10 @@ def _library():
     return bound_library(Path(__file__).with_name("relu_cpu.c"), _SIGNATURES)
 
 
-def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-
-
 def relu_with_mask(x: torch.Tensor):
     """``(relu(x), relu(x) != 0 as uint8)``, laid out like ``x``; ``None`` where not applicable."""
     lib = _library()
-    if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or not _dense(x):
+    if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or not is_dense(x):
         return None
     y = torch.empty_like(x)
     mask = torch.empty_like(x, dtype=torch.uint8)
@@ -45,7 +42,7 @@ def relu_mask_backward(grad: torch.Tensor, mask: torch.Tensor):
     not applicable."""
     lib = _library()
     if (lib is None or grad.device.type != "cpu" or grad.dtype != torch.float32 or mask.dtype != torch.uint8
-            or grad.shape != mask.shape or grad.stride() != mask.stride() or not _dense(grad)):
+            or grad.shape != mask.shape or grad.stride() != mask.stride() or not is_dense(grad)):
         return None
     out = torch.empty_like(grad)
     lib.relu_mask_backward(grad.data_ptr(), mask.data_ptr(), grad.numel(), out.data_ptr(), torch.get_num_threads())

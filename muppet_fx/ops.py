@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from muppet_fx.kernels.quantise import mantissa_dtype, scale_pow2
+from muppet_fx.kernels.quantise import is_dense, mantissa_dtype, scale_pow2
 from muppet_fx import routes
 from muppet_fx.numerics import fake_quantise_inplace, quantise_parts
 
@@ -45,13 +45,9 @@ def _fake_parts(t: Tensor, bits: int, axis: int | None = None, keep_layout: bool
     """Fake mantissas and exponent; ``keep_layout``: the quantiser keeps a dense input's memory
     order (channels-last activations stay channels-last)."""
     s_shape = () if axis is None else (t.shape[axis],)
-    m = torch.empty_like(t, dtype=mantissa_dtype(bits)) if keep_layout and _dense(t) else \
+    m = torch.empty_like(t, dtype=mantissa_dtype(bits)) if keep_layout and is_dense(t) else \
         t.new_empty(t.shape, dtype=mantissa_dtype(bits))
     return m, t.new_empty(s_shape, dtype=torch.int32)
-
-
-def _dense(t: Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _conv_layout(y: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from muppet_fx.kernels import conv_onednn, gemm_cpu, scaled_mm_cpu
-from muppet_fx.kernels.quantise import scale_pow2, scale_triton, triton_path
+from muppet_fx.kernels.quantise import is_dense, scale_pow2, scale_triton, triton_path
 from muppet_fx.kernels.quantise_cpu import dequantise_cpu, requantise_accumulator
 from muppet_fx.numerics import _triton_seed
 
@@ -59,7 +59,7 @@ def for_level(route: str, bits: int) -> str:
 def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
     """float32 ``m * 2**-s``; one pass (conversion and scale together) for a per-tensor
     exponent: a C pass on the CPU, a Triton kernel reading the exponent on CUDA."""
-    if axis is None and s.numel() == 1 and triton_path(m) and _dense(m):
+    if axis is None and s.numel() == 1 and triton_path(m) and is_dense(m):
         return scale_triton(m, s)  # one kernel reading the exponent, no device ops for the scale
     if axis is None and s.numel() == 1 and s.device.type == "cpu" and m.device.type == "cpu":
         e = -int(s)
@@ -69,10 +69,6 @@ def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
         if -126 <= e <= 126:
             return torch.mul(m, math.ldexp(1.0, e))
     return scale_pow2(m.float(), -s, axis)
-
-
-def _dense(t: Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def sum_dequantised(m: Tensor, s: Tensor, dims: list[int]) -> Tensor:
