@@ -26,7 +26,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .quantise import pow2_f32, reduce_amax
+    from .quantise import reduce_amax, times_pow2
 
 __all__ = ["conv2d_int", "conv2d_grad_input_int", "conv2d_grad_weight_int", "conv2d_int_reference",
            "conv2d_grad_input_int_reference", "conv2d_grad_weight_int_reference"]
@@ -98,9 +98,7 @@ if HAS_TRITON:
         c_ptrs = (c_ptr + n[:, None].to(tl.int64) * s_cn + p[:, None] * s_ch + q[:, None] * s_cw
                   + rn[None, :] * s_cc)
         if SCALED:  # the dequantisation in the epilogue: two exact power-of-two factors
-            e = -(tl.load(sa_ptr).to(tl.int64) + tl.load(sb_ptr).to(tl.int64))
-            h = e >> 1
-            out = acc.to(tl.float32) * pow2_f32(h) * pow2_f32(e - h)
+            out = times_pow2(acc, -(tl.load(sa_ptr).to(tl.int64) + tl.load(sb_ptr).to(tl.int64)))
             if HAS_BIAS:
                 out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             tl.store(c_ptrs, out, mask=row_ok[:, None] & (rn[None, :] < N))
@@ -257,6 +255,7 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
                          f"and weight shape {tuple(weight_shape)} do not match")
     if not 0 < r_split <= CHUNK:  # each split's int32 partial sum cannot overflow
         raise ValueError(f"r_split={r_split}: must be in 1..{CHUNK} so int32 partial sums cannot overflow")
+    _check_scale(scale, None, Cout)
     M, K, R = Cout, kh * kw * C, N_img * OH * OW
     splits = triton.cdiv(R, r_split)
     fp16 = g_m.dtype == torch.int16
@@ -266,7 +265,6 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
                                    dh, dw, *g_m.stride(), *x_m.stride(), USE_FP16=fp16)
     acc = part[0] if splits == 1 else part.sum(0, dtype=torch.float32 if fp16 else torch.int64)
     if scale is not None:
-        _check_scale(scale, None, Cout)
         acc = scale_triton(acc, *scale)
     return acc.view(Cout, kh, kw, C).permute(0, 3, 1, 2)
 

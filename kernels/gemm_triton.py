@@ -23,7 +23,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .quantise import pow2_f32, reduce_amax
+    from .quantise import reduce_amax, times_pow2
 
 __all__ = ["scaled_mm", "int_mm", "scaled_mm_reference"]
 
@@ -52,7 +52,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # C[m, n] = sum_k A[m, k] B[k, n] * 2**-(sa + sb[n]) (+ bias[n]); RAW_INT stores the int32
-        # sum. The scale is applied as two exact factors 2**h * 2**(e-h), as pow2_factors does.
+        # sum. The scale is applied as two exact factors (times_pow2), as pow2_factors splits it.
         # WRITE_AMAX: the bits of this tile's max |C| over finite entries go to amax[0] by atomic
         # max, and amax[1] = 1 if it holds a NaN or inf: the output quantiser's reduction, done
         # without a second read of C
@@ -91,8 +91,7 @@ if HAS_TRITON:
                 e = -(tl.load(sa_ptr).to(tl.int64) + tl.load(sb_ptr + rn, mask=rn < N, other=0).to(tl.int64))[None, :]
             else:
                 e = -(tl.load(sa_ptr).to(tl.int64) + tl.load(sb_ptr).to(tl.int64))
-            h = e >> 1
-            c = acc.to(tl.float32) * pow2_f32(h) * pow2_f32(e - h)
+            c = times_pow2(acc, e)
             if HAS_BIAS:
                 c += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             tl.store(c_ptrs, c, mask=mask)
@@ -130,9 +129,7 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _exponents(s_a, s_b, per_col):
     """The exponents as the kernel reads them: one for ``a``, one (or one per column) for ``b``."""
-    s_a = s_a.reshape(1)
-    s_b = s_b.reshape(-1) if per_col else s_b.reshape(1)
-    return s_a if s_a.is_contiguous() else s_a.contiguous(), s_b if s_b.is_contiguous() else s_b.contiguous()
+    return s_a.reshape(1).contiguous(), (s_b.reshape(-1) if per_col else s_b.reshape(1)).contiguous()
 
 
 def scaled_mm(a_m, a_s, b_m, b_s, bias=None, b_axis=None, exact: bool = False,

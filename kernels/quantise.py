@@ -218,6 +218,13 @@ if HAS_TRITON:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def times_pow2(x, e):
+        # float32 x * 2**e for an integer exponent tensor e, as two exact factors 2**h * 2**(e-h),
+        # h = floor(e / 2), the split pow2_factors makes, so no factor overflows on its own
+        h = e >> 1
+        return x.to(tl.float32) * pow2_f32(h) * pow2_f32(e - h)
+
+    @triton.jit
     def reduce_amax(c, mask, amax_ptr):
         # A GEMM or convolution epilogue's share of the output quantiser's reduction: the bits of
         # max |c| over this tile's finite entries into amax[0] and a NaN/inf flag into amax[1],
@@ -296,9 +303,8 @@ if HAS_TRITON:
         e = -tl.load(sa_ptr).to(tl.int64)
         if HAS_SB:
             e -= tl.load(sb_ptr).to(tl.int64)
-        h = e >> 1
         acc = tl.load(acc_ptr + offs, mask=offs < n, other=0)
-        tl.store(out_ptr + offs, acc.to(tl.float32) * pow2_f32(h) * pow2_f32(e - h), mask=offs < n)
+        tl.store(out_ptr + offs, times_pow2(acc, e), mask=offs < n)
 
 
 def scale_triton(acc: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,8 +7,8 @@ value, and ReLU keeps its float32 output. Here:
 - the batch norm that reads a quantised layer's output saves it as ``b``-bit mantissas and one
   exponent. Quantising grid values again with nearest rounding returns them exactly: the
   rounded values stay within ``(2**(b-1) - 1) * 2**-s`` of the layer's exponent ``s``, so the
-  new exponent is ``s`` or finer, and a finer grid still holds every value. Backward dequantises them and runs the stock
-  batch-norm backward on the identical input;
+  new exponent is ``s`` or finer, and a finer grid still holds every value. Backward
+  dequantises them and runs the stock batch-norm backward on the identical input;
 - ReLU saves a one-byte mask ``out != 0`` (what ``threshold_backward`` tests: ``out <= 0``
   gives 0, NaN passes the gradient) and backward is ``where(mask, grad, 0)``.
 
