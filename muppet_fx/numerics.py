@@ -134,6 +134,22 @@ def quantise_parts(x: torch.Tensor, bits: int, rounding: str, axis: int | None =
     return m, torch.where(bad, torch.full_like(s, NONFINITE_EXPONENT), s)
 
 
+def quantise_values(x: torch.Tensor, bits: int, rounding: str, axis: int | None = None,
+                    mantissa: bool = True):
+    """:func:`quantise_parts` plus the dequantised values ``m * 2**-s`` written by the same CPU
+    pass, for products that run in FP32 on dequantised operands (one pass over the tensor
+    fewer than quantising and dequantising). Returns ``(m, s, v)``; ``m`` is ``None`` when not
+    asked for, ``v`` is ``None`` off the CPU kernel (then dequantise ``m``). NaN/inf entries
+    pass through ``v`` unchanged, and ``s`` is ``NONFINITE_EXPONENT`` as in
+    :func:`quantise_parts`."""
+    if x.device.type != "cpu" or triton_path(x):
+        return (*quantise_parts(x, bits, rounding, axis), None)
+    m, s, v, bad = quantise_cpu(x, bits, rounding, axis=axis, want_mantissa=mantissa, want_values=True)
+    if bad is not False:
+        s = torch.where(bad, torch.full_like(s, NONFINITE_EXPONENT), s)
+    return m, s, v
+
+
 def fake_quantise_inplace(y: torch.Tensor, bits: int, rounding: str, seed: int | None = None) -> torch.Tensor:
     """Unchecked ``fake_quantise`` for a float32 tensor a training op owns: overwritten in
     place on the CPU (one fused pass), NaN/inf passed through. ``seed`` fixes the stochastic

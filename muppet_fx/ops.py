@@ -22,7 +22,7 @@ from torch import Tensor
 
 from muppet_fx.kernels.quantise import is_dense, mantissa_dtype, scale_pow2
 from muppet_fx import routes
-from muppet_fx.numerics import fake_quantise_inplace, quantise_parts
+from muppet_fx.numerics import fake_quantise_inplace, quantise_parts, quantise_values
 
 __all__ = ["quant_linear", "quant_conv", "quant_matmul", "quant_addmm", "quant_einsum",
            "quant_output", "einsum_grad_equations"]
@@ -48,6 +48,11 @@ def _fake_parts(t: Tensor, bits: int, axis: int | None = None, keep_layout: bool
     m = torch.empty_like(t, dtype=mantissa_dtype(bits)) if keep_layout and is_dense(t) else \
         t.new_empty(t.shape, dtype=mantissa_dtype(bits))
     return m, t.new_empty(s_shape, dtype=torch.int32)
+
+
+def _no_values(x: Tensor, bits: int, rounding: str, axis: int | None = None):
+    """:func:`quantise_values`' signature for products that read only the mantissas."""
+    return (*quantise_parts(x, bits, rounding, axis), None)
 
 
 def _conv_layout(y: Tensor) -> Tensor:
@@ -88,9 +93,11 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int,
             grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
-    x_m, x_s = quantise_parts(x.reshape(-1, x.shape[-1]).float(), bits, rounding)
-    w_m, w_s = quantise_parts(w.float(), bits, rounding, w_axis)
-    y, done = routes.linear_forward(route, x_m, x_s, w_m, w_s, w_axis, b, (bits, rounding) if quant_out else None)
+    quantiser = quantise_values if routes.on_values(route, bits, conv=False) else _no_values
+    x_m, x_s, x_v = quantiser(x.reshape(-1, x.shape[-1]).float(), bits, rounding)
+    w_m, w_s, w_v = quantiser(w.float(), bits, rounding, w_axis)
+    y, done = routes.linear_forward(route, x_m, x_s, w_m, w_s, w_axis, b, (bits, rounding) if quant_out else None,
+                                    x_v=x_v, w_v=w_v)
     y = y.reshape(*x.shape[:-1], w.shape[0])
     return _own(_fq(y, bits, rounding) if quant_out and not done else y, x_m.reshape(x.shape), x_s, w_m, w_s)
 
@@ -106,10 +113,18 @@ def _linear_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tens
                      rounding: str, w_axis: Optional[int], need_x: bool, need_w: bool,
                      need_b: bool, route: str) -> tuple[Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
-    g_m, g_s = quantise_parts(g.reshape(-1, g.shape[-1]).float(), bits, rounding)
-    x2 = x_m.reshape(-1, x_m.shape[-1])
-    gx = routes.linear_grad_input(route, g_m, g_s, w_m, w_s, w_axis).reshape(x_m.shape) if need_x else _empty(g)
-    gw = routes.linear_grad_weight(route, g_m, g_s, x2, x_s) if need_w else _empty(g)
+    g2, x2 = g.reshape(-1, g.shape[-1]).float(), x_m.reshape(-1, x_m.shape[-1])
+    if routes.on_values(route, bits, conv=False):  # FP32 products: the values, no mantissas unless summed
+        g_m, g_s, g_v = quantise_values(g2, bits, rounding, mantissa=need_b)
+    else:
+        (g_m, g_s), g_v = quantise_parts(g2, bits, rounding), None
+    if g_v is not None:
+        gx, gw = routes.linear_grads_on_values(g_v, x2, x_s, w_m, w_s, w_axis, need_x, need_w)
+    else:
+        gx = routes.linear_grad_input(route, g_m, g_s, w_m, w_s, w_axis) if need_x else None
+        gw = routes.linear_grad_weight(route, g_m, g_s, x2, x_s) if need_w else None
+    gx = gx.reshape(x_m.shape) if need_x else _empty(g)
+    gw = gw if need_w else _empty(g)
     gb = routes.sum_dequantised(g_m, g_s, [0]) if need_b else _empty(g)
     return _own(gx, gw, gb)
 
@@ -144,10 +159,11 @@ def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding:
           grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
-    x_m, x_s = quantise_parts(x.float(), bits, rounding)
-    w_m, w_s = quantise_parts(w.float(), bits, rounding, w_axis)
+    quantiser = quantise_values if routes.on_values(route, bits, conv=True) else _no_values
+    x_m, x_s, x_v = quantiser(x.float(), bits, rounding)
+    w_m, w_s, w_v = quantiser(w.float(), bits, rounding, w_axis)
     y, done = routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding, dilation,
-                                  groups, (bits, rounding) if quant_out else None)
+                                  groups, (bits, rounding) if quant_out else None, x_v=x_v, w_v=w_v)
     y = _conv_layout(y)
     return _own(_fq(y, bits, rounding) if quant_out and not done else y, x_m, x_s, w_m, w_s)
 
@@ -167,11 +183,18 @@ def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor
                    bits: int, rounding: str, w_axis: Optional[int], need_x: bool, need_w: bool,
                    need_b: bool, route: str) -> tuple[Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
-    g_m, g_s = quantise_parts(g.float(), bits, rounding)
     conv = (stride, padding, dilation, groups)
-    gx = _conv_layout(routes.conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_m.shape, *conv)) \
-        if need_x else _empty(g)
-    gw = _strides_of(routes.conv_grad_weight(route, g_m, g_s, x_m, x_s, w_m.shape, *conv), w_m) if need_w else _empty(g)
+    if routes.on_values(route, bits, conv=True):  # FP32 products: the values, no mantissas unless summed
+        g_m, g_s, g_v = quantise_values(g.float(), bits, rounding, mantissa=need_b)
+    else:
+        (g_m, g_s), g_v = quantise_parts(g.float(), bits, rounding), None
+    if g_v is not None:
+        gx, gw = routes.conv_grads_on_values(g_v, x_m, x_s, w_m, w_s, w_axis, *conv, need_x, need_w)
+    else:
+        gx = routes.conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_m.shape, *conv) if need_x else None
+        gw = routes.conv_grad_weight(route, g_m, g_s, x_m, x_s, w_m.shape, *conv) if need_w else None
+    gx = _conv_layout(gx.float()) if need_x else _empty(g)
+    gw = _strides_of(gw.float(), w_m) if need_w else _empty(g)
     gb = routes.sum_dequantised(g_m, g_s, [d for d in range(g.dim()) if d != 1]) if need_b else _empty(g)
     return _own(gx, gw, gb)
 

@@ -36,8 +36,8 @@ from muppet_fx.kernels.quantise_cpu import dequantise_cpu, requantise_accumulato
 from muppet_fx.numerics import _triton_seed
 
 __all__ = ["ROUTE_NAMES", "resolve_route", "for_level", "sum_dequantised", "dequantise", "linear_forward",
-           "linear_grad_input", "linear_grad_weight", "conv_forward", "conv_grad_input",
-           "conv_grad_weight", "matmul_forward"]
+           "linear_grad_input", "linear_grad_weight", "linear_grads_on_values", "conv_forward", "conv_grad_input",
+           "conv_grad_weight", "conv_grads_on_values", "on_values", "matmul_forward"]
 
 ROUTE_NAMES = ("emulate", "aten", "aten_exact", "triton", "triton_exact")
 TRITON = ("triton", "triton_exact")
@@ -54,6 +54,14 @@ def for_level(route: str, bits: int) -> str:
     """The route for one product at ``bits``: ``aten`` above 14 bits is ``aten_wide``
     (FP32 on the dequantised operands, see the module notes)."""
     return "aten_wide" if route == "aten" and bits > 14 else route
+
+
+def on_values(route: str, bits: int, conv: bool) -> bool:
+    """Whether a layer at ``bits`` computes its products in FP32 on the dequantised operands
+    (``emulate``; on ``aten``, 9-16 bit convolutions and 15-16 bit GEMMs): its quantisers can
+    then write those values in the pass that writes the mantissas. ``route`` as
+    :func:`for_level` returns it."""
+    return route == "emulate" or 8 < bits <= 16 and (route == "aten_wide" or conv and route == "aten")
 
 
 def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
@@ -156,13 +164,14 @@ def _triton():
 
 # -------------------------------------------------------------------------------- linear
 def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias,
-                   quantise_output: tuple[int, str] | None = None):
+                   quantise_output: tuple[int, str] | None = None, x_v=None, w_v=None):
     """``x @ w.T + bias`` for 2-d ``x_m [M, K]``, ``w_m [N, K]`` (per-tensor or per-row ``w_s``).
     Returns ``(y, quantised)`` like :func:`conv_forward`: the Triton GEMM quantises the output
-    in its epilogue when asked."""
+    in its epilogue when asked. ``x_v``, ``w_v`` as in :func:`conv_forward`."""
     mode = _mode(route, x_m, w_m)
     if mode in ("emulate", "fp32"):  # fp32: the same values, scaled before the product
-        return F.linear(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias), False
+        x_v = dequantise(x_m, x_s) if x_v is None else x_v
+        return F.linear(x_v, dequantise(w_m, w_s, w_axis) if w_v is None else w_v, bias), False
     if mode in TRITON:
         q = _with_seed(quantise_output)
         return _triton().scaled_mm(x_m, x_s, w_m.t(), w_s, bias, b_axis=w_axis,
@@ -200,6 +209,13 @@ def linear_grad_weight(route, g_m, g_s, x_m, x_s):
     return matmul_forward(route, g_m.t(), g_s, x_m, x_s)
 
 
+def linear_grads_on_values(g, x_m, x_s, w_m, w_s, w_axis, need_x: bool, need_w: bool):
+    """``(g @ w, g.T @ x)`` of a linear layer whose products run in FP32 (``on_values``), from
+    the dequantised gradient ``g [M, N]``; ``None`` where not asked for."""
+    gx = g @ dequantise(w_m, w_s, w_axis) if need_x else None
+    return gx, (g.t() @ dequantise(x_m, x_s) if need_w else None)
+
+
 # --------------------------------------------------------------------------- convolution
 def _int_conv(mode, x_m, groups, w_axis) -> bool:
     return mode in ("int", *TRITON) and x_m.dim() == 4 and groups == 1 and w_axis is None
@@ -228,12 +244,15 @@ def _int8_kernel(mode):
 
 
 def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilation, groups,
-                 quantise_output: tuple[int, str] | None = None):
+                 quantise_output: tuple[int, str] | None = None, x_v=None, w_v=None):
     """Returns ``(y, quantised)``: with ``quantise_output=(bits, rounding)`` the integer route
-    may quantise the output straight from its accumulator (``quantised`` is then True)."""
+    may quantise the output straight from its accumulator (``quantised`` is then True).
+    ``x_v``, ``w_v``: the operands' dequantised values where the quantiser wrote them."""
     mode = _conv_mode(route, x_m, w_m)
     if mode in ("emulate", "fp32") or (mode in TRITON and not _int_conv(mode, x_m, groups, w_axis)):
-        return torch.convolution(dequantise(x_m, x_s), dequantise(w_m, w_s, w_axis), bias,
+        x_v = dequantise(x_m, x_s) if x_v is None else x_v
+        w_v = dequantise(w_m, w_s, w_axis) if w_v is None else w_v
+        return torch.convolution(x_v, w_v, bias,
                                  stride, padding, dilation, False, [0] * len(stride), groups), False
     if _int_conv(mode, x_m, groups, w_axis) and _triton_conv(mode, x_m, w_m):
         b = None if bias is None else bias.detach().float().contiguous()  # dequantised and biased in the epilogue
@@ -261,8 +280,21 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
 def _placeholder(g: Tensor, shape) -> Tensor:
     """The input stand-in of ``convolution_backward``: its layout picks grad-input's, which
     should be channels-last like every activation between these layers."""
-    t = g.new_empty(shape)
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+    if len(shape) == 4:  # allocated channels-last (not copied to it: that copy cost 2-12 ms a layer)
+        return torch.empty(shape, dtype=g.dtype, device=g.device, memory_format=torch.channels_last)
+    return g.new_empty(shape)
+
+
+def conv_grads_on_values(g, x_m, x_s, w_m, w_s, w_axis, stride, padding, dilation, groups,
+                         need_x: bool, need_w: bool):
+    """Grad-input and grad-weight of a convolution whose products run in FP32 (``on_values``),
+    from the dequantised gradient ``g``, in one ``convolution_backward`` call: each operand
+    dequantised once, and only where its product is asked for."""
+    x = dequantise(x_m, x_s) if need_w else _placeholder(g, x_m.shape)
+    w = dequantise(w_m, w_s, w_axis) if need_x else g.new_empty(w_m.shape)
+    gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False,
+                                                    [0] * len(stride), groups, [need_x, need_w, False])
+    return gx, gw
 
 
 def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding, dilation, groups):

@@ -305,3 +305,37 @@ def test_cpu_dequantise_exact_and_layout_kept(dtype, q):
     assert dequantise_cpu(m, 127) is None and dequantise_cpu(m, -127) is None
     assert dequantise_cpu(m[:, :, ::2], 0) is None
     assert dequantise_cpu(m.int(), 0) is None
+
+
+@pytest.mark.parametrize("bits,rounding", [(12, "stochastic"), (16, "nearest"), (8, "stochastic")])
+def test_quantise_values_equal_quantise_then_dequantise(bits, rounding):
+    """The values written in the quantiser's pass are ``m * 2**-s`` exactly, with the same
+    mantissas and draws as :func:`quantise_parts` (same generator state), channels-last kept,
+    tiny and huge tensors (scales outside float32's normal range) included; per-channel and
+    NaN/inf inputs follow the same rules (non-finite exponent, NaN/inf passed through)."""
+    from muppet_fx.numerics import NONFINITE_EXPONENT, quantise_parts, quantise_values
+    from muppet_fx.routes import dequantise
+    for scale in (1.0, 2.0**-130, 2.0**100):
+        x = (torch.randn(4, 6, 5, 3) * scale).contiguous(memory_format=torch.channels_last)
+        torch.manual_seed(3)
+        m_ref, s_ref = quantise_parts(x, bits, rounding)
+        torch.manual_seed(3)
+        m, s, v = quantise_values(x, bits, rounding)
+        assert torch.equal(m, m_ref) and torch.equal(s, s_ref)
+        assert v.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(v, dequantise(m_ref, s_ref))
+        torch.manual_seed(3)
+        none, _, v2 = quantise_values(x, bits, rounding, mantissa=False)
+        assert none is None and torch.equal(v2, v)
+    w = torch.randn(5, 3, 3, 3)
+    m, s, v = quantise_values(w, bits, "nearest", axis=0)
+    assert s.shape == (5,) and torch.equal(v, dequantise(m, s, 0))
+    x[0, 1, 2, 0], x[1, 0, 0, 1] = float("nan"), float("inf")
+    m, s, v = quantise_values(x, bits, rounding)
+    assert int(s) == NONFINITE_EXPONENT
+    assert torch.isnan(v[0, 1, 2, 0]) and v[1, 0, 0, 1] == float("inf")
+    finite = torch.isfinite(x)
+    step = 2.0 ** -quantise(x[finite], bits, "nearest").exponent
+    err = (v[finite].double() - x[finite].double()).abs().max()
+    assert err < (step if rounding == "stochastic" else step / 2 + 1e-300)
+    assert torch.equal(v[finite] / step, (v[finite] / step).round())  # on the finite entries' grid

@@ -103,6 +103,36 @@ def test_routes_at_16_bits(case, monkeypatch):
         assert (g - w).norm() <= 1e-3 * w.norm() + 1e-6
 
 
+@pytest.mark.parametrize("frozen", ["c1.weight", "pw.weight", "input"])
+def test_fp32_product_convolutions_partial_gradients(frozen, monkeypatch):
+    """12 bits on aten: convolutions run FP32 products on dequantised operands, both gradients
+    from one ``convolution_backward``. With one weight frozen (or no input gradient) the others
+    still agree with the exact route within 1e-3 relative L2, the frozen one gets none, and the
+    one-call path did run."""
+    from muppet_fx import routes
+
+    calls = []
+    real = routes.conv_grads_on_values
+    monkeypatch.setattr(routes, "conv_grads_on_values", lambda *a: (calls.append(a[-2:]), real(*a))[1])
+    torch.manual_seed(1)
+    x = CASES["cnn"][1]()
+
+    def grads(**kw):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        if frozen != "input":
+            model.get_parameter(frozen).requires_grad_(False)
+        pm = prepare(model, ladder=(12, "fp32"), rounding="nearest", grad_rounding="nearest", **kw)
+        xi = x.clone().requires_grad_(frozen != "input")
+        out = pm(xi)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        return [xi.grad] + [p.grad for p in model.parameters()]
+    for g, w in zip(grads(), grads(exact=True)):
+        assert (g is None) == (w is None)
+        assert g is None or (g - w).norm() <= 1e-3 * w.norm() + 1e-6
+    assert (False, True) in calls if frozen == "input" else (True, False) in calls
+
+
 def _count_fp16_calls(monkeypatch):
     """Counts the FP16-mode kernel calls (int16 operands) of the triton route."""
     from muppet_fx.kernels import conv_triton, gemm_triton
