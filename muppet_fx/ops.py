@@ -171,8 +171,7 @@ def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding:
 @_conv.register_fake
 def _(x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad_rounding,
       w_axis, quant_out, route):
-    spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
-               zip(x.shape[2:], padding, dilation, w.shape[2:], stride)]
+    spatial = routes.conv_out_size(x, w, stride, padding, dilation)
     y = _conv_layout(x.new_empty((x.shape[0], w.shape[0], *spatial), dtype=torch.float32))
     return (y, *_fake_parts(x, bits, keep_layout=True), *_fake_parts(w, bits, w_axis))
 

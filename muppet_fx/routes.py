@@ -37,7 +37,7 @@ from muppet_fx.numerics import _triton_seed
 
 __all__ = ["ROUTE_NAMES", "resolve_route", "for_level", "sum_dequantised", "dequantise", "linear_forward",
            "linear_grad_input", "linear_grad_weight", "linear_grads_on_values", "conv_forward", "conv_grad_input",
-           "conv_grad_weight", "conv_grads_on_values", "on_values", "matmul_forward"]
+           "conv_grad_weight", "conv_grads_on_values", "conv_out_size", "on_values", "matmul_forward"]
 
 ROUTE_NAMES = ("emulate", "aten", "aten_exact", "triton", "triton_exact")
 TRITON = ("triton", "triton_exact")
@@ -260,7 +260,8 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
         return _conv_triton().conv2d_int(x_m, w_m, stride, padding, dilation, (x_s, w_s), b, q), q is not None
     if _int_conv(mode, x_m, groups, w_axis):
         e = _exponent(x_s, w_s)
-        if mode == "int" and conv_onednn.supports(x_m, w_m, groups, e):
+        rows = x_m.shape[0] * math.prod(conv_out_size(x_m, w_m, stride, padding, dilation))
+        if _use_onednn(mode, x_m, w_m, groups, e, rows):
             y = conv_onednn.conv2d(x_m, w_m, e, stride, padding, dilation)
             return (y if bias is None else y.add_(_along1(bias, y))), False
         acc = gemm_cpu.conv_forward(x_m, w_m, stride, padding, dilation, mm=_int8_kernel(mode))
@@ -275,6 +276,18 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
     if w_axis is None:
         return _apply(acc, _exponent(x_s, w_s), bias), False
     return _apply(acc, _exponent(x_s, w_s, axis=1), bias, axis=1), False
+
+
+def _use_onednn(mode: str, a: Tensor, w_m: Tensor, groups: int, e, rows: int) -> bool:
+    """Whether an integer convolution with ``rows`` output positions takes oneDNN's int8
+    kernel: where it applies and pays off (``conv_onednn.pays_off``)."""
+    return mode == "int" and conv_onednn.supports(a, w_m, groups, e) and conv_onednn.pays_off(rows)
+
+
+def conv_out_size(x: Tensor, w: Tensor, stride, padding, dilation) -> list[int]:
+    """Spatial size of ``conv(x, w)``."""
+    return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+            zip(x.shape[2:], w.shape[2:], stride, padding, dilation)]
 
 
 def _placeholder(g: Tensor, shape) -> Tensor:
@@ -304,7 +317,7 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
     if _int_conv(mode, g_m, groups, w_axis):
         e = _exponent(g_s, w_s)
         conv = None
-        if mode == "int" and conv_onednn.supports(g_m, w_m, groups, e):  # already scaled floats
+        if _use_onednn(mode, g_m, w_m, groups, e, x_shape[0] * math.prod(x_shape[2:])):  # already scaled floats
             conv = lambda x, w, s, p, d: conv_onednn.conv2d(x, w, e, s, p, d)  # noqa: E731
         gx = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(mode),
                                       conv=conv)

@@ -124,6 +124,36 @@ def test_onednn_conv_declines_what_it_cannot_do_exactly():
     assert not conv_onednn.supports(torch.zeros(1, 8000, 4, 4, dtype=torch.int8), big, 1, 0)
 
 
+@pytest.mark.skipif(not conv_onednn.available(), reason="this torch build has no oneDNN quantised convolution")
+def test_onednn_above_min_rows_im2col_below_both_exact(monkeypatch):
+    """8-bit convolutions take oneDNN above ``MIN_ROWS`` output rows (forward: N*OH*OW,
+    grad-input: N*H*W) and im2col + ``_int_mm`` at or below it. Both are exact, so a network's
+    outputs and gradients are bit-identical whichever the bound picks."""
+    from muppet_fx import prepare
+
+    calls = []
+    real = conv_onednn.conv2d
+    monkeypatch.setattr(conv_onednn, "conv2d", lambda x, *a: (calls.append(tuple(x.shape)), real(x, *a))[1])
+
+    def run(min_rows):
+        monkeypatch.setattr(conv_onednn, "MIN_ROWS", min_rows)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(8, 4, 3, stride=2, padding=1), torch.nn.Flatten())
+        pm = prepare(model, ladder=(8, "fp32"), rounding="nearest", grad_rounding="nearest")
+        x = torch.randn(2, 3, 10, 10, requires_grad=True)
+        out = pm(x)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        return [out, x.grad] + [p.grad for p in model.parameters()]
+    gemm = run(10**9)
+    assert calls == []
+    # c2's forward has 2*5*5 = 50 rows; every grad-input and c1's forward have 2*10*10 = 200
+    onednn = run(50)
+    assert sorted(set(calls)) == [(2, 3, 10, 10), (2, 4, 10, 10), (2, 8, 10, 10)]
+    for a, b in zip(onednn, gemm):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype,q", DTYPES)
 def test_degenerate_strides_of_single_rows_and_columns(dtype, q):
     """A transposed 2x1 weight is a 1x2 view with strides (1, 1), which ``torch._int_mm``
