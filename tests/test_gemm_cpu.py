@@ -2,6 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from muppet_fx.kernels import conv_onednn, gemm_cpu
 from muppet_fx.kernels.gemm_cpu import (conv_forward, conv_grad_input, conv_grad_weight, im2col,
@@ -12,6 +14,7 @@ SHAPES = [(1, 1, 1), (7, 33, 5), (129, 7, 3), (33, 129, 17)]
 CONVS = [  # N, C, H, W, Cout, k, stride, padding, dilation
     (2, 3, 7, 9, 5, 3, 1, 1, 1), (2, 3, 8, 8, 4, 3, 2, 1, 1), (1, 2, 9, 7, 3, 1, 2, 0, 1),
     (2, 3, 9, 9, 2, 3, 2, 0, 1), (1, 2, 11, 10, 3, 3, 1, 2, 2), (2, 3, 7, 7, 4, 5, 3, 2, 1),
+    (1, 2, 8, 7, 3, 2, 3, 1, 1), (1, 2, 6, 6, 3, 2, 2, 3, 1), (1, 2, 11, 10, 3, 3, 2, 2, 2),
 ]
 
 
@@ -124,6 +127,29 @@ def test_onednn_conv_declines_what_it_cannot_do_exactly():
     assert not conv_onednn.supports(torch.zeros(1, 8000, 4, 4, dtype=torch.int8), big, 1, 0)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 4), st.integers(1, 5), st.integers(1, 12), st.integers(1, 12),
+       st.integers(1, 5), st.integers(1, 5), st.integers(1, 4), st.integers(1, 4), st.integers(0, 3),
+       st.integers(0, 3), st.sampled_from([(torch.int8, 127), (torch.int16, 8191)]))
+def test_strided_grad_input_by_phases_is_exact(N, C, Co, H, W, kh, kw, sh, sw, ph, pw, dq):
+    """Grad-input of undilated convolutions (strided ones: one stride-1 correlation per phase of
+    the input positions) equals float64 autograd for any kernel, stride and padding:
+    rectangular kernels, kernels narrower than the stride (phases no tap reaches), padding
+    wider than the kernel (at stride 1 too)."""
+    dtype, q = dq
+    OH, OW = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if OH < 1 or OW < 1:
+        return
+    gen = torch.Generator().manual_seed(N + 7 * C + 31 * H + 131 * W)
+    x = torch.zeros(N, C, H, W, dtype=torch.float64, requires_grad=True)
+    w = torch.randint(-q, q + 1, (Co, C, kh, kw), dtype=dtype, generator=gen)
+    g = torch.randint(-q, q + 1, (N, Co, OH, OW), dtype=dtype, generator=gen)
+    y = F.conv2d(x, w.double(), stride=(sh, sw), padding=(ph, pw))
+    want, = torch.autograd.grad(y, x, g.double())
+    got = conv_grad_input(g, w, x.shape, (sh, sw), (ph, pw), 1)
+    assert got.shape == want.shape and torch.equal(got.double(), want)
+
+
 @pytest.mark.skipif(not conv_onednn.available(), reason="this torch build has no oneDNN quantised convolution")
 def test_onednn_above_min_rows_im2col_below_both_exact(monkeypatch):
     """8-bit convolutions take oneDNN above ``MIN_ROWS`` output rows (forward: N*OH*OW,
@@ -147,9 +173,10 @@ def test_onednn_above_min_rows_im2col_below_both_exact(monkeypatch):
         return [out, x.grad] + [p.grad for p in model.parameters()]
     gemm = run(10**9)
     assert calls == []
-    # c2's forward has 2*5*5 = 50 rows; every grad-input and c1's forward have 2*10*10 = 200
+    # c2's forward has 2*5*5 = 50 rows, c1's forward and grad-input 2*10*10 = 200; c2's
+    # grad-input is strided and runs its per-phase correlations on im2col whatever the rows
     onednn = run(50)
-    assert sorted(set(calls)) == [(2, 3, 10, 10), (2, 4, 10, 10), (2, 8, 10, 10)]
+    assert sorted(set(calls)) == [(2, 3, 10, 10), (2, 8, 10, 10)]
     for a, b in zip(onednn, gemm):
         assert torch.equal(a, b)
 
