@@ -249,10 +249,10 @@ def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation, mm=None, c
 
 
 def _phase_taps(a: int, s: int, p: int, k: int):
-    """Kernel taps reaching input positions ``i = s*q + a``, in the order a stride-1
-    correlation with the gradient visits them, and that correlation's padding ``(left, right)``
-    for ``Q = len(range(a, H, s))`` outputs: ``gx[s*q + a] = sum_t g[q + d0 + t] * w[taps[t]]``
-    where tap ``k`` reads ``g[(i + p - k) / s]``."""
+    """``(taps, d0)``: the kernel taps reaching input positions ``i = s*q + a``, in the order a
+    stride-1 correlation with the gradient visits them, and the gradient offset of the first:
+    ``gx[s*q + a] = sum_t g[q + d0 + t] * w[taps[t]]``, since tap ``k`` reads
+    ``g[(i + p - k) / s]``."""
     taps = [j for j in range(k - 1, -1, -1) if (a + p - j) % s == 0]
     return taps, (a + p - taps[0]) // s if taps else 0
 
@@ -280,7 +280,7 @@ def _grad_input_by_phases(g_m, w_m, input_shape, stride, padding, mm):
         y = conv_forward(g_m, w_m[:, :, rows][:, :, :, cols].transpose(0, 1), 1, (Ph, Pw), 1, mm=mm)
         if out is None:
             out = torch.empty((N, C, H, W), dtype=y.dtype, device=g_m.device, memory_format=torch.channels_last)
-            if len(phases) < sh * sw:
+            if len(phases) < min(sh, H) * min(sw, W):
                 out.zero_()
         out[:, :, a::sh, b::sw] = y[:, :, Ph + dh0: Ph + dh0 + qh, Pw + dw0: Pw + dw0 + qw]
     return out if out is not None else torch.zeros((N, C, H, W), dtype=torch.int32, device=g_m.device)

@@ -50,8 +50,14 @@ def _fake_parts(t: Tensor, bits: int, axis: int | None = None, keep_layout: bool
     return m, t.new_empty(s_shape, dtype=torch.int32)
 
 
-def _no_values(x: Tensor, bits: int, rounding: str, axis: int | None = None):
-    """:func:`quantise_values`' signature for products that read only the mantissas."""
+def _quantise_operand(x: Tensor, bits: int, rounding: str, values: bool, axis: int | None = None,
+                      mantissa: bool = True):
+    """``(m, s, v)``: the mantissas and exponent, and with ``values`` (the layer's products run
+    in FP32, ``routes.on_values``) also the dequantised values from the same pass (``v`` is
+    ``None`` where that pass did not run, and without ``values``; ``m`` is ``None`` when
+    ``mantissa`` is False and the values came from that pass)."""
+    if values:
+        return quantise_values(x, bits, rounding, axis, mantissa=mantissa)
     return (*quantise_parts(x, bits, rounding, axis), None)
 
 
@@ -93,9 +99,9 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int,
             grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
-    quantiser = quantise_values if routes.on_values(route, bits, conv=False) else _no_values
-    x_m, x_s, x_v = quantiser(x.reshape(-1, x.shape[-1]).float(), bits, rounding)
-    w_m, w_s, w_v = quantiser(w.float(), bits, rounding, w_axis)
+    values = routes.on_values(route, bits, conv=False)
+    x_m, x_s, x_v = _quantise_operand(x.reshape(-1, x.shape[-1]).float(), bits, rounding, values)
+    w_m, w_s, w_v = _quantise_operand(w.float(), bits, rounding, values, w_axis)
     y, done = routes.linear_forward(route, x_m, x_s, w_m, w_s, w_axis, b, (bits, rounding) if quant_out else None,
                                     x_v=x_v, w_v=w_v)
     y = y.reshape(*x.shape[:-1], w.shape[0])
@@ -114,10 +120,8 @@ def _linear_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tens
                      need_b: bool, route: str) -> tuple[Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
     g2, x2 = g.reshape(-1, g.shape[-1]).float(), x_m.reshape(-1, x_m.shape[-1])
-    if routes.on_values(route, bits, conv=False):  # FP32 products: the values, no mantissas unless summed
-        g_m, g_s, g_v = quantise_values(g2, bits, rounding, mantissa=need_b)
-    else:
-        (g_m, g_s), g_v = quantise_parts(g2, bits, rounding), None
+    # FP32 products take the values; the mantissas only where the bias gradient sums them
+    g_m, g_s, g_v = _quantise_operand(g2, bits, rounding, routes.on_values(route, bits, conv=False), mantissa=need_b)
     if g_v is not None:
         gx, gw = routes.linear_grads_on_values(g_v, x2, x_s, w_m, w_s, w_axis, need_x, need_w)
     else:
@@ -159,9 +163,9 @@ def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding:
           grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
-    quantiser = quantise_values if routes.on_values(route, bits, conv=True) else _no_values
-    x_m, x_s, x_v = quantiser(x.float(), bits, rounding)
-    w_m, w_s, w_v = quantiser(w.float(), bits, rounding, w_axis)
+    values = routes.on_values(route, bits, conv=True)
+    x_m, x_s, x_v = _quantise_operand(x.float(), bits, rounding, values)
+    w_m, w_s, w_v = _quantise_operand(w.float(), bits, rounding, values, w_axis)
     y, done = routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding, dilation,
                                   groups, (bits, rounding) if quant_out else None, x_v=x_v, w_v=w_v)
     y = _conv_layout(y)
@@ -183,17 +187,16 @@ def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor
                    need_b: bool, route: str) -> tuple[Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
     conv = (stride, padding, dilation, groups)
-    if routes.on_values(route, bits, conv=True):  # FP32 products: the values, no mantissas unless summed
-        g_m, g_s, g_v = quantise_values(g.float(), bits, rounding, mantissa=need_b)
-    else:
-        (g_m, g_s), g_v = quantise_parts(g.float(), bits, rounding), None
+    # FP32 products take the values; the mantissas only where the bias gradient sums them
+    g_m, g_s, g_v = _quantise_operand(g.float(), bits, rounding, routes.on_values(route, bits, conv=True),
+                                      mantissa=need_b)
     if g_v is not None:
         gx, gw = routes.conv_grads_on_values(g_v, x_m, x_s, w_m, w_s, w_axis, *conv, need_x, need_w)
     else:
         gx = routes.conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_m.shape, *conv) if need_x else None
         gw = routes.conv_grad_weight(route, g_m, g_s, x_m, x_s, w_m.shape, *conv) if need_w else None
-    gx = _conv_layout(gx.float()) if need_x else _empty(g)
-    gw = _strides_of(gw.float(), w_m) if need_w else _empty(g)
+    gx = _conv_layout(gx) if need_x else _empty(g)
+    gw = _strides_of(gw, w_m) if need_w else _empty(g)
     gb = routes.sum_dequantised(g_m, g_s, [d for d in range(g.dim()) if d != 1]) if need_b else _empty(g)
     return _own(gx, gw, gb)
 

@@ -286,7 +286,7 @@ def _use_onednn(mode: str, a: Tensor, w_m: Tensor, groups: int, e, rows: int) ->
 
 def conv_out_size(x: Tensor, w: Tensor, stride, padding, dilation) -> list[int]:
     """Spatial size of ``conv(x, w)``."""
-    return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+    return [gemm_cpu._out_size(n, k, s, p, d) for n, k, s, p, d in
             zip(x.shape[2:], w.shape[2:], stride, padding, dilation)]
 
 
