@@ -219,7 +219,8 @@ def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation, mm=None, c
 
     ``conv(x, w, stride, padding, dilation)`` replaces :func:`conv_forward` for the stride-1
     convolution this reduces to (1x1 unpadded kernels stay a GEMM; strided undilated ones, and
-    stride-1 ones padded wider than the kernel, take one im2col correlation per phase)."""
+    stride-1 ones padded wider than the kernel, take one im2col correlation per phase; dilated
+    ones padded wider than the dilated kernel correlate the gradient without its edge rows)."""
     N, C, H, W = input_shape
     Cout, _, kh, kw = w_m.shape
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
@@ -241,8 +242,10 @@ def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation, mm=None, c
         g_m = big
     w_t = w_m.flip(2, 3).transpose(0, 1)
     pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
-    if min(pad) < 0:
-        raise NotImplementedError(f"padding {padding} larger than the dilated kernel")
+    if min(pad) < 0:  # padding wider than the dilated kernel: the edge rows reach no input
+        ch, cw = max(0, -pad[0]), max(0, -pad[1])
+        g_m = g_m[:, :, ch: g_m.shape[2] - ch, cw: g_m.shape[3] - cw]
+        pad = (max(0, pad[0]), max(0, pad[1]))
     if conv is not None:
         return conv(g_m, w_t, 1, pad, (dh, dw))
     return conv_forward(g_m, w_t, 1, pad, (dh, dw), mm=mm)

@@ -127,26 +127,28 @@ def test_onednn_conv_declines_what_it_cannot_do_exactly():
     assert not conv_onednn.supports(torch.zeros(1, 8000, 4, 4, dtype=torch.int8), big, 1, 0)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.integers(1, 2), st.integers(1, 4), st.integers(1, 5), st.integers(1, 12), st.integers(1, 12),
-       st.integers(1, 5), st.integers(1, 5), st.integers(1, 4), st.integers(1, 4), st.integers(0, 3),
-       st.integers(0, 3), st.sampled_from([(torch.int8, 127), (torch.int16, 8191)]))
-def test_strided_grad_input_by_phases_is_exact(N, C, Co, H, W, kh, kw, sh, sw, ph, pw, dq):
-    """Grad-input of undilated convolutions (strided ones: one stride-1 correlation per phase of
-    the input positions) equals float64 autograd for any kernel, stride and padding:
+       st.integers(1, 5), st.integers(1, 5), st.integers(1, 4), st.integers(1, 4), st.integers(0, 7),
+       st.integers(0, 7), st.sampled_from([(1, 1), (1, 1), (2, 1), (1, 3), (2, 2)]),
+       st.sampled_from([(torch.int8, 127), (torch.int16, 8191)]))
+def test_grad_input_is_exact_for_any_geometry(N, C, Co, H, W, kh, kw, sh, sw, ph, pw, dil, dq):
+    """Grad-input equals float64 autograd for any kernel, stride, padding and dilation:
     rectangular kernels, kernels narrower than the stride (phases no tap reaches), padding
-    wider than the kernel (at stride 1 too)."""
+    wider than the (dilated) kernel, at stride 1 too. Undilated strided convolutions take one
+    stride-1 correlation per phase of the input positions, dilated ones a zero-inserted one."""
     dtype, q = dq
-    OH, OW = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    dh, dw = dil
+    OH, OW = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if OH < 1 or OW < 1:
         return
     gen = torch.Generator().manual_seed(N + 7 * C + 31 * H + 131 * W)
     x = torch.zeros(N, C, H, W, dtype=torch.float64, requires_grad=True)
     w = torch.randint(-q, q + 1, (Co, C, kh, kw), dtype=dtype, generator=gen)
     g = torch.randint(-q, q + 1, (N, Co, OH, OW), dtype=dtype, generator=gen)
-    y = F.conv2d(x, w.double(), stride=(sh, sw), padding=(ph, pw))
+    y = F.conv2d(x, w.double(), stride=(sh, sw), padding=(ph, pw), dilation=dil)
     want, = torch.autograd.grad(y, x, g.double())
-    got = conv_grad_input(g, w, x.shape, (sh, sw), (ph, pw), 1)
+    got = conv_grad_input(g, w, x.shape, (sh, sw), (ph, pw), dil)
     assert got.shape == want.shape and torch.equal(got.double(), want)
 
 
