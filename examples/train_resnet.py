@@ -8,8 +8,10 @@
 
 Modes: muppet (ladder 8, 12, 14, 16 bits then FP32, switched by the gradient-diversity policy,
 LR constant until FP32 then /10 every --lr-step epochs), fp32, amp (torch.autocast: bf16 on CPU,
-fp16 on CUDA), cpt (cyclic 3..8-bit forward, 8-bit gradients), int8, int16 (fixed word length
-throughout), fp16 (half weights, activations and gradients with loss scaling; bf16 on CPU).
+fp16 on CUDA), cpt (cyclic forward word length up to 8 bits from a floor that CPT's precision
+range test picks in the first epoch, 8-bit gradients, layer outputs in FP32 as in the CPT
+paper), int8, int16 (fixed word length throughout), fp16 (half weights, activations and
+gradients with loss scaling; bf16 on CPU).
 Writes to --out: metrics.csv, policy-<mode>.json, policy-<mode>.png, report.md and
 checkpoint-<mode>.pt after every epoch.
 
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-resolution", type=int, default=2, help="gradient-diversity resolution r (paper 3)")
     p.add_argument("--policy-gamma", type=int, default=1, help="violations tolerated (paper 2)")
     p.add_argument("--policy-lambda", type=float, default=0.3, help="threshold decay (paper 0.1)")
+    p.add_argument("--cpt-min-bits", default="auto", help="cpt: lowest forward word length of the cycle, "
+                   "or auto (default): CPT's precision range test over the first epoch picks it")
+    p.add_argument("--cpt-outputs", default="fp32", choices=("fp32", "quantised"), help="cpt: layer outputs "
+                   "in FP32 as in the CPT paper (default), or quantised like MuPPET's")
     p.add_argument("--paper", action="store_true", help="the paper's recipe: batch 128, SGD 0.9, wd 1e-4, "
                    "lr 0.1, policy r=3 gamma=2 lambda=0.1, then 45 FP32 epochs with /10 every 15")
     p.add_argument("--out", default="runs/train_resnet", help="output folder (default runs/train_resnet)")
@@ -114,6 +120,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.epochs < 1 or not 0 <= args.fp32_epochs <= args.epochs or args.lr_step < 1:
         parser.error(f"need epochs >= 1, 0 <= fp32-epochs <= epochs, lr-step >= 1 (got {args.epochs}, "
                      f"{args.fp32_epochs}, {args.lr_step})")
+    if args.cpt_min_bits != "auto":
+        try:
+            args.cpt_min_bits = int(args.cpt_min_bits)
+        except ValueError:
+            args.cpt_min_bits = None
+        if args.cpt_min_bits is None or not 2 <= args.cpt_min_bits <= 8:
+            parser.error(f"--cpt-min-bits must be auto or an integer in [2, 8] (the cycle tops at 8), "
+                         f"got {args.cpt_min_bits!r}")
     args.world = int(os.environ.get("WORLD_SIZE", "1"))
     args.rank = int(os.environ.get("RANK", "0"))
     if args.batch_size % args.world:
@@ -216,14 +230,16 @@ def make_run(mode: str, args, steps_per_epoch: int) -> Run:
         return _data_parallel(Run(mode, model, model, opt, scaler=scaler, note=note,
                                   scheduler=StepLR(opt, args.epochs, args.fp32_epochs, args.lr_step)), args)
     ladders = {"muppet": (8, 12, 14, 16, "fp32"), "cpt": (8, "fp32"), "int8": (8,), "int16": (16,)}
-    pm = muppet_fx.prepare(model, ladder=ladders[mode])
+    pm = muppet_fx.prepare(model, ladder=ladders[mode], quantise_outputs=mode != "cpt" or args.cpt_outputs == "quantised")
     if mode == "muppet":
         policy = muppet_fx.GradientDiversityPolicy(resolution=args.policy_resolution, gamma=args.policy_gamma,
                                                    lam=args.policy_lambda)
     elif mode == "cpt":
         total = steps_per_epoch * args.epochs
-        policy = muppet_fx.CyclicPolicy(b_min=3, b_max=8, bwd_bits=8, total_iterations=total,
-                                        num_cycles=max(1, min(32, args.epochs)))
+        auto = args.cpt_min_bits == "auto"
+        policy = muppet_fx.CyclicPolicy(b_min=None if auto else args.cpt_min_bits, b_max=8, bwd_bits=8,
+                                        total_iterations=total, num_cycles=max(1, min(32, args.epochs)),
+                                        range_test_iterations=max(steps_per_epoch, 7) if auto else 0)
     else:
         policy = muppet_fx.FixedPolicy(ladders[mode][0])
     out = Path(args.out)
@@ -260,6 +276,8 @@ def train_epoch(run: Run, x, y, epoch: int, args) -> tuple[float, float]:
         with (run.autocast() if run.autocast else contextlib.nullcontext()):
             out = run.net(xb)
             loss = F.cross_entropy(out.float(), yb)
+        if run.manager is not None:
+            run.manager.observe_loss(loss.detach())  # CPT's precision range test reads the losses
         if run.mode == "fp16":
             run.scaler.scale_loss(loss).backward()
             run.scaler.step(run.optimizer)

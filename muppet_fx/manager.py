@@ -70,10 +70,11 @@ class PrecisionManager:
                 if s.weight is not None and s.weight.grad is not None}
 
     def observe_loss(self, loss) -> None:
-        """Report a training loss (used by CPT's precision range test)."""
-        observe = getattr(self.policy, "observe_loss", None)
-        if observe is not None:
-            observe(float(loss))
+        """Report the training loss of the iteration in progress, before ``optimizer.step()``
+        (CPT's precision range test files it under that iteration's word length). Converted to
+        a float (a device sync) only while a policy wants losses."""
+        if getattr(self.policy, "wants_losses", False):
+            self.policy.observe_loss(float(loss))
 
     def after_step(self) -> None:
         self.iteration += 1

@@ -243,6 +243,7 @@ class CyclicPolicy(Policy):
         self.total_iterations, self.num_cycles = total_iterations, num_cycles
         self.range_test_iterations, self.range_test_threshold = range_test_iterations, range_test_threshold
         self.losses: dict[int, list[float]] = {}
+        self.range_test_result: dict[int, float] | None = None
         self.iteration = 0
 
     @property
@@ -258,6 +259,10 @@ class CyclicPolicy(Policy):
             return self._test_bits(t)
         return cpt_bits(t, self.b_min, self.b_max, self.period)
 
+    @property
+    def wants_losses(self) -> bool:
+        return self.b_min is None
+
     def observe_loss(self, loss: float) -> None:
         if self.b_min is None:
             self.losses.setdefault(self._test_bits(self.iteration), []).append(float(loss))
@@ -271,6 +276,17 @@ class CyclicPolicy(Policy):
         self.b_min = next((b for b, m in means.items() if first - m >= self.range_test_threshold * abs(first)),
                           self.b_max)
         self.history.append({"epoch": None, "range_test": means, "b_min": self.b_min})
+        self.range_test_result = means
+
+    def update(self, epoch: int, grads) -> bool:
+        """Never switches; the epoch's record carries the cycle floor (``None`` while the range
+        test runs) and, in the epoch the test ended, its mean loss per word length."""
+        record = _record(epoch)
+        record["b_min"] = self.b_min
+        if self.range_test_result is not None:
+            record["range_test"], self.range_test_result = self.range_test_result, None
+        self.history.append(record)
+        return False
 
     def on_iteration(self, iteration: int, state) -> None:
         self.iteration = iteration

@@ -14,6 +14,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import cifar_data  # noqa: E402
 import train_resnet  # noqa: E402
+import muppet_fx  # noqa: E402
+import muppet_fx.policies  # noqa: E402
 from cifar_models import build_model  # noqa: E402
 
 from .helpers import write_cifar_npz  # noqa: E402
@@ -75,8 +77,13 @@ def test_argument_validation(npz_dir, tmp_path):
     blocker.write_text("x")
     with pytest.raises(SystemExit):
         train_resnet.parse_args(_args(npz_dir, blocker / "sub"))
+    for bad in ("1", "9", "three"):
+        with pytest.raises(SystemExit):
+            train_resnet.parse_args(_args(npz_dir, tmp_path, "--cpt-min-bits", bad))
     args = train_resnet.parse_args(_args(npz_dir, tmp_path, "--compare", "fp32,muppet"))
     assert args.modes == ["fp32", "muppet"] and args.device in ("cpu", "cuda")
+    assert args.cpt_min_bits == "auto" and train_resnet.parse_args(
+        _args(npz_dir, tmp_path, "--cpt-min-bits", "4")).cpt_min_bits == 4
 
 
 def test_missing_data_message(tmp_path, capsys, monkeypatch):
@@ -101,3 +108,23 @@ def test_one_epoch_end_to_end_and_resume(npz_dir, tmp_path, capsys):
     assert runs2[0].metrics[0] == runs[0].metrics[0]
     with pytest.raises(SystemExit):  # a checkpoint written for another model
         train_resnet.parse_args(_args(npz_dir, out, "--model", "resnet18", "--resume"))
+
+
+def test_cpt_range_test_picks_the_cycle_floor(npz_dir, tmp_path):
+    """``cpt`` with ``--cpt-min-bits auto``: the first iterations sweep 2..8 bits forward, one
+    word length each (4 steps per epoch here, so the test ends in the second epoch), the losses
+    they saw pick ``b_min``, and from then on the forward word length follows the cycle from
+    ``b_min`` to 8. Layer outputs stay FP32, as in the CPT paper."""
+    runs = train_resnet.main(_args(npz_dir, tmp_path, "--mode", "cpt", "--epochs", "3", "--fp32-epochs", "0"))
+    manager = runs[0].manager
+    test = next(r for r in manager.history if "range_test" in r)  # what the policy log shows
+    assert test["epoch"] == 1 and [r["b_min"] for r in manager.history] == [None, test["b_min"], test["b_min"]]
+    assert sorted(test["range_test"]) == list(range(2, 9))
+    b_min = test["b_min"]
+    assert 2 <= b_min <= 8 and manager.policy.b_min == b_min
+    means = test["range_test"]
+    first = means[2]
+    assert b_min == next((b for b in range(2, 9) if first - means[b] >= 0.05 * abs(first)), 8)
+    state = manager.state
+    assert state.fwd_bits == muppet_fx.policies.cpt_bits(manager.iteration, b_min, 8, manager.policy.period)
+    assert state.bwd_bits == 8 and not state.config.quantise_outputs
