@@ -24,8 +24,8 @@ from muppet_fx.kernels.quantise import is_dense, mantissa_dtype, scale_pow2
 from muppet_fx import routes
 from muppet_fx.numerics import fake_quantise_inplace, quantise_parts, quantise_values
 
-__all__ = ["quant_linear", "quant_conv", "quant_matmul", "quant_addmm", "quant_einsum",
-           "quant_output", "einsum_grad_equations"]
+__all__ = ["quant_linear", "quant_conv", "quant_conv_transpose", "quant_conv_transpose_module", "quant_matmul",
+           "quant_addmm", "quant_einsum", "quant_output", "einsum_grad_equations"]
 
 
 def _empty(like: Tensor) -> Tensor:  # stands for "no gradient" (custom ops cannot return None)
@@ -224,6 +224,92 @@ def _conv_grad(ctx, gy, *_):
 
 
 _conv.register_autograd(_conv_grad, setup_context=_conv_setup)
+
+
+# -------------------------------------------------------------------- transposed convolution
+# ``conv_transpose(x, w)`` is the input gradient of ``conv(u, w)`` at ``dL/dz = x``, so the
+# products are the convolution's with the roles exchanged: forward = grad-input, grad-input =
+# forward convolution of the gradient, grad-weight = grad-weight with ``x`` as the output gradient.
+def _transpose_out_size(x: Tensor, w: Tensor, stride, padding, output_padding, dilation) -> list[int]:
+    return [(n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, k, s, p, op, d in
+            zip(x.shape[2:], w.shape[2:], stride, padding, output_padding, dilation)]
+
+
+@torch.library.custom_op("muppet_fx::conv_transpose", mutates_args=())
+def _conv_transpose(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding: list[int],
+                    output_padding: list[int], dilation: list[int], groups: int, bits: int, bwd_bits: int,
+                    rounding: str, grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    route = routes.for_level(route, bits)
+    values = routes.on_values(route, bits, conv=True)
+    x_m, x_s, x_v = _quantise_operand(x.float(), bits, rounding, values)
+    w_m, w_s, w_v = _quantise_operand(w.float(), bits, rounding, values, w_axis)
+    shape = [x.shape[0], w.shape[1] * groups, *_transpose_out_size(x, w, stride, padding, output_padding, dilation)]
+    if x_v is not None:  # FP32 products on the values
+        y = torch.convolution(x_v, w_v, b, stride, padding, dilation, True, output_padding, groups)
+    else:
+        y = routes.conv_grad_input(route, x_m, x_s, w_m, w_s, w_axis, shape, stride, padding, dilation, groups)
+        y = y if b is None else y + routes._along1(b, y)
+    y = _conv_layout(y)
+    return _own(_fq(y, bits, rounding) if quant_out else y, x_m, x_s, w_m, w_s)
+
+
+@_conv_transpose.register_fake
+def _(x, w, b, stride, padding, output_padding, dilation, groups, bits, bwd_bits, rounding,
+      grad_rounding, w_axis, quant_out, route):
+    spatial = _transpose_out_size(x, w, stride, padding, output_padding, dilation)
+    y = _conv_layout(x.new_empty((x.shape[0], w.shape[1] * groups, *spatial), dtype=torch.float32))
+    return (y, *_fake_parts(x, bits, keep_layout=True), *_fake_parts(w, bits, w_axis))
+
+
+@torch.library.custom_op("muppet_fx::conv_transpose_backward", mutates_args=())
+def _conv_transpose_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor,
+                             stride: list[int], padding: list[int], output_padding: list[int],
+                             dilation: list[int], groups: int, bits: int, rounding: str,
+                             w_axis: Optional[int], need_x: bool, need_w: bool, need_b: bool,
+                             route: str) -> tuple[Tensor, Tensor, Tensor]:
+    route = routes.for_level(route, bits)
+    conv = (stride, padding, dilation, groups)
+    g_m, g_s, g_v = _quantise_operand(g.float(), bits, rounding, routes.on_values(route, bits, conv=True),
+                                      mantissa=need_b)
+    if g_v is not None:
+        x = routes.dequantise(x_m, x_s) if need_w else routes._placeholder(g, x_m.shape)
+        w = routes.dequantise(w_m, w_s, w_axis) if need_x else g.new_empty(w_m.shape)
+        gx, gw, _ = torch.ops.aten.convolution_backward(g_v, x, w, None, stride, padding, dilation, True,
+                                                        output_padding, groups, [need_x, need_w, False])
+    else:
+        gx = routes.conv_forward(route, g_m, g_s, w_m, w_s, w_axis, None, *conv)[0] if need_x else None
+        gw = routes.conv_grad_weight(route, x_m, x_s, g_m, g_s, w_m.shape, *conv) if need_w else None
+    gx = _conv_layout(gx) if need_x else _empty(g)
+    gw = _strides_of(gw, w_m) if need_w else _empty(g)
+    gb = routes.sum_dequantised(g_m, g_s, [d for d in range(g.dim()) if d != 1]) if need_b else _empty(g)
+    return _own(gx, gw, gb)
+
+
+@_conv_transpose_backward.register_fake
+def _(g, x_m, x_s, w_m, w_s, stride, padding, output_padding, dilation, groups, bits, rounding, w_axis,
+      need_x, need_w, need_b, route):
+    gx, gw, gb = _fake_grads(g, (need_x, x_m.shape), (need_w, w_m.shape), (need_b, (w_m.shape[1] * groups,)))
+    return (_conv_layout(gx) if need_x else gx), gw, gb
+
+
+def _conv_transpose_setup(ctx, inputs, output):
+    x, w, b, stride, padding, output_padding, dilation, groups, bits, bwd_bits, rounding, grad_rounding, \
+        w_axis, _, route = inputs
+    ctx.save_for_backward(*output[1:])
+    ctx.args = (stride, padding, output_padding, dilation, groups, bwd_bits, grad_rounding, w_axis)
+    ctx.route = route
+    ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
+
+
+def _conv_transpose_grad(ctx, gy, *_):
+    need = ctx.needs_input_grad[:3]
+    gx, gw, gb = _conv_transpose_backward(gy, *ctx.saved_tensors, *ctx.args, *need, ctx.route)
+    grads = _input_grads(need, (gx, gw, gb), ctx.dtypes)
+    return (*grads,) + (None,) * 12
+
+
+_conv_transpose.register_autograd(_conv_transpose_grad, setup_context=_conv_transpose_setup)
 
 
 # ----------------------------------------------------------------------------------- matmul
@@ -434,6 +520,36 @@ def quant_conv(site, input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     site.record(x_s, w_s)
     _remember_weight(site, weight)
     return _result(y.squeeze(0) if unbatched else y, input)
+
+
+def quant_conv_transpose(site, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
+                         padding=0, output_padding=0, groups: int = 1, dilation=1) -> Tensor:
+    """``F.conv_transpose1d/2d/3d`` at the site's current word length."""
+    st = site.state
+    n = weight.dim() - 2
+    if not st.quantised or st.suspended:
+        return (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1](
+            input, weight, bias, stride, padding, output_padding, groups, dilation)
+    as_list = (lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * n)
+    unbatched = input.dim() == n + 1
+    x = input.unsqueeze(0) if unbatched else input
+    c = st.config
+    y, _, x_s, _, w_s = _conv_transpose(x, weight, bias, as_list(stride), as_list(padding),
+                                        as_list(output_padding), as_list(dilation), groups, st.fwd_bits,
+                                        st.bwd_bits, c.rounding, c.grad_rounding, site.weight_axis,
+                                        c.quantise_outputs, st.route_for(x.device))
+    site.record(x_s, w_s)
+    _remember_weight(site, weight)
+    return _result(y.squeeze(0) if unbatched else y, input)
+
+
+def quant_conv_transpose_module(site, module: torch.nn.Module, input: Tensor, output_size=None) -> Tensor:
+    """``nn.ConvTranspose1d/2d/3d.forward``, ``output_size`` included."""
+    n = module.weight.dim() - 2
+    output_padding = module._output_padding(input, output_size, module.stride, module.padding,
+                                            module.kernel_size, n, module.dilation)
+    return quant_conv_transpose(site, input, module.weight, module.bias, module.stride, module.padding,
+                                output_padding, module.groups, module.dilation)
 
 
 def quant_matmul(site, input: Tensor, other: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from tabulate import tabulate
 from muppet_fx.attention import AttentionSites, mha_unsupported_reason, quant_mha
 from muppet_fx.config import MuppetConfig
 from muppet_fx.intercept import InterceptMode
-from muppet_fx.ops import quant_conv, quant_linear
+from muppet_fx.ops import quant_conv, quant_conv_transpose_module, quant_linear
 from muppet_fx.passes.compact_saved import compact_saved_tensors
 from muppet_fx.passes.quantise_layers import FP32_MODULES, RewriteContext, insert_quant_nodes
 from muppet_fx.passes.runner import run_passes
@@ -97,13 +97,18 @@ class _PassThroughForward(PreparedModule):
         return self._muppet_run(super().forward, args, kwargs)
 
 
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 class _LayerForward(PreparedModule):
     """A conv/linear module prepared on its own (a child of untraceable code, or the root)."""
 
-    def forward(self, input):
+    def forward(self, input, output_size=None):
         if not self._muppet_state.quantised:
-            return super().forward(input)
+            return super().forward(input) if output_size is None else super().forward(input, output_size)
         site = self._muppet_layer_site
+        if isinstance(self, _TRANSPOSED):
+            return self._muppet_run(quant_conv_transpose_module, (site, self, input, output_size), {})
         if isinstance(self, nn.Linear):
             return self._muppet_run(quant_linear, (site, input, self.weight, self.bias), {})
         if self.padding_mode != "zeros":
@@ -169,9 +174,10 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
     if path and not keep(module, path):
         state.keep_fp32(path, type(module).__name__, "excluded by module_filter_fn")
         return _finish(module, _PassThroughForward, path, state, sites)
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED)):
         new = _finish(module, _LayerForward, path, state, sites)
-        op = "linear" if isinstance(module, nn.Linear) else f"conv{module.weight.dim() - 2}d"
+        kind = "conv_transpose" if isinstance(module, _TRANSPOSED) else "conv"
+        op = "linear" if isinstance(module, nn.Linear) else f"{kind}{module.weight.dim() - 2}d"
         axis = 0 if state.config.weight_granularity == "channel" else None
         new.__dict__["_muppet_layer_site"] = state.site(path or type(module).__name__, op, axis)
         return new

@@ -142,6 +142,14 @@ def _conv_mode(route: str, a: Tensor, b: Tensor) -> str:
     return _mode(route, a, b)
 
 
+def _exact_floats(route: str, mode: str) -> bool:
+    """Whether the gradients of a convolution the integer kernels do not take (grouped, 1-d,
+    3-d) run on the mantissas as floats wide enough to sum them exactly: on the exact routes
+    (elsewhere FP32 products of the values; a depthwise grad-weight sums N*H*W products, which
+    would mean float64 kernels) and for mantissas wider than int16."""
+    return mode == "float" or route in ("aten_exact", "triton_exact")
+
+
 def _scaled_int(a: Tensor, b: Tensor, e, bias: Tensor | None = None) -> Tensor:
     """float32 ``(a @ b) * 2**e (+ bias)`` on the integer kernels: the fused CPU kernel where it
     applies, else :func:`gemm_cpu.int_matmul` and a scaling pass."""
@@ -249,7 +257,7 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
     may quantise the output straight from its accumulator (``quantised`` is then True).
     ``x_v``, ``w_v``: the operands' dequantised values where the quantiser wrote them."""
     mode = _conv_mode(route, x_m, w_m)
-    if mode in ("emulate", "fp32") or (mode in TRITON and not _int_conv(mode, x_m, groups, w_axis)):
+    if mode in ("emulate", "fp32") or (mode == "triton" and not _int_conv(mode, x_m, groups, w_axis)):
         x_v = dequantise(x_m, x_s) if x_v is None else x_v
         w_v = dequantise(w_m, w_s, w_axis) if w_v is None else w_v
         return torch.convolution(x_v, w_v, bias,
@@ -322,7 +330,7 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
         gx = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(mode),
                                       conv=conv)
         return gx if gx.is_floating_point() else _apply(gx, e)
-    on_mantissas = mode == "float" and w_axis is None  # exact float sums of the integers
+    on_mantissas = _exact_floats(route, mode) and w_axis is None  # exact float sums of the integers
     if on_mantissas:
         dt = _float_dtype(mode, g_m, w_m, w_m.shape[0] * w_m[0, 0].numel())
         g, w = g_m.to(dt), w_m.to(dt)
@@ -341,7 +349,7 @@ def conv_grad_weight(route, g_m, g_s, x_m, x_s, w_shape, stride, padding, dilati
     if _int_conv(mode, x_m, groups, None):
         acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(mode))
         return _apply(acc, _exponent(g_s, x_s))
-    on_mantissas = mode == "float"
+    on_mantissas = _exact_floats(route, mode)
     if on_mantissas:
         dt = _float_dtype(mode, g_m, x_m, g_m.numel() // g_m.shape[1])
         g, x = g_m.to(dt), x_m.to(dt)

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from muppet_fx.attention import AttentionSites, mha_unsupported_reason, quant_mha, quant_sdpa
-from muppet_fx.ops import quant_addmm, quant_conv, quant_einsum, quant_linear, quant_matmul
+from muppet_fx.ops import (quant_addmm, quant_conv, quant_conv_transpose, quant_conv_transpose_module,
+                           quant_einsum, quant_linear, quant_matmul)
 
 __all__ = ["Rule", "RULES", "FUNCTION_RULES", "METHOD_RULES", "insert_quant_nodes", "apply_first_rule", "site_attr"]
 
@@ -29,6 +30,9 @@ FUNCTION_RULES: dict[Callable, tuple[str, Callable]] = {
     F.conv1d: ("conv1d", quant_conv),
     F.conv2d: ("conv2d", quant_conv),
     F.conv3d: ("conv3d", quant_conv),
+    F.conv_transpose1d: ("conv_transpose1d", quant_conv_transpose),
+    F.conv_transpose2d: ("conv_transpose2d", quant_conv_transpose),
+    F.conv_transpose3d: ("conv_transpose3d", quant_conv_transpose),
     torch.matmul: ("matmul", quant_matmul),
     operator.matmul: ("matmul", quant_matmul),
     torch.mm: ("mm", quant_matmul),
@@ -45,9 +49,6 @@ METHOD_RULES: dict[str, tuple[str, Callable]] = {
 }
 FP32_MODULES: dict[type, str] = {
     nn.RNNBase: "recurrent layers stay FP32",
-    nn.ConvTranspose1d: "transposed convolutions are not routed",
-    nn.ConvTranspose2d: "transposed convolutions are not routed",
-    nn.ConvTranspose3d: "transposed convolutions are not routed",
     nn.Bilinear: "bilinear layers are not routed",
 }
 
@@ -116,6 +117,17 @@ def _rewrite_module_layer(node: fx.Node, ctx: RewriteContext) -> None:
     node.args = (ctx.site_node(node, site),) + node.args[1:]
 
 
+def _rewrite_conv_transpose(node: fx.Node, ctx: RewriteContext) -> None:
+    """``nn.ConvTranspose*d`` (``output_size`` included) as :func:`quant_conv_transpose_module`;
+    the weight's exponents are per input channel under channel granularity (the output
+    channels of the convolution whose input gradient this is)."""
+    m = _module(node, ctx)
+    site = ctx.state.site(ctx.prefix + node.target, f"conv_transpose{m.weight.dim() - 2}d", _weight_axis(ctx))
+    module_node = ctx.attr_node(node, node.target)
+    node.op, node.target = "call_function", quant_conv_transpose_module
+    node.args = (ctx.site_node(node, site), module_node, *node.args)
+
+
 def _rewrite_mha(node: fx.Node, ctx: RewriteContext) -> None:
     m = _module(node, ctx)
     name = ctx.prefix + node.target
@@ -140,7 +152,7 @@ def _rewrite_function(node: fx.Node, ctx: RewriteContext) -> None:
     else:
         w = node.args[1] if len(node.args) > 1 else None
         is_param = isinstance(w, fx.Node) and w.op == "get_attr"
-        axis = _weight_axis(ctx) if wrapper in (quant_linear, quant_conv) and is_param else None
+        axis = _weight_axis(ctx) if wrapper in (quant_linear, quant_conv, quant_conv_transpose) and is_param else None
         site = ctx.state.site(name, op, axis)
     node.op, node.target = "call_function", wrapper
     node.args = (ctx.site_node(node, site), *node.args)
@@ -189,6 +201,8 @@ def _is_module(types):
 
 RULES: list[Rule] = [
     Rule("conv/linear module", _is_module((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)), _rewrite_module_layer),
+    Rule("transposed conv module", _is_module((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)),
+         _rewrite_conv_transpose),
     Rule("multihead attention", _is_module(nn.MultiheadAttention), _rewrite_mha),
     Rule("function", lambda n, c: n.op == "call_function" and n.target in FUNCTION_RULES, _rewrite_function),
     Rule("method", lambda n, c: n.op == "call_method" and n.target in METHOD_RULES, _rewrite_function),

@@ -78,12 +78,42 @@ class Outer(nn.Module):
         return Pair(y, w)
 
 
+class Gate(nn.Module):
+    """Data-dependent control flow around a transposed convolution (runs intercepted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(x) if x.mean() > -1 else x
+
+
+class Upsampler(nn.Module):
+    """Transposed convolutions: a module called with ``output_size``, F.conv_transpose2d on a
+    bare parameter, one inside untraceable code, a 1-d one."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1)
+        self.w = nn.Parameter(torch.randn(4, 2, 3, 3) * 0.3)
+        self.gate = Gate()
+        self.up1d = nn.ConvTranspose1d(2, 3, 4, stride=2, padding=1)
+
+    def forward(self, x):
+        y = self.up(torch.relu(self.down(x)), output_size=x.shape[2:])
+        y = F.conv_transpose2d(torch.relu(y), self.w, stride=1, padding=1, groups=2)
+        y = self.gate(y)
+        return self.up1d(y.flatten(2)[:, :2])
+
+
 def _inputs(model):
     return {FunctionalNet: (torch.randn(2, 3, 8, 8),), HandAttention: (torch.randn(2, 5, 8),),
-            Outer: (torch.randn(3, 4, 6).abs(),)}[type(model)]
+            Outer: (torch.randn(3, 4, 6).abs(),), Upsampler: (torch.randn(2, 3, 9, 9),)}[type(model)]
 
 
-MODELS = [FunctionalNet, HandAttention, Outer]
+MODELS = [FunctionalNet, HandAttention, Outer, Upsampler]
 
 
 def _flat(out):

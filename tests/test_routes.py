@@ -31,12 +31,33 @@ class SmallCNN(nn.Module):
         return self.fc(torch.relu(self.bn(self.pw(x))).flatten(1))
 
 
+class Decoder(nn.Module):
+    """Transposed convolutions: strided with output padding (the integer grad-input kernels run
+    its forward), grouped and dilated (FP32 products of the mantissas), and 1-d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.t1 = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1)
+        self.t2 = nn.ConvTranspose2d(4, 4, (2, 3), stride=(1, 2), padding=(0, 1), dilation=(1, 2), groups=2,
+                                     bias=False)
+        self.t3 = nn.ConvTranspose1d(4, 2, 3, stride=2)
+
+    def forward(self, x):
+        x = self.t2(torch.relu(self.t1(torch.relu(self.c(x)))))
+        return self.t3(x.flatten(2))
+
+
 def _block():
     return nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True)
 
 
 CASES = {"cnn": (SmallCNN, lambda: torch.randn(2, 3, 11, 11).contiguous(memory_format=torch.channels_last)),
+         "decoder": (Decoder, lambda: torch.randn(2, 3, 9, 9)),
          "transformer": (_block, lambda: torch.randn(2, 5, 16))}
+
+
+WITH_LINEAR = {"cnn", "transformer"}
 
 
 def _run(make, x, backend, bits, exact=False):
@@ -71,7 +92,7 @@ def test_integer_routes_exact_at_8_bits(case, monkeypatch):
     for backend in ["aten"] + (["triton"] if HAS_TRITON_RUN else []):
         for g, w in zip(_run(make, x, backend, 8), want):
             assert torch.equal(g, w), backend
-    assert not HAS_TRITON_RUN or any(fused)
+    assert not HAS_TRITON_RUN or any(fused) == (case in WITH_LINEAR)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -97,7 +118,9 @@ def test_routes_at_16_bits(case, monkeypatch):
         assert torch.equal(g, w)
     calls = _count_fp16_calls(monkeypatch)
     fp16 = _run(make, x, "triton", 16)
-    assert calls["conv"] == (3 * 3 if case == "cnn" else 0) and calls["gemm"] > 0
+    # three products per ungrouped 2-d (transposed) convolution with an input gradient
+    assert calls["conv"] == {"cnn": 3 * 3, "decoder": 2 * 3}.get(case, 0)
+    assert (calls["gemm"] > 0) == (case in WITH_LINEAR)
     _use_fp16_references(monkeypatch)
     for g, w in zip(fp16, _run(make, x, "triton", 16)):
         assert (g - w).norm() <= 1e-3 * w.norm() + 1e-6
