@@ -230,7 +230,8 @@ def make_run(mode: str, args, steps_per_epoch: int) -> Run:
         return _data_parallel(Run(mode, model, model, opt, scaler=scaler, note=note,
                                   scheduler=StepLR(opt, args.epochs, args.fp32_epochs, args.lr_step)), args)
     ladders = {"muppet": (8, 12, 14, 16, "fp32"), "cpt": (8, "fp32"), "int8": (8,), "int16": (16,)}
-    pm = muppet_fx.prepare(model, ladder=ladders[mode], quantise_outputs=mode != "cpt" or args.cpt_outputs == "quantised")
+    quantise_outputs = mode != "cpt" or args.cpt_outputs == "quantised"  # CPT quantises GEMM operands only
+    pm = muppet_fx.prepare(model, ladder=ladders[mode], quantise_outputs=quantise_outputs)
     if mode == "muppet":
         policy = muppet_fx.GradientDiversityPolicy(resolution=args.policy_resolution, gamma=args.policy_gamma,
                                                    lam=args.policy_lambda)

@@ -93,6 +93,28 @@ def _input_grads(need, grads, dtypes) -> list[Tensor | None]:
     return [t.to(d) if n else None for n, t, d in zip(need, grads, dtypes)]
 
 
+def _register_layer_autograd(op, backward_op, geometry: int, contiguous_grad: bool = False) -> None:
+    """Autograd for a layer op taking ``(x, w, b, *geometry, bits, bwd_bits, rounding,
+    grad_rounding, w_axis, quant_out, route)`` and returning ``(y, x_m, x_s, w_m, w_s)``: the
+    saved mantissas and exponents go to ``backward_op(g, x_m, x_s, w_m, w_s, *geometry, bwd_bits,
+    grad_rounding, w_axis, need_x, need_w, need_b, route)``."""
+    def setup(ctx, inputs, output):
+        x, w, b = inputs[:3]
+        _, bwd_bits, _, grad_rounding, w_axis, _, route = inputs[3 + geometry:]
+        ctx.save_for_backward(*output[1:])
+        ctx.args = (*inputs[3:3 + geometry], bwd_bits, grad_rounding, w_axis)
+        ctx.route, ctx.n_inputs = route, len(inputs)
+        ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
+
+    def grad(ctx, gy, *_):
+        need = ctx.needs_input_grad[:3]
+        gy = gy.contiguous() if contiguous_grad else gy
+        gx, gw, gb = backward_op(gy, *ctx.saved_tensors, *ctx.args, *need, ctx.route)
+        return (*_input_grads(need, (gx, gw, gb), ctx.dtypes),) + (None,) * (ctx.n_inputs - 3)
+
+    op.register_autograd(grad, setup_context=setup)
+
+
 # ---------------------------------------------------------------------------------- linear
 @torch.library.custom_op("muppet_fx::linear", mutates_args=())
 def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int, rounding: str,
@@ -138,22 +160,7 @@ def _(g, x_m, x_s, w_m, w_s, bits, rounding, w_axis, need_x, need_w, need_b, rou
     return _fake_grads(g, (need_x, x_m.shape), (need_w, w_m.shape), (need_b, w_m.shape[:1]))
 
 
-def _linear_setup(ctx, inputs, output):
-    x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out, route = inputs
-    ctx.save_for_backward(*output[1:])
-    ctx.args = (bwd_bits, grad_rounding, w_axis)
-    ctx.route = route
-    ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
-
-
-def _linear_grad(ctx, gy, *_):
-    need = ctx.needs_input_grad[:3]
-    gx, gw, gb = _linear_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need, ctx.route)
-    grads = _input_grads(need, (gx, gw, gb), ctx.dtypes)
-    return (*grads,) + (None,) * 7
-
-
-_linear.register_autograd(_linear_grad, setup_context=_linear_setup)
+_register_layer_autograd(_linear, _linear_backward, geometry=0, contiguous_grad=True)
 
 
 # ------------------------------------------------------------------------------ convolution
@@ -180,6 +187,15 @@ def _(x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad
     return (y, *_fake_parts(x, bits, keep_layout=True), *_fake_parts(w, bits, w_axis))
 
 
+def _conv_grads(g, g_m, g_s, w_m, gx, gw, need_x: bool, need_w: bool, need_b: bool):
+    """A (transposed) convolution's backward outputs: grad-input channels-last, grad-weight
+    strided like the weight, the bias gradient summed from the gradient's mantissas."""
+    gx = _conv_layout(gx) if need_x else _empty(g)
+    gw = _strides_of(gw, w_m) if need_w else _empty(g)
+    gb = routes.sum_dequantised(g_m, g_s, [d for d in range(g.dim()) if d != 1]) if need_b else _empty(g)
+    return _own(gx, gw, gb)
+
+
 @torch.library.custom_op("muppet_fx::conv_backward", mutates_args=())
 def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor,
                    stride: list[int], padding: list[int], dilation: list[int], groups: int,
@@ -195,10 +211,7 @@ def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor
     else:
         gx = routes.conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_m.shape, *conv) if need_x else None
         gw = routes.conv_grad_weight(route, g_m, g_s, x_m, x_s, w_m.shape, *conv) if need_w else None
-    gx = _conv_layout(gx) if need_x else _empty(g)
-    gw = _strides_of(gw, w_m) if need_w else _empty(g)
-    gb = routes.sum_dequantised(g_m, g_s, [d for d in range(g.dim()) if d != 1]) if need_b else _empty(g)
-    return _own(gx, gw, gb)
+    return _conv_grads(g, g_m, g_s, w_m, gx, gw, need_x, need_w, need_b)
 
 
 @_conv_backward.register_fake
@@ -208,22 +221,7 @@ def _(g, x_m, x_s, w_m, w_s, stride, padding, dilation, groups, bits, rounding, 
     return (_conv_layout(gx) if need_x else gx), gw, gb
 
 
-def _conv_setup(ctx, inputs, output):
-    x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad_rounding, w_axis, _, route = inputs
-    ctx.save_for_backward(*output[1:])
-    ctx.args = (stride, padding, dilation, groups, bwd_bits, grad_rounding, w_axis)
-    ctx.route = route
-    ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
-
-
-def _conv_grad(ctx, gy, *_):
-    need = ctx.needs_input_grad[:3]
-    gx, gw, gb = _conv_backward(gy, *ctx.saved_tensors, *ctx.args, *need, ctx.route)
-    grads = _input_grads(need, (gx, gw, gb), ctx.dtypes)
-    return (*grads,) + (None,) * 11
-
-
-_conv.register_autograd(_conv_grad, setup_context=_conv_setup)
+_register_layer_autograd(_conv, _conv_backward, geometry=4)
 
 
 # -------------------------------------------------------------------- transposed convolution
@@ -273,17 +271,12 @@ def _conv_transpose_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w
     g_m, g_s, g_v = _quantise_operand(g.float(), bits, rounding, routes.on_values(route, bits, conv=True),
                                       mantissa=need_b)
     if g_v is not None:
-        x = routes.dequantise(x_m, x_s) if need_w else routes._placeholder(g, x_m.shape)
-        w = routes.dequantise(w_m, w_s, w_axis) if need_x else g.new_empty(w_m.shape)
-        gx, gw, _ = torch.ops.aten.convolution_backward(g_v, x, w, None, stride, padding, dilation, True,
-                                                        output_padding, groups, [need_x, need_w, False])
+        gx, gw = routes.conv_grads_on_values(g_v, x_m, x_s, w_m, w_s, w_axis, *conv, need_x, need_w,
+                                             output_padding=output_padding)
     else:
         gx = routes.conv_forward(route, g_m, g_s, w_m, w_s, w_axis, None, *conv)[0] if need_x else None
         gw = routes.conv_grad_weight(route, x_m, x_s, g_m, g_s, w_m.shape, *conv) if need_w else None
-    gx = _conv_layout(gx) if need_x else _empty(g)
-    gw = _strides_of(gw, w_m) if need_w else _empty(g)
-    gb = routes.sum_dequantised(g_m, g_s, [d for d in range(g.dim()) if d != 1]) if need_b else _empty(g)
-    return _own(gx, gw, gb)
+    return _conv_grads(g, g_m, g_s, w_m, gx, gw, need_x, need_w, need_b)
 
 
 @_conv_transpose_backward.register_fake
@@ -293,23 +286,7 @@ def _(g, x_m, x_s, w_m, w_s, stride, padding, output_padding, dilation, groups, 
     return (_conv_layout(gx) if need_x else gx), gw, gb
 
 
-def _conv_transpose_setup(ctx, inputs, output):
-    x, w, b, stride, padding, output_padding, dilation, groups, bits, bwd_bits, rounding, grad_rounding, \
-        w_axis, _, route = inputs
-    ctx.save_for_backward(*output[1:])
-    ctx.args = (stride, padding, output_padding, dilation, groups, bwd_bits, grad_rounding, w_axis)
-    ctx.route = route
-    ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
-
-
-def _conv_transpose_grad(ctx, gy, *_):
-    need = ctx.needs_input_grad[:3]
-    gx, gw, gb = _conv_transpose_backward(gy, *ctx.saved_tensors, *ctx.args, *need, ctx.route)
-    grads = _input_grads(need, (gx, gw, gb), ctx.dtypes)
-    return (*grads,) + (None,) * 12
-
-
-_conv_transpose.register_autograd(_conv_transpose_grad, setup_context=_conv_transpose_setup)
+_register_layer_autograd(_conv_transpose, _conv_transpose_backward, geometry=5)
 
 
 # ----------------------------------------------------------------------------------- matmul

@@ -307,14 +307,17 @@ def _placeholder(g: Tensor, shape) -> Tensor:
 
 
 def conv_grads_on_values(g, x_m, x_s, w_m, w_s, w_axis, stride, padding, dilation, groups,
-                         need_x: bool, need_w: bool):
-    """Grad-input and grad-weight of a convolution whose products run in FP32 (``on_values``),
-    from the dequantised gradient ``g``, in one ``convolution_backward`` call: each operand
-    dequantised once, and only where its product is asked for."""
+                         need_x: bool, need_w: bool, output_padding=None):
+    """Grad-input and grad-weight of a convolution (transposed where ``output_padding`` is
+    given) whose products run in FP32 (``on_values``), from the dequantised gradient ``g``, in
+    one ``convolution_backward`` call: each operand dequantised once, and only where its
+    product is asked for."""
     x = dequantise(x_m, x_s) if need_w else _placeholder(g, x_m.shape)
     w = dequantise(w_m, w_s, w_axis) if need_x else g.new_empty(w_m.shape)
-    gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False,
-                                                    [0] * len(stride), groups, [need_x, need_w, False])
+    transposed = output_padding is not None
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        g, x, w, None, stride, padding, dilation, transposed, output_padding if transposed else [0] * len(stride),
+        groups, [need_x, need_w, False])
     return gx, gw
 
 
