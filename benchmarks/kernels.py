@@ -8,7 +8,8 @@ grad-weight (``G^T @ cols``), plus 4096^3: FP32 ``torch.matmul``, BF16 ``torch.m
 ``torch._int_mm`` and our exact scaled integer GEMM (``scaled_int_matmul``: float32 output,
 scale applied) at 8 bits (one int8 GEMM), 14 bits (Karatsuba, three) and 16 bits (four).
 Table 2 (layers, forward + backward, everything included: quantisers, GEMMs, epilogues):
-``nn.Linear`` at M=N=K in {1024, 2048} and a 3x3 convolution 64->64 on 128x64x32x32, FP32
+``nn.Linear`` at M=N=K in {1024, 2048}, a 3x3 convolution 64->64 on 128x64x32x32 and a 4x4
+stride-2 transposed convolution 64->64 upsampling 128x64x16x16 to 32x32, FP32
 against the prepared layer at 8, 12, 14 and 16 bits (``aten`` route) and under BF16 autocast.
 On CUDA (``--device cuda``) two tables measure the GPU targets instead: the Triton INT8 GEMM
 against ``torch._int_mm``, BF16 and FP16 ``torch.matmul`` at 4096^3 and the ResNet-18 GEMM shapes,
@@ -91,6 +92,8 @@ def table_layers(args):
     layers = [(f"linear {n}^3", nn.Linear(n, n), (n, n)) for n in (1024, 2048)]
     layers.append(("conv3x3 64->64, 128x64x32x32", nn.Conv2d(64, 64, 3, padding=1, bias=False),
                    (args.batch, 64, 32, 32)))
+    layers.append(("convT4x4/2 64->64, 128x64x16x16", nn.ConvTranspose2d(64, 64, 4, stride=2, padding=1, bias=False),
+                   (args.batch, 64, 16, 16)))  # a decoder's upsampling to 32x32
     for name, layer, shape in layers:
         x = torch.randn(shape, requires_grad=True)
         cases = {"fp32": lambda: _step(layer, x), "bf16 autocast": lambda: _autocast_step(layer, x)}
