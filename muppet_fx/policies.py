@@ -13,6 +13,8 @@ from typing import Mapping
 
 import torch
 
+from muppet_fx.distributed import from_rank0
+
 __all__ = ["Policy", "GradientDiversityPolicy", "FixedPolicy", "ScheduledPolicy", "CyclicPolicy",
            "cpt_bits"]
 
@@ -268,7 +270,8 @@ class CyclicPolicy(Policy):
             self.losses.setdefault(self._test_bits(self.iteration), []).append(float(loss))
 
     def _finish_range_test(self) -> None:
-        means = {b: sum(v) / len(v) for b, v in sorted(self.losses.items()) if v}
+        # rank 0's losses decide on every rank, so that data-parallel ranks pick one floor
+        means = from_rank0({b: sum(v) / len(v) for b, v in sorted(self.losses.items()) if v})
         if not means:
             raise ValueError("the precision range test saw no losses; call manager.observe_loss(loss) "
                              "every iteration during the test")

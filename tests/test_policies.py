@@ -120,3 +120,22 @@ def test_precision_range_test_picks_b_min():
         pol.observe_loss(2.0 if bits <= 3 else 1.8)
     assert pol.b_min == 4
     assert pol.history[-1]["b_min"] == 4 and st.bits[1] == 8
+
+
+def test_precision_range_test_takes_rank0s_losses(monkeypatch):
+    """Data-parallel ranks see different losses; the floor comes from rank 0's on every rank
+    (``from_rank0`` stands in for the broadcast: this rank's losses say 4 bits, rank 0's 6)."""
+    import muppet_fx.policies as policies
+
+    sent = []
+
+    def rank0(means):
+        sent.append(means)
+        return {b: (2.0 if b < 6 else 1.5) for b in means}
+    monkeypatch.setattr(policies, "from_rank0", rank0)
+    pol = CyclicPolicy(b_max=8, b_min=None, total_iterations=100, num_cycles=2, range_test_iterations=14)
+    st = _State()
+    for t in range(20):
+        pol.on_iteration(t, st)
+        pol.observe_loss(2.0 if st.bits[0] <= 3 else 1.8)
+    assert sent and sorted(sent[0]) == list(range(2, 9)) and pol.b_min == 6
