@@ -14,12 +14,13 @@ scale ``2**-(s_a + s_b)``.
 Convolutions with ``groups == 1`` lower to these GEMMs by im2col on the int8/int16 mantissas
 (never on FP32 data); grad-input of a stride-1 convolution is the convolution of the gradient
 with the flipped, transposed kernel, strided ones one such convolution per phase of the input
-positions (dilated strided ones insert zeros first); grad-weight is
-``G^T @ cols``. ``*_reference`` functions compute the same integers in int64 with plain torch.
+positions; grad-weight is ``G^T @ cols``. ``*_reference`` functions compute the same integers
+in int64 with plain torch.
 """
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from pathlib import Path
 
@@ -218,9 +219,8 @@ def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation, mm=None, c
     """Exact integer gradient of ``conv2d`` w.r.t. its input, given the output gradient.
 
     ``conv(x, w, stride, padding, dilation)`` replaces :func:`conv_forward` for the stride-1
-    convolution this reduces to (1x1 unpadded kernels stay a GEMM; strided undilated ones, and
-    stride-1 ones padded wider than the kernel, take one im2col correlation per phase; dilated
-    ones padded wider than the dilated kernel correlate the gradient without its edge rows)."""
+    convolution this reduces to (1x1 unpadded kernels stay a GEMM; strided ones, and stride-1
+    ones padded wider than the dilated kernel, take one im2col correlation per phase)."""
     N, C, H, W = input_shape
     Cout, _, kh, kw = w_m.shape
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
@@ -231,56 +231,48 @@ def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation, mm=None, c
         out = gx.new_zeros((N, H, W, C))
         out[:, : (OH - 1) * sh + 1 : sh, : (OW - 1) * sw + 1 : sw] = gx.reshape(N, OH, OW, C)
         return out.permute(0, 3, 1, 2)
-    if (dh, dw) == (1, 1) and ((sh, sw) != (1, 1) or ph > kh - 1 or pw > kw - 1):
-        return _grad_input_by_phases(g_m, w_m, input_shape, (sh, sw), (ph, pw), mm)
-    if (sh, sw) != (1, 1):  # insert zeros so a stride-1 convolution computes the transpose
-        OH, OW = g_m.shape[2:]
-        eh = (H + 2 * ph - dh * (kh - 1) - 1) % sh
-        ew = (W + 2 * pw - dw * (kw - 1) - 1) % sw
-        big = g_m.new_zeros((N, Cout, (OH - 1) * sh + 1 + eh, (OW - 1) * sw + 1 + ew))
-        big[:, :, : (OH - 1) * sh + 1 : sh, : (OW - 1) * sw + 1 : sw] = g_m
-        g_m = big
+    if (sh, sw) != (1, 1) or ph > dh * (kh - 1) or pw > dw * (kw - 1):
+        return _grad_input_by_phases(g_m, w_m, input_shape, (sh, sw), (ph, pw), (dh, dw), mm)
     w_t = w_m.flip(2, 3).transpose(0, 1)
     pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
-    if min(pad) < 0:  # padding wider than the dilated kernel: the edge rows reach no input
-        ch, cw = max(0, -pad[0]), max(0, -pad[1])
-        g_m = g_m[:, :, ch: g_m.shape[2] - ch, cw: g_m.shape[3] - cw]
-        pad = (max(0, pad[0]), max(0, pad[1]))
     if conv is not None:
         return conv(g_m, w_t, 1, pad, (dh, dw))
     return conv_forward(g_m, w_t, 1, pad, (dh, dw), mm=mm)
 
 
-def _phase_taps(a: int, s: int, p: int, k: int):
-    """``(taps, d0)``: the kernel taps reaching input positions ``i = s*q + a``, in the order a
-    stride-1 correlation with the gradient visits them, and the gradient offset of the first:
-    ``gx[s*q + a] = sum_t g[q + d0 + t] * w[taps[t]]``, since tap ``k`` reads
-    ``g[(i + p - k) / s]``."""
-    taps = [j for j in range(k - 1, -1, -1) if (a + p - j) % s == 0]
-    return taps, (a + p - taps[0]) // s if taps else 0
+def _phase_taps(a: int, s: int, p: int, k: int, d: int = 1):
+    """``(taps, d0, step)``: the kernel taps reaching input positions ``i = s*q + a``, in the
+    order a stride-1 correlation with the gradient visits them, the gradient offset of the
+    first, and the gradient distance between consecutive ones (the correlation's dilation):
+    ``gx[s*q + a] = sum_t g[q + d0 + step*t] * w[taps[t]]``, since tap ``k`` reads
+    ``g[(i + p - d*k) / s]``."""
+    taps = [j for j in range(k - 1, -1, -1) if (a + p - d * j) % s == 0]
+    step = d // math.gcd(s, d)
+    return taps, (a + p - d * taps[0]) // s if taps else 0, step
 
 
-def _grad_input_by_phases(g_m, w_m, input_shape, stride, padding, mm):
-    """Grad-input of a strided, undilated convolution as ``s_h * s_w`` stride-1 correlations of
-    the gradient, one per phase ``(i mod s_h, j mod s_w)`` of the input positions, each with
-    the kernel taps that reach that phase: the exact sum, without the zeros that inserting
-    ``s - 1`` gaps between gradient entries would multiply (3/4 of the products at stride 2).
-    The correlations take im2col + int8 GEMMs: with their 1-2 tap kernels that measured faster
-    than oneDNN (which packs each sub-kernel and re-offsets the gradient per call) on every
-    strided layer of ResNet-18/20 at batch 128, e.g. 14.9 against 16.8 ms (256 -> 128 channels,
-    8x8 gradient), where inserting zeros took 34.3 ms."""
+def _grad_input_by_phases(g_m, w_m, input_shape, stride, padding, dilation, mm):
+    """Grad-input of a strided convolution as ``s_h * s_w`` stride-1 correlations of the
+    gradient, one per phase ``(i mod s_h, j mod s_w)`` of the input positions, each with the
+    kernel taps that reach that phase (dilated by ``d / gcd(s, d)`` where the kernel is): the
+    exact sum, without the zeros that inserting ``s - 1`` gaps between gradient entries would
+    multiply (3/4 of the products at stride 2). The correlations take im2col + int8 GEMMs:
+    with their 1-2 tap kernels that measured faster than oneDNN (which packs each sub-kernel
+    and re-offsets the gradient per call) on every strided layer of ResNet-18/20 at batch 128,
+    e.g. 14.9 against 16.8 ms (256 -> 128 channels, 8x8 gradient), where inserting zeros took
+    34.3 ms."""
     N, C, H, W = input_shape
     OH, OW = g_m.shape[2:]
-    (sh, sw), (ph, pw) = stride, padding
-    phases = [(a, b, *_phase_taps(a, sh, ph, w_m.shape[2]), *_phase_taps(b, sw, pw, w_m.shape[3]))
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    phases = [(a, b, *_phase_taps(a, sh, ph, w_m.shape[2], dh), *_phase_taps(b, sw, pw, w_m.shape[3], dw))
               for a in range(min(sh, H)) for b in range(min(sw, W))]
-    phases = [p for p in phases if p[2] and p[4]]  # phases no tap reaches stay zero
+    phases = [p for p in phases if p[2] and p[5]]  # phases no tap reaches stay zero
     out = None
-    for a, b, rows, dh0, cols, dw0 in phases:  # each part written at once: its buffers are reused
+    for a, b, rows, dh0, eh, cols, dw0, ew in phases:  # each part written at once: its buffers are reused
         qh, qw = len(range(a, H, sh)), len(range(b, W, sw))
-        Ph = max(0, -dh0, qh + len(rows) - 1 - OH + dh0)  # symmetric padding >= both sides,
-        Pw = max(0, -dw0, qw + len(cols) - 1 - OW + dw0)  # the outputs wanted start at P + d0
-        y = conv_forward(g_m, w_m[:, :, rows][:, :, :, cols].transpose(0, 1), 1, (Ph, Pw), 1, mm=mm)
+        Ph = max(0, -dh0, qh + dh0 + eh * (len(rows) - 1) - OH)  # symmetric padding >= both sides,
+        Pw = max(0, -dw0, qw + dw0 + ew * (len(cols) - 1) - OW)  # the outputs wanted start at P + d0
+        y = conv_forward(g_m, w_m[:, :, rows][:, :, :, cols].transpose(0, 1), 1, (Ph, Pw), (eh, ew), mm=mm)
         if out is None:
             out = torch.empty((N, C, H, W), dtype=y.dtype, device=g_m.device, memory_format=torch.channels_last)
             if len(phases) < min(sh, H) * min(sw, W):
