@@ -14,7 +14,7 @@
               int64_t sC, int64_t sH, int64_t sW, int KH, int KW, int SH, int SW, int PH,  \
               int PW, int DH, int DW, int64_t OH, int64_t OW, T *out, int nthreads) {     \
         int64_t K = (int64_t)KH * KW * C, rows = N * OH * OW;                            \
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if (rows > 256)") \
+        _Pragma("omp parallel for num_threads(rows > 256 ? nthreads : 1) schedule(static)") \
         for (int64_t r = 0; r < rows; ++r) {                                             \
             int64_t n = r / (OH * OW), rem = r % (OH * OW), oh = rem / OW, ow = rem % OW; \
             T *dst = out + r * K;                                                        \

@@ -6,10 +6,12 @@
  */
 #include <stdint.h>
 
+/* Small inputs get a team of one through num_threads rather than an if clause: GCC's if(false)
+ * path ran these loops unvectorised, 9x slower on 32768 elements. */
 #define PAR_MIN 32768
 
 void relu_mask(const float *x, int64_t n, float *y, uint8_t *mask, int nthreads) {
-#pragma omp parallel for simd num_threads(nthreads) if (n > PAR_MIN) schedule(static)
+#pragma omp parallel for simd num_threads(n > PAR_MIN ? nthreads : 1) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
         float v = x[i];
         float r = v < 0.0f ? 0.0f : v; /* torch.relu: NaN and -0.0 pass unchanged */
@@ -19,6 +21,6 @@ void relu_mask(const float *x, int64_t n, float *y, uint8_t *mask, int nthreads)
 }
 
 void relu_mask_backward(const float *g, const uint8_t *mask, int64_t n, float *gx, int nthreads) {
-#pragma omp parallel for simd num_threads(nthreads) if (n > PAR_MIN) schedule(static)
+#pragma omp parallel for simd num_threads(n > PAR_MIN ? nthreads : 1) schedule(static)
     for (int64_t i = 0; i < n; ++i) gx[i] = mask[i] ? g[i] : 0.0f;
 }

@@ -8,6 +8,7 @@ compiler, not float32 on the CPU, different memory orders); callers then use tor
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ _SIGNATURES = {"relu_mask": (None, [_P, ctypes.c_int64, _P, _P, ctypes.c_int]),
                "relu_mask_backward": (None, [_P, _P, ctypes.c_int64, _P, ctypes.c_int])}
 
 
+@functools.cache  # a Path and a dict lookup per call cost 7 us, as much as a small kernel
 def _library():
     return bound_library(Path(__file__).with_name("relu_cpu.c"), _SIGNATURES)
 

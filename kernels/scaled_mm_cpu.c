@@ -16,11 +16,13 @@
  */
 #include <stdint.h>
 
+/* Small inputs get a team of one through num_threads rather than an if clause: GCC's if(false)
+ * path ran these loops unvectorised, 9x slower on 32768 elements. */
 #define PAR_MIN 32768
 
 int split128_i16(const int16_t *m, int64_t n, int8_t *h, int8_t *l, int8_t *s, int nthreads) {
     int bad = 0;
-#pragma omp parallel for simd reduction(| : bad) num_threads(nthreads) if (n > PAR_MIN) schedule(static)
+#pragma omp parallel for simd reduction(| : bad) num_threads(n > PAR_MIN ? nthreads : 1) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
         int32_t v = m[i];
         int32_t hi = (v + 64) >> 7;  /* arithmetic shift: floor division by 128 */
@@ -34,7 +36,7 @@ int split128_i16(const int16_t *m, int64_t n, int8_t *h, int8_t *l, int8_t *s, i
 }
 
 void split256_i16(const int16_t *m, int64_t n, int8_t *h, int8_t *l, int nthreads) {
-#pragma omp parallel for simd num_threads(nthreads) if (n > PAR_MIN) schedule(static)
+#pragma omp parallel for simd num_threads(n > PAR_MIN ? nthreads : 1) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
         int32_t v = m[i];
         h[i] = (int8_t)(v >> 8);
@@ -73,7 +75,7 @@ void combine_i32(int parts, const int32_t *a0, const int32_t *a1, const int32_t 
                  const int32_t *a3, const int64_t *rc, const int64_t *cc, int64_t rows,
                  int64_t cols, int64_t *carry, int stage, float scale, const float *bias,
                  float *out, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) if (rows * cols > PAR_MIN) schedule(static)
+#pragma omp parallel for num_threads(rows * cols > PAR_MIN ? nthreads : 1) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t o = r * cols;
         if (parts == 1) {

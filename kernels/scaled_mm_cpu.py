@@ -13,6 +13,7 @@ compiler, other dtypes); callers then take :func:`gemm_cpu.int_matmul`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from pathlib import Path
 
@@ -32,6 +33,7 @@ _SIGNATURES = {
 }
 
 
+@functools.cache  # a Path and a dict lookup per call cost 7 us, as much as a small kernel
 def _library():
     return bound_library(Path(__file__).with_name("scaled_mm_cpu.c"), _SIGNATURES)
 
