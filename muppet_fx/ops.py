@@ -242,10 +242,10 @@ def _conv_transpose(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int]
     values = routes.on_values(route, bits, conv=True)
     x_m, x_s, x_v = _quantise_operand(x.float(), bits, rounding, values)
     w_m, w_s, w_v = _quantise_operand(w.float(), bits, rounding, values, w_axis)
-    shape = [x.shape[0], w.shape[1] * groups, *_transpose_out_size(x, w, stride, padding, output_padding, dilation)]
     if x_v is not None:  # FP32 products on the values
         y = torch.convolution(x_v, w_v, b, stride, padding, dilation, True, output_padding, groups)
     else:
+        shape = [x.shape[0], w.shape[1] * groups, *_transpose_out_size(x, w, stride, padding, output_padding, dilation)]
         y = routes.conv_grad_input(route, x_m, x_s, w_m, w_s, w_axis, shape, stride, padding, dilation, groups)
         y = y if b is None else y + routes._along1(b, y)
     y = _conv_layout(y)
@@ -462,6 +462,11 @@ def _remember_weight(site, weight: Tensor) -> None:
         site.weight = weight
 
 
+def _per_dim(v, n: int) -> list[int]:
+    """A convolution argument given as an int or a sequence, as one value per spatial dim."""
+    return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
 def _conv_padding(padding, weight: Tensor, dilation: list[int], input: Tensor):
     """Integer padding for ``padding`` ints or 'valid'/'same'; asymmetric 'same' pads ``input``."""
     n = weight.dim() - 2
@@ -475,7 +480,7 @@ def _conv_padding(padding, weight: Tensor, dilation: list[int], input: Tensor):
         for t in reversed(total):
             pads += [t // 2, t - t // 2]
         return [0] * n, F.pad(input, pads)
-    return list(padding) if isinstance(padding, (list, tuple)) else [padding] * n, input
+    return _per_dim(padding, n), input
 
 
 def quant_conv(site, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
@@ -485,8 +490,7 @@ def quant_conv(site, input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     n = weight.dim() - 2
     if not st.quantised or st.suspended:
         return (F.conv1d, F.conv2d, F.conv3d)[n - 1](input, weight, bias, stride, padding, dilation, groups)
-    as_list = (lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * n)
-    stride, dilation = as_list(stride), as_list(dilation)
+    stride, dilation = _per_dim(stride, n), _per_dim(dilation, n)
     padding, x = _conv_padding(padding, weight, dilation, input)
     unbatched = x.dim() == n + 1
     x = x.unsqueeze(0) if unbatched else x
@@ -507,12 +511,11 @@ def quant_conv_transpose(site, input: Tensor, weight: Tensor, bias: Tensor | Non
     if not st.quantised or st.suspended:
         return (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1](
             input, weight, bias, stride, padding, output_padding, groups, dilation)
-    as_list = (lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * n)
     unbatched = input.dim() == n + 1
     x = input.unsqueeze(0) if unbatched else input
     c = st.config
-    y, _, x_s, _, w_s = _conv_transpose(x, weight, bias, as_list(stride), as_list(padding),
-                                        as_list(output_padding), as_list(dilation), groups, st.fwd_bits,
+    y, _, x_s, _, w_s = _conv_transpose(x, weight, bias, _per_dim(stride, n), _per_dim(padding, n),
+                                        _per_dim(output_padding, n), _per_dim(dilation, n), groups, st.fwd_bits,
                                         st.bwd_bits, c.rounding, c.grad_rounding, site.weight_axis,
                                         c.quantise_outputs, st.route_for(x.device))
     site.record(x_s, w_s)

@@ -27,7 +27,7 @@ from muppet_fx.ops import quant_conv, quant_conv_transpose_module, quant_linear
 from muppet_fx.passes.compact_saved import compact_saved_tensors
 from muppet_fx.passes.quantise_layers import FP32_MODULES, RewriteContext, insert_quant_nodes
 from muppet_fx.passes.runner import run_passes
-from muppet_fx.passes.trace import trace_with_leaves
+from muppet_fx.passes.trace import TRANSPOSED_CONVS, trace_with_leaves
 from muppet_fx.state import PrecisionState
 
 __all__ = ["prepare", "PreparedModule"]
@@ -97,9 +97,6 @@ class _PassThroughForward(PreparedModule):
         return self._muppet_run(super().forward, args, kwargs)
 
 
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
 class _LayerForward(PreparedModule):
     """A conv/linear module prepared on its own (a child of untraceable code, or the root)."""
 
@@ -107,7 +104,7 @@ class _LayerForward(PreparedModule):
         if not self._muppet_state.quantised:
             return super().forward(input) if output_size is None else super().forward(input, output_size)
         site = self._muppet_layer_site
-        if isinstance(self, _TRANSPOSED):
+        if isinstance(self, TRANSPOSED_CONVS):
             return self._muppet_run(quant_conv_transpose_module, (site, self, input, output_size), {})
         if isinstance(self, nn.Linear):
             return self._muppet_run(quant_linear, (site, input, self.weight, self.bias), {})
@@ -174,9 +171,9 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
     if path and not keep(module, path):
         state.keep_fp32(path, type(module).__name__, "excluded by module_filter_fn")
         return _finish(module, _PassThroughForward, path, state, sites)
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED)):
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_CONVS)):
         new = _finish(module, _LayerForward, path, state, sites)
-        kind = "conv_transpose" if isinstance(module, _TRANSPOSED) else "conv"
+        kind = "conv_transpose" if isinstance(module, TRANSPOSED_CONVS) else "conv"
         op = "linear" if isinstance(module, nn.Linear) else f"{kind}{module.weight.dim() - 2}d"
         axis = 0 if state.config.weight_granularity == "channel" else None
         new.__dict__["_muppet_layer_site"] = state.site(path or type(module).__name__, op, axis)

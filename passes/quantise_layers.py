@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from muppet_fx.attention import AttentionSites, mha_unsupported_reason, quant_mha, quant_sdpa
 from muppet_fx.ops import (quant_addmm, quant_conv, quant_conv_transpose, quant_conv_transpose_module,
                            quant_einsum, quant_linear, quant_matmul)
+from muppet_fx.passes.trace import TRANSPOSED_CONVS
 
 __all__ = ["Rule", "RULES", "FUNCTION_RULES", "METHOD_RULES", "insert_quant_nodes", "apply_first_rule", "site_attr"]
 
@@ -201,8 +202,7 @@ def _is_module(types):
 
 RULES: list[Rule] = [
     Rule("conv/linear module", _is_module((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)), _rewrite_module_layer),
-    Rule("transposed conv module", _is_module((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)),
-         _rewrite_conv_transpose),
+    Rule("transposed conv module", _is_module(TRANSPOSED_CONVS), _rewrite_conv_transpose),
     Rule("multihead attention", _is_module(nn.MultiheadAttention), _rewrite_mha),
     Rule("function", lambda n, c: n.op == "call_function" and n.target in FUNCTION_RULES, _rewrite_function),
     Rule("method", lambda n, c: n.op == "call_method" and n.target in METHOD_RULES, _rewrite_function),

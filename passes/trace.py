@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["MuppetTracer", "trace_with_leaves", "LEAF_TYPES"]
+__all__ = ["MuppetTracer", "trace_with_leaves", "LEAF_TYPES", "TRANSPOSED_CONVS"]
 
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Modules the rewrite rules act on as a whole (or keep FP32 as a whole).
 LEAF_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention, nn.RNNBase,
-              nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+              *TRANSPOSED_CONVS, nn.Bilinear)
 
 
 class MuppetTracer(fx.Tracer):
