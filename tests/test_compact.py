@@ -2,7 +2,9 @@
 
 Oracles: the same prepared model with ``compact_activations=False`` (stock batch norm and ReLU):
 outputs, parameter gradients and buffers bit-identical under stochastic rounding with the same
-seeds; the stock ops' own gradients, bit for bit (sign of zero included), for the masked ReLU on
+seeds when the batch norm's backward dequantises and runs ATen's, gradients within float32
+rounding with the C kernel that reads the mantissas (``tests/test_batch_norm_cpu.py`` checks
+that kernel against float64); the stock ops' own gradients, bit for bit (sign of zero included), for the masked ReLU on
 NaN, infinities and negative zeros; and the bytes autograd saves for backward, counted by a
 saved-tensor hook, at most half of FP32's at 8 bits.
 """
@@ -13,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from muppet_fx import MuppetConfig, prepare
+from muppet_fx import MuppetConfig, compact, prepare
 from muppet_fx.compact import compact_batch_norm, compact_relu
+from muppet_fx.kernels import batch_norm_cpu
 from muppet_fx.kernels.relu_cpu import relu_mask_backward, relu_with_mask
 
 
@@ -54,9 +57,15 @@ def _run(bits, compact, momentum=0.1, channels_last=True, backend="auto"):
     return pm, [out.detach(), x.grad] + [p.grad for p in net.parameters()] + list(net.buffers())
 
 
+@pytest.fixture
+def aten_batch_norm_backward(monkeypatch):
+    """The compact batch norm's backward through dequantisation and ATen, not the C kernel."""
+    monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
+
+
 @pytest.mark.parametrize("bits", [4, 8, 12, 16])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_values_and_gradients_are_bit_identical(bits, momentum):
+def test_values_and_gradients_are_bit_identical(bits, momentum, aten_batch_norm_backward):
     _, stock = _run(bits, False, momentum)
     pm, compact = _run(bits, True, momentum)
     assert len(stock) == len(compact)
@@ -67,9 +76,28 @@ def test_values_and_gradients_are_bit_identical(bits, momentum):
     assert code.count("compact_relu") == 4 and "relu_" in code  # the re-read in-place ReLU stays stock
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_batch_norm_kernel_changes_gradients_by_float32_rounding_only(bits, monkeypatch):
+    """With the C batch-norm backward (mantissas read directly): outputs and buffers
+    bit-identical, every gradient within 2e-6 of its largest magnitude (float32 rounding in
+    other sums), and the kernel really ran for each compact batch norm."""
+    calls = []
+    kernel = compact.batch_norm_backward
+    monkeypatch.setattr(compact, "batch_norm_backward", lambda *a: calls.append(a[1].dtype) or kernel(*a))
+    pm, got = _run(bits, True)
+    monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
+    _, want = _run(bits, False)
+    assert calls == [torch.int8 if bits == 8 else torch.int16] * 3
+    n_out = 2 + len(list(pm.parameters()))
+    for a, b in zip(got[n_out:] + got[:1], want[n_out:] + want[:1]):
+        assert torch.equal(a, b)
+    for a, b in zip(got[1:n_out], want[1:n_out]):
+        assert (a - b).abs().max() <= 2e-6 * b.abs().max()
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="triton kernels need CUDA or TRITON_INTERPRET=1")
-def test_bit_identical_on_the_cuda_code_path(monkeypatch):
+def test_bit_identical_on_the_cuda_code_path(monkeypatch, aten_batch_norm_backward):
     """The triton route as on CUDA (Triton quantisers forced for CPU tensors), stochastic
     rounding: the batch norm's nearest re-quantisation draws no seed, so every later draw, and
     so every value and gradient, stays as with the stock ops."""
@@ -81,7 +109,7 @@ def test_bit_identical_on_the_cuda_code_path(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(stock, compact))
 
 
-def test_nchw_inputs_and_24_bits_take_the_fallbacks():
+def test_nchw_inputs_and_24_bits_take_the_fallbacks(aten_batch_norm_backward):
     for bits, cl in ((8, False), (24, True)):
         _, stock = _run(bits, False, channels_last=cl)
         _, compact = _run(bits, True, channels_last=cl)

@@ -1,0 +1,84 @@
+"""Training-mode batch-norm backward straight from the input's mantissas (``batch_norm_cpu.c``).
+
+The compact batch norm (``muppet_fx.compact``) keeps its input for backward as ``b``-bit
+mantissas. Dequantising them and running ATen's backward costs a float32 write and two float32
+reads of the input; this kernel reads the one- or two-byte mantissas directly, in two passes
+(channel sums, then the input gradient). On a 128x64x32x32 channels-last activation it took
+3.6 ms against 8.2 ms for dequantisation plus ATen (2 threads). Sums are in double across
+short float runs, so the parameter gradients are closer to the exact ones than ATen's; the
+input gradient differs from ATen's in the last bits only.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from pathlib import Path
+
+import torch
+
+from .cbuild import bound_library
+
+__all__ = ["batch_norm_backward"]
+
+_P = ctypes.c_void_p
+_ARGS = [_P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _P, _P, _P, _P, _P, _P,
+         ctypes.c_int]
+_FN = {torch.int8: "bn_backward_i8", torch.int16: "bn_backward_i16"}
+
+
+@functools.cache
+def _library():
+    return bound_library(Path(__file__).with_name("batch_norm_cpu.c"), {n: (None, _ARGS) for n in _FN.values()})
+
+
+# Contiguous inputs with short channel runs (``inner``, e.g. H*W = 64) stay with ATen: its
+# backward was faster there (0.36 vs 0.45 ms on 128x64x8x8); at 1024 the kernel is 1.6x faster.
+MIN_INNER = 256
+
+
+def _geometry(m: torch.Tensor):
+    """``(outer, C, inner)`` of the flat walk over ``m``, or ``None`` for other memory orders
+    and for short channel runs (``MIN_INNER``)."""
+    if m.dim() < 2:
+        return None
+    C = m.shape[1]
+    if m.is_contiguous():
+        inner = m[0, 0].numel()
+        return (m.shape[0], C, inner) if inner == 1 or inner >= MIN_INNER else None
+    if m.dim() == 4 and m.is_contiguous(memory_format=torch.channels_last):
+        return m.numel() // max(C, 1), C, 1
+    return None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def batch_norm_backward(grad: torch.Tensor, m: torch.Tensor, e: int, mean: torch.Tensor,
+                        invstd: torch.Tensor, weight: torch.Tensor | None, need: tuple[bool, bool, bool]):
+    """``native_batch_norm_backward`` (training mode) for the input ``x = m * 2**e``: returns
+    ``(grad_input, grad_weight, grad_bias)``, each ``None`` where ``need`` says so, or ``None``
+    altogether where the kernel does not apply (no C compiler, not on the CPU, float32 gradient
+    and int8/int16 mantissas in one dense memory order, float32 statistics, ``e`` within
+    float32's normal range). ``grad`` in another dense order than ``m`` is copied into ``m``'s."""
+    lib = _library()
+    geometry = _geometry(m) if m.numel() > 0 else None
+    if (lib is None or geometry is None or m.dtype not in _FN or grad.dtype != torch.float32
+            or grad.device.type != "cpu" or m.device.type != "cpu" or grad.shape != m.shape
+            or not -126 <= e <= 126
+            or any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous())
+                   for t in (mean, invstd, weight))):
+        return None
+    if grad.stride() != m.stride():
+        grad = torch.empty_like(m, dtype=torch.float32).copy_(grad)
+    outer, C, inner = geometry
+    gx = torch.empty_like(grad) if need[0] else None
+    sum_g = torch.empty(C, dtype=torch.float64)
+    sum_gxc = torch.empty(C, dtype=torch.float64)
+    getattr(lib, _FN[m.dtype])(grad.data_ptr(), m.data_ptr(), outer, C, inner, math.ldexp(1.0, e),
+                               mean.data_ptr(), invstd.data_ptr(), _ptr(weight), _ptr(gx),
+                               sum_g.data_ptr(), sum_gxc.data_ptr(), torch.get_num_threads())
+    gw = (sum_gxc * invstd).float() if need[1] else None
+    gb = sum_g.float() if need[2] else None
+    return gx, gw, gb
