@@ -5,7 +5,9 @@ section 2), yet the batch norm after it keeps that map for backward as float32, 
 value, and ReLU keeps its float32 output. Here:
 
 - the batch norm that reads a quantised layer's output saves it as ``b``-bit mantissas and one
-  exponent. Quantising grid values again with nearest rounding returns them exactly: the
+  exponent: the layer's output quantiser writes them in the pass that rounds the output and
+  leaves them on the layer's site (``ops._leave_parts``), or, where it did not, the batch norm
+  quantises its input again. Quantising grid values again with nearest rounding returns them exactly: the
   rounded values stay within ``(2**(b-1) - 1) * 2**-s`` of the layer's exponent ``s``, so the
   new exponent is ``s`` or finer, and a finer grid still holds every value. Backward on the
   CPU reads the mantissas in one C kernel (``kernels/batch_norm_cpu``: no dequantised copy,
@@ -47,9 +49,9 @@ class _GridBatchNorm(torch.autograd.Function):
     """Training-mode batch norm whose input is saved as mantissas (see the module notes)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, bits):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, bits, parts):
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        m, s = quantise_parts(x.detach(), bits, "nearest")
+        m, s = parts if parts is not None else quantise_parts(x.detach(), bits, "nearest")
         ctx.save_for_backward(m, s, weight, mean, invstd)
         ctx.eps = eps
         return y
@@ -61,11 +63,11 @@ class _GridBatchNorm(torch.autograd.Function):
         if s.numel() == 1 and s.device.type == "cpu":  # one C kernel reading the mantissas
             grads = batch_norm_backward(grad, m, -int(s), mean, invstd, weight, need)
             if grads is not None:
-                return *grads, None, None, None, None, None
+                return *grads, None, None, None, None, None, None
         x = dequantise(m, s)
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             grad, x, weight, None, None, mean, invstd, True, ctx.eps, [need[0], need[1], need[2]])
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 def _momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
@@ -87,7 +89,21 @@ def compact_batch_norm(site, input: Tensor, bn: nn.Module) -> Tensor:
         return bn(input)
     bn._check_input_dim(input)
     return _GridBatchNorm.apply(input, bn.weight, bn.bias, bn.running_mean, bn.running_var, _momentum(bn),
-                                bn.eps, bits)
+                                bn.eps, bits, _take_parts(site, input))
+
+
+def _take_parts(site, input: Tensor):
+    """``(mantissas, exponent)`` of ``input`` that its layer's output quantiser left on the site
+    (``ops._leave_parts``), or ``None``: the batch norm then quantises its input again. The
+    site lets go of them either way. Exponents outside float32's normal scale (and the
+    non-finite marker) are not taken on the CPU, so dequantising the mantissas gives ``input``
+    exactly; elsewhere the parts come from the same quantiser call the batch norm would make."""
+    parts, site.output_parts = getattr(site, "output_parts", None), None
+    if parts is None or parts[0] is not input or parts[2].numel() != 1:
+        return None
+    if parts[2].device.type == "cpu" and not -126 <= -int(parts[2]) <= 100:  # |m| * 2**e stays finite
+        return None
+    return parts[1], parts[2]
 
 
 class _MaskedReLU(torch.autograd.Function):

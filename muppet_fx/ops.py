@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from muppet_fx.kernels.quantise import is_dense, mantissa_dtype, scale_pow2
+from muppet_fx.kernels.quantise import is_dense, mantissa_dtype, scale_pow2, triton_path
+from muppet_fx.kernels.quantise_cpu import quantise_cpu
 from muppet_fx import routes
 from muppet_fx.numerics import fake_quantise_inplace, quantise_parts, quantise_values
 
@@ -39,6 +40,31 @@ def _deq(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
 def _fq(x: Tensor, bits: int, rounding: str) -> Tensor:
     """Fake-quantise an FP32 tensor this module just computed (overwritten where possible)."""
     return fake_quantise_inplace(x.float(), bits, rounding)
+
+
+def _fq_parts(y: Tensor, bits: int, rounding: str, quantised: bool, parts: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer output ``y`` fake-quantised (unless the route ``quantised`` it already) and,
+    with ``parts``, its mantissas and exponent for the compact batch norm that reads it
+    (``compact_batch_norm``), written by the same CPU pass; empty tensors without ``parts``."""
+    y = y.float()
+    if not parts:
+        return (y if quantised else _fq(y, bits, rounding)), *_no_parts(y)
+    if not quantised and y.device.type == "cpu" and not triton_path(y):
+        m, e, v, bad = quantise_cpu(y, bits, rounding, want_mantissa=True, want_values=True, out=y)
+        if bad is False:
+            return v, m, e
+        y = v
+    elif not quantised:
+        y = _fq(y, bits, rounding)
+    return y, *quantise_parts(y, bits, "nearest")  # grid values quantise to themselves
+
+
+def _no_parts(like: Tensor) -> tuple[Tensor, Tensor]:
+    return like.new_empty(0, dtype=torch.int8), like.new_empty(0, dtype=torch.int32)
+
+
+def _fake_out_parts(y: Tensor, bits: int, parts: bool) -> tuple[Tensor, Tensor]:
+    return _fake_parts(y, bits, keep_layout=True) if parts else _no_parts(y)
 
 
 def _fake_parts(t: Tensor, bits: int, axis: int | None = None, keep_layout: bool = False):
@@ -100,8 +126,8 @@ def _register_layer_autograd(op, backward_op, geometry: int, contiguous_grad: bo
     grad_rounding, w_axis, need_x, need_w, need_b, route)``."""
     def setup(ctx, inputs, output):
         x, w, b = inputs[:3]
-        _, bwd_bits, _, grad_rounding, w_axis, _, route = inputs[3 + geometry:]
-        ctx.save_for_backward(*output[1:])
+        _, bwd_bits, _, grad_rounding, w_axis, _, route = inputs[3 + geometry:10 + geometry]
+        ctx.save_for_backward(*output[1:5])  # not the output's mantissas (the batch norm keeps those)
         ctx.args = (*inputs[3:3 + geometry], bwd_bits, grad_rounding, w_axis)
         ctx.route, ctx.n_inputs = route, len(inputs)
         ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
@@ -118,8 +144,8 @@ def _register_layer_autograd(op, backward_op, geometry: int, contiguous_grad: bo
 # ---------------------------------------------------------------------------------- linear
 @torch.library.custom_op("muppet_fx::linear", mutates_args=())
 def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int, rounding: str,
-            grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str, out_parts: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
     values = routes.on_values(route, bits, conv=False)
     x_m, x_s, x_v = _quantise_operand(x.reshape(-1, x.shape[-1]).float(), bits, rounding, values)
@@ -127,13 +153,14 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int,
     y, done = routes.linear_forward(route, x_m, x_s, w_m, w_s, w_axis, b, (bits, rounding) if quant_out else None,
                                     x_v=x_v, w_v=w_v)
     y = y.reshape(*x.shape[:-1], w.shape[0])
-    return _own(_fq(y, bits, rounding) if quant_out and not done else y, x_m.reshape(x.shape), x_s, w_m, w_s)
+    y, y_m, y_s = _fq_parts(y, bits, rounding, done, out_parts) if quant_out else (y, *_no_parts(y))
+    return _own(y, x_m.reshape(x.shape), x_s, w_m, w_s, y_m, y_s)
 
 
 @_linear.register_fake
-def _(x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out, route):
+def _(x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out, route, out_parts=False):
     y = x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)
-    return (y, *_fake_parts(x, bits), *_fake_parts(w, bits, w_axis))
+    return (y, *_fake_parts(x, bits), *_fake_parts(w, bits, w_axis), *_fake_out_parts(y, bits, quant_out and out_parts))
 
 
 @torch.library.custom_op("muppet_fx::linear_backward", mutates_args=())
@@ -167,8 +194,8 @@ _register_layer_autograd(_linear, _linear_backward, geometry=0, contiguous_grad=
 @torch.library.custom_op("muppet_fx::conv", mutates_args=())
 def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding: list[int],
           dilation: list[int], groups: int, bits: int, bwd_bits: int, rounding: str,
-          grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
-          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+          grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str, out_parts: bool = False
+          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
     values = routes.on_values(route, bits, conv=True)
     x_m, x_s, x_v = _quantise_operand(x.float(), bits, rounding, values)
@@ -176,15 +203,17 @@ def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding:
     y, done = routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding, dilation,
                                   groups, (bits, rounding) if quant_out else None, x_v=x_v, w_v=w_v)
     y = _conv_layout(y)
-    return _own(_fq(y, bits, rounding) if quant_out and not done else y, x_m, x_s, w_m, w_s)
+    y, y_m, y_s = _fq_parts(y, bits, rounding, done, out_parts) if quant_out else (y, *_no_parts(y))
+    return _own(y, x_m, x_s, w_m, w_s, y_m, y_s)
 
 
 @_conv.register_fake
 def _(x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad_rounding,
-      w_axis, quant_out, route):
+      w_axis, quant_out, route, out_parts=False):
     spatial = routes.conv_out_size(x, w, stride, padding, dilation)
     y = _conv_layout(x.new_empty((x.shape[0], w.shape[0], *spatial), dtype=torch.float32))
-    return (y, *_fake_parts(x, bits, keep_layout=True), *_fake_parts(w, bits, w_axis))
+    return (y, *_fake_parts(x, bits, keep_layout=True), *_fake_parts(w, bits, w_axis),
+            *_fake_out_parts(y, bits, quant_out and out_parts))
 
 
 def _conv_grads(g, g_m, g_s, w_m, gx, gw, need_x: bool, need_w: bool, need_b: bool):
@@ -449,12 +478,26 @@ def quant_linear(site, input: Tensor, weight: Tensor, bias: Tensor | None = None
     if not st.quantised or st.suspended:
         return F.linear(input, weight, bias)
     c = st.config
-    y, _, x_s, _, w_s = _linear(input, weight, bias, st.fwd_bits, st.bwd_bits, c.rounding,
-                                c.grad_rounding, site.weight_axis, c.quantise_outputs,
-                                st.route_for(input.device))
+    parts = _wants_output_parts(site, input, weight)
+    y, _, x_s, _, w_s, y_m, y_s = _linear(input, weight, bias, st.fwd_bits, st.bwd_bits, c.rounding,
+                                          c.grad_rounding, site.weight_axis, c.quantise_outputs,
+                                          st.route_for(input.device), parts)
     site.record(x_s, w_s)
     _remember_weight(site, weight)
-    return _result(y, input)
+    return _leave_parts(site, _result(y, input), y_m, y_s, parts)
+
+
+def _wants_output_parts(site, input: Tensor, weight: Tensor) -> bool:
+    """Whether the compact batch norm reading this layer's output will keep it as mantissas
+    (the conditions of ``compact._active``, known here), so the output quantiser hands them over."""
+    c = site.state.config
+    return (site.feeds_batch_norm and c.compact_activations and c.quantise_outputs and torch.is_grad_enabled()
+            and (input.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling())
+
+
+def _leave_parts(site, y: Tensor, y_m: Tensor, y_s: Tensor, parts: bool) -> Tensor:
+    site.output_parts = (y, y_m, y_s) if parts and y_m.numel() else None
+    return y
 
 
 def _remember_weight(site, weight: Tensor) -> None:
@@ -495,12 +538,13 @@ def quant_conv(site, input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     unbatched = x.dim() == n + 1
     x = x.unsqueeze(0) if unbatched else x
     c = st.config
-    y, _, x_s, _, w_s = _conv(x, weight, bias, stride, padding, dilation, groups, st.fwd_bits,
-                              st.bwd_bits, c.rounding, c.grad_rounding, site.weight_axis,
-                              c.quantise_outputs, st.route_for(x.device))
+    parts = _wants_output_parts(site, x, weight)
+    y, _, x_s, _, w_s, y_m, y_s = _conv(x, weight, bias, stride, padding, dilation, groups, st.fwd_bits,
+                                        st.bwd_bits, c.rounding, c.grad_rounding, site.weight_axis,
+                                        c.quantise_outputs, st.route_for(x.device), parts)
     site.record(x_s, w_s)
     _remember_weight(site, weight)
-    return _result(y.squeeze(0) if unbatched else y, input)
+    return _leave_parts(site, _result(y.squeeze(0) if unbatched else y, input), y_m, y_s, parts)
 
 
 def quant_conv_transpose(site, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,

@@ -26,6 +26,10 @@ class Site:
     weight: torch.nn.Parameter | None = field(default=None, repr=False)  # a reference, no copy
     w_exp: torch.Tensor | None = field(default=None, repr=False)
     x_exp: torch.Tensor | None = field(default=None, repr=False)
+    # Set by the memory pass where a compact batch norm reads this layer's output; the layer
+    # then leaves ``(output, mantissas, exponent)`` here for that batch norm, which takes them.
+    feeds_batch_norm: bool = False
+    output_parts: tuple | None = field(default=None, repr=False)
 
     def record(self, x_exp: torch.Tensor | None, w_exp: torch.Tensor | None) -> None:
         if not torch.compiler.is_compiling():  # under torch.compile a counter would be a guard

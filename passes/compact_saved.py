@@ -38,6 +38,7 @@ def _after_quantised_layer(node: fx.Node, ctx: RewriteContext) -> bool:
 
 def _rewrite_batch_norm(node: fx.Node, ctx: RewriteContext) -> None:
     site = node.args[0].args[0]  # the producer's site node
+    getattr(ctx.sites, site.target.split(".", 1)[1]).feeds_batch_norm = True
     bn = ctx.attr_node(node, node.target)
     node.op, node.target, node.args = "call_function", compact_batch_norm, (site, node.args[0], bn)
 

@@ -143,6 +143,45 @@ def test_saved_activations_at_8_bits_are_at_most_half_of_fp32():
     assert torch.int8 in dtypes and torch.uint8 in dtypes
 
 
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_layer_outputs_hand_their_mantissas_to_the_batch_norm(bits, monkeypatch):
+    """The conv and linear output quantisers write the mantissas the batch norms after them
+    keep, so no batch norm quantises its input again; the sites keep nothing afterwards."""
+    requantised = []
+    monkeypatch.setattr(compact, "quantise_parts", lambda *a, **k: requantised.append(a[0].shape))
+    pm, _ = _run(bits, True)
+    assert requantised == []
+    sites = [s for s in vars(pm._muppet_sites).values() if hasattr(s, "feeds_batch_norm")]
+    assert sorted(s.name for s in sites if s.feeds_batch_norm) == ["c1", "c2", "fc"]
+    assert all(s.output_parts is None for s in sites)
+
+
+def test_handed_over_mantissas_equal_a_fresh_quantisation_of_the_output(monkeypatch):
+    """What the batch norm saves: the output's own mantissas and exponent, which dequantise to
+    the very tensor it normalised (bit for bit)."""
+    saved = []
+    forward = compact._GridBatchNorm.forward
+
+    def spy(ctx, x, *args):
+        y = forward(ctx, x, *args)
+        saved.append((x.detach().clone(), *args[-1]))
+        return y
+    monkeypatch.setattr(compact._GridBatchNorm, "forward", staticmethod(spy))
+    _run(8, True)
+    assert len(saved) == 3
+    for x, m, s in saved:
+        assert m.dtype == torch.int8 and m.shape == x.shape and m.stride() == x.stride()
+        assert torch.equal(m.float() * 2.0 ** -int(s), x)
+
+
+def test_no_mantissas_are_left_without_gradients():
+    torch.manual_seed(0)
+    pm = prepare(Net(), ladder=(8, "fp32"))
+    with torch.no_grad():
+        pm(torch.randn(4, 3, 8, 8))
+    assert all(getattr(s, "output_parts", None) is None for s in vars(pm._muppet_sites).values())
+
+
 def test_eval_mode_and_no_grad_run_the_stock_ops():
     torch.manual_seed(0)
     net = Net()
