@@ -83,13 +83,14 @@ def compact_batch_norm(site, input: Tensor, bn: nn.Module) -> Tensor:
     bits the input is kept for backward as mantissas (exact, see the module notes)."""
     st = site.state
     bits = st.fwd_bits
+    parts = _take_parts(site, input)
     if (not _active(st, input) or not st.config.quantise_outputs or type(bn) not in BATCH_NORMS
             or not bn.training or not bn.track_running_stats or bits is None or bits > 16
             or input.dtype != torch.float32):
         return bn(input)
     bn._check_input_dim(input)
     return _GridBatchNorm.apply(input, bn.weight, bn.bias, bn.running_mean, bn.running_var, _momentum(bn),
-                                bn.eps, bits, _take_parts(site, input))
+                                bn.eps, bits, parts)
 
 
 def _take_parts(site, input: Tensor):

@@ -490,9 +490,11 @@ def quant_linear(site, input: Tensor, weight: Tensor, bias: Tensor | None = None
 def _wants_output_parts(site, input: Tensor, weight: Tensor) -> bool:
     """Whether the compact batch norm reading this layer's output will keep it as mantissas
     (the conditions of ``compact._active``, known here), so the output quantiser hands them over."""
-    c = site.state.config
-    return (site.feeds_batch_norm and c.compact_activations and c.quantise_outputs and torch.is_grad_enabled()
-            and (input.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling())
+    st = site.state
+    c = st.config
+    return (site.feeds_batch_norm and c.compact_activations and c.quantise_outputs and st.fwd_bits <= 16
+            and torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+            and not torch.compiler.is_compiling())
 
 
 def _leave_parts(site, y: Tensor, y_m: Tensor, y_s: Tensor, parts: bool) -> Tensor:

@@ -174,12 +174,23 @@ def test_handed_over_mantissas_equal_a_fresh_quantisation_of_the_output(monkeypa
         assert torch.equal(m.float() * 2.0 ** -int(s), x)
 
 
-def test_no_mantissas_are_left_without_gradients():
+def test_no_mantissas_are_left_on_the_sites():
+    """Without gradients none are written; with the batch norms in eval mode (stock batch
+    norm) or at 24 bits they are released or never written."""
     torch.manual_seed(0)
-    pm = prepare(Net(), ladder=(8, "fp32"))
+    net = Net()
+    x = torch.randn(4, 3, 8, 8)
+    pm = prepare(net, ladder=(8, "fp32"))
     with torch.no_grad():
-        pm(torch.randn(4, 3, 8, 8))
-    assert all(getattr(s, "output_parts", None) is None for s in vars(pm._muppet_sites).values())
+        pm(x)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    pm(x.requires_grad_()).sum().backward()
+    pm24 = prepare(Net(), ladder=(24, "fp32"))
+    pm24(x).sum().backward()
+    for model in (pm, pm24):
+        assert all(getattr(s, "output_parts", None) is None for s in vars(model._muppet_sites).values())
 
 
 def test_eval_mode_and_no_grad_run_the_stock_ops():
