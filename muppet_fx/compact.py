@@ -7,21 +7,20 @@ value, and ReLU keeps its float32 output. Here:
 - the batch norm that reads a quantised layer's output saves it as ``b``-bit mantissas and one
   exponent: the layer's output quantiser writes them in the pass that rounds the output and
   leaves them on the layer's site (``ops._leave_parts``), or, where it did not, the batch norm
-  quantises its input again. Quantising grid values again with nearest rounding returns them exactly: the
-  rounded values stay within ``(2**(b-1) - 1) * 2**-s`` of the layer's exponent ``s``, so the
-  new exponent is ``s`` or finer, and a finer grid still holds every value. Backward on the
-  CPU reads the mantissas in one C kernel (``kernels/batch_norm_cpu``: no dequantised copy,
-  1.3-2.3x faster than dequantising and ATen's backward); elsewhere it dequantises them and
-  runs the stock batch-norm backward on the identical input;
+  quantises its input again. Quantising grid values again with nearest rounding returns them
+  exactly: the rounded values stay within ``(2**(b-1) - 1) * 2**-s`` of the layer's exponent
+  ``s``, so the new exponent is ``s`` or finer, and a finer grid still holds every value.
+  Backward on the CPU reads the mantissas in one C kernel (``kernels/batch_norm_cpu``: no
+  dequantised copy, 1.3-2.3x faster than dequantising and ATen's backward); elsewhere it
+  dequantises them and runs the stock batch-norm backward on the identical input;
 - ReLU saves a one-byte mask ``out != 0`` (what ``threshold_backward`` tests: ``out <= 0``
   gives 0, NaN passes the gradient) and backward is ``where(mask, grad, 0)``.
 
 Outputs are bit-identical to the stock ops, and so are gradients where the batch norm's
-backward runs ATen's; the C kernel's gradients differ from ATen's by float32 rounding (its sums
-are no less accurate). ResNet blocks at 8 bits keep about 3 bytes per activation for backward
-instead of 8. Both run in
-eager training at fixed-point levels; under ``torch.compile``, without gradients, in eval mode
-or above 16 bits the stock ops run.
+backward runs ATen's; the C kernel's gradients differ from ATen's by float32 rounding (errors
+against float64 of the same order as ATen's). ResNet blocks at 8 bits keep about 3 bytes per
+activation for backward instead of 8. Both run in eager training at fixed-point levels; under
+``torch.compile``, without gradients, in eval mode or above 16 bits the stock ops run.
 """
 from __future__ import annotations
 
