@@ -1,0 +1,300 @@
+/* Exact int8 products on Intel AMX tiles (TDPBSSD: int8 x int8, int32 accumulation), called
+ * through ctypes. Built without AMX (or on another CPU), amx_available() returns 0 and the
+ * kernels return -1. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#include <immintrin.h>
+#include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define TILE 1024 /* bytes in one 16 x 64 tile */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+int amx_available(void) {
+    /* Linux hands out the tile state only on request, once per process. */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+static void configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+}
+
+/* ---- convolution grad-weight: dW[o, (i, j, c)] = sum_m G[m, o] X[pixel(m) + tap(i, j), c] ----
+ * An implicit GEMM over the output positions m: A tiles are G transposed (16 output channels x
+ * 64 positions), B tiles are gathered straight from the channels-last input (no im2col buffer):
+ * row r of a B tile holds, for 16 input channels, the 4 positions 4r..4r+3 interleaved. Positions
+ * run in chunks of MB blocks of 64; each chunk is packed once and every (output block, tap and
+ * channel block) pair of tiles accumulates over it, then adds into int64. */
+#ifndef MB
+#define MB 16
+#endif
+
+typedef struct {
+    const int8_t *x; int64_t xn, xh, xw, C, H, W;
+    const int8_t *g; int64_t gn, gc, gh, gw, Cout, OH, OW, M;
+    int KH, KW, SH, SW, PH, PW, DH, DW;
+    int64_t no, nb, ncb; /* output-channel blocks, B tiles (taps x channel blocks), channel blocks */
+} gw_problem;
+
+static const int8_t zeros64[64];
+
+/* The chunk's positions, located once per chunk (no divisions in the packers): goff = offset of
+ * G[m, 0] (-1 past M), xoff = offset of X at tap (0, 0) of the position's window (the pixel may
+ * lie in the padding), taps = bit KW i + j set where tap (i, j) falls inside the image. */
+typedef struct { int64_t goff[64 * MB], xoff[64 * MB]; uint64_t taps[64 * MB]; } gw_coords;
+
+static void gw_locate(const gw_problem *p, int64_t m0, int64_t count, gw_coords *c) {
+    int64_t n = m0 / (p->OH * p->OW), rem = m0 % (p->OH * p->OW), oh = rem / p->OW, ow = rem % p->OW;
+    for (int64_t k = 0; k < count; k++) {
+        if (m0 + k >= p->M) { c->goff[k] = -1; c->taps[k] = 0; c->xoff[k] = 0; continue; }
+        int64_t ih0 = oh * p->SH - p->PH, iw0 = ow * p->SW - p->PW;
+        c->goff[k] = n * p->gn + oh * p->gh + ow * p->gw;
+        c->xoff[k] = n * p->xn + ih0 * p->xh + iw0 * p->xw;
+        uint64_t taps = 0;
+        for (int i = 0; i < p->KH; i++) {
+            int64_t ih = ih0 + (int64_t)i * p->DH;
+            if (ih < 0 || ih >= p->H) continue;
+            for (int j = 0; j < p->KW; j++) {
+                int64_t iw = iw0 + (int64_t)j * p->DW;
+                if (iw >= 0 && iw < p->W) taps |= 1ULL << (i * p->KW + j);
+            }
+        }
+        c->taps[k] = taps;
+        if (++ow == p->OW) { ow = 0; if (++oh == p->OH) { oh = 0; n++; } }
+    }
+}
+
+/* dst[64 j + i] = src[i][j] for a 16 x 16 byte block: four rounds of unpacking. */
+static void transpose16(const int8_t *const *src, int8_t *dst) {
+    __m128i a[16], b[16];
+    for (int i = 0; i < 16; i++) a[i] = _mm_loadu_si128((const __m128i *)src[i]);
+    for (int i = 0; i < 8; i++) {
+        b[2 * i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+        b[2 * i + 1] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+    }
+    for (int q = 0; q < 4; q++) {
+        a[4 * q] = _mm_unpacklo_epi16(b[4 * q], b[4 * q + 2]);
+        a[4 * q + 1] = _mm_unpackhi_epi16(b[4 * q], b[4 * q + 2]);
+        a[4 * q + 2] = _mm_unpacklo_epi16(b[4 * q + 1], b[4 * q + 3]);
+        a[4 * q + 3] = _mm_unpackhi_epi16(b[4 * q + 1], b[4 * q + 3]);
+    }
+    for (int h = 0; h < 2; h++)
+        for (int k = 0; k < 4; k++) {
+            b[8 * h + 2 * k] = _mm_unpacklo_epi32(a[8 * h + k], a[8 * h + 4 + k]);
+            b[8 * h + 2 * k + 1] = _mm_unpackhi_epi32(a[8 * h + k], a[8 * h + 4 + k]);
+        }
+    for (int i = 0; i < 8; i++) {
+        _mm_storeu_si128((__m128i *)(dst + 64 * (2 * i)), _mm_unpacklo_epi64(b[i], b[8 + i]));
+        _mm_storeu_si128((__m128i *)(dst + 64 * (2 * i + 1)), _mm_unpackhi_epi64(b[i], b[8 + i]));
+    }
+}
+
+/* A tile (ob, positions k0..k0+63 of the chunk): row o, byte c = G[k0 + c, 16 ob + o]. */
+static void gw_pack_a(const gw_problem *p, const gw_coords *cd, int64_t ob, int64_t k0, int8_t *dst) {
+    int full = 16 * ob + 16 <= p->Cout;
+    if (full && p->gc == 1 && cd->goff[k0 + 63] >= 0) {  /* channels-last G: 16 x 16 transposes */
+        const int8_t *src[16];
+        for (int blk = 0; blk < 4; blk++) {
+            for (int i = 0; i < 16; i++) src[i] = p->g + cd->goff[k0 + 16 * blk + i] + 16 * ob;
+            transpose16(src, dst + 16 * blk);
+        }
+        return;
+    }
+    for (int c = 0; c < 64; c++) {
+        int64_t off = cd->goff[k0 + c];
+        if (off < 0) { for (int o = 0; o < 16; o++) dst[64 * o + c] = 0; continue; }
+        const int8_t *src = p->g + off + 16 * ob * p->gc;
+        if (full) { for (int o = 0; o < 16; o++) dst[64 * o + c] = src[o * p->gc]; continue; }
+        for (int o = 0; o < 16; o++) dst[64 * o + c] = 16 * ob + o < p->Cout ? src[o * p->gc] : 0;
+    }
+}
+
+/* B tile (tap and channel block bt, positions k0..k0+63 of the chunk), 4-byte interleaved. The
+ * source offsets of the 64 positions are computed first in one vectorised loop (branch-free
+ * bounds tests); each row then gathers 4 x 16 channels and interleaves them with one byte
+ * permutation. */
+static void gw_pack_b(const gw_problem *p, const gw_coords *cd, int64_t bt, int64_t k0, int8_t *dst) {
+    int64_t tap = bt / p->ncb, cb = bt % p->ncb;
+    int64_t shift = (tap / p->KW) * p->DH * p->xh + (tap % p->KW) * p->DW * p->xw + 16 * cb;
+    int64_t offs[64];
+    #pragma omp simd
+    for (int k = 0; k < 64; k++)
+        offs[k] = (cd->taps[k0 + k] >> tap) & 1 ? cd->xoff[k0 + k] + shift : -1;
+    /* byte 4 c + t of a row <- byte 16 t + c of the four gathered 16-byte pieces */
+    const __m512i order = _mm512_set_epi8(
+        63, 47, 31, 15, 62, 46, 30, 14, 61, 45, 29, 13, 60, 44, 28, 12,
+        59, 43, 27, 11, 58, 42, 26, 10, 57, 41, 25, 9, 56, 40, 24, 8,
+        55, 39, 23, 7, 54, 38, 22, 6, 53, 37, 21, 5, 52, 36, 20, 4,
+        51, 35, 19, 3, 50, 34, 18, 2, 49, 33, 17, 1, 48, 32, 16, 0);
+    for (int r = 0; r < 16; r++) {
+        const int64_t *o = offs + 4 * r;
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(o[0] >= 0 ? p->x + o[0] : zeros64)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(o[1] >= 0 ? p->x + o[1] : zeros64)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(o[2] >= 0 ? p->x + o[2] : zeros64)), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(o[3] >= 0 ? p->x + o[3] : zeros64)), 3);
+        _mm512_storeu_si512(dst + 64 * r, _mm512_permutexvar_epi8(order, v));
+    }
+}
+
+#define LOAD_ACC(T, ob, bt) _tile_loadd(T, out + (16 * (ob)) * ld + 16 * (bt), ld * 4)
+#define STORE_ACC(T, ob, bt) _tile_stored(T, out + (16 * (ob)) * ld + 16 * (bt), ld * 4)
+
+/* One group of accumulators over the nblk packed m-blocks: output blocks ob..ob+na-1 against B
+ * tiles bt..bt+nb-1 (na * nb <= 4, na <= 2), accumulated in place in out (int32, row stride ld):
+ * the tiles are loaded from it and stored back. */
+static void gw_group(const int8_t *ap, const int8_t *bp, int64_t nblk, int64_t ob, int na,
+                     int64_t bt, int nb, int32_t *out, int64_t ld) {
+    if (na == 2) {
+        LOAD_ACC(0, ob, bt); LOAD_ACC(2, ob + 1, bt);
+        if (nb == 2) { LOAD_ACC(1, ob, bt + 1); LOAD_ACC(3, ob + 1, bt + 1); }
+    } else {
+        LOAD_ACC(0, ob, bt);
+        if (nb > 1) LOAD_ACC(1, ob, bt + 1);
+        if (nb > 2) LOAD_ACC(2, ob, bt + 2);
+        if (nb > 3) LOAD_ACC(3, ob, bt + 3);
+    }
+    const int8_t *a0 = ap + ob * nblk * TILE, *a1 = a0 + nblk * TILE;
+    const int8_t *b0 = bp + bt * nblk * TILE;
+    for (int64_t k = 0; k < nblk; k++) {
+        const int8_t *ak0 = a0 + k * TILE, *ak1 = a1 + k * TILE, *bk = b0 + k * TILE;
+        const int64_t bs = nblk * TILE; /* from one B tile to the next */
+        if (na == 2) {
+            _tile_loadd(4, ak0, 64); _tile_loadd(5, ak1, 64);
+            _tile_loadd(6, bk, 64);
+            _tile_dpbssd(0, 4, 6); _tile_dpbssd(2, 5, 6);
+            if (nb == 2) { _tile_loadd(7, bk + bs, 64); _tile_dpbssd(1, 4, 7); _tile_dpbssd(3, 5, 7); }
+        } else {
+            _tile_loadd(4, ak0, 64);
+            _tile_loadd(5, bk, 64); _tile_dpbssd(0, 4, 5);
+            if (nb > 1) { _tile_loadd(6, bk + bs, 64); _tile_dpbssd(1, 4, 6); }
+            if (nb > 2) { _tile_loadd(7, bk + 2 * bs, 64); _tile_dpbssd(2, 4, 7); }
+            if (nb > 3) { _tile_loadd(5, bk + 3 * bs, 64); _tile_dpbssd(3, 4, 5); }
+        }
+    }
+    if (na == 2) {
+        STORE_ACC(0, ob, bt); STORE_ACC(2, ob + 1, bt);
+        if (nb == 2) { STORE_ACC(1, ob, bt + 1); STORE_ACC(3, ob + 1, bt + 1); }
+    } else {
+        STORE_ACC(0, ob, bt);
+        if (nb > 1) STORE_ACC(1, ob, bt + 1);
+        if (nb > 2) STORE_ACC(2, ob, bt + 2);
+        if (nb > 3) STORE_ACC(3, ob, bt + 3);
+    }
+}
+
+/* All groups of one packed chunk; groups [g0, g1) of the list only (for splitting among threads). */
+static int64_t gw_groups(const gw_problem *p) {
+    int64_t pairs = p->no / 2, single = p->no % 2;
+    return pairs * ((p->nb + 1) / 2) + single * ((p->nb + 3) / 4);
+}
+
+static void gw_run_group(const gw_problem *p, int64_t gi, const int8_t *ap, const int8_t *bp,
+                         int64_t nblk, int32_t *out, int64_t ld) {
+    int64_t pairs = p->no / 2, per_pair = (p->nb + 1) / 2;
+    if (gi < pairs * per_pair) {  /* output blocks vary fastest: a pair of B tiles serves them all */
+        int64_t bt = 2 * (gi / pairs), ob = 2 * (gi % pairs);
+        gw_group(ap, bp, nblk, ob, 2, bt, p->nb - bt >= 2 ? 2 : 1, out, ld);
+    } else {
+        int64_t bt = 4 * (gi - pairs * per_pair);
+        gw_group(ap, bp, nblk, p->no - 1, 1, bt, p->nb - bt >= 4 ? 4 : (int)(p->nb - bt), out, ld);
+    }
+}
+
+/* out: int32 [16 * ceil(Cout/16), KH * KW * C], zeroed here; the caller keeps the positions
+ * N * OH * OW short enough for int32 sums (below 2**31 / 128**2). partials: NULL (threads share
+ * each chunk and split its groups), or threads * that size (each thread takes whole chunks).
+ * pack: (threads with partials, else 1) * (no + nb) * MB tiles. Returns -1 where C % 16 != 0. */
+int amx_conv_grad_weight(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xn,
+                         int64_t xc, int64_t xh, int64_t xw, const int8_t *g, int64_t Cout,
+                         int64_t OH, int64_t OW, int64_t gn, int64_t gc, int64_t gh, int64_t gw,
+                         int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW,
+                         int32_t *out, int32_t *partials, int8_t *pack, int threads) {
+    if (C % 16 != 0 || xc != 1 || KH * KW > 64) return -1;
+    gw_problem p = {x, xn, xh, xw, C, H, W, g, gn, gc, gh, gw, Cout, OH, OW, N * OH * OW,
+                    KH, KW, SH, SW, PH, PW, DH, DW, (Cout + 15) / 16, (int64_t)KH * KW * (C / 16), C / 16};
+    int64_t ld = 16 * p.nb, size = 16 * p.no * ld, chunks = (p.M + 64 * MB - 1) / (64 * MB);
+    int64_t groups = gw_groups(&p);
+    gw_coords *shared_coords = malloc(sizeof(gw_coords));
+    if (!shared_coords) return -1;
+    #pragma omp parallel num_threads(threads)
+    {
+        int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        gw_coords *coords = malloc(sizeof(gw_coords));
+        configure();
+        if (partials) {
+            int32_t *acc = partials + tid * size;
+            int8_t *ap = pack + (int64_t)tid * (p.no + p.nb) * MB * TILE, *bp = ap + p.no * MB * TILE;
+            memset(acc, 0, size * sizeof(int32_t));
+            for (int64_t ch = tid; ch < chunks; ch += nt) {
+                int64_t m0 = ch * 64 * MB, nblk = (p.M - m0 + 63) / 64;
+                nblk = nblk < MB ? nblk : MB;
+                gw_locate(&p, m0, 64 * nblk, coords);
+                for (int64_t ob = 0; ob < p.no; ob++)
+                    for (int64_t k = 0; k < nblk; k++) gw_pack_a(&p, coords, ob, 64 * k, ap + (ob * nblk + k) * TILE);
+                for (int64_t bt = 0; bt < p.nb; bt++)
+                    for (int64_t k = 0; k < nblk; k++) gw_pack_b(&p, coords, bt, 64 * k, bp + (bt * nblk + k) * TILE);
+                for (int64_t gi = 0; gi < groups; gi++) gw_run_group(&p, gi, ap, bp, nblk, acc, ld);
+            }
+            #pragma omp barrier
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < size; i++) {
+                int32_t s = 0;
+                for (int t = 0; t < nt; t++) s += partials[t * size + i];
+                out[i] = s;
+            }
+        } else {
+            int8_t *ap = pack, *bp = pack + p.no * MB * TILE;
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < size; i++) out[i] = 0;
+            for (int64_t ch = 0; ch < chunks; ch++) {
+                int64_t m0 = ch * 64 * MB, nblk = (p.M - m0 + 63) / 64;
+                nblk = nblk < MB ? nblk : MB;
+                #pragma omp single
+                gw_locate(&p, m0, 64 * nblk, shared_coords);
+                #pragma omp for schedule(static)
+                for (int64_t it = 0; it < (p.no + p.nb) * nblk; it++) {
+                    int64_t t = it / nblk, k = it % nblk;
+                    if (t < p.no) gw_pack_a(&p, shared_coords, t, 64 * k, ap + (t * nblk + k) * TILE);
+                    else gw_pack_b(&p, shared_coords, t - p.no, 64 * k, bp + ((t - p.no) * nblk + k) * TILE);
+                }
+                #pragma omp for schedule(dynamic, 1)
+                for (int64_t gi = 0; gi < groups; gi++) gw_run_group(&p, gi, ap, bp, nblk, out, ld);
+            }
+        }
+        _tile_release();
+        free(coords);
+    }
+    free(shared_coords);
+    return 0;
+}
+
+#else
+int amx_available(void) { return 0; }
+
+int amx_conv_grad_weight(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xn,
+                         int64_t xc, int64_t xh, int64_t xw, const int8_t *g, int64_t Cout,
+                         int64_t OH, int64_t OW, int64_t gn, int64_t gc, int64_t gh, int64_t gw,
+                         int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW,
+                         int32_t *out, int32_t *partials, int8_t *pack, int threads) {
+    (void)x; (void)N; (void)C; (void)H; (void)W; (void)xn; (void)xc; (void)xh; (void)xw; (void)g;
+    (void)Cout; (void)OH; (void)OW; (void)gn; (void)gc; (void)gh; (void)gw; (void)KH; (void)KW;
+    (void)SH; (void)SW; (void)PH; (void)PW; (void)DH; (void)DW; (void)out; (void)partials;
+    (void)pack; (void)threads;
+    return -1;
+}
+#endif

@@ -1,0 +1,92 @@
+"""Convolution weight gradients on Intel AMX tiles (``amx_cpu.c``), exact int8 products.
+
+The integer grad-weight ``G^T @ im2col(x)`` spent its time writing the im2col matrix (9x the
+input for a 3x3 kernel) and in ``torch._int_mm`` with a reduction as long as the batch's output
+positions. Here an implicit GEMM fills the tiles straight from the channels-last input (each
+row of a tile: 16 channels of 4 positions, interleaved as the tile instruction reads them) and
+from the gradient transposed in 16x16 blocks, accumulating in int32 tiles: measured 1.0-2.6x
+faster than im2col and ``torch._int_mm`` on ResNet's 3x3 layers at batch 128, and 1.7-6.9x
+faster than FP32's ``convolution_backward`` weight gradient.
+
+:func:`conv_grad_weight` returns ``None`` where it does not apply (no AMX, no compiler support,
+the operating system refusing the tile state, channel counts that are not multiples of 16, an
+input that is not channels-last), so callers keep the im2col route.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from .cbuild import bound_library
+
+__all__ = ["available", "conv_grad_weight"]
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "amx_available": (ctypes.c_int, []),
+    "amx_conv_grad_weight": (ctypes.c_int, [_P] + [_I64] * 8 + [_P] + [_I64] * 7 + [ctypes.c_int] * 8
+                             + [_P, _P, _P, ctypes.c_int]),
+}
+_MB = 16  # position blocks of 64 per chunk (``MB`` in the C source)
+_PARTIALS_BYTES = 1 << 20  # outputs up to this size: one partial sum per thread, else shared chunks
+
+
+@functools.cache
+def _library():
+    if not torch.cpu._is_amx_tile_supported():
+        return None
+    lib = bound_library(Path(__file__).with_name("amx_cpu.c"), _SIGNATURES)
+    return lib if lib is not None and lib.amx_available() == 1 else None
+
+
+def available() -> bool:
+    """Whether this CPU, compiler and operating system run the AMX kernel."""
+    return _library() is not None
+
+
+def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride, padding, dilation
+                     ) -> torch.Tensor | None:
+    """Exact integer weight gradient ``[Cout, C, kh, kw]`` of a 2-d convolution (``groups == 1``)
+    from int8 output-gradient and input mantissas (int32; int64 where the batch is summed in
+    parts), or ``None`` where the kernel does not apply: no AMX, other dtypes, an input that
+    is not channels-last, ``C`` not a multiple of 16, more than 64 kernel taps.
+
+    The patches are gathered from the input into tile layout as the tiles are filled, so no
+    im2col matrix is written; sums run in int32 over as many images as cannot overflow it."""
+    lib = _library()
+    Cout, C, kh, kw = weight_shape
+    if (lib is None or g_m.dtype != torch.int8 or x_m.dtype != torch.int8 or x_m.dim() != 4 or g_m.dim() != 4
+            or x_m.device.type != "cpu" or C % 16 or x_m.shape[1] != C or x_m.stride(1) != 1
+            or g_m.shape[1] != Cout or min(g_m.shape) == 0):
+        return None
+    N, _, H, W = x_m.shape
+    OH, OW = g_m.shape[2:]
+    per_image = OH * OW
+    if per_image * 128 * 128 >= 2**31:
+        return None
+    images = (2**31 - 1) // (128 * 128 * per_image)  # int32 sums stay exact over this many images
+    if N > images:  # exact int64 sum of int32 parts
+        step = -(-N // -(-N // images))  # equal parts
+        parts = [conv_grad_weight(g_m[i:i + step], x_m[i:i + step], weight_shape, stride, padding, dilation)
+                 for i in range(0, N, step)]
+        return None if parts[0] is None else sum(p.to(torch.int64) for p in parts)
+    no, nb = -(-Cout // 16), kh * kw * (C // 16)
+    size = 16 * no * 16 * nb
+    threads = torch.get_num_threads()
+    from .gemm_cpu import workspace  # gemm_cpu imports this module
+
+    shared = size * 4 > _PARTIALS_BYTES
+    partials = None if shared else workspace(threads * size, torch.int32, "amx_gw_partials")
+    pack = workspace((1 if shared else threads) * (no + nb) * _MB * 1024, torch.int8, "amx_gw_pack")
+    out = torch.empty(16 * no, kh * kw * C, dtype=torch.int32)
+    xs, gs = x_m.stride(), g_m.stride()
+    rc = lib.amx_conv_grad_weight(
+        x_m.data_ptr(), N, C, H, W, xs[0], xs[1], xs[2], xs[3], g_m.data_ptr(), Cout, OH, OW,
+        gs[0], gs[1], gs[2], gs[3], kh, kw, *stride, *padding, *dilation, out.data_ptr(),
+        None if partials is None else partials.data_ptr(), pack.data_ptr(), threads)
+    if rc != 0:
+        return None
+    return out[:Cout].view(Cout, kh, kw, C).permute(0, 3, 1, 2)

@@ -1,0 +1,109 @@
+"""The AMX convolution weight gradient (``kernels/amx_cpu``) against an int64 oracle.
+
+Runs where the CPU has AMX tiles (others skip; there ``conv_grad_weight`` must decline)."""
+import pytest
+import torch
+
+from muppet_fx.kernels import amx_cpu, gemm_cpu
+
+needs_amx = pytest.mark.skipif(not amx_cpu.available(), reason="CPU without AMX int8 tiles")
+
+
+def _oracle(g, x, weight_shape, stride, padding, dilation):
+    """float64 sums of products of integers below 2**14: exact below 2**53."""
+    return torch.nn.grad.conv2d_weight(x.double(), weight_shape, g.double(), stride, padding, dilation).long()
+
+
+def _case(n, c, h, w, cout, kernel, stride, padding, dilation, g_channels_last=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda *s: torch.randint(-127, 128, s, generator=gen, dtype=torch.int8)  # noqa: E731
+    x = draw(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    oh = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    g = draw(n, cout, oh, ow)
+    g = g.contiguous(memory_format=torch.channels_last) if g_channels_last else g
+    return g, x, (cout, c, *kernel)
+
+
+CASES = [  # (n, c, h, w, cout, kernel, stride, padding, dilation)
+    (2, 16, 7, 9, 16, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (3, 32, 11, 5, 5, (3, 1), (2, 1), (0, 2), (1, 1)),
+    (1, 16, 9, 9, 33, (3, 3), (2, 2), (1, 1), (2, 2)),
+    (2, 48, 6, 6, 17, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (1, 16, 13, 7, 1, (5, 5), (1, 2), (2, 0), (1, 1)),
+    (4, 64, 8, 8, 64, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (1, 32, 3, 3, 7, (3, 3), (1, 1), (3, 3), (1, 1)),  # padding wider than the kernel reach
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("g_channels_last", [True, False])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-thread", "shared"])
+def test_exact_on_odd_shapes(monkeypatch, case, g_channels_last, shared):
+    *shape, stride, padding, dilation = case
+    g, x, ws = _case(*shape, stride, padding, dilation, g_channels_last)
+    if shared:  # every output above the bound: threads split each chunk's tile groups
+        monkeypatch.setattr(amx_cpu, "_PARTIALS_BYTES", 0)
+    got = amx_cpu.conv_grad_weight(g, x, ws, stride, padding, dilation)
+    assert got is not None
+    assert torch.equal(got.long(), _oracle(g, x, ws, stride, padding, dilation))
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_count_does_not_change_the_sums(threads):
+    g, x, ws = _case(5, 32, 10, 10, 48, (3, 3), (1, 1), (1, 1), (1, 1), seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = amx_cpu.conv_grad_weight(g, x, ws, (1, 1), (1, 1), (1, 1))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got.long(), _oracle(g, x, ws, (1, 1), (1, 1), (1, 1)))
+
+
+@needs_amx
+def test_batch_longer_than_an_int32_sum_is_split_exactly():
+    """131 images of 32x32 positions: where input and gradient channel 0 hold 127 everywhere,
+    the weight-gradient sum is 134144 * 127**2 > 2**31; the batch runs in int32 parts added in
+    int64."""
+    g, x, ws = _case(131, 16, 32, 32, 16, (1, 1), (1, 1), (0, 0), (1, 1), seed=7)
+    x[:, 0], g[:, 0] = 127, 127
+    got = amx_cpu.conv_grad_weight(g, x, ws, (1, 1), (0, 0), (1, 1))
+    want = _oracle(g, x, ws, (1, 1), (0, 0), (1, 1))
+    assert want[0, 0, 0, 0] == 131 * 1024 * 127**2 > 2**31
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
+@needs_amx
+def test_gemm_route_takes_it_and_agrees_with_im2col(monkeypatch):
+    g, x, ws = _case(3, 16, 9, 9, 24, (3, 3), (2, 2), (1, 1), (1, 1), seed=5)
+    calls = []
+    real = amx_cpu.conv_grad_weight
+    monkeypatch.setattr(amx_cpu, "conv_grad_weight", lambda *a: calls.append(1) or real(*a))
+    fast = gemm_cpu.conv_grad_weight(g, x, ws, (2, 2), (1, 1), (1, 1))
+    monkeypatch.setattr(amx_cpu, "conv_grad_weight", lambda *a: None)
+    slow = gemm_cpu.conv_grad_weight(g, x, ws, (2, 2), (1, 1), (1, 1))
+    assert calls and torch.equal(fast.long(), slow.long())
+
+
+@pytest.mark.parametrize("what", ["channels", "layout", "dtype", "taps"])
+def test_declines_what_it_does_not_cover(what):
+    g, x, ws = _case(2, 16, 12, 12, 16, (3, 3), (1, 1), (1, 1), (1, 1))
+    if what == "channels":
+        g, x, ws = _case(2, 3, 8, 8, 16, (3, 3), (1, 1), (1, 1), (1, 1))
+    elif what == "layout":
+        x = x.contiguous()
+    elif what == "dtype":
+        x = x.to(torch.int16)
+    else:
+        g, x, ws = _case(1, 16, 12, 12, 16, (9, 9), (1, 1), (4, 4), (1, 1))
+    assert amx_cpu.conv_grad_weight(g, x, ws, (1, 1), (1, 1) if what != "taps" else (4, 4), (1, 1)) is None
+
+
+def test_declines_without_amx():
+    if amx_cpu.available():
+        pytest.skip("this CPU has AMX: the kernels run (tested above)")
+    g, x, ws = _case(2, 16, 8, 8, 16, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert amx_cpu.conv_grad_weight(g, x, ws, (1, 1), (1, 1), (1, 1)) is None
