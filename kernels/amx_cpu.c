@@ -283,6 +283,159 @@ int amx_conv_grad_weight(const int8_t *x, int64_t N, int64_t C, int64_t H, int64
     return 0;
 }
 
+/* ---- convolution forward: out[m, o] = sum over taps and channels of X[pixel(m) + tap, c] W[o, c, tap] ----
+ * Direct: the input is copied once into a zero-bordered channels-last buffer, after which every
+ * tap of R consecutive output positions of one image row is R input pixels at a fixed distance
+ * (stride * C bytes), so A tiles load straight from it (R rows of P channels) and no im2col
+ * matrix is ever written. The reduction runs tap by tap and over channel pieces of P bytes
+ * (64, or C when C < 64). B tiles: the weight per (tap, piece, 16 outputs), 4-byte interleaved,
+ * packed once per call. Each task takes two segments of R positions against two blocks of 16
+ * outputs (four accumulators); results go row-major to int32 [M, Cout], i.e. channels-last. */
+typedef struct {
+    const int8_t *xp; int64_t pn, ph, pw;   /* padded input and its strides (bytes) */
+    int64_t C, Cout, OH, OW, M, P, npc, no, segs, R;
+    int KH, KW, SH, SW, DH, DW;
+} fw_problem;
+
+static void fw_configure(int rows, int piece) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 4; t++) { cfg.rows[t] = rows; cfg.colsb[t] = 64; }  /* accumulators */
+    for (int t = 4; t < 6; t++) { cfg.rows[t] = rows; cfg.colsb[t] = piece; }  /* positions */
+    for (int t = 6; t < 8; t++) { cfg.rows[t] = piece / 4; cfg.colsb[t] = 64; }  /* weights */
+    _tile_loadconfig(&cfg);
+}
+
+/* B tile (tap, piece q, ob): row r, byte 4 c + t = W[16 ob + c, q P + 4 r + t, tap]. */
+static void fw_pack_w(const fw_problem *p, const int8_t *w, int64_t wo, int64_t wc, int64_t wh,
+                      int64_t ww, int64_t tap, int64_t q, int64_t ob, int8_t *dst) {
+    const int8_t *wt = w + (tap / p->KW) * wh + (tap % p->KW) * ww;
+    for (int r = 0; r < p->P / 4; r++)
+        for (int c = 0; c < 16; c++)
+            for (int t = 0; t < 4; t++) {
+                int64_t o = 16 * ob + c;
+                dst[64 * r + 4 * c + t] = o < p->Cout ? wt[o * wo + (q * p->P + 4 * r + t) * wc] : 0;
+            }
+}
+
+/* Segment s: image n, output row oh, first position ow0 (R positions, fewer at a row's end). */
+static const int8_t *fw_segment(const fw_problem *p, int64_t s, int64_t *m0, int64_t *count) {
+    int64_t row = s / p->segs, ow0 = (s % p->segs) * p->R, n = row / p->OH, oh = row % p->OH;
+    *m0 = row * p->OW + ow0;
+    *count = p->OW - ow0 < p->R ? p->OW - ow0 : p->R;
+    return p->xp + n * p->pn + oh * p->SH * p->ph + ow0 * p->SW * p->pw;
+}
+
+/* Stores accumulator tile t for `rows` positions from m and outputs o..o+15, then, while it is in
+ * cache, folds its magnitudes into *amax and (scale != 0) rewrites it as float32 acc * scale. */
+static void fw_store(int t, int32_t *out, int64_t ld, int64_t m, int64_t rows, int64_t o, int64_t Cout, int R,
+                     float scale, uint32_t *amax) {
+    int32_t tmp[256];
+    int32_t *dst = out + m * ld + o;
+    int full = rows == R && o + 16 <= Cout;
+    switch (t) {  /* tile numbers must be immediates */
+        case 0: if (full) _tile_stored(0, dst, ld * 4); else _tile_stored(0, tmp, 64); break;
+        case 1: if (full) _tile_stored(1, dst, ld * 4); else _tile_stored(1, tmp, 64); break;
+        case 2: if (full) _tile_stored(2, dst, ld * 4); else _tile_stored(2, tmp, 64); break;
+        default: if (full) _tile_stored(3, dst, ld * 4); else _tile_stored(3, tmp, 64); break;
+    }
+    int64_t cols = Cout - o < 16 ? Cout - o : 16;
+    if (!full)
+        for (int64_t r = 0; r < rows; r++) memcpy(dst + r * ld, tmp + 16 * r, cols * 4);
+    __mmask16 keep = (__mmask16)((1u << cols) - 1);
+    __m512i top = _mm512_setzero_si512();
+    __m512 s = _mm512_set1_ps(scale);
+    for (int64_t r = 0; r < rows; r++) {
+        int32_t *row = dst + r * ld;
+        __m512i v = _mm512_maskz_loadu_epi32(keep, row);
+        top = _mm512_max_epu32(top, _mm512_abs_epi32(v));  /* |INT32_MIN| reads as 2**31 unsigned */
+        if (scale != 0.0f) _mm512_mask_storeu_ps((float *)row, keep, _mm512_mul_ps(_mm512_cvtepi32_ps(v), s));
+    }
+    uint32_t best = _mm512_reduce_max_epu32(top);
+    if (best > *amax) *amax = best;
+}
+
+/* Copies x (channels-last strides xn, xh, xw; channel stride 1) into xp [N, H + 2 PH, W + 2 PW, C]
+ * with a zero border. */
+static void fw_pad(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xn, int64_t xh,
+                   int64_t xw, int PH, int PW, int8_t *xp, int threads) {
+    int64_t Hp = H + 2 * PH, Wp = W + 2 * PW;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t row = 0; row < N * Hp; row++) {
+        int64_t n = row / Hp, ih = row % Hp - PH;
+        int8_t *d = xp + row * Wp * C;
+        if (ih < 0 || ih >= H) { memset(d, 0, Wp * C); continue; }
+        memset(d, 0, PW * C);
+        memset(d + (PW + W) * C, 0, PW * C);
+        const int8_t *src = x + n * xn + ih * xh;
+        if (xw == C) memcpy(d + PW * C, src, W * C);
+        else for (int64_t iw = 0; iw < W; iw++) memcpy(d + (PW + iw) * C, src + iw * xw, C);
+    }
+}
+
+/* out: int32 [N * OH * OW, Cout], or float32 acc * scale where scale != 0; *amax receives the
+ * largest |acc|. xp: N (H + 2 PH) (W + 2 PW) C bytes; wpack: taps * (C / P) * ceil(Cout / 16)
+ * tiles of 64 P / 4 bytes. Returns -1 where C % 16 != 0 or the input is not channels-last. */
+int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xn,
+                     int64_t xc, int64_t xh, int64_t xw, const int8_t *w, int64_t Cout, int64_t wo,
+                     int64_t wc, int64_t wh, int64_t ww, int64_t OH, int64_t OW, int KH, int KW,
+                     int SH, int SW, int PH, int PW, int DH, int DW, int32_t *out, int8_t *xp,
+                     int8_t *wpack, float scale, uint32_t *amax, int threads) {
+    if (C % 16 != 0 || xc != 1) return -1;
+    uint32_t top = 0;
+    int64_t P = C % 64 == 0 ? 64 : (C < 64 ? C : 16), R = OW < 16 ? OW : 16;
+    int64_t Wp = W + 2 * PW;
+    fw_problem p = {xp, (H + 2 * PH) * Wp * C, Wp * C, C, C, Cout, OH, OW, N * OH * OW, P, C / P,
+                    (Cout + 15) / 16, (OW + R - 1) / R, R, KH, KW, SH, SW, DH, DW};
+    int64_t taps = (int64_t)KH * KW, wtile = 16 * P, nseg = N * OH * p.segs;
+    int64_t kparts = taps * p.npc;                 /* (tap, piece) steps of the reduction */
+    int64_t tasks = ((nseg + 1) / 2) * ((p.no + 1) / 2);
+    fw_pad(x, N, C, H, W, xn, xh, xw, PH, PW, xp, threads);
+    #pragma omp parallel num_threads(threads) reduction(max : top)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t it = 0; it < kparts * p.no; it++) {
+            int64_t ob = it / kparts, kp = it % kparts;
+            fw_pack_w(&p, w, wo, wc, wh, ww, kp / p.npc, kp % p.npc, ob, wpack + it * wtile);
+        }
+        fw_configure((int)R, (int)P);
+        /* output pairs vary fastest: both segments' input rows stay in cache across them */
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; task++) {
+            int64_t sp = task / ((p.no + 1) / 2), ob = 2 * (task % ((p.no + 1) / 2));
+            int64_t m0, m1, c0, c1 = 0;
+            const int8_t *a0 = fw_segment(&p, 2 * sp, &m0, &c0), *a1 = a0;
+            int two = 2 * sp + 1 < nseg, pair = ob + 1 < p.no;
+            if (two) a1 = fw_segment(&p, 2 * sp + 1, &m1, &c1);
+            const int8_t *b0 = wpack + ob * kparts * wtile, *b1 = b0 + kparts * wtile;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t kp = 0; kp < kparts; kp++) {
+                int64_t tap = kp / p.npc;
+                int64_t off = (tap / KW) * DH * p.ph + (tap % KW) * DW * p.pw + (kp % p.npc) * P;
+                _tile_loadd(4, a0 + off, SW * C);
+                _tile_loadd(6, b0 + kp * wtile, 64);
+                _tile_dpbssd(0, 4, 6);
+                if (pair) { _tile_loadd(7, b1 + kp * wtile, 64); _tile_dpbssd(1, 4, 7); }
+                if (two) {
+                    _tile_loadd(5, a1 + off, SW * C);
+                    _tile_dpbssd(2, 5, 6);
+                    if (pair) _tile_dpbssd(3, 5, 7);
+                }
+            }
+            fw_store(0, out, Cout, m0, c0, 16 * ob, Cout, (int)R, scale, &top);
+            if (pair) fw_store(1, out, Cout, m0, c0, 16 * ob + 16, Cout, (int)R, scale, &top);
+            if (two) {
+                fw_store(2, out, Cout, m1, c1, 16 * ob, Cout, (int)R, scale, &top);
+                if (pair) fw_store(3, out, Cout, m1, c1, 16 * ob + 16, Cout, (int)R, scale, &top);
+            }
+        }
+        _tile_release();
+    }
+    *amax = top;
+    return 0;
+}
+
 #else
 int amx_available(void) { return 0; }
 
@@ -295,6 +448,16 @@ int amx_conv_grad_weight(const int8_t *x, int64_t N, int64_t C, int64_t H, int64
     (void)Cout; (void)OH; (void)OW; (void)gn; (void)gc; (void)gh; (void)gw; (void)KH; (void)KW;
     (void)SH; (void)SW; (void)PH; (void)PW; (void)DH; (void)DW; (void)out; (void)partials;
     (void)pack; (void)threads;
+    return -1;
+}
+int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xn,
+                     int64_t xc, int64_t xh, int64_t xw, const int8_t *w, int64_t Cout, int64_t wo,
+                     int64_t wc, int64_t wh, int64_t ww, int64_t OH, int64_t OW, int KH, int KW,
+                     int SH, int SW, int PH, int PW, int DH, int DW, int32_t *out, int8_t *xp,
+                     int8_t *wpack, float scale, uint32_t *amax, int threads) {
+    (void)x; (void)xp; (void)scale; (void)amax; (void)N; (void)C; (void)H; (void)W; (void)xn; (void)xc; (void)xh; (void)xw; (void)w;
+    (void)Cout; (void)wo; (void)wc; (void)wh; (void)ww; (void)OH; (void)OW; (void)KH; (void)KW;
+    (void)SH; (void)SW; (void)PH; (void)PW; (void)DH; (void)DW; (void)out; (void)wpack; (void)threads;
     return -1;
 }
 #endif

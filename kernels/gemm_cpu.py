@@ -201,10 +201,12 @@ def _narrow_int16(a: torch.Tensor, b: torch.Tensor) -> bool:
         and _max_abs(b) <= 8191
 
 
-def conv_forward(x_m, w_m, stride, padding, dilation, mm=None) -> torch.Tensor:
+def conv_forward(x_m, w_m, stride, padding, dilation, mm=None, amx: bool = True) -> torch.Tensor:
     """Exact integer ``conv2d(x_m, w_m)`` (groups 1): int32/int64, channels-last NCHW.
 
-    Operands up to 14 bits are split before im2col, so the patches stay int8."""
+    Operands up to 14 bits are split before im2col, so the patches stay int8. On AMX CPUs
+    :func:`amx_cpu.conv_forward` takes what it covers (no im2col; a large int32 result lives in a
+    reused buffer, as ``int_matmul``'s does)."""
     if _narrow_int16(x_m, w_m):
         return _karatsuba_bilinear(lambda a, b: conv_forward(a, b, stride, padding, dilation, mm),
                                    x_m, w_m)
@@ -212,6 +214,10 @@ def conv_forward(x_m, w_m, stride, padding, dilation, mm=None) -> torch.Tensor:
     Cout, _, kh, kw = w_m.shape
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
     OH, OW = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
+    if mm is None and amx:
+        acc = amx_cpu.conv_forward(x_m, w_m, (sh, sw), (ph, pw), (dh, dw))
+        if acc is not None:  # AMX tiles loaded straight from the (zero-bordered) input
+            return acc
     cols = im2col(x_m, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
     return _to_nchw(int_matmul(cols, _taps_last(w_m).t(), mm=mm), N, OH, OW)
 
@@ -273,7 +279,8 @@ def _grad_input_by_phases(g_m, w_m, input_shape, stride, padding, dilation, mm):
         qh, qw = len(range(a, H, sh)), len(range(b, W, sw))
         Ph = max(0, -dh0, qh + dh0 + eh * (len(rows) - 1) - OH)  # symmetric padding >= both sides,
         Pw = max(0, -dw0, qw + dw0 + ew * (len(cols) - 1) - OW)  # the outputs wanted start at P + d0
-        y = conv_forward(g_m, w_m[:, :, rows][:, :, :, cols].transpose(0, 1), 1, (Ph, Pw), (eh, ew), mm=mm)
+        y = conv_forward(g_m, w_m[:, :, rows][:, :, :, cols].transpose(0, 1), 1, (Ph, Pw), (eh, ew), mm=mm,
+                         amx=False)
         if out is None:
             out = torch.empty((N, C, H, W), dtype=y.dtype, device=g_m.device, memory_format=torch.channels_last)
             if len(phases) < min(sh, H) * min(sw, W):

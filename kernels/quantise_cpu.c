@@ -109,10 +109,12 @@ QUANTISE_FN(quantise_i32, int32_t)
 
 DEQUANTISE_FN(dequantise_i8, int8_t)
 DEQUANTISE_FN(dequantise_i16, int16_t)
+DEQUANTISE_FN(dequantise_i32, int32_t) /* int32 accumulators: rounded to float32 as torch converts them */
 
 /* Output quantisation straight from an int32 GEMM accumulator: q = round(acc * 2**e * 2**s)
  * * 2**-s, where (float)acc is the value an FP32 epilogue would hold, so the result equals
- * converting, scaling and quantising in three passes. up_* = 2**(e+s) in two factors. */
+ * converting, scaling and quantising in three passes. up_* = 2**(e+s) in two factors. With
+ * mant_bytes 1 or 2 the mantissas round(...) go to mant as int8/int16 as well. */
 int64_t absmax_i32(const int32_t *a, int64_t n, int nthreads) {
     int64_t best = 0;
 #pragma omp parallel for simd reduction(max : best) num_threads(n > PAR_MIN ? nthreads : 1) schedule(static)
@@ -124,7 +126,8 @@ int64_t absmax_i32(const int32_t *a, int64_t n, int nthreads) {
 }
 
 void requantise_i32(const int32_t *acc, int64_t n, float up_hi, float up_lo, float down_hi,
-                    float down_lo, float fmax, int stochastic, uint64_t seed, float *q, int nthreads) {
+                    float down_lo, float fmax, int stochastic, uint64_t seed, float *q,
+                    void *mant, int mant_bytes, int nthreads) {
     int64_t blocks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for num_threads(n > PAR_MIN ? nthreads : 1) schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -133,6 +136,15 @@ void requantise_i32(const int32_t *acc, int64_t n, float up_hi, float up_lo, flo
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) x[i] = (float)acc[start + i];
         round_block(x, NULL, start, len, up_hi, up_lo, stochastic, seed, m);
+        if (mant_bytes == 1) {
+            int8_t *md = (int8_t *)mant + start;
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i) md[i] = (int8_t)m[i];
+        } else if (mant_bytes == 2) {
+            int16_t *md = (int16_t *)mant + start;
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i) md[i] = (int16_t)m[i];
+        }
         float *dst = q + start;
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {

@@ -25,7 +25,7 @@ from .quantise import MAX_EXPONENT, dequantise_reference, is_dense, mantissa_dty
 __all__ = ["quantise_cpu", "dequantise_cpu", "requantise_accumulator", "host_exponent", "c_kernel_available"]
 
 _SOURCE = Path(__file__).with_name("quantise_cpu.c")
-_DEQ = {torch.int8: "dequantise_i8", torch.int16: "dequantise_i16"}
+_DEQ = {torch.int8: "dequantise_i8", torch.int16: "dequantise_i16", torch.int32: "dequantise_i32"}
 _FN = {torch.int8: "quantise_i8", torch.int16: "quantise_i16", torch.int32: "quantise_i32"}
 _lib = None
 _FMAX = torch.finfo(torch.float32).max
@@ -42,7 +42,8 @@ def _library():
             lib.absmax_i32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             lib.requantise_i32.restype = None
             lib.requantise_i32.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 5
-                                           + [ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int])
+                                           + [ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p,
+                                              ctypes.c_int, ctypes.c_int])
             for name in _DEQ.values():
                 getattr(lib, name).restype = None
                 getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
@@ -113,9 +114,10 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
 
 
 def dequantise_cpu(m: torch.Tensor, e: int) -> torch.Tensor | None:
-    """float32 ``m * 2**e`` in one pass for a dense int8/int16 CPU tensor (layout kept); ``None``
-    where the C kernel does not apply. Casting and scaling with torch ops costs several times
-    more on these mantissa dtypes."""
+    """float32 ``m * 2**e`` in one pass for a dense int8/int16/int32 CPU tensor (layout kept;
+    int32 values round to float32 as torch's conversion rounds them); ``None`` where the C
+    kernel does not apply. Casting and scaling with torch ops costs several times more on
+    these dtypes (3-4x on a 2M-value int32 accumulator)."""
     lib = _library()
     if (lib is None or m.dtype not in _DEQ or m.device.type != "cpu" or not -126 <= e <= 126
             or not is_dense(m)):
@@ -141,22 +143,29 @@ def _via_reference(x, bits, rounding, axis, generator, noise, want_mantissa, wan
     return (m.to(mantissa_dtype(bits)) if want_mantissa else None), s, q, nonfinite
 
 
-def requantise_accumulator(acc: torch.Tensor, e: int, bits: int, rounding: str) -> torch.Tensor | None:
+def requantise_accumulator(acc: torch.Tensor, e: int, bits: int, rounding: str, want_mantissa: bool = False,
+                           in_place: bool = False, absmax: int | None = None):
     """``fake_quantise(acc.float() * 2**e)`` in one fused pass over an int32 GEMM accumulator
     (dense, any memory order); the same values and draws as converting, scaling and quantising
-    separately. ``None`` where the C kernel does not apply (then take the separate passes)."""
+    separately. Returns ``(q, m, s)``: the values, with ``want_mantissa`` the mantissas written
+    by the same pass (else ``None``), and the exponent; ``None`` where the C kernel does not
+    apply (then take the separate passes). ``in_place``: ``q`` overwrites ``acc``'s memory
+    (each block is read before it is written), which spares writing a fresh 4-byte tensor.
+    ``absmax``: ``max |acc|`` where the producer gathered it (the scan is then skipped)."""
     lib = _library()
     if lib is None or acc.dtype != torch.int32 or not is_dense(acc) or not -126 <= e <= 126 or acc.numel() == 0:
         return None
     n, threads = acc.numel(), torch.get_num_threads()
-    top = float(torch.tensor(float(lib.absmax_i32(acc.data_ptr(), n, threads)), dtype=torch.float32))
+    top = lib.absmax_i32(acc.data_ptr(), n, threads) if absmax is None else absmax
+    top = float(torch.tensor(float(top), dtype=torch.float32))  # |acc| as the float32 conversion rounds it
     s = host_exponent(math.ldexp(top, e), bits, MAX_EXPONENT[torch.float32])
-    if not -126 <= e + s <= 126:
+    if not -126 <= e + s <= 126 or (want_mantissa and bits > 16):
         return None
     seed = int(torch.randint(0, 2**62, ())) if rounding == "stochastic" else 0
     h = s // 2
-    q = torch.empty_like(acc, dtype=torch.float32)
+    q = acc.view(torch.float32) if in_place else torch.empty_like(acc, dtype=torch.float32)
+    m = torch.empty_like(acc, dtype=mantissa_dtype(bits)) if want_mantissa else None
     lib.requantise_i32(acc.data_ptr(), n, math.ldexp(1.0, e + s), 1.0, math.ldexp(1.0, -h),
                        math.ldexp(1.0, h - s), _FMAX, int(rounding == "stochastic"), seed,
-                       q.data_ptr(), threads)
-    return q
+                       q.data_ptr(), _ptr(m), 0 if m is None else m.element_size(), threads)
+    return q, m, torch.tensor(s, dtype=torch.int32)

@@ -42,11 +42,14 @@ def _fq(x: Tensor, bits: int, rounding: str) -> Tensor:
     return fake_quantise_inplace(x.float(), bits, rounding)
 
 
-def _fq_parts(y: Tensor, bits: int, rounding: str, quantised: bool, parts: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The layer output ``y`` fake-quantised (unless the route ``quantised`` it already) and,
-    with ``parts``, its mantissas and exponent for the compact batch norm that reads it
-    (``compact_batch_norm``), written by the same CPU pass; empty tensors without ``parts``."""
+def _fq_parts(y: Tensor, bits: int, rounding: str, quantised, parts: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer output ``y`` fake-quantised (unless the route ``quantised`` it already: True,
+    or the ``(mantissas, exponent)`` its pass wrote) and, with ``parts``, its mantissas and
+    exponent for the compact batch norm that reads it (``compact_batch_norm``), written by the
+    same CPU pass; empty tensors without ``parts``."""
     y = y.float()
+    if isinstance(quantised, tuple):  # the route's requantisation wrote the mantissas too
+        return y, *quantised
     if not parts:
         return (y if quantised else _fq(y, bits, rounding)), *_no_parts(y)
     if not quantised and y.device.type == "cpu" and not triton_path(y):
@@ -201,7 +204,7 @@ def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding:
     x_m, x_s, x_v = _quantise_operand(x.float(), bits, rounding, values)
     w_m, w_s, w_v = _quantise_operand(w.float(), bits, rounding, values, w_axis)
     y, done = routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding, dilation,
-                                  groups, (bits, rounding) if quant_out else None, x_v=x_v, w_v=w_v)
+                                  groups, (bits, rounding, out_parts) if quant_out else None, x_v=x_v, w_v=w_v)
     y = _conv_layout(y)
     y, y_m, y_s = _fq_parts(y, bits, rounding, done, out_parts) if quant_out else (y, *_no_parts(y))
     return _own(y, x_m, x_s, w_m, w_s, y_m, y_s)

@@ -107,3 +107,84 @@ def test_declines_without_amx():
         pytest.skip("this CPU has AMX: the kernels run (tested above)")
     g, x, ws = _case(2, 16, 8, 8, 16, (3, 3), (1, 1), (1, 1), (1, 1))
     assert amx_cpu.conv_grad_weight(g, x, ws, (1, 1), (1, 1), (1, 1)) is None
+
+
+def _forward_case(n, c, h, w, cout, kernel, stride, padding, dilation, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-128, 128, (n, c, h, w), generator=gen, dtype=torch.int8).contiguous(
+        memory_format=torch.channels_last)
+    wt = torch.randint(-128, 128, (cout, c, *kernel), generator=gen, dtype=torch.int8)
+    return x, wt
+
+
+FORWARD_CASES = [  # output rows of at least 8 positions (amx_cpu.MIN_WIDTH)
+    (2, 16, 7, 9, 16, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (3, 32, 11, 17, 5, (3, 1), (2, 1), (0, 2), (1, 1)),
+    (1, 16, 19, 19, 33, (3, 3), (2, 2), (1, 1), (2, 2)),
+    (2, 48, 6, 8, 17, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (1, 16, 13, 12, 1, (5, 5), (1, 1), (2, 2), (1, 1)),
+    (2, 128, 9, 21, 40, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (1, 80, 5, 6, 7, (3, 3), (1, 1), (3, 3), (1, 1)),  # 16-channel pieces; padding wider than the kernel
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("case", FORWARD_CASES)
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+def test_forward_exact_on_odd_shapes(case, weight_layout):
+    *shape, stride, padding, dilation = case
+    x, w = _forward_case(*shape, stride, padding, dilation)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    want = torch.nn.functional.conv2d(x.double(), w.double(), None, stride, padding, dilation).long()
+    for reuse in (True, False):
+        got, top = amx_cpu.conv_forward(x, w, stride, padding, dilation, reuse=reuse, with_absmax=True)
+        assert torch.equal(got.long(), want) and top == want.abs().max()
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    scaled = amx_cpu.conv_forward(x, w, stride, padding, dilation, reuse=False, scale_exp=-13)
+    assert scaled.dtype == torch.float32 and torch.equal(scaled, torch.ldexp(want.float(), torch.tensor(-13.0)))
+
+
+def test_forward_declines_narrow_rows_and_others():
+    x, w = _forward_case(2, 16, 4, 4, 16, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert amx_cpu.conv_forward(x, w, (1, 1), (1, 1), (1, 1)) is None  # 4 positions a row: im2col's
+    x, w = _forward_case(2, 16, 12, 12, 16, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert amx_cpu.conv_forward(x.contiguous(), w, (1, 1), (1, 1), (1, 1)) is None
+    assert amx_cpu.conv_forward(x, w.to(torch.int16), (1, 1), (1, 1), (1, 1)) is None
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1, bias=False), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 16, 1), torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 10))
+
+
+@needs_amx
+@pytest.mark.parametrize("bits", [8, 12])
+def test_network_is_bit_identical_with_and_without_amx(monkeypatch, bits):
+    """The integer products are exact either way and the output quantiser draws the same
+    uniforms, so outputs and every gradient agree bit for bit."""
+    import muppet_fx
+
+    x = torch.randn(4, 3, 16, 16)
+
+    def run():
+        pm = muppet_fx.prepare(_net(), ladder=(bits, "fp32"), backend="aten", exact=True)
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_()
+        out = pm(xi)
+        out.square().sum().backward()
+        return out, xi.grad, [p.grad for p in pm.parameters()]
+
+    calls = []
+    real = amx_cpu.conv_forward
+    monkeypatch.setattr(amx_cpu, "conv_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with_amx = run()
+    assert calls
+    monkeypatch.setattr(amx_cpu, "_library", lambda: None)
+    without = run()
+    assert torch.equal(with_amx[0], without[0]) and torch.equal(with_amx[1], without[1])
+    assert all(torch.equal(a, b) for a, b in zip(with_amx[2], without[2]))

@@ -89,12 +89,18 @@ def test_fused_output_quantisation_equals_separate_passes(rounding):
         pytest.skip("no C compiler: the fused kernel is not built")
     acc = torch.randint(-2**30, 2**30, (3, 5, 7, 11), dtype=torch.int32).contiguous(
         memory_format=torch.channels_last)
-    for e in (-20, 0, 5):
+    for e, bits in ((-20, 8), (0, 8), (5, 8), (-3, 12)):
         torch.manual_seed(3)
-        fused = requantise_accumulator(acc, e, 8, rounding)
+        fused, m, s = requantise_accumulator(acc, e, bits, rounding, want_mantissa=True)
         torch.manual_seed(3)
-        separate = fake_quantise_inplace(torch.mul(acc, 2.0**e), 8, rounding)
+        separate = fake_quantise_inplace(torch.mul(acc, 2.0**e), bits, rounding)
         assert torch.equal(fused, separate) and fused.is_contiguous(memory_format=torch.channels_last)
+        assert m.dtype == (torch.int8 if bits == 8 else torch.int16) and m.is_contiguous(memory_format=torch.channels_last)
+        assert m.abs().max() <= 2 ** (bits - 1) - 1
+        assert torch.equal(torch.ldexp(m.double(), -s.double()), fused.double())  # the same grid values
+        torch.manual_seed(3)
+        alone, none, s2 = requantise_accumulator(acc, e, bits, rounding)
+        assert none is None and torch.equal(alone, fused) and int(s2) == int(s)
     assert requantise_accumulator(acc.long(), 0, 8, rounding) is None  # not an int32 accumulator
 
 
