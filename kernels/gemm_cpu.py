@@ -95,8 +95,9 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK, mm=None) ->
     if a.dtype not in (torch.int8, torch.int16) or b.dtype not in (torch.int8, torch.int16):
         raise TypeError(f"int_matmul takes int8/int16 mantissas, got {a.dtype} and {b.dtype}")
     a16, b16 = a.to(torch.int16), b.to(torch.int16)
-    if _narrow_int16(a16, b16):  # three products: A@B = 16384 HH + 128 (MID - HH - LL) + LL
-        return _karatsuba_bilinear(lambda x, y: _mm_int8(x, y, chunk, mm), a16, b16)
+    planes = _narrow_planes(a16, b16)
+    if planes is not None:  # three products: A@B = 16384 HH + 128 (MID - HH - LL) + LL
+        return _karatsuba_bilinear(lambda x, y: _mm_int8(x, y, chunk, mm), a16, b16, planes)
     ah, al = _split(a16)
     bh, bl = _split(b16)
     K = a.shape[1]
@@ -184,16 +185,56 @@ def _out_size(H, k, s, p, d):
     return (H + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _karatsuba_bilinear(f, a16, b16):
+def _karatsuba_bilinear(f, a16, b16, planes=None):
     """Exact bilinear ``f`` (a conv or a GEMM that is exact on int8 operands) of operands up to
     14 bits from three int8 evaluations: with ``m = 128 h + l``,
-    ``f(A, B) = 16384 f(Ah, Bh) + 128 (f(Ah+Al, Bh+Bl) - f(Ah, Bh) - f(Al, Bl)) + f(Al, Bl)``."""
-    ah, al = _split128(a16)
-    bh, bl = _split128(b16)
+    ``f(A, B) = 16384 f(Ah, Bh) + 128 (f(Ah+Al, Bh+Bl) - f(Ah, Bh) - f(Al, Bl)) + f(Al, Bl)``.
+    ``planes``: the operands' ``(h, l, h + l)`` from :func:`_narrow_planes`."""
+    if planes is None:
+        (ah, al), (bh, bl) = _split128(a16), _split128(b16)
+        planes = (ah, al, ah + al), (bh, bl, bh + bl)
+    (ah, al, asum), (bh, bl, bsum) = planes
     hh = f(ah, bh).to(torch.int64)
     ll = f(al, bl).to(torch.int64)
-    mid = f(ah + al, bh + bl).to(torch.int64) - hh - ll
+    mid = f(asum, bsum).to(torch.int64) - hh - ll
     return hh * 16384 + mid * 128 + ll
+
+
+def _narrow_planes(a: torch.Tensor, b: torch.Tensor):
+    """Karatsuba int8 planes ``((h, l, h + l), ...)`` of two int16 operands up to 14 bits (one
+    C pass each where it applies, else torch ops after a range check), or ``None`` where an
+    operand is wider (or not int16)."""
+    if a.dtype != torch.int16 or b.dtype != torch.int16:
+        return None
+    from . import scaled_mm_cpu  # it imports this module
+
+    planes = []
+    for t, tag in ((a, "ka"), (b, "kb")):
+        p = scaled_mm_cpu.split_karatsuba(t, tag)
+        if p is None and _max_abs(t) <= 8191:  # no C pass for this layout: torch ops
+            h, low = _split128(t)
+            p = (h, low, h + low)
+        if not p:
+            return None
+        planes.append(p)
+    return tuple(planes)
+
+
+def conv_karatsuba_scaled(conv, a16: torch.Tensor, b16: torch.Tensor, e: int, bias=None):
+    """float32 ``conv(a16, b16) * 2**e (+ bias)`` for int16 mantissas up to 14 bits: three int8
+    convolutions (Karatsuba) whose int32 accumulators one C pass combines exactly in int64 and
+    rounds once; ``None`` where it does not apply. ``conv(a8, b8)`` returns a channels-last
+    int32 tensor of its own, or ``None``."""
+    planes = _narrow_planes(a16, b16)
+    if planes is None:
+        return None
+    (ah, al, asum), (bh, bl, bsum) = planes
+    hh = conv(ah, bh)
+    ll = conv(al, bl) if hh is not None else None
+    mid = conv(asum, bsum) if ll is not None else None
+    from . import scaled_mm_cpu  # it imports this module
+
+    return None if mid is None else scaled_mm_cpu.combine_karatsuba(hh, mid, ll, e, bias)
 
 
 def _narrow_int16(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -207,9 +248,10 @@ def conv_forward(x_m, w_m, stride, padding, dilation, mm=None, amx: bool = True)
     Operands up to 14 bits are split before im2col, so the patches stay int8. On AMX CPUs
     :func:`amx_cpu.conv_forward` takes what it covers (no im2col; a large int32 result lives in a
     reused buffer, as ``int_matmul``'s does)."""
-    if _narrow_int16(x_m, w_m):
-        return _karatsuba_bilinear(lambda a, b: conv_forward(a, b, stride, padding, dilation, mm),
-                                   x_m, w_m)
+    planes = _narrow_planes(x_m, w_m)
+    if planes is not None:
+        return _karatsuba_bilinear(lambda a, b: conv_forward(a, b, stride, padding, dilation, mm, amx),
+                                   x_m, w_m, planes)
     N, _, H, W = x_m.shape
     Cout, _, kh, kw = w_m.shape
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
@@ -294,9 +336,10 @@ def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None)
     CPUs for channels-last int8 inputs with 16k channels the implicit GEMM of
     :func:`amx_cpu.conv_grad_weight` (1.0-2.6x faster than im2col and ``torch._int_mm`` on
     ResNet's layers, measured)."""
-    if _narrow_int16(g_m, x_m):
+    planes = _narrow_planes(g_m, x_m)
+    if planes is not None:
         return _karatsuba_bilinear(
-            lambda a, b: conv_grad_weight(a, b, weight_shape, stride, padding, dilation, mm), g_m, x_m)
+            lambda a, b: conv_grad_weight(a, b, weight_shape, stride, padding, dilation, mm), g_m, x_m, planes)
     Cout, C, kh, kw = weight_shape
     if mm is None and g_m.dtype == torch.int8 and x_m.dtype == torch.int8:
         acc = amx_cpu.conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)

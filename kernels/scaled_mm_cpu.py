@@ -22,7 +22,7 @@ import torch
 from .cbuild import bound_library
 from .gemm_cpu import CHUNK, gemm_layout, workspace
 
-__all__ = ["scaled_int_matmul"]
+__all__ = ["scaled_int_matmul", "split_karatsuba", "combine_karatsuba"]
 
 _P = ctypes.c_void_p
 _SIGNATURES = {
@@ -118,3 +118,47 @@ def _run(lib, products, a, b, chunks, rc, cc, carry, e, bias, out) -> bool:
         lib.combine_i32(got[0], *(ptr(t) for t in got[1]), ptr(rc), ptr(cc), *out.shape, ptr(carry),
                         stage, math.ldexp(1.0, e), ptr(bias), out.data_ptr(), torch.get_num_threads())
     return True
+
+
+def split_karatsuba(t: torch.Tensor, tag: str):
+    """``(h, l, h + l)`` int8 planes of int16 mantissas with ``t = 128 h + l`` (laid out like
+    ``t``, in reused buffers named by ``tag``), written by one C pass; ``False`` where some
+    ``|t| > 8191`` (more than 14 bits: four products needed), ``None`` where the pass does not
+    apply (no C compiler, not a dense CPU int16 tensor)."""
+    lib = _library()
+    if lib is None or t.dtype != torch.int16 or t.device.type != "cpu" or not _dense_any_order(t) or t.numel() == 0:
+        return None
+    planes = [workspace(t.numel(), torch.int8, f"{tag}{p}").as_strided(t.shape, t.stride()) for p in "hls"]
+    # dense with positive strides: element 0 starts the block of numel values, in both
+    bad = lib.split128_i16(t.data_ptr(), t.numel(), *(q.data_ptr() for q in planes), torch.get_num_threads())
+    return False if bad else tuple(planes)
+
+
+def _dense_any_order(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill one block of memory from ``t.data_ptr()`` on, in some order
+    of its dimensions (contiguous, channels-last, a transposed weight, ...)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def combine_karatsuba(hh: torch.Tensor, mid: torch.Tensor, ll: torch.Tensor, e: int, bias: torch.Tensor | None = None):
+    """float32 ``(16384 hh + 128 (mid - hh - ll) + ll) * 2**e (+ bias along the last memory
+    dimension)`` for three int32 accumulators laid out alike (dense, channels fastest in
+    memory), formed exactly in int64 and rounded once; ``None`` where it does not apply."""
+    lib = _library()
+    if (lib is None or not -126 <= e <= 126 or any(t.dtype != torch.int32 or t.stride() != hh.stride() for t in (mid, ll))
+            or hh.dim() != 4 or hh.stride(1) != 1):
+        return None
+    cols = hh.shape[1]
+    rows = hh.numel() // cols
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+    out = torch.empty_like(hh, dtype=torch.float32)
+    lib.combine_i32(3, hh.data_ptr(), mid.data_ptr(), ll.data_ptr(), None, None, None, rows, cols, None, 0,
+                    math.ldexp(1.0, e), None if bias is None else bias.data_ptr(), out.data_ptr(),
+                    torch.get_num_threads())
+    return out

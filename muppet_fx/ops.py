@@ -200,7 +200,7 @@ def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding:
           grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str, out_parts: bool = False
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
-    values = routes.on_values(route, bits, conv=True)
+    values = routes.on_values(route, bits, conv=True, x=x)
     x_m, x_s, x_v = _quantise_operand(x.float(), bits, rounding, values)
     w_m, w_s, w_v = _quantise_operand(w.float(), bits, rounding, values, w_axis)
     y, done = routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding, dilation,
@@ -236,7 +236,7 @@ def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor
     route = routes.for_level(route, bits)
     conv = (stride, padding, dilation, groups)
     # FP32 products take the values; the mantissas only where the bias gradient sums them
-    g_m, g_s, g_v = _quantise_operand(g.float(), bits, rounding, routes.on_values(route, bits, conv=True),
+    g_m, g_s, g_v = _quantise_operand(g.float(), bits, rounding, routes.on_values(route, bits, conv=True, x=x_m),
                                       mantissa=need_b)
     if g_v is not None:
         gx, gw = routes.conv_grads_on_values(g_v, x_m, x_s, w_m, w_s, w_axis, *conv, need_x, need_w)

@@ -188,3 +188,76 @@ def test_network_is_bit_identical_with_and_without_amx(monkeypatch, bits):
     without = run()
     assert torch.equal(with_amx[0], without[0]) and torch.equal(with_amx[1], without[1])
     assert all(torch.equal(a, b) for a, b in zip(with_amx[2], without[2]))
+
+
+def test_split_karatsuba_planes_rebuild_the_mantissas():
+    from muppet_fx.kernels import scaled_mm_cpu
+
+    m = torch.randint(-8191, 8192, (3, 32, 5, 7), dtype=torch.int16).contiguous(memory_format=torch.channels_last)
+    m[0, 0, 0, :3] = torch.tensor([-8191, 8191, 0], dtype=torch.int16)
+    for t in (m, m.transpose(0, 1)):  # channels-last, and a transposed view (dense in another order)
+        planes = scaled_mm_cpu.split_karatsuba(t, "test")
+        if planes is None:
+            pytest.skip("no C compiler")
+        h, low, s = (p.to(torch.int32) for p in planes)
+        assert torch.equal(128 * h + low, t.to(torch.int32)) and torch.equal(s, h + low)
+        assert low.abs().max() <= 64 and s.abs().max() <= 127
+    m[1, 2, 3, 4] = 8192
+    assert scaled_mm_cpu.split_karatsuba(m, "test") is False  # 15 bits: four products needed
+    assert scaled_mm_cpu.split_karatsuba(m[:, :, ::2], "test") is None  # not dense
+
+
+@needs_amx
+@pytest.mark.parametrize("case", FORWARD_CASES[:4] + [(1, 16, 4, 4, 16, (3, 3), (1, 1), (1, 1), (1, 1))])
+def test_karatsuba_convolution_is_the_exact_product_rounded_once(case):
+    from muppet_fx.kernels import gemm_cpu
+    from muppet_fx.routes import _fresh_int_conv
+
+    *shape, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randint(-8191, 8192, shape[:4], generator=gen, dtype=torch.int16).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randint(-8191, 8192, (shape[4], shape[1], *shape[5]), generator=gen, dtype=torch.int16)
+    bias = torch.randn(shape[4])
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), None, stride, padding, dilation)  # < 2**53
+    for e, b in ((-30, None), (-7, bias)):
+        got = gemm_cpu.conv_karatsuba_scaled(_fresh_int_conv(stride, padding, dilation), x, w, e, b)
+        want = torch.ldexp(exact, torch.tensor(float(e))).float()
+        want = want if b is None else want + b.view(1, -1, 1, 1)
+        assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, want)
+
+
+def _wide_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 64, 1), torch.nn.Flatten(), torch.nn.Linear(64 * 6 * 6, 10))
+
+
+@needs_amx
+@pytest.mark.parametrize("bits", [12, 14])
+def test_wide_convolutions_at_9_to_14_bits_run_exact_on_amx(monkeypatch, bits):
+    """On AMX CPUs the default route computes 9-14 bit convolutions of 64+ channel inputs as
+    three int8 products: the same values, bit for bit, as the exact route."""
+    import muppet_fx
+    from muppet_fx.kernels import gemm_cpu
+
+    x = torch.randn(4, 64, 12, 12).contiguous(memory_format=torch.channels_last)
+
+    def run(exact):
+        pm = muppet_fx.prepare(_wide_net(), ladder=(bits, "fp32"), backend="aten", exact=exact)
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_()
+        out = pm(xi)
+        out.square().sum().backward()
+        return out, xi.grad, [p.grad for p in pm.parameters()]
+
+    calls = []
+    real = gemm_cpu.conv_karatsuba_scaled
+    monkeypatch.setattr(gemm_cpu, "conv_karatsuba_scaled", lambda *a: calls.append(1) or real(*a))
+    default = run(exact=False)
+    assert len(calls) >= 3  # forwards of all three convolutions and the stride-1 grad-input
+    exact = run(exact=True)
+    assert torch.equal(default[0], exact[0]) and torch.equal(default[1], exact[1])
+    assert all(torch.equal(a, b) for a, b in zip(default[2], exact[2]))
