@@ -9,8 +9,8 @@ faster than im2col and ``torch._int_mm`` on ResNet's 3x3 layers at batch 128, an
 faster than FP32's ``convolution_backward`` weight gradient.
 
 :func:`conv_grad_weight` returns ``None`` where it does not apply (no AMX, no compiler support,
-the operating system refusing the tile state, channel counts that are not multiples of 16, an
-input that is not channels-last), so callers keep the im2col route.
+the operating system refusing the tile state, channel counts that are not multiples of 16),
+so callers keep the im2col route.
 """
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ def _library():
     return lib if lib is not None and lib.amx_available() == 1 else None
 
 
+def _pairs(*values):
+    return ([v, v] if isinstance(v, int) else list(v) for v in values)
+
+
 def available() -> bool:
     """Whether this CPU, compiler and operating system run the AMX kernel."""
     return _library() is not None
@@ -54,17 +58,18 @@ def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride,
                      ) -> torch.Tensor | None:
     """Exact integer weight gradient ``[Cout, C, kh, kw]`` of a 2-d convolution (``groups == 1``)
     from int8 output-gradient and input mantissas (int32; int64 where the batch is summed in
-    parts), or ``None`` where the kernel does not apply: no AMX, other dtypes, an input that
-    is not channels-last, ``C`` not a multiple of 16, more than 64 kernel taps.
+    parts), or ``None`` where the kernel does not apply: no AMX, other dtypes, ``C`` not a
+    multiple of 16, more than 64 kernel taps (other layouts than channels-last are copied).
 
     The patches are gathered from the input into tile layout as the tiles are filled, so no
     im2col matrix is written; sums run in int32 over as many images as cannot overflow it."""
     lib = _library()
     Cout, C, kh, kw = weight_shape
+    stride, padding, dilation = _pairs(stride, padding, dilation)
     if (lib is None or g_m.dtype != torch.int8 or x_m.dtype != torch.int8 or x_m.dim() != 4 or g_m.dim() != 4
-            or x_m.device.type != "cpu" or C % 16 or x_m.shape[1] != C or x_m.stride(1) != 1
-            or g_m.shape[1] != Cout or min(g_m.shape) == 0):
+            or x_m.device.type != "cpu" or C % 16 or x_m.shape[1] != C or g_m.shape[1] != Cout or min(g_m.shape) == 0):
         return None
+    x_m = x_m.contiguous(memory_format=torch.channels_last)  # a copy only for other layouts
     N, _, H, W = x_m.shape
     OH, OW = g_m.shape[2:]
     per_image = OH * OW
@@ -100,11 +105,12 @@ MIN_WIDTH = 8  # output rows narrower than this fill too little of a tile: im2co
 
 def conv_applies(x_m: torch.Tensor, w_m: torch.Tensor, out_width: int) -> bool:
     """Whether :func:`conv_forward` takes ``conv2d(x_m, w_m)`` with output rows ``out_width``
-    wide: int8 channels-last input, ``C`` a multiple of 16, rows at least ``MIN_WIDTH`` (at 4
-    positions a row, ResNet-18's 512-channel layers ran 9.7 ms against im2col's 5.7 ms)."""
+    wide: int8 operands, ``C`` a multiple of 16, rows at least ``MIN_WIDTH`` (at 4 positions a
+    row, ResNet-18's 512-channel layers ran 9.7 ms against im2col's 5.7 ms). Inputs in other
+    layouts are copied to channels-last first, as oneDNN's convolution copies them."""
     return (x_m.dtype == torch.int8 and w_m.dtype == torch.int8 and x_m.dim() == 4 and w_m.dim() == 4
             and x_m.device.type == "cpu" and x_m.shape[1] % 16 == 0 and x_m.shape[1] > 0
-            and x_m.stride(1) == 1 and w_m.shape[1] == x_m.shape[1] and out_width >= MIN_WIDTH
+            and w_m.shape[1] == x_m.shape[1] and out_width >= MIN_WIDTH
             and w_m[0].numel() * 128 * 128 < 2**31 and _library() is not None)
 
 
@@ -116,7 +122,7 @@ def conv_forward(x_m: torch.Tensor, w_m: torch.Tensor, stride, padding, dilation
     the caller owns. With ``scale_exp`` (a normal float32 power of two) the result is float32
     ``acc * 2**scale_exp``, converted as each tile is stored. ``with_absmax``: returns
     ``(result, max |acc|)``, the maximum gathered as each tile is stored."""
-    stride, padding, dilation = ([v, v] if isinstance(v, int) else list(v) for v in (stride, padding, dilation))
+    stride, padding, dilation = _pairs(stride, padding, dilation)
     N, C, H, W = x_m.shape
     Cout, _, kh, kw = w_m.shape
     OH, OW = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
@@ -126,6 +132,7 @@ def conv_forward(x_m: torch.Tensor, w_m: torch.Tensor, stride, padding, dilation
         return None
     from .gemm_cpu import workspace  # gemm_cpu imports this module
 
+    x_m = x_m.contiguous(memory_format=torch.channels_last)  # a copy only for other layouts
     piece = 64 if C % 64 == 0 else (C if C < 64 else 16)
     wpack = workspace(kh * kw * (C // piece) * -(-Cout // 16) * 16 * piece, torch.int8, "amx_fw_weight")
     xp = workspace(N * (H + 2 * padding[0]) * (W + 2 * padding[1]) * C, torch.int8, "amx_fw_padded")

@@ -88,13 +88,21 @@ def test_gemm_route_takes_it_and_agrees_with_im2col(monkeypatch):
     assert calls and torch.equal(fast.long(), slow.long())
 
 
-@pytest.mark.parametrize("what", ["channels", "layout", "dtype", "taps"])
+@needs_amx
+def test_other_layouts_are_copied_to_channels_last():
+    g, x, ws = _case(2, 16, 12, 12, 16, (3, 3), (1, 1), (1, 1), (1, 1))
+    want = _oracle(g, x, ws, (1, 1), (1, 1), (1, 1))
+    assert torch.equal(amx_cpu.conv_grad_weight(g, x.contiguous(), ws, (1, 1), (1, 1), (1, 1)).long(), want)
+    w = torch.randint(-127, 128, ws, dtype=torch.int8)
+    y = amx_cpu.conv_forward(x.contiguous(), w, 1, 1, 1)
+    assert torch.equal(y.long(), torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1).long())
+
+
+@pytest.mark.parametrize("what", ["channels", "dtype", "taps"])
 def test_declines_what_it_does_not_cover(what):
     g, x, ws = _case(2, 16, 12, 12, 16, (3, 3), (1, 1), (1, 1), (1, 1))
     if what == "channels":
         g, x, ws = _case(2, 3, 8, 8, 16, (3, 3), (1, 1), (1, 1), (1, 1))
-    elif what == "layout":
-        x = x.contiguous()
     elif what == "dtype":
         x = x.to(torch.int16)
     else:
@@ -149,8 +157,9 @@ def test_forward_declines_narrow_rows_and_others():
     x, w = _forward_case(2, 16, 4, 4, 16, (3, 3), (1, 1), (1, 1), (1, 1))
     assert amx_cpu.conv_forward(x, w, (1, 1), (1, 1), (1, 1)) is None  # 4 positions a row: im2col's
     x, w = _forward_case(2, 16, 12, 12, 16, (3, 3), (1, 1), (1, 1), (1, 1))
-    assert amx_cpu.conv_forward(x.contiguous(), w, (1, 1), (1, 1), (1, 1)) is None
     assert amx_cpu.conv_forward(x, w.to(torch.int16), (1, 1), (1, 1), (1, 1)) is None
+    x, w = _forward_case(2, 24, 12, 12, 16, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert amx_cpu.conv_forward(x, w, (1, 1), (1, 1), (1, 1)) is None  # channels not a multiple of 16
 
 
 def _net():
