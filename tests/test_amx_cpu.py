@@ -162,6 +162,19 @@ def test_forward_declines_narrow_rows_and_others():
     assert amx_cpu.conv_forward(x, w, (1, 1), (1, 1), (1, 1)) is None  # channels not a multiple of 16
 
 
+def _train_step(make_net, x, bits, exact):
+    """Output, input gradient and parameter gradients of one step of ``make_net()`` prepared at
+    ``bits`` on the ``aten`` route, with fixed seeds."""
+    import muppet_fx
+
+    pm = muppet_fx.prepare(make_net(), ladder=(bits, "fp32"), backend="aten", exact=exact)
+    torch.manual_seed(1)
+    xi = x.clone().requires_grad_()
+    out = pm(xi)
+    out.square().sum().backward()
+    return out, xi.grad, [p.grad for p in pm.parameters()]
+
+
 def _net():
     torch.manual_seed(0)
     return torch.nn.Sequential(
@@ -176,25 +189,14 @@ def _net():
 def test_network_is_bit_identical_with_and_without_amx(monkeypatch, bits):
     """The integer products are exact either way and the output quantiser draws the same
     uniforms, so outputs and every gradient agree bit for bit."""
-    import muppet_fx
-
     x = torch.randn(4, 3, 16, 16)
-
-    def run():
-        pm = muppet_fx.prepare(_net(), ladder=(bits, "fp32"), backend="aten", exact=True)
-        torch.manual_seed(1)
-        xi = x.clone().requires_grad_()
-        out = pm(xi)
-        out.square().sum().backward()
-        return out, xi.grad, [p.grad for p in pm.parameters()]
-
     calls = []
     real = amx_cpu.conv_forward
     monkeypatch.setattr(amx_cpu, "conv_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    with_amx = run()
+    with_amx = _train_step(_net, x, bits, exact=True)
     assert calls
     monkeypatch.setattr(amx_cpu, "_library", lambda: None)
-    without = run()
+    without = _train_step(_net, x, bits, exact=True)
     assert torch.equal(with_amx[0], without[0]) and torch.equal(with_amx[1], without[1])
     assert all(torch.equal(a, b) for a, b in zip(with_amx[2], without[2]))
 
@@ -249,24 +251,13 @@ def _wide_net():
 def test_wide_convolutions_at_9_to_14_bits_run_exact_on_amx(monkeypatch, bits):
     """On AMX CPUs the default route computes 9-14 bit convolutions of 64+ channel inputs as
     three int8 products: the same values, bit for bit, as the exact route."""
-    import muppet_fx
-    from muppet_fx.kernels import gemm_cpu
 
     x = torch.randn(4, 64, 12, 12).contiguous(memory_format=torch.channels_last)
-
-    def run(exact):
-        pm = muppet_fx.prepare(_wide_net(), ladder=(bits, "fp32"), backend="aten", exact=exact)
-        torch.manual_seed(1)
-        xi = x.clone().requires_grad_()
-        out = pm(xi)
-        out.square().sum().backward()
-        return out, xi.grad, [p.grad for p in pm.parameters()]
-
     calls = []
     real = gemm_cpu.conv_karatsuba_scaled
     monkeypatch.setattr(gemm_cpu, "conv_karatsuba_scaled", lambda *a: calls.append(1) or real(*a))
-    default = run(exact=False)
+    default = _train_step(_wide_net, x, bits, exact=False)
     assert len(calls) >= 3  # forwards of all three convolutions and the stride-1 grad-input
-    exact = run(exact=True)
+    exact = _train_step(_wide_net, x, bits, exact=True)
     assert torch.equal(default[0], exact[0]) and torch.equal(default[1], exact[1])
     assert all(torch.equal(a, b) for a, b in zip(default[2], exact[2]))
