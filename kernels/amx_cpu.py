@@ -39,7 +39,8 @@ _PARTIALS_BYTES = 1 << 20  # outputs up to this size: one partial sum per thread
 
 @functools.cache
 def _library():
-    if not torch.cpu._is_amx_tile_supported():
+    supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private helper: may move
+    if supported is None or not supported():
         return None
     lib = bound_library(Path(__file__).with_name("amx_cpu.c"), _SIGNATURES)
     return lib if lib is not None and lib.amx_available() == 1 else None
