@@ -375,7 +375,8 @@ static void fw_pad(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, 
 }
 
 /* out: int32 [N * OH * OW, Cout], or float32 acc * scale where scale != 0; *amax receives the
- * largest |acc|. xp: N (H + 2 PH) (W + 2 PW) C bytes; wpack: taps * (C / P) * ceil(Cout / 16)
+ * largest |acc|. xp: N (H + 2 PH) (W + 2 PW) C bytes and (16 SW + DW KW) C more (a row's last
+ * segment loads whole tiles; the rows past its end are never stored); wpack: taps * (C / P) * ceil(Cout / 16)
  * tiles of 64 P / 4 bytes. Returns -1 where C % 16 != 0 or the input is not channels-last. */
 int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xn,
                      int64_t xc, int64_t xh, int64_t xw, const int8_t *w, int64_t Cout, int64_t wo,

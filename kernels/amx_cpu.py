@@ -136,7 +136,9 @@ def conv_forward(x_m: torch.Tensor, w_m: torch.Tensor, stride, padding, dilation
     x_m = x_m.contiguous(memory_format=torch.channels_last)  # a copy only for other layouts
     piece = 64 if C % 64 == 0 else (C if C < 64 else 16)
     wpack = workspace(kh * kw * (C // piece) * -(-Cout // 16) * 16 * piece, torch.int8, "amx_fw_weight")
-    xp = workspace(N * (H + 2 * padding[0]) * (W + 2 * padding[1]) * C, torch.int8, "amx_fw_padded")
+    # slack: the last segment of a row loads whole tiles, up to 15 positions past the row's end
+    slack = (16 * stride[1] + dilation[1] * kw) * C
+    xp = workspace(N * (H + 2 * padding[0]) * (W + 2 * padding[1]) * C + slack, torch.int8, "amx_fw_padded")
     out = workspace(N * OH * OW * Cout, torch.int32, "amx_fw_out") if reuse else \
         torch.empty(N * OH * OW * Cout, dtype=torch.int32)
     xs, ws = x_m.stride(), w_m.stride()
