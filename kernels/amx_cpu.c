@@ -39,10 +39,9 @@ static void configure(void) {
  * 64 positions), B tiles are gathered straight from the channels-last input (no im2col buffer):
  * row r of a B tile holds, for 16 input channels, the 4 positions 4r..4r+3 interleaved. Positions
  * run in chunks of MB blocks of 64; each chunk is packed once and every (output block, tap and
- * channel block) pair of tiles accumulates over it, then adds into int64. */
-#ifndef MB
-#define MB 16
-#endif
+ * channel block) pair of tiles accumulates over it in place in the int32 output (tiles loaded
+ * from it and stored back). */
+#define MB 16 /* _MB in amx_cpu.py */
 
 typedef struct {
     const int8_t *x; int64_t xn, xh, xw, C, H, W;
