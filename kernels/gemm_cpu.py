@@ -97,7 +97,7 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK, mm=None) ->
     a16, b16 = a.to(torch.int16), b.to(torch.int16)
     planes = _narrow_planes(a16, b16)
     if planes is not None:  # three products: A@B = 16384 HH + 128 (MID - HH - LL) + LL
-        return _karatsuba_bilinear(lambda x, y: _mm_int8(x, y, chunk, mm), a16, b16, planes)
+        return _karatsuba_bilinear(lambda x, y: _mm_int8(x, y, chunk, mm), planes)
     ah, al = _split(a16)
     bh, bl = _split(b16)
     K = a.shape[1]
@@ -185,14 +185,11 @@ def _out_size(H, k, s, p, d):
     return (H + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _karatsuba_bilinear(f, a16, b16, planes=None):
-    """Exact bilinear ``f`` (a conv or a GEMM that is exact on int8 operands) of operands up to
-    14 bits from three int8 evaluations: with ``m = 128 h + l``,
+def _karatsuba_bilinear(f, planes):
+    """Exact bilinear ``f`` (a conv or a GEMM that is exact on int8 operands) of two operands up
+    to 14 bits from three int8 evaluations: with ``m = 128 h + l``,
     ``f(A, B) = 16384 f(Ah, Bh) + 128 (f(Ah+Al, Bh+Bl) - f(Ah, Bh) - f(Al, Bl)) + f(Al, Bl)``.
     ``planes``: the operands' ``(h, l, h + l)`` from :func:`_narrow_planes`."""
-    if planes is None:
-        (ah, al), (bh, bl) = _split128(a16), _split128(b16)
-        planes = (ah, al, ah + al), (bh, bl, bh + bl)
     (ah, al, asum), (bh, bl, bsum) = planes
     hh = f(ah, bh).to(torch.int64)
     ll = f(al, bl).to(torch.int64)
@@ -237,11 +234,6 @@ def conv_karatsuba_scaled(conv, a16: torch.Tensor, b16: torch.Tensor, e: int, bi
     return None if mid is None else scaled_mm_cpu.combine_karatsuba(hh, mid, ll, e, bias)
 
 
-def _narrow_int16(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == torch.int16 and b.dtype == torch.int16 and _max_abs(a) <= 8191 \
-        and _max_abs(b) <= 8191
-
-
 def conv_forward(x_m, w_m, stride, padding, dilation, mm=None, amx: bool = True) -> torch.Tensor:
     """Exact integer ``conv2d(x_m, w_m)`` (groups 1): int32/int64, channels-last NCHW.
 
@@ -250,8 +242,7 @@ def conv_forward(x_m, w_m, stride, padding, dilation, mm=None, amx: bool = True)
     reused buffer, as ``int_matmul``'s does)."""
     planes = _narrow_planes(x_m, w_m)
     if planes is not None:
-        return _karatsuba_bilinear(lambda a, b: conv_forward(a, b, stride, padding, dilation, mm, amx),
-                                   x_m, w_m, planes)
+        return _karatsuba_bilinear(lambda a, b: conv_forward(a, b, stride, padding, dilation, mm, amx), planes)
     N, _, H, W = x_m.shape
     Cout, _, kh, kw = w_m.shape
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
@@ -339,7 +330,7 @@ def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None)
     planes = _narrow_planes(g_m, x_m)
     if planes is not None:
         return _karatsuba_bilinear(
-            lambda a, b: conv_grad_weight(a, b, weight_shape, stride, padding, dilation, mm), g_m, x_m, planes)
+            lambda a, b: conv_grad_weight(a, b, weight_shape, stride, padding, dilation, mm), planes)
     Cout, C, kh, kw = weight_shape
     if mm is None and g_m.dtype == torch.int8 and x_m.dtype == torch.int8:
         acc = amx_cpu.conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)

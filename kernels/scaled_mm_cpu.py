@@ -39,9 +39,10 @@ def _library():
 
 
 def _planes(t: torch.Tensor, names) -> list[torch.Tensor]:
-    """int8 buffers laid out like ``t`` (same strides), reused across calls. ``t`` is row- or
-    column-major (:func:`gemm_layout`), so its storage is exactly its elements and the C passes
-    run flat over ``numel`` of them."""
+    """int8 buffers laid out like ``t`` (same strides), reused across calls. ``t`` is dense in
+    some order of its dimensions with positive strides (a row- or column-major GEMM operand,
+    :func:`gemm_layout`; a channels-last map, :func:`_dense_any_order`), so its storage from
+    ``t.data_ptr()`` on is exactly its elements and the C passes run flat over ``numel``."""
     return [workspace(t.numel(), torch.int8, name).as_strided(t.shape, t.stride()) for name in names]
 
 
@@ -128,10 +129,8 @@ def split_karatsuba(t: torch.Tensor, tag: str):
     lib = _library()
     if lib is None or t.dtype != torch.int16 or t.device.type != "cpu" or not _dense_any_order(t) or t.numel() == 0:
         return None
-    planes = [workspace(t.numel(), torch.int8, f"{tag}{p}").as_strided(t.shape, t.stride()) for p in "hls"]
-    # dense with positive strides: element 0 starts the block of numel values, in both
-    bad = lib.split128_i16(t.data_ptr(), t.numel(), *(q.data_ptr() for q in planes), torch.get_num_threads())
-    return False if bad else tuple(planes)
+    planes = _split(lib, t, tag, karatsuba=True)
+    return False if planes is None else planes
 
 
 def _dense_any_order(t: torch.Tensor) -> bool:
