@@ -18,8 +18,10 @@ from pathlib import Path
 
 __all__ = ["load_c_library", "bound_library"]
 
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-         "-shared", "-fPIC", "-std=gnu11"]
+# 512-bit vectors where the CPU has them: GCC picks 256 on Intel server parts by default, which
+# left the stochastic quantiser's hash 1.45x slower.
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno",
+         "-fno-trapping-math", "-shared", "-fPIC", "-std=gnu11"]
 _cache: dict[str, ctypes.CDLL | None] = {}
 _bound: dict[str, ctypes.CDLL | None] = {}
 
