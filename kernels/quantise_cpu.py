@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .cbuild import load_c_library
+from .cbuild import WIDE_VECTORS, load_c_library
 from .quantise import MAX_EXPONENT, dequantise_reference, is_dense, mantissa_dtype, quantise_reference
 
 __all__ = ["quantise_cpu", "dequantise_cpu", "requantise_accumulator", "host_exponent", "c_kernel_available"]
@@ -34,7 +34,7 @@ _FMAX = torch.finfo(torch.float32).max
 def _library():
     global _lib
     if _lib is None:
-        lib = load_c_library(_SOURCE)
+        lib = load_c_library(_SOURCE, WIDE_VECTORS)
         if lib is not None:
             lib.absmax_bits.restype = ctypes.c_uint32
             lib.absmax_bits.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
