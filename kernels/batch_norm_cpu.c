@@ -1,4 +1,4 @@
-/* Training-mode batch-norm backward from the input's b-bit mantissas, called through ctypes.
+/* Training-mode batch norm from the input's b-bit mantissas, called through ctypes. Backward:
  *
  * x = m * scale (scale a power of two), xc = x - mean, R = elements per channel:
  *   sum_g[c]   = sum of g over the channel           (the bias gradient)
@@ -13,6 +13,7 @@
  * Layout: outer x C x inner, C at stride `inner` (channels-last 4-d: outer = N*H*W, inner = 1;
  * contiguous: outer = N, inner = H*W). gx may be NULL (no input gradient); w may be NULL (1).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
@@ -148,3 +149,121 @@ static void factors(int64_t C, double R, const float *invstd, const float *w, co
 
 BN_BACKWARD(bn_backward_i8, int8_t, 0)
 BN_BACKWARD(bn_backward_i16, int16_t, 1)
+
+/* Forward. Channels-last rows are walked in groups of k rows, W = k * C >= 64 values, with one
+ * accumulator (or factor) per value of the group, so that short channel rows (16, 32) still fill
+ * whole vectors; lane j belongs to channel j % C. Sums of m and m*m are exact: int32 over blocks
+ * of BLOCK groups (127 * 127 * BLOCK and 32767 * BLOCK < 2**31), int64 across them (squares of
+ * int16 mantissas go to int64 directly). */
+#define WIDTH 64
+#define BLOCK 32768
+
+#define BN_FORWARD(NAME, MTYPE, SQTYPE)                                                                        \
+    static void NAME##_sums(const MTYPE *m, int64_t outer, int64_t C, int64_t inner, int64_t *s1, int64_t *s2, \
+                            int nt) {                                                                         \
+        for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0;                                                    \
+        if (inner > 1) {                                                                                      \
+            _Pragma("omp parallel for num_threads(nt) schedule(static)")                                      \
+            for (int64_t c = 0; c < C; ++c) {                                                                 \
+                int64_t t1 = 0, t2 = 0;                                                                       \
+                for (int64_t o = 0; o < outer; ++o) {                                                         \
+                    const MTYPE *run = m + (o * C + c) * inner;                                               \
+                    for (int64_t i0 = 0; i0 < inner; i0 += BLOCK) {                                           \
+                        int64_t i1 = i0 + BLOCK < inner ? i0 + BLOCK : inner;                                 \
+                        int32_t a = 0;                                                                        \
+                        SQTYPE b = 0;                                                                         \
+                        _Pragma("omp simd reduction(+ : a, b)")                                               \
+                        for (int64_t i = i0; i < i1; ++i) {                                                   \
+                            int32_t v = run[i];                                                               \
+                            a += v;                                                                           \
+                            b += (SQTYPE)v * v;                                                               \
+                        }                                                                                     \
+                        t1 += a, t2 += b;                                                                     \
+                    }                                                                                         \
+                }                                                                                             \
+                s1[c] = t1, s2[c] = t2;                                                                       \
+            }                                                                                                 \
+            return;                                                                                           \
+        }                                                                                                     \
+        int64_t k = C < WIDTH ? (WIDTH + C - 1) / C : 1, W = k * C, groups = outer / k;                       \
+        _Pragma("omp parallel num_threads(nt)") {                                                             \
+            int t = omp_get_thread_num(), T = omp_get_num_threads();                                          \
+            int64_t g0 = groups * t / T, g1 = groups * (t + 1) / T;                                           \
+            int32_t *a = malloc((size_t)W * sizeof(int32_t));                                                 \
+            SQTYPE *b = malloc((size_t)W * sizeof(SQTYPE));                                                   \
+            int64_t *p = calloc((size_t)2 * W, sizeof(int64_t));                                              \
+            for (int64_t q = g0; q < g1; q += BLOCK) {                                                        \
+                int64_t q1 = q + BLOCK < g1 ? q + BLOCK : g1;                                                 \
+                for (int64_t j = 0; j < W; ++j) a[j] = 0, b[j] = 0;                                           \
+                for (int64_t g = q; g < q1; ++g) {                                                            \
+                    const MTYPE *row = m + g * W;                                                             \
+                    _Pragma("omp simd")                                                                       \
+                    for (int64_t j = 0; j < W; ++j) {                                                         \
+                        int32_t v = row[j];                                                                   \
+                        a[j] += v;                                                                            \
+                        b[j] += (SQTYPE)v * v;                                                                \
+                    }                                                                                         \
+                }                                                                                             \
+                for (int64_t j = 0; j < W; ++j) p[j] += a[j], p[W + j] += b[j];                               \
+            }                                                                                                 \
+            if (t == T - 1) /* rows after the last whole group */                                             \
+                for (int64_t i = groups * W; i < outer * C; ++i) p[i % C] += m[i], p[W + i % C] += (int64_t)m[i] * m[i]; \
+            _Pragma("omp critical")                                                                           \
+            for (int64_t j = 0; j < W; ++j) s1[j % C] += p[j], s2[j % C] += p[W + j];                         \
+            free(a), free(b), free(p);                                                                        \
+        }                                                                                                     \
+    }                                                                                                         \
+                                                                                                              \
+    static void NAME##_apply(const MTYPE *m, int64_t outer, int64_t C, int64_t inner, const float *a,        \
+                             const float *b, float *y, int nt) {                                              \
+        if (inner > 1) {                                                                                      \
+            _Pragma("omp parallel for num_threads(nt) schedule(static)")                                      \
+            for (int64_t oc = 0; oc < outer * C; ++oc) {                                                      \
+                float ac = a[oc % C], bc = b[oc % C];                                                         \
+                const MTYPE *src = m + oc * inner;                                                            \
+                float *dst = y + oc * inner;                                                                  \
+                _Pragma("omp simd")                                                                           \
+                for (int64_t i = 0; i < inner; ++i) dst[i] = (float)src[i] * ac + bc;                         \
+            }                                                                                                 \
+            return;                                                                                           \
+        }                                                                                                     \
+        int64_t k = C < WIDTH ? (WIDTH + C - 1) / C : 1, W = k * C, groups = outer / k;                       \
+        float *aw = malloc((size_t)2 * W * sizeof(float)), *bw = aw + W;                                      \
+        for (int64_t j = 0; j < W; ++j) aw[j] = a[j % C], bw[j] = b[j % C];                                   \
+        _Pragma("omp parallel for num_threads(nt) schedule(static)")                                          \
+        for (int64_t g = 0; g < groups; ++g) {                                                                \
+            _Pragma("omp simd")                                                                               \
+            for (int64_t j = 0; j < W; ++j) y[g * W + j] = (float)m[g * W + j] * aw[j] + bw[j];               \
+        }                                                                                                     \
+        for (int64_t i = groups * W; i < outer * C; ++i) y[i] = (float)m[i] * a[i % C] + b[i % C];            \
+        free(aw);                                                                                             \
+    }                                                                                                         \
+                                                                                                              \
+    void NAME(const MTYPE *m, int64_t outer, int64_t C, int64_t inner, double scale, const float *w,          \
+              const float *bias, double eps, double momentum, float *running_mean, float *running_var,        \
+              float *y, float *mean_out, float *invstd_out, int nthreads) {                                   \
+        int nt = outer * C * inner > PAR_MIN ? nthreads : 1;                                                  \
+        int64_t *s = malloc((size_t)2 * C * sizeof(int64_t));                                                 \
+        float *ab = malloc((size_t)2 * C * sizeof(float));                                                    \
+        NAME##_sums(m, outer, C, inner, s, s + C, nt);                                                        \
+        double R = (double)outer * (double)inner;                                                             \
+        for (int64_t c = 0; c < C; ++c) {                                                                     \
+            double s1 = (double)s[c], mean_m = s1 / R, var_m = ((double)s[C + c] - s1 * mean_m) / R;          \
+            double mean = mean_m * scale, var = (var_m > 0.0 ? var_m : 0.0) * scale * scale;                  \
+            float invstd = (float)(1.0 / sqrt(var + eps));                                                    \
+            float alpha = w ? invstd * w[c] : invstd; /* ATen's x * alpha + beta, in float */                 \
+            ab[c] = (float)(alpha * scale);                                                                   \
+            ab[C + c] = (bias ? bias[c] : 0.0f) - (float)mean * alpha;                                        \
+            mean_out[c] = (float)mean;                                                                        \
+            invstd_out[c] = invstd;                                                                           \
+            if (running_mean)                                                                                 \
+                running_mean[c] = (float)((1.0 - momentum) * running_mean[c] + momentum * mean);              \
+            if (running_var)                                                                                  \
+                running_var[c] = (float)((1.0 - momentum) * running_var[c] + momentum * var * R / (R - 1.0)); \
+        }                                                                                                     \
+        NAME##_apply(m, outer, C, inner, ab, ab + C, y, nt);                                                  \
+        free(s), free(ab);                                                                                    \
+    }
+
+BN_FORWARD(bn_forward_i8, int8_t, int32_t)
+BN_FORWARD(bn_forward_i16, int16_t, int64_t)

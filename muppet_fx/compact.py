@@ -10,15 +10,16 @@ value, and ReLU keeps its float32 output. Here:
   quantises its input again. Quantising grid values again with nearest rounding returns them
   exactly: the rounded values stay within ``(2**(b-1) - 1) * 2**-s`` of the layer's exponent
   ``s``, so the new exponent is ``s`` or finer, and a finer grid still holds every value.
-  Backward on the CPU reads the mantissas in one C kernel (``kernels/batch_norm_cpu``: no
-  dequantised copy, 1.3-2.3x faster than dequantising and ATen's backward); elsewhere it
-  dequantises them and runs the stock batch-norm backward on the identical input;
+  On the CPU both directions read the mantissas in C kernels (``kernels/batch_norm_cpu``):
+  forward takes exact integer channel sums and writes ``y`` in one more pass (0.42 against
+  ATen's 0.76 ms on 128x16x32x32), backward needs no dequantised copy (1.3-2.3x faster than
+  dequantising and ATen's backward); elsewhere the stock ops run on the identical input;
 - ReLU saves a one-byte mask ``out != 0`` (what ``threshold_backward`` tests: ``out <= 0``
   gives 0, NaN passes the gradient) and backward is ``where(mask, grad, 0)``.
 
-Outputs are bit-identical to the stock ops, and so are gradients where the batch norm's
-backward runs ATen's; the C kernel's gradients differ from ATen's by float32 rounding (errors
-against float64 of the same order as ATen's). ResNet blocks at 8 bits keep about 3 bytes per
+Where the stock ops run, outputs and gradients are bit-identical to them. The C kernels differ
+from ATen by float32 rounding: their statistics are exact where ATen's float32 sums are not,
+and their gradients' errors against float64 are of the order of ATen's. ResNet blocks at 8 bits keep about 3 bytes per
 activation for backward instead of 8. Both run in eager training at fixed-point levels; under
 ``torch.compile``, without gradients, in eval mode or above 16 bits the stock ops run.
 """
@@ -29,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from muppet_fx.kernels.batch_norm_cpu import batch_norm_backward
+from muppet_fx.kernels.batch_norm_cpu import batch_norm_backward, batch_norm_forward
 from muppet_fx.kernels.relu_cpu import relu_mask_backward, relu_with_mask
 from muppet_fx.numerics import quantise_parts
 from muppet_fx.routes import dequantise
@@ -49,8 +50,13 @@ class _GridBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, bits, parts):
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
         m, s = parts if parts is not None else quantise_parts(x.detach(), bits, "nearest")
+        out = None
+        if s.numel() == 1 and s.device.type == "cpu":  # two C passes over the mantissas
+            out = batch_norm_forward(m, -int(s), weight, bias, running_mean, running_var, momentum, eps)
+        if out is None:
+            out = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        y, mean, invstd = out
         ctx.save_for_backward(m, s, weight, mean, invstd)
         ctx.eps = eps
         return y

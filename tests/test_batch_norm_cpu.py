@@ -1,8 +1,12 @@
-"""Batch-norm backward from mantissas (``muppet_fx.kernels.batch_norm_cpu``).
+"""Batch norm from mantissas (``muppet_fx.kernels.batch_norm_cpu``).
 
-Oracle: ATen's ``native_batch_norm_backward`` in float64 on the dequantised input, with the
-same float32 statistics. Bound: a float32 rounding per element plus a float32 reduction's
+Backward oracle: ATen's ``native_batch_norm_backward`` in float64 on the dequantised input, with
+the same float32 statistics. Bound: a float32 rounding per element plus a float32 reduction's
 error, ``8 * eps * (sqrt(R) * max|term| + max|ref|)`` for ``R`` values per channel.
+Forward oracle: the statistics in float64 from the dequantised input (exact sums): the mean and
+``invstd`` within one float32 rounding (the kernel's sums are exact), ``y`` within four roundings
+of ``|x * alpha| + |mean * alpha| + |bias| + |y|`` (the float32 ``alpha``, ``beta`` and the
+output), the running statistics within two roundings of ATen's update.
 """
 import math
 
@@ -10,7 +14,7 @@ import pytest
 import torch
 
 from muppet_fx.kernels import batch_norm_cpu
-from muppet_fx.kernels.batch_norm_cpu import batch_norm_backward
+from muppet_fx.kernels.batch_norm_cpu import batch_norm_backward, batch_norm_forward
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -116,3 +120,79 @@ def test_declines_what_it_does_not_cover(monkeypatch):
     assert batch_norm_backward(g[:, :, :0], m[:, :, :0], e, *args) is None
     monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
     assert batch_norm_backward(g, m, e, *args) is None
+
+
+def _forward_oracle(m, e, w, b, rm, rv, momentum, eps=1e-5):
+    x = m.double() * 2.0**e
+    dims = [d for d in range(x.dim()) if d != 1]
+    view = [1, -1] + [1] * (x.dim() - 2)
+    mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    invstd = (var + eps).rsqrt()
+    alpha = invstd * (1.0 if w is None else w.double())
+    beta = (0.0 if b is None else b.double()) - mean * alpha
+    y = x * alpha.view(view) + beta.view(view)
+    count = x.numel() // x.shape[1]
+    return (y, mean, invstd, (1 - momentum) * rm.double() + momentum * mean,
+            (1 - momentum) * rv.double() + momentum * var * count / (count - 1), x, alpha, beta)
+
+
+def _check_forward(m, e, w, b, momentum=0.1):
+    C = m.shape[1]
+    rm, rv = torch.linspace(-1, 1, C), torch.linspace(0.5, 2, C)
+    y_o, mean_o, invstd_o, rm_o, rv_o, x, alpha, beta = _forward_oracle(m, e, w, b, rm, rv, momentum)
+    got = batch_norm_forward(m, e, w, b, rm, rv, momentum, 1e-5)
+    assert got is not None
+    y, mean, invstd = got
+    assert y.dtype == torch.float32 and y.shape == m.shape and y.stride() == m.stride()
+    assert (mean.double() - mean_o).abs().le(EPS * mean_o.abs()).all()
+    assert (invstd.double() - invstd_o).abs().le(EPS * invstd_o).all()
+    view = [1, -1] + [1] * (m.dim() - 2)
+    shift = (mean_o * alpha).abs() + (0.0 if b is None else b.double().abs())
+    bound = 4 * EPS * ((x * alpha.view(view)).abs() + shift.view(view) + y_o.abs())
+    assert ((y.double() - y_o).abs() <= bound).all(), ((y.double() - y_o).abs() / bound).max().item()
+    for got_r, want_r in ((rm, rm_o), (rv, rv_o)):
+        assert (got_r.double() - want_r).abs().le(2 * EPS * (want_r.abs() + 1)).all()
+
+
+@pytest.mark.parametrize("shape,channels_last", [
+    ((5, 3, 7, 9), True), ((3, 16, 7, 7), True), ((2, 32, 5, 3), True), ((4, 64, 3, 3), True),
+    ((2, 80, 3, 5), True), ((2, 3, 1, 1), True), ((3, 5, 17, 16), False), ((7, 33), False), ((4, 3, 300), False)])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
+def test_forward_matches_float64(shape, channels_last, dtype):
+    """Channels-last shapes whose rows do not fill the last group of 64 values (16 channels on
+    147 rows: 36 groups of 4 rows and 3 left over), channel counts above 64, and contiguous ones."""
+    g, m, e, x, w, _, _ = _case(shape, dtype, channels_last, seed=5)
+    _check_forward(m, e, w, torch.randn(shape[1], generator=torch.Generator().manual_seed(6)))
+
+
+def test_forward_without_affine_parameters_and_at_other_exponents():
+    _, m, _, _, _, _, _ = _case((6, 16, 5, 5), torch.int16, True, seed=7)
+    for e in (-30, -15, 0, 20):
+        _check_forward(m, e, None, None, momentum=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
+def test_forward_sums_stay_exact_past_the_int32_blocks(dtype):
+    """131,200 rows of 16 channels (32,800 groups: more than one int32 block) at the largest
+    magnitudes, where a sum of squares kept in int32 would wrap."""
+    lim = 127 if dtype == torch.int8 else 32767
+    n = 131200
+    m = torch.full((n, 16, 1, 1), lim, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    m[::3] = -lim  # mean lim / 3 of the way down, variance near lim**2
+    m[:, 5] = lim
+    _check_forward(m, -7, None, None)
+    y, mean, invstd = batch_norm_forward(m, -7, None, None, None, None, 0.1, 1e-5)
+    assert mean[5] == lim * 2.0**-7 and invstd[5] == torch.tensor(1e-5, dtype=torch.float64).rsqrt().float()  # variance 0
+
+
+def test_forward_declines_what_it_does_not_cover(monkeypatch):
+    _, m, e, _, w, _, _ = _case((2, 3, 4, 4), torch.int8, True)
+    args = (w, None, None, None, 0.1, 1e-5)
+    assert batch_norm_forward(m.int(), e, *args) is None  # int32 mantissas
+    assert batch_norm_forward(m, -127, *args) is None  # 2**e not a normal float32
+    assert batch_norm_forward(m, e, w.double(), None, None, None, 0.1, 1e-5) is None
+    assert batch_norm_forward(m.transpose(2, 3), e, *args) is None  # no dense walk
+    assert batch_norm_forward(m.contiguous(), e, *args) is None  # 16-value channel runs: ATen
+    assert batch_norm_forward(m[:1, :, :1, :1], e, *args) is None  # one value per channel
+    monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
+    assert batch_norm_forward(m, e, *args) is None

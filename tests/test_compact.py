@@ -59,7 +59,7 @@ def _run(bits, compact, momentum=0.1, channels_last=True, backend="auto"):
 
 @pytest.fixture
 def aten_batch_norm_backward(monkeypatch):
-    """The compact batch norm's backward through dequantisation and ATen, not the C kernel."""
+    """The compact batch norm on ATen (its backward on the dequantised input), not the C kernels."""
     monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
 
 
@@ -78,12 +78,13 @@ def test_values_and_gradients_are_bit_identical(bits, momentum, aten_batch_norm_
 
 @pytest.mark.parametrize("bits", [8, 16])
 def test_batch_norm_kernel_changes_gradients_by_float32_rounding_only(bits, monkeypatch):
-    """With the C batch-norm backward (mantissas read directly): outputs and buffers
-    bit-identical, every gradient within 2e-6 of its largest magnitude (float32 rounding in
-    other sums), and the kernel really ran for each compact batch norm."""
+    """With the C batch-norm backward (mantissas read directly; ATen's forward): outputs and
+    buffers bit-identical, every gradient within 2e-6 of its largest magnitude (float32
+    rounding in other sums), and the kernel really ran for each compact batch norm."""
     calls = []
     kernel = compact.batch_norm_backward
     monkeypatch.setattr(compact, "batch_norm_backward", lambda *a: calls.append(a[1].dtype) or kernel(*a))
+    monkeypatch.setattr(compact, "batch_norm_forward", lambda *a: None)
     pm, got = _run(bits, True)
     monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
     _, want = _run(bits, False)
@@ -93,6 +94,28 @@ def test_batch_norm_kernel_changes_gradients_by_float32_rounding_only(bits, monk
         assert torch.equal(a, b)
     for a, b in zip(got[1:n_out], want[1:n_out]):
         assert (a - b).abs().max() <= 2e-6 * b.abs().max()
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_batch_norm_forward_kernel_changes_values_by_float32_rounding(bits, monkeypatch):
+    """With both C kernels (the default on the CPU): the forward kernel ran for each compact
+    batch norm; its statistics are exact where ATen's float32 sums are not
+    (``tests/test_batch_norm_cpu.py``), so outputs and running statistics move by float32
+    rounding (within 1e-6 of their largest magnitude). Gradients may differ by a stochastic
+    rounding decision that a last-bit change tipped: within two 8-bit steps of their largest
+    magnitude (2**-6), where a wrong statistic would move them by far more."""
+    calls = []
+    kernel = compact.batch_norm_forward
+    monkeypatch.setattr(compact, "batch_norm_forward", lambda *a: calls.append(a[0].dtype) or kernel(*a))
+    pm, got = _run(bits, True)
+    monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
+    _, want = _run(bits, False)
+    assert calls == [torch.int8 if bits == 8 else torch.int16] * 3
+    n_out = 2 + len(list(pm.parameters()))
+    for a, b in zip(got[n_out:] + got[:1], want[n_out:] + want[:1]):
+        assert a.dtype != torch.float32 and torch.equal(a, b) or (a - b).abs().max() <= 1e-6 * b.abs().max()
+    for a, b in zip(got[1:n_out], want[1:n_out]):
+        assert (a - b).abs().max() <= 2**-6 * b.abs().max()
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
