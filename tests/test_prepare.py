@@ -236,6 +236,37 @@ def test_saved_for_backward_is_low_precision():
     assert big and all(t.dtype == torch.int8 for t in big), [t.dtype for t in saved]
 
 
+def test_backward_allocates_no_gradients_for_the_mantissa_outputs():
+    """The layer ops also return their operands' mantissas and exponents (saved for backward),
+    which never receive a gradient: autograd must not build zero tensors of their shapes (it
+    did, one per output and layer, until the ops turned off materialised gradients)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    made = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.new_zeros, torch.ops.aten.zeros_like):
+                made.append(func)
+            return func(*args, **(kwargs or {}))
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(100, 3))
+    pm = prepare(net, ladder=(8, "fp32"))
+    x = torch.randn(2, 3, 7, 7, requires_grad=True)
+    a, b = torch.randn(3, 5, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    mm = prepare(_MatMul(), ladder=(8, "fp32"))
+    loss = pm(x).sum() + mm(a, b).sum()
+    with Watch():
+        loss.backward()
+    assert made == []
+    assert x.grad is not None and a.grad is not None and net[0].weight.grad is not None
+
+
+class _MatMul(nn.Module):
+    def forward(self, a, b):
+        return a @ b
+
+
 def test_set_precision_and_errors():
     pm = prepare(nn.Linear(3, 3), ladder=(8, 12, "fp32"))
     assert pm.precision == 8
