@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <omp.h>
 
 #define PAR_MIN 32768 /* below this, a team of one (see relu_cpu.c) */
@@ -29,8 +30,29 @@ INLINE float load(const void *m, int64_t i, int wide) {
     return wide ? (float)((const int16_t *)m)[i] : (float)((const int8_t *)m)[i];
 }
 
+/* The incoming gradient, through a fused ReLU's mask where there is one (what
+ * relu_mask_backward computes: mask ? g : +0). `masked` is a literal at every call (through
+ * WITH_MASK), so each inlined copy vectorises without a test per value. */
+INLINE float grad_at(const float *g, const uint8_t *mask, int masked, int64_t i) {
+    if (!masked)
+        return g[i];
+    uint32_t bits; /* g's bits or +0 as an AND with 0 or ~0: GCC vectorises this, not the select */
+    memcpy(&bits, g + i, 4);
+    bits &= -(uint32_t)(mask[i] != 0);
+    float v;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+
+#define WITH_MASK(FN, ...)           \
+    if (mask)                        \
+        FN(g, mask, 1, __VA_ARGS__); \
+    else                             \
+        FN(g, NULL, 0, __VA_ARGS__)
+
 /* Channels innermost: rows [r0, r1) added into the double sums pg, px (float over RUN rows). */
-INLINE void rows_sums(const float *g, const void *m, int wide, int64_t r0, int64_t r1, int64_t C, float scale,
+INLINE void rows_sums(const float *g, const uint8_t *mask, int masked, const void *m, int wide, int64_t r0, int64_t r1,
+                      int64_t C, float scale,
                       const float *mean, float *fg, float *fx, double *pg, double *px) {
     for (int64_t q = r0; q < r1; q += RUN) {
         int64_t q1 = q + RUN < r1 ? q + RUN : r1;
@@ -38,7 +60,7 @@ INLINE void rows_sums(const float *g, const void *m, int wide, int64_t r0, int64
         for (int64_t r = q; r < q1; ++r) {
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-                float gv = g[r * C + c];
+                float gv = grad_at(g, mask, masked, r * C + c);
                 fg[c] += gv;
                 fx[c] += gv * (load(m, r * C + c, wide) * scale - mean[c]);
             }
@@ -50,21 +72,31 @@ INLINE void rows_sums(const float *g, const void *m, int wide, int64_t r0, int64
     }
 }
 
-/* One channel's sums over `outer` runs of `inner` contiguous values (float over pieces of 16 RUN). */
-INLINE void channel_sums(const float *g, const void *m, int wide, int64_t outer, int64_t C, int64_t inner,
-                         int64_t c, float scale, float mc, double *sum_g, double *sum_gxc) {
+/* One channel's sums over `outer` runs of `inner` contiguous values: float in 16 lanes over
+ * pieces of 16 RUN values (lane l takes the piece's values l, l + 16, ...; the order is the
+ * code's, not the vectoriser's, so a fused ReLU's mask changes no rounding), double across. */
+INLINE void channel_sums(const float *g, const uint8_t *mask, int masked, const void *m, int wide, int64_t outer,
+                         int64_t C, int64_t inner, int64_t c, float scale, float mc, double *sum_g, double *sum_gxc) {
     double a = 0.0, b = 0.0;
     for (int64_t o = 0; o < outer; ++o) {
         for (int64_t i0 = (o * C + c) * inner, end = i0 + inner; i0 < end; i0 += 16 * RUN) {
             int64_t i1 = i0 + 16 * RUN < end ? i0 + 16 * RUN : end;
-            float fa = 0.0f, fb = 0.0f; /* 16 lanes of at most RUN terms each */
-#pragma omp simd reduction(+ : fa, fb)
-            for (int64_t i = i0; i < i1; ++i) {
-                fa += g[i];
-                fb += g[i] * (load(m, i, wide) * scale - mc);
+            float fa[16] = {0}, fb[16] = {0};
+            int64_t i = i0;
+            for (; i + 16 <= i1; i += 16) {
+#pragma omp simd
+                for (int l = 0; l < 16; ++l) {
+                    float gv = grad_at(g, mask, masked, i + l);
+                    fa[l] += gv;
+                    fb[l] += gv * (load(m, i + l, wide) * scale - mc);
+                }
             }
-            a += fa;
-            b += fb;
+            for (int l = 0; i < i1; ++i, ++l) {
+                float gv = grad_at(g, mask, masked, i);
+                fa[l] += gv;
+                fb[l] += gv * (load(m, i, wide) * scale - mc);
+            }
+            for (int l = 0; l < 16; ++l) a += fa[l], b += fb[l];
         }
     }
     sum_g[c] = a;
@@ -72,7 +104,8 @@ INLINE void channel_sums(const float *g, const void *m, int wide, int64_t outer,
 }
 
 /* gx over [i0, i1) for channel c(i) = (i / inner) % C, with the per-channel factors k. */
-INLINE void grad_range(const float *g, const void *m, int wide, int64_t i0, int64_t i1, int64_t C, int64_t inner,
+INLINE void grad_range(const float *g, const uint8_t *mask, int masked, const void *m, int wide, int64_t i0, int64_t i1,
+                       int64_t C, int64_t inner,
                        float scale, const float *mean, const float *k, const float *k_g, const float *k_x,
                        float *gx) {
     if (inner == 1) {
@@ -80,7 +113,7 @@ INLINE void grad_range(const float *g, const void *m, int wide, int64_t i0, int6
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 int64_t i = r * C + c;
-                gx[i] = k[c] * (g[i] - k_g[c] - (load(m, i, wide) * scale - mean[c]) * k_x[c]);
+                gx[i] = k[c] * (grad_at(g, mask, masked, i) - k_g[c] - (load(m, i, wide) * scale - mean[c]) * k_x[c]);
             }
         }
         return;
@@ -90,7 +123,7 @@ INLINE void grad_range(const float *g, const void *m, int wide, int64_t i0, int6
         float kc = k[c], kg = k_g[c], kx = k_x[c], mc = mean[c];
 #pragma omp simd
         for (int64_t i = base; i < base + inner; ++i)
-            gx[i] = kc * (g[i] - kg - (load(m, i, wide) * scale - mc) * kx);
+            gx[i] = kc * (grad_at(g, mask, masked, i) - kg - (load(m, i, wide) * scale - mc) * kx);
     }
 }
 
@@ -108,7 +141,7 @@ static void factors(int64_t C, double R, const float *invstd, const float *w, co
 #define BN_BACKWARD(NAME, MTYPE, WIDE)                                                                         \
     void NAME(const float *g, const MTYPE *m, int64_t outer, int64_t C, int64_t inner, float scale,          \
               const float *mean, const float *invstd, const float *w, float *gx, double *sum_g,              \
-              double *sum_gxc, int nthreads) {                                                                \
+              double *sum_gxc, const uint8_t *mask, int nthreads) {                                          \
         int64_t n = outer * C * inner;                                                                        \
         int nt = n > PAR_MIN ? nthreads : 1;                                                                  \
         if (inner == 1) {                                                                                     \
@@ -116,7 +149,7 @@ static void factors(int64_t C, double R, const float *invstd, const float *w, co
             _Pragma("omp parallel num_threads(nt)") {                                                         \
                 int t = omp_get_thread_num(), T = omp_get_num_threads();                                      \
                 float *f = malloc((size_t)2 * C * sizeof(float));                                             \
-                rows_sums(g, m, WIDE, outer * t / T, outer * (t + 1) / T, C, scale, mean, f, f + C,           \
+                WITH_MASK(rows_sums, m, WIDE, outer * t / T, outer * (t + 1) / T, C, scale, mean, f, f + C,     \
                           part + (size_t)t * 2 * C, part + (size_t)t * 2 * C + C);                            \
                 free(f);                                                                                      \
             }                                                                                                 \
@@ -131,7 +164,7 @@ static void factors(int64_t C, double R, const float *invstd, const float *w, co
         } else {                                                                                              \
             _Pragma("omp parallel for num_threads(nt) schedule(static)")                                      \
             for (int64_t c = 0; c < C; ++c)                                                                   \
-                channel_sums(g, m, WIDE, outer, C, inner, c, scale, mean[c], sum_g, sum_gxc);                 \
+                WITH_MASK(channel_sums, m, WIDE, outer, C, inner, c, scale, mean[c], sum_g, sum_gxc);           \
         }                                                                                                     \
         if (!gx)                                                                                              \
             return;                                                                                           \
@@ -141,7 +174,7 @@ static void factors(int64_t C, double R, const float *invstd, const float *w, co
         int64_t unit = n / units;                                                                             \
         _Pragma("omp parallel num_threads(nt)") {                                                             \
             int t = omp_get_thread_num(), T = omp_get_num_threads();                                          \
-            grad_range(g, m, WIDE, units * t / T * unit, units * (t + 1) / T * unit, C, inner, scale, mean,   \
+            WITH_MASK(grad_range, m, WIDE, units * t / T * unit, units * (t + 1) / T * unit, C, inner, scale, mean, \
                        k, k + C, k + 2 * C, gx);                                                              \
         }                                                                                                     \
         free(k);                                                                                              \
@@ -157,6 +190,20 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
  * int16 mantissas go to int64 directly). */
 #define WIDTH 64
 #define BLOCK 32768
+
+/* y[i] = m[i] * a + b, or with a fused ReLU (mask non-NULL) torch.relu's value (NaN and -0.0
+ * pass) and relu_cpu.c's mask y != 0; `relu` is a literal at each call, so both copies vectorise. */
+#define OUTPUT(I, V, RELU)                         \
+    do {                                           \
+        float v_ = (V);                            \
+        if (RELU) {                                \
+            float r_ = v_ < 0.0f ? 0.0f : v_;      \
+            y[I] = r_;                             \
+            mask[I] = r_ != 0.0f;                  \
+        } else {                                   \
+            y[I] = v_;                             \
+        }                                          \
+    } while (0)
 
 #define BN_FORWARD(NAME, MTYPE, SQTYPE)                                                                        \
     static void NAME##_sums(const MTYPE *m, int64_t outer, int64_t C, int64_t inner, int64_t *s1, int64_t *s2, \
@@ -207,23 +254,36 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
                 for (int64_t j = 0; j < W; ++j) p[j] += a[j], p[W + j] += b[j];                               \
             }                                                                                                 \
             if (t == T - 1) /* rows after the last whole group */                                             \
-                for (int64_t i = groups * W; i < outer * C; ++i) p[i % C] += m[i], p[W + i % C] += (int64_t)m[i] * m[i]; \
+                for (int64_t i = groups * W; i < outer * C; ++i)                                              \
+                    p[i % C] += m[i], p[W + i % C] += (int64_t)m[i] * m[i];                                   \
             _Pragma("omp critical")                                                                           \
             for (int64_t j = 0; j < W; ++j) s1[j % C] += p[j], s2[j % C] += p[W + j];                         \
             free(a), free(b), free(p);                                                                        \
         }                                                                                                     \
     }                                                                                                         \
                                                                                                               \
+    INLINE void NAME##_apply_run(const MTYPE *m, int64_t i0, int64_t n, const float *a, const float *b,      \
+                                 int64_t period, float *y, uint8_t *mask, int relu) {                         \
+        /* values i0 .. i0 + n, factor index (i - i0) % period; period is 1 or n, or divides n */             \
+        if (period == 1) {                                                                                    \
+            float ac = a[0], bc = b[0];                                                                       \
+            _Pragma("omp simd")                                                                               \
+            for (int64_t i = i0; i < i0 + n; ++i) OUTPUT(i, (float)m[i] * ac + bc, relu);                     \
+        } else {                                                                                              \
+            _Pragma("omp simd")                                                                               \
+            for (int64_t j = 0; j < n; ++j) OUTPUT(i0 + j, (float)m[i0 + j] * a[j] + b[j], relu);             \
+        }                                                                                                     \
+    }                                                                                                         \
+                                                                                                              \
     static void NAME##_apply(const MTYPE *m, int64_t outer, int64_t C, int64_t inner, const float *a,        \
-                             const float *b, float *y, int nt) {                                              \
+                             const float *b, float *y, uint8_t *mask, int nt) {                               \
         if (inner > 1) {                                                                                      \
             _Pragma("omp parallel for num_threads(nt) schedule(static)")                                      \
             for (int64_t oc = 0; oc < outer * C; ++oc) {                                                      \
-                float ac = a[oc % C], bc = b[oc % C];                                                         \
-                const MTYPE *src = m + oc * inner;                                                            \
-                float *dst = y + oc * inner;                                                                  \
-                _Pragma("omp simd")                                                                           \
-                for (int64_t i = 0; i < inner; ++i) dst[i] = (float)src[i] * ac + bc;                         \
+                if (mask)                                                                                     \
+                    NAME##_apply_run(m, oc * inner, inner, a + oc % C, b + oc % C, 1, y, mask, 1);            \
+                else                                                                                          \
+                    NAME##_apply_run(m, oc * inner, inner, a + oc % C, b + oc % C, 1, y, mask, 0);            \
             }                                                                                                 \
             return;                                                                                           \
         }                                                                                                     \
@@ -232,16 +292,19 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
         for (int64_t j = 0; j < W; ++j) aw[j] = a[j % C], bw[j] = b[j % C];                                   \
         _Pragma("omp parallel for num_threads(nt) schedule(static)")                                          \
         for (int64_t g = 0; g < groups; ++g) {                                                                \
-            _Pragma("omp simd")                                                                               \
-            for (int64_t j = 0; j < W; ++j) y[g * W + j] = (float)m[g * W + j] * aw[j] + bw[j];               \
+            if (mask)                                                                                         \
+                NAME##_apply_run(m, g * W, W, aw, bw, W, y, mask, 1);                                         \
+            else                                                                                              \
+                NAME##_apply_run(m, g * W, W, aw, bw, W, y, mask, 0);                                         \
         }                                                                                                     \
-        for (int64_t i = groups * W; i < outer * C; ++i) y[i] = (float)m[i] * a[i % C] + b[i % C];            \
+        for (int64_t r = groups * k; r < outer; ++r) /* rows after the last whole group */                    \
+            NAME##_apply_run(m, r * C, C, a, b, C, y, mask, mask != NULL);                                    \
         free(aw);                                                                                             \
     }                                                                                                         \
                                                                                                               \
     void NAME(const MTYPE *m, int64_t outer, int64_t C, int64_t inner, double scale, const float *w,          \
               const float *bias, double eps, double momentum, float *running_mean, float *running_var,        \
-              float *y, float *mean_out, float *invstd_out, int nthreads) {                                   \
+              float *y, uint8_t *mask, float *mean_out, float *invstd_out, int nthreads) {                    \
         int nt = outer * C * inner > PAR_MIN ? nthreads : 1;                                                  \
         int64_t *s = malloc((size_t)2 * C * sizeof(int64_t));                                                 \
         float *ab = malloc((size_t)2 * C * sizeof(float));                                                    \
@@ -261,7 +324,7 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
             if (running_var)                                                                                  \
                 running_var[c] = (float)((1.0 - momentum) * running_var[c] + momentum * var * R / (R - 1.0)); \
         }                                                                                                     \
-        NAME##_apply(m, outer, C, inner, ab, ab + C, y, nt);                                                  \
+        NAME##_apply(m, outer, C, inner, ab, ab + C, y, mask, nt);                                            \
         free(s), free(ab);                                                                                    \
     }
 

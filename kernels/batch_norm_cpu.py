@@ -27,14 +27,14 @@ from .quantise_cpu import _ptr
 __all__ = ["batch_norm_backward", "batch_norm_forward"]
 
 _P = ctypes.c_void_p
-_ARGS = [_P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _P, _P, _P, _P, _P, _P,
+_ARGS = [_P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _P, _P, _P, _P, _P, _P, _P,
          ctypes.c_int]
 _FN = {torch.int8: "bn_backward_i8", torch.int16: "bn_backward_i16"}
 _FORWARD = {torch.int8: "bn_forward_i8", torch.int16: "bn_forward_i16"}
 _D = ctypes.c_double
 _SIGNATURES = {**{n: (None, _ARGS) for n in _FN.values()},
                **{n: (None, [_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _D, _P, _P, _D, _D, _P, _P, _P, _P,
-                             _P, ctypes.c_int]) for n in _FORWARD.values()}}
+                             _P, _P, ctypes.c_int]) for n in _FORWARD.values()}}
 
 
 @functools.cache
@@ -62,19 +62,23 @@ def _geometry(m: torch.Tensor):
 
 
 def batch_norm_backward(grad: torch.Tensor, m: torch.Tensor, e: int, mean: torch.Tensor,
-                        invstd: torch.Tensor, weight: torch.Tensor | None, need: tuple[bool, bool, bool]):
+                        invstd: torch.Tensor, weight: torch.Tensor | None, need: tuple[bool, bool, bool],
+                        relu_mask: torch.Tensor | None = None):
     """``native_batch_norm_backward`` (training mode) for the input ``x = m * 2**e``: returns
     ``(grad_input, grad_weight, grad_bias)``, each ``None`` where ``need`` says so, or ``None``
     altogether where the kernel does not apply (no C compiler, not on the CPU, float32 gradient
     and int8/int16 mantissas in one dense memory order, float32 statistics, ``e`` within
-    float32's normal range). ``grad`` in another dense order than ``m`` is copied into ``m``'s."""
+    float32's normal range). ``grad`` in another dense order than ``m`` is copied into ``m``'s.
+    ``relu_mask``: the byte mask of a ReLU fused after the batch norm (:func:`batch_norm_forward`),
+    laid out like ``m``; ``grad`` is then the ReLU output's gradient."""
     lib = _library()
     geometry = _geometry(m) if m.numel() > 0 else None
     if (lib is None or geometry is None or m.dtype not in _FN or grad.dtype != torch.float32
             or grad.device.type != "cpu" or m.device.type != "cpu" or grad.shape != m.shape
             or not -126 <= e <= 126
             or any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous())
-                   for t in (mean, invstd, weight))):
+                   for t in (mean, invstd, weight))
+            or relu_mask is not None and (relu_mask.dtype != torch.uint8 or relu_mask.stride() != m.stride())):
         return None
     if grad.stride() != m.stride():
         grad = torch.empty_like(m, dtype=torch.float32).copy_(grad)
@@ -84,7 +88,7 @@ def batch_norm_backward(grad: torch.Tensor, m: torch.Tensor, e: int, mean: torch
     sum_gxc = torch.empty(C, dtype=torch.float64)
     getattr(lib, _FN[m.dtype])(grad.data_ptr(), m.data_ptr(), outer, C, inner, math.ldexp(1.0, e),
                                mean.data_ptr(), invstd.data_ptr(), _ptr(weight), _ptr(gx),
-                               sum_g.data_ptr(), sum_gxc.data_ptr(), torch.get_num_threads())
+                               sum_g.data_ptr(), sum_gxc.data_ptr(), _ptr(relu_mask), torch.get_num_threads())
     gw = (sum_gxc * invstd).float() if need[1] else None
     gb = sum_g.float() if need[2] else None
     return gx, gw, gb
@@ -96,7 +100,7 @@ def _float32_cpu(*ts) -> bool:
 
 def batch_norm_forward(m: torch.Tensor, e: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                        running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float,
-                       eps: float):
+                       eps: float, relu: bool = False):
     """``native_batch_norm`` (training mode) of ``x = m * 2**e``: returns ``(y, mean, invstd)``
     and updates the running statistics in place like ATen (unbiased variance), or ``None`` where
     the kernel does not apply (as :func:`batch_norm_backward`, and one value per channel).
@@ -105,7 +109,8 @@ def batch_norm_forward(m: torch.Tensor, e: int, weight: torch.Tensor | None, bia
     The channel sums of ``m`` and ``m**2`` are exact integers, so the mean and the variance are
     the float64 roundings of their exact values (ATen's channels-last float32 accumulation was
     5.8e-5 off in ``invstd`` on 128x16x32x32, this 4.2e-8); ``y`` is ATen's ``x * alpha + beta``
-    with those statistics."""
+    with those statistics. With ``relu``, a ReLU fused after it: returns ``(relu(y), mean, invstd,
+    mask)`` with ``relu_cpu``'s byte mask ``relu(y) != 0``, in the same pass."""
     lib = _library()
     geometry = _geometry(m) if m.numel() > 0 else None
     if (lib is None or geometry is None or m.dtype not in _FORWARD or m.device.type != "cpu" or not -126 <= e <= 126
@@ -115,8 +120,9 @@ def batch_norm_forward(m: torch.Tensor, e: int, weight: torch.Tensor | None, bia
     if outer * inner < 2:
         return None  # one value per channel: the stock module raises its own error
     y = torch.empty_like(m, dtype=torch.float32)
+    mask = torch.empty_like(m, dtype=torch.uint8) if relu else None
     stats = torch.empty(2, C, dtype=torch.float32)
     getattr(lib, _FORWARD[m.dtype])(m.data_ptr(), outer, C, inner, math.ldexp(1.0, e), _ptr(weight), _ptr(bias),
                                     eps, momentum, _ptr(running_mean), _ptr(running_var), y.data_ptr(),
-                                    stats[0].data_ptr(), stats[1].data_ptr(), torch.get_num_threads())
-    return y, stats[0], stats[1]
+                                    _ptr(mask), stats[0].data_ptr(), stats[1].data_ptr(), torch.get_num_threads())
+    return (y, stats[0], stats[1]) + ((mask,) if relu else ())

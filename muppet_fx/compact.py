@@ -46,33 +46,41 @@ def _active(state, x: Tensor) -> bool:
 
 
 class _GridBatchNorm(torch.autograd.Function):
-    """Training-mode batch norm whose input is saved as mantissas (see the module notes)."""
+    """Training-mode batch norm whose input is saved as mantissas (see the module notes); with
+    ``relu``, also the ReLU that is its only reader, saving that ReLU's byte mask."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, bits, parts):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, bits, parts, relu):
         m, s = parts if parts is not None else quantise_parts(x.detach(), bits, "nearest")
         out = None
         if s.numel() == 1 and s.device.type == "cpu":  # two C passes over the mantissas
-            out = batch_norm_forward(m, -int(s), weight, bias, running_mean, running_var, momentum, eps)
+            out = batch_norm_forward(m, -int(s), weight, bias, running_mean, running_var, momentum, eps, relu)
         if out is None:
             out = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        y, mean, invstd = out
-        ctx.save_for_backward(m, s, weight, mean, invstd)
+            if relu:
+                y, mask = _relu_and_mask(out[0])
+                out = (y, out[1], out[2], mask)
+        y, mean, invstd = out[:3]
+        mask = out[3] if relu else None
+        ctx.save_for_backward(m, s, weight, mean, invstd, mask)
         ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        m, s, weight, mean, invstd = ctx.saved_tensors
+        m, s, weight, mean, invstd, mask = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
-        if s.numel() == 1 and s.device.type == "cpu":  # one C kernel reading the mantissas
-            grads = batch_norm_backward(grad, m, -int(s), mean, invstd, weight, need)
+        none = (None,) * 7
+        if s.numel() == 1 and s.device.type == "cpu":  # one C kernel reading the mantissas (and mask)
+            grads = batch_norm_backward(grad, m, -int(s), mean, invstd, weight, need, mask)
             if grads is not None:
-                return *grads, None, None, None, None, None, None
+                return *grads, *none
+        if mask is not None:
+            grad = _relu_backward(grad, mask)
         x = dequantise(m, s)
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             grad, x, weight, None, None, mean, invstd, True, ctx.eps, [need[0], need[1], need[2]])
-        return gx, gw, gb, None, None, None, None, None, None
+        return gx, gw, gb, *none
 
 
 def _momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
@@ -83,19 +91,22 @@ def _momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
     return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
 
 
-def compact_batch_norm(site, input: Tensor, bn: nn.Module) -> Tensor:
+def compact_batch_norm(site, input: Tensor, bn: nn.Module, relu: bool = False) -> Tensor:
     """``bn(input)`` for the output of the quantised layer ``site``: in training at up to 16
-    bits the input is kept for backward as mantissas (exact, see the module notes)."""
+    bits the input is kept for backward as mantissas (exact, see the module notes). ``relu``:
+    ``F.relu(bn(input))``, the ReLU being the batch norm's only reader; on the CPU the batch
+    norm's output pass applies it (one pass fewer each way, the same values and gradients)."""
     st = site.state
     bits = st.fwd_bits
     parts = _take_parts(site, input)
     if (not _active(st, input) or not st.config.quantise_outputs or type(bn) not in BATCH_NORMS
             or not bn.training or not bn.track_running_stats or bits is None or bits > 16
             or input.dtype != torch.float32):
-        return bn(input)
+        y = bn(input)
+        return compact_relu(site, y) if relu else y
     bn._check_input_dim(input)
     return _GridBatchNorm.apply(input, bn.weight, bn.bias, bn.running_mean, bn.running_var, _momentum(bn),
-                                bn.eps, bits, parts)
+                                bn.eps, bits, parts, relu)
 
 
 def _take_parts(site, input: Tensor):
@@ -112,21 +123,29 @@ def _take_parts(site, input: Tensor):
     return parts[1], parts[2]
 
 
+def _relu_and_mask(x: Tensor) -> tuple[Tensor, Tensor]:
+    fused = relu_with_mask(x)  # one C pass on the CPU
+    y, mask = fused if fused is not None else (torch.relu(x), None)
+    return y, (mask if mask is not None else (y != 0).view(torch.uint8))
+
+
+def _relu_backward(grad: Tensor, mask: Tensor) -> Tensor:
+    gx = relu_mask_backward(grad, mask)
+    if gx is None and grad.device.type == "cpu" and mask.stride() != grad.stride() and mask.shape == grad.shape:
+        gx = relu_mask_backward(grad.contiguous(memory_format=_order(mask)), mask)
+    return gx if gx is not None else torch.where(mask.view(torch.bool), grad, 0.0)
+
+
 class _MaskedReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        fused = relu_with_mask(x)  # one C pass on the CPU
-        y, mask = fused if fused is not None else (torch.relu(x), None)
-        ctx.save_for_backward(mask if mask is not None else (y != 0).view(torch.uint8))
+        y, mask = _relu_and_mask(x)
+        ctx.save_for_backward(mask)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        gx = relu_mask_backward(grad, mask)
-        if gx is None and grad.device.type == "cpu" and mask.stride() != grad.stride() and mask.shape == grad.shape:
-            gx = relu_mask_backward(grad.contiguous(memory_format=_order(mask)), mask)
-        return gx if gx is not None else torch.where(mask.view(torch.bool), grad, 0.0)
+        return _relu_backward(grad, *ctx.saved_tensors)
 
 
 def _order(t: Tensor) -> torch.memory_format:

@@ -2,8 +2,9 @@
 
 Runs after ``insert_quant_nodes``. A batch-norm module whose input is the output of a quantised
 conv/linear call becomes :func:`~muppet_fx.compact.compact_batch_norm` with that layer's site
-(the site tells at run time whether the output was quantised, and to how many bits); ReLU
-modules, functions and methods become :func:`~muppet_fx.compact.compact_relu`. In-place ReLUs
+(the site tells at run time whether the output was quantised, and to how many bits); a ReLU
+that is such a batch norm's only reader joins it (``relu=True``); other ReLU modules, functions
+and methods become :func:`~muppet_fx.compact.compact_relu`. In-place ReLUs
 are rewritten only where no other node reads their input, since the rewrite returns a new
 tensor. Same values and gradients (see ``muppet_fx.compact``); less memory.
 """
@@ -68,8 +69,22 @@ def _rewrite_relu(node: fx.Node, ctx: RewriteContext) -> None:
     node.op, node.target, node.args, node.kwargs = "call_function", compact_relu, (holder, node.args[0]), {}
 
 
+def _relu_of_compact_batch_norm(node: fx.Node, ctx: RewriteContext) -> bool:
+    bn = node.args[0] if node.args else None
+    return (_is_relu(node, ctx) and isinstance(bn, fx.Node) and bn.op == "call_function"
+            and bn.target is compact_batch_norm and len(bn.args) == 3 and len(bn.users) == 1)
+
+
+def _fuse_relu(node: fx.Node, ctx: RewriteContext) -> None:
+    bn = node.args[0]
+    bn.args = (*bn.args, True)
+    node.replace_all_uses_with(bn)
+    ctx.graph.erase_node(node)
+
+
 COMPACT_RULES: list[Rule] = [
     Rule("batch norm after a quantised layer", _after_quantised_layer, _rewrite_batch_norm),
+    Rule("relu reading only a compact batch norm", _relu_of_compact_batch_norm, _fuse_relu),
     Rule("relu", _is_relu, _rewrite_relu),
 ]
 

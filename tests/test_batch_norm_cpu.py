@@ -196,3 +196,24 @@ def test_forward_declines_what_it_does_not_cover(monkeypatch):
     assert batch_norm_forward(m[:1, :, :1, :1], e, *args) is None  # one value per channel
     monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
     assert batch_norm_forward(m, e, *args) is None
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_relu_equals_relu_after_the_kernels(channels_last):
+    """``relu=True`` forward: ``relu(y)`` and ``relu_cpu``'s mask ``relu(y) != 0`` from the same
+    pass; backward with that mask equals backward of the masked gradient, bit for bit."""
+    from muppet_fx.kernels.relu_cpu import relu_mask_backward, relu_with_mask
+
+    shape = (3, 16, 7, 7) if channels_last else (2, 3, 16, 17)
+    g, m, e, _, w, _, _ = _case(shape, torch.int8, channels_last, seed=8)
+    b = torch.randn(shape[1], generator=torch.Generator().manual_seed(9))
+    y, mean, invstd = batch_norm_forward(m, e, w, b, None, None, 0.1, 1e-5)
+    r, mean_r, invstd_r, mask = batch_norm_forward(m, e, w, b, None, None, 0.1, 1e-5, relu=True)
+    want_r, want_mask = relu_with_mask(y)
+    assert torch.equal(r, want_r) and torch.equal(mask, want_mask) and mask.stride() == m.stride()
+    assert torch.equal(mean_r, mean) and torch.equal(invstd_r, invstd)
+    assert 0 < int(mask.sum()) < mask.numel()
+    need = (True, True, True)
+    got = batch_norm_backward(g, m, e, mean, invstd, w, need, relu_mask=mask)
+    want = batch_norm_backward(relu_mask_backward(g, mask), m, e, mean, invstd, w, need)
+    assert all(torch.equal(a, c) for a, c in zip(got, want))

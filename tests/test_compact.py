@@ -73,7 +73,8 @@ def test_values_and_gradients_are_bit_identical(bits, momentum, aten_batch_norm_
         assert torch.equal(a, b)
     code = pm._muppet_graph.python_code("self").src
     assert code.count("compact_batch_norm") == 3  # b1, b2, b4; not b3 (input is an add)
-    assert code.count("compact_relu") == 4 and "relu_" in code  # the re-read in-place ReLU stays stock
+    assert code.count(", True)") == 3  # r1, b2's and b4's ReLUs joined their batch norms
+    assert code.count("compact_relu") == 1 and "relu_" in code  # b3's ReLU; the re-read in-place ReLU stays stock
 
 
 @pytest.mark.parametrize("bits", [8, 16])
@@ -116,6 +117,24 @@ def test_batch_norm_forward_kernel_changes_values_by_float32_rounding(bits, monk
         assert a.dtype != torch.float32 and torch.equal(a, b) or (a - b).abs().max() <= 1e-6 * b.abs().max()
     for a, b in zip(got[1:n_out], want[1:n_out]):
         assert (a - b).abs().max() <= 2**-6 * b.abs().max()
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+@pytest.mark.parametrize("kernels", [True, False])
+def test_relu_joined_to_its_batch_norm_changes_nothing(bits, kernels, monkeypatch):
+    """The batch norm with its ReLU in one op against the two ops, with the C kernels and with
+    the ATen fallbacks: outputs, gradients and buffers bit-identical."""
+    from muppet_fx.passes import compact_saved
+
+    if not kernels:
+        monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
+    pm, joined = _run(bits, True)
+    assert pm._muppet_graph.python_code("self").src.count(", True)") == 3
+    monkeypatch.setattr(compact_saved, "COMPACT_RULES", [r for r in compact_saved.COMPACT_RULES
+                                                         if r.rewrite is not compact_saved._fuse_relu])
+    pm, apart = _run(bits, True)
+    assert pm._muppet_graph.python_code("self").src.count(", True)") == 0
+    assert all(torch.equal(a, b) for a, b in zip(joined, apart))
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -187,7 +206,7 @@ def test_handed_over_mantissas_equal_a_fresh_quantisation_of_the_output(monkeypa
 
     def spy(ctx, x, *args):
         y = forward(ctx, x, *args)
-        saved.append((x.detach().clone(), *args[-1]))
+        saved.append((x.detach().clone(), *args[-2]))
         return y
     monkeypatch.setattr(compact._GridBatchNorm, "forward", staticmethod(spy))
     _run(8, True)
