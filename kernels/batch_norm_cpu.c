@@ -44,11 +44,16 @@ INLINE float grad_at(const float *g, const uint8_t *mask, int masked, int64_t i)
     return v;
 }
 
-#define WITH_MASK(FN, ...)           \
-    if (mask)                        \
-        FN(g, mask, 1, __VA_ARGS__); \
-    else                             \
-        FN(g, NULL, 0, __VA_ARGS__)
+/* max(top, bits(v) & 0x7fffffff): quantise_cpu.c's absmax_bits, gathered as values are stored
+ * so that the quantiser of the layer reading them skips its own pass (NaN and inf included). */
+INLINE uint32_t max_bits(uint32_t top, float v) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    b &= 0x7fffffffU;
+    return b > top ? b : top;
+}
+
+#define WITH_MASK(FN, ...) (mask ? FN(g, mask, 1, __VA_ARGS__) : FN(g, NULL, 0, __VA_ARGS__))
 
 /* Channels innermost: rows [r0, r1) added into the double sums pg, px (float over RUN rows). */
 INLINE void rows_sums(const float *g, const uint8_t *mask, int masked, const void *m, int wide, int64_t r0, int64_t r1,
@@ -103,28 +108,38 @@ INLINE void channel_sums(const float *g, const uint8_t *mask, int masked, const 
     sum_gxc[c] = b;
 }
 
-/* gx over [i0, i1) for channel c(i) = (i / inner) % C, with the per-channel factors k. */
-INLINE void grad_range(const float *g, const uint8_t *mask, int masked, const void *m, int wide, int64_t i0, int64_t i1,
-                       int64_t C, int64_t inner,
-                       float scale, const float *mean, const float *k, const float *k_g, const float *k_x,
-                       float *gx) {
+/* gx over [i0, i1) for channel c(i) = (i / inner) % C, with the per-channel factors k; returns
+ * the values' max_bits (the quantiser of the layer below reads gx next). */
+INLINE uint32_t grad_range(const float *g, const uint8_t *mask, int masked, const void *m, int wide, int64_t i0,
+                           int64_t i1, int64_t C, int64_t inner, float scale, const float *mean, const float *k,
+                           const float *k_g, const float *k_x, float *gx) {
+    uint32_t top = 0;
     if (inner == 1) {
+        uint32_t *lane = calloc((size_t)C, sizeof(uint32_t)); /* per channel: no horizontal max per row */
         for (int64_t r = i0 / C; r < i1 / C; ++r) {
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 int64_t i = r * C + c;
-                gx[i] = k[c] * (grad_at(g, mask, masked, i) - k_g[c] - (load(m, i, wide) * scale - mean[c]) * k_x[c]);
+                float v = k[c] * (grad_at(g, mask, masked, i) - k_g[c] - (load(m, i, wide) * scale - mean[c]) * k_x[c]);
+                gx[i] = v;
+                lane[c] = max_bits(lane[c], v);
             }
         }
-        return;
+        for (int64_t c = 0; c < C; ++c) top = lane[c] > top ? lane[c] : top;
+        free(lane);
+        return top;
     }
     for (int64_t oc = i0 / inner; oc < i1 / inner; ++oc) {
         int64_t c = oc % C, base = oc * inner;
         float kc = k[c], kg = k_g[c], kx = k_x[c], mc = mean[c];
-#pragma omp simd
-        for (int64_t i = base; i < base + inner; ++i)
-            gx[i] = kc * (grad_at(g, mask, masked, i) - kg - (load(m, i, wide) * scale - mc) * kx);
+#pragma omp simd reduction(max : top)
+        for (int64_t i = base; i < base + inner; ++i) {
+            float v = kc * (grad_at(g, mask, masked, i) - kg - (load(m, i, wide) * scale - mc) * kx);
+            gx[i] = v;
+            top = max_bits(top, v);
+        }
     }
+    return top;
 }
 
 /* Per-channel factors of gx from the sums (in double). */
@@ -139,7 +154,7 @@ static void factors(int64_t C, double R, const float *invstd, const float *w, co
 }
 
 #define BN_BACKWARD(NAME, MTYPE, WIDE)                                                                         \
-    void NAME(const float *g, const MTYPE *m, int64_t outer, int64_t C, int64_t inner, float scale,          \
+    uint32_t NAME(const float *g, const MTYPE *m, int64_t outer, int64_t C, int64_t inner, float scale,      \
               const float *mean, const float *invstd, const float *w, float *gx, double *sum_g,              \
               double *sum_gxc, const uint8_t *mask, int nthreads) {                                          \
         int64_t n = outer * C * inner;                                                                        \
@@ -149,7 +164,7 @@ static void factors(int64_t C, double R, const float *invstd, const float *w, co
             _Pragma("omp parallel num_threads(nt)") {                                                         \
                 int t = omp_get_thread_num(), T = omp_get_num_threads();                                      \
                 float *f = malloc((size_t)2 * C * sizeof(float));                                             \
-                WITH_MASK(rows_sums, m, WIDE, outer * t / T, outer * (t + 1) / T, C, scale, mean, f, f + C,     \
+                (void)WITH_MASK(rows_sums, m, WIDE, outer * t / T, outer * (t + 1) / T, C, scale, mean, f, f + C,     \
                           part + (size_t)t * 2 * C, part + (size_t)t * 2 * C + C);                            \
                 free(f);                                                                                      \
             }                                                                                                 \
@@ -164,20 +179,22 @@ static void factors(int64_t C, double R, const float *invstd, const float *w, co
         } else {                                                                                              \
             _Pragma("omp parallel for num_threads(nt) schedule(static)")                                      \
             for (int64_t c = 0; c < C; ++c)                                                                   \
-                WITH_MASK(channel_sums, m, WIDE, outer, C, inner, c, scale, mean[c], sum_g, sum_gxc);           \
+                (void)WITH_MASK(channel_sums, m, WIDE, outer, C, inner, c, scale, mean[c], sum_g, sum_gxc);           \
         }                                                                                                     \
         if (!gx)                                                                                              \
-            return;                                                                                           \
+            return 0;                                                                                         \
         float *k = malloc((size_t)3 * C * sizeof(float));                                                     \
         factors(C, (double)outer * (double)inner, invstd, w, sum_g, sum_gxc, k, k + C, k + 2 * C);           \
         int64_t units = inner == 1 ? outer : outer * C; /* rows, or channel runs */                          \
         int64_t unit = n / units;                                                                             \
-        _Pragma("omp parallel num_threads(nt)") {                                                             \
+        uint32_t top = 0;                                                                                     \
+        _Pragma("omp parallel num_threads(nt) reduction(max : top)") {                                        \
             int t = omp_get_thread_num(), T = omp_get_num_threads();                                          \
-            WITH_MASK(grad_range, m, WIDE, units * t / T * unit, units * (t + 1) / T * unit, C, inner, scale, mean, \
-                       k, k + C, k + 2 * C, gx);                                                              \
+            top = WITH_MASK(grad_range, m, WIDE, units * t / T * unit, units * (t + 1) / T * unit, C, inner,  \
+                            scale, mean, k, k + C, k + 2 * C, gx);                                            \
         }                                                                                                     \
         free(k);                                                                                              \
+        return top;                                                                                           \
     }
 
 BN_BACKWARD(bn_backward_i8, int8_t, 0)
@@ -197,12 +214,11 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
     do {                                           \
         float v_ = (V);                            \
         if (RELU) {                                \
-            float r_ = v_ < 0.0f ? 0.0f : v_;      \
-            y[I] = r_;                             \
-            mask[I] = r_ != 0.0f;                  \
-        } else {                                   \
-            y[I] = v_;                             \
+            v_ = v_ < 0.0f ? 0.0f : v_;            \
+            mask[I] = v_ != 0.0f;                  \
         }                                          \
+        y[I] = v_;                                 \
+        top = max_bits(top, v_);                   \
     } while (0)
 
 #define BN_FORWARD(NAME, MTYPE, SQTYPE)                                                                        \
@@ -262,49 +278,71 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
         }                                                                                                     \
     }                                                                                                         \
                                                                                                               \
-    INLINE void NAME##_apply_run(const MTYPE *m, int64_t i0, int64_t n, const float *a, const float *b,      \
-                                 int64_t period, float *y, uint8_t *mask, int relu) {                         \
-        /* values i0 .. i0 + n, factor index (i - i0) % period; period is 1 or n, or divides n */             \
+    INLINE uint32_t NAME##_apply_run(const MTYPE *m, int64_t i0, int64_t n, const float *a, const float *b,  \
+                                     int64_t period, float *y, uint8_t *mask, int relu) {                     \
+        /* values i0 .. i0 + n: factors a[0], b[0] (period 1), or a[j], b[j] for value i0 + j */              \
+        uint32_t top = 0;                                                                                     \
         if (period == 1) {                                                                                    \
             float ac = a[0], bc = b[0];                                                                       \
-            _Pragma("omp simd")                                                                               \
+            _Pragma("omp simd reduction(max : top)")                                                          \
             for (int64_t i = i0; i < i0 + n; ++i) OUTPUT(i, (float)m[i] * ac + bc, relu);                     \
         } else {                                                                                              \
-            _Pragma("omp simd")                                                                               \
+            _Pragma("omp simd reduction(max : top)")                                                          \
             for (int64_t j = 0; j < n; ++j) OUTPUT(i0 + j, (float)m[i0 + j] * a[j] + b[j], relu);             \
+        }                                                                                                     \
+        return top;                                                                                           \
+    }                                                                                                         \
+                                                                                                              \
+    INLINE void NAME##_apply_group(const MTYPE *m, int64_t W, const float *a, const float *b, float *y,      \
+                                   uint8_t *mask, uint32_t *lane, int relu) {                                 \
+        _Pragma("omp simd")                                                                                   \
+        for (int64_t j = 0; j < W; ++j) {                                                                     \
+            uint32_t top = lane[j];                                                                           \
+            OUTPUT(j, (float)m[j] * a[j] + b[j], relu);                                                       \
+            lane[j] = top;                                                                                    \
         }                                                                                                     \
     }                                                                                                         \
                                                                                                               \
-    static void NAME##_apply(const MTYPE *m, int64_t outer, int64_t C, int64_t inner, const float *a,        \
-                             const float *b, float *y, uint8_t *mask, int nt) {                               \
+    static uint32_t NAME##_apply(const MTYPE *m, int64_t outer, int64_t C, int64_t inner, const float *a,    \
+                                 const float *b, float *y, uint8_t *mask, int nt) {                           \
+        uint32_t top = 0, t;                                                                                  \
         if (inner > 1) {                                                                                      \
-            _Pragma("omp parallel for num_threads(nt) schedule(static)")                                      \
+            _Pragma("omp parallel for num_threads(nt) schedule(static) reduction(max : top) private(t)")      \
             for (int64_t oc = 0; oc < outer * C; ++oc) {                                                      \
                 if (mask)                                                                                     \
-                    NAME##_apply_run(m, oc * inner, inner, a + oc % C, b + oc % C, 1, y, mask, 1);            \
+                    t = NAME##_apply_run(m, oc * inner, inner, a + oc % C, b + oc % C, 1, y, mask, 1);        \
                 else                                                                                          \
-                    NAME##_apply_run(m, oc * inner, inner, a + oc % C, b + oc % C, 1, y, mask, 0);            \
+                    t = NAME##_apply_run(m, oc * inner, inner, a + oc % C, b + oc % C, 1, y, mask, 0);        \
+                top = t > top ? t : top;                                                                      \
             }                                                                                                 \
-            return;                                                                                           \
+            return top;                                                                                       \
         }                                                                                                     \
         int64_t k = C < WIDTH ? (WIDTH + C - 1) / C : 1, W = k * C, groups = outer / k;                       \
         float *aw = malloc((size_t)2 * W * sizeof(float)), *bw = aw + W;                                      \
         for (int64_t j = 0; j < W; ++j) aw[j] = a[j % C], bw[j] = b[j % C];                                   \
-        _Pragma("omp parallel for num_threads(nt) schedule(static)")                                          \
-        for (int64_t g = 0; g < groups; ++g) {                                                                \
-            if (mask)                                                                                         \
-                NAME##_apply_run(m, g * W, W, aw, bw, W, y, mask, 1);                                         \
-            else                                                                                              \
-                NAME##_apply_run(m, g * W, W, aw, bw, W, y, mask, 0);                                         \
+        _Pragma("omp parallel num_threads(nt) reduction(max : top)") {                                        \
+            int th = omp_get_thread_num(), T = omp_get_num_threads();                                         \
+            uint32_t *lane = calloc((size_t)W, sizeof(uint32_t)); /* no horizontal max per group */          \
+            for (int64_t g = groups * th / T; g < groups * (th + 1) / T; ++g) {                               \
+                if (mask)                                                                                     \
+                    NAME##_apply_group(m + g * W, W, aw, bw, y + g * W, mask + g * W, lane, 1);               \
+                else                                                                                          \
+                    NAME##_apply_group(m + g * W, W, aw, bw, y + g * W, NULL, lane, 0);                       \
+            }                                                                                                 \
+            for (int64_t j = 0; j < W; ++j) top = lane[j] > top ? lane[j] : top;                              \
+            free(lane);                                                                                       \
         }                                                                                                     \
-        for (int64_t r = groups * k; r < outer; ++r) /* rows after the last whole group */                    \
-            NAME##_apply_run(m, r * C, C, a, b, C, y, mask, mask != NULL);                                    \
+        for (int64_t r = groups * k; r < outer; ++r) { /* rows after the last whole group */                  \
+            t = NAME##_apply_run(m, r * C, C, a, b, C, y, mask, mask != NULL);                                \
+            top = t > top ? t : top;                                                                          \
+        }                                                                                                     \
         free(aw);                                                                                             \
+        return top;                                                                                           \
     }                                                                                                         \
                                                                                                               \
-    void NAME(const MTYPE *m, int64_t outer, int64_t C, int64_t inner, double scale, const float *w,          \
-              const float *bias, double eps, double momentum, float *running_mean, float *running_var,        \
-              float *y, uint8_t *mask, float *mean_out, float *invstd_out, int nthreads) {                    \
+    uint32_t NAME(const MTYPE *m, int64_t outer, int64_t C, int64_t inner, double scale, const float *w,      \
+                  const float *bias, double eps, double momentum, float *running_mean, float *running_var,    \
+                  float *y, uint8_t *mask, float *mean_out, float *invstd_out, int nthreads) {                \
         int nt = outer * C * inner > PAR_MIN ? nthreads : 1;                                                  \
         int64_t *s = malloc((size_t)2 * C * sizeof(int64_t));                                                 \
         float *ab = malloc((size_t)2 * C * sizeof(float));                                                    \
@@ -324,8 +362,9 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
             if (running_var)                                                                                  \
                 running_var[c] = (float)((1.0 - momentum) * running_var[c] + momentum * var * R / (R - 1.0)); \
         }                                                                                                     \
-        NAME##_apply(m, outer, C, inner, ab, ab + C, y, mask, nt);                                            \
+        uint32_t top = NAME##_apply(m, outer, C, inner, ab, ab + C, y, mask, nt);                             \
         free(s), free(ab);                                                                                    \
+        return top;                                                                                           \
     }
 
 BN_FORWARD(bn_forward_i8, int8_t, int32_t)

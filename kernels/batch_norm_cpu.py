@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .cbuild import bound_library
-from .quantise_cpu import _ptr
+from .quantise_cpu import _ptr, remember_absmax
 
 __all__ = ["batch_norm_backward", "batch_norm_forward"]
 
@@ -32,8 +32,8 @@ _ARGS = [_P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
 _FN = {torch.int8: "bn_backward_i8", torch.int16: "bn_backward_i16"}
 _FORWARD = {torch.int8: "bn_forward_i8", torch.int16: "bn_forward_i16"}
 _D = ctypes.c_double
-_SIGNATURES = {**{n: (None, _ARGS) for n in _FN.values()},
-               **{n: (None, [_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _D, _P, _P, _D, _D, _P, _P, _P, _P,
+_SIGNATURES = {**{n: (ctypes.c_uint32, _ARGS) for n in _FN.values()},
+               **{n: (ctypes.c_uint32, [_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _D, _P, _P, _D, _D, _P, _P, _P, _P,
                              _P, _P, ctypes.c_int]) for n in _FORWARD.values()}}
 
 
@@ -86,9 +86,11 @@ def batch_norm_backward(grad: torch.Tensor, m: torch.Tensor, e: int, mean: torch
     gx = torch.empty_like(grad) if need[0] else None
     sum_g = torch.empty(C, dtype=torch.float64)
     sum_gxc = torch.empty(C, dtype=torch.float64)
-    getattr(lib, _FN[m.dtype])(grad.data_ptr(), m.data_ptr(), outer, C, inner, math.ldexp(1.0, e),
+    top = getattr(lib, _FN[m.dtype])(grad.data_ptr(), m.data_ptr(), outer, C, inner, math.ldexp(1.0, e),
                                mean.data_ptr(), invstd.data_ptr(), _ptr(weight), _ptr(gx),
                                sum_g.data_ptr(), sum_gxc.data_ptr(), _ptr(relu_mask), torch.get_num_threads())
+    if gx is not None:
+        remember_absmax(gx, top)  # the layer below quantises gx next
     gw = (sum_gxc * invstd).float() if need[1] else None
     gb = sum_g.float() if need[2] else None
     return gx, gw, gb
@@ -122,7 +124,8 @@ def batch_norm_forward(m: torch.Tensor, e: int, weight: torch.Tensor | None, bia
     y = torch.empty_like(m, dtype=torch.float32)
     mask = torch.empty_like(m, dtype=torch.uint8) if relu else None
     stats = torch.empty(2, C, dtype=torch.float32)
-    getattr(lib, _FORWARD[m.dtype])(m.data_ptr(), outer, C, inner, math.ldexp(1.0, e), _ptr(weight), _ptr(bias),
+    top = getattr(lib, _FORWARD[m.dtype])(m.data_ptr(), outer, C, inner, math.ldexp(1.0, e), _ptr(weight), _ptr(bias),
                                     eps, momentum, _ptr(running_mean), _ptr(running_var), y.data_ptr(),
                                     _ptr(mask), stats[0].data_ptr(), stats[1].data_ptr(), torch.get_num_threads())
+    remember_absmax(y, top)
     return (y, stats[0], stats[1]) + ((mask,) if relu else ())

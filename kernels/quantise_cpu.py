@@ -22,7 +22,8 @@ import torch
 from .cbuild import WIDE_VECTORS, load_c_library
 from .quantise import MAX_EXPONENT, dequantise_reference, is_dense, mantissa_dtype, quantise_reference
 
-__all__ = ["quantise_cpu", "dequantise_cpu", "requantise_accumulator", "host_exponent", "c_kernel_available"]
+__all__ = ["quantise_cpu", "dequantise_cpu", "requantise_accumulator", "host_exponent", "c_kernel_available",
+           "remember_absmax"]
 
 _SOURCE = Path(__file__).with_name("quantise_cpu.c")
 _DEQ = {torch.int8: "dequantise_i8", torch.int16: "dequantise_i16", torch.int32: "dequantise_i32"}
@@ -61,6 +62,23 @@ def c_kernel_available() -> bool:
     return _library() is not None
 
 
+def remember_absmax(t: torch.Tensor, top: int) -> None:
+    """Record ``absmax_bits`` of ``t`` (``max(bits & 0x7fffffff)`` over its float32 values) as a
+    kernel that wrote ``t`` gathered it, so that quantising ``t`` skips that pass. Tied to
+    ``t``'s version: an in-place change afterwards voids it."""
+    try:
+        t._muppet_absmax = (t._version, int(top))
+    except RuntimeError:  # inference tensors keep no version counter
+        pass
+
+
+def _absmax_bits(lib, x: torch.Tensor, threads: int) -> int:
+    known = getattr(x, "_muppet_absmax", None)
+    if known is not None and known[0] == x._version:
+        return known[1]
+    return lib.absmax_bits(x.data_ptr(), x.numel(), threads)
+
+
 def host_exponent(amax: float, bits: int, max_exponent: int) -> int:
     """``exponent_from_amax`` for one Python float, exact in float64."""
     if amax == 0.0:
@@ -95,7 +113,7 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
     xc = x if is_dense(x) else x.contiguous()
     n = xc.numel()
     threads = torch.get_num_threads()
-    top = lib.absmax_bits(xc.data_ptr(), n, threads)
+    top = _absmax_bits(lib, xc, threads)
     if top >= 0x7F800000:  # NaN or inf present: the masked reference handles them
         return _via_reference(x, bits, rounding, axis, _seeded(generator, seed), noise, want_mantissa, want_values)
     amax = struct.unpack("<f", struct.pack("<I", top))[0]
@@ -110,6 +128,8 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
         xc.data_ptr(), n, math.ldexp(1.0, h), math.ldexp(1.0, l), math.ldexp(1.0, -h),
         math.ldexp(1.0, -l), _FMAX, int(rounding == "stochastic"),
         (seed or 0) & (2**64 - 1), _ptr(noise), _ptr(m), _ptr(q), threads)
+    if q is xc:  # overwritten in place by the kernel (no version bump): a recorded absmax no longer holds
+        xc._muppet_absmax = None
     return m, torch.tensor(s, dtype=torch.int32), q, False
 
 

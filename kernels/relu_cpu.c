@@ -5,19 +5,28 @@
  *   (y <= 0 gives +0, anything else, NaN included, passes g).
  */
 #include <stdint.h>
+#include <string.h>
 
 /* Small inputs get a team of one through num_threads rather than an if clause: GCC's if(false)
  * path ran these loops unvectorised, 9x slower on 32768 elements. */
 #define PAR_MIN 32768
 
-void relu_mask(const float *x, int64_t n, float *y, uint8_t *mask, int nthreads) {
-#pragma omp parallel for simd num_threads(n > PAR_MIN ? nthreads : 1) schedule(static)
+/* Returns max(bits(y) & 0x7fffffff) as quantise_cpu.c's absmax_bits computes it, so that the
+ * quantiser of the next layer reading y skips its own pass over y. */
+uint32_t relu_mask(const float *x, int64_t n, float *y, uint8_t *mask, int nthreads) {
+    uint32_t top = 0;
+#pragma omp parallel for simd num_threads(n > PAR_MIN ? nthreads : 1) schedule(static) reduction(max : top)
     for (int64_t i = 0; i < n; ++i) {
         float v = x[i];
         float r = v < 0.0f ? 0.0f : v; /* torch.relu: NaN and -0.0 pass unchanged */
+        uint32_t b;
         y[i] = r;
         mask[i] = r != 0.0f;
+        memcpy(&b, &r, 4);
+        b &= 0x7fffffffU;
+        top = b > top ? b : top;
     }
+    return top;
 }
 
 void relu_mask_backward(const float *g, const uint8_t *mask, int64_t n, float *gx, int nthreads) {

@@ -15,11 +15,12 @@ import torch
 
 from .cbuild import bound_library
 from .quantise import is_dense
+from .quantise_cpu import remember_absmax
 
 __all__ = ["relu_with_mask", "relu_mask_backward"]
 
 _P = ctypes.c_void_p
-_SIGNATURES = {"relu_mask": (None, [_P, ctypes.c_int64, _P, _P, ctypes.c_int]),
+_SIGNATURES = {"relu_mask": (ctypes.c_uint32, [_P, ctypes.c_int64, _P, _P, ctypes.c_int]),
                "relu_mask_backward": (None, [_P, _P, ctypes.c_int64, _P, ctypes.c_int])}
 
 
@@ -35,7 +36,8 @@ def relu_with_mask(x: torch.Tensor):
         return None
     y = torch.empty_like(x)
     mask = torch.empty_like(x, dtype=torch.uint8)
-    lib.relu_mask(x.data_ptr(), x.numel(), y.data_ptr(), mask.data_ptr(), torch.get_num_threads())
+    top = lib.relu_mask(x.data_ptr(), x.numel(), y.data_ptr(), mask.data_ptr(), torch.get_num_threads())
+    remember_absmax(y, top)  # the next layer's quantiser reads y
     return y, mask
 
 

@@ -137,6 +137,27 @@ def test_relu_joined_to_its_batch_norm_changes_nothing(bits, kernels, monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(joined, apart))
 
 
+@pytest.mark.parametrize("bits", [8, 12])
+def test_recorded_absmax_changes_nothing(bits, monkeypatch):
+    """The quantisers take the absmax that the ReLU and batch-norm kernels recorded instead of
+    scanning: outputs, gradients and buffers bit-identical to scanning every time."""
+    from muppet_fx.kernels import quantise_cpu
+
+    hits = []
+    take = quantise_cpu._absmax_bits
+
+    def spy(lib, x, threads):
+        known = getattr(x, "_muppet_absmax", None)
+        hits.append(known is not None and known[0] == x._version)
+        return take(lib, x, threads)
+    monkeypatch.setattr(quantise_cpu, "_absmax_bits", spy)
+    _, recorded = _run(bits, True)
+    monkeypatch.setattr(quantise_cpu, "_absmax_bits", lambda lib, x, t: lib.absmax_bits(x.data_ptr(), x.numel(), t))
+    _, scanned = _run(bits, True)
+    assert sum(hits) >= 2  # c2's input (r1's output) forward, c1's output gradient (b1's backward)
+    assert all(torch.equal(a, b) for a, b in zip(recorded, scanned))
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="triton kernels need CUDA or TRITON_INTERPRET=1")
 def test_bit_identical_on_the_cuda_code_path(monkeypatch, aten_batch_norm_backward):

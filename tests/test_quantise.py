@@ -352,3 +352,61 @@ def test_quantise_values_equal_quantise_then_dequantise(bits, rounding):
     err = (v[finite].double() - x[finite].double()).abs().max()
     assert err < (step if rounding == "stochastic" else step / 2 + 1e-300)
     assert torch.equal(v[finite] / step, (v[finite] / step).round())  # on the finite entries' grid
+
+
+def _special_values(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen) * 3
+    x[::97] = -0.0
+    x[5::101] = 0.0
+    return x
+
+
+def test_kernels_that_write_a_tensor_record_its_absmax_exactly():
+    """ReLU and both batch-norm passes gather ``absmax_bits`` of what they write (the value the
+    quantiser's own scan returns, infinities and NaN included), on odd sizes and both layouts."""
+    from muppet_fx.kernels import batch_norm_cpu, quantise_cpu, relu_cpu
+
+    lib = quantise_cpu._library()
+    if lib is None or relu_cpu._library() is None or batch_norm_cpu._library() is None:
+        pytest.skip("no C compiler")
+
+    def scan(t):
+        return lib.absmax_bits(t.data_ptr(), t.numel(), torch.get_num_threads())
+
+    for n, special in ((40_001, None), (1_003, float("inf")), (70_001, float("nan"))):
+        x = _special_values(n, n)
+        if special is not None:
+            x[n // 2] = special
+        y, _ = relu_cpu.relu_with_mask(x)
+        assert y._muppet_absmax == (y._version, scan(y))
+    gen = torch.Generator().manual_seed(3)
+    for shape, cl in (((3, 16, 7, 7), True), ((5, 24, 3, 3), True), ((2, 3, 16, 17), False)):
+        m = torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+        m = m.contiguous(memory_format=torch.channels_last) if cl else m
+        w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
+        for relu in (False, True):
+            y, mean, invstd, *_ = batch_norm_cpu.batch_norm_forward(m, -7, w, b, None, None, 0.1, 1e-5, relu)
+            assert y._muppet_absmax[1] == scan(y)
+        g = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last if cl else
+                                                          torch.contiguous_format)
+        gx, _, _ = batch_norm_cpu.batch_norm_backward(g, m, -7, mean, invstd, w, (True, True, True))
+        assert gx._muppet_absmax[1] == scan(gx)
+
+
+def test_quantiser_takes_a_recorded_absmax_only_while_the_tensor_is_unchanged():
+    from muppet_fx.kernels.quantise_cpu import c_kernel_available, quantise_cpu, remember_absmax
+
+    if not c_kernel_available():
+        pytest.skip("no C compiler")
+    x = torch.randn(5_001)
+    want = quantise_cpu(x, 8, "stochastic", seed=3)
+    remember_absmax(x, 0x3F800000)  # claims max |x| = 1.0: the exponent follows the claim
+    m, s, _, _ = quantise_cpu(x, 8, "stochastic", seed=3)
+    assert int(s) == 6 and int(s) != int(want[1])
+    x.mul_(1.0)  # an in-place change voids the record
+    m, s, _, _ = quantise_cpu(x, 8, "stochastic", seed=3)
+    assert torch.equal(m, want[0]) and torch.equal(s, want[1])
+    remember_absmax(x, 0x3F800000)
+    quantise_cpu(x, 8, "nearest", want_values=True, out=x)  # overwritten in place by the kernel
+    assert x._muppet_absmax is None
