@@ -17,10 +17,11 @@ from .cbuild import bound_library
 from .quantise import is_dense
 from .quantise_cpu import remember_absmax
 
-__all__ = ["relu_with_mask", "relu_mask_backward"]
+__all__ = ["relu_with_mask", "add_relu_with_mask", "relu_mask_backward"]
 
 _P = ctypes.c_void_p
 _SIGNATURES = {"relu_mask": (ctypes.c_uint32, [_P, ctypes.c_int64, _P, _P, ctypes.c_int]),
+               "add_relu_mask": (ctypes.c_uint32, [_P, _P, ctypes.c_int64, _P, _P, ctypes.c_int]),
                "relu_mask_backward": (None, [_P, _P, ctypes.c_int64, _P, ctypes.c_int])}
 
 
@@ -38,6 +39,21 @@ def relu_with_mask(x: torch.Tensor):
     mask = torch.empty_like(x, dtype=torch.uint8)
     top = lib.relu_mask(x.data_ptr(), x.numel(), y.data_ptr(), mask.data_ptr(), torch.get_num_threads())
     remember_absmax(y, top)  # the next layer's quantiser reads y
+    return y, mask
+
+
+def add_relu_with_mask(a: torch.Tensor, b: torch.Tensor):
+    """``(relu(a + b), mask)`` as :func:`relu_with_mask` of ``a + b``, in one pass, for two dense
+    float32 CPU tensors of one shape and memory order; ``None`` where not applicable."""
+    lib = _library()
+    if (lib is None or a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != torch.float32
+            or b.dtype != torch.float32 or a.shape != b.shape or a.stride() != b.stride() or not is_dense(a)):
+        return None
+    y = torch.empty_like(a)
+    mask = torch.empty_like(a, dtype=torch.uint8)
+    top = lib.add_relu_mask(a.data_ptr(), b.data_ptr(), a.numel(), y.data_ptr(), mask.data_ptr(),
+                            torch.get_num_threads())
+    remember_absmax(y, top)
     return y, mask
 
 

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from muppet_fx.kernels.batch_norm_cpu import batch_norm_backward, batch_norm_forward
-from muppet_fx.kernels.relu_cpu import relu_mask_backward, relu_with_mask
+from muppet_fx.kernels.relu_cpu import add_relu_with_mask, relu_mask_backward, relu_with_mask
 from muppet_fx.numerics import quantise_parts
 from muppet_fx.routes import dequantise
 
-__all__ = ["compact_batch_norm", "compact_relu", "BATCH_NORMS"]
+__all__ = ["compact_batch_norm", "compact_relu", "compact_add_relu", "BATCH_NORMS"]
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -148,6 +148,20 @@ class _MaskedReLU(torch.autograd.Function):
         return _relu_backward(grad, *ctx.saved_tensors)
 
 
+class _MaskedAddReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        fused = add_relu_with_mask(a, b)
+        y, mask = fused if fused is not None else _relu_and_mask(a + b)
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = _relu_backward(grad, *ctx.saved_tensors)
+        return g, g
+
+
 def _order(t: Tensor) -> torch.memory_format:
     return torch.channels_last if t.dim() == 4 and not t.is_contiguous() else torch.contiguous_format
 
@@ -159,3 +173,13 @@ def compact_relu(holder, input: Tensor, inplace: bool = False) -> Tensor:
     if not _active(holder.state, input) or input.dtype != torch.float32:
         return F.relu(input, inplace=inplace)
     return _MaskedReLU.apply(input)
+
+
+def compact_add_relu(holder, a: Tensor, b: Tensor) -> Tensor:
+    """``F.relu(a + b)`` where the sum has no other reader (a residual block's end): one pass on
+    the CPU, saving the ReLU's byte mask, the same values and gradients."""
+    tensors = isinstance(a, Tensor) and isinstance(b, Tensor)
+    if (not tensors or not (_active(holder.state, a) or _active(holder.state, b)) or a.dtype != torch.float32
+            or b.dtype != torch.float32 or a.shape != b.shape):
+        return compact_relu(holder, a + b)
+    return _MaskedAddReLU.apply(a, b)

@@ -10,6 +10,7 @@ tensor. Same values and gradients (see ``muppet_fx.compact``); less memory.
 """
 from __future__ import annotations
 
+import operator
 import types
 
 import torch
@@ -17,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from muppet_fx.compact import BATCH_NORMS, compact_batch_norm, compact_relu
+from muppet_fx.compact import BATCH_NORMS, compact_add_relu, compact_batch_norm, compact_relu
 from muppet_fx.ops import quant_conv, quant_linear
 from muppet_fx.passes.quantise_layers import RewriteContext, Rule, apply_first_rule
 
@@ -82,9 +83,31 @@ def _fuse_relu(node: fx.Node, ctx: RewriteContext) -> None:
     ctx.graph.erase_node(node)
 
 
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _relu_of_a_sum(node: fx.Node, ctx: RewriteContext) -> bool:
+    """A ReLU whose input is ``a + b`` of two graph values read by nothing else (for an
+    in-place ``a += b``, ``a`` read by nothing else either: the fused op leaves it unchanged)."""
+    add = node.args[0] if node.args else None
+    if not (_is_relu(node, ctx) and isinstance(add, fx.Node) and add.op == "call_function" and add.target in _ADDS
+            and len(add.args) == 2 and not add.kwargs and len(add.users) == 1
+            and all(isinstance(a, fx.Node) for a in add.args)):
+        return False
+    return add.target is not operator.iadd or len(add.args[0].users) == 1
+
+
+def _fuse_add_relu(node: fx.Node, ctx: RewriteContext) -> None:
+    _rewrite_relu(node, ctx)  # the holder of the run-time state
+    add = node.args[1]
+    node.target, node.args = compact_add_relu, (node.args[0], *add.args)
+    ctx.graph.erase_node(add)
+
+
 COMPACT_RULES: list[Rule] = [
     Rule("batch norm after a quantised layer", _after_quantised_layer, _rewrite_batch_norm),
     Rule("relu reading only a compact batch norm", _relu_of_compact_batch_norm, _fuse_relu),
+    Rule("relu of a sum read by nothing else", _relu_of_a_sum, _fuse_add_relu),
     Rule("relu", _is_relu, _rewrite_relu),
 ]
 

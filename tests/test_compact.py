@@ -158,6 +158,62 @@ def test_recorded_absmax_changes_nothing(bits, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(recorded, scanned))
 
 
+class Residual(nn.Module):
+    """Residual ends the pass joins (``relu(a + b)``, ``a += b; relu``) and two it must not."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.r = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = F.relu(self.b1(self.c1(x)) + x)  # joined
+        z = self.b2(self.c2(y))
+        z += y  # joined: nothing else reads z
+        z = self.r(z)
+        s = z + y  # read twice: stays
+        return F.relu(s) + s.sum()
+
+
+def test_relu_of_a_residual_sum_is_one_op_and_changes_nothing(monkeypatch):
+    from muppet_fx.passes import compact_saved
+
+    def run():
+        torch.manual_seed(0)
+        net = Residual()
+        pm = prepare(net, ladder=(8, "fp32"))
+        x = torch.randn(3, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+        out = pm(x)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        code = pm._muppet_graph.python_code("self").src
+        return code, [out.detach(), x.grad] + [p.grad for p in net.parameters()] + list(net.buffers())
+
+    calls = []
+    fused = compact.add_relu_with_mask
+    monkeypatch.setattr(compact, "add_relu_with_mask", lambda a, b: calls.append(a.shape) or fused(a, b))
+    code, joined = run()
+    assert code.count("compact_add_relu") == 2 and len(calls) == 2 and "iadd" not in code
+    monkeypatch.setattr(compact_saved, "COMPACT_RULES", [r for r in compact_saved.COMPACT_RULES
+                                                         if r.rewrite is not compact_saved._fuse_add_relu])
+    code, apart = run()
+    assert "compact_add_relu" not in code
+    assert all(torch.equal(a, b) for a, b in zip(joined, apart))
+
+
+def test_add_relu_kernel_equals_relu_of_the_sum():
+    a = torch.randn(3, 5, 7, 9)
+    b = torch.randn(3, 5, 7, 9)
+    a[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    b[0, 0, 0, :3] = torch.tensor([1.0, -1.0, -0.0])
+    y, mask = compact.add_relu_with_mask(a, b)
+    want_y, want_mask = relu_with_mask(a + b)
+    assert torch.equal(y.view(torch.int32), want_y.view(torch.int32)) and torch.equal(mask, want_mask)
+    assert compact.add_relu_with_mask(a, b.transpose(2, 3).contiguous().transpose(2, 3)) is None  # memory orders
+    assert compact.add_relu_with_mask(a, b[:1]) is None  # broadcasting: the stock ops
+    assert compact.add_relu_with_mask(a, b.double()) is None
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="triton kernels need CUDA or TRITON_INTERPRET=1")
 def test_bit_identical_on_the_cuda_code_path(monkeypatch, aten_batch_norm_backward):
