@@ -65,7 +65,8 @@ def c_kernel_available() -> bool:
 def remember_absmax(t: torch.Tensor, top: int) -> None:
     """Record ``absmax_bits`` of ``t`` (``max(bits & 0x7fffffff)`` over its float32 values) as a
     kernel that wrote ``t`` gathered it, so that quantising ``t`` skips that pass. Tied to
-    ``t``'s version: an in-place change afterwards voids it."""
+    ``t``'s version counter, as autograd's saved tensors are: an in-place op afterwards voids
+    it (a write the counter does not see, such as one through ``.data``, would not)."""
     try:
         t._muppet_absmax = (t._version, int(top))
     except RuntimeError:  # inference tensors keep no version counter

@@ -12,21 +12,24 @@
  * path ran these loops unvectorised, 9x slower on 32768 elements. */
 #define PAR_MIN 32768
 
-/* Returns max(bits(y) & 0x7fffffff) as quantise_cpu.c's absmax_bits computes it, so that the
- * quantiser of the next layer reading y skips its own pass over y. */
+/* Stores relu(v) and its mask at i; returns max(top, bits(relu(v)) & 0x7fffffff), the absmax
+ * quantise_cpu.c's absmax_bits would find, so the quantiser of the layer reading y skips its
+ * own pass over y. */
+static inline __attribute__((always_inline)) uint32_t relu_store(float v, float *y, uint8_t *mask, int64_t i,
+                                                                 uint32_t top) {
+    float r = v < 0.0f ? 0.0f : v; /* torch.relu: NaN and -0.0 pass unchanged */
+    uint32_t b;
+    y[i] = r;
+    mask[i] = r != 0.0f;
+    memcpy(&b, &r, 4);
+    b &= 0x7fffffffU;
+    return b > top ? b : top;
+}
+
 uint32_t relu_mask(const float *x, int64_t n, float *y, uint8_t *mask, int nthreads) {
     uint32_t top = 0;
 #pragma omp parallel for simd num_threads(n > PAR_MIN ? nthreads : 1) schedule(static) reduction(max : top)
-    for (int64_t i = 0; i < n; ++i) {
-        float v = x[i];
-        float r = v < 0.0f ? 0.0f : v; /* torch.relu: NaN and -0.0 pass unchanged */
-        uint32_t b;
-        y[i] = r;
-        mask[i] = r != 0.0f;
-        memcpy(&b, &r, 4);
-        b &= 0x7fffffffU;
-        top = b > top ? b : top;
-    }
+    for (int64_t i = 0; i < n; ++i) top = relu_store(x[i], y, mask, i, top);
     return top;
 }
 
@@ -40,15 +43,6 @@ void relu_mask_backward(const float *g, const uint8_t *mask, int64_t n, float *g
 uint32_t add_relu_mask(const float *a, const float *b, int64_t n, float *y, uint8_t *mask, int nthreads) {
     uint32_t top = 0;
 #pragma omp parallel for simd num_threads(n > PAR_MIN ? nthreads : 1) schedule(static) reduction(max : top)
-    for (int64_t i = 0; i < n; ++i) {
-        float v = a[i] + b[i];
-        float r = v < 0.0f ? 0.0f : v;
-        uint32_t bits;
-        y[i] = r;
-        mask[i] = r != 0.0f;
-        memcpy(&bits, &r, 4);
-        bits &= 0x7fffffffU;
-        top = bits > top ? bits : top;
-    }
+    for (int64_t i = 0; i < n; ++i) top = relu_store(a[i] + b[i], y, mask, i, top);
     return top;
 }

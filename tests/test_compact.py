@@ -77,20 +77,27 @@ def test_values_and_gradients_are_bit_identical(bits, momentum, aten_batch_norm_
     assert code.count("compact_relu") == 1 and "relu_" in code  # b3's ReLU; the re-read in-place ReLU stays stock
 
 
+def _kernel_against_stock(bits, name, mantissa_arg, monkeypatch):
+    """The model with the C batch-norm kernel ``name`` against the stock ops: ``(got, want,
+    n_out)``, after checking that the kernel ran for each compact batch norm (its mantissa
+    argument ``mantissa_arg`` of the level's dtype); ``n_out``: where the buffers start."""
+    calls = []
+    kernel = getattr(compact, name)
+    monkeypatch.setattr(compact, name, lambda *a: calls.append(a[mantissa_arg].dtype) or kernel(*a))
+    pm, got = _run(bits, True)
+    monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
+    _, want = _run(bits, False)
+    assert calls == [torch.int8 if bits == 8 else torch.int16] * 3
+    return got, want, 2 + len(list(pm.parameters()))
+
+
 @pytest.mark.parametrize("bits", [8, 16])
 def test_batch_norm_kernel_changes_gradients_by_float32_rounding_only(bits, monkeypatch):
     """With the C batch-norm backward (mantissas read directly; ATen's forward): outputs and
     buffers bit-identical, every gradient within 2e-6 of its largest magnitude (float32
     rounding in other sums), and the kernel really ran for each compact batch norm."""
-    calls = []
-    kernel = compact.batch_norm_backward
-    monkeypatch.setattr(compact, "batch_norm_backward", lambda *a: calls.append(a[1].dtype) or kernel(*a))
     monkeypatch.setattr(compact, "batch_norm_forward", lambda *a: None)
-    pm, got = _run(bits, True)
-    monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
-    _, want = _run(bits, False)
-    assert calls == [torch.int8 if bits == 8 else torch.int16] * 3
-    n_out = 2 + len(list(pm.parameters()))
+    got, want, n_out = _kernel_against_stock(bits, "batch_norm_backward", 1, monkeypatch)
     for a, b in zip(got[n_out:] + got[:1], want[n_out:] + want[:1]):
         assert torch.equal(a, b)
     for a, b in zip(got[1:n_out], want[1:n_out]):
@@ -105,14 +112,7 @@ def test_batch_norm_forward_kernel_changes_values_by_float32_rounding(bits, monk
     rounding (within 1e-6 of their largest magnitude). Gradients may differ by a stochastic
     rounding decision that a last-bit change tipped: within two 8-bit steps of their largest
     magnitude (2**-6), where a wrong statistic would move them by far more."""
-    calls = []
-    kernel = compact.batch_norm_forward
-    monkeypatch.setattr(compact, "batch_norm_forward", lambda *a: calls.append(a[0].dtype) or kernel(*a))
-    pm, got = _run(bits, True)
-    monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
-    _, want = _run(bits, False)
-    assert calls == [torch.int8 if bits == 8 else torch.int16] * 3
-    n_out = 2 + len(list(pm.parameters()))
+    got, want, n_out = _kernel_against_stock(bits, "batch_norm_forward", 0, monkeypatch)
     for a, b in zip(got[n_out:] + got[:1], want[n_out:] + want[:1]):
         assert a.dtype != torch.float32 and torch.equal(a, b) or (a - b).abs().max() <= 1e-6 * b.abs().max()
     for a, b in zip(got[1:n_out], want[1:n_out]):
