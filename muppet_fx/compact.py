@@ -19,8 +19,8 @@ value, and ReLU keeps its float32 output. Here:
 
 Where the stock ops run, outputs and gradients are bit-identical to them. The C kernels differ
 from ATen by float32 rounding: their statistics are exact where ATen's float32 sums are not,
-and their gradients' errors against float64 are of the order of ATen's. ResNet blocks at 8 bits keep about 3 bytes per
-activation for backward instead of 8. Both run in eager training at fixed-point levels; under
+and their gradients' errors against float64 are of the order of ATen's. ResNet blocks at 8
+bits keep about 3 bytes per activation for backward instead of 8. Both run in eager training at fixed-point levels; under
 ``torch.compile``, without gradients, in eval mode or above 16 bits the stock ops run.
 """
 from __future__ import annotations
