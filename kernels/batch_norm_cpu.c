@@ -278,23 +278,18 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
         }                                                                                                     \
     }                                                                                                         \
                                                                                                               \
-    INLINE uint32_t NAME##_apply_run(const MTYPE *m, int64_t i0, int64_t n, const float *a, const float *b,  \
-                                     int64_t period, float *y, uint8_t *mask, int relu) {                     \
-        /* values i0 .. i0 + n: factors a[0], b[0] (period 1), or a[j], b[j] for value i0 + j */              \
+    INLINE uint32_t NAME##_apply_run(const MTYPE *m, int64_t i0, int64_t n, float ac, float bc, float *y,    \
+                                     uint8_t *mask, int relu) {                                               \
+        /* one channel's run of values i0 .. i0 + n (contiguous layout) */                                    \
         uint32_t top = 0;                                                                                     \
-        if (period == 1) {                                                                                    \
-            float ac = a[0], bc = b[0];                                                                       \
-            _Pragma("omp simd reduction(max : top)")                                                          \
-            for (int64_t i = i0; i < i0 + n; ++i) OUTPUT(i, (float)m[i] * ac + bc, relu);                     \
-        } else {                                                                                              \
-            _Pragma("omp simd reduction(max : top)")                                                          \
-            for (int64_t j = 0; j < n; ++j) OUTPUT(i0 + j, (float)m[i0 + j] * a[j] + b[j], relu);             \
-        }                                                                                                     \
+        _Pragma("omp simd reduction(max : top)")                                                              \
+        for (int64_t i = i0; i < i0 + n; ++i) OUTPUT(i, (float)m[i] * ac + bc, relu);                         \
         return top;                                                                                           \
     }                                                                                                         \
                                                                                                               \
     INLINE void NAME##_apply_group(const MTYPE *m, int64_t W, const float *a, const float *b, float *y,      \
                                    uint8_t *mask, uint32_t *lane, int relu) {                                 \
+        /* W values with their own factors a[j], b[j]; the maximum kept per value in lane[j] */               \
         _Pragma("omp simd")                                                                                   \
         for (int64_t j = 0; j < W; ++j) {                                                                     \
             uint32_t top = lane[j];                                                                           \
@@ -310,9 +305,9 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
             _Pragma("omp parallel for num_threads(nt) schedule(static) reduction(max : top) private(t)")      \
             for (int64_t oc = 0; oc < outer * C; ++oc) {                                                      \
                 if (mask)                                                                                     \
-                    t = NAME##_apply_run(m, oc * inner, inner, a + oc % C, b + oc % C, 1, y, mask, 1);        \
+                    t = NAME##_apply_run(m, oc * inner, inner, a[oc % C], b[oc % C], y, mask, 1);             \
                 else                                                                                          \
-                    t = NAME##_apply_run(m, oc * inner, inner, a + oc % C, b + oc % C, 1, y, mask, 0);        \
+                    t = NAME##_apply_run(m, oc * inner, inner, a[oc % C], b[oc % C], y, mask, 0);             \
                 top = t > top ? t : top;                                                                      \
             }                                                                                                 \
             return top;                                                                                       \
@@ -332,10 +327,11 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
             for (int64_t j = 0; j < W; ++j) top = lane[j] > top ? lane[j] : top;                              \
             free(lane);                                                                                       \
         }                                                                                                     \
-        for (int64_t r = groups * k; r < outer; ++r) { /* rows after the last whole group */                  \
-            t = NAME##_apply_run(m, r * C, C, a, b, C, y, mask, mask != NULL);                                \
-            top = t > top ? t : top;                                                                          \
-        }                                                                                                     \
+        uint32_t *lane = calloc((size_t)C, sizeof(uint32_t));                                                 \
+        for (int64_t r = groups * k; r < outer; ++r) /* rows after the last whole group */                    \
+            NAME##_apply_group(m + r * C, C, a, b, y + r * C, mask ? mask + r * C : NULL, lane, mask != NULL); \
+        for (int64_t j = 0; j < C; ++j) top = lane[j] > top ? lane[j] : top;                                  \
+        free(lane);                                                                                           \
         free(aw);                                                                                             \
         return top;                                                                                           \
     }                                                                                                         \

@@ -69,12 +69,12 @@ def load_c_library(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CD
     return lib
 
 
-def bound_library(source: Path, signatures: dict, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+def bound_library(source: Path, signatures: dict) -> ctypes.CDLL | None:
     """:func:`load_c_library` with each function's ctypes signature set from
     ``{name: (restype, [argtypes])}``; ``None`` where no library could be built."""
     key = str(source)
     if key not in _bound:
-        lib = load_c_library(source, extra_flags)
+        lib = load_c_library(source)
         if lib is not None:
             for name, (restype, argtypes) in signatures.items():
                 fn = getattr(lib, name)
