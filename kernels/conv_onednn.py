@@ -9,8 +9,17 @@ mantissas as long as ``255 * 128 * K < 2**31`` for the reduction length
 The accumulator is converted to float32 once and scaled by ``2**e`` (both scales are powers
 of two, so the scaling itself is exact): the same values as :func:`gemm_cpu.conv_forward`
 followed by the float32 conversion.
+
+That holds only where oneDNN's int8 kernels accumulate byte pairs exactly (VNNI and AMX).
+On CPUs without them (AVX2 only: AMD Zen 1-3, Intel before Cascade Lake) its kernels sum two
+uint8 x int8 products in a saturating 16-bit lane (``vpmaddubsw``), and the result was off by
+up to 2.4e5 on a 512-channel layer (AMD EPYC, AVX2). :func:`available` therefore runs one
+small convolution of extreme mantissas against the exact result, once per process, and
+declines the route where they differ.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -27,9 +36,26 @@ _MAX_K = (2**31 - 1) // (255 * 128)
 MIN_ROWS = 4096
 
 
+@functools.cache
 def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn") \
+    """Whether this build has oneDNN's quantised convolution and it is exact on this CPU."""
+    has_op = torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn") \
         and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+    return has_op and _exact_here()
+
+
+def _exact_here() -> bool:
+    """One convolution whose byte pairs overflow a 16-bit sum (255 * 127 * 2 as unsigned
+    activations), compared with the exact integers."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-128, 128, (1, 64, 5, 5), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (16, 64, 3, 3), dtype=torch.int8, generator=g)
+    x[:, :32], w[:8] = 127, -128  # the extreme pairs
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), padding=1).float()
+    try:
+        return torch.equal(conv2d(x, w, 0, 1, 1, 1), exact)
+    except RuntimeError:  # an op that exists but refuses this CPU
+        return False
 
 
 def supports(x_m: torch.Tensor, w_m: torch.Tensor, groups: int, e) -> bool:

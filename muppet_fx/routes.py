@@ -4,7 +4,8 @@
   accumulation, exact while partial sums stay below 2**24).
 - ``aten`` (CPU): up to 8 bits, exact int8 products through ``torch._int_mm`` (see
   ``kernels/gemm_cpu``), scaled once by ``2**-(s_a + s_b)``; 2-d convolutions forward and
-  grad-input through oneDNN's int8 convolution (``kernels/conv_onednn``, no im2col buffer).
+  grad-input through oneDNN's int8 convolution (``kernels/conv_onednn``, no im2col buffer) on
+  CPUs where it is exact (VNNI or AMX; it saturates on AVX2-only ones).
   GEMMs at 9-14 bits take three int8 products (Karatsuba) with the passes around them fused
   (``kernels/scaled_mm_cpu``), exact and faster than FP32. Above 14 bits (four int8 products)
   and for 9-16 bit convolutions (three im2col GEMMs) the integer routes lose to FP32 on these

@@ -9,6 +9,9 @@ from muppet_fx.kernels import conv_onednn, gemm_cpu
 from muppet_fx.kernels.gemm_cpu import (conv_forward, conv_grad_input, conv_grad_weight, im2col,
                                         int_matmul, int_matmul_reference)
 
+needs_onednn = pytest.mark.skipif(not conv_onednn.available(),
+                                  reason="no oneDNN int8 convolution in this build, or inexact on this CPU (no VNNI)")
+
 DTYPES = [(torch.int8, 127), (torch.int16, 8191), (torch.int16, 32767)]  # int8, Karatsuba, 4-way split
 SHAPES = [(1, 1, 1), (7, 33, 5), (129, 7, 3), (33, 129, 17)]
 CONVS = [  # N, C, H, W, Cout, k, stride, padding, dilation
@@ -104,7 +107,7 @@ def test_fused_output_quantisation_equals_separate_passes(rounding):
     assert requantise_accumulator(acc.long(), 0, 8, rounding) is None  # not an int32 accumulator
 
 
-@pytest.mark.skipif(not conv_onednn.available(), reason="this torch build has no oneDNN quantised convolution")
+@needs_onednn
 @pytest.mark.parametrize("shape", [(2, 512, 6, 16, 3, 1, 1, 1), (3, 7, 9, 5, 3, 2, 1, 1), (2, 33, 8, 8, 1, 2, 0, 1),
                                    (1, 3, 11, 4, 5, 1, 2, 1), (2, 5, 13, 3, 3, 1, 2, 2)])
 @pytest.mark.parametrize("e", [-14, 0, 5])
@@ -121,6 +124,22 @@ def test_onednn_conv_equals_the_integer_oracle(shape, e):
     y = conv_onednn.conv2d(x, w, e, s, p, d)
     assert torch.equal(y, exact.float() * 2.0**e)
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_onednn_route_is_declined_exactly_where_its_kernel_is_inexact():
+    """The probe behind ``available()`` agrees with a larger convolution of extreme mantissas
+    run on the raw op: exact -> the route is taken, inexact (AVX2 CPUs: saturating 16-bit pair
+    sums) -> declined, and then no network convolution reaches it."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")):
+        pytest.skip("this torch build has no oneDNN quantised convolution")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-128, 128, (2, 256, 7, 7), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (32, 256, 3, 3), dtype=torch.int8, generator=g)
+    x[0], w[:4] = 127, -128
+    exact = F.conv2d(x.double(), w.double(), padding=1).float()
+    assert conv_onednn.available() == torch.equal(conv_onednn.conv2d(x, w, 0, 1, 1, 1), exact)
+    if not conv_onednn.available():
+        assert not conv_onednn.supports(x, w, 1, 0)
 
 
 def test_onednn_conv_declines_what_it_cannot_do_exactly():
@@ -158,7 +177,7 @@ def test_grad_input_is_exact_for_any_geometry(N, C, Co, H, W, kh, kw, sh, sw, ph
     assert got.shape == want.shape and torch.equal(got.double(), want)
 
 
-@pytest.mark.skipif(not conv_onednn.available(), reason="this torch build has no oneDNN quantised convolution")
+@needs_onednn
 def test_onednn_above_min_rows_im2col_below_both_exact(monkeypatch):
     """8-bit convolutions take oneDNN above ``MIN_ROWS`` output rows (forward: N*OH*OW,
     grad-input: N*H*W) and im2col + ``_int_mm`` at or below it. Both are exact, so a network's
