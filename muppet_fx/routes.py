@@ -53,8 +53,10 @@ def resolve_route(backend: str, device: torch.device, exact: bool = False) -> st
 
 def for_level(route: str, bits: int) -> str:
     """The route for one product at ``bits``: ``aten`` above 14 bits is ``aten_wide``
-    (FP32 on the dequantised operands, see the module notes)."""
-    return "aten_wide" if route == "aten" and bits > 14 else route
+    (FP32 on the dequantised operands, see the module notes), and so at every level on CPUs
+    without int8 dot products (:func:`gemm_cpu.fast_int8`), where ``torch._int_mm`` ran 50x
+    slower than FP32."""
+    return "aten_wide" if route == "aten" and (bits > 14 or not gemm_cpu.fast_int8()) else route
 
 
 def on_values(route: str, bits: int, conv: bool, x: Tensor | None = None) -> bool:
@@ -65,7 +67,7 @@ def on_values(route: str, bits: int, conv: bool, x: Tensor | None = None) -> boo
     as :func:`for_level` returns it."""
     if conv and route == "aten" and 8 < bits <= 14 and x is not None and _amx_narrow(x):
         return False
-    return route == "emulate" or 8 < bits <= 16 and (route == "aten_wide" or conv and route == "aten")
+    return route == "emulate" or route == "aten_wide" and bits <= 16 or 8 < bits <= 16 and conv and route == "aten"
 
 
 def _amx_narrow(a: Tensor) -> bool:
@@ -104,7 +106,8 @@ def sum_dequantised(m: Tensor, s: Tensor, dims: list[int]) -> Tensor:
     On the CPU an int8 sum over all dimensions but one runs as ``ones @ m`` on the int8 GEMM:
     torch's int64 reduction took 24 ms on a 131072 x 64 gradient, the GEMM 1.2 ms."""
     keep = [d for d in range(m.dim()) if d not in dims]
-    if m.device.type == "cpu" and m.dtype == torch.int8 and len(keep) == 1 and m.numel() > 0:
+    if (m.device.type == "cpu" and m.dtype == torch.int8 and len(keep) == 1 and m.numel() > 0
+            and gemm_cpu.fast_int8()):
         rows = m.movedim(keep[0], -1).reshape(-1, m.shape[keep[0]])  # a view for channels-last gradients
         total = gemm_cpu.int_matmul(torch.ones(1, rows.shape[0], dtype=torch.int8), rows)[0]
     else:
@@ -152,8 +155,10 @@ def _mode(route: str, a: Tensor, b: Tensor) -> str:
     if route == "emulate" or route in TRITON:
         return route
     ints = a.dtype in (torch.int8, torch.int16) and b.dtype in (torch.int8, torch.int16)
-    if route == "aten_wide" and (a.dtype == torch.int16 or b.dtype == torch.int16):
+    if route == "aten_wide" and ints:
         return "fp32"
+    if route == "aten_exact" and not gemm_cpu.fast_int8():  # exact float sums beat a slow _int_mm
+        return "float"
     return "int" if ints else "float"
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from muppet_fx import prepare
+from muppet_fx.kernels import gemm_cpu
 
 
 class SmallCNN(nn.Module):
@@ -124,6 +125,36 @@ def test_routes_at_16_bits(case, monkeypatch):
     _use_fp16_references(monkeypatch)
     for g, w in zip(fp16, _run(make, x, "triton", 16)):
         assert (g - w).norm() <= 1e-3 * w.norm() + 1e-6
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpus_without_int8_dot_products_keep_products_off_int_mm(case, monkeypatch):
+    """Where ``torch._int_mm`` is slow (no VNNI/AMX), no product reaches it: the default route
+    computes in FP32 on the dequantised operands, bit-identical to emulate at 8 bits, and
+    ``exact=True`` sums the mantissas as floats, bit-identical to the integer kernels."""
+    make, inputs = CASES[case]
+    torch.manual_seed(1)
+    x = inputs()
+    monkeypatch.setattr(gemm_cpu, "fast_int8", lambda: True)  # the integer kernels, however slow here
+    with_int8 = _run(make, x, "aten", 16, exact=True)
+    monkeypatch.setattr(gemm_cpu, "fast_int8", lambda: False)
+    emulated = _run(make, x, "emulate", 8)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch._int_mm called on a CPU without int8 dot products")
+    monkeypatch.setattr(torch, "_int_mm", refuse)
+    for g, w in zip(_run(make, x, "aten", 8), emulated):
+        assert torch.equal(g, w)
+    for g, w in zip(_run(make, x, "aten", 16, exact=True), with_int8):
+        assert torch.equal(g, w)
+
+
+def test_fast_int8_follows_the_cpu_flags():
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert gemm_cpu.fast_int8() == any(f" {f}" in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 @pytest.mark.parametrize("frozen", ["c1.weight", "pw.weight", "input"])
