@@ -61,8 +61,9 @@ class PreparedModule:
                 for s in st.sites.values()]
         rows += [[f.name, f.op, "fp32", "fp32", "-", "-", f.reason] for f in st.fp32_layers.values()]
         rows += [[path, "(own code)", "intercepted", "-", "-", "-", why] for path, why in st.opaque.items()]
-        return tabulate(rows, headers=["layer", "op", "route", "bits fwd/bwd", "weight exp",
-                                       "act exp", "calls / reason"])
+        table = tabulate(rows, headers=["layer", "op", "route", "bits fwd/bwd", "weight exp",
+                                        "act exp", "calls / reason"])
+        return table + _route_remark(route)
 
     def _muppet_run(self, fn, args, kwargs):
         stack = self._muppet_state.stack
@@ -250,3 +251,14 @@ def prepare(model: nn.Module, example_inputs=None, config: MuppetConfig | None =
             pm(*args)
     return pm
 
+
+def _route_remark(route: str) -> str:
+    """Why the ``aten`` route brings no speed-up on CPUs without int8 dot products."""
+    from muppet_fx.kernels import gemm_cpu
+
+    if route.startswith("aten") and not gemm_cpu.fast_int8():
+        how = "on the mantissas as floats (exact)" if route == "aten_exact" else \
+            "in FP32 on the dequantised operands (as emulate), at about FP32's speed"
+        return ("\nThis CPU has no int8 dot-product instructions (VNNI, AMX), so torch._int_mm would run "
+                f"30-50x slower than FP32; the route computes the quantised products {how}.")
+    return ""
