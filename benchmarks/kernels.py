@@ -16,6 +16,8 @@ convolution, im2col + ``torch._int_mm`` and the AMX kernels (forward and weight 
 On CUDA (``--device cuda``) two tables measure the GPU targets instead: the Triton INT8 GEMM
 against ``torch._int_mm``, BF16 and FP16 ``torch.matmul`` at 4096^3 and the ResNet-18 GEMM shapes,
 and the implicit-GEMM INT8 convolution (forward, grad-input, grad-weight) against cuDNN BF16.
+On CPUs without int8 dot products (``gemm_cpu.fast_int8()`` false, AVX2 only) only table 2
+runs: there ``torch._int_mm`` is 30-50x slower than FP32 and the routes never call it.
 Interleaved repetitions, medians; ratios are FP32 time / route time (higher is faster).
 ``--allocator reuse`` (the default) calls ``muppet_fx.reuse_cpu_memory()`` first, which every
 case shares; ``--allocator default`` keeps glibc's defaults.
@@ -234,6 +236,10 @@ def main() -> None:
     if args.allocator == "reuse":
         reuse_cpu_memory()
     table_layers(args)
+    if not gemm_cpu.fast_int8():  # torch._int_mm: 1166 ms at 1024^3 against FP32's 23 (AVX2 only)
+        print("\nThis CPU has no int8 dot-product instructions (VNNI, AMX): the integer kernel tables are "
+              "skipped (torch._int_mm runs 30-50x slower than FP32 here; the routes keep products in FP32).")
+        return
     table_cpu_conv(args)
     table_gemm(args)
 
