@@ -129,7 +129,8 @@ def test_onednn_conv_equals_the_integer_oracle(shape, e):
 def test_onednn_route_is_declined_exactly_where_its_kernel_is_inexact():
     """The probe behind ``available()`` agrees with a larger convolution of extreme mantissas
     run on the raw op: exact -> the route is taken, inexact (AVX2 CPUs: saturating 16-bit pair
-    sums) -> declined, and then no network convolution reaches it."""
+    sums) -> declined, and then ``supports`` refuses every convolution, so the routes never
+    take it."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")):
         pytest.skip("this torch build has no oneDNN quantised convolution")
     g = torch.Generator().manual_seed(5)
