@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import amx_cpu
+from . import amx_cpu, gemm_avx2
 from .cbuild import load_c_library
 
-__all__ = ["fast_int8", "int_matmul", "int_matmul_reference", "im2col", "conv_forward", "conv_grad_input",
-           "conv_grad_weight", "workspace", "gemm_layout", "CHUNK"]
+__all__ = ["fast_int8", "int8_products_fast", "int8_mm", "int_matmul", "int_matmul_reference", "im2col",
+           "conv_forward", "conv_grad_input", "conv_grad_weight", "workspace", "gemm_layout", "CHUNK"]
 
 # Longest K for which an int32 accumulator of int8 products (|p| <= 128*128) cannot overflow.
 CHUNK = (2**31 - 1) // (128 * 128)
@@ -78,12 +78,31 @@ def _mm_int8(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK, mm=None) -> t
     if K <= chunk:
         if a.shape[0] * b.shape[1] >= 1 << 16:  # large outputs: reuse memory (see workspace)
             out = workspace(a.shape[0] * b.shape[1], torch.int32, "acc").view(a.shape[0], b.shape[1])
-            return torch._int_mm(a, b, out=out)
-        return torch._int_mm(a, b)
+            return int8_mm(a, b, out=out)
+        return int8_mm(a, b)
     out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64)
     for k in range(0, K, chunk):
-        out += torch._int_mm(a[:, k:k + chunk], b[k:k + chunk])
+        out += int8_mm(a[:, k:k + chunk], b[k:k + chunk])
     return out
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact int32 ``a @ b`` of int8 matrices (``K <= CHUNK``, layouts as :func:`gemm_layout`
+    leaves them): ``torch._int_mm`` on CPUs with int8 dot products, else the AVX2 kernel
+    (:mod:`gemm_avx2`, 1.7-4x FP32 ``torch.mm`` where ``torch._int_mm`` ran at 0.02x)."""
+    if not fast_int8():
+        got = gemm_avx2.int8_mm(a, b, out)
+        if got is not None:
+            return got
+    return torch._int_mm(a, b) if out is None else torch._int_mm(a, b, out=out)
+
+
+def int8_products_fast(bits: int) -> bool:
+    """Whether exact integer products at ``bits`` beat FP32 products on this CPU: at every
+    level up to 14 bits with int8 dot products (:func:`fast_int8`), and at 8 bits on AVX2-only
+    CPUs through :mod:`gemm_avx2` (one int8 product; the three of a 9-14 bit level cost more
+    than FP32's one there)."""
+    return fast_int8() or bits <= 8 and gemm_avx2.available()
 
 
 def _max_abs(m: torch.Tensor) -> int:

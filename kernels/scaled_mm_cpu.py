@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .cbuild import bound_library
-from .gemm_cpu import CHUNK, gemm_layout, workspace
+from .gemm_cpu import CHUNK, gemm_layout, int8_mm, workspace
 
 __all__ = ["scaled_int_matmul", "split_karatsuba", "combine_karatsuba"]
 
@@ -59,7 +59,7 @@ def _split(lib, t: torch.Tensor, tag: str, karatsuba: bool):
 
 def _mm(a: torch.Tensor, b: torch.Tensor, slot: int) -> torch.Tensor:
     out = workspace(a.shape[0] * b.shape[1], torch.int32, f"acc{slot}").view(a.shape[0], b.shape[1])
-    return torch._int_mm(a, b, out=out)
+    return int8_mm(a, b, out=out)
 
 
 def _products(lib, a: torch.Tensor, b: torch.Tensor):

@@ -253,12 +253,16 @@ def prepare(model: nn.Module, example_inputs=None, config: MuppetConfig | None =
 
 
 def _route_remark(route: str) -> str:
-    """Why the ``aten`` route brings no speed-up on CPUs without int8 dot products."""
+    """What the ``aten`` route computes on CPUs without int8 dot products, and why."""
     from muppet_fx.kernels import gemm_cpu
 
     if route.startswith("aten") and not gemm_cpu.fast_int8():
         how = "on the mantissas as floats (exact)" if route == "aten_exact" else \
             "in FP32 on the dequantised operands (as emulate), at about FP32's speed"
-        return ("\nThis CPU has no int8 dot-product instructions (VNNI, AMX), so torch._int_mm would run "
-                f"30-50x slower than FP32; the route computes the quantised products {how}.")
+        if not gemm_cpu.int8_products_fast(8):
+            return ("\nThis CPU has no int8 dot-product instructions (VNNI, AMX), so torch._int_mm would run "
+                    f"30-50x slower than FP32; the route computes the quantised products {how}.")
+        return ("\nThis CPU has no int8 dot-product instructions (VNNI, AMX): 8-bit products run on the "
+                "AVX2 int8 kernel (exact), 9-16 bit ones, whose integer products would cost more than "
+                f"FP32's here, {how}.")
     return ""

@@ -53,10 +53,10 @@ def resolve_route(backend: str, device: torch.device, exact: bool = False) -> st
 
 def for_level(route: str, bits: int) -> str:
     """The route for one product at ``bits``: ``aten`` above 14 bits is ``aten_wide``
-    (FP32 on the dequantised operands, see the module notes), and so at every level on CPUs
-    without int8 dot products (:func:`gemm_cpu.fast_int8`), where ``torch._int_mm`` ran 50x
-    slower than FP32."""
-    return "aten_wide" if route == "aten" and (bits > 14 or not gemm_cpu.fast_int8()) else route
+    (FP32 on the dequantised operands, see the module notes), and so at the levels where this
+    CPU's integer products lose to FP32 (:func:`gemm_cpu.int8_products_fast`: above 8 bits on
+    CPUs without int8 dot products, where the 8-bit products run on the AVX2 kernel)."""
+    return "aten_wide" if route == "aten" and (bits > 14 or not gemm_cpu.int8_products_fast(bits)) else route
 
 
 def on_values(route: str, bits: int, conv: bool, x: Tensor | None = None) -> bool:
@@ -157,8 +157,8 @@ def _mode(route: str, a: Tensor, b: Tensor) -> str:
     ints = a.dtype in (torch.int8, torch.int16) and b.dtype in (torch.int8, torch.int16)
     if route == "aten_wide" and ints:
         return "fp32"
-    if route == "aten_exact" and not gemm_cpu.fast_int8():  # exact float sums beat a slow _int_mm
-        return "float"
+    if route == "aten_exact" and not gemm_cpu.int8_products_fast(8 if a.dtype == b.dtype == torch.int8 else 16):
+        return "float"  # exact float sums beat slow integer products
     return "int" if ints else "float"
 
 

@@ -153,15 +153,17 @@ def test_every_product_is_quantised_and_trains(cls):
             assert torch.isfinite(p.grad).all(), n
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_summary_says_why_a_cpu_without_int8_dot_products_gains_no_speed(fast, monkeypatch):
-    from muppet_fx.kernels import gemm_cpu
+@pytest.mark.parametrize("fast, avx2", [(True, True), (False, False), (False, True)])
+def test_summary_says_why_a_cpu_without_int8_dot_products_gains_no_speed(fast, avx2, monkeypatch):
+    from muppet_fx.kernels import gemm_avx2, gemm_cpu
 
     monkeypatch.setattr(gemm_cpu, "fast_int8", lambda: fast)
+    monkeypatch.setattr(gemm_avx2, "available", lambda: avx2)
     pm = prepare(nn.Sequential(nn.Linear(4, 3)), ladder=(8, "fp32"), backend="aten")
     remark = "no int8 dot-product instructions"
     assert (remark in pm.summary()) == (not fast)
-    assert "FP32 on the dequantised operands" in pm.summary() or fast
+    assert ("FP32 on the dequantised operands" in pm.summary()) == (not fast)
+    assert ("8-bit products run on the AVX2 int8 kernel" in pm.summary()) == (avx2 and not fast)
     exact = prepare(nn.Sequential(nn.Linear(4, 3)), ladder=(8, "fp32"), backend="aten", exact=True)
     assert ("as floats (exact)" in exact.summary()) == (not fast)
     assert remark not in prepare(nn.Sequential(nn.Linear(4, 3)), backend="emulate").summary()

@@ -127,11 +127,18 @@ def test_routes_at_16_bits(case, monkeypatch):
         assert (g - w).norm() <= 1e-3 * w.norm() + 1e-6
 
 
+@pytest.mark.parametrize("avx2", [False, True], ids=["fp32-products", "avx2-kernel"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_cpus_without_int8_dot_products_keep_products_off_int_mm(case, monkeypatch):
-    """Where ``torch._int_mm`` is slow (no VNNI/AMX), no product reaches it: the default route
-    computes in FP32 on the dequantised operands, bit-identical to emulate at 8 bits, and
-    ``exact=True`` sums the mantissas as floats, bit-identical to the integer kernels."""
+def test_cpus_without_int8_dot_products_keep_products_off_int_mm(case, avx2, monkeypatch):
+    """Where ``torch._int_mm`` is slow (no VNNI/AMX), no product reaches it. Without the AVX2
+    kernel the default route computes in FP32 on the dequantised operands; with it, the 8-bit
+    products run there (exact integers). Both are bit-identical to emulate at 8 bits (exact on
+    these layers, see the module notes), and ``exact=True`` at 16 bits, which sums the mantissas
+    as floats, is bit-identical to the integer kernels."""
+    from muppet_fx.kernels import gemm_avx2
+
+    if avx2 and not gemm_avx2.available():
+        pytest.skip("the AVX2 int8 kernel does not build or run on this CPU")
     make, inputs = CASES[case]
     torch.manual_seed(1)
     x = inputs()
@@ -139,14 +146,22 @@ def test_cpus_without_int8_dot_products_keep_products_off_int_mm(case, monkeypat
     with_int8 = _run(make, x, "aten", 16, exact=True)
     monkeypatch.setattr(gemm_cpu, "fast_int8", lambda: False)
     emulated = _run(make, x, "emulate", 8)
+    calls = []
+    kernel = gemm_avx2.int8_mm
+    monkeypatch.setattr(gemm_avx2, "int8_mm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(gemm_avx2, "available", lambda: avx2)
 
     def refuse(*args, **kwargs):
         raise AssertionError("torch._int_mm called on a CPU without int8 dot products")
     monkeypatch.setattr(torch, "_int_mm", refuse)
     for g, w in zip(_run(make, x, "aten", 8), emulated):
         assert torch.equal(g, w)
+    # every case has a linear layer or an ungrouped 2-d convolution the kernel takes
+    assert bool(calls) == avx2
+    calls.clear()
     for g, w in zip(_run(make, x, "aten", 16, exact=True), with_int8):
         assert torch.equal(g, w)
+    assert not calls  # 9-16 bit products stay off the int8 kernel there
 
 
 def test_fast_int8_follows_the_cpu_flags():
