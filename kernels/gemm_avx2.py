@@ -18,7 +18,7 @@ import torch
 
 from .cbuild import bound_library
 
-__all__ = ["available", "int8_mm", "MAX_K"]
+__all__ = ["available", "int8_mm", "conv2d", "conv2d_grad_weight", "MAX_K"]
 
 # Longest reduction whose int32 sums cannot overflow: |a b| <= 128 * 128.
 MAX_K = (2**31 - 1) // (128 * 128)
@@ -26,11 +26,18 @@ _KC, _NC = 512, 192  # KC, NC in the C source: the shared B block holds NC * KC 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "gemm_avx2_available": (ctypes.c_int, []),
-    "gemm_avx2_i8": (None, [_P, _I64, _I64, _P, _I64, _I64, _P] + [_I64] * 4 + [_P, _P, ctypes.c_int, ctypes.c_int]),
+    "gemm_avx2_i8": (None, [_P, _I64, _I64, _P, _P, _I64, _I64, _P, _P] + [_I64] * 4
+                     + [_P, _P, ctypes.c_int, ctypes.c_int]),
 }
 # Below this many multiply-adds a second thread costs more (fork and join) than it saves.
 _PARALLEL_MACS = 1 << 18
 _SPLIT_K_OUTPUTS = 1 << 16
+
+
+class _Patches(ctypes.Structure):
+    """``patches`` in the C source: the im2col matrix of a channels-last input, gathered."""
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("xn", "xh", "xw", "C", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW")]
 
 
 @functools.cache
@@ -66,6 +73,13 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
         out = torch.empty(M, N, dtype=torch.int32)
     elif out.dtype != torch.int32 or out.shape != (M, N) or out.stride(1) != 1 and N > 1:
         return None
+    return _run(lib, a, None, b, None, out, K)
+
+
+def _run(lib, a, a_patches, b, b_patches, out, K):
+    """``out = A @ B`` where A is ``a`` (a matrix) or the patches ``a_patches`` of the input
+    ``a``, likewise B."""
+    M, N = out.shape
     if M == 0 or N == 0:
         return out
     if K == 0:
@@ -80,7 +94,86 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     bpack = workspace(splits * _NC * _KC + 16, torch.int16, "avx2_bpack")
     offset = (-bpack.data_ptr() // 2) % 16
     partials = workspace((splits - 1) * M * N, torch.int32, "avx2_partials") if splits > 1 else None
-    lib.gemm_avx2_i8(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0), b.stride(1),
-                     out.data_ptr(), out.stride(0), M, N, K, bpack.data_ptr() + 2 * offset,
+    sa = (0, 0) if a_patches is not None else a.stride()
+    sb = (0, 0) if b_patches is not None else b.stride()
+    ref = lambda p: None if p is None else ctypes.byref(p)  # noqa: E731
+    lib.gemm_avx2_i8(a.data_ptr(), *sa, ref(a_patches), b.data_ptr(), *sb, ref(b_patches), out.data_ptr(),
+                     out.stride(0), M, N, K, bpack.data_ptr() + 2 * offset,
                      None if partials is None else partials.data_ptr(), splits, threads)
     return out
+
+
+def _geometry(x: torch.Tensor, kernel, stride, padding, dilation):
+    """``(channels-last x, _Patches, OH, OW)``; ``None`` for an empty output."""
+    x = x.contiguous(memory_format=torch.channels_last)  # a copy only for other layouts
+    N, C, H, W = x.shape
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = (_pair(v) for v in (kernel, stride, padding, dilation))
+    OH, OW = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+              zip((H, W), (KH, KW), (SH, SW), (PH, PW), (DH, DW)))
+    if OH <= 0 or OW <= 0:
+        return None
+    g = _Patches(x.stride(0), x.stride(2), x.stride(3), C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW)
+    return x, g, OH, OW
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
+def _conv_applies(x_m: torch.Tensor, weight_shape) -> bool:
+    Cout, C, kh, kw = weight_shape
+    return (_library() is not None and x_m.dtype == torch.int8 and x_m.dim() == 4 and x_m.device.type == "cpu"
+            and x_m.shape[1] == C and C * kh * kw <= MAX_K and min(x_m.shape) > 0 and Cout > 0)
+
+
+def conv2d(x_m: torch.Tensor, w_m: torch.Tensor, stride, padding, dilation) -> torch.Tensor | None:
+    """Exact int32 ``conv2d(x_m, w_m)`` (``groups == 1``) of int8 mantissas as an implicit GEMM:
+    each block of output positions gathers its patches from the (channels-last) input as it is
+    packed, so no im2col matrix is written. ``[N, Cout, OH, OW]`` in channels-last memory, a
+    reused buffer for large outputs (as :func:`gemm_cpu.int_matmul`'s: consume it before the
+    next call); ``None`` where the kernel does not apply."""
+    if w_m.dtype != torch.int8 or w_m.dim() != 4 or w_m.device.type != "cpu" or not _conv_applies(x_m, w_m.shape):
+        return None
+    geometry = _geometry(x_m, w_m.shape[2:], stride, padding, dilation)
+    if geometry is None:
+        return None
+    x, g, OH, OW = geometry
+    N, Cout = x.shape[0], w_m.shape[0]
+    K = w_m[0].numel()
+    b = w_m.permute(0, 2, 3, 1).reshape(Cout, K).t()  # [(i, j, c), Cout], the patches' column order
+    from .gemm_cpu import workspace
+
+    rows = N * OH * OW
+    out = workspace(rows * Cout, torch.int32, "acc").view(rows, Cout) if rows * Cout >= 1 << 16 else \
+        torch.empty(rows, Cout, dtype=torch.int32)
+    _run(_library(), x, g, b, None, out, K)
+    return out.view(N, OH, OW, Cout).permute(0, 3, 1, 2)
+
+
+def conv2d_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride, padding, dilation
+                       ) -> torch.Tensor | None:
+    """Exact weight gradient ``[Cout, C, kh, kw]`` (``groups == 1``) from int8 output-gradient
+    and input mantissas: ``G^T @ patches(x)`` with the patches gathered as the reduction over
+    output positions is packed (no im2col matrix). int32, or int64 where more than ``MAX_K``
+    positions are summed in parts; ``None`` where the kernel does not apply."""
+    Cout, C, kh, kw = weight_shape
+    if (not _conv_applies(x_m, weight_shape) or g_m.dtype != torch.int8 or g_m.dim() != 4
+            or g_m.shape[1] != Cout or g_m.shape[0] != x_m.shape[0]):
+        return None
+    geometry = _geometry(x_m, (kh, kw), stride, padding, dilation)
+    if geometry is None or tuple(g_m.shape[2:]) != geometry[2:]:
+        return None
+    x, g, OH, OW = geometry
+    N, per_image = x.shape[0], OH * OW
+    if per_image > MAX_K:
+        return None
+    images = MAX_K // per_image
+    if N > images:  # int32 sums stay exact over this many images: the rest in parts, added in int64
+        step = -(-N // -(-N // images))
+        parts = [conv2d_grad_weight(g_m[i:i + step], x_m[i:i + step], weight_shape, stride, padding, dilation)
+                 for i in range(0, N, step)]
+        return sum(p.to(torch.int64) for p in parts)
+    a = g_m.permute(0, 2, 3, 1).reshape(N * per_image, Cout).t()  # G^T, a view for channels-last G
+    out = torch.empty(Cout, kh * kw * C, dtype=torch.int32)
+    _run(_library(), a, None, x, g, out, N * per_image)
+    return out.view(Cout, kh, kw, C).permute(0, 3, 1, 2)

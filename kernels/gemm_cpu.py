@@ -287,6 +287,10 @@ def conv_forward(x_m, w_m, stride, padding, dilation, mm=None, amx: bool = True)
         acc = amx_cpu.conv_forward(x_m, w_m, (sh, sw), (ph, pw), (dh, dw))
         if acc is not None:  # AMX tiles loaded straight from the (zero-bordered) input
             return acc
+    if mm is None and not fast_int8():  # AVX2 implicit GEMM: patches gathered as they are packed
+        acc = gemm_avx2.conv2d(x_m, w_m, (sh, sw), (ph, pw), (dh, dw))
+        if acc is not None:
+            return acc
     cols = im2col(x_m, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
     return _to_nchw(int_matmul(cols, _taps_last(w_m).t(), mm=mm), N, OH, OW)
 
@@ -371,6 +375,9 @@ def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None)
     if mm is None and g_m.dtype == torch.int8 and x_m.dtype == torch.int8:
         acc = amx_cpu.conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
         if acc is not None:  # AMX tiles filled straight from the input, no im2col matrix
+            return acc
+        acc = None if fast_int8() else gemm_avx2.conv2d_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
+        if acc is not None:  # AVX2: the patches gathered as the reduction is packed
             return acc
     cols = im2col(x_m, (kh, kw), stride, padding, dilation)
     g2d = g_m.permute(0, 2, 3, 1).reshape(-1, Cout)

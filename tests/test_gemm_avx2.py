@@ -106,3 +106,94 @@ def test_gemm_cpu_takes_it_only_without_int8_dot_products(monkeypatch):
     calls.clear()
     monkeypatch.setattr(gemm_cpu, "fast_int8", lambda: True)
     assert torch.equal(gemm_cpu.int_matmul(a, b).long(), _oracle(a, b)) and not calls
+
+
+CONVS = {  # (N, C, H, W), (Cout, kh, kw), stride, padding, dilation
+    "3x3": ((2, 16, 9, 7), (17, 3, 3), 1, 1, 1),
+    "rgb stem": ((3, 3, 8, 8), (16, 3, 3), 1, 1, 1),
+    "strided": ((2, 32, 9, 10), (8, 3, 3), 2, 1, 1),
+    "1x1 strided": ((2, 24, 7, 7), (33, 1, 1), 2, 0, 1),
+    "dilated, uneven": ((1, 5, 11, 9), (6, 2, 3), (1, 2), (0, 2), (2, 1)),
+    "no padding, wide": ((2, 48, 6, 6), (20, 5, 5), 1, 0, 1),
+}
+
+
+def _conv_case(name, channels_last):
+    x_shape, (cout, kh, kw), stride, padding, dilation = CONVS[name]
+    x = torch.randint(-128, 128, x_shape, dtype=torch.int8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-128, 128, (cout, x_shape[1], kh, kw), dtype=torch.int8)
+    return x, w, stride, padding, dilation
+
+
+def _conv_oracle(x, w, stride, padding, dilation):
+    return torch.nn.functional.conv2d(x.double(), w.double(), None, stride, padding, dilation).long()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_implicit_conv_forward_is_exact(name, channels_last):
+    """The patches gathered tap by tap (taps in the padding, partial channel runs at the block
+    edges of the reduction) give the integer convolution, in channels-last memory."""
+    x, w, stride, padding, dilation = _conv_case(name, channels_last)
+    got = gemm_avx2.conv2d(x, w, stride, padding, dilation)
+    want = _conv_oracle(x, w, stride, padding, dilation)
+    assert got.dtype == torch.int32 and got.shape == want.shape and torch.equal(got.long(), want)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_implicit_conv_grad_weight_is_exact(name, channels_last):
+    x, w, stride, padding, dilation = _conv_case(name, channels_last)
+    out_shape = _conv_oracle(x, w, stride, padding, dilation).shape
+    g = torch.randint(-128, 128, out_shape, dtype=torch.int8)
+    if channels_last:
+        g = g.contiguous(memory_format=torch.channels_last)
+    got = gemm_avx2.conv2d_grad_weight(g, x, w.shape, stride, padding, dilation)
+    want = torch.ops.aten.convolution_backward(g.double(), x.double(), w.double(), None, _pair(stride),
+                                               _pair(padding), _pair(dilation), False, [0, 0], 1,
+                                               [False, True, False])[1].long()
+    assert got.shape == w.shape and torch.equal(got.long(), want)
+
+
+def _pair(v):
+    return list(v) if isinstance(v, tuple) else [v, v]
+
+
+def test_grad_weight_sums_more_positions_than_int32_holds_in_parts():
+    """-128 everywhere over MAX_K + 1 positions overflows an int32 sum: the images are summed
+    in parts, added in int64."""
+    per_image = 16 * 16
+    n = gemm_avx2.MAX_K // per_image + 1
+    x = torch.full((n, 16, 16, 16), -128, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    g = torch.full((n, 16, 16, 16), -128, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    got = gemm_avx2.conv2d_grad_weight(g, x, (16, 16, 1, 1), 1, 0, 1)
+    assert got.dtype == torch.int64 and bool((got == 16384 * n * per_image).all())
+
+
+def test_conv_declines_what_it_does_not_take():
+    x = torch.randint(-128, 128, (1, 4, 5, 5), dtype=torch.int8)
+    w = torch.randint(-128, 128, (3, 4, 3, 3), dtype=torch.int8)
+    assert gemm_avx2.conv2d(x.short(), w.short(), 1, 1, 1) is None
+    assert gemm_avx2.conv2d(x, w[:, :3], 1, 1, 1) is None  # channels differ
+    assert gemm_avx2.conv2d(x, w, 1, 0, 3) is None  # an empty output
+    assert gemm_avx2.conv2d_grad_weight(torch.zeros(1, 3, 4, 4, dtype=torch.int8), x, w.shape, 1, 1, 1) is None
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_gemm_cpu_convolutions_take_the_implicit_gemm_only_without_int8_dot_products(fast, monkeypatch):
+    from muppet_fx.kernels import amx_cpu
+
+    calls = []
+    for name in ("conv2d", "conv2d_grad_weight"):
+        kernel = getattr(gemm_avx2, name)
+        monkeypatch.setattr(gemm_avx2, name, lambda *a, k=kernel, **kw: calls.append(1) or k(*a, **kw))
+    monkeypatch.setattr(gemm_cpu, "fast_int8", lambda: fast)
+    monkeypatch.setattr(amx_cpu, "available", lambda: False)
+    x, w, stride, padding, dilation = _conv_case("3x3", True)
+    y = gemm_cpu.conv_forward(x, w, stride, padding, dilation, amx=False)
+    assert torch.equal(y.long(), _conv_oracle(x, w, stride, padding, dilation))
+    gw = gemm_cpu.conv_grad_weight(y.clamp(-128, 127).to(torch.int8), x, w.shape, stride, padding, dilation)
+    assert gw.shape == w.shape and len(calls) == (0 if fast else 2)
