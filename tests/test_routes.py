@@ -147,8 +147,9 @@ def test_cpus_without_int8_dot_products_keep_products_off_int_mm(case, avx2, mon
     monkeypatch.setattr(gemm_cpu, "fast_int8", lambda: False)
     emulated = _run(make, x, "emulate", 8)
     calls = []
-    kernel = gemm_avx2.int8_mm
-    monkeypatch.setattr(gemm_avx2, "int8_mm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    for name in ("int8_mm", "conv2d", "conv2d_grad_weight"):  # its GEMM and implicit-GEMM convolutions
+        kernel = getattr(gemm_avx2, name)
+        monkeypatch.setattr(gemm_avx2, name, lambda *a, k=kernel, **kw: calls.append(1) or k(*a, **kw))
     monkeypatch.setattr(gemm_avx2, "available", lambda: avx2)
 
     def refuse(*args, **kwargs):
