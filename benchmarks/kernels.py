@@ -16,8 +16,12 @@ convolution, im2col + ``torch._int_mm`` and the AMX kernels (forward and weight 
 On CUDA (``--device cuda``) two tables measure the GPU targets instead: the Triton INT8 GEMM
 against ``torch._int_mm``, BF16 and FP16 ``torch.matmul`` at 4096^3 and the ResNet-18 GEMM shapes,
 and the implicit-GEMM INT8 convolution (forward, grad-input, grad-weight) against cuDNN BF16.
-On CPUs without int8 dot products (``gemm_cpu.fast_int8()`` false, AVX2 only) only table 2
-runs: there ``torch._int_mm`` is 30-50x slower than FP32 and the routes never call it.
+On CPUs without int8 dot products (``gemm_cpu.fast_int8()`` false, AVX2 only) ``torch._int_mm``
+is 30-50x slower than FP32 and the routes never call it: table 2 runs, then table 4, our AVX2
+kernel (``kernels/gemm_avx2``) on table 1's int8 GEMM shapes (operands laid out as the routes
+pass them) and on each 8-bit convolution product of ResNet-20 and ResNet-18, its implicit GEMM
+against FP32 ``F.conv2d`` (forward) and ``convolution_backward`` (weight gradient). BF16 has no
+hardware there (table 2 has it per layer), so table 4 leaves it out.
 Interleaved repetitions, medians; ratios are FP32 time / route time (higher is faster).
 ``--allocator reuse`` (the default) calls ``muppet_fx.reuse_cpu_memory()`` first, which every
 case shares; ``--allocator default`` keeps glibc's defaults.
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved  # noqa: E402
 
 from muppet_fx import prepare, reuse_cpu_memory  # noqa: E402
-from muppet_fx.kernels import amx_cpu, conv_onednn, gemm_cpu  # noqa: E402
+from muppet_fx.kernels import amx_cpu, conv_onednn, gemm_avx2, gemm_cpu  # noqa: E402
 from muppet_fx.kernels.scaled_mm_cpu import scaled_int_matmul  # noqa: E402
 
 # (C_in, C_out, spatial, kernel, stride) of ResNet-18's distinct convolutions, CIFAR stem
@@ -217,6 +221,49 @@ def table_cpu_conv(args):
                                   "amx"], tablefmt="simple"))
 
 
+def table_avx2(args):
+    """Table 4: the AVX2 int8 kernel (exact int32 outputs, no quantisers or scaling) against FP32."""
+    rows = []
+    shapes = list(gemm_shapes(args.batch))
+    for name, M, K, N in (shapes[1:4] + shapes[-1:] if args.quick else shapes):
+        if K > gemm_avx2.MAX_K:
+            continue  # the routes cut such reductions in parts; the kernel takes each part
+        a8 = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+        b8 = torch.randint(-128, 128, (K, N), dtype=torch.int8)
+        if name.endswith("dW"):  # G^T: the transposed channels-last gradient
+            a8 = a8.t().contiguous().t()
+        else:  # W^T: the transposed weight
+            b8 = b8.t().contiguous().t()
+        af, bf = a8.float(), b8.float()
+        t = interleaved({"fp32": lambda: af @ bf, "avx2": lambda: gemm_avx2.int8_mm(a8, b8)}, args.reps)
+        rows.append([name, M, K, N, t["fp32"] * 1e3, t["fp32"] / t["avx2"]])
+    print(f"\nAVX2 int8 GEMM, CPU threads={args.threads}: FP32 ms and speed-up over FP32")
+    print(tabulate(rows, headers=["product", "M", "K", "N", "fp32 ms", "avx2 int8"], floatfmt=".2f"))
+    rows = []
+    convs = [(16, 16, 32, 3, 1), (32, 32, 16, 3, 1), (64, 64, 8, 3, 1)] + RESNET18_CONVS
+    for cin, cout, hw, k, s in (convs[:3] if args.quick else convs):
+        x = torch.randint(-128, 128, (args.batch, cin, hw, hw), dtype=torch.int8).contiguous(
+            memory_format=torch.channels_last)
+        w = torch.randint(-128, 128, (cout, cin, k, k), dtype=torch.int8)
+        geo = ([s, s], [k // 2] * 2, [1, 1])
+        g = torch.randint(-128, 128, (args.batch, cout, (hw + 2 * (k // 2) - k) // s + 1,
+                                      (hw + 2 * (k // 2) - k) // s + 1), dtype=torch.int8
+                          ).contiguous(memory_format=torch.channels_last)
+        xf, wf, gf = x.float(), w.float(), g.float()
+        t = interleaved({
+            "fp32 fwd": lambda: F.conv2d(xf, wf, None, *geo),
+            "avx2 fwd": lambda: gemm_avx2.conv2d(x, w, *geo),
+            "fp32 dW": lambda: torch.ops.aten.convolution_backward(gf, xf, wf, None, *geo, False, [0, 0], 1,
+                                                                   [False, True, False]),
+            "avx2 dW": lambda: gemm_avx2.conv2d_grad_weight(g, x, tuple(w.shape), *geo),
+        }, args.reps)
+        rows.append([f"{cin}->{cout} {k}x{k}/{s} @{hw}", t["fp32 fwd"] * 1e3, t["fp32 fwd"] / t["avx2 fwd"],
+                     t["fp32 dW"] * 1e3, t["fp32 dW"] / t["avx2 dW"]])
+    print(f"\nAVX2 implicit-GEMM int8 convolution, CPU threads={args.threads}, batch {args.batch}: "
+          "FP32 ms and speed-up over FP32")
+    print(tabulate(rows, headers=["conv", "fp32 fwd ms", "avx2 fwd", "fp32 dW ms", "avx2 dW"], floatfmt=".2f"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -237,8 +284,10 @@ def main() -> None:
         reuse_cpu_memory()
     table_layers(args)
     if not gemm_cpu.fast_int8():  # torch._int_mm: 1166 ms at 1024^3 against FP32's 23 (AVX2 only)
-        print("\nThis CPU has no int8 dot-product instructions (VNNI, AMX): the integer kernel tables are "
-              "skipped (torch._int_mm runs 30-50x slower than FP32 here; the routes keep products in FP32).")
+        print("\nThis CPU has no int8 dot-product instructions (VNNI, AMX): the torch._int_mm tables are "
+              "skipped (it runs 30-50x slower than FP32 here; the routes never call it).")
+        if gemm_avx2.available():
+            table_avx2(args)
         return
     table_cpu_conv(args)
     table_gemm(args)

@@ -1,6 +1,7 @@
-/* Exact int8 GEMM for x86 CPUs with AVX2 but no int8 dot-product instructions (no VNNI, no
- * AMX), called through ctypes: C[M, N] (int32, row stride ldc) = A[M, K] @ B[K, N], int8
- * operands addressed through element strides.
+/* Exact integer GEMM for x86 CPUs with AVX2 but no int8 dot-product instructions (no VNNI, no
+ * AMX), called through ctypes: C[M, N] = A[M, K] @ B[K, N] for int8 operands (int32 C) and for
+ * int16 operands of at most 12 bits (int64 C), each operand a strided matrix or the im2col
+ * matrix of a channels-last convolution input, gathered as it is packed.
  *
  * The operands are widened to int16 and multiplied with vpmaddwd, which sums each pair of
  * int16 products into an int32 lane: two reduction steps per instruction, exact (a pair of
@@ -12,8 +13,12 @@
  * Layout (as in BLIS): B is packed per block of KC reduction steps and NC columns into panels
  * of 16 columns, each reduction pair stored as 16 interleaved int16 pairs; A is widened per
  * block of 6 rows into a thread's buffer, a row's pairs read as int32 broadcasts. A 6 x 16
- * block of C lives in 12 ymm accumulators across the whole block of KC steps. Callers keep
- * K * 128 * 128 below 2**31 (int32 sums cannot overflow); gemm_avx2.py cuts longer reductions.
+ * block of C lives in 12 ymm accumulators across a block of reduction steps. int8 callers keep
+ * K * 128 * 128 below 2**31 (int32 sums cannot overflow; gemm_avx2.py cuts longer reductions).
+ * int16 operands come with a bound L on |m| checked as they are packed (the call returns 1 and
+ * its output is undefined where an element exceeds it) and a block length short enough that
+ * the block's int32 sums stay exact (2 L^2 per pair); each block's sums are added into C in
+ * int64.
  */
 #include <stdint.h>
 #include <string.h>
@@ -73,14 +78,24 @@ static void kernel_6x16(const int32_t *a, int64_t ld, int64_t step, const int16_
 #undef ROW
 }
 
-/* The im2col matrix of a convolution input x (int8, channels-last: channel stride 1), never
- * written out: element (pos, col) with pos = (n, oh, ow) and col = (i, j, c) is
+/* ------------------------------------------------------------------------------ operands */
+
+/* The im2col matrix of a convolution input x (channels-last: channel stride 1), never written
+ * out: element (pos, col) with pos = (n, oh, ow) and col = (i, j, c) is
  * x[n, oh * SH - PH + i * DH, ow * SW - PW + j * DW, c], 0 in the padding. */
 typedef struct {
     int64_t xn, xh, xw; /* element strides of x */
     int64_t C, H, W, OH, OW;
     int64_t KH, KW, SH, SW, PH, PW, DH, DW;
 } patches;
+
+/* A[i, k] = p[i * s0 + k * s1] (int8, or int16 where wide), or the patches g of the input p. */
+typedef struct {
+    const void *p;
+    int64_t s0, s1;
+    const patches *g;
+    int64_t wide;
+} operand;
 
 typedef struct { int64_t base, ih0, iw0; } position;
 
@@ -99,7 +114,7 @@ static void locate(const patches *g, int64_t pos0, int64_t count, position *q) {
 }
 
 /* A run of columns col..col+run-1 (of a block) that are channels of one tap: the tap's offsets
- * di, dj from a window's corner and the memory offset of its first channel from there. */
+ * di, dj from a window's corner and the element offset of its first channel from there. */
 typedef struct { int64_t col, run, di, dj, off; } piece;
 
 static int64_t cut(const patches *g, int64_t k0, int64_t kc, piece *out) {
@@ -114,170 +129,183 @@ static int64_t cut(const patches *g, int64_t k0, int64_t kc, piece *out) {
     return n;
 }
 
-/* The memory of a piece at a position, or NULL where its tap falls in the padding. */
-static inline const int8_t *at(const patches *g, const int8_t *x, const position *q, const piece *pc) {
+/* The element offset of a piece at a position, or -1 where its tap falls in the padding. */
+static inline int64_t at(const patches *g, const position *q, const piece *pc) {
     int64_t ih = q->ih0 + pc->di, iw = q->iw0 + pc->dj;
-    return ih < 0 || ih >= g->H || iw < 0 || iw >= g->W ? NULL : x + q->base + q->ih0 * g->xh + q->iw0 * g->xw + pc->off;
+    return ih < 0 || ih >= g->H || iw < 0 || iw >= g->W ? -1 : q->base + q->ih0 * g->xh + q->iw0 * g->xw + pc->off;
 }
 
-/* A thread's scratch for one block of the reduction: its pieces (forward: columns of A) or its
- * positions (weight gradient: rows of B), worked out once per block. */
+/* A thread's packing state: the pieces of the block's columns (forward: A's) or its positions
+ * (weight gradient: B's rows), worked out once per block, and the largest |int16| packed. */
 typedef struct {
-    const patches *g;
     int64_t npieces;
     piece pieces[KC + 1];
     position q[KC];
-} gather;
+    __m256i top;
+} packer;
 
-static void prepare_block(gather *s, const patches *ga, const patches *gb, int64_t k0, int64_t kc) {
-    if (ga) { s->g = ga; s->npieces = cut(ga, k0, kc, s->pieces); }
-    if (gb) { s->g = gb; locate(gb, k0, kc, s->q); }
+static inline const void *elem_at(const operand *o, int64_t i) {
+    return (const char *)o->p + (o->wide ? 2 * i : i);
 }
+
+static inline int16_t elem(const operand *o, int64_t i) {
+    return o->wide ? ((const int16_t *)o->p)[i] : ((const int8_t *)o->p)[i];
+}
+
+/* 16 elements as int16 (int16 ones also raise the running maximum of |m|). */
+static inline __m256i load16(const operand *o, const void *src, packer *s) {
+    if (!o->wide) return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)src));
+    __m256i v = _mm256_loadu_si256((const __m256i *)src);
+    s->top = _mm256_max_epu16(s->top, _mm256_abs_epi16(v)); /* unsigned: |-32768| stays 32768 */
+    return v;
+}
+
+static inline void note(packer *s, int16_t v) {
+    s->top = _mm256_max_epu16(s->top, _mm256_set1_epi16((int16_t)(v < 0 ? -v : v)));
+}
+
+/* d[0..n) = the n elements from element offset i on (zeros where i < 0), 16 at a time: pieces
+ * are short (one tap's channels, 16 on ResNet-20's first stage), where a generic loop's set-up
+ * cost more than the copy. */
+static inline void widen(const operand *o, int64_t i, int64_t n, int16_t *d, packer *s) {
+    int64_t c = 0;
+    if (i < 0) {
+        for (; c + 16 <= n; c += 16) _mm256_storeu_si256((__m256i *)(d + c), _mm256_setzero_si256());
+        for (; c < n; c++) d[c] = 0;
+        return;
+    }
+    for (; c + 16 <= n; c += 16) _mm256_storeu_si256((__m256i *)(d + c), load16(o, elem_at(o, i + c), s));
+    for (; c < n; c++) {
+        d[c] = elem(o, i + c);
+        if (o->wide) note(s, d[c]);
+    }
+}
+
+/* Two rows of 16 int16 interleaved into 16 pairs: d[0..32). */
+static inline void interleave(__m256i r0, __m256i r1, int16_t *d, int aligned) {
+    __m256i lo = _mm256_unpacklo_epi16(r0, r1), hi = _mm256_unpackhi_epi16(r0, r1);
+    __m256i o0 = _mm256_permute2x128_si256(lo, hi, 0x20), o1 = _mm256_permute2x128_si256(lo, hi, 0x31);
+    if (aligned) {
+        _mm256_store_si256((__m256i *)d, o0);
+        _mm256_store_si256((__m256i *)d + 1, o1);
+    } else {
+        _mm256_storeu_si256((__m256i *)d, o0);
+        _mm256_storeu_si256((__m256i *)d + 1, o1);
+    }
+}
+
+static void prepare_block(packer *s, const operand *a, const operand *b, int64_t k0, int64_t kc) {
+    if (a->g) s->npieces = cut(a->g, k0, kc, s->pieces);
+    if (b->g) locate(b->g, k0, kc, s->q);
+}
+
+/* ------------------------------------------------------------------------------- packing */
 
 /* Panel of columns n0..n0+nr-1, reduction steps k0..k0+kc-1 (kc even after padding with a
  * zero step): dst[p][j] = (B[k0 + 2p, n0 + j], B[k0 + 2p + 1, n0 + j]) as int16, zero past the
- * edges. */
-static void pack_b_patches(const gather *s, const int8_t *x, int64_t kc, int64_t n0, int nr, int16_t *dst);
-
-static void pack_b(const int8_t *B, int64_t sbk, int64_t sbn, const gather *s, int64_t k0, int64_t kc, int64_t n0,
-                   int nr, int16_t *dst) {
-    int64_t kp = (kc + 1) / 2;
-    if (s) {
-        pack_b_patches(s, B, kc, n0, nr, dst);
-        return;
-    }
-    if (sbn == 1 && nr == NR) { /* row-major B: two 16-byte rows interleaved, then widened */
-        for (int64_t p = 0; p < kp; p++) {
-            const int8_t *r0 = B + (k0 + 2 * p) * sbk + n0;
-            __m128i x0 = _mm_loadu_si128((const __m128i *)r0);
-            __m128i x1 = 2 * p + 1 < kc ? _mm_loadu_si128((const __m128i *)(r0 + sbk)) : _mm_setzero_si128();
-            _mm256_store_si256((__m256i *)(dst + 32 * p), _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x0, x1)));
-            _mm256_store_si256((__m256i *)(dst + 32 * p + 16), _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(x0, x1)));
-        }
-        return;
-    }
-    for (int64_t p = 0; p < kp; p++) {
-        int16_t *d = dst + 32 * p;
-        const int8_t *r0 = B + (k0 + 2 * p) * sbk + n0 * sbn;
-        int second = 2 * p + 1 < kc;
-        for (int j = 0; j < NR; j++) {
-            d[2 * j] = j < nr ? r0[j * sbn] : 0;
-            d[2 * j + 1] = j < nr && second ? r0[j * sbn + sbk] : 0;
-        }
-    }
-}
-
-/* pack_b over the patches (a weight gradient's B, rows = positions, located in s->q): where the
- * panel's 16 columns are channels of one tap, two 16-byte runs a pair of positions, else
- * column by column. */
-static void pack_b_patches(const gather *s, const int8_t *x, int64_t kc, int64_t n0, int nr, int16_t *dst) {
-    const patches *g = s->g;
+ * edges. Rows along memory (or patches whose 16 columns are channels of one tap): two 16-wide
+ * loads a pair of steps, interleaved; else element by element. */
+static void pack_b(const operand *b, packer *s, int64_t k0, int64_t kc, int64_t n0, int nr, int16_t *dst) {
     const int64_t kp = (kc + 1) / 2;
-    piece cols[NR];
-    for (int j = 0; j < nr; j++) cut(g, n0 + j, 1, cols + j);
-    const int one_tap = nr == NR && n0 % g->C + NR <= g->C;
+    const patches *g = b->g;
+    if (g) {
+        piece cols[NR];
+        for (int j = 0; j < nr; j++) cut(g, n0 + j, 1, cols + j);
+        const int one_tap = nr == NR && n0 % g->C + NR <= g->C;
+        for (int64_t p = 0; p < kp; p++) {
+            const position *q0 = s->q + 2 * p, *q1 = 2 * p + 1 < kc ? q0 + 1 : NULL;
+            if (one_tap) {
+                int64_t i0 = at(g, q0, cols), i1 = q1 ? at(g, q1, cols) : -1;
+                __m256i r0 = i0 >= 0 ? load16(b, elem_at(b, i0), s) : _mm256_setzero_si256();
+                __m256i r1 = i1 >= 0 ? load16(b, elem_at(b, i1), s) : _mm256_setzero_si256();
+                interleave(r0, r1, dst + 32 * p, 1);
+                continue;
+            }
+            for (int j = 0; j < NR; j++) {
+                int64_t i0 = j < nr ? at(g, q0, cols + j) : -1, i1 = j < nr && q1 ? at(g, q1, cols + j) : -1;
+                dst[32 * p + 2 * j] = i0 >= 0 ? elem(b, i0) : 0;
+                dst[32 * p + 2 * j + 1] = i1 >= 0 ? elem(b, i1) : 0;
+                if (b->wide) { note(s, dst[32 * p + 2 * j]); note(s, dst[32 * p + 2 * j + 1]); }
+            }
+        }
+        return;
+    }
     for (int64_t p = 0; p < kp; p++) {
-        const position *q0 = s->q + 2 * p, *q1 = 2 * p + 1 < kc ? q0 + 1 : NULL;
-        if (one_tap) {
-            const int8_t *r0 = at(g, x, q0, cols), *r1 = q1 ? at(g, x, q1, cols) : NULL;
-            __m128i x0 = r0 ? _mm_loadu_si128((const __m128i *)r0) : _mm_setzero_si128();
-            __m128i x1 = r1 ? _mm_loadu_si128((const __m128i *)r1) : _mm_setzero_si128();
-            _mm256_store_si256((__m256i *)(dst + 32 * p), _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x0, x1)));
-            _mm256_store_si256((__m256i *)(dst + 32 * p + 16), _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(x0, x1)));
+        const int64_t k = k0 + 2 * p;
+        const int second = 2 * p + 1 < kc;
+        if (b->s1 == 1 && nr == NR) {
+            __m256i r0 = load16(b, elem_at(b, k * b->s0 + n0), s);
+            __m256i r1 = second ? load16(b, elem_at(b, (k + 1) * b->s0 + n0), s) : _mm256_setzero_si256();
+            interleave(r0, r1, dst + 32 * p, 1);
             continue;
         }
-        int16_t *d = dst + 32 * p;
         for (int j = 0; j < NR; j++) {
-            const int8_t *r0 = j < nr ? at(g, x, q0, cols + j) : NULL;
-            const int8_t *r1 = j < nr && q1 ? at(g, x, q1, cols + j) : NULL;
-            d[2 * j] = r0 ? *r0 : 0;
-            d[2 * j + 1] = r1 ? *r1 : 0;
+            dst[32 * p + 2 * j] = j < nr ? elem(b, k * b->s0 + (n0 + j) * b->s1) : 0;
+            dst[32 * p + 2 * j + 1] = j < nr && second ? elem(b, (k + 1) * b->s0 + (n0 + j) * b->s1) : 0;
+            if (b->wide) { note(s, dst[32 * p + 2 * j]); note(s, dst[32 * p + 2 * j + 1]); }
         }
     }
 }
 
-/* o[0..n) = src[0..n) as int16, or zeros where src is NULL; 16 at a time (pieces are short:
- * one tap's channels, 16 on ResNet-20's first stage, where a generic loop's set-up cost more
- * than the copy). */
-static inline void widen(int16_t *o, const int8_t *src, int64_t n) {
-    int64_t c = 0;
-    if (!src) {
-        for (; c + 16 <= n; c += 16) _mm256_storeu_si256((__m256i *)(o + c), _mm256_setzero_si256());
-        for (; c < n; c++) o[c] = 0;
-        return;
-    }
-    for (; c + 16 <= n; c += 16)
-        _mm256_storeu_si256((__m256i *)(o + c), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(src + c))));
-    for (; c < n; c++) o[c] = src[c];
-}
-
-/* Rows m0..m0+mr-1 of A, steps k0..k0+kc-1, widened to int16 pairs (zero padded); returns
- * the layout's row distance in bytes for kernel_6x16. Rows along memory (sak == 1): one row
- * after another, each widened in one vector loop. Columns along memory (sam == 1, a weight
- * gradient's G^T): per pair of steps, two 16-byte loads interleaved like B's panels, the pairs
- * of the 6 rows stored next to each other (24 bytes a step; each 32-byte store overlaps the
- * next step's, which overwrites the extra 8 bytes). */
-static int64_t pack_a(const int8_t *A, int64_t sam, int64_t sak, const gather *s, int64_t M, int64_t m0, int mr,
-                      int64_t k0, int64_t kc, int16_t *dst, int64_t kp) {
-    if (s) { /* a convolution's forward: each row gathered piece by piece from the input */
-        const patches *g = s->g;
-        position q[MR];
-        locate(g, m0, mr, q);
-        /* the whole reduction in this block and taps next to each other in memory: a window
-         * inside the image is KH runs of KW * C bytes */
-        const int rows_run = k0 == 0 && kc == g->KH * g->KW * g->C && g->DW == 1 && g->xw == g->C;
-        for (int r = 0; r < MR; r++) {
-            int16_t *d = dst + r * 2 * kp;
-            if (r >= mr) {
-                memset(d, 0, 4 * kp);
-                continue;
-            }
-            const position *w = q + r;
-            if (rows_run && w->ih0 >= 0 && w->ih0 + (g->KH - 1) * g->DH < g->H && w->iw0 >= 0
-                    && w->iw0 + g->KW <= g->W) {
-                const int8_t *src = A + w->base + w->ih0 * g->xh + w->iw0 * g->xw;
-                for (int64_t i = 0; i < g->KH; i++)
-                    widen(d + i * g->KW * g->C, src + i * g->DH * g->xh, g->KW * g->C);
-                if (kc & 1) d[kc] = 0;
-                continue;
-            }
-            for (int64_t i = 0; i < s->npieces; i++) {
-                const piece *pc = s->pieces + i;
-                const int8_t *src = at(s->g, A, q + r, pc);
-                widen(d + pc->col, src, pc->run);
-            }
-            if (kc & 1) d[kc] = 0;
-        }
-        return 4 * kp;
-    }
-    if (sam == 1 && sak >= 16 && m0 + 16 <= M) {
+/* Rows m0..m0+mr-1 of A, steps k0..k0+kc-1, as int16 pairs (zero padded); returns the layout's
+ * row distance in bytes for kernel_6x16. Rows along memory, and patches: one row after another.
+ * Columns along memory (a weight gradient's G^T): per pair of steps, two 16-wide loads
+ * interleaved like B's panels, the pairs of the 6 rows next to each other (24 bytes a step;
+ * each 32-byte store overlaps the next step's, which overwrites the extra 8 bytes). */
+static int64_t pack_a(const operand *a, packer *s, int64_t M, int64_t m0, int mr, int64_t k0, int64_t kc,
+                      int16_t *dst, int64_t kp) {
+    const patches *g = a->g;
+    if (!g && a->s0 == 1 && a->s1 >= 16 && m0 + 16 <= M) {
         for (int64_t p = 0; p < kp; p++) {
-            const int8_t *r0 = A + (k0 + 2 * p) * sak + m0;
-            __m128i x0 = _mm_loadu_si128((const __m128i *)r0);
-            __m128i x1 = 2 * p + 1 < kc ? _mm_loadu_si128((const __m128i *)(r0 + sak)) : _mm_setzero_si128();
-            _mm256_storeu_si256((__m256i *)(dst + 12 * p), _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x0, x1)));
+            const int64_t k = k0 + 2 * p;
+            __m256i r0 = load16(a, elem_at(a, k * a->s1 + m0), s);
+            __m256i r1 = 2 * p + 1 < kc ? load16(a, elem_at(a, (k + 1) * a->s1 + m0), s) : _mm256_setzero_si256();
+            interleave(r0, r1, dst + 12 * p, 0);
         }
         return 4;
     }
+    position q[MR];
+    /* patches holding the whole reduction in this block, taps next to each other in memory: a
+     * window inside the image is KH runs of KW * C elements */
+    const int rows_run = g && k0 == 0 && kc == g->KH * g->KW * g->C && g->DW == 1 && g->xw == g->C;
+    if (g) locate(g, m0, mr, q);
     for (int r = 0; r < MR; r++) {
         int16_t *d = dst + r * 2 * kp;
         if (r >= mr) {
             memset(d, 0, 4 * kp);
             continue;
         }
-        const int8_t *src = A + (m0 + r) * sam + k0 * sak;
-        if (sak == 1) {
-#pragma omp simd
-            for (int64_t k = 0; k < kc; k++) d[k] = src[k];
+        if (!g && a->s1 == 1) {
+            widen(a, (m0 + r) * a->s0 + k0, kc, d, s);
+        } else if (!g) {
+            for (int64_t k = 0; k < kc; k++) {
+                d[k] = elem(a, (m0 + r) * a->s0 + (k0 + k) * a->s1);
+                if (a->wide) note(s, d[k]);
+            }
+        } else if (rows_run && q[r].ih0 >= 0 && q[r].ih0 + (g->KH - 1) * g->DH < g->H && q[r].iw0 >= 0
+                   && q[r].iw0 + g->KW <= g->W) {
+            const int64_t i = q[r].base + q[r].ih0 * g->xh + q[r].iw0 * g->xw;
+            for (int64_t t = 0; t < g->KH; t++) widen(a, i + t * g->DH * g->xh, g->KW * g->C, d + t * g->KW * g->C, s);
         } else {
-            for (int64_t k = 0; k < kc; k++) d[k] = src[k * sak];
+            for (int64_t i = 0; i < s->npieces; i++) {
+                const piece *pc = s->pieces + i;
+                widen(a, at(g, q + r, pc), pc->run, d + pc->col, s);
+            }
         }
         if (kc & 1) d[kc] = 0;
     }
     return 4 * kp;
 }
 
-static void store_tile(int32_t *c, int64_t ldc, const int32_t *tmp, int mr, int nr, int first) {
+/* C tile (int32, or int64 where wide) = or += tmp. */
+static void store_tile(void *cv, int64_t ldc, const int32_t *tmp, int mr, int nr, int first, int wide) {
+    if (wide) {
+        int64_t *c = cv;
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++) c[i * ldc + j] = (first ? 0 : c[i * ldc + j]) + tmp[NR * i + j];
+        return;
+    }
+    int32_t *c = cv;
     if (mr == MR && nr == NR) {
         for (int i = 0; i < MR; i++) {
             __m256i *d = (__m256i *)(c + i * ldc);
@@ -296,78 +324,96 @@ static void store_tile(int32_t *c, int64_t ldc, const int32_t *tmp, int mr, int 
         for (int j = 0; j < nr; j++) c[i * ldc + j] = (first ? 0 : c[i * ldc + j]) + tmp[NR * i + j];
 }
 
-/* One thread: columns n-blocks x rows of C += A[:, k_begin:k_end] @ B[k_begin:k_end] (written,
- * not added, where `first`). bpack: NC * KC int16, aligned to 32 bytes. */
-static void gemm_serial(const int8_t *A, int64_t sam, int64_t sak, const patches *ga, const int8_t *B,
-                        int64_t sbk, int64_t sbn, const patches *gb, int32_t *C, int64_t ldc, int64_t M, int64_t N, int64_t k_begin, int64_t k_end,
-                        int16_t *bpack, int first) {
+static int top_of(const packer *s) {
+    uint16_t v[16];
+    _mm256_storeu_si256((__m256i *)v, s->top);
+    int m = 0;
+    for (int i = 0; i < 16; i++) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+/* ------------------------------------------------------------------------------- drivers */
+
+static inline void *tile(void *C, int wide, int64_t off) {
+    return wide ? (void *)((int64_t *)C + off) : (void *)((int32_t *)C + off);
+}
+
+/* One thread: C (+)= A[:, k_begin:k_end] @ B[k_begin:k_end] in blocks of kb steps (written,
+ * not added, where `first`). bpack: NC * KC int16, aligned to 32 bytes. Returns max |int16|. */
+static int gemm_serial(const operand *a, const operand *b, void *C, int64_t ldc, int wide, int64_t M, int64_t N,
+                       int64_t k_begin, int64_t k_end, int64_t kb, int16_t *bpack, int first) {
     int16_t apack[MR * KC + 16] __attribute__((aligned(32)));
     int32_t tmp[MR * NR] __attribute__((aligned(32)));
-    gather scratch;
-    const gather *sa = ga ? &scratch : NULL, *sb = gb ? &scratch : NULL;
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += KC) {
-        const int64_t kc = k_end - k0 < KC ? k_end - k0 : KC, kp = (kc + 1) / 2;
-        prepare_block(&scratch, ga, gb, k0, kc);
+    packer s;
+    s.top = _mm256_setzero_si256();
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kb) {
+        const int64_t kc = k_end - k0 < kb ? k_end - k0 : kb, kp = (kc + 1) / 2;
+        prepare_block(&s, a, b, k0, kc);
         for (int64_t n0 = 0; n0 < N; n0 += NC) {
             const int64_t nc = N - n0 < NC ? N - n0 : NC, panels = (nc + NR - 1) / NR;
             for (int64_t j = 0; j < panels; j++)
-                pack_b(B, sbk, sbn, sb, k0, kc, n0 + j * NR, nc - j * NR < NR ? (int)(nc - j * NR) : NR,
-                       bpack + j * kp * 2 * NR);
+                pack_b(b, &s, k0, kc, n0 + j * NR, nc - j * NR < NR ? (int)(nc - j * NR) : NR, bpack + j * kp * 2 * NR);
             for (int64_t m0 = 0; m0 < M; m0 += MR) {
                 const int mr = M - m0 < MR ? (int)(M - m0) : MR;
-                const int64_t ld = pack_a(A, sam, sak, sa, M, m0, mr, k0, kc, apack, kp);
+                const int64_t ld = pack_a(a, &s, M, m0, mr, k0, kc, apack, kp);
                 for (int64_t j = 0; j < panels; j++) {
                     kernel_6x16((const int32_t *)apack, ld, ld == 4 ? 4 * MR : 4, bpack + j * kp * 2 * NR, kp, tmp);
-                    store_tile(C + m0 * ldc + n0 + j * NR, ldc, tmp, mr,
-                               nc - j * NR < NR ? (int)(nc - j * NR) : NR, first && k0 == k_begin);
+                    store_tile(tile(C, wide, m0 * ldc + n0 + j * NR), ldc, tmp, mr,
+                               nc - j * NR < NR ? (int)(nc - j * NR) : NR, first && k0 == k_begin, wide);
                 }
             }
         }
     }
+    return top_of(&s);
 }
 
-/* C = A @ B. Long reductions into small outputs (splits > 1) run as `splits` ranges of K, one
- * per thread, each into its own int32 sum (C, then partials[s - 1] as [M, N] row-major),
- * added up at the end: no barrier per block of K. Otherwise the threads share each B block and
- * split the rows of C. bpack: splits * NC * KC int16, aligned to 32 bytes. */
-void gemm_avx2_i8(const int8_t *A, int64_t sam, int64_t sak, const patches *ga, const int8_t *B, int64_t sbk,
-                  int64_t sbn, const patches *gb, int32_t *C, int64_t ldc, int64_t M, int64_t N, int64_t K,
-                  int16_t *bpack, int32_t *partials, int splits, int nthreads) {
+/* C = A @ B (C int64 where `wide`, else int32) in blocks of kb <= KC reduction steps. Long
+ * reductions into small outputs (splits > 1) run as `splits` ranges of K, one per thread, each
+ * into its own sum (C, then partials[s - 1] as [M, N] row-major), added up at the end: no
+ * barrier per block of K. Otherwise the threads share each B block and split the rows of C.
+ * bpack: splits * NC * KC int16, aligned to 32 bytes. Returns 1 where an int16 element's |m|
+ * exceeds `limit` (the output is then undefined), else 0. */
+int gemm_avx2(const operand *a, const operand *b, void *C, int64_t ldc, int wide, int64_t M, int64_t N, int64_t K,
+              int64_t kb, int64_t limit, int16_t *bpack, void *partials, int splits, int nthreads) {
+    int top = 0;
     if (splits > 1) {
         const int64_t step = ((K + splits - 1) / splits + 1) / 2 * 2;
-#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(max : top)
         for (int s = 0; s < splits; s++) {
             int64_t k0 = s * step, k1 = k0 + step < K ? k0 + step : K;
-            int32_t *dst = s == 0 ? C : partials + (s - 1) * M * N;
+            void *dst = s == 0 ? C : tile(partials, wide, (s - 1) * M * N);
             int64_t ld = s == 0 ? ldc : N;
             if (k0 < k1) {
-                gemm_serial(A, sam, sak, ga, B, sbk, sbn, gb, dst, ld, M, N, k0, k1, bpack + (int64_t)s * NC * KC, 1);
+                int t = gemm_serial(a, b, dst, ld, wide, M, N, k0, k1, kb, bpack + (int64_t)s * NC * KC, 1);
+                top = t > top ? t : top;
             } else {
-                for (int64_t i = 0; i < M; i++) memset(dst + i * ld, 0, 4 * N);
+                for (int64_t i = 0; i < M; i++) memset(tile(dst, wide, i * ld), 0, (wide ? 8 : 4) * N);
             }
         }
         for (int s = 1; s < splits; s++)
             for (int64_t i = 0; i < M; i++)
-                for (int64_t j = 0; j < N; j++) C[i * ldc + j] += partials[(s - 1) * M * N + i * N + j];
-        return;
+                for (int64_t j = 0; j < N; j++) {
+                    if (wide) ((int64_t *)C)[i * ldc + j] += ((int64_t *)partials)[(s - 1) * M * N + i * N + j];
+                    else ((int32_t *)C)[i * ldc + j] += ((int32_t *)partials)[(s - 1) * M * N + i * N + j];
+                }
+        return top > limit;
     }
     const int64_t mblocks = (M + MR - 1) / MR;
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads) reduction(max : top)
     {
         int16_t apack[MR * KC + 16] __attribute__((aligned(32)));
         int32_t tmp[MR * NR] __attribute__((aligned(32)));
-        gather scratch;
-        const gather *sa = ga ? &scratch : NULL, *sb = gb ? &scratch : NULL;
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t kc = K - k0 < KC ? K - k0 : KC, kp = (kc + 1) / 2;
-            prepare_block(&scratch, ga, gb, k0, kc);
+        packer s;
+        s.top = _mm256_setzero_si256();
+        for (int64_t k0 = 0; k0 < K; k0 += kb) {
+            const int64_t kc = K - k0 < kb ? K - k0 : kb, kp = (kc + 1) / 2;
+            prepare_block(&s, a, b, k0, kc);
             for (int64_t n0 = 0; n0 < N; n0 += NC) {
                 const int64_t nc = N - n0 < NC ? N - n0 : NC, panels = (nc + NR - 1) / NR;
 #pragma omp for schedule(static)
-                for (int64_t j = 0; j < panels; j++) {
-                    int nr = nc - j * NR < NR ? (int)(nc - j * NR) : NR;
-                    pack_b(B, sbk, sbn, sb, k0, kc, n0 + j * NR, nr, bpack + j * kp * 2 * NR);
-                }
+                for (int64_t j = 0; j < panels; j++)
+                    pack_b(b, &s, k0, kc, n0 + j * NR, nc - j * NR < NR ? (int)(nc - j * NR) : NR,
+                           bpack + j * kp * 2 * NR);
                 /* few row blocks: split the panels as well, so that every thread has work */
                 int64_t chunks = mblocks >= 4 * nthreads ? 1 : (4 * nthreads + mblocks - 1) / mblocks;
                 if (chunks > panels) chunks = panels;
@@ -376,25 +422,27 @@ void gemm_avx2_i8(const int8_t *A, int64_t sam, int64_t sak, const patches *ga, 
                 for (int64_t t = 0; t < mblocks * chunks; t++) {
                     const int64_t mb = t / chunks, j0 = (t % chunks) * per;
                     const int mr = M - mb * MR < MR ? (int)(M - mb * MR) : MR;
-                    const int64_t ld = pack_a(A, sam, sak, sa, M, mb * MR, mr, k0, kc, apack, kp);
+                    const int64_t ld = pack_a(a, &s, M, mb * MR, mr, k0, kc, apack, kp);
                     for (int64_t j = j0; j < j0 + per && j < panels; j++) {
                         const int nr = nc - j * NR < NR ? (int)(nc - j * NR) : NR;
                         kernel_6x16((const int32_t *)apack, ld, ld == 4 ? 4 * MR : 4, bpack + j * kp * 2 * NR, kp, tmp);
-                        store_tile(C + mb * MR * ldc + n0 + j * NR, ldc, tmp, mr, nr, k0 == 0);
+                        store_tile(tile(C, wide, mb * MR * ldc + n0 + j * NR), ldc, tmp, mr, nr, k0 == 0, wide);
                     }
                 }
             }
         }
+        top = top_of(&s);
     }
+    return top > limit;
 }
 
 #else
 int gemm_avx2_available(void) { return 0; }
 
-void gemm_avx2_i8(const int8_t *A, int64_t sam, int64_t sak, const void *ga, const int8_t *B, int64_t sbk,
-                  int64_t sbn, const void *gb, int32_t *C, int64_t ldc, int64_t M, int64_t N, int64_t K,
-                  int16_t *bpack, int32_t *partials, int splits, int nthreads) {
-    (void)A; (void)sam; (void)sak; (void)ga; (void)B; (void)sbk; (void)sbn; (void)gb; (void)C; (void)ldc;
-    (void)M; (void)N; (void)K; (void)bpack; (void)partials; (void)splits; (void)nthreads;
+int gemm_avx2(const void *a, const void *b, void *C, int64_t ldc, int wide, int64_t M, int64_t N, int64_t K,
+              int64_t kb, int64_t limit, int16_t *bpack, void *partials, int splits, int nthreads) {
+    (void)a; (void)b; (void)C; (void)ldc; (void)wide; (void)M; (void)N; (void)K; (void)kb; (void)limit;
+    (void)bpack; (void)partials; (void)splits; (void)nthreads;
+    return 1;
 }
 #endif

@@ -1,4 +1,5 @@
-"""Exact integer GEMM and convolution on the CPU through ``torch._int_mm`` (int8 x int8 -> int32).
+"""Exact integer GEMM and convolution on the CPU through ``torch._int_mm`` (int8 x int8 -> int32),
+or on CPUs without int8 dot products through :mod:`gemm_avx2` (:func:`int8_mm`).
 
 - Up to 8 bits: one ``_int_mm``; the K dimension is cut into chunks short enough that the int32
   accumulator cannot overflow (``K * 127 * 127 < 2**31``), partial sums added in int64.
@@ -12,7 +13,7 @@ Every result is the exact integer product, converted once to float32 with the po
 scale ``2**-(s_a + s_b)``.
 
 Convolutions with ``groups == 1`` lower to these GEMMs by im2col on the int8/int16 mantissas
-(never on FP32 data); grad-input of a stride-1 convolution is the convolution of the gradient
+(never on FP32 data; the AMX and AVX2 kernels gather the patches without an im2col matrix); grad-input of a stride-1 convolution is the convolution of the gradient
 with the flipped, transposed kernel, strided ones one such convolution per phase of the input
 positions; grad-weight is ``G^T @ cols``. ``*_reference`` functions compute the same integers
 in int64 with plain torch.
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from . import amx_cpu, gemm_avx2
 from .cbuild import load_c_library
 
-__all__ = ["fast_int8", "int8_products_fast", "int8_mm", "int_matmul", "int_matmul_reference", "im2col",
+__all__ = ["fast_int8", "integer_products_fast", "int8_mm", "int_matmul", "int_matmul_reference", "im2col",
            "conv_forward", "conv_grad_input", "conv_grad_weight", "workspace", "gemm_layout", "CHUNK"]
 
 # Longest K for which an int32 accumulator of int8 products (|p| <= 128*128) cannot overflow.
@@ -97,11 +98,12 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     return torch._int_mm(a, b) if out is None else torch._int_mm(a, b, out=out)
 
 
-def int8_products_fast(bits: int) -> bool:
+def integer_products_fast(bits: int) -> bool:
     """Whether exact integer products at ``bits`` beat FP32 products on this CPU: at every
     level up to 14 bits with int8 dot products (:func:`fast_int8`), and at 8 bits on AVX2-only
-    CPUs through :mod:`gemm_avx2` (one int8 product; the three of a 9-14 bit level cost more
-    than FP32's one there)."""
+    CPUs through :mod:`gemm_avx2`. Its 9-12 bit products (one ``vpmaddwd`` product of int16
+    operands, int64 accumulators) only matched FP32 products of the values on ResNet-18/20
+    steps there, so they serve ``exact=True``."""
     return fast_int8() or bits <= 8 and gemm_avx2.available()
 
 
@@ -130,6 +132,10 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK, mm=None) ->
         return _mm_int8(a, b, chunk, mm)
     if a.dtype not in (torch.int8, torch.int16) or b.dtype not in (torch.int8, torch.int16):
         raise TypeError(f"int_matmul takes int8/int16 mantissas, got {a.dtype} and {b.dtype}")
+    if mm is None and not fast_int8():  # AVX2: one product on int16 operands up to 12 bits
+        acc = gemm_avx2.narrow_mm(a, b)
+        if acc is not None:
+            return acc
     a16, b16 = a.to(torch.int16), b.to(torch.int16)
     planes = _narrow_planes(a16, b16)
     if planes is not None:  # three products: A@B = 16384 HH + 128 (MID - HH - LL) + LL
@@ -276,6 +282,10 @@ def conv_forward(x_m, w_m, stride, padding, dilation, mm=None, amx: bool = True)
     Operands up to 14 bits are split before im2col, so the patches stay int8. On AMX CPUs
     :func:`amx_cpu.conv_forward` takes what it covers (no im2col; a large int32 result lives in a
     reused buffer, as ``int_matmul``'s does)."""
+    if mm is None and not fast_int8() and (x_m.dtype == torch.int16 or w_m.dtype == torch.int16):
+        acc = gemm_avx2.conv2d(x_m, w_m, stride, padding, dilation)  # up to 12 bits: one product
+        if acc is not None:
+            return acc
     planes = _narrow_planes(x_m, w_m)
     if planes is not None:
         return _karatsuba_bilinear(lambda a, b: conv_forward(a, b, stride, padding, dilation, mm, amx), planes)
@@ -367,6 +377,10 @@ def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None)
     CPUs for channels-last int8 inputs with 16k channels the implicit GEMM of
     :func:`amx_cpu.conv_grad_weight` (1.0-2.6x faster than im2col and ``torch._int_mm`` on
     ResNet's layers, measured)."""
+    if mm is None and not fast_int8() and (g_m.dtype == torch.int16 or x_m.dtype == torch.int16):
+        acc = gemm_avx2.conv2d_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
+        if acc is not None:  # up to 12 bits: one product
+            return acc
     planes = _narrow_planes(g_m, x_m)
     if planes is not None:
         return _karatsuba_bilinear(

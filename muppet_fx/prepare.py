@@ -259,10 +259,13 @@ def _route_remark(route: str) -> str:
     if route.startswith("aten") and not gemm_cpu.fast_int8():
         how = "on the mantissas as floats (exact)" if route == "aten_exact" else \
             "in FP32 on the dequantised operands (as emulate), at about FP32's speed"
-        if not gemm_cpu.int8_products_fast(8):
+        if not gemm_cpu.integer_products_fast(8):
             return ("\nThis CPU has no int8 dot-product instructions (VNNI, AMX), so torch._int_mm would run "
                     f"30-50x slower than FP32; the route computes the quantised products {how}.")
+        if route == "aten_exact":
+            return ("\nThis CPU has no int8 dot-product instructions (VNNI, AMX): products up to 12 bits run on "
+                    "the AVX2 integer kernel, 13-16 bit ones on the mantissas as floats (exact).")
         return ("\nThis CPU has no int8 dot-product instructions (VNNI, AMX): 8-bit products run on the "
-                "AVX2 int8 kernel (exact), 9-16 bit ones, whose integer products would cost more than "
-                f"FP32's here, {how}.")
+                "AVX2 integer kernel (exact), 9-16 bit ones, whose integer products cost as much as FP32's "
+                f"or more here, {how}.")
     return ""

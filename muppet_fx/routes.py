@@ -5,7 +5,10 @@
 - ``aten`` (CPU): up to 8 bits, exact int8 products through ``torch._int_mm`` (see
   ``kernels/gemm_cpu``), scaled once by ``2**-(s_a + s_b)``; 2-d convolutions forward and
   grad-input through oneDNN's int8 convolution (``kernels/conv_onednn``, no im2col buffer) on
-  CPUs where it is exact (VNNI or AMX; it saturates on AVX2-only ones).
+  CPUs where it is exact (VNNI or AMX; it saturates on AVX2-only ones). On CPUs without int8
+  dot products the 8-bit products run on our AVX2 kernel instead (``kernels/gemm_avx2``:
+  ``vpmaddwd`` GEMM, implicit-GEMM convolutions), every level above 8 bits is ``aten_wide``,
+  and ``exact=True`` takes the kernel's int16 products up to 12 bits.
   GEMMs at 9-14 bits take three int8 products (Karatsuba) with the passes around them fused
   (``kernels/scaled_mm_cpu``), exact and faster than FP32. Above 14 bits (four int8 products)
   and for 9-16 bit convolutions (three im2col GEMMs) the integer routes lose to FP32 on these
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from muppet_fx.kernels import amx_cpu, conv_onednn, gemm_cpu, scaled_mm_cpu
+from muppet_fx.kernels import amx_cpu, conv_onednn, gemm_avx2, gemm_cpu, scaled_mm_cpu
 from muppet_fx.kernels.quantise import is_dense, scale_pow2, scale_triton, triton_path
 from muppet_fx.kernels.quantise_cpu import dequantise_cpu, requantise_accumulator
 from muppet_fx.numerics import _triton_seed
@@ -54,9 +57,13 @@ def resolve_route(backend: str, device: torch.device, exact: bool = False) -> st
 def for_level(route: str, bits: int) -> str:
     """The route for one product at ``bits``: ``aten`` above 14 bits is ``aten_wide``
     (FP32 on the dequantised operands, see the module notes), and so at the levels where this
-    CPU's integer products lose to FP32 (:func:`gemm_cpu.int8_products_fast`: above 8 bits on
-    CPUs without int8 dot products, where the 8-bit products run on the AVX2 kernel)."""
-    return "aten_wide" if route == "aten" and (bits > 14 or not gemm_cpu.int8_products_fast(bits)) else route
+    CPU's integer products lose to FP32 (:func:`gemm_cpu.integer_products_fast`: above 8 bits on
+    CPUs without int8 dot products, where the 8-bit products run on the AVX2 kernel). There
+    ``aten_exact`` above 12 bits is ``aten_exact_wide``: the mantissas summed as exact floats,
+    faster than split integer products; up to 12 bits the AVX2 kernel's single product is exact."""
+    if route == "aten_exact" and bits > 12 and _avx2_narrow():
+        return "aten_exact_wide"
+    return "aten_wide" if route == "aten" and (bits > 14 or not gemm_cpu.integer_products_fast(bits)) else route
 
 
 def on_values(route: str, bits: int, conv: bool, x: Tensor | None = None) -> bool:
@@ -83,6 +90,14 @@ def _amx_narrow(a: Tensor) -> bool:
 
 
 AMX_NARROW_CHANNELS = 64
+
+
+def _avx2_narrow() -> bool:
+    """Whether exact 9-12 bit products run on the AVX2 kernel (CPUs without int8 dot products):
+    one ``vpmaddwd`` product of the int16 mantissas (``kernels/gemm_avx2``). :func:`for_level`
+    sends only ``exact=True`` products up to 12 bits there; wider mantissas make the kernel
+    decline, and the split-int8 products take them."""
+    return not gemm_cpu.fast_int8() and gemm_avx2.available()
 
 
 def dequantise(m: Tensor, s: Tensor, axis: int | None = None) -> Tensor:
@@ -157,7 +172,7 @@ def _mode(route: str, a: Tensor, b: Tensor) -> str:
     ints = a.dtype in (torch.int8, torch.int16) and b.dtype in (torch.int8, torch.int16)
     if route == "aten_wide" and ints:
         return "fp32"
-    if route == "aten_exact" and not gemm_cpu.int8_products_fast(8 if a.dtype == b.dtype == torch.int8 else 16):
+    if route == "aten_exact_wide" or route == "aten_exact" and not gemm_cpu.fast_int8() and not _avx2_narrow():
         return "float"  # exact float sums beat slow integer products
     return "int" if ints else "float"
 
@@ -175,12 +190,16 @@ def _exact_floats(route: str, mode: str) -> bool:
     3-d) run on the mantissas as floats wide enough to sum them exactly: on the exact routes
     (elsewhere FP32 products of the values; a depthwise grad-weight sums N*H*W products, which
     would mean float64 kernels) and for mantissas wider than int16."""
-    return mode == "float" or route in ("aten_exact", "triton_exact")
+    return mode == "float" or route in ("aten_exact", "aten_exact_wide", "triton_exact")
 
 
 def _scaled_int(a: Tensor, b: Tensor, e, bias: Tensor | None = None) -> Tensor:
     """float32 ``(a @ b) * 2**e (+ bias)`` on the integer kernels: the fused CPU kernel where it
     applies, else :func:`gemm_cpu.int_matmul` and a scaling pass."""
+    if (a.dtype == torch.int16 or b.dtype == torch.int16) and _avx2_narrow():
+        acc = gemm_avx2.narrow_mm(a, b)  # one product up to 12 bits
+        if acc is not None:
+            return _apply(acc, e, bias)
     y = scaled_mm_cpu.scaled_int_matmul(a, b, e, bias) if isinstance(e, int) else None
     return y if y is not None else _apply(gemm_cpu.int_matmul(a, b), e, bias)
 
@@ -304,7 +323,7 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
         if _use_onednn(mode, x_m, w_m, groups, e, x_m.shape[0] * math.prod(out_size), out_size[-1]):
             y = conv_onednn.conv2d(x_m, w_m, e, stride, padding, dilation)
             return (y if bias is None else y.add_(_along1(bias, y))), False
-        if x_m.dtype == torch.int16 and isinstance(e, int):  # three int8 products, combined in one C pass
+        if x_m.dtype == torch.int16 and isinstance(e, int) and not _avx2_narrow():  # three int8 products, one C pass
             y = gemm_cpu.conv_karatsuba_scaled(_fresh_int_conv(stride, padding, dilation), x_m, w_m, e, bias)
             if y is not None:
                 return y, False

@@ -88,7 +88,7 @@ def test_writes_into_out_and_declines_what_it_does_not_take():
     out = torch.full((9, 11), 7, dtype=torch.int32)
     assert gemm_avx2.int8_mm(a, b, out) is out and torch.equal(out.long(), _oracle(a, b))
     assert torch.equal(gemm_avx2.int8_mm(a[:, :0], b[:0]), torch.zeros(9, 11, dtype=torch.int32))
-    assert gemm_avx2.int8_mm(a.short(), b.short()) is None  # int16 mantissas: not this kernel
+    assert gemm_avx2.int8_mm(a.short(), b.short()) is None  # int16 mantissas: narrow_mm
     assert gemm_avx2.int8_mm(a, b[:29]) is None  # inner sizes differ
     assert gemm_avx2.int8_mm(a, b, torch.empty(9, 11, dtype=torch.int64)) is None
     long_a = torch.zeros(1, gemm_avx2.MAX_K + 1, dtype=torch.int8)
@@ -176,7 +176,7 @@ def test_grad_weight_sums_more_positions_than_int32_holds_in_parts():
 def test_conv_declines_what_it_does_not_take():
     x = torch.randint(-128, 128, (1, 4, 5, 5), dtype=torch.int8)
     w = torch.randint(-128, 128, (3, 4, 3, 3), dtype=torch.int8)
-    assert gemm_avx2.conv2d(x.short(), w.short(), 1, 1, 1) is None
+    assert gemm_avx2.conv2d(x.int(), w.int(), 1, 1, 1) is None  # int32 mantissas: not this kernel
     assert gemm_avx2.conv2d(x, w[:, :3], 1, 1, 1) is None  # channels differ
     assert gemm_avx2.conv2d(x, w, 1, 0, 3) is None  # an empty output
     assert gemm_avx2.conv2d_grad_weight(torch.zeros(1, 3, 4, 4, dtype=torch.int8), x, w.shape, 1, 1, 1) is None
@@ -197,3 +197,47 @@ def test_gemm_cpu_convolutions_take_the_implicit_gemm_only_without_int8_dot_prod
     assert torch.equal(y.long(), _conv_oracle(x, w, stride, padding, dilation))
     gw = gemm_cpu.conv_grad_weight(y.clamp(-128, 127).to(torch.int8), x, w.shape, stride, padding, dilation)
     assert gw.shape == w.shape and len(calls) == (0 if fast else 2)
+
+
+@pytest.mark.parametrize("a_kind", ["row", "col", "strided"])
+@pytest.mark.parametrize("b_kind", ["row", "col"])
+@pytest.mark.parametrize("M, N, K", [(7, 17, 33), (33, 200, 1300), (129, 5, 511), (40, 16, 5000)])
+def test_narrow_mm_is_exact_for_12_bit_mantissas(M, N, K, a_kind, b_kind):
+    """int16 mantissas up to 12 bits, extremes included: blocks of at most 510 steps summed in
+    int32 (255 pairs of 2 * 2048**2 < 2**31), the blocks in int64."""
+    a = torch.randint(-2048, 2049, (M, K), dtype=torch.int16)
+    b = torch.randint(-2048, 2049, (K, N), dtype=torch.int16)
+    a[0], b[:, 0] = -2048, -2048  # the largest sum: K * 2**22
+    got = gemm_avx2.narrow_mm(_layout(a, a_kind), _layout(b, b_kind))
+    assert got.dtype == torch.int64 and torch.equal(got, _oracle(a, b))
+    mixed = gemm_avx2.narrow_mm(_layout(a, a_kind), b.clamp(-128, 127).to(torch.int8))
+    assert torch.equal(mixed, _oracle(a, b.clamp(-128, 127)))
+
+
+@pytest.mark.parametrize("where", ["a", "b"])
+def test_narrow_mm_declines_wider_mantissas_wherever_they_are(where):
+    a = torch.randint(-2048, 2049, (20, 300), dtype=torch.int16)
+    b = torch.randint(-2048, 2049, (300, 40), dtype=torch.int16)
+    (a if where == "a" else b)[13, 17] = 2049
+    assert gemm_avx2.narrow_mm(a, b) is None
+    assert gemm_avx2.narrow_mm(a.t().contiguous().t(), b) is None  # the column-major packing checks too
+    (a if where == "a" else b)[13, 17] = -32768  # |m| = 32768: an unsigned comparison
+    assert gemm_avx2.narrow_mm(a, b) is None
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_implicit_conv_of_12_bit_mantissas_is_exact(name):
+    x, w, stride, padding, dilation = _conv_case(name, True)
+    x16 = (x.short() * 16).clamp(-2048, 2048)
+    w16 = (w.short() * 16).clamp(-2048, 2048)
+    got = gemm_avx2.conv2d(x16, w16, stride, padding, dilation)
+    want = _conv_oracle(x16, w16, stride, padding, dilation)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    g = torch.randint(-2048, 2049, want.shape, dtype=torch.int16).contiguous(memory_format=torch.channels_last)
+    gw = gemm_avx2.conv2d_grad_weight(g, x16, w.shape, stride, padding, dilation)
+    want_gw = torch.ops.aten.convolution_backward(g.double(), x16.double(), w16.double(), None, _pair(stride),
+                                                  _pair(padding), _pair(dilation), False, [0, 0], 1,
+                                                  [False, True, False])[1].long()
+    assert gw.dtype == torch.int64 and torch.equal(gw, want_gw)
+    x16[0, 0, 0, 0] = 4000
+    assert gemm_avx2.conv2d(x16, w16, stride, padding, dilation) is None

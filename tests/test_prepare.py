@@ -163,7 +163,7 @@ def test_summary_says_why_a_cpu_without_int8_dot_products_gains_no_speed(fast, a
     remark = "no int8 dot-product instructions"
     assert (remark in pm.summary()) == (not fast)
     assert ("FP32 on the dequantised operands" in pm.summary()) == (not fast)
-    assert ("8-bit products run on the AVX2 int8 kernel" in pm.summary()) == (avx2 and not fast)
+    assert ("8-bit products run on the AVX2 integer kernel" in pm.summary()) == (avx2 and not fast)
     exact = prepare(nn.Sequential(nn.Linear(4, 3)), ladder=(8, "fp32"), backend="aten", exact=True)
     assert ("as floats (exact)" in exact.summary()) == (not fast)
     assert remark not in prepare(nn.Sequential(nn.Linear(4, 3)), backend="emulate").summary()

@@ -131,10 +131,11 @@ def test_routes_at_16_bits(case, monkeypatch):
 @pytest.mark.parametrize("case", list(CASES))
 def test_cpus_without_int8_dot_products_keep_products_off_int_mm(case, avx2, monkeypatch):
     """Where ``torch._int_mm`` is slow (no VNNI/AMX), no product reaches it. Without the AVX2
-    kernel the default route computes in FP32 on the dequantised operands; with it, the 8-bit
-    products run there (exact integers). Both are bit-identical to emulate at 8 bits (exact on
-    these layers, see the module notes), and ``exact=True`` at 16 bits, which sums the mantissas
-    as floats, is bit-identical to the integer kernels."""
+    kernel the default route computes in FP32 on the dequantised operands; with it, the
+    8-bit products run there (exact integers). Both are bit-identical to emulate at 8 bits
+    (exact on these layers, see the module notes). ``exact=True`` is bit-identical to the
+    integer kernels: at 16 bits it sums the mantissas as floats, at 12 bits it takes the AVX2
+    kernel's int16 products where it has it."""
     from muppet_fx.kernels import gemm_avx2
 
     if avx2 and not gemm_avx2.available():
@@ -144,10 +145,11 @@ def test_cpus_without_int8_dot_products_keep_products_off_int_mm(case, avx2, mon
     x = inputs()
     monkeypatch.setattr(gemm_cpu, "fast_int8", lambda: True)  # the integer kernels, however slow here
     with_int8 = _run(make, x, "aten", 16, exact=True)
+    exact12 = _run(make, x, "aten", 12, exact=True)
     monkeypatch.setattr(gemm_cpu, "fast_int8", lambda: False)
     emulated = _run(make, x, "emulate", 8)
     calls = []
-    for name in ("int8_mm", "conv2d", "conv2d_grad_weight"):  # its GEMM and implicit-GEMM convolutions
+    for name in ("int8_mm", "narrow_mm", "conv2d", "conv2d_grad_weight"):  # its GEMMs and convolutions
         kernel = getattr(gemm_avx2, name)
         monkeypatch.setattr(gemm_avx2, name, lambda *a, k=kernel, **kw: calls.append(1) or k(*a, **kw))
     monkeypatch.setattr(gemm_avx2, "available", lambda: avx2)
@@ -162,7 +164,11 @@ def test_cpus_without_int8_dot_products_keep_products_off_int_mm(case, avx2, mon
     calls.clear()
     for g, w in zip(_run(make, x, "aten", 16, exact=True), with_int8):
         assert torch.equal(g, w)
-    assert not calls  # 9-16 bit products stay off the int8 kernel there
+    assert not calls  # 13-16 bit products stay off the AVX2 kernel
+    # exact=True at 12 bits: one int16 product on the AVX2 kernel, else exact float sums
+    for g, w in zip(_run(make, x, "aten", 12, exact=True), exact12):
+        assert torch.equal(g, w)
+    assert bool(calls) == avx2
 
 
 def test_fast_int8_follows_the_cpu_flags():
@@ -180,7 +186,9 @@ def test_fp32_product_convolutions_partial_gradients(frozen, monkeypatch):
     still agree with the exact route within 1e-3 relative L2, the frozen one gets none, and the
     one-call path did run."""
     from muppet_fx import routes
+    from muppet_fx.kernels import gemm_avx2
 
+    monkeypatch.setattr(gemm_avx2, "available", lambda: False)  # else 9-12 bits run on its integer kernel
     calls = []
     real = routes.conv_grads_on_values
     monkeypatch.setattr(routes, "conv_grads_on_values", lambda *a: (calls.append(a[-2:]), real(*a))[1])
