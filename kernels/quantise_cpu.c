@@ -110,6 +110,7 @@ QUANTISE_FN(quantise_i32, int32_t)
 DEQUANTISE_FN(dequantise_i8, int8_t)
 DEQUANTISE_FN(dequantise_i16, int16_t)
 DEQUANTISE_FN(dequantise_i32, int32_t) /* int32 accumulators: rounded to float32 as torch converts them */
+DEQUANTISE_FN(dequantise_i64, int64_t) /* int64 accumulators (split or 12-bit products): likewise */
 
 /* Output quantisation straight from an int32 GEMM accumulator: q = round(acc * 2**e * 2**s)
  * * 2**-s, where (float)acc is the value an FP32 epilogue would hold, so the result equals

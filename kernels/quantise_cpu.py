@@ -26,7 +26,8 @@ __all__ = ["quantise_cpu", "dequantise_cpu", "requantise_accumulator", "host_exp
            "remember_absmax"]
 
 _SOURCE = Path(__file__).with_name("quantise_cpu.c")
-_DEQ = {torch.int8: "dequantise_i8", torch.int16: "dequantise_i16", torch.int32: "dequantise_i32"}
+_DEQ = {torch.int8: "dequantise_i8", torch.int16: "dequantise_i16", torch.int32: "dequantise_i32",
+        torch.int64: "dequantise_i64"}
 _FN = {torch.int8: "quantise_i8", torch.int16: "quantise_i16", torch.int32: "quantise_i32"}
 _lib = None
 _FMAX = torch.finfo(torch.float32).max
@@ -135,8 +136,8 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
 
 
 def dequantise_cpu(m: torch.Tensor, e: int) -> torch.Tensor | None:
-    """float32 ``m * 2**e`` in one pass for a dense int8/int16/int32 CPU tensor (layout kept;
-    int32 values round to float32 as torch's conversion rounds them); ``None`` where the C
+    """float32 ``m * 2**e`` in one pass for a dense int8/int16/int32/int64 CPU tensor (layout
+    kept; int32 and int64 values round to float32 as torch's conversion rounds them); ``None`` where the C
     kernel does not apply. Casting and scaling with torch ops costs several times more on
     these dtypes (3-4x on a 2M-value int32 accumulator)."""
     lib = _library()

@@ -145,7 +145,8 @@ def _apply(acc: Tensor, e, bias: Tensor | None = None, axis: int | None = None) 
     ``bias`` (and a tensor ``e`` with ``axis``) runs along dimension 1."""
     if isinstance(e, int) and -126 <= e <= 126:
         scale = math.ldexp(1.0, e)
-        y = dequantise_cpu(acc, e) if bias is None and acc.dtype == torch.int32 and acc.device.type == "cpu" else None
+        y = dequantise_cpu(acc, e) if bias is None and acc.dtype in (torch.int32, torch.int64) \
+            and acc.device.type == "cpu" else None
         if y is not None:  # one C pass
             return y
         if bias is None:

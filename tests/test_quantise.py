@@ -304,16 +304,20 @@ def test_cpu_dequantise_exact_and_layout_kept(dtype, q):
         assert torch.equal(y, m.double().mul(2.0**e).float())
     assert dequantise_cpu(m, 127) is None and dequantise_cpu(m, -127) is None
     assert dequantise_cpu(m[:, :, ::2], 0) is None
-    assert dequantise_cpu(m.long(), 0) is None
+    assert dequantise_cpu(m.double(), 0) is None
 
 
-def test_cpu_dequantise_int32_accumulators_round_as_torch_converts():
-    """int32 GEMM accumulators beyond 2**24 round to float32 as ``Tensor.float()`` rounds them."""
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_cpu_dequantise_accumulators_round_as_torch_converts(dtype):
+    """int32 and int64 GEMM accumulators beyond 2**24 round to float32 as ``Tensor.float()``
+    rounds them (to nearest, ties to even)."""
     from muppet_fx.kernels.quantise_cpu import c_kernel_available, dequantise_cpu
     if not c_kernel_available():
         pytest.skip("no C compiler")
-    acc = torch.randint(-2**31, 2**31 - 1, (4, 6, 5, 7), dtype=torch.int32).contiguous(memory_format=torch.channels_last)
-    acc[0, 0, 0, 0] = -2**31
+    top = 2**31 if dtype == torch.int32 else 2**62
+    acc = torch.randint(-top, top - 1, (4, 6, 5, 7), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    acc[0, 0, 0, 0] = -top
+    acc[0, 0, 0, 1] = 2**25 + 2  # halfway between two float32 neighbours: rounds to the even one
     for e in (-40, 0, 3):
         y = dequantise_cpu(acc, e)
         assert y.is_contiguous(memory_format=torch.channels_last)
