@@ -246,9 +246,9 @@ def table_avx2(args):
             memory_format=torch.channels_last)
         w = torch.randint(-128, 128, (cout, cin, k, k), dtype=torch.int8)
         geo = ([s, s], [k // 2] * 2, [1, 1])
-        g = torch.randint(-128, 128, (args.batch, cout, (hw + 2 * (k // 2) - k) // s + 1,
-                                      (hw + 2 * (k // 2) - k) // s + 1), dtype=torch.int8
-                          ).contiguous(memory_format=torch.channels_last)
+        out = gemm_cpu._out_size(hw, k, s, k // 2, 1)
+        g = torch.randint(-128, 128, (args.batch, cout, out, out), dtype=torch.int8).contiguous(
+            memory_format=torch.channels_last)
         xf, wf, gf = x.float(), w.float(), g.float()
         t = interleaved({
             "fp32 fwd": lambda: F.conv2d(xf, wf, None, *geo),

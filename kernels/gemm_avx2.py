@@ -140,19 +140,16 @@ def _run(a: _Operand, b: _Operand, out: torch.Tensor, K: int) -> torch.Tensor | 
 
 def _geometry(x: torch.Tensor, kernel, stride, padding, dilation):
     """``(channels-last x, _Patches, OH, OW)``; ``None`` for an empty output."""
+    from .gemm_cpu import _out_size, _pair  # gemm_cpu imports this module
+
     x = x.contiguous(memory_format=torch.channels_last)  # a copy only for other layouts
     N, C, H, W = x.shape
-    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = (_pair(v) for v in (kernel, stride, padding, dilation))
-    OH, OW = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
-              zip((H, W), (KH, KW), (SH, SW), (PH, PW), (DH, DW)))
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = (_pair(v, 2) for v in (kernel, stride, padding, dilation))
+    OH, OW = _out_size(H, KH, SH, PH, DH), _out_size(W, KW, SW, PW, DW)
     if OH <= 0 or OW <= 0:
         return None
     g = _Patches(x.stride(0), x.stride(2), x.stride(3), C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW)
     return x, g, OH, OW
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
 
 
 def _conv_applies(x_m: torch.Tensor, weight_shape) -> bool:

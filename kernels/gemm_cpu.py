@@ -282,8 +282,8 @@ def conv_forward(x_m, w_m, stride, padding, dilation, mm=None, amx: bool = True)
     Operands up to 14 bits are split before im2col, so the patches stay int8. On AMX CPUs
     :func:`amx_cpu.conv_forward` takes what it covers (no im2col; a large int32 result lives in a
     reused buffer, as ``int_matmul``'s does)."""
-    if mm is None and not fast_int8() and (x_m.dtype == torch.int16 or w_m.dtype == torch.int16):
-        acc = gemm_avx2.conv2d(x_m, w_m, stride, padding, dilation)  # up to 12 bits: one product
+    if mm is None and not fast_int8():  # AVX2 implicit GEMM: int8, or int16 up to 12 bits in one product
+        acc = gemm_avx2.conv2d(x_m, w_m, stride, padding, dilation)
         if acc is not None:
             return acc
     planes = _narrow_planes(x_m, w_m)
@@ -296,10 +296,6 @@ def conv_forward(x_m, w_m, stride, padding, dilation, mm=None, amx: bool = True)
     if mm is None and amx:
         acc = amx_cpu.conv_forward(x_m, w_m, (sh, sw), (ph, pw), (dh, dw))
         if acc is not None:  # AMX tiles loaded straight from the (zero-bordered) input
-            return acc
-    if mm is None and not fast_int8():  # AVX2 implicit GEMM: patches gathered as they are packed
-        acc = gemm_avx2.conv2d(x_m, w_m, (sh, sw), (ph, pw), (dh, dw))
-        if acc is not None:
             return acc
     cols = im2col(x_m, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
     return _to_nchw(int_matmul(cols, _taps_last(w_m).t(), mm=mm), N, OH, OW)
@@ -377,9 +373,9 @@ def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None)
     CPUs for channels-last int8 inputs with 16k channels the implicit GEMM of
     :func:`amx_cpu.conv_grad_weight` (1.0-2.6x faster than im2col and ``torch._int_mm`` on
     ResNet's layers, measured)."""
-    if mm is None and not fast_int8() and (g_m.dtype == torch.int16 or x_m.dtype == torch.int16):
+    if mm is None and not fast_int8():  # AVX2: the patches gathered as the reduction is packed
         acc = gemm_avx2.conv2d_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
-        if acc is not None:  # up to 12 bits: one product
+        if acc is not None:
             return acc
     planes = _narrow_planes(g_m, x_m)
     if planes is not None:
@@ -389,9 +385,6 @@ def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None)
     if mm is None and g_m.dtype == torch.int8 and x_m.dtype == torch.int8:
         acc = amx_cpu.conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
         if acc is not None:  # AMX tiles filled straight from the input, no im2col matrix
-            return acc
-        acc = None if fast_int8() else gemm_avx2.conv2d_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
-        if acc is not None:  # AVX2: the patches gathered as the reduction is packed
             return acc
     cols = im2col(x_m, (kh, kw), stride, padding, dilation)
     g2d = g_m.permute(0, 2, 3, 1).reshape(-1, Cout)

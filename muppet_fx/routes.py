@@ -198,9 +198,7 @@ def _scaled_int(a: Tensor, b: Tensor, e, bias: Tensor | None = None) -> Tensor:
     """float32 ``(a @ b) * 2**e (+ bias)`` on the integer kernels: the fused CPU kernel where it
     applies, else :func:`gemm_cpu.int_matmul` and a scaling pass."""
     if (a.dtype == torch.int16 or b.dtype == torch.int16) and _avx2_narrow():
-        acc = gemm_avx2.narrow_mm(a, b)  # one product up to 12 bits
-        if acc is not None:
-            return _apply(acc, e, bias)
+        return _apply(gemm_cpu.int_matmul(a, b), e, bias)  # the AVX2 kernel's one product up to 12 bits
     y = scaled_mm_cpu.scaled_int_matmul(a, b, e, bias) if isinstance(e, int) else None
     return y if y is not None else _apply(gemm_cpu.int_matmul(a, b), e, bias)
 
