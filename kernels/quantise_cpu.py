@@ -23,7 +23,7 @@ from .cbuild import WIDE_VECTORS, load_c_library
 from .quantise import MAX_EXPONENT, dequantise_reference, is_dense, mantissa_dtype, quantise_reference
 
 __all__ = ["quantise_cpu", "dequantise_cpu", "requantise_accumulator", "host_exponent", "c_kernel_available",
-           "remember_absmax"]
+           "remember_absmax", "forget_absmax"]
 
 _SOURCE = Path(__file__).with_name("quantise_cpu.c")
 _DEQ = {torch.int8: "dequantise_i8", torch.int16: "dequantise_i16", torch.int32: "dequantise_i32",
@@ -72,6 +72,14 @@ def remember_absmax(t: torch.Tensor, top: int) -> None:
         t._muppet_absmax = (t._version, int(top))
     except RuntimeError:  # inference tensors keep no version counter
         pass
+
+
+def forget_absmax(t: torch.Tensor) -> torch.Tensor:
+    """Drop ``t``'s recorded absmax (:func:`remember_absmax`) and return ``t``. For tensors handed
+    to code that may write them without bumping the version counter: Inductor reuses a dead
+    buffer's tensor for a later kernel's output and writes it through its pointer."""
+    t._muppet_absmax = None
+    return t
 
 
 def _absmax_bits(lib, x: torch.Tensor, threads: int) -> int:
@@ -131,7 +139,7 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
         math.ldexp(1.0, -l), _FMAX, int(rounding == "stochastic"),
         (seed or 0) & (2**64 - 1), _ptr(noise), _ptr(m), _ptr(q), threads)
     if q is xc:  # overwritten in place by the kernel (no version bump): a recorded absmax no longer holds
-        xc._muppet_absmax = None
+        forget_absmax(xc)
     return m, torch.tensor(s, dtype=torch.int32), q, False
 
 

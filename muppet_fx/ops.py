@@ -507,8 +507,7 @@ def _wants_output_parts(site, input: Tensor, weight: Tensor) -> bool:
     st = site.state
     c = st.config
     return (site.feeds_batch_norm and c.compact_activations and c.quantise_outputs and st.fwd_bits <= 16
-            and torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
-            and not torch.compiler.is_compiling())
+            and torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
 
 
 def _leave_parts(site, y: Tensor, y_m: Tensor, y_s: Tensor, parts: bool) -> Tensor:

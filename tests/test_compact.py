@@ -293,6 +293,31 @@ def test_handed_over_mantissas_equal_a_fresh_quantisation_of_the_output(monkeypa
         assert torch.equal(m.float() * 2.0 ** -int(s), x)
 
 
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_handed_over_mantissas_dequantise_to_the_output_at_every_exponent(bits):
+    """The batch norm takes the parts unchecked (so the compiled graph needs no data-dependent
+    branch): at every exponent, subnormal outputs and values near float32's top included,
+    dequantising them gives the layer's output bit for bit; an overflowing output stays
+    non-finite."""
+    from muppet_fx.ops import quant_conv
+    from muppet_fx.routes import dequantise
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    exponents = set()
+    for k in range(-190, 131, 5):
+        net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        with torch.no_grad():
+            net[0].weight.mul_(2.0 ** k)
+        site = next(iter(prepare(net, ladder=(bits, "fp32"))._muppet_state.sites.values()))
+        y = quant_conv(site, x, net[0].weight, None, 1, 1, 1, 1).detach()
+        _, m, s = site.output_parts
+        exponents.add(int(s))
+        if torch.isfinite(y).all():
+            assert torch.equal(dequantise(m, s), y), (k, int(s))
+        else:
+            assert not torch.isfinite(dequantise(m, s)).all(), (k, int(s))
+    assert min(exponents) < -100 and max(exponents) > 140  # both ends of float32's scale were reached
+
+
 def test_no_mantissas_are_left_on_the_sites():
     """Without gradients none are written; with the batch norms in eval mode (stock batch
     norm) or at 24 bits they are released or never written."""
