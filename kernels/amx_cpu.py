@@ -77,15 +77,14 @@ def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride,
     if per_image * 128 * 128 >= 2**31:
         return None
     images = (2**31 - 1) // (128 * 128 * per_image)  # int32 sums stay exact over this many images
+    from .gemm_cpu import sum_in_image_parts, workspace  # gemm_cpu imports this module
+
     if N > images:  # exact int64 sum of int32 parts
-        step = -(-N // -(-N // images))  # equal parts
-        parts = [conv_grad_weight(g_m[i:i + step], x_m[i:i + step], weight_shape, stride, padding, dilation)
-                 for i in range(0, N, step)]
-        return None if parts[0] is None else sum(p.to(torch.int64) for p in parts)
+        return sum_in_image_parts(lambda g, x: conv_grad_weight(g, x, weight_shape, stride, padding, dilation),
+                                  g_m, x_m, images)
     no, nb = -(-Cout // 16), kh * kw * (C // 16)
     size = 16 * no * 16 * nb
     threads = torch.get_num_threads()
-    from .gemm_cpu import workspace  # gemm_cpu imports this module
 
     shared = size * 4 > _PARTIALS_BYTES
     partials = None if shared else workspace(threads * size, torch.int32, "amx_gw_partials")

@@ -209,10 +209,10 @@ def conv2d_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, strid
     if narrow and images == 0:
         return None
     if narrow and N > images:  # int32 sums stay exact over this many images: the rest in parts, added in int64
-        step = -(-N // -(-N // images))
-        parts = [conv2d_grad_weight(g_m[i:i + step], x_m[i:i + step], weight_shape, stride, padding, dilation)
-                 for i in range(0, N, step)]
-        return sum(p.to(torch.int64) for p in parts)
+        from .gemm_cpu import sum_in_image_parts  # gemm_cpu imports this module
+
+        return sum_in_image_parts(lambda g, x: conv2d_grad_weight(g, x, weight_shape, stride, padding, dilation),
+                                  g_m, x_m, images)
     a = g_m.permute(0, 2, 3, 1).reshape(N * per_image, Cout).t()  # G^T, a view for channels-last G
     out = torch.empty(Cout, kh * kw * C, dtype=torch.int32 if narrow else torch.int64)
     if _run(_operand(a), _operand(x, g), out, N * per_image) is None:

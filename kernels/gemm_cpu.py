@@ -227,6 +227,20 @@ def _out_size(H, k, s, p, d):
     return (H + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def sum_in_image_parts(grad_weight, g_m: torch.Tensor, x_m: torch.Tensor, images: int):
+    """``grad_weight(g, x)`` of a batch cut into equal parts of at most ``images`` images (so that
+    each part's int32 sums are exact), the parts added in int64; ``None`` if a part declines."""
+    N = x_m.shape[0]
+    step = -(-N // -(-N // images))
+    total = None
+    for i in range(0, N, step):
+        part = grad_weight(g_m[i:i + step], x_m[i:i + step])
+        if part is None:
+            return None
+        total = part.to(torch.int64) if total is None else total + part
+    return total
+
+
 def _karatsuba_bilinear(f, planes):
     """Exact bilinear ``f`` (a conv or a GEMM that is exact on int8 operands) of two operands up
     to 14 bits from three int8 evaluations: with ``m = 128 h + l``,
