@@ -48,9 +48,8 @@ typedef struct {
     const int8_t *g; int64_t gn, gc, gh, gw, Cout, OH, OW, M;
     int KH, KW, SH, SW, PH, PW, DH, DW;
     int64_t no, nb, ncb; /* output-channel blocks, B tiles (taps x channel blocks), channel blocks */
+    const int8_t *padv;  /* 64 bytes: what the input reads outside the image */
 } gw_problem;
-
-static const int8_t zeros64[64];
 
 /* The chunk's positions, located once per chunk (no divisions in the packers): goff = offset of
  * G[m, 0] (-1 past M), xoff = offset of X at tap (0, 0) of the position's window (the pixel may
@@ -142,10 +141,10 @@ static void gw_pack_b(const gw_problem *p, const gw_coords *cd, int64_t bt, int6
         51, 35, 19, 3, 50, 34, 18, 2, 49, 33, 17, 1, 48, 32, 16, 0);
     for (int r = 0; r < 16; r++) {
         const int64_t *o = offs + 4 * r;
-        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(o[0] >= 0 ? p->x + o[0] : zeros64)));
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(o[1] >= 0 ? p->x + o[1] : zeros64)), 1);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(o[2] >= 0 ? p->x + o[2] : zeros64)), 2);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(o[3] >= 0 ? p->x + o[3] : zeros64)), 3);
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(o[0] >= 0 ? p->x + o[0] : p->padv)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(o[1] >= 0 ? p->x + o[1] : p->padv)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(o[2] >= 0 ? p->x + o[2] : p->padv)), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(o[3] >= 0 ? p->x + o[3] : p->padv)), 3);
         _mm512_storeu_si512(dst + 64 * r, _mm512_permutexvar_epi8(order, v));
     }
 }
@@ -222,10 +221,12 @@ int amx_conv_grad_weight(const int8_t *x, int64_t N, int64_t C, int64_t H, int64
                          int64_t xc, int64_t xh, int64_t xw, const int8_t *g, int64_t Cout,
                          int64_t OH, int64_t OW, int64_t gn, int64_t gc, int64_t gh, int64_t gw,
                          int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW,
-                         int32_t *out, int32_t *partials, int8_t *pack, int threads) {
+                         int32_t *out, int32_t *partials, int8_t *pack, int pad, int threads) {
     if (C % 16 != 0 || xc != 1 || KH * KW > 64) return -1;
+    int8_t padv[64];
+    memset(padv, pad, sizeof padv);
     gw_problem p = {x, xn, xh, xw, C, H, W, g, gn, gc, gh, gw, Cout, OH, OW, N * OH * OW,
-                    KH, KW, SH, SW, PH, PW, DH, DW, (Cout + 15) / 16, (int64_t)KH * KW * (C / 16), C / 16};
+                    KH, KW, SH, SW, PH, PW, DH, DW, (Cout + 15) / 16, (int64_t)KH * KW * (C / 16), C / 16, padv};
     int64_t ld = 16 * p.nb, size = 16 * p.no * ld, chunks = (p.M + 64 * MB - 1) / (64 * MB);
     int64_t groups = gw_groups(&p);
     gw_coords *shared_coords = malloc(sizeof(gw_coords));
@@ -356,17 +357,17 @@ static void fw_store(int t, int32_t *out, int64_t ld, int64_t m, int64_t rows, i
 }
 
 /* Copies x (channels-last strides xn, xh, xw; channel stride 1) into xp [N, H + 2 PH, W + 2 PW, C]
- * with a zero border. */
+ * with a border of `pad` bytes. */
 static void fw_pad(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xn, int64_t xh,
-                   int64_t xw, int PH, int PW, int8_t *xp, int threads) {
+                   int64_t xw, int PH, int PW, int8_t *xp, int pad, int threads) {
     int64_t Hp = H + 2 * PH, Wp = W + 2 * PW;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t row = 0; row < N * Hp; row++) {
         int64_t n = row / Hp, ih = row % Hp - PH;
         int8_t *d = xp + row * Wp * C;
-        if (ih < 0 || ih >= H) { memset(d, 0, Wp * C); continue; }
-        memset(d, 0, PW * C);
-        memset(d + (PW + W) * C, 0, PW * C);
+        if (ih < 0 || ih >= H) { memset(d, pad, Wp * C); continue; }
+        memset(d, pad, PW * C);
+        memset(d + (PW + W) * C, pad, PW * C);
         const int8_t *src = x + n * xn + ih * xh;
         if (xw == C) memcpy(d + PW * C, src, W * C);
         else for (int64_t iw = 0; iw < W; iw++) memcpy(d + (PW + iw) * C, src + iw * xw, C);
@@ -381,7 +382,7 @@ int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W
                      int64_t xc, int64_t xh, int64_t xw, const int8_t *w, int64_t Cout, int64_t wo,
                      int64_t wc, int64_t wh, int64_t ww, int64_t OH, int64_t OW, int KH, int KW,
                      int SH, int SW, int PH, int PW, int DH, int DW, int32_t *out, int8_t *xp,
-                     int8_t *wpack, float scale, uint32_t *amax, int threads) {
+                     int8_t *wpack, float scale, uint32_t *amax, int pad, int threads) {
     if (C % 16 != 0 || xc != 1) return -1;
     uint32_t top = 0;
     int64_t P = C % 64 == 0 ? 64 : (C < 64 ? C : 16), R = OW < 16 ? OW : 16;
@@ -391,7 +392,7 @@ int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W
     int64_t taps = (int64_t)KH * KW, wtile = 16 * P, nseg = N * OH * p.segs;
     int64_t kparts = taps * p.npc;                 /* (tap, piece) steps of the reduction */
     int64_t tasks = ((nseg + 1) / 2) * ((p.no + 1) / 2);
-    fw_pad(x, N, C, H, W, xn, xh, xw, PH, PW, xp, threads);
+    fw_pad(x, N, C, H, W, xn, xh, xw, PH, PW, xp, pad, threads);
     #pragma omp parallel num_threads(threads) reduction(max : top)
     {
         #pragma omp for schedule(static)
@@ -443,8 +444,8 @@ int amx_conv_grad_weight(const int8_t *x, int64_t N, int64_t C, int64_t H, int64
                          int64_t xc, int64_t xh, int64_t xw, const int8_t *g, int64_t Cout,
                          int64_t OH, int64_t OW, int64_t gn, int64_t gc, int64_t gh, int64_t gw,
                          int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW,
-                         int32_t *out, int32_t *partials, int8_t *pack, int threads) {
-    (void)x; (void)N; (void)C; (void)H; (void)W; (void)xn; (void)xc; (void)xh; (void)xw; (void)g;
+                         int32_t *out, int32_t *partials, int8_t *pack, int pad, int threads) {
+    (void)pad; (void)x; (void)N; (void)C; (void)H; (void)W; (void)xn; (void)xc; (void)xh; (void)xw; (void)g;
     (void)Cout; (void)OH; (void)OW; (void)gn; (void)gc; (void)gh; (void)gw; (void)KH; (void)KW;
     (void)SH; (void)SW; (void)PH; (void)PW; (void)DH; (void)DW; (void)out; (void)partials;
     (void)pack; (void)threads;
@@ -454,8 +455,8 @@ int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W
                      int64_t xc, int64_t xh, int64_t xw, const int8_t *w, int64_t Cout, int64_t wo,
                      int64_t wc, int64_t wh, int64_t ww, int64_t OH, int64_t OW, int KH, int KW,
                      int SH, int SW, int PH, int PW, int DH, int DW, int32_t *out, int8_t *xp,
-                     int8_t *wpack, float scale, uint32_t *amax, int threads) {
-    (void)x; (void)xp; (void)scale; (void)amax; (void)N; (void)C; (void)H; (void)W; (void)xn; (void)xc; (void)xh; (void)xw; (void)w;
+                     int8_t *wpack, float scale, uint32_t *amax, int pad, int threads) {
+    (void)pad; (void)x; (void)xp; (void)scale; (void)amax; (void)N; (void)C; (void)H; (void)W; (void)xn; (void)xc; (void)xh; (void)xw; (void)w;
     (void)Cout; (void)wo; (void)wc; (void)wh; (void)ww; (void)OH; (void)OW; (void)KH; (void)KW;
     (void)SH; (void)SW; (void)PH; (void)PW; (void)DH; (void)DW; (void)out; (void)wpack; (void)threads;
     return -1;

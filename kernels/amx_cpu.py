@@ -29,9 +29,9 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "amx_available": (ctypes.c_int, []),
     "amx_conv_forward": (ctypes.c_int, [_P] + [_I64] * 8 + [_P] + [_I64] * 7 + [ctypes.c_int] * 8
-                         + [_P, _P, _P, ctypes.c_float, _P, ctypes.c_int]),
+                         + [_P, _P, _P, ctypes.c_float, _P, ctypes.c_int, ctypes.c_int]),
     "amx_conv_grad_weight": (ctypes.c_int, [_P] + [_I64] * 8 + [_P] + [_I64] * 7 + [ctypes.c_int] * 8
-                             + [_P, _P, _P, ctypes.c_int]),
+                             + [_P, _P, _P, ctypes.c_int, ctypes.c_int]),
 }
 _MB = 16  # position blocks of 64 per chunk (``MB`` in the C source)
 _PARTIALS_BYTES = 1 << 20  # outputs up to this size: one partial sum per thread, else shared chunks
@@ -55,15 +55,17 @@ def available() -> bool:
     return _library() is not None
 
 
-def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride, padding, dilation
-                     ) -> torch.Tensor | None:
+def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride, padding, dilation,
+                     pad: int = 0) -> torch.Tensor | None:
     """Exact integer weight gradient ``[Cout, C, kh, kw]`` of a 2-d convolution (``groups == 1``)
     from int8 output-gradient and input mantissas (int32; int64 where the batch is summed in
     parts), or ``None`` where the kernel does not apply: no AMX, other dtypes, ``C`` not a
     multiple of 16, more than 64 kernel taps (other layouts than channels-last are copied).
 
     The patches are gathered from the input into tile layout as the tiles are filled, so no
-    im2col matrix is written; sums run in int32 over as many images as cannot overflow it."""
+    im2col matrix is written; sums run in int32 over as many images as cannot overflow it.
+    ``pad``: the value the input takes outside the image (0 for a convolution's zero padding;
+    a digit plane of a split operand has its own, see ``gemm_cpu.conv_wide_scaled``)."""
     lib = _library()
     Cout, C, kh, kw = weight_shape
     stride, padding, dilation = _pairs(stride, padding, dilation)
@@ -80,7 +82,7 @@ def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride,
     from .gemm_cpu import sum_in_image_parts, workspace  # gemm_cpu imports this module
 
     if N > images:  # exact int64 sum of int32 parts
-        return sum_in_image_parts(lambda g, x: conv_grad_weight(g, x, weight_shape, stride, padding, dilation),
+        return sum_in_image_parts(lambda g, x: conv_grad_weight(g, x, weight_shape, stride, padding, dilation, pad),
                                   g_m, x_m, images)
     no, nb = -(-Cout // 16), kh * kw * (C // 16)
     size = 16 * no * 16 * nb
@@ -94,7 +96,7 @@ def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride,
     rc = lib.amx_conv_grad_weight(
         x_m.data_ptr(), N, C, H, W, xs[0], xs[1], xs[2], xs[3], g_m.data_ptr(), Cout, OH, OW,
         gs[0], gs[1], gs[2], gs[3], kh, kw, *stride, *padding, *dilation, out.data_ptr(),
-        None if partials is None else partials.data_ptr(), pack.data_ptr(), threads)
+        None if partials is None else partials.data_ptr(), pack.data_ptr(), pad, threads)
     if rc != 0:
         return None
     return out[:Cout].view(Cout, kh, kw, C).permute(0, 3, 1, 2)
@@ -115,13 +117,14 @@ def conv_applies(x_m: torch.Tensor, w_m: torch.Tensor, out_width: int) -> bool:
 
 
 def conv_forward(x_m: torch.Tensor, w_m: torch.Tensor, stride, padding, dilation, reuse: bool = True,
-                 scale_exp: int | None = None, with_absmax: bool = False):
+                 scale_exp: int | None = None, with_absmax: bool = False, pad: int = 0):
     """Exact int32 ``conv2d(x_m, w_m)`` (``groups == 1``) from int8 mantissas, channels-last
     ``[N, Cout, OH, OW]``, or ``None`` where :func:`conv_applies` says no. With ``reuse`` the
     result lives in a reused buffer (consume it before the next call), else in a new tensor
     the caller owns. With ``scale_exp`` (a normal float32 power of two) the result is float32
     ``acc * 2**scale_exp``, converted as each tile is stored. ``with_absmax``: returns
-    ``(result, max |acc|)``, the maximum gathered as each tile is stored."""
+    ``(result, max |acc|)``, the maximum gathered as each tile is stored. ``pad``: the value
+    the input takes outside the image, as in :func:`conv_grad_weight`."""
     stride, padding, dilation = _pairs(stride, padding, dilation)
     N, C, H, W = x_m.shape
     Cout, _, kh, kw = w_m.shape
@@ -145,7 +148,7 @@ def conv_forward(x_m: torch.Tensor, w_m: torch.Tensor, stride, padding, dilation
     rc = _library().amx_conv_forward(
         x_m.data_ptr(), N, C, H, W, xs[0], xs[1], xs[2], xs[3], w_m.data_ptr(), Cout, ws[0], ws[1], ws[2], ws[3],
         OH, OW, kh, kw, *stride, *padding, *dilation, out.data_ptr(), xp.data_ptr(), wpack.data_ptr(),
-        0.0 if scale_exp is None else math.ldexp(1.0, scale_exp), ctypes.byref(top), torch.get_num_threads())
+        0.0 if scale_exp is None else math.ldexp(1.0, scale_exp), ctypes.byref(top), pad, torch.get_num_threads())
     if rc != 0:
         return None
     out = out.view(N, OH, OW, Cout).permute(0, 3, 1, 2)

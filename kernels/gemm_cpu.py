@@ -15,8 +15,9 @@ scale ``2**-(s_a + s_b)``.
 Convolutions with ``groups == 1`` lower to these GEMMs by im2col on the int8/int16 mantissas
 (never on FP32 data; the AMX and AVX2 kernels gather the patches without an im2col matrix); grad-input of a stride-1 convolution is the convolution of the gradient
 with the flipped, transposed kernel, strided ones one such convolution per phase of the input
-positions; grad-weight is ``G^T @ cols``. ``*_reference`` functions compute the same integers
-in int64 with plain torch.
+positions; grad-weight is ``G^T @ cols``. On AMX CPUs the 15-16 bit convolutions take the four
+digit products on the tiles, with no im2col matrix (:func:`conv_digits_scaled`).
+``*_reference`` functions compute the same integers in int64 with plain torch.
 """
 from __future__ import annotations
 
@@ -290,6 +291,86 @@ def conv_karatsuba_scaled(conv, a16: torch.Tensor, b16: torch.Tensor, e: int, bi
     return None if mid is None else scaled_mm_cpu.combine_karatsuba(hh, mid, ll, e, bias)
 
 
+# 15-16 bit convolutions on AMX. Each int16 operand splits as m = 256 h + l + 128 (int8 digit
+# planes, scaled_mm_cpu.split_digits), so a product is four int8 ones plus the offsets' terms:
+#   sum m_a m_b = 65536 HH + 256 (HL + LH) + LL + 128 (sum m_a - 128 K) + 128 (sum m_b - 128 K) + 16384 K
+# over a reduction of K pairs, as in int_matmul. A zero-padded input position (m = 0) has h = 0 and
+# l = -128, so the kernels read -128 outside the image in the l plane (their ``pad``), and the window
+# sums of m over the padded input give the first offset term.
+def conv_digits_scaled(conv, x16: torch.Tensor, w16: torch.Tensor, stride, padding, dilation, e: int, bias=None):
+    """float32 ``conv2d(x16, w16) * 2**e (+ bias)`` for int16 mantissas of any width (used above
+    14 bits, where the three-product split does not fit): four int8 convolutions of the digit
+    planes, combined with the offsets' terms exactly in int64 by one C pass and rounded once.
+    ``conv(a8, b8, pad)`` returns a channels-last int32 tensor of its own, reading ``pad``
+    outside the image, or ``None``; so does this function where it does not apply."""
+    from . import scaled_mm_cpu  # it imports this module
+
+    xs, ws = _digits_with_sums(x16, "dx", "positions"), scaled_mm_cpu.split_digits(w16, "dw")
+    if xs is None or ws is None:
+        return None
+    (xh, xl, position_sums), (wh, wl) = xs, ws
+    parts = []
+    for a, b, pad in ((xh, wh, 0), (xh, wl, 0), (xl, wh, -128), (xl, wl, -128)):
+        y = conv(a, b, pad)
+        if y is None:
+            return None
+        parts.append(y)
+    K = w16[0].numel()
+    ones = torch.ones((1, 1, *w16.shape[2:]), dtype=torch.float64)
+    N, _, H, W = x16.shape
+    window = F.conv2d(position_sums.view(N, 1, H, W).double(), ones, None, stride, padding, dilation)
+    rc = 128 * (window.to(torch.int64) - 128 * K)  # exact: |window sum| < 2**53
+    cc = 128 * (w16.sum((1, 2, 3), dtype=torch.int64) - 128 * K) + 16384 * K
+    return scaled_mm_cpu.combine_digits(*parts, rc.reshape(-1), cc, e, bias)
+
+
+def _digits_with_sums(t: torch.Tensor, tag: str, sums: str):
+    """``scaled_mm_cpu.split_digits(t, tag, sums)``, with the sums from torch where the one-pass
+    split does not take ``t`` (not channels-last): slower, the same integers."""
+    from . import scaled_mm_cpu  # it imports this module
+
+    got = scaled_mm_cpu.split_digits(t, tag, sums)
+    if got is not None or t.dim() != 4:
+        return got
+    planes = scaled_mm_cpu.split_digits(t, tag)
+    if planes is None:
+        return None
+    total = {"positions": lambda: t.sum(1, dtype=torch.int64).reshape(-1),
+             "images": lambda: t.sum(0, dtype=torch.int64).permute(1, 2, 0),
+             "channels": lambda: t.sum((0, 2, 3), dtype=torch.int64)}[sums]()
+    return (*planes, total)
+
+
+def _grad_weight_digits(g16, x16, weight_shape, stride, padding, dilation):
+    """int64 weight gradient of a 15-16 bit convolution from four AMX products of the digit
+    planes (see ``conv_digits_scaled``), or ``None`` where the AMX kernel does not apply."""
+    from . import scaled_mm_cpu  # it imports this module
+
+    Cout, C, kh, kw = weight_shape
+    if not amx_cpu.available() or C % 16 or x16.dim() != 4:
+        return None
+    gs, xs = _digits_with_sums(g16, "dg", "channels"), _digits_with_sums(x16, "dx", "images")
+    if gs is None or xs is None:
+        return None
+    (gh, gl, channel_sums), (xh, xl, image_sums) = gs, xs
+    acc = None
+    for a, b, pad, scale in ((gh, xh, 0, 65536), (gh, xl, -128, 256), (gl, xh, 0, 256), (gl, xl, -128, 1)):
+        part = amx_cpu.conv_grad_weight(a, b, weight_shape, stride, padding, dilation, pad)
+        if part is None:
+            return None
+        part = part.to(torch.int64) * scale
+        acc = part if acc is None else acc.add_(part)
+    (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
+    OH, OW = g16.shape[2:]
+    M = g16.shape[0] * OH * OW
+    per_image = F.pad(image_sums.permute(2, 0, 1), (pw, pw, ph, ph))  # [C, H + 2 ph, W + 2 pw]
+    taps = torch.stack([per_image[:, i * dh:i * dh + sh * (OH - 1) + 1:sh, j * dw:j * dw + sw * (OW - 1) + 1:sw]
+                        .sum((1, 2)) for i in range(kh) for j in range(kw)], 1).view(C, kh, kw)
+    rows = 128 * (channel_sums - 128 * M)
+    cols = 128 * (taps - 128 * M) + 16384 * M
+    return acc.add_(rows.view(Cout, 1, 1, 1)).add_(cols.unsqueeze(0))
+
+
 def conv_forward(x_m, w_m, stride, padding, dilation, mm=None, amx: bool = True) -> torch.Tensor:
     """Exact integer ``conv2d(x_m, w_m)`` (groups 1): int32/int64, channels-last NCHW.
 
@@ -399,6 +480,10 @@ def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None)
     if mm is None and g_m.dtype == torch.int8 and x_m.dtype == torch.int8:
         acc = amx_cpu.conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
         if acc is not None:  # AMX tiles filled straight from the input, no im2col matrix
+            return acc
+    if mm is None and g_m.dtype == torch.int16 and x_m.dtype == torch.int16:
+        acc = _grad_weight_digits(g_m, x_m, weight_shape, stride, padding, dilation)
+        if acc is not None:  # 15-16 bits: four products of digit planes on the AMX tiles
             return acc
     cols = im2col(x_m, (kh, kw), stride, padding, dilation)
     g2d = g_m.permute(0, 2, 3, 1).reshape(-1, Cout)

@@ -4,6 +4,11 @@
  *   |h| <= 64 and |h + l| <= 127. Writes h, l and s = h + l as int8 (the three Karatsuba
  *   operands) in one pass; returns 1 (and leaves the outputs undefined) if some |m| > 8191.
  * split256_i16: m = 256 h + l + 128 with h = m >> 8, l = (m & 255) - 128, both int8.
+ * split256_sums_i16: the same for m viewed as [rows, cols] (a channels-last map: positions x
+ *   channels), also writing the exact sums the digit products' offset terms need: rowsum[r] =
+ *   sum over the row, and fold[(r mod period), c] = sum of m[r, c] over the rows r of one
+ *   residue (period = positions per image: sums over the batch; period = 1: column sums).
+ *   Either output may be NULL; fold needs nthreads * period * cols int64 of scratch.
  * combine_i32: the exact integer product from 1, 3 or 4 int32 accumulators ([rows, cols],
  *   contiguous), formed in int64, converted to float once (round to nearest even), scaled by a
  *   power of two (exact) and added to an optional per-column float bias:
@@ -14,6 +19,7 @@
  *   chunk's v in the int64 `carry`, stage 2 adds a later one, stage 3 adds the last one and
  *   writes the output; stage 0 is a single chunk.
  */
+#include <omp.h>
 #include <stdint.h>
 
 /* Small inputs get a team of one through num_threads rather than an if clause: GCC's if(false)
@@ -41,6 +47,46 @@ void split256_i16(const int16_t *m, int64_t n, int8_t *h, int8_t *l, int nthread
         int32_t v = m[i];
         h[i] = (int8_t)(v >> 8);
         l[i] = (int8_t)((v & 255) - 128);
+    }
+}
+
+void split256_sums_i16(const int16_t *m, int64_t rows, int64_t cols, int64_t period, int8_t *h, int8_t *l,
+                       int64_t *rowsum, int64_t *fold, int64_t *scratch, int nthreads) {
+    int team = rows * cols > PAR_MIN ? nthreads : 1;
+    int64_t size = period * cols;
+#pragma omp parallel num_threads(team)
+    {
+        int64_t *part = fold ? scratch + (int64_t)omp_get_thread_num() * size : 0;
+        if (part)
+            for (int64_t i = 0; i < size; ++i) part[i] = 0;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+            const int16_t *src = m + r * cols;
+            int8_t *hr = h + r * cols, *lr = l + r * cols;
+            int64_t *f = part ? part + (r % period) * cols : 0;
+            int32_t total = 0;  /* |sum| <= 32768 cols: the callers keep cols below 65536 */
+#pragma omp simd reduction(+ : total)
+            for (int64_t c = 0; c < cols; ++c) {
+                int32_t v = src[c];
+                hr[c] = (int8_t)(v >> 8);
+                lr[c] = (int8_t)((v & 255) - 128);
+                total += v;
+            }
+            if (rowsum) rowsum[r] = total;
+            if (f) {
+#pragma omp simd
+                for (int64_t c = 0; c < cols; ++c) f[c] += src[c];
+            }
+        }
+        if (part) {
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < size; ++i) {
+                int64_t t = 0;
+                for (int k = 0; k < omp_get_num_threads(); ++k) t += scratch[(int64_t)k * size + i];
+                fold[i] = t;
+            }
+        }
     }
 }
 

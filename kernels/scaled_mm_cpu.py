@@ -22,12 +22,13 @@ import torch
 from .cbuild import bound_library
 from .gemm_cpu import CHUNK, gemm_layout, int8_mm, workspace
 
-__all__ = ["scaled_int_matmul", "split_karatsuba", "combine_karatsuba"]
+__all__ = ["scaled_int_matmul", "split_karatsuba", "combine_karatsuba", "split_digits", "combine_digits"]
 
 _P = ctypes.c_void_p
 _SIGNATURES = {
     "split128_i16": (ctypes.c_int, [_P, ctypes.c_int64, _P, _P, _P, ctypes.c_int]),
     "split256_i16": (None, [_P, ctypes.c_int64, _P, _P, ctypes.c_int]),
+    "split256_sums_i16": (None, [_P] + [ctypes.c_int64] * 3 + [_P] * 5 + [ctypes.c_int]),
     "combine_i32": (None, [ctypes.c_int] + [_P] * 6 + [ctypes.c_int64] * 2
                     + [_P, ctypes.c_int, ctypes.c_float, _P, _P, ctypes.c_int]),
 }
@@ -131,6 +132,58 @@ def split_karatsuba(t: torch.Tensor, tag: str):
         return None
     planes = _split(lib, t, tag, karatsuba=True)
     return False if planes is None else planes
+
+
+def split_digits(t: torch.Tensor, tag: str, sums: str | None = None):
+    """``(h, l)`` int8 planes of int16 mantissas with ``t = 256 h + l + 128`` (every int16 value;
+    laid out like ``t``, in reused buffers named by ``tag``), written by one C pass; ``None``
+    where the pass does not apply (no C compiler, not a dense CPU int16 tensor). ``sums`` (a
+    channels-last map ``[N, C, H, W]`` only) adds, from the same pass, the exact int64 sums the
+    offset terms of the digit products need: ``"positions"``, over the channels at each position
+    (``[N * H * W]``); ``"images"``, over the batch (``[H, W, C]``); ``"channels"``, over all
+    positions (``[C]``)."""
+    lib = _library()
+    if lib is None or t.dtype != torch.int16 or t.device.type != "cpu" or not _dense_any_order(t) or t.numel() == 0:
+        return None
+    if sums is None:
+        return _split(lib, t, tag, karatsuba=False)
+    if t.dim() != 4 or not t.is_contiguous(memory_format=torch.channels_last) or t.shape[1] >= 65536:
+        return None
+    N, C, H, W = t.shape
+    h, l = _planes(t, (f"{tag}h", f"{tag}l"))
+    rows = N * H * W
+    period = {"positions": 1, "images": H * W, "channels": 1}[sums]
+    threads = torch.get_num_threads()
+    rowsum = torch.empty(rows, dtype=torch.int64) if sums == "positions" else None
+    fold = torch.empty(period * C, dtype=torch.int64) if sums != "positions" else None
+    scratch = workspace(threads * period * C, torch.int64, "digit_sums") if fold is not None else None
+    ptr = lambda x: None if x is None else x.data_ptr()  # noqa: E731
+    lib.split256_sums_i16(t.data_ptr(), rows, C, period, h.data_ptr(), l.data_ptr(), ptr(rowsum), ptr(fold),
+                          ptr(scratch), threads)
+    return h, l, (rowsum if fold is None else fold.view(H, W, C) if sums == "images" else fold)
+
+
+def combine_digits(hh, hl, lh, ll, rc: torch.Tensor, cc: torch.Tensor, e: int, bias: torch.Tensor | None = None):
+    """float32 ``(65536 hh + 256 (hl + lh) + ll + rc[row] + cc[col]) * 2**e (+ bias[col])`` for
+    four int32 accumulators laid out alike (dense, channels fastest: ``[rows, cols]`` in memory)
+    and int64 corrections, formed exactly in int64 and rounded once; ``None`` where it does
+    not apply."""
+    lib = _library()
+    if (lib is None or not -126 <= e <= 126 or hh.dim() != 4 or hh.stride(1) != 1
+            or any(t.dtype != torch.int32 or t.stride() != hh.stride() for t in (hh, hl, lh, ll))):
+        return None
+    cols = hh.shape[1]
+    rows = hh.numel() // cols
+    rc, cc = rc.to(torch.int64).contiguous(), cc.to(torch.int64).contiguous()
+    if rc.numel() != rows or cc.numel() != cols:
+        return None
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+    out = torch.empty_like(hh, dtype=torch.float32)
+    lib.combine_i32(4, hh.data_ptr(), hl.data_ptr(), lh.data_ptr(), ll.data_ptr(), rc.data_ptr(), cc.data_ptr(),
+                    rows, cols, None, 0, math.ldexp(1.0, e), None if bias is None else bias.data_ptr(),
+                    out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def _dense_any_order(t: torch.Tensor) -> bool:

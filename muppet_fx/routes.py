@@ -72,7 +72,8 @@ def on_values(route: str, bits: int, conv: bool, x: Tensor | None = None) -> boo
     convolutions of an input ``x`` the AMX kernels take, see :func:`_amx_narrow`): its
     quantisers can then write those values in the pass that writes the mantissas. ``route``
     as :func:`for_level` returns it."""
-    if conv and route == "aten" and 8 < bits <= 14 and x is not None and _amx_narrow(x):
+    if conv and x is not None and (route == "aten" and 8 < bits <= 14 and _amx_narrow(x)
+                                   or route == "aten_wide" and 14 < bits <= 16 and _amx_digits(x)):
         return False
     return route == "emulate" or route == "aten_wide" and bits <= 16 or 8 < bits <= 16 and conv and route == "aten"
 
@@ -90,6 +91,19 @@ def _amx_narrow(a: Tensor) -> bool:
 
 
 AMX_NARROW_CHANNELS = 64
+
+
+def _amx_digits(a: Tensor) -> bool:
+    """Whether a 15-16 bit convolution whose activation operand is ``a`` runs as four exact int8
+    products of digit planes (``gemm_cpu.conv_digits_scaled``) rather than in FP32: as
+    :func:`_amx_narrow`, on maps at least ``AMX_DIGITS_WIDTH`` wide. On ResNet-18's layers the
+    four AMX products took 0.5-0.6x FP32's time at 64 channels on 32x32 and 128 on 16x16, 1.0x
+    at 256 on 8x8; at 4x4 the AMX kernel does not apply. Each product decides from its own
+    operand (a strided layer's backward may run in FP32 on the dequantised operands)."""
+    return _amx_narrow(a) and a.shape[1] >= AMX_DIGITS_CHANNELS and a.shape[-1] >= AMX_DIGITS_WIDTH
+
+
+AMX_DIGITS_CHANNELS, AMX_DIGITS_WIDTH = 128, 16
 
 
 def _avx2_narrow() -> bool:
@@ -181,8 +195,9 @@ def _mode(route: str, a: Tensor, b: Tensor) -> str:
 def _conv_mode(route: str, a: Tensor, b: Tensor) -> str:
     """As :func:`_mode`; ``aten`` convolutions of int16 operands run in FP32 (see the notes)
     unless the AMX kernels take them (:func:`_amx_narrow` of the activation operand ``a``)."""
-    if route == "aten" and (a.dtype == torch.int16 or b.dtype == torch.int16):
-        return "int" if a.dtype == b.dtype == torch.int16 and _amx_narrow(a) else "fp32"
+    if route in ("aten", "aten_wide") and (a.dtype == torch.int16 or b.dtype == torch.int16):
+        take = _amx_narrow if route == "aten" else _amx_digits
+        return "int" if a.dtype == b.dtype == torch.int16 and take(a) else "fp32"
     return _mode(route, a, b)
 
 
@@ -322,8 +337,8 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
         if _use_onednn(mode, x_m, w_m, groups, e, x_m.shape[0] * math.prod(out_size), out_size[-1]):
             y = conv_onednn.conv2d(x_m, w_m, e, stride, padding, dilation)
             return (y if bias is None else y.add_(_along1(bias, y))), False
-        if x_m.dtype == torch.int16 and isinstance(e, int) and not _avx2_narrow():  # three int8 products, one C pass
-            y = gemm_cpu.conv_karatsuba_scaled(_fresh_int_conv(stride, padding, dilation), x_m, w_m, e, bias)
+        if x_m.dtype == torch.int16 and isinstance(e, int) and not _avx2_narrow():  # three or four int8 products
+            y = _int16_conv_scaled(x_m, w_m, stride, padding, dilation, e, bias)
             if y is not None:
                 return y, False
         fuse = quantise_output is not None and bias is None and isinstance(e, int) and x_m.device.type == "cpu"
@@ -387,24 +402,33 @@ def conv_grads_on_values(g, x_m, x_s, w_m, w_s, w_axis, stride, padding, dilatio
 
 
 def _fresh_int_conv(stride, padding, dilation):
-    """``conv(a8, b8)``: the exact int32 convolution of int8 mantissas in a channels-last tensor
-    of its own (AMX, else im2col and a copy), or ``None`` (an int64 result)."""
-    def conv(a, b):
-        y = amx_cpu.conv_forward(a, b, stride, padding, dilation, reuse=False)
-        if y is None:
+    """``conv(a8, b8, pad=0)``: the exact int32 convolution of int8 mantissas in a channels-last
+    tensor of its own (AMX, else im2col and a copy), or ``None`` (an int64 result); ``pad``, the
+    value ``a`` takes outside the image, only on AMX."""
+    def conv(a, b, pad=0):
+        y = amx_cpu.conv_forward(a, b, stride, padding, dilation, reuse=False, pad=pad)
+        if y is None and pad == 0:
             y = gemm_cpu.conv_forward(a, b, stride, padding, dilation, amx=False)
             y = y.clone(memory_format=torch.channels_last) if y.dtype == torch.int32 else None
         return y
     return conv
 
 
+def _int16_conv_scaled(x16: Tensor, w16: Tensor, stride, padding, dilation, e: int, bias=None):
+    """float32 ``conv(x16, w16) * 2**e (+ bias)`` on int8 products: three up to 14 bits
+    (Karatsuba), else four digit products (15-16 bits, AMX only); ``None`` where neither applies."""
+    conv = _fresh_int_conv(stride, padding, dilation)
+    y = gemm_cpu.conv_karatsuba_scaled(conv, x16, w16, e, bias)
+    return y if y is not None else gemm_cpu.conv_digits_scaled(conv, x16, w16, stride, padding, dilation, e, bias)
+
+
 def _scaled_conv(e: int):
     """The stride-1 convolution of grad-input, scaled by ``2**e``, as a tensor of its own (it
     leaves as the input gradient): int8 on the AMX kernel, scaled as its tiles are stored;
-    int16 up to 14 bits as three int8 products combined in one C pass."""
+    int16 as three (up to 14 bits) or four int8 products combined in one C pass."""
     def conv(x, w, s, p, d):
         if x.dtype == torch.int16:
-            y = gemm_cpu.conv_karatsuba_scaled(_fresh_int_conv(s, p, d), x, w, e)
+            y = _int16_conv_scaled(x, w, s, p, d, e)
         else:
             y = amx_cpu.conv_forward(x, w, s, p, d, reuse=False, scale_exp=e)
         return y if y is not None else _apply(gemm_cpu.conv_forward(x, w, s, p, d, amx=False), e)
@@ -413,6 +437,8 @@ def _scaled_conv(e: int):
 
 def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding, dilation, groups):
     mode = _conv_mode(route, g_m, w_m)
+    if mode == "int" and route == "aten_wide" and any(s != 1 for s in stride):
+        mode = "fp32"  # the phases of a strided grad-input would take the generic split GEMMs
     if _int_conv(mode, g_m, groups, w_axis) and _triton_conv(mode, g_m, w_m):
         return _conv_triton().conv2d_grad_input_int(g_m, w_m, x_shape, stride, padding, dilation, (g_s, w_s))
     if _int_conv(mode, g_m, groups, w_axis):

@@ -1,0 +1,129 @@
+"""15-16 bit convolutions as four int8 products of digit planes on AMX tiles
+(``gemm_cpu.conv_digits_scaled`` and the weight gradient), against float64/int64 oracles.
+
+Runs where the CPU has AMX tiles; elsewhere the AMX kernels decline (``test_amx_cpu``)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from muppet_fx.kernels import amx_cpu, gemm_cpu, scaled_mm_cpu
+from muppet_fx.routes import _fresh_int_conv
+
+needs_amx = pytest.mark.skipif(not amx_cpu.available(), reason="CPU without AMX int8 tiles")
+needs_c = pytest.mark.skipif(scaled_mm_cpu._library() is None, reason="no C compiler")
+
+CASES = [  # (n, c, h, w, cout, kernel, stride, padding, dilation); output rows of 8+ positions
+    (2, 16, 7, 9, 16, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (3, 32, 11, 17, 5, (3, 1), (2, 1), (0, 2), (1, 1)),
+    (1, 16, 19, 19, 33, (3, 3), (2, 2), (1, 1), (2, 2)),
+    (2, 48, 6, 8, 17, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (1, 16, 13, 12, 1, (5, 5), (1, 1), (2, 2), (1, 1)),
+    (1, 80, 5, 8, 7, (3, 3), (1, 1), (3, 3), (1, 1)),  # padding wider than the kernel reach
+]
+
+
+def _draw(gen, shape, lo, hi, dtype, channels_last=True):
+    t = torch.randint(lo, hi, shape, generator=gen, dtype=dtype)
+    t.view(-1)[:2] = torch.tensor([lo, hi - 1], dtype=dtype)  # both ends of the range
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+@needs_amx
+@pytest.mark.parametrize("case", CASES[:3])
+def test_kernels_read_the_pad_value_outside_the_image(case):
+    """``pad``: the value the input takes outside the image, as if it were padded with it."""
+    n, c, h, w, cout, kernel, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(1)
+    x, wt = _draw(gen, (n, c, h, w), -128, 128, torch.int8), _draw(gen, (cout, c, *kernel), -128, 128, torch.int8)
+    padded = F.pad(x.double(), (padding[1], padding[1], padding[0], padding[0]), value=-128.0)
+    want = F.conv2d(padded, wt.double(), None, stride, 0, dilation).long()
+    got = amx_cpu.conv_forward(x, wt, stride, padding, dilation, reuse=False, pad=-128)
+    assert torch.equal(got.long(), want)
+    g = _draw(gen, tuple(want.shape), -128, 128, torch.int8)
+    want_w = torch.nn.grad.conv2d_weight(padded, wt.shape, g.double(), stride, 0, dilation).long()
+    got_w = amx_cpu.conv_grad_weight(g, x, tuple(wt.shape), stride, padding, dilation, pad=-128)
+    assert torch.equal(got_w.long(), want_w)
+
+
+@needs_c
+def test_digit_planes_rebuild_the_mantissas_and_their_sums_are_exact():
+    gen = torch.Generator().manual_seed(2)
+    m = _draw(gen, (3, 32, 5, 7), -32768, 32768, torch.int16)
+    h, low = (p.to(torch.int32) for p in scaled_mm_cpu.split_digits(m, "test"))
+    assert torch.equal(256 * h + low + 128, m.to(torch.int32))
+    sums = {"positions": m.sum(1, dtype=torch.int64).reshape(-1),
+            "images": m.sum(0, dtype=torch.int64).permute(1, 2, 0),
+            "channels": m.sum((0, 2, 3), dtype=torch.int64)}
+    for kind, want in sums.items():
+        h2, l2, got = scaled_mm_cpu.split_digits(m, "test", kind)
+        assert torch.equal(got, want), kind
+        assert torch.equal(256 * h2.to(torch.int32) + l2 + 128, m.to(torch.int32))
+    assert scaled_mm_cpu.split_digits(m.contiguous(), "test", "positions") is None  # sums need channels-last
+
+
+@needs_amx
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_digit_convolution_is_the_exact_product_rounded_once(case, channels_last):
+    n, c, h, w, cout, kernel, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(3)
+    x = _draw(gen, (n, c, h, w), -32768, 32768, torch.int16, channels_last)
+    wt = _draw(gen, (cout, c, *kernel), -32768, 32768, torch.int16, False)
+    bias = torch.randn(cout, generator=gen)
+    exact = F.conv2d(x.double(), wt.double(), None, stride, padding, dilation)  # below 2**53: exact
+    conv = _fresh_int_conv(stride, padding, dilation)
+    for e, b in ((-40, None), (-20, bias)):
+        got = gemm_cpu.conv_digits_scaled(conv, x, wt, stride, padding, dilation, e, b)
+        want = torch.ldexp(exact, torch.tensor(float(e))).float()
+        want = want if b is None else want + b.view(1, -1, 1, 1)
+        assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, want)
+
+
+@needs_amx
+@pytest.mark.parametrize("case", CASES[:4] + [(130, 16, 32, 32, 16, (3, 3), (1, 1), (1, 1), (1, 1))])
+def test_digit_weight_gradient_is_exact(case):
+    """Four AMX weight gradients of the digit planes and the offsets' terms, int64; the last
+    case sums more images than one int32 chunk holds (parts added in int64)."""
+    n, c, h, w, cout, kernel, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(4)
+    x = _draw(gen, (n, c, h, w), -32768, 32768, torch.int16)
+    oh, ow = F.conv2d(x[:1].double(), torch.zeros(1, c, *kernel, dtype=torch.float64), None, stride, padding,
+                      dilation).shape[2:]
+    g = _draw(gen, (n, cout, oh, ow), -32768, 32768, torch.int16)
+    want = torch.nn.grad.conv2d_weight(x.double(), (cout, c, *kernel), g.double(), stride, padding, dilation)
+    got = gemm_cpu.conv_grad_weight(g, x, (cout, c, *kernel), stride, padding, dilation)
+    assert got.dtype == torch.int64 and torch.equal(got.double(), want)  # |sums| < 2**53 here
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(128, 128, 3, padding=1), torch.nn.BatchNorm2d(128), torch.nn.ReLU(),
+        torch.nn.Conv2d(128, 128, 3, padding=1, bias=False))
+
+
+@needs_amx
+def test_default_route_takes_digit_products_at_16_bits(monkeypatch):
+    """At 15-16 bits the default route computes convolutions of 128+ channel maps at least 16
+    wide as digit products (two forwards, two grad-inputs, two weight gradients), bit-identical to the exact
+    route; narrower maps keep FP32 products."""
+    import muppet_fx
+    from muppet_fx import routes
+
+    calls = []
+    for name in ("conv_digits_scaled", "_grad_weight_digits"):
+        real = getattr(gemm_cpu, name)
+        monkeypatch.setattr(gemm_cpu, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    x = torch.randn(2, 128, 16, 16).contiguous(memory_format=torch.channels_last)
+    runs = []
+    for exact in (False, True):
+        pm = muppet_fx.prepare(_net(), ladder=(16, "fp32"), exact=exact)
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_()
+        out = pm(xi)
+        out.square().sum().backward()
+        runs.append([out, xi.grad] + [p.grad for p in pm.parameters()])
+        if not exact:
+            assert calls.count("conv_digits_scaled") == 4 and calls.count("_grad_weight_digits") == 2
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert routes._amx_digits(x) and not routes._amx_digits(x[:, :64]) and not routes._amx_digits(x[..., :8])
