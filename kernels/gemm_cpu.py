@@ -341,9 +341,10 @@ def _digits_with_sums(t: torch.Tensor, tag: str, sums: str):
     return (*planes, total)
 
 
-def _grad_weight_digits(g16, x16, weight_shape, stride, padding, dilation):
-    """int64 weight gradient of a 15-16 bit convolution from four AMX products of the digit
-    planes (see ``conv_digits_scaled``), or ``None`` where the AMX kernel does not apply."""
+def conv_grad_weight_digits(g16, x16, weight_shape, stride, padding, dilation):
+    """int64 weight gradient of a convolution of int16 mantissas (any width; used above 14 bits)
+    from four AMX products of the digit planes (see ``conv_digits_scaled``), or ``None`` where
+    the AMX kernel does not apply."""
     from . import scaled_mm_cpu  # it imports this module
 
     Cout, C, kh, kw = weight_shape
@@ -482,7 +483,7 @@ def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None)
         if acc is not None:  # AMX tiles filled straight from the input, no im2col matrix
             return acc
     if mm is None and g_m.dtype == torch.int16 and x_m.dtype == torch.int16:
-        acc = _grad_weight_digits(g_m, x_m, weight_shape, stride, padding, dilation)
+        acc = conv_grad_weight_digits(g_m, x_m, weight_shape, stride, padding, dilation)
         if acc is not None:  # 15-16 bits: four products of digit planes on the AMX tiles
             return acc
     cols = im2col(x_m, (kh, kw), stride, padding, dilation)

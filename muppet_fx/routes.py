@@ -338,7 +338,7 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
             y = conv_onednn.conv2d(x_m, w_m, e, stride, padding, dilation)
             return (y if bias is None else y.add_(_along1(bias, y))), False
         if x_m.dtype == torch.int16 and isinstance(e, int) and not _avx2_narrow():  # three or four int8 products
-            y = _int16_conv_scaled(x_m, w_m, stride, padding, dilation, e, bias)
+            y = _int16_conv_scaled(x_m, w_m, stride, padding, dilation, e, bias, wide=route == "aten_wide")
             if y is not None:
                 return y, False
         fuse = quantise_output is not None and bias is None and isinstance(e, int) and x_m.device.type == "cpu"
@@ -414,21 +414,22 @@ def _fresh_int_conv(stride, padding, dilation):
     return conv
 
 
-def _int16_conv_scaled(x16: Tensor, w16: Tensor, stride, padding, dilation, e: int, bias=None):
+def _int16_conv_scaled(x16: Tensor, w16: Tensor, stride, padding, dilation, e: int, bias=None, wide=False):
     """float32 ``conv(x16, w16) * 2**e (+ bias)`` on int8 products: three up to 14 bits
-    (Karatsuba), else four digit products (15-16 bits, AMX only); ``None`` where neither applies."""
+    (Karatsuba), else four digit products (15-16 bits, AMX only); ``None`` where neither applies.
+    ``wide``: the level is above 14 bits, so the three-product split is not tried."""
     conv = _fresh_int_conv(stride, padding, dilation)
-    y = gemm_cpu.conv_karatsuba_scaled(conv, x16, w16, e, bias)
+    y = None if wide else gemm_cpu.conv_karatsuba_scaled(conv, x16, w16, e, bias)
     return y if y is not None else gemm_cpu.conv_digits_scaled(conv, x16, w16, stride, padding, dilation, e, bias)
 
 
-def _scaled_conv(e: int):
+def _scaled_conv(e: int, wide: bool = False):
     """The stride-1 convolution of grad-input, scaled by ``2**e``, as a tensor of its own (it
     leaves as the input gradient): int8 on the AMX kernel, scaled as its tiles are stored;
     int16 as three (up to 14 bits) or four int8 products combined in one C pass."""
     def conv(x, w, s, p, d):
         if x.dtype == torch.int16:
-            y = _int16_conv_scaled(x, w, s, p, d, e)
+            y = _int16_conv_scaled(x, w, s, p, d, e, wide=wide)
         else:
             y = amx_cpu.conv_forward(x, w, s, p, d, reuse=False, scale_exp=e)
         return y if y is not None else _apply(gemm_cpu.conv_forward(x, w, s, p, d, amx=False), e)
@@ -447,7 +448,7 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
         w_t = w_m.transpose(0, 1)  # the stride-1 convolution's weight, as far as amx_cpu's test goes
         if isinstance(e, int) and -126 <= e <= 126 and (amx_cpu.conv_applies(g_m, w_t, x_shape[-1])
                                                           or g_m.dtype == torch.int16 and _amx_narrow(g_m)):
-            conv = _scaled_conv(e)
+            conv = _scaled_conv(e, wide=route == "aten_wide")
         elif _use_onednn(mode, g_m, w_t, groups, e, x_shape[0] * math.prod(x_shape[2:]), x_shape[-1]):
             conv = lambda x, w, s, p, d: conv_onednn.conv2d(x, w, e, s, p, d)  # noqa: E731
         gx = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(mode),
@@ -470,7 +471,11 @@ def conv_grad_weight(route, g_m, g_s, x_m, x_s, w_shape, stride, padding, dilati
     if _int_conv(mode, x_m, groups, None) and _triton_conv(mode, g_m, x_m):
         return _conv_triton().conv2d_grad_weight_int(g_m, x_m, w_shape, stride, padding, dilation, scale=(g_s, x_s))
     if _int_conv(mode, x_m, groups, None):
-        acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(mode))
+        acc = None
+        if route == "aten_wide":  # above 14 bits: straight to the digit products
+            acc = gemm_cpu.conv_grad_weight_digits(g_m, x_m, w_shape, stride, padding, dilation)
+        if acc is None:
+            acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(mode))
         return _apply(acc, _exponent(g_s, x_s))
     on_mantissas = _exact_floats(route, mode)
     if on_mantissas:

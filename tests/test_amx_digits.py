@@ -111,7 +111,7 @@ def test_default_route_takes_digit_products_at_16_bits(monkeypatch):
     from muppet_fx import routes
 
     calls = []
-    for name in ("conv_digits_scaled", "_grad_weight_digits"):
+    for name in ("conv_digits_scaled", "conv_grad_weight_digits"):
         real = getattr(gemm_cpu, name)
         monkeypatch.setattr(gemm_cpu, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     x = torch.randn(2, 128, 16, 16).contiguous(memory_format=torch.channels_last)
@@ -124,6 +124,6 @@ def test_default_route_takes_digit_products_at_16_bits(monkeypatch):
         out.square().sum().backward()
         runs.append([out, xi.grad] + [p.grad for p in pm.parameters()])
         if not exact:
-            assert calls.count("conv_digits_scaled") == 4 and calls.count("_grad_weight_digits") == 2
+            assert calls.count("conv_digits_scaled") == 4 and calls.count("conv_grad_weight_digits") == 2
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert routes._amx_digits(x) and not routes._amx_digits(x[:, :64]) and not routes._amx_digits(x[..., :8])
