@@ -15,8 +15,10 @@
   CPUs, so ``aten`` (as ``aten_wide`` from :func:`for_level`) runs the FP32 op on the
   dequantised operands (rounded accumulation: the values of ``emulate``, as the FP16 route
   rounds on CUDA; scaling by a power of two commutes with FP32 rounding, so this equals the
-  scaled FP32 product of the mantissas); ``exact=True`` (``aten_exact``) keeps them on the
-  integer kernels. Products without an integer kernel (grouped or 1-d/3-d convolutions,
+  scaled FP32 product of the mantissas), except on AMX CPUs, whose tiles take 9-14 bit
+  convolutions of 64+ channels as three int8 products (:func:`_amx_narrow`) and 15-16 bit ones
+  of 128+ channels on maps 16+ wide as four digit products (:func:`_amx_digits`);
+  ``exact=True`` (``aten_exact``) keeps them all on the integer kernels. Products without an integer kernel (grouped or 1-d/3-d convolutions,
   batched matmuls) run on the mantissas as floats, float32 where every partial sum is an
   integer below 2**24 and float64 otherwise, so they are exact too.
 - ``triton`` (CUDA): Triton INT8 kernels up to 8 bits, FP16 kernels above (exact up to 12 bits,
