@@ -297,31 +297,36 @@ def conv_karatsuba_scaled(conv, a16: torch.Tensor, b16: torch.Tensor, e: int, bi
 # over a reduction of K pairs, as in int_matmul. A zero-padded input position (m = 0) has h = 0 and
 # l = -128, so the kernels read -128 outside the image in the l plane (their ``pad``), and the window
 # sums of m over the padded input give the first offset term.
-def conv_digits_scaled(conv, x16: torch.Tensor, w16: torch.Tensor, stride, padding, dilation, e: int, bias=None):
+def conv_digits_scaled(conv, x16: torch.Tensor, w16: torch.Tensor, stride, padding, dilation, e: int, bias=None,
+                       fused: bool = True):
     """float32 ``conv2d(x16, w16) * 2**e (+ bias)`` for int16 mantissas of any width (used above
     14 bits, where the three-product split does not fit): four int8 convolutions of the digit
-    planes, combined with the offsets' terms exactly in int64 by one C pass and rounded once.
-    ``conv(a8, b8, pad)`` returns a channels-last int32 tensor of its own, reading ``pad``
-    outside the image, or ``None``; so does this function where it does not apply."""
+    planes, combined with the offsets' terms exactly in int64 and rounded once, on the AMX
+    tiles as they are stored (``fused``, :func:`amx_cpu.conv_forward_digits`), else by one C
+    pass over four int32 maps from ``conv(a8, b8, pad)`` (a channels-last int32 tensor of its
+    own, reading ``pad`` outside the image, or ``None``). ``None`` where neither applies."""
     from . import scaled_mm_cpu  # it imports this module
 
     xs, ws = _digits_with_sums(x16, "dx", "positions"), scaled_mm_cpu.split_digits(w16, "dw")
     if xs is None or ws is None:
         return None
     (xh, xl, position_sums), (wh, wl) = xs, ws
+    K = w16[0].numel()
+    ones = torch.ones((1, 1, *w16.shape[2:]), dtype=torch.float64)
+    N, _, H, W = x16.shape
+    window = F.conv2d(position_sums.view(N, 1, H, W).double(), ones, None, stride, padding, dilation)
+    rc = (128 * (window.to(torch.int64) - 128 * K)).reshape(-1)  # exact: |window sum| < 2**53
+    cc = 128 * (w16.sum((1, 2, 3), dtype=torch.int64) - 128 * K) + 16384 * K
+    y = amx_cpu.conv_forward_digits(xh, xl, wh, wl, stride, padding, dilation, rc, cc, e, bias) if fused else None
+    if y is not None:  # combined as the tiles are stored
+        return y
     parts = []
     for a, b, pad in ((xh, wh, 0), (xh, wl, 0), (xl, wh, -128), (xl, wl, -128)):
         y = conv(a, b, pad)
         if y is None:
             return None
         parts.append(y)
-    K = w16[0].numel()
-    ones = torch.ones((1, 1, *w16.shape[2:]), dtype=torch.float64)
-    N, _, H, W = x16.shape
-    window = F.conv2d(position_sums.view(N, 1, H, W).double(), ones, None, stride, padding, dilation)
-    rc = 128 * (window.to(torch.int64) - 128 * K)  # exact: |window sum| < 2**53
-    cc = 128 * (w16.sum((1, 2, 3), dtype=torch.int64) - 128 * K) + 16384 * K
-    return scaled_mm_cpu.combine_digits(*parts, rc.reshape(-1), cc, e, bias)
+    return scaled_mm_cpu.combine_digits(*parts, rc, cc, e, bias)
 
 
 def _digits_with_sums(t: torch.Tensor, tag: str, sums: str):

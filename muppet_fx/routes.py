@@ -17,9 +17,9 @@
   rounds on CUDA; scaling by a power of two commutes with FP32 rounding, so this equals the
   scaled FP32 product of the mantissas), except on AMX CPUs, whose tiles take 9-14 bit
   convolutions of 64+ channels as three int8 products (:func:`_amx_narrow`) and 15-16 bit ones
-  of 128+ channels on maps 16+ wide as four digit products (:func:`_amx_digits`);
-  ``exact=True`` (``aten_exact``) keeps them all on the integer kernels. Products without an integer kernel (grouped or 1-d/3-d convolutions,
-  batched matmuls) run on the mantissas as floats, float32 where every partial sum is an
+  of 64+ channels on maps large enough as four digit products (:func:`_amx_digits`);
+  ``exact=True`` (``aten_exact``) keeps them all on the integer kernels. Products without an
+  integer kernel (grouped or 1-d/3-d convolutions, batched matmuls) run on the mantissas as floats, float32 where every partial sum is an
   integer below 2**24 and float64 otherwise, so they are exact too.
 - ``triton`` (CUDA): Triton INT8 kernels up to 8 bits, FP16 kernels above (exact up to 12 bits,
   as in the paper); ``triton_exact`` keeps 9-16 bit products on integer kernels. 2-d
@@ -98,14 +98,19 @@ AMX_NARROW_CHANNELS = 64
 def _amx_digits(a: Tensor) -> bool:
     """Whether a 15-16 bit convolution whose activation operand is ``a`` runs as four exact int8
     products of digit planes (``gemm_cpu.conv_digits_scaled``) rather than in FP32: as
-    :func:`_amx_narrow`, on maps at least ``AMX_DIGITS_WIDTH`` wide. On ResNet-18's layers the
-    four AMX products took 0.5-0.6x FP32's time at 64 channels on 32x32 and 128 on 16x16, 1.0x
-    at 256 on 8x8; at 4x4 the AMX kernel does not apply. Each product decides from its own
-    operand (a strided layer's backward may run in FP32 on the dequantised operands)."""
-    return _amx_narrow(a) and a.shape[1] >= AMX_DIGITS_CHANNELS and a.shape[-1] >= AMX_DIGITS_WIDTH
+    :func:`_amx_narrow`, on maps at least ``amx_cpu.MIN_WIDTH`` wide with channels x width of
+    at least ``AMX_DIGITS_SIZE``. Per layer at batch 128 (forward and backward with the
+    quantisers, against FP32 products): 64 channels on 32x32 0.87x FP32 against 0.78-0.85x,
+    128 on 16x16 1.04-1.11x against 0.89-0.94x, 256 on 8x8 1.10x against 1.00x; 64 on 8x8
+    lost (0.69x against 0.75x), the split and sums costing more than its small products save;
+    at 4x4 the AMX forward does not apply. Each product decides from its own activation
+    operand (a strided layer's grad-input, or one whose output rows are too short for the
+    tiles, runs in FP32 on the dequantised operands)."""
+    return (_amx_narrow(a) and a.shape[-1] >= amx_cpu.MIN_WIDTH
+            and a.shape[1] * a.shape[-1] >= AMX_DIGITS_SIZE)
 
 
-AMX_DIGITS_CHANNELS, AMX_DIGITS_WIDTH = 128, 16
+AMX_DIGITS_SIZE = 1024
 
 
 def _avx2_narrow() -> bool:
@@ -324,6 +329,9 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
     ``(bits, rounding, True)`` the output's ``(mantissas, exponent)`` from the same pass).
     ``x_v``, ``w_v``: the operands' dequantised values where the quantiser wrote them."""
     mode = _conv_mode(route, x_m, w_m)
+    short = route == "aten_wide" and conv_out_size(x_m, w_m, stride, padding, dilation)[-1] < amx_cpu.MIN_WIDTH
+    if mode == "int" and short:  # rows too short for the digit products' tiles: not the generic split GEMMs
+        mode = "fp32"
     if mode in ("emulate", "fp32") or (mode == "triton" and not _int_conv(mode, x_m, groups, w_axis)):
         x_v = dequantise(x_m, x_s) if x_v is None else x_v
         w_v = dequantise(w_m, w_s, w_axis) if w_v is None else w_v
@@ -440,8 +448,8 @@ def _scaled_conv(e: int, wide: bool = False):
 
 def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding, dilation, groups):
     mode = _conv_mode(route, g_m, w_m)
-    if mode == "int" and route == "aten_wide" and any(s != 1 for s in stride):
-        mode = "fp32"  # the phases of a strided grad-input would take the generic split GEMMs
+    if mode == "int" and route == "aten_wide" and (any(s != 1 for s in stride) or x_shape[-1] < amx_cpu.MIN_WIDTH):
+        mode = "fp32"  # strided phases, or rows too short for the tiles: not the generic split GEMMs
     if _int_conv(mode, g_m, groups, w_axis) and _triton_conv(mode, g_m, w_m):
         return _conv_triton().conv2d_grad_input_int(g_m, w_m, x_shape, stride, padding, dilation, (g_s, w_s))
     if _int_conv(mode, g_m, groups, w_axis):

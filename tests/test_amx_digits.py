@@ -64,7 +64,12 @@ def test_digit_planes_rebuild_the_mantissas_and_their_sums_are_exact():
 @needs_amx
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_digit_convolution_is_the_exact_product_rounded_once(case, channels_last):
+@pytest.mark.parametrize("fused", [True, False], ids=["combined-in-store", "four-maps"])
+def test_digit_convolution_is_the_exact_product_rounded_once(case, channels_last, fused, monkeypatch):
+    """Both ways of combining: in the tiles' store, and from four int32 maps in one C pass."""
+    calls = []
+    real = amx_cpu.conv_forward_digits
+    monkeypatch.setattr(amx_cpu, "conv_forward_digits", lambda *a: calls.append(1) or real(*a))
     n, c, h, w, cout, kernel, stride, padding, dilation = case
     gen = torch.Generator().manual_seed(3)
     x = _draw(gen, (n, c, h, w), -32768, 32768, torch.int16, channels_last)
@@ -73,10 +78,11 @@ def test_digit_convolution_is_the_exact_product_rounded_once(case, channels_last
     exact = F.conv2d(x.double(), wt.double(), None, stride, padding, dilation)  # below 2**53: exact
     conv = _fresh_int_conv(stride, padding, dilation)
     for e, b in ((-40, None), (-20, bias)):
-        got = gemm_cpu.conv_digits_scaled(conv, x, wt, stride, padding, dilation, e, b)
+        got = gemm_cpu.conv_digits_scaled(conv, x, wt, stride, padding, dilation, e, b, fused=fused)
         want = torch.ldexp(exact, torch.tensor(float(e))).float()
         want = want if b is None else want + b.view(1, -1, 1, 1)
         assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, want)
+    assert len(calls) == (2 if fused else 0)
 
 
 @needs_amx
@@ -104,16 +110,17 @@ def _net():
 
 @needs_amx
 def test_default_route_takes_digit_products_at_16_bits(monkeypatch):
-    """At 15-16 bits the default route computes convolutions of 128+ channel maps at least 16
-    wide as digit products (two forwards, two grad-inputs, two weight gradients), bit-identical to the exact
-    route; narrower maps keep FP32 products."""
+    """At 15-16 bits the default route computes convolutions of 64+ channel maps with channels x
+    width of 1024 or more as digit products (two forwards, two grad-inputs, two weight
+    gradients), bit-identical to the exact route; smaller maps keep FP32 products."""
     import muppet_fx
     from muppet_fx import routes
 
     calls = []
     for name in ("conv_digits_scaled", "conv_grad_weight_digits"):
         real = getattr(gemm_cpu, name)
-        monkeypatch.setattr(gemm_cpu, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+        monkeypatch.setattr(gemm_cpu, name,
+                            lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     x = torch.randn(2, 128, 16, 16).contiguous(memory_format=torch.channels_last)
     runs = []
     for exact in (False, True):
@@ -126,4 +133,5 @@ def test_default_route_takes_digit_products_at_16_bits(monkeypatch):
         if not exact:
             assert calls.count("conv_digits_scaled") == 4 and calls.count("conv_grad_weight_digits") == 2
     assert all(torch.equal(a, b) for a, b in zip(*runs))
-    assert routes._amx_digits(x) and not routes._amx_digits(x[:, :64]) and not routes._amx_digits(x[..., :8])
+    assert routes._amx_digits(x) and routes._amx_digits(x[:, :64]) and not routes._amx_digits(x[:, :64, :, :8])
+    assert not routes._amx_digits(torch.zeros(1, 512, 4, 4)) and not routes._amx_digits(x[:, :48])
