@@ -437,74 +437,102 @@ int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W
     return 0;
 }
 
-/* ---- 15-16 bit forward from digit planes (m = 256 h + l + 128, see gemm_cpu.conv_digits_scaled) ----
- * out[m, o] = float(65536 HH + 256 (HL + LH) + LL + rc[m] + cc[o]) * scale (+ bias[o]): the forward's
- * tiling with three accumulators per (segment, 16 outputs), the input's planes bordered with their
- * own pad bytes (0 for h, -128 for l), and the combination done as the tiles are stored, so no
- * int32 map is written. HL + LH share one accumulator: the caller keeps 2 K 128**2 below 2**31. */
-static void digits_store(float *out, int64_t Cout, int64_t m, int64_t rows, int64_t o, const int64_t *rc,
-                         const int64_t *cc, float scale, const float *bias) {
-    int32_t hh[256], mid[256], ll[256];
-    _tile_stored(0, hh, 64);
-    _tile_stored(1, mid, 64);
-    _tile_stored(2, ll, 64);
+/* ---- 9-16 bit forward from split planes (gemm_cpu: conv_karatsuba_scaled, conv_digits_scaled) ----
+ * The forward's tiling with three accumulators per (segment, 16 outputs), each input plane in its
+ * own bordered buffer, and the exact combination done as the tiles are stored, so no int32 map is
+ * written:
+ *   kind 0, digits (m = 256 h + l + 128; planes h, l; the l plane padded with -128):
+ *     v = 65536 HH + 256 (HL + LH) + LL + rc[m] + cc[o]; HL + LH share an accumulator, so the
+ *     caller keeps 2 K 128**2 below 2**31;
+ *   kind 1, Karatsuba (m = 128 h + l; planes h, l, s = h + l, all padded with 0):
+ *     v = 16384 HH + 128 (SS - HH - LL) + LL.
+ * out[m, o] = float(v) * scale (+ bias[o]). */
+static void split_store(int kind, float *out, int64_t Cout, int64_t m, int64_t rows, int64_t o,
+                        const int64_t *rc, const int64_t *cc, float scale, const float *bias) {
+    int32_t a0[256], a1[256], a2[256];
+    _tile_stored(0, a0, 64);
+    _tile_stored(1, a1, 64);
+    _tile_stored(2, a2, 64);
     int64_t cols = Cout - o < 16 ? Cout - o : 16;
     for (int64_t r = 0; r < rows; r++) {
         float *dst = out + (m + r) * Cout + o;
-        int64_t row = rc[m + r];
-        #pragma omp simd
-        for (int64_t c = 0; c < cols; c++) {
-            int64_t v = 65536 * (int64_t)hh[16 * r + c] + 256 * (int64_t)mid[16 * r + c] + ll[16 * r + c] + row + cc[o + c];
-            dst[c] = (float)v * scale + (bias ? bias[o + c] : 0.0f);
+        int64_t row = rc ? rc[m + r] : 0;
+        const int32_t *hh = a0 + 16 * r, *mid = a1 + 16 * r, *ll = a2 + 16 * r;
+        if (kind == 0) {
+            #pragma omp simd
+            for (int64_t c = 0; c < cols; c++) {
+                int64_t v = 65536 * (int64_t)hh[c] + 256 * (int64_t)mid[c] + ll[c] + row + cc[o + c];
+                dst[c] = (float)v * scale + (bias ? bias[o + c] : 0.0f);
+            }
+        } else {
+            #pragma omp simd
+            for (int64_t c = 0; c < cols; c++) {
+                int64_t v = 16384 * (int64_t)hh[c] + 128 * ((int64_t)mid[c] - hh[c] - ll[c]) + ll[c];
+                dst[c] = (float)v * scale + (bias ? bias[o + c] : 0.0f);
+            }
         }
     }
 }
 
-int amx_conv_forward_digits(const int8_t *x_hi, const int8_t *x_lo, int64_t N, int64_t C, int64_t H, int64_t W,
-                            int64_t xn, int64_t xc, int64_t xh, int64_t xw, const int8_t *w_hi,
-                            const int8_t *w_lo, int64_t Cout, int64_t wo, int64_t wc, int64_t wh, int64_t ww,
-                            int64_t OH, int64_t OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH,
-                            int DW, const int64_t *rc, const int64_t *cc, float scale, const float *bias,
-                            float *out, int8_t *xp_hi, int8_t *xp_lo, int8_t *wpack_hi, int8_t *wpack_lo,
-                            int threads) {
-    if (C % 16 != 0 || xc != 1) return -1;
+int amx_conv_forward_split(int kind, const int8_t *const *x, int64_t N, int64_t C, int64_t H, int64_t W,
+                           int64_t xn, int64_t xc, int64_t xh, int64_t xw, const int8_t *const *w, int64_t Cout,
+                           int64_t wo, int64_t wc, int64_t wh, int64_t ww, int64_t OH, int64_t OW, int KH, int KW,
+                           int SH, int SW, int PH, int PW, int DH, int DW, const int64_t *rc, const int64_t *cc,
+                           float scale, const float *bias, float *out, int8_t *const *xp, int8_t *const *wpack,
+                           int threads) {
+    if (C % 16 != 0 || xc != 1 || kind < 0 || kind > 1) return -1;
+    int planes = kind == 0 ? 2 : 3;
     int64_t P = C % 64 == 0 ? 64 : (C < 64 ? C : 16), R = OW < 16 ? OW : 16;
     int64_t Wp = W + 2 * PW;
-    fw_problem p = {xp_hi, (H + 2 * PH) * Wp * C, Wp * C, C, C, Cout, OH, OW, N * OH * OW, P, C / P,
+    fw_problem p = {xp[0], (H + 2 * PH) * Wp * C, Wp * C, C, C, Cout, OH, OW, N * OH * OW, P, C / P,
                     (Cout + 15) / 16, (OW + R - 1) / R, R, KH, KW, SH, SW, DH, DW};
     int64_t taps = (int64_t)KH * KW, wtile = 16 * P, nseg = N * OH * p.segs;
     int64_t kparts = taps * p.npc, tasks = nseg * p.no;
-    fw_pad(x_hi, N, C, H, W, xn, xh, xw, PH, PW, xp_hi, 0, threads);
-    fw_pad(x_lo, N, C, H, W, xn, xh, xw, PH, PW, xp_lo, -128, threads);
+    for (int i = 0; i < planes; i++)
+        fw_pad(x[i], N, C, H, W, xn, xh, xw, PH, PW, xp[i], kind == 0 && i == 1 ? -128 : 0, threads);
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
         for (int64_t it = 0; it < kparts * p.no; it++) {
             int64_t ob = it / kparts, kp = it % kparts;
-            fw_pack_w(&p, w_hi, wo, wc, wh, ww, kp / p.npc, kp % p.npc, ob, wpack_hi + it * wtile);
-            fw_pack_w(&p, w_lo, wo, wc, wh, ww, kp / p.npc, kp % p.npc, ob, wpack_lo + it * wtile);
+            for (int i = 0; i < planes; i++)
+                fw_pack_w(&p, w[i], wo, wc, wh, ww, kp / p.npc, kp % p.npc, ob, wpack[i] + it * wtile);
         }
         fw_configure((int)R, (int)P);
         /* output blocks vary fastest: the segment's input rows stay in cache across them */
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
             int64_t s = task / p.no, ob = task % p.no, m0, count;
-            const int8_t *ah = fw_segment(&p, s, &m0, &count), *al = xp_lo + (ah - xp_hi);
-            const int8_t *bh = wpack_hi + ob * kparts * wtile, *bl = wpack_lo + ob * kparts * wtile;
+            const int8_t *a0 = fw_segment(&p, s, &m0, &count);
+            const int8_t *a1 = xp[1] + (a0 - xp[0]), *a2 = planes > 2 ? xp[2] + (a0 - xp[0]) : a0;
+            int64_t wb = ob * kparts * wtile;
             _tile_zero(0); _tile_zero(1); _tile_zero(2);
             for (int64_t kp = 0; kp < kparts; kp++) {
                 int64_t tap = kp / p.npc;
                 int64_t off = (tap / KW) * DH * p.ph + (tap % KW) * DW * p.pw + (kp % p.npc) * P;
-                _tile_loadd(4, ah + off, SW * C);
-                _tile_loadd(5, al + off, SW * C);
-                _tile_loadd(6, bh + kp * wtile, 64);
-                _tile_loadd(7, bl + kp * wtile, 64);
-                _tile_dpbssd(0, 4, 6);
-                _tile_dpbssd(1, 4, 7);
-                _tile_dpbssd(1, 5, 6);
-                _tile_dpbssd(2, 5, 7);
+                int64_t wk = wb + kp * wtile;
+                if (kind == 0) {
+                    _tile_loadd(4, a0 + off, SW * C);
+                    _tile_loadd(5, a1 + off, SW * C);
+                    _tile_loadd(6, wpack[0] + wk, 64);
+                    _tile_loadd(7, wpack[1] + wk, 64);
+                    _tile_dpbssd(0, 4, 6);
+                    _tile_dpbssd(1, 4, 7);
+                    _tile_dpbssd(1, 5, 6);
+                    _tile_dpbssd(2, 5, 7);
+                } else {
+                    _tile_loadd(4, a0 + off, SW * C);
+                    _tile_loadd(6, wpack[0] + wk, 64);
+                    _tile_loadd(5, a1 + off, SW * C);
+                    _tile_loadd(7, wpack[1] + wk, 64);
+                    _tile_dpbssd(0, 4, 6);
+                    _tile_dpbssd(2, 5, 7);
+                    _tile_loadd(4, a2 + off, SW * C);
+                    _tile_loadd(6, wpack[2] + wk, 64);
+                    _tile_dpbssd(1, 4, 6);
+                }
             }
-            digits_store(out, Cout, m0, count, 16 * ob, rc, cc, scale, bias);
+            split_store(kind, out, Cout, m0, count, 16 * ob, rc, cc, scale, bias);
         }
         _tile_release();
     }
@@ -535,17 +563,16 @@ int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W
     (void)SH; (void)SW; (void)PH; (void)PW; (void)DH; (void)DW; (void)out; (void)wpack; (void)threads;
     return -1;
 }
-int amx_conv_forward_digits(const int8_t *x_hi, const int8_t *x_lo, int64_t N, int64_t C, int64_t H, int64_t W,
-                            int64_t xn, int64_t xc, int64_t xh, int64_t xw, const int8_t *w_hi,
-                            const int8_t *w_lo, int64_t Cout, int64_t wo, int64_t wc, int64_t wh, int64_t ww,
-                            int64_t OH, int64_t OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH,
-                            int DW, const int64_t *rc, const int64_t *cc, float scale, const float *bias,
-                            float *out, int8_t *xp_hi, int8_t *xp_lo, int8_t *wpack_hi, int8_t *wpack_lo,
-                            int threads) {
-    (void)x_hi; (void)x_lo; (void)N; (void)C; (void)H; (void)W; (void)xn; (void)xc; (void)xh; (void)xw;
-    (void)w_hi; (void)w_lo; (void)Cout; (void)wo; (void)wc; (void)wh; (void)ww; (void)OH; (void)OW;
-    (void)KH; (void)KW; (void)SH; (void)SW; (void)PH; (void)PW; (void)DH; (void)DW; (void)rc; (void)cc;
-    (void)scale; (void)bias; (void)out; (void)xp_hi; (void)xp_lo; (void)wpack_hi; (void)wpack_lo; (void)threads;
+int amx_conv_forward_split(int kind, const int8_t *const *x, int64_t N, int64_t C, int64_t H, int64_t W,
+                           int64_t xn, int64_t xc, int64_t xh, int64_t xw, const int8_t *const *w, int64_t Cout,
+                           int64_t wo, int64_t wc, int64_t wh, int64_t ww, int64_t OH, int64_t OW, int KH, int KW,
+                           int SH, int SW, int PH, int PW, int DH, int DW, const int64_t *rc, const int64_t *cc,
+                           float scale, const float *bias, float *out, int8_t *const *xp, int8_t *const *wpack,
+                           int threads) {
+    (void)kind; (void)x; (void)N; (void)C; (void)H; (void)W; (void)xn; (void)xc; (void)xh; (void)xw; (void)w;
+    (void)Cout; (void)wo; (void)wc; (void)wh; (void)ww; (void)OH; (void)OW; (void)KH; (void)KW; (void)SH;
+    (void)SW; (void)PH; (void)PW; (void)DH; (void)DW; (void)rc; (void)cc; (void)scale; (void)bias; (void)out;
+    (void)xp; (void)wpack; (void)threads;
     return -1;
 }
 #endif

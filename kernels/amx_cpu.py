@@ -23,15 +23,16 @@ import torch
 
 from .cbuild import bound_library
 
-__all__ = ["available", "conv_applies", "conv_forward", "conv_forward_digits", "conv_grad_weight"]
+__all__ = ["available", "conv_applies", "conv_forward", "conv_forward_digits", "conv_forward_karatsuba",
+           "conv_grad_weight"]
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "amx_available": (ctypes.c_int, []),
     "amx_conv_forward": (ctypes.c_int, [_P] + [_I64] * 8 + [_P] + [_I64] * 7 + [ctypes.c_int] * 8
                          + [_P, _P, _P, ctypes.c_float, _P, ctypes.c_int, ctypes.c_int]),
-    "amx_conv_forward_digits": (ctypes.c_int, [_P, _P] + [_I64] * 8 + [_P, _P] + [_I64] * 7 + [ctypes.c_int] * 8
-                                + [_P, _P, ctypes.c_float, _P, _P, _P, _P, _P, _P, ctypes.c_int]),
+    "amx_conv_forward_split": (ctypes.c_int, [ctypes.c_int, _P] + [_I64] * 8 + [_P] + [_I64] * 7 + [ctypes.c_int] * 8
+                               + [_P, _P, ctypes.c_float, _P, _P, _P, _P, ctypes.c_int]),
     "amx_conv_grad_weight": (ctypes.c_int, [_P] + [_I64] * 8 + [_P] + [_I64] * 7 + [ctypes.c_int] * 8
                              + [_P, _P, _P, ctypes.c_int, ctypes.c_int]),
 }
@@ -166,35 +167,51 @@ def conv_forward_digits(x_hi, x_lo, w_hi, w_lo, stride, padding, dilation, rc: t
     position (int64, ``[N * OH * OW]``), ``cc`` per output channel. Three accumulators per tile,
     combined exactly in int64 and rounded once as the tiles are stored: no int32 map is
     written. ``None`` where :func:`conv_applies` says no or ``HL + LH`` could leave int32."""
+    if 2 * w_hi[0].numel() * 128 * 128 >= 2**31:
+        return None
+    return _forward_split(0, (x_hi, x_lo), (w_hi, w_lo), stride, padding, dilation, rc, cc, scale_exp, bias)
+
+
+def conv_forward_karatsuba(x_planes, w_planes, stride, padding, dilation, scale_exp: int,
+                           bias: torch.Tensor | None = None):
+    """float32 channels-last ``(16384 HH + 128 (SS - HH - LL) + LL) * 2**scale_exp (+ bias)`` for
+    the int8 Karatsuba planes ``(h, l, h + l)`` of the operands of a 9-14 bit convolution
+    (``gemm_cpu.conv_karatsuba_scaled``), combined as the tiles are stored; ``None`` where
+    :func:`conv_applies` says no."""
+    return _forward_split(1, x_planes, w_planes, stride, padding, dilation, None, None, scale_exp, bias)
+
+
+def _forward_split(kind, xs, ws, stride, padding, dilation, rc, cc, scale_exp, bias):
     stride, padding, dilation = _pairs(stride, padding, dilation)
-    N, C, H, W = x_hi.shape
-    Cout, _, kh, kw = w_hi.shape
+    N, C, H, W = xs[0].shape
+    Cout, _, kh, kw = ws[0].shape
     OH, OW = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
               zip((H, W), (kh, kw), stride, padding, dilation))
-    if (OH <= 0 or min(N, Cout) == 0 or not conv_applies(x_hi, w_hi, OW) or not -126 <= scale_exp <= 126
-            or 2 * w_hi[0].numel() * 128 * 128 >= 2**31 or x_lo.shape != x_hi.shape or w_lo.shape != w_hi.shape
-            or rc.numel() != N * OH * OW or cc.numel() != Cout):
+    if (OH <= 0 or min(N, Cout) == 0 or not conv_applies(xs[0], ws[0], OW) or not -126 <= scale_exp <= 126
+            or any(t.shape != xs[0].shape for t in xs) or any(t.shape != ws[0].shape for t in ws)
+            or rc is not None and (rc.numel() != N * OH * OW or cc.numel() != Cout)):
         return None
     from .gemm_cpu import workspace  # gemm_cpu imports this module
 
-    x_hi, x_lo = (t.contiguous(memory_format=torch.channels_last) for t in (x_hi, x_lo))
-    if x_lo.stride() != x_hi.stride() or w_lo.stride() != w_hi.stride():
+    xs = [t.contiguous(memory_format=torch.channels_last) for t in xs]
+    if any(t.stride() != xs[0].stride() for t in xs) or any(t.stride() != ws[0].stride() for t in ws):
         return None
-    rc, cc = rc.to(torch.int64).contiguous(), cc.to(torch.int64).contiguous()
+    if rc is not None:
+        rc, cc = rc.to(torch.int64).contiguous(), cc.to(torch.int64).contiguous()
     bias = None if bias is None else bias.detach().float().contiguous()
     piece = 64 if C % 64 == 0 else (C if C < 64 else 16)
     packed = kh * kw * (C // piece) * -(-Cout // 16) * 16 * piece
-    slack = (16 * stride[1] + dilation[1] * kw) * C
-    padded = N * (H + 2 * padding[0]) * (W + 2 * padding[1]) * C + slack
-    xp_hi, xp_lo = (workspace(padded, torch.int8, f"amx_digits_padded_{t}") for t in "hl")
-    wp_hi, wp_lo = (workspace(packed, torch.int8, f"amx_digits_weight_{t}") for t in "hl")
+    padded = N * (H + 2 * padding[0]) * (W + 2 * padding[1]) * C + (16 * stride[1] + dilation[1] * kw) * C
+    xp = [workspace(padded, torch.int8, f"amx_split_padded_{i}") for i in range(len(xs))]
+    wp = [workspace(packed, torch.int8, f"amx_split_weight_{i}") for i in range(len(ws))]
+    pointers = lambda ts: (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))  # noqa: E731
     out = torch.empty(N * OH * OW * Cout, dtype=torch.float32)
-    xs, ws = x_hi.stride(), w_hi.stride()
-    rc_ = _library().amx_conv_forward_digits(
-        x_hi.data_ptr(), x_lo.data_ptr(), N, C, H, W, xs[0], xs[1], xs[2], xs[3], w_hi.data_ptr(), w_lo.data_ptr(),
-        Cout, ws[0], ws[1], ws[2], ws[3], OH, OW, kh, kw, *stride, *padding, *dilation, rc.data_ptr(),
-        cc.data_ptr(), math.ldexp(1.0, scale_exp), None if bias is None else bias.data_ptr(), out.data_ptr(),
-        xp_hi.data_ptr(), xp_lo.data_ptr(), wp_hi.data_ptr(), wp_lo.data_ptr(), torch.get_num_threads())
-    if rc_ != 0:
+    xst, wst = xs[0].stride(), ws[0].stride()
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    status = _library().amx_conv_forward_split(
+        kind, pointers(xs), N, C, H, W, *xst, pointers(ws), Cout, *wst, OH, OW, kh, kw, *stride, *padding,
+        *dilation, ptr(rc), ptr(cc), math.ldexp(1.0, scale_exp), ptr(bias), out.data_ptr(), pointers(xp),
+        pointers(wp), torch.get_num_threads())
+    if status != 0:
         return None
     return out.view(N, OH, OW, Cout).permute(0, 3, 1, 2)

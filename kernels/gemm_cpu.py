@@ -274,14 +274,20 @@ def _narrow_planes(a: torch.Tensor, b: torch.Tensor):
     return tuple(planes)
 
 
-def conv_karatsuba_scaled(conv, a16: torch.Tensor, b16: torch.Tensor, e: int, bias=None):
+def conv_karatsuba_scaled(conv, a16: torch.Tensor, b16: torch.Tensor, e: int, bias=None, geometry=None):
     """float32 ``conv(a16, b16) * 2**e (+ bias)`` for int16 mantissas up to 14 bits: three int8
-    convolutions (Karatsuba) whose int32 accumulators one C pass combines exactly in int64 and
-    rounds once; ``None`` where it does not apply. ``conv(a8, b8)`` returns a channels-last
-    int32 tensor of its own, or ``None``."""
+    convolutions (Karatsuba) combined exactly in int64 and rounded once: with ``geometry``
+    ``(stride, padding, dilation)``, on the AMX tiles as they are stored
+    (:func:`amx_cpu.conv_forward_karatsuba`), else by one C pass over the int32 accumulators of
+    ``conv(a8, b8)`` (a channels-last int32 tensor of its own, or ``None``). ``None`` where it
+    does not apply."""
     planes = _narrow_planes(a16, b16)
     if planes is None:
         return None
+    if geometry is not None:
+        y = amx_cpu.conv_forward_karatsuba(*planes, *geometry, e, bias)
+        if y is not None:
+            return y
     (ah, al, asum), (bh, bl, bsum) = planes
     hh = conv(ah, bh)
     ll = conv(al, bl) if hh is not None else None

@@ -429,7 +429,7 @@ def _int16_conv_scaled(x16: Tensor, w16: Tensor, stride, padding, dilation, e: i
     (Karatsuba), else four digit products (15-16 bits, AMX only); ``None`` where neither applies.
     ``wide``: the level is above 14 bits, so the three-product split is not tried."""
     conv = _fresh_int_conv(stride, padding, dilation)
-    y = None if wide else gemm_cpu.conv_karatsuba_scaled(conv, x16, w16, e, bias)
+    y = None if wide else gemm_cpu.conv_karatsuba_scaled(conv, x16, w16, e, bias, (stride, padding, dilation))
     return y if y is not None else gemm_cpu.conv_digits_scaled(conv, x16, w16, stride, padding, dilation, e, bias)
 
 

@@ -232,10 +232,11 @@ def test_karatsuba_convolution_is_the_exact_product_rounded_once(case):
     bias = torch.randn(shape[4])
     exact = torch.nn.functional.conv2d(x.double(), w.double(), None, stride, padding, dilation)  # < 2**53
     for e, b in ((-30, None), (-7, bias)):
-        got = gemm_cpu.conv_karatsuba_scaled(_fresh_int_conv(stride, padding, dilation), x, w, e, b)
-        want = torch.ldexp(exact, torch.tensor(float(e))).float()
-        want = want if b is None else want + b.view(1, -1, 1, 1)
-        assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, want)
+        for geometry in (None, (stride, padding, dilation)):  # int32 maps and one C pass; combined in the tiles
+            got = gemm_cpu.conv_karatsuba_scaled(_fresh_int_conv(stride, padding, dilation), x, w, e, b, geometry)
+            want = torch.ldexp(exact, torch.tensor(float(e))).float()
+            want = want if b is None else want + b.view(1, -1, 1, 1)
+            assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, want)
 
 
 def _wide_net():
