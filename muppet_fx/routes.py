@@ -19,8 +19,9 @@
   convolutions of 64+ channels as three int8 products (:func:`_amx_narrow`) and 15-16 bit ones
   of 64+ channels on maps large enough as four digit products (:func:`_amx_digits`);
   ``exact=True`` (``aten_exact``) keeps them all on the integer kernels. Products without an
-  integer kernel (grouped or 1-d/3-d convolutions, batched matmuls) run on the mantissas as floats, float32 where every partial sum is an
-  integer below 2**24 and float64 otherwise, so they are exact too.
+  integer kernel (grouped or 1-d/3-d convolutions, batched matmuls) run on the mantissas as
+  floats, float32 where every partial sum is an integer below 2**24 and float64 otherwise, so
+  they are exact too.
 - ``triton`` (CUDA): Triton INT8 kernels up to 8 bits, FP16 kernels above (exact up to 12 bits,
   as in the paper); ``triton_exact`` keeps 9-16 bit products on integer kernels. 2-d
   convolutions run on implicit-GEMM kernels (``kernels/conv_triton``: int8, or FP16 at 9-16 bits);
@@ -200,8 +201,9 @@ def _mode(route: str, a: Tensor, b: Tensor) -> str:
 
 
 def _conv_mode(route: str, a: Tensor, b: Tensor) -> str:
-    """As :func:`_mode`; ``aten`` convolutions of int16 operands run in FP32 (see the notes)
-    unless the AMX kernels take them (:func:`_amx_narrow` of the activation operand ``a``)."""
+    """As :func:`_mode`; ``aten`` and ``aten_wide`` convolutions of int16 operands run in FP32
+    (see the notes) unless the AMX kernels take them (:func:`_amx_narrow`, above 14 bits
+    :func:`_amx_digits`, of the activation operand ``a``)."""
     if route in ("aten", "aten_wide") and (a.dtype == torch.int16 or b.dtype == torch.int16):
         take = _amx_narrow if route == "aten" else _amx_digits
         return "int" if a.dtype == b.dtype == torch.int16 and take(a) else "fp32"
@@ -436,7 +438,7 @@ def _int16_conv_scaled(x16: Tensor, w16: Tensor, stride, padding, dilation, e: i
 def _scaled_conv(e: int, wide: bool = False):
     """The stride-1 convolution of grad-input, scaled by ``2**e``, as a tensor of its own (it
     leaves as the input gradient): int8 on the AMX kernel, scaled as its tiles are stored;
-    int16 as three (up to 14 bits) or four int8 products combined in one C pass."""
+    int16 as three (up to 14 bits) or four int8 products combined as the tiles are stored."""
     def conv(x, w, s, p, d):
         if x.dtype == torch.int16:
             y = _int16_conv_scaled(x, w, s, p, d, e, wide=wide)
