@@ -297,6 +297,16 @@ typedef struct {
     int KH, KW, SH, SW, DH, DW;
 } fw_problem;
 
+/* The problem of a forward over the bordered input xp: P-byte channel pieces (64, or C when
+ * C < 64, else 16), segments of R = min(OW, 16) positions. */
+static fw_problem fw_init(const int8_t *xp, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cout,
+                          int64_t OH, int64_t OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW) {
+    int64_t P = C % 64 == 0 ? 64 : (C < 64 ? C : 16), R = OW < 16 ? OW : 16, Wp = W + 2 * PW;
+    fw_problem p = {xp, (H + 2 * PH) * Wp * C, Wp * C, C, C, Cout, OH, OW, N * OH * OW, P, C / P,
+                    (Cout + 15) / 16, (OW + R - 1) / R, R, KH, KW, SH, SW, DH, DW};
+    return p;
+}
+
 static void fw_configure(int rows, int piece) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -385,10 +395,8 @@ int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W
                      int8_t *wpack, float scale, uint32_t *amax, int pad, int threads) {
     if (C % 16 != 0 || xc != 1) return -1;
     uint32_t top = 0;
-    int64_t P = C % 64 == 0 ? 64 : (C < 64 ? C : 16), R = OW < 16 ? OW : 16;
-    int64_t Wp = W + 2 * PW;
-    fw_problem p = {xp, (H + 2 * PH) * Wp * C, Wp * C, C, C, Cout, OH, OW, N * OH * OW, P, C / P,
-                    (Cout + 15) / 16, (OW + R - 1) / R, R, KH, KW, SH, SW, DH, DW};
+    fw_problem p = fw_init(xp, N, C, H, W, Cout, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW);
+    int64_t P = p.P, R = p.R;
     int64_t taps = (int64_t)KH * KW, wtile = 16 * P, nseg = N * OH * p.segs;
     int64_t kparts = taps * p.npc;                 /* (tap, piece) steps of the reduction */
     int64_t tasks = ((nseg + 1) / 2) * ((p.no + 1) / 2);
@@ -482,10 +490,8 @@ int amx_conv_forward_split(int kind, const int8_t *const *x, int64_t N, int64_t 
                            int threads) {
     if (C % 16 != 0 || xc != 1 || kind < 0 || kind > 1) return -1;
     int planes = kind == 0 ? 2 : 3;
-    int64_t P = C % 64 == 0 ? 64 : (C < 64 ? C : 16), R = OW < 16 ? OW : 16;
-    int64_t Wp = W + 2 * PW;
-    fw_problem p = {xp[0], (H + 2 * PH) * Wp * C, Wp * C, C, C, Cout, OH, OW, N * OH * OW, P, C / P,
-                    (Cout + 15) / 16, (OW + R - 1) / R, R, KH, KW, SH, SW, DH, DW};
+    fw_problem p = fw_init(xp[0], N, C, H, W, Cout, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW);
+    int64_t P = p.P, R = p.R;
     int64_t taps = (int64_t)KH * KW, wtile = 16 * P, nseg = N * OH * p.segs;
     int64_t kparts = taps * p.npc, tasks = nseg * p.no;
     for (int i = 0; i < planes; i++)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .cbuild import bound_library
+from .quantise_cpu import _ptr
 
 __all__ = ["available", "conv_applies", "conv_forward", "conv_forward_digits", "conv_forward_karatsuba",
            "conv_grad_weight"]
@@ -119,6 +120,20 @@ def conv_applies(x_m: torch.Tensor, w_m: torch.Tensor, out_width: int) -> bool:
             and w_m[0].numel() * 128 * 128 < 2**31 and _library() is not None)
 
 
+def _forward_geometry(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation):
+    """``(OH, OW, packed, padded)`` of the forward kernels: the output size, the bytes of the
+    packed weight tiles and of the input's bordered copy (pairs for ``stride`` etc.)."""
+    N, C, H, W = x.shape
+    Cout, _, kh, kw = w.shape
+    OH, OW = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+              zip((H, W), (kh, kw), stride, padding, dilation))
+    piece = 64 if C % 64 == 0 else (C if C < 64 else 16)
+    packed = kh * kw * (C // piece) * -(-Cout // 16) * 16 * piece
+    # slack: the last segment of a row loads whole tiles, up to 15 positions past the row's end
+    slack = (16 * stride[1] + dilation[1] * kw) * C
+    return OH, OW, packed, N * (H + 2 * padding[0]) * (W + 2 * padding[1]) * C + slack
+
+
 def conv_forward(x_m: torch.Tensor, w_m: torch.Tensor, stride, padding, dilation, reuse: bool = True,
                  scale_exp: int | None = None, with_absmax: bool = False, pad: int = 0):
     """Exact int32 ``conv2d(x_m, w_m)`` (``groups == 1``) from int8 mantissas, channels-last
@@ -131,19 +146,15 @@ def conv_forward(x_m: torch.Tensor, w_m: torch.Tensor, stride, padding, dilation
     stride, padding, dilation = _pairs(stride, padding, dilation)
     N, C, H, W = x_m.shape
     Cout, _, kh, kw = w_m.shape
-    OH, OW = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
-              zip((H, W), (kh, kw), stride, padding, dilation))
+    OH, OW, packed, padded = _forward_geometry(x_m, w_m, stride, padding, dilation)
     if (OH <= 0 or min(N, Cout) == 0 or not conv_applies(x_m, w_m, OW)
             or scale_exp is not None and not -126 <= scale_exp <= 126):
         return None
     from .gemm_cpu import workspace  # gemm_cpu imports this module
 
     x_m = x_m.contiguous(memory_format=torch.channels_last)  # a copy only for other layouts
-    piece = 64 if C % 64 == 0 else (C if C < 64 else 16)
-    wpack = workspace(kh * kw * (C // piece) * -(-Cout // 16) * 16 * piece, torch.int8, "amx_fw_weight")
-    # slack: the last segment of a row loads whole tiles, up to 15 positions past the row's end
-    slack = (16 * stride[1] + dilation[1] * kw) * C
-    xp = workspace(N * (H + 2 * padding[0]) * (W + 2 * padding[1]) * C + slack, torch.int8, "amx_fw_padded")
+    wpack = workspace(packed, torch.int8, "amx_fw_weight")
+    xp = workspace(padded, torch.int8, "amx_fw_padded")
     out = workspace(N * OH * OW * Cout, torch.int32, "amx_fw_out") if reuse else \
         torch.empty(N * OH * OW * Cout, dtype=torch.int32)
     xs, ws = x_m.stride(), w_m.stride()
@@ -185,8 +196,7 @@ def _forward_split(kind, xs, ws, stride, padding, dilation, rc, cc, scale_exp, b
     stride, padding, dilation = _pairs(stride, padding, dilation)
     N, C, H, W = xs[0].shape
     Cout, _, kh, kw = ws[0].shape
-    OH, OW = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
-              zip((H, W), (kh, kw), stride, padding, dilation))
+    OH, OW, packed, padded = _forward_geometry(xs[0], ws[0], stride, padding, dilation)
     if (OH <= 0 or min(N, Cout) == 0 or not conv_applies(xs[0], ws[0], OW) or not -126 <= scale_exp <= 126
             or any(t.shape != xs[0].shape for t in xs) or any(t.shape != ws[0].shape for t in ws)
             or rc is not None and (rc.numel() != N * OH * OW or cc.numel() != Cout)):
@@ -199,18 +209,14 @@ def _forward_split(kind, xs, ws, stride, padding, dilation, rc, cc, scale_exp, b
     if rc is not None:
         rc, cc = rc.to(torch.int64).contiguous(), cc.to(torch.int64).contiguous()
     bias = None if bias is None else bias.detach().float().contiguous()
-    piece = 64 if C % 64 == 0 else (C if C < 64 else 16)
-    packed = kh * kw * (C // piece) * -(-Cout // 16) * 16 * piece
-    padded = N * (H + 2 * padding[0]) * (W + 2 * padding[1]) * C + (16 * stride[1] + dilation[1] * kw) * C
     xp = [workspace(padded, torch.int8, f"amx_split_padded_{i}") for i in range(len(xs))]
     wp = [workspace(packed, torch.int8, f"amx_split_weight_{i}") for i in range(len(ws))]
     pointers = lambda ts: (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))  # noqa: E731
     out = torch.empty(N * OH * OW * Cout, dtype=torch.float32)
     xst, wst = xs[0].stride(), ws[0].stride()
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     status = _library().amx_conv_forward_split(
         kind, pointers(xs), N, C, H, W, *xst, pointers(ws), Cout, *wst, OH, OW, kh, kw, *stride, *padding,
-        *dilation, ptr(rc), ptr(cc), math.ldexp(1.0, scale_exp), ptr(bias), out.data_ptr(), pointers(xp),
+        *dilation, _ptr(rc), _ptr(cc), math.ldexp(1.0, scale_exp), _ptr(bias), out.data_ptr(), pointers(xp),
         pointers(wp), torch.get_num_threads())
     if status != 0:
         return None

@@ -21,6 +21,7 @@ import torch
 
 from .cbuild import bound_library
 from .gemm_cpu import CHUNK, gemm_layout, int8_mm, workspace
+from .quantise_cpu import _ptr
 
 __all__ = ["scaled_int_matmul", "split_karatsuba", "combine_karatsuba", "split_digits", "combine_digits"]
 
@@ -157,9 +158,8 @@ def split_digits(t: torch.Tensor, tag: str, sums: str | None = None):
     rowsum = torch.empty(rows, dtype=torch.int64) if sums == "positions" else None
     fold = torch.empty(period * C, dtype=torch.int64) if sums != "positions" else None
     scratch = workspace(threads * period * C, torch.int64, "digit_sums") if fold is not None else None
-    ptr = lambda x: None if x is None else x.data_ptr()  # noqa: E731
-    lib.split256_sums_i16(t.data_ptr(), rows, C, period, h.data_ptr(), l.data_ptr(), ptr(rowsum), ptr(fold),
-                          ptr(scratch), threads)
+    lib.split256_sums_i16(t.data_ptr(), rows, C, period, h.data_ptr(), l.data_ptr(), _ptr(rowsum), _ptr(fold),
+                          _ptr(scratch), threads)
     return h, l, (rowsum if fold is None else fold.view(H, W, C) if sums == "images" else fold)
 
 
@@ -181,8 +181,7 @@ def combine_digits(hh, hl, lh, ll, rc: torch.Tensor, cc: torch.Tensor, e: int, b
         bias = bias.detach().float().contiguous()
     out = torch.empty_like(hh, dtype=torch.float32)
     lib.combine_i32(4, hh.data_ptr(), hl.data_ptr(), lh.data_ptr(), ll.data_ptr(), rc.data_ptr(), cc.data_ptr(),
-                    rows, cols, None, 0, math.ldexp(1.0, e), None if bias is None else bias.data_ptr(),
-                    out.data_ptr(), torch.get_num_threads())
+                    rows, cols, None, 0, math.ldexp(1.0, e), _ptr(bias), out.data_ptr(), torch.get_num_threads())
     return out
 
 
