@@ -295,15 +295,22 @@ typedef struct {
     const int8_t *xp; int64_t pn, ph, pw;   /* padded input and its strides (bytes) */
     int64_t C, Cout, OH, OW, M, P, npc, no, segs, R;
     int KH, KW, SH, SW, DH, DW;
+    int64_t on, ohs, ows, OH0, OW0;  /* output strides (elements) and the first output's place */
 } fw_problem;
 
 /* The problem of a forward over the bordered input xp: P-byte channel pieces (64, or C when
- * C < 64, else 16), segments of R = min(OW, 16) positions. */
+ * C < 64, else 16), segments of R = min(OW, 16) positions. place: NULL for a contiguous
+ * [N, OH, OW, Cout] output whose first position is the convolution's first, else
+ * {on, ohs, ows, OH0, OW0}: the output's strides in elements (channel stride 1) and where in the
+ * convolution's output grid it starts, so that a strided grad-input's phases land in place. */
 static fw_problem fw_init(const int8_t *xp, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cout,
-                          int64_t OH, int64_t OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW) {
+                          int64_t OH, int64_t OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW,
+                          const int64_t *place) {
     int64_t P = C % 64 == 0 ? 64 : (C < 64 ? C : 16), R = OW < 16 ? OW : 16, Wp = W + 2 * PW;
     fw_problem p = {xp, (H + 2 * PH) * Wp * C, Wp * C, C, C, Cout, OH, OW, N * OH * OW, P, C / P,
-                    (Cout + 15) / 16, (OW + R - 1) / R, R, KH, KW, SH, SW, DH, DW};
+                    (Cout + 15) / 16, (OW + R - 1) / R, R, KH, KW, SH, SW, DH, DW,
+                    OH * OW * Cout, OW * Cout, Cout, 0, 0};
+    if (place) { p.on = place[0]; p.ohs = place[1]; p.ows = place[2]; p.OH0 = place[3]; p.OW0 = place[4]; }
     return p;
 }
 
@@ -329,20 +336,23 @@ static void fw_pack_w(const fw_problem *p, const int8_t *w, int64_t wo, int64_t 
             }
 }
 
-/* Segment s: image n, output row oh, first position ow0 (R positions, fewer at a row's end). */
-static const int8_t *fw_segment(const fw_problem *p, int64_t s, int64_t *m0, int64_t *count) {
+/* Segment s: image n, output row oh, first position ow0 (R positions, fewer at a row's end);
+ * *at: the output offset of its first position. */
+static const int8_t *fw_segment(const fw_problem *p, int64_t s, int64_t *m0, int64_t *count, int64_t *at) {
     int64_t row = s / p->segs, ow0 = (s % p->segs) * p->R, n = row / p->OH, oh = row % p->OH;
     *m0 = row * p->OW + ow0;
     *count = p->OW - ow0 < p->R ? p->OW - ow0 : p->R;
-    return p->xp + n * p->pn + oh * p->SH * p->ph + ow0 * p->SW * p->pw;
+    *at = n * p->on + oh * p->ohs + ow0 * p->ows;
+    return p->xp + n * p->pn + (oh + p->OH0) * p->SH * p->ph + (ow0 + p->OW0) * p->SW * p->pw;
 }
 
-/* Stores accumulator tile t for `rows` positions from m and outputs o..o+15, then, while it is in
- * cache, folds its magnitudes into *amax and (scale != 0) rewrites it as float32 acc * scale. */
-static void fw_store(int t, int32_t *out, int64_t ld, int64_t m, int64_t rows, int64_t o, int64_t Cout, int R,
+/* Stores accumulator tile t for `rows` positions (ld elements apart) from out + at and outputs
+ * o..o+15, then, while it is in cache, folds its magnitudes into *amax and (scale != 0) rewrites
+ * it as float32 acc * scale. */
+static void fw_store(int t, int32_t *out, int64_t ld, int64_t at, int64_t rows, int64_t o, int64_t Cout, int R,
                      float scale, uint32_t *amax) {
     int32_t tmp[256];
-    int32_t *dst = out + m * ld + o;
+    int32_t *dst = out + at + o;
     int full = rows == R && o + 16 <= Cout;
     switch (t) {  /* tile numbers must be immediates */
         case 0: if (full) _tile_stored(0, dst, ld * 4); else _tile_stored(0, tmp, 64); break;
@@ -384,18 +394,19 @@ static void fw_pad(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, 
     }
 }
 
-/* out: int32 [N * OH * OW, Cout], or float32 acc * scale where scale != 0; *amax receives the
- * largest |acc|. xp: N (H + 2 PH) (W + 2 PW) C bytes and (16 SW + DW KW) C more (a row's last
- * segment loads whole tiles; the rows past its end are never stored); wpack: taps * (C / P) * ceil(Cout / 16)
- * tiles of 64 P / 4 bytes. Returns -1 where C % 16 != 0 or the input is not channels-last. */
+/* out: int32 [N * OH * OW, Cout] (or placed as fw_init's `place` says), float32 acc * scale where
+ * scale != 0; *amax receives the largest |acc|. xp: N (H + 2 PH) (W + 2 PW) C bytes and
+ * (16 SW + DW KW + OW0 SW) C more (a row's last segment loads whole tiles; the rows past its end
+ * are never stored); wpack: taps * (C / P) * ceil(Cout / 16) tiles of 64 P / 4 bytes. Returns -1
+ * where C % 16 != 0 or the input is not channels-last. */
 int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xn,
                      int64_t xc, int64_t xh, int64_t xw, const int8_t *w, int64_t Cout, int64_t wo,
                      int64_t wc, int64_t wh, int64_t ww, int64_t OH, int64_t OW, int KH, int KW,
-                     int SH, int SW, int PH, int PW, int DH, int DW, int32_t *out, int8_t *xp,
-                     int8_t *wpack, float scale, uint32_t *amax, int pad, int threads) {
+                     int SH, int SW, int PH, int PW, int DH, int DW, int32_t *out, const int64_t *place,
+                     int8_t *xp, int8_t *wpack, float scale, uint32_t *amax, int pad, int threads) {
     if (C % 16 != 0 || xc != 1) return -1;
     uint32_t top = 0;
-    fw_problem p = fw_init(xp, N, C, H, W, Cout, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW);
+    fw_problem p = fw_init(xp, N, C, H, W, Cout, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, place);
     int64_t P = p.P, R = p.R;
     int64_t taps = (int64_t)KH * KW, wtile = 16 * P, nseg = N * OH * p.segs;
     int64_t kparts = taps * p.npc;                 /* (tap, piece) steps of the reduction */
@@ -413,10 +424,10 @@ int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
             int64_t sp = task / ((p.no + 1) / 2), ob = 2 * (task % ((p.no + 1) / 2));
-            int64_t m0, m1, c0, c1 = 0;
-            const int8_t *a0 = fw_segment(&p, 2 * sp, &m0, &c0), *a1 = a0;
+            int64_t m0, m1, c0, c1 = 0, at0, at1 = 0;
+            const int8_t *a0 = fw_segment(&p, 2 * sp, &m0, &c0, &at0), *a1 = a0;
             int two = 2 * sp + 1 < nseg, pair = ob + 1 < p.no;
-            if (two) a1 = fw_segment(&p, 2 * sp + 1, &m1, &c1);
+            if (two) a1 = fw_segment(&p, 2 * sp + 1, &m1, &c1, &at1);
             const int8_t *b0 = wpack + ob * kparts * wtile, *b1 = b0 + kparts * wtile;
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             for (int64_t kp = 0; kp < kparts; kp++) {
@@ -432,11 +443,11 @@ int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W
                     if (pair) _tile_dpbssd(3, 5, 7);
                 }
             }
-            fw_store(0, out, Cout, m0, c0, 16 * ob, Cout, (int)R, scale, &top);
-            if (pair) fw_store(1, out, Cout, m0, c0, 16 * ob + 16, Cout, (int)R, scale, &top);
+            fw_store(0, out, p.ows, at0, c0, 16 * ob, Cout, (int)R, scale, &top);
+            if (pair) fw_store(1, out, p.ows, at0, c0, 16 * ob + 16, Cout, (int)R, scale, &top);
             if (two) {
-                fw_store(2, out, Cout, m1, c1, 16 * ob, Cout, (int)R, scale, &top);
-                if (pair) fw_store(3, out, Cout, m1, c1, 16 * ob + 16, Cout, (int)R, scale, &top);
+                fw_store(2, out, p.ows, at1, c1, 16 * ob, Cout, (int)R, scale, &top);
+                if (pair) fw_store(3, out, p.ows, at1, c1, 16 * ob + 16, Cout, (int)R, scale, &top);
             }
         }
         _tile_release();
@@ -455,7 +466,7 @@ int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W
  *   kind 1, Karatsuba (m = 128 h + l; planes h, l, s = h + l, all padded with 0):
  *     v = 16384 HH + 128 (SS - HH - LL) + LL.
  * out[m, o] = float(v) * scale (+ bias[o]). */
-static void split_store(int kind, float *out, int64_t Cout, int64_t m, int64_t rows, int64_t o,
+static void split_store(int kind, float *out, int64_t ld, int64_t m, int64_t rows, int64_t o, int64_t Cout,
                         const int64_t *rc, const int64_t *cc, float scale, const float *bias) {
     int32_t a0[256], a1[256], a2[256];
     _tile_stored(0, a0, 64);
@@ -463,7 +474,7 @@ static void split_store(int kind, float *out, int64_t Cout, int64_t m, int64_t r
     _tile_stored(2, a2, 64);
     int64_t cols = Cout - o < 16 ? Cout - o : 16;
     for (int64_t r = 0; r < rows; r++) {
-        float *dst = out + (m + r) * Cout + o;
+        float *dst = out + r * ld + o;
         int64_t row = rc ? rc[m + r] : 0;
         const int32_t *hh = a0 + 16 * r, *mid = a1 + 16 * r, *ll = a2 + 16 * r;
         if (kind == 0) {
@@ -486,11 +497,11 @@ int amx_conv_forward_split(int kind, const int8_t *const *x, int64_t N, int64_t 
                            int64_t xn, int64_t xc, int64_t xh, int64_t xw, const int8_t *const *w, int64_t Cout,
                            int64_t wo, int64_t wc, int64_t wh, int64_t ww, int64_t OH, int64_t OW, int KH, int KW,
                            int SH, int SW, int PH, int PW, int DH, int DW, const int64_t *rc, const int64_t *cc,
-                           float scale, const float *bias, float *out, int8_t *const *xp, int8_t *const *wpack,
-                           int threads) {
+                           float scale, const float *bias, float *out, const int64_t *place, int8_t *const *xp,
+                           int8_t *const *wpack, int threads) {
     if (C % 16 != 0 || xc != 1 || kind < 0 || kind > 1) return -1;
     int planes = kind == 0 ? 2 : 3;
-    fw_problem p = fw_init(xp[0], N, C, H, W, Cout, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW);
+    fw_problem p = fw_init(xp[0], N, C, H, W, Cout, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, place);
     int64_t P = p.P, R = p.R;
     int64_t taps = (int64_t)KH * KW, wtile = 16 * P, nseg = N * OH * p.segs;
     int64_t kparts = taps * p.npc, tasks = nseg * p.no;
@@ -508,8 +519,8 @@ int amx_conv_forward_split(int kind, const int8_t *const *x, int64_t N, int64_t 
         /* output blocks vary fastest: the segment's input rows stay in cache across them */
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
-            int64_t s = task / p.no, ob = task % p.no, m0, count;
-            const int8_t *a0 = fw_segment(&p, s, &m0, &count);
+            int64_t s = task / p.no, ob = task % p.no, m0, count, at;
+            const int8_t *a0 = fw_segment(&p, s, &m0, &count, &at);
             const int8_t *a1 = xp[1] + (a0 - xp[0]), *a2 = planes > 2 ? xp[2] + (a0 - xp[0]) : a0;
             int64_t wb = ob * kparts * wtile;
             _tile_zero(0); _tile_zero(1); _tile_zero(2);
@@ -538,7 +549,7 @@ int amx_conv_forward_split(int kind, const int8_t *const *x, int64_t N, int64_t 
                     _tile_dpbssd(1, 4, 6);
                 }
             }
-            split_store(kind, out, Cout, m0, count, 16 * ob, rc, cc, scale, bias);
+            split_store(kind, out + at, p.ows, m0, count, 16 * ob, Cout, rc, cc, scale, bias);
         }
         _tile_release();
     }
@@ -562,9 +573,9 @@ int amx_conv_grad_weight(const int8_t *x, int64_t N, int64_t C, int64_t H, int64
 int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xn,
                      int64_t xc, int64_t xh, int64_t xw, const int8_t *w, int64_t Cout, int64_t wo,
                      int64_t wc, int64_t wh, int64_t ww, int64_t OH, int64_t OW, int KH, int KW,
-                     int SH, int SW, int PH, int PW, int DH, int DW, int32_t *out, int8_t *xp,
-                     int8_t *wpack, float scale, uint32_t *amax, int pad, int threads) {
-    (void)pad; (void)x; (void)xp; (void)scale; (void)amax; (void)N; (void)C; (void)H; (void)W; (void)xn; (void)xc; (void)xh; (void)xw; (void)w;
+                     int SH, int SW, int PH, int PW, int DH, int DW, int32_t *out, const int64_t *place,
+                     int8_t *xp, int8_t *wpack, float scale, uint32_t *amax, int pad, int threads) {
+    (void)place; (void)pad; (void)x; (void)xp; (void)scale; (void)amax; (void)N; (void)C; (void)H; (void)W; (void)xn; (void)xc; (void)xh; (void)xw; (void)w;
     (void)Cout; (void)wo; (void)wc; (void)wh; (void)ww; (void)OH; (void)OW; (void)KH; (void)KW;
     (void)SH; (void)SW; (void)PH; (void)PW; (void)DH; (void)DW; (void)out; (void)wpack; (void)threads;
     return -1;
@@ -573,9 +584,9 @@ int amx_conv_forward_split(int kind, const int8_t *const *x, int64_t N, int64_t 
                            int64_t xn, int64_t xc, int64_t xh, int64_t xw, const int8_t *const *w, int64_t Cout,
                            int64_t wo, int64_t wc, int64_t wh, int64_t ww, int64_t OH, int64_t OW, int KH, int KW,
                            int SH, int SW, int PH, int PW, int DH, int DW, const int64_t *rc, const int64_t *cc,
-                           float scale, const float *bias, float *out, int8_t *const *xp, int8_t *const *wpack,
-                           int threads) {
-    (void)kind; (void)x; (void)N; (void)C; (void)H; (void)W; (void)xn; (void)xc; (void)xh; (void)xw; (void)w;
+                           float scale, const float *bias, float *out, const int64_t *place, int8_t *const *xp,
+                           int8_t *const *wpack, int threads) {
+    (void)place; (void)kind; (void)x; (void)N; (void)C; (void)H; (void)W; (void)xn; (void)xc; (void)xh; (void)xw; (void)w;
     (void)Cout; (void)wo; (void)wc; (void)wh; (void)ww; (void)OH; (void)OW; (void)KH; (void)KW; (void)SH;
     (void)SW; (void)PH; (void)PW; (void)DH; (void)DW; (void)rc; (void)cc; (void)scale; (void)bias; (void)out;
     (void)xp; (void)wpack; (void)threads;

@@ -31,9 +31,9 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "amx_available": (ctypes.c_int, []),
     "amx_conv_forward": (ctypes.c_int, [_P] + [_I64] * 8 + [_P] + [_I64] * 7 + [ctypes.c_int] * 8
-                         + [_P, _P, _P, ctypes.c_float, _P, ctypes.c_int, ctypes.c_int]),
+                         + [_P, _P, _P, _P, ctypes.c_float, _P, ctypes.c_int, ctypes.c_int]),
     "amx_conv_forward_split": (ctypes.c_int, [ctypes.c_int, _P] + [_I64] * 8 + [_P] + [_I64] * 7 + [ctypes.c_int] * 8
-                               + [_P, _P, ctypes.c_float, _P, _P, _P, _P, ctypes.c_int]),
+                               + [_P, _P, ctypes.c_float, _P, _P, _P, _P, _P, ctypes.c_int]),
     "amx_conv_grad_weight": (ctypes.c_int, [_P] + [_I64] * 8 + [_P] + [_I64] * 7 + [ctypes.c_int] * 8
                              + [_P, _P, _P, ctypes.c_int, ctypes.c_int]),
 }
@@ -120,53 +120,70 @@ def conv_applies(x_m: torch.Tensor, w_m: torch.Tensor, out_width: int) -> bool:
             and w_m[0].numel() * 128 * 128 < 2**31 and _library() is not None)
 
 
-def _forward_geometry(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation):
-    """``(OH, OW, packed, padded)`` of the forward kernels: the output size, the bytes of the
-    packed weight tiles and of the input's bordered copy (pairs for ``stride`` etc.)."""
+def _forward_geometry(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, out=None, origin=(0, 0)):
+    """``(OH, OW, packed, padded, place)`` of the forward kernels: the output size, the bytes of
+    the packed weight tiles and of the input's bordered copy (pairs for ``stride`` etc.), and the
+    kernel's ``place`` argument. ``out``: an ``[N, OH, OW, Cout]`` view (channel stride 1) that
+    receives the convolution's outputs from position ``origin`` of its grid on; ``OH = 0`` where
+    it does not fit there."""
     N, C, H, W = x.shape
     Cout, _, kh, kw = w.shape
     OH, OW = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
               zip((H, W), (kh, kw), stride, padding, dilation))
+    place = None
+    if out is not None:
+        fits = (out.dim() == 4 and out.shape[0] == N and out.shape[3] == Cout and out.stride(3) == 1
+                and 0 <= origin[0] and origin[0] + out.shape[1] <= OH and 0 <= origin[1]
+                and origin[1] + out.shape[2] <= OW)
+        OH, OW = out.shape[1:3] if fits else (0, 0)
+        place = (ctypes.c_int64 * 5)(*out.stride()[:3], *origin)
     piece = 64 if C % 64 == 0 else (C if C < 64 else 16)
     packed = kh * kw * (C // piece) * -(-Cout // 16) * 16 * piece
     # slack: the last segment of a row loads whole tiles, up to 15 positions past the row's end
-    slack = (16 * stride[1] + dilation[1] * kw) * C
-    return OH, OW, packed, N * (H + 2 * padding[0]) * (W + 2 * padding[1]) * C + slack
+    slack = (16 * stride[1] + dilation[1] * kw + origin[1] * stride[1]) * C
+    return OH, OW, packed, N * (H + 2 * padding[0]) * (W + 2 * padding[1]) * C + slack, place
 
 
 def conv_forward(x_m: torch.Tensor, w_m: torch.Tensor, stride, padding, dilation, reuse: bool = True,
-                 scale_exp: int | None = None, with_absmax: bool = False, pad: int = 0):
+                 scale_exp: int | None = None, with_absmax: bool = False, pad: int = 0,
+                 out: torch.Tensor | None = None, origin=(0, 0)):
     """Exact int32 ``conv2d(x_m, w_m)`` (``groups == 1``) from int8 mantissas, channels-last
     ``[N, Cout, OH, OW]``, or ``None`` where :func:`conv_applies` says no. With ``reuse`` the
     result lives in a reused buffer (consume it before the next call), else in a new tensor
     the caller owns. With ``scale_exp`` (a normal float32 power of two) the result is float32
     ``acc * 2**scale_exp``, converted as each tile is stored. ``with_absmax``: returns
     ``(result, max |acc|)``, the maximum gathered as each tile is stored. ``pad``: the value
-    the input takes outside the image, as in :func:`conv_grad_weight`."""
+    the input takes outside the image, as in :func:`conv_grad_weight`. ``out``: an ``[N, OH, OW,
+    Cout]`` view (channel stride 1; float32 with ``scale_exp``, else int32) that receives the
+    outputs from position ``origin`` of the convolution's grid on, e.g. the positions of one
+    phase of a strided convolution's input gradient; returned permuted to ``[N, Cout, OH, OW]``."""
     stride, padding, dilation = _pairs(stride, padding, dilation)
     N, C, H, W = x_m.shape
     Cout, _, kh, kw = w_m.shape
-    OH, OW, packed, padded = _forward_geometry(x_m, w_m, stride, padding, dilation)
+    OH, OW, packed, padded, place = _forward_geometry(x_m, w_m, stride, padding, dilation, out, origin)
     if (OH <= 0 or min(N, Cout) == 0 or not conv_applies(x_m, w_m, OW)
-            or scale_exp is not None and not -126 <= scale_exp <= 126):
+            or scale_exp is not None and not -126 <= scale_exp <= 126
+            or out is not None and out.dtype != (torch.int32 if scale_exp is None else torch.float32)):
         return None
     from .gemm_cpu import workspace  # gemm_cpu imports this module
 
     x_m = x_m.contiguous(memory_format=torch.channels_last)  # a copy only for other layouts
     wpack = workspace(packed, torch.int8, "amx_fw_weight")
     xp = workspace(padded, torch.int8, "amx_fw_padded")
-    out = workspace(N * OH * OW * Cout, torch.int32, "amx_fw_out") if reuse else \
-        torch.empty(N * OH * OW * Cout, dtype=torch.int32)
+    if out is None:
+        out = workspace(N * OH * OW * Cout, torch.int32, "amx_fw_out") if reuse else \
+            torch.empty(N * OH * OW * Cout, dtype=torch.int32)
+        out = out.view(N, OH, OW, Cout)
     xs, ws = x_m.stride(), w_m.stride()
     top = ctypes.c_uint32(0)
     rc = _library().amx_conv_forward(
         x_m.data_ptr(), N, C, H, W, xs[0], xs[1], xs[2], xs[3], w_m.data_ptr(), Cout, ws[0], ws[1], ws[2], ws[3],
-        OH, OW, kh, kw, *stride, *padding, *dilation, out.data_ptr(), xp.data_ptr(), wpack.data_ptr(),
+        OH, OW, kh, kw, *stride, *padding, *dilation, out.data_ptr(), place, xp.data_ptr(), wpack.data_ptr(),
         0.0 if scale_exp is None else math.ldexp(1.0, scale_exp), ctypes.byref(top), pad, torch.get_num_threads())
     if rc != 0:
         return None
-    out = out.view(N, OH, OW, Cout).permute(0, 3, 1, 2)
-    out = out if scale_exp is None else out.view(torch.float32)
+    out = out.permute(0, 3, 1, 2)
+    out = out if scale_exp is None or out.dtype == torch.float32 else out.view(torch.float32)
     return (out, top.value) if with_absmax else out
 
 
@@ -184,20 +201,22 @@ def conv_forward_digits(x_hi, x_lo, w_hi, w_lo, stride, padding, dilation, rc: t
 
 
 def conv_forward_karatsuba(x_planes, w_planes, stride, padding, dilation, scale_exp: int,
-                           bias: torch.Tensor | None = None):
+                           bias: torch.Tensor | None = None, out: torch.Tensor | None = None, origin=(0, 0)):
     """float32 channels-last ``(16384 HH + 128 (SS - HH - LL) + LL) * 2**scale_exp (+ bias)`` for
     the int8 Karatsuba planes ``(h, l, h + l)`` of the operands of a 9-14 bit convolution
     (``gemm_cpu.conv_karatsuba_scaled``), combined as the tiles are stored; ``None`` where
-    :func:`conv_applies` says no."""
-    return _forward_split(1, x_planes, w_planes, stride, padding, dilation, None, None, scale_exp, bias)
+    :func:`conv_applies` says no. ``out``, ``origin``: as in :func:`conv_forward`."""
+    return _forward_split(1, x_planes, w_planes, stride, padding, dilation, None, None, scale_exp, bias,
+                          out, origin)
 
 
-def _forward_split(kind, xs, ws, stride, padding, dilation, rc, cc, scale_exp, bias):
+def _forward_split(kind, xs, ws, stride, padding, dilation, rc, cc, scale_exp, bias, out=None, origin=(0, 0)):
     stride, padding, dilation = _pairs(stride, padding, dilation)
     N, C, H, W = xs[0].shape
     Cout, _, kh, kw = ws[0].shape
-    OH, OW, packed, padded = _forward_geometry(xs[0], ws[0], stride, padding, dilation)
+    OH, OW, packed, padded, place = _forward_geometry(xs[0], ws[0], stride, padding, dilation, out, origin)
     if (OH <= 0 or min(N, Cout) == 0 or not conv_applies(xs[0], ws[0], OW) or not -126 <= scale_exp <= 126
+            or out is not None and out.dtype != torch.float32
             or any(t.shape != xs[0].shape for t in xs) or any(t.shape != ws[0].shape for t in ws)
             or rc is not None and (rc.numel() != N * OH * OW or cc.numel() != Cout)):
         return None
@@ -212,12 +231,13 @@ def _forward_split(kind, xs, ws, stride, padding, dilation, rc, cc, scale_exp, b
     xp = [workspace(padded, torch.int8, f"amx_split_padded_{i}") for i in range(len(xs))]
     wp = [workspace(packed, torch.int8, f"amx_split_weight_{i}") for i in range(len(ws))]
     pointers = lambda ts: (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))  # noqa: E731
-    out = torch.empty(N * OH * OW * Cout, dtype=torch.float32)
+    if out is None:
+        out = torch.empty((N, OH, OW, Cout), dtype=torch.float32)
     xst, wst = xs[0].stride(), ws[0].stride()
     status = _library().amx_conv_forward_split(
         kind, pointers(xs), N, C, H, W, *xst, pointers(ws), Cout, *wst, OH, OW, kh, kw, *stride, *padding,
-        *dilation, _ptr(rc), _ptr(cc), math.ldexp(1.0, scale_exp), _ptr(bias), out.data_ptr(), pointers(xp),
-        pointers(wp), torch.get_num_threads())
+        *dilation, _ptr(rc), _ptr(cc), math.ldexp(1.0, scale_exp), _ptr(bias), out.data_ptr(), place,
+        pointers(xp), pointers(wp), torch.get_num_threads())
     if status != 0:
         return None
-    return out.view(N, OH, OW, Cout).permute(0, 3, 1, 2)
+    return out.permute(0, 3, 1, 2)

@@ -408,15 +408,23 @@ def conv_forward(x_m, w_m, stride, padding, dilation, mm=None, amx: bool = True)
     return _to_nchw(int_matmul(cols, _taps_last(w_m).t(), mm=mm), N, OH, OW)
 
 
-def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation, mm=None, conv=None) -> torch.Tensor:
+def conv_grad_input(g_m, w_m, input_shape, stride, padding, dilation, mm=None, conv=None,
+                    place=None) -> torch.Tensor:
     """Exact integer gradient of ``conv2d`` w.r.t. its input, given the output gradient.
 
     ``conv(x, w, stride, padding, dilation)`` replaces :func:`conv_forward` for the stride-1
     convolution this reduces to (1x1 unpadded kernels stay a GEMM; strided ones, and stride-1
-    ones padded wider than the dilated kernel, take one im2col correlation per phase)."""
+    ones padded wider than the dilated kernel, take one im2col correlation per phase).
+    ``place(g, w, padding, dilation, origin, dst) -> bool``: where given, strided convolutions
+    try it first: it writes one phase's stride-1 correlation, from ``origin`` of its output grid
+    on, scaled to float32, straight into ``dst`` (the phase's positions of the result)."""
     N, C, H, W = input_shape
     Cout, _, kh, kw = w_m.shape
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
+    if place is not None and (sh, sw) != (1, 1):
+        gx = _grad_input_in_place(g_m, w_m, input_shape, (sh, sw), (ph, pw), (dh, dw), place)
+        if gx is not None:
+            return gx
     if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):  # a GEMM scattered onto the strided positions
         OH, OW = g_m.shape[2:]
         g2d = g_m.permute(0, 2, 3, 1).reshape(-1, Cout)
@@ -444,6 +452,49 @@ def _phase_taps(a: int, s: int, p: int, k: int, d: int = 1):
     return taps, (a + p - d * taps[0]) // s if taps else 0, step
 
 
+def _phases(g_m, w_m, input_shape, stride, padding, dilation):
+    """Per phase ``(a, b)`` of the input positions that some tap reaches: ``(a, b, qh, qw, sub,
+    (Ph, Pw), (eh, ew), (oh, ow))``: the phase's size, its sub-kernel (transposed for the
+    correlation), the symmetric padding of the gradient and the correlation's dilation, and where
+    in the padded correlation's output grid the phase's first position lies."""
+    N, C, H, W = input_shape
+    OH, OW = g_m.shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    out = []
+    for a in range(min(sh, H)):
+        rows, dh0, eh = _phase_taps(a, sh, ph, w_m.shape[2], dh)
+        for b in range(min(sw, W)):
+            cols, dw0, ew = _phase_taps(b, sw, pw, w_m.shape[3], dw)
+            if not rows or not cols:  # no tap reaches this phase: it stays zero
+                continue
+            qh, qw = len(range(a, H, sh)), len(range(b, W, sw))
+            Ph = max(0, -dh0, qh + dh0 + eh * (len(rows) - 1) - OH)  # symmetric padding >= both sides,
+            Pw = max(0, -dw0, qw + dw0 + ew * (len(cols) - 1) - OW)  # the outputs wanted start at P + d0
+            sub = w_m[:, :, rows][:, :, :, cols].transpose(0, 1)
+            out.append((a, b, qh, qw, sub, (Ph, Pw), (eh, ew), (Ph + dh0, Pw + dw0)))
+    return out
+
+
+def _grad_input_in_place(g_m, w_m, input_shape, stride, padding, dilation, place):
+    """float32 channels-last grad-input of a strided convolution, each phase written in place by
+    ``place`` (see :func:`conv_grad_input`), positions no tap reaches zeroed; ``None`` where
+    ``place`` declines a phase."""
+    N, C, H, W = input_shape
+    sh, sw = stride
+    out = torch.empty((N, C, H, W), dtype=torch.float32, device=g_m.device, memory_format=torch.channels_last)
+    nhwc = out.permute(0, 2, 3, 1)
+    reached = set()
+    for a, b, qh, qw, sub, pad, dil, origin in _phases(g_m, w_m, input_shape, stride, padding, dilation):
+        if not place(g_m, sub, pad, dil, origin, nhwc[:, a::sh, b::sw]):
+            return None  # (phases differ by a row or a column at most: in practice only the first declines)
+        reached.add((a, b))
+    for a in range(min(sh, H)):
+        for b in range(min(sw, W)):
+            if (a, b) not in reached:
+                nhwc[:, a::sh, b::sw].zero_()
+    return out
+
+
 def _grad_input_by_phases(g_m, w_m, input_shape, stride, padding, dilation, mm):
     """Grad-input of a strided convolution as ``s_h * s_w`` stride-1 correlations of the
     gradient, one per phase ``(i mod s_h, j mod s_w)`` of the input positions, each with the
@@ -455,23 +506,16 @@ def _grad_input_by_phases(g_m, w_m, input_shape, stride, padding, dilation, mm):
     e.g. 14.9 against 16.8 ms (256 -> 128 channels, 8x8 gradient), where inserting zeros took
     34.3 ms."""
     N, C, H, W = input_shape
-    OH, OW = g_m.shape[2:]
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    phases = [(a, b, *_phase_taps(a, sh, ph, w_m.shape[2], dh), *_phase_taps(b, sw, pw, w_m.shape[3], dw))
-              for a in range(min(sh, H)) for b in range(min(sw, W))]
-    phases = [p for p in phases if p[2] and p[5]]  # phases no tap reaches stay zero
+    sh, sw = stride
+    phases = _phases(g_m, w_m, input_shape, stride, padding, dilation)
     out = None
-    for a, b, rows, dh0, eh, cols, dw0, ew in phases:  # each part written at once: its buffers are reused
-        qh, qw = len(range(a, H, sh)), len(range(b, W, sw))
-        Ph = max(0, -dh0, qh + dh0 + eh * (len(rows) - 1) - OH)  # symmetric padding >= both sides,
-        Pw = max(0, -dw0, qw + dw0 + ew * (len(cols) - 1) - OW)  # the outputs wanted start at P + d0
-        y = conv_forward(g_m, w_m[:, :, rows][:, :, :, cols].transpose(0, 1), 1, (Ph, Pw), (eh, ew), mm=mm,
-                         amx=False)
+    for a, b, qh, qw, sub, pad, dil, (oh, ow) in phases:  # each part written at once: its buffers are reused
+        y = conv_forward(g_m, sub, 1, pad, dil, mm=mm, amx=False)
         if out is None:
             out = torch.empty((N, C, H, W), dtype=y.dtype, device=g_m.device, memory_format=torch.channels_last)
             if len(phases) < min(sh, H) * min(sw, W):
                 out.zero_()
-        out[:, :, a::sh, b::sw] = y[:, :, Ph + dh0: Ph + dh0 + qh, Pw + dw0: Pw + dw0 + qw]
+        out[:, :, a::sh, b::sw] = y[:, :, oh: oh + qh, ow: ow + qw]
     return out if out is not None else torch.zeros((N, C, H, W), dtype=torch.int32, device=g_m.device)
 
 

@@ -448,6 +448,20 @@ def _scaled_conv(e: int, wide: bool = False):
     return conv
 
 
+def _placed_conv(e: int):
+    """``place`` of ``gemm_cpu.conv_grad_input``: one phase of a strided grad-input, scaled by
+    ``2**e`` and stored in place by the AMX kernels (int8; int16 up to 14 bits as three products)."""
+    def place(g, w, p, d, origin, dst):
+        if g.dtype == torch.int16:
+            planes = gemm_cpu._narrow_planes(g, w)
+            y = None if planes is None else amx_cpu.conv_forward_karatsuba(*planes, 1, p, d, e, out=dst,
+                                                                             origin=origin)
+        else:
+            y = amx_cpu.conv_forward(g, w, 1, p, d, scale_exp=e, out=dst, origin=origin)
+        return y is not None
+    return place
+
+
 def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding, dilation, groups):
     mode = _conv_mode(route, g_m, w_m)
     if mode == "int" and route == "aten_wide" and (any(s != 1 for s in stride) or x_shape[-1] < amx_cpu.MIN_WIDTH):
@@ -456,15 +470,16 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
         return _conv_triton().conv2d_grad_input_int(g_m, w_m, x_shape, stride, padding, dilation, (g_s, w_s))
     if _int_conv(mode, g_m, groups, w_axis):
         e = _exponent(g_s, w_s)
-        conv = None
+        conv = place = None
         w_t = w_m.transpose(0, 1)  # the stride-1 convolution's weight, as far as amx_cpu's test goes
         if isinstance(e, int) and -126 <= e <= 126 and (amx_cpu.conv_applies(g_m, w_t, x_shape[-1])
                                                           or g_m.dtype == torch.int16 and _amx_narrow(g_m)):
             conv = _scaled_conv(e, wide=route == "aten_wide")
+            place = _placed_conv(e) if route != "aten_wide" else None
         elif _use_onednn(mode, g_m, w_t, groups, e, x_shape[0] * math.prod(x_shape[2:]), x_shape[-1]):
             conv = lambda x, w, s, p, d: conv_onednn.conv2d(x, w, e, s, p, d)  # noqa: E731
         gx = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(mode),
-                                      conv=conv)
+                                      conv=conv, place=place)
         return gx if gx.is_floating_point() else _apply(gx, e)
     on_mantissas = _exact_floats(route, mode) and w_axis is None  # exact float sums of the integers
     if on_mantissas:

@@ -262,3 +262,57 @@ def test_wide_convolutions_at_9_to_14_bits_run_exact_on_amx(monkeypatch, bits):
     exact = _train_step(_wide_net, x, bits, exact=True)
     assert torch.equal(default[0], exact[0]) and torch.equal(default[1], exact[1])
     assert all(torch.equal(a, b) for a, b in zip(default[2], exact[2]))
+
+
+@needs_amx
+@pytest.mark.parametrize("scaled", [False, True])
+def test_forward_writes_a_window_of_its_grid_into_a_strided_view(scaled):
+    """``out`` + ``origin``: the outputs from ``origin`` on land in the view's positions (here
+    every other pixel of a larger map) and nothing else in the map changes."""
+    x, w = _forward_case(2, 32, 12, 21, 24, (3, 3), (1, 1), (2, 2), (1, 1), seed=5)
+    full = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 2, 1)  # 14 x 23 grid
+    dtype = torch.float32 if scaled else torch.int32
+    big = torch.full((2, 25, 19, 24), -7, dtype=dtype)  # [N, H, W, C]
+    view = big[:, 1::2, ::2]  # 12 x 10 positions, 2 pixels apart
+    got = amx_cpu.conv_forward(x, w, 1, 2, 1, scale_exp=-3 if scaled else None, out=view, origin=(2, 11))
+    want = full[:, :, 2:14, 11:21]
+    want = torch.ldexp(want, torch.tensor(-3.0)).float() if scaled else want.int()
+    assert got is not None and torch.equal(got, want) and torch.equal(view.permute(0, 3, 1, 2), want)
+    untouched = torch.ones_like(big, dtype=torch.bool)
+    untouched[:, 1::2, ::2] = False
+    assert (big[untouched] == -7).all()
+    assert amx_cpu.conv_forward(x, w, 1, 2, 1, out=view.float() if not scaled else view, origin=(2, 11)) is None
+    assert amx_cpu.conv_forward(x, w, 1, 2, 1, scale_exp=-3, out=big[:, 1::2, ::2].float(), origin=(3, 11)) is None
+
+
+STRIDED_GRAD_CASES = [  # (n, c, h, w, cout, kernel, stride, padding, dilation): phases at least 8 wide
+    (2, 16, 32, 33, 32, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (3, 16, 17, 19, 48, (1, 1), (2, 2), (0, 0), (1, 1)),  # three of four phases stay zero
+    (1, 32, 20, 27, 16, (5, 3), (3, 2), (2, 1), (1, 1)),
+    (2, 16, 21, 22, 32, (3, 3), (2, 2), (2, 2), (2, 2)),
+    (2, 33, 18, 16, 64, (3, 3), (2, 1), (1, 1), (1, 1)),
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("case", STRIDED_GRAD_CASES)
+@pytest.mark.parametrize("bits", [8, 12])
+def test_strided_grad_input_phases_are_stored_in_place_exactly(monkeypatch, case, bits):
+    """A strided convolution's input gradient with each phase's correlation stored straight into
+    its positions (AMX; three products at 9-14 bits): the exact sum rounded once, no im2col phase."""
+    from muppet_fx import routes
+
+    n, c, h, w, cout, kernel, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(2)
+    lim, dtype = (127, torch.int8) if bits == 8 else (2047, torch.int16)
+    oh, ow = ((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in
+              zip((h, w), kernel, stride, padding, dilation))
+    g = torch.randint(-lim, lim + 1, (n, cout, oh, ow), generator=gen, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    wt = torch.randint(-lim, lim + 1, (cout, c, *kernel), generator=gen, dtype=dtype)
+    exact = torch.nn.grad.conv2d_input((n, c, h, w), wt.double(), g.double(), stride, padding,
+                                       dilation)  # integers below 2**53
+    monkeypatch.setattr(gemm_cpu, "_grad_input_by_phases", lambda *a: pytest.fail("im2col phases ran"))
+    got = gemm_cpu.conv_grad_input(g, wt, (n, c, h, w), stride, padding, dilation, place=routes._placed_conv(-9))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, torch.ldexp(exact, torch.tensor(-9.0)).float())
