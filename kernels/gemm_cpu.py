@@ -452,6 +452,12 @@ def _phase_taps(a: int, s: int, p: int, k: int, d: int = 1):
     return taps, (a + p - d * taps[0]) // s if taps else 0, step
 
 
+def _ascending(taps: list[int], k: int) -> slice:
+    """The descending, evenly spaced ``taps`` of a kernel as a slice of the flipped kernel."""
+    step = taps[0] - taps[1] if len(taps) > 1 else 1
+    return slice(k - 1 - taps[0], k - taps[-1], step)
+
+
 def _phases(g_m, w_m, input_shape, stride, padding, dilation):
     """Per phase ``(a, b)`` of the input positions that some tap reaches: ``(a, b, qh, qw, sub,
     (Ph, Pw), (eh, ew), (oh, ow))``: the phase's size, its sub-kernel (transposed for the
@@ -460,17 +466,19 @@ def _phases(g_m, w_m, input_shape, stride, padding, dilation):
     N, C, H, W = input_shape
     OH, OW = g_m.shape[2:]
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    kh, kw = w_m.shape[2:]
+    flipped = w_m.flip(2, 3)  # one copy: each phase's taps are then an ascending slice of it (a view)
     out = []
     for a in range(min(sh, H)):
-        rows, dh0, eh = _phase_taps(a, sh, ph, w_m.shape[2], dh)
+        rows, dh0, eh = _phase_taps(a, sh, ph, kh, dh)
         for b in range(min(sw, W)):
-            cols, dw0, ew = _phase_taps(b, sw, pw, w_m.shape[3], dw)
+            cols, dw0, ew = _phase_taps(b, sw, pw, kw, dw)
             if not rows or not cols:  # no tap reaches this phase: it stays zero
                 continue
             qh, qw = len(range(a, H, sh)), len(range(b, W, sw))
             Ph = max(0, -dh0, qh + dh0 + eh * (len(rows) - 1) - OH)  # symmetric padding >= both sides,
             Pw = max(0, -dw0, qw + dw0 + ew * (len(cols) - 1) - OW)  # the outputs wanted start at P + d0
-            sub = w_m[:, :, rows][:, :, :, cols].transpose(0, 1)
+            sub = flipped[:, :, _ascending(rows, kh)][:, :, :, _ascending(cols, kw)].transpose(0, 1)
             out.append((a, b, qh, qw, sub, (Ph, Pw), (eh, ew), (Ph + dh0, Pw + dw0)))
     return out
 
