@@ -365,3 +365,11 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
 
 BN_FORWARD(bn_forward_i8, int8_t, int32_t)
 BN_FORWARD(bn_forward_i16, int16_t, int64_t)
+
+/* The exact channel sums of m and m * m alone (s: 2 C values), e.g. for a bias gradient. */
+#define CHANNEL_SUMS(NAME, MTYPE)                                                                     \
+    void NAME##_channel_sums(const MTYPE *m, int64_t outer, int64_t C, int64_t inner, int64_t *s, int nthreads) { \
+        NAME##_sums(m, outer, C, inner, s, s + C, outer * C * inner > PAR_MIN ? nthreads : 1);       \
+    }
+CHANNEL_SUMS(bn_forward_i8, int8_t)
+CHANNEL_SUMS(bn_forward_i16, int16_t)

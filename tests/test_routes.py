@@ -264,10 +264,13 @@ def _gemm_fp16_reference(a_m, a_s, b_m, b_s, bias=None, b_axis=None, quantise_ou
     ((1024, 1024), [0], False), ((7, 33), [0], False), ((1, 1), [0], False),
     ((5, 3, 9, 7), [0, 2, 3], True), ((5, 3, 9, 7), [0, 2, 3], False),
     ((131073, 3), [0], False),  # longer than one int32-safe GEMM chunk
+    ((70, 3, 40, 40), [0, 2, 3], True),  # C channel sums over several int32 blocks
+    ((9, 5, 16, 17), [0, 2, 3], False),  # C channel sums along channel runs of 272 values
     ((2, 4, 3), [0, 1], False)])
 def test_bias_gradient_sums_exactly(dtype, bound, shape, dims, channels_last):
-    """Bias gradients (``sum_dequantised``; the CPU runs int8 ones as a GEMM ``ones @ m``) equal
-    the float64 sum of the mantissas, scaled: exact, extreme mantissas included."""
+    """Bias gradients (``sum_dequantised``; on the CPU the batch norm's C channel sums, or int8
+    ones as a GEMM ``ones @ m``) equal the float64 sum of the mantissas, scaled: exact, extreme
+    mantissas included."""
     from muppet_fx.routes import sum_dequantised
 
     m = torch.randint(-bound, bound + 1, shape, dtype=dtype)
