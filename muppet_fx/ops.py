@@ -23,6 +23,7 @@ from torch import Tensor
 from muppet_fx.kernels.quantise import is_dense, mantissa_dtype, scale_pow2, triton_path
 from muppet_fx.kernels.quantise_cpu import quantise_cpu
 from muppet_fx import routes
+from muppet_fx.custom_ops import call, custom_op, register_autograd
 from muppet_fx.numerics import fake_quantise_inplace, quantise_parts, quantise_values
 
 __all__ = ["quant_linear", "quant_conv", "quant_conv_transpose", "quant_conv_transpose_module", "quant_matmul",
@@ -141,14 +142,14 @@ def _register_layer_autograd(op, backward_op, geometry: int, contiguous_grad: bo
             return (None,) * ctx.n_inputs
         need = ctx.needs_input_grad[:3]
         gy = gy.contiguous() if contiguous_grad else gy
-        gx, gw, gb = backward_op(gy, *ctx.saved_tensors, *ctx.args, *need, ctx.route)
+        gx, gw, gb = call(backward_op, gy, *ctx.saved_tensors, *ctx.args, *need, ctx.route)
         return (*_input_grads(need, (gx, gw, gb), ctx.dtypes),) + (None,) * (ctx.n_inputs - 3)
 
-    op.register_autograd(grad, setup_context=setup)
+    register_autograd(op, grad, setup)
 
 
 # ---------------------------------------------------------------------------------- linear
-@torch.library.custom_op("muppet_fx::linear", mutates_args=())
+@custom_op("muppet_fx::linear")
 def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int, rounding: str,
             grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str, out_parts: bool = False
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -169,7 +170,7 @@ def _(x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out, route
     return (y, *_fake_parts(x, bits), *_fake_parts(w, bits, w_axis), *_fake_out_parts(y, bits, quant_out and out_parts))
 
 
-@torch.library.custom_op("muppet_fx::linear_backward", mutates_args=())
+@custom_op("muppet_fx::linear_backward")
 def _linear_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor, bits: int,
                      rounding: str, w_axis: Optional[int], need_x: bool, need_w: bool,
                      need_b: bool, route: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -197,7 +198,7 @@ _register_layer_autograd(_linear, _linear_backward, geometry=0, contiguous_grad=
 
 
 # ------------------------------------------------------------------------------ convolution
-@torch.library.custom_op("muppet_fx::conv", mutates_args=())
+@custom_op("muppet_fx::conv")
 def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding: list[int],
           dilation: list[int], groups: int, bits: int, bwd_bits: int, rounding: str,
           grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str, out_parts: bool = False
@@ -231,7 +232,7 @@ def _conv_grads(g, g_m, g_s, w_m, gx, gw, need_x: bool, need_w: bool, need_b: bo
     return _own(gx, gw, gb)
 
 
-@torch.library.custom_op("muppet_fx::conv_backward", mutates_args=())
+@custom_op("muppet_fx::conv_backward")
 def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor,
                    stride: list[int], padding: list[int], dilation: list[int], groups: int,
                    bits: int, rounding: str, w_axis: Optional[int], need_x: bool, need_w: bool,
@@ -268,7 +269,7 @@ def _transpose_out_size(x: Tensor, w: Tensor, stride, padding, output_padding, d
             zip(x.shape[2:], w.shape[2:], stride, padding, output_padding, dilation)]
 
 
-@torch.library.custom_op("muppet_fx::conv_transpose", mutates_args=())
+@custom_op("muppet_fx::conv_transpose")
 def _conv_transpose(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding: list[int],
                     output_padding: list[int], dilation: list[int], groups: int, bits: int, bwd_bits: int,
                     rounding: str, grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
@@ -295,7 +296,7 @@ def _(x, w, b, stride, padding, output_padding, dilation, groups, bits, bwd_bits
     return (y, *_fake_parts(x, bits, keep_layout=True), *_fake_parts(w, bits, w_axis))
 
 
-@torch.library.custom_op("muppet_fx::conv_transpose_backward", mutates_args=())
+@custom_op("muppet_fx::conv_transpose_backward")
 def _conv_transpose_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor,
                              stride: list[int], padding: list[int], output_padding: list[int],
                              dilation: list[int], groups: int, bits: int, rounding: str,
@@ -339,7 +340,7 @@ def _matmul_grads(g: Tensor, a: Tensor, b: Tensor, need_a: bool, need_b: bool):
     return _own(ga, gb)
 
 
-@torch.library.custom_op("muppet_fx::matmul", mutates_args=())
+@custom_op("muppet_fx::matmul")
 def _matmul(a: Tensor, b: Tensor, bits: int, bwd_bits: int, rounding: str, grad_rounding: str,
             quant_out: bool, route: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
@@ -357,7 +358,7 @@ def _(a, b, bits, bwd_bits, rounding, grad_rounding, quant_out, route):
     return (y, *_fake_parts(a, bits), *_fake_parts(b, bits))
 
 
-@torch.library.custom_op("muppet_fx::matmul_backward", mutates_args=())
+@custom_op("muppet_fx::matmul_backward")
 def _matmul_backward(g: Tensor, a_m: Tensor, a_s: Tensor, b_m: Tensor, b_s: Tensor, bits: int,
                      rounding: str, need_a: bool, need_b: bool, route: str) -> tuple[Tensor, Tensor]:
     route = routes.for_level(route, bits)
@@ -388,12 +389,12 @@ def _matmul_grad(ctx, gy, *_):
     if gy is None:
         return (None,) * 8
     need = ctx.needs_input_grad[:2]
-    ga, gb = _matmul_backward(gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need, ctx.route)
+    ga, gb = call(_matmul_backward, gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need, ctx.route)
     grads = _input_grads(need, (ga, gb), ctx.dtypes)
     return (*grads,) + (None,) * 6
 
 
-_matmul.register_autograd(_matmul_grad, setup_context=_matmul_setup)
+register_autograd(_matmul, _matmul_grad, _matmul_setup)
 
 
 # ----------------------------------------------------------------------------------- einsum
@@ -413,7 +414,7 @@ def einsum_grad_equations(equation: str) -> tuple[str, str] | None:
     return f"{out},{b}->{a}", f"{a},{out}->{b}"
 
 
-@torch.library.custom_op("muppet_fx::einsum", mutates_args=())
+@custom_op("muppet_fx::einsum")
 def _einsum(equation: str, a: Tensor, b: Tensor, bits: int, bwd_bits: int, rounding: str,
             grad_rounding: str, quant_out: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     a_m, a_s = quantise_parts(a.float(), bits, rounding)
@@ -430,7 +431,7 @@ def _(equation, a, b, bits, bwd_bits, rounding, grad_rounding, quant_out):
     return (y, *_fake_parts(a, bits), *_fake_parts(b, bits))
 
 
-@torch.library.custom_op("muppet_fx::einsum_backward", mutates_args=())
+@custom_op("muppet_fx::einsum_backward")
 def _einsum_backward(equation: str, g: Tensor, a_m: Tensor, a_s: Tensor, b_m: Tensor, b_s: Tensor,
                      bits: int, rounding: str, need_a: bool, need_b: bool) -> tuple[Tensor, Tensor]:
     eq_a, eq_b = einsum_grad_equations(equation)
@@ -457,16 +458,16 @@ def _einsum_grad(ctx, gy, *_):
     if gy is None:
         return (None,) * 8
     need = ctx.needs_input_grad[1:3]
-    ga, gb = _einsum_backward(ctx.equation, gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need)
+    ga, gb = call(_einsum_backward, ctx.equation, gy.contiguous(), *ctx.saved_tensors, *ctx.args, *need)
     grads = _input_grads(need, (ga, gb), ctx.dtypes)
     return (None, *grads, None, None, None, None, None)
 
 
-_einsum.register_autograd(_einsum_grad, setup_context=_einsum_setup)
+register_autograd(_einsum, _einsum_grad, _einsum_setup)
 
 
 # ------------------------------------------------------------------- output quantisation
-@torch.library.custom_op("muppet_fx::quantise_output", mutates_args=())
+@custom_op("muppet_fx::quantise_output")
 def _quantise_output(y: Tensor, bits: int, rounding: str) -> Tensor:
     return _fq(y.to(torch.float32, copy=True), bits, rounding).to(y.dtype)
 
@@ -477,8 +478,7 @@ def _(y, bits, rounding):
 
 
 # Straight-through: the next layer's backward quantises the gradient (SPEC section 2).
-_quantise_output.register_autograd(lambda ctx, g: (g, None, None),
-                                   setup_context=lambda ctx, inputs, output: None)
+register_autograd(_quantise_output, lambda ctx, g: (g, None, None), lambda ctx, inputs, output: None)
 
 
 # --------------------------------------------------------------- wrappers the graphs call
@@ -493,9 +493,9 @@ def quant_linear(site, input: Tensor, weight: Tensor, bias: Tensor | None = None
         return F.linear(input, weight, bias)
     c = st.config
     parts = _wants_output_parts(site, input, weight)
-    y, _, x_s, _, w_s, y_m, y_s = _linear(input, weight, bias, st.fwd_bits, st.bwd_bits, c.rounding,
-                                          c.grad_rounding, site.weight_axis, c.quantise_outputs,
-                                          st.route_for(input.device), parts)
+    y, _, x_s, _, w_s, y_m, y_s = call(_linear, input, weight, bias, st.fwd_bits, st.bwd_bits, c.rounding,
+                                       c.grad_rounding, site.weight_axis, c.quantise_outputs,
+                                       st.route_for(input.device), parts)
     site.record(x_s, w_s)
     _remember_weight(site, weight)
     return _leave_parts(site, _result(y, input), y_m, y_s, parts)
@@ -554,9 +554,9 @@ def quant_conv(site, input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     x = x.unsqueeze(0) if unbatched else x
     c = st.config
     parts = _wants_output_parts(site, x, weight)
-    y, _, x_s, _, w_s, y_m, y_s = _conv(x, weight, bias, stride, padding, dilation, groups, st.fwd_bits,
-                                        st.bwd_bits, c.rounding, c.grad_rounding, site.weight_axis,
-                                        c.quantise_outputs, st.route_for(x.device), parts)
+    y, _, x_s, _, w_s, y_m, y_s = call(_conv, x, weight, bias, stride, padding, dilation, groups, st.fwd_bits,
+                                       st.bwd_bits, c.rounding, c.grad_rounding, site.weight_axis,
+                                       c.quantise_outputs, st.route_for(x.device), parts)
     site.record(x_s, w_s)
     _remember_weight(site, weight)
     return _leave_parts(site, _result(y.squeeze(0) if unbatched else y, input), y_m, y_s, parts)
@@ -573,10 +573,10 @@ def quant_conv_transpose(site, input: Tensor, weight: Tensor, bias: Tensor | Non
     unbatched = input.dim() == n + 1
     x = input.unsqueeze(0) if unbatched else input
     c = st.config
-    y, _, x_s, _, w_s = _conv_transpose(x, weight, bias, _per_dim(stride, n), _per_dim(padding, n),
-                                        _per_dim(output_padding, n), _per_dim(dilation, n), groups, st.fwd_bits,
-                                        st.bwd_bits, c.rounding, c.grad_rounding, site.weight_axis,
-                                        c.quantise_outputs, st.route_for(x.device))
+    y, _, x_s, _, w_s = call(_conv_transpose, x, weight, bias, _per_dim(stride, n), _per_dim(padding, n),
+                             _per_dim(output_padding, n), _per_dim(dilation, n), groups, st.fwd_bits,
+                             st.bwd_bits, c.rounding, c.grad_rounding, site.weight_axis,
+                             c.quantise_outputs, st.route_for(x.device))
     site.record(x_s, w_s)
     _remember_weight(site, weight)
     return _result(y.squeeze(0) if unbatched else y, input)
@@ -597,8 +597,8 @@ def quant_matmul(site, input: Tensor, other: Tensor) -> Tensor:
     if not st.quantised or st.suspended:
         return torch.matmul(input, other)
     c = st.config
-    y, _, a_s, _, b_s = _matmul(input, other, st.fwd_bits, st.bwd_bits, c.rounding,
-                                c.grad_rounding, c.quantise_outputs, st.route_for(input.device))
+    y, _, a_s, _, b_s = call(_matmul, input, other, st.fwd_bits, st.bwd_bits, c.rounding,
+                             c.grad_rounding, c.quantise_outputs, st.route_for(input.device))
     site.record(a_s, b_s)
     _remember_weight(site, other)
     return _result(y, input)
@@ -611,8 +611,8 @@ def quant_addmm(site, input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alph
     if not st.quantised or st.suspended:
         return fn(input, mat1, mat2, beta=beta, alpha=alpha)
     c = st.config
-    y, _, a_s, _, b_s = _matmul(mat1, mat2, st.fwd_bits, st.bwd_bits, c.rounding,
-                                c.grad_rounding, False, st.route_for(mat1.device))
+    y, _, a_s, _, b_s = call(_matmul, mat1, mat2, st.fwd_bits, st.bwd_bits, c.rounding,
+                             c.grad_rounding, False, st.route_for(mat1.device))
     site.record(a_s, b_s)
     y = (y if alpha == 1 else alpha * y) + (input if beta == 1 else beta * input)
     return _result(quant_output(site, y), mat1)
@@ -629,8 +629,8 @@ def quant_einsum(site, equation: str, *operands) -> Tensor:
         st.keep_fp32(site.name, "einsum", f"equation {equation!r} with {len(ops)} operands is not routed")
         return torch.einsum(equation, *ops)
     c = st.config
-    y, _, a_s, _, b_s = _einsum(equation, ops[0], ops[1], st.fwd_bits, st.bwd_bits, c.rounding,
-                                c.grad_rounding, c.quantise_outputs)
+    y, _, a_s, _, b_s = call(_einsum, equation, ops[0], ops[1], st.fwd_bits, st.bwd_bits, c.rounding,
+                             c.grad_rounding, c.quantise_outputs)
     site.record(a_s, b_s)
     return _result(y, ops[0])
 
@@ -639,4 +639,4 @@ def quant_output(site, y: Tensor) -> Tensor:
     st = site.state
     if not st.quantised or st.suspended or not st.config.quantise_outputs:
         return y
-    return _quantise_output(y, st.fwd_bits, st.config.rounding)
+    return call(_quantise_output, y, st.fwd_bits, st.config.rounding)

@@ -1,0 +1,65 @@
+"""Custom ops whose eager calls skip the dispatcher.
+
+The quantised products are ``torch.library`` custom ops so that ``torch.compile`` and export see
+them as opaque nodes with fake implementations. Called eagerly, each one still goes through the
+custom-op machinery (argument normalisation, alias checks, the autograd wrapper), which measured
+about 0.24 ms per layer for a forward and backward on a 2-core CPU: 5 ms of a ResNet-20 training
+step. :func:`call` runs the op's Python body directly where nothing needs the op itself, through
+a ``torch.autograd.Function`` with the op's own autograd formula when gradients are wanted; the
+results are the same tensors the op would return (same code), so eager and compiled runs agree.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["custom_op", "register_autograd", "call"]
+
+_BODY: dict = {}   # op -> the decorated Python function
+_EAGER: dict = {}  # op -> autograd.Function running that function
+
+
+def custom_op(name: str):
+    """``torch.library.custom_op(name, mutates_args=())`` that keeps the decorated body for :func:`call`."""
+    def wrap(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        _BODY[op] = fn
+        return op
+    return wrap
+
+
+def register_autograd(op, backward, setup_context) -> None:
+    """``op.register_autograd(backward, setup_context=...)``, and the same formula for eager calls."""
+    op.register_autograd(backward, setup_context=setup_context)
+    body = _BODY[op]
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = body(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Eager.__name__ = Eager.__qualname__ = f"{body.__name__.lstrip('_')}_eager"
+    _EAGER[op] = Eager
+
+
+def _plain(t: Tensor) -> bool:
+    """A real tensor the body can compute on (not fake, meta or a functorch wrapper)."""
+    return type(t) in (Tensor, torch.nn.Parameter) and t.device.type in ("cpu", "cuda")
+
+
+def call(op, *args):
+    """``op(*args)``; eagerly, on real tensors, the op's body without the dispatcher."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if torch.compiler.is_compiling() or not all(_plain(t) for t in tensors):
+        return op(*args)
+    eager = _EAGER.get(op)
+    if eager is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return eager.apply(*args)
+    with torch.no_grad():  # as the op's body runs, below autograd
+        return _BODY[op](*args)
