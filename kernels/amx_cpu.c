@@ -49,6 +49,7 @@ typedef struct {
     int KH, KW, SH, SW, PH, PW, DH, DW;
     int64_t no, nb, ncb; /* output-channel blocks, B tiles (taps x channel blocks), channel blocks */
     const int8_t *padv;  /* 64 bytes: what the input reads outside the image */
+    uint64_t *row_taps, *col_taps; /* per output row / column: the taps whose input row / column is inside */
 } gw_problem;
 
 /* The chunk's positions, located once per chunk (no divisions in the packers): goff = offset of
@@ -63,17 +64,30 @@ static void gw_locate(const gw_problem *p, int64_t m0, int64_t count, gw_coords 
         int64_t ih0 = oh * p->SH - p->PH, iw0 = ow * p->SW - p->PW;
         c->goff[k] = n * p->gn + oh * p->gh + ow * p->gw;
         c->xoff[k] = n * p->xn + ih0 * p->xh + iw0 * p->xw;
-        uint64_t taps = 0;
-        for (int i = 0; i < p->KH; i++) {
-            int64_t ih = ih0 + (int64_t)i * p->DH;
-            if (ih < 0 || ih >= p->H) continue;
-            for (int j = 0; j < p->KW; j++) {
-                int64_t iw = iw0 + (int64_t)j * p->DW;
-                if (iw >= 0 && iw < p->W) taps |= 1ULL << (i * p->KW + j);
-            }
-        }
-        c->taps[k] = taps;
+        c->taps[k] = p->row_taps[oh] & p->col_taps[ow];
         if (++ow == p->OW) { ow = 0; if (++oh == p->OH) { oh = 0; n++; } }
+    }
+}
+
+/* row_taps[oh]: bits KW i + j of the taps (i, any j) whose input row lies inside the image;
+ * col_taps[ow] likewise for the columns: a position's taps inside the image are their AND. */
+static void gw_tap_masks(gw_problem *p) {
+    for (int64_t oh = 0; oh < p->OH; oh++) {
+        uint64_t bits = 0;
+        for (int i = 0; i < p->KH; i++) {
+            int64_t ih = oh * p->SH - p->PH + (int64_t)i * p->DH;
+            if (ih >= 0 && ih < p->H) bits |= ((p->KW == 64 ? 0 : 1ULL << p->KW) - 1) << (i * p->KW);
+        }
+        p->row_taps[oh] = bits;
+    }
+    for (int64_t ow = 0; ow < p->OW; ow++) {
+        uint64_t bits = 0;
+        for (int j = 0; j < p->KW; j++) {
+            int64_t iw = ow * p->SW - p->PW + (int64_t)j * p->DW;
+            if (iw >= 0 && iw < p->W)
+                for (int i = 0; i < p->KH; i++) bits |= 1ULL << (i * p->KW + j);
+        }
+        p->col_taps[ow] = bits;
     }
 }
 
@@ -226,11 +240,16 @@ int amx_conv_grad_weight(const int8_t *x, int64_t N, int64_t C, int64_t H, int64
     int8_t padv[64];
     memset(padv, pad, sizeof padv);
     gw_problem p = {x, xn, xh, xw, C, H, W, g, gn, gc, gh, gw, Cout, OH, OW, N * OH * OW,
-                    KH, KW, SH, SW, PH, PW, DH, DW, (Cout + 15) / 16, (int64_t)KH * KW * (C / 16), C / 16, padv};
+                    KH, KW, SH, SW, PH, PW, DH, DW, (Cout + 15) / 16, (int64_t)KH * KW * (C / 16), C / 16, padv,
+                    malloc(OH * sizeof(uint64_t)), malloc(OW * sizeof(uint64_t))};
     int64_t ld = 16 * p.nb, size = 16 * p.no * ld, chunks = (p.M + 64 * MB - 1) / (64 * MB);
     int64_t groups = gw_groups(&p);
     gw_coords *shared_coords = malloc(sizeof(gw_coords));
-    if (!shared_coords) return -1;
+    if (!shared_coords || !p.row_taps || !p.col_taps) {
+        free(shared_coords); free(p.row_taps); free(p.col_taps);
+        return -1;
+    }
+    gw_tap_masks(&p);
     #pragma omp parallel num_threads(threads)
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -280,6 +299,8 @@ int amx_conv_grad_weight(const int8_t *x, int64_t N, int64_t C, int64_t H, int64
         free(coords);
     }
     free(shared_coords);
+    free(p.row_taps);
+    free(p.col_taps);
     return 0;
 }
 
