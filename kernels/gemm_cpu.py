@@ -260,18 +260,21 @@ def _narrow_planes(a: torch.Tensor, b: torch.Tensor):
     operand is wider (or not int16)."""
     if a.dtype != torch.int16 or b.dtype != torch.int16:
         return None
+    pa = karatsuba_planes(a, "ka")
+    pb = karatsuba_planes(b, "kb") if pa is not None else None
+    return None if pb is None else (pa, pb)
+
+
+def karatsuba_planes(t: torch.Tensor, tag: str):
+    """``(h, l, h + l)`` of one int16 operand up to 14 bits (``tag``: the C pass's workspace),
+    or ``None`` where it is wider."""
     from . import scaled_mm_cpu  # it imports this module
 
-    planes = []
-    for t, tag in ((a, "ka"), (b, "kb")):
-        p = scaled_mm_cpu.split_karatsuba(t, tag)
-        if p is None and _max_abs(t) <= 8191:  # no C pass for this layout: torch ops
-            h, low = _split128(t)
-            p = (h, low, h + low)
-        if not p:
-            return None
-        planes.append(p)
-    return tuple(planes)
+    p = scaled_mm_cpu.split_karatsuba(t, tag)
+    if p is None and _max_abs(t) <= 8191:  # no C pass for this layout: torch ops
+        h, low = _split128(t)
+        p = (h, low, h + low)
+    return p or None
 
 
 def conv_karatsuba_scaled(conv, a16: torch.Tensor, b16: torch.Tensor, e: int, bias=None, geometry=None):

@@ -454,15 +454,18 @@ def _scaled_conv(e: int, wide: bool = False):
 
 def _placed_conv(e: int):
     """``place`` of ``gemm_cpu.conv_grad_input``: one phase of a strided grad-input, scaled by
-    ``2**e`` and stored in place by the AMX kernels (int8; int16 up to 14 bits as three products)."""
+    ``2**e`` and stored in place by the AMX kernels (int8; int16 up to 14 bits as three products,
+    the gradient split into its planes once for all phases)."""
+    split = {}
+
     def place(g, w, p, d, origin, dst):
-        if g.dtype == torch.int16:
-            planes = gemm_cpu._narrow_planes(g, w)
-            y = None if planes is None else amx_cpu.conv_forward_karatsuba(*planes, 1, p, d, e, out=dst,
-                                                                             origin=origin)
-        else:
-            y = amx_cpu.conv_forward(g, w, 1, p, d, scale_exp=e, out=dst, origin=origin)
-        return y is not None
+        if g.dtype != torch.int16 or w.dtype != torch.int16:
+            return amx_cpu.conv_forward(g, w, 1, p, d, scale_exp=e, out=dst, origin=origin) is not None
+        if "g" not in split:
+            split["g"] = gemm_cpu.karatsuba_planes(g, "kg")
+        planes = split["g"], gemm_cpu.karatsuba_planes(w, "kw")
+        return None not in planes and amx_cpu.conv_forward_karatsuba(*planes, 1, p, d, e, out=dst,
+                                                                     origin=origin) is not None
     return place
 
 
