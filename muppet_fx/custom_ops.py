@@ -48,9 +48,12 @@ def register_autograd(op, backward, setup_context) -> None:
     _EAGER[op] = Eager
 
 
+_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+
+
 def _plain(t: Tensor) -> bool:
-    """A real tensor the body can compute on (not fake, meta or a functorch wrapper)."""
-    return type(t) in (Tensor, torch.nn.Parameter) and t.device.type in ("cpu", "cuda")
+    """A real tensor the body can compute on (not fake, meta or a ``torch.func`` wrapper)."""
+    return type(t) in (Tensor, torch.nn.Parameter) and t.device.type in ("cpu", "cuda") and not _wrapped(t)
 
 
 def call(op, *args):

@@ -3,6 +3,8 @@
 themselves; fake tensors and compiled graphs still get the ops."""
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -72,3 +74,23 @@ def test_fake_and_meta_tensors_take_the_op():
     x, w = torch.randn(2, 7, device="meta"), torch.randn(3, 7, device="meta")
     y = custom_ops.call(ops._linear, x, w, None, 8, 8, "nearest", "nearest", None, True, "aten", False)[0]
     assert y.shape == (2, 3) and y.device.type == "meta"
+
+
+def test_torch_func_wrappers_take_the_op(monkeypatch):
+    """Under ``torch.func`` transforms the inputs are wrapper tensors of plain type; the body's C
+    kernels must never see them, so the op (and its dispatcher rules) gets the call."""
+    seen = []
+    real = ops._linear
+    monkeypatch.setattr(custom_ops, "_BODY", {**custom_ops._BODY, real: lambda *a: seen.append(a)})
+    monkeypatch.setattr(custom_ops, "_EAGER", {real: types.SimpleNamespace(apply=lambda *a: seen.append(a))})
+    x, w = torch.randn(2, 7), torch.randn(3, 7)
+
+    def f(x):
+        try:
+            custom_ops.call(real, x, w, None, 8, 8, "nearest", "nearest", None, True, "aten", False)
+        except Exception:  # what the op does with a functorch wrapper is the op's business
+            pass
+        return x.sum()
+
+    torch.func.grad(f)(x)
+    assert not seen
