@@ -228,7 +228,7 @@ static void gw_run_group(const gw_problem *p, int64_t gi, const int8_t *ap, cons
 }
 
 /* out: int32 [16 * ceil(Cout/16), KH * KW * C], zeroed here; the caller keeps the positions
- * N * OH * OW short enough for int32 sums (below 2**31 / 128**2). partials: NULL (threads share
+ * N * OH * OW short enough for int32 sums (below 2**31 / max|value|**2). partials: NULL (threads share
  * each chunk and split its groups), or threads * that size (each thread takes whole chunks).
  * pack: (threads with partials, else 1) * (no + nb) * MB tiles. Returns -1 where C % 16 != 0. */
 int amx_conv_grad_weight(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xn,

@@ -60,7 +60,7 @@ def available() -> bool:
 
 
 def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride, padding, dilation,
-                     pad: int = 0) -> torch.Tensor | None:
+                     pad: int = 0, magnitude: int = 128) -> torch.Tensor | None:
     """Exact integer weight gradient ``[Cout, C, kh, kw]`` of a 2-d convolution (``groups == 1``)
     from int8 output-gradient and input mantissas (int32; int64 where the batch is summed in
     parts), or ``None`` where the kernel does not apply: no AMX, other dtypes, ``C`` not a
@@ -69,7 +69,10 @@ def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride,
     The patches are gathered from the input into tile layout as the tiles are filled, so no
     im2col matrix is written; sums run in int32 over as many images as cannot overflow it.
     ``pad``: the value the input takes outside the image (0 for a convolution's zero padding;
-    a digit plane of a split operand has its own, see ``gemm_cpu.conv_wide_scaled``)."""
+    a digit plane of a split operand has its own, see ``gemm_cpu.conv_wide_scaled``).
+    ``magnitude``: the largest ``|value|`` either operand (and ``pad``) may hold, which sets how
+    many images one int32 sum takes: 128 for any int8; the quantiser's 8-bit mantissas stop at
+    127, which lets a batch of 128 32x32 maps run as one sum instead of two halves."""
     lib = _library()
     Cout, C, kh, kw = weight_shape
     stride, padding, dilation = _pairs(stride, padding, dilation)
@@ -80,14 +83,14 @@ def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride,
     N, _, H, W = x_m.shape
     OH, OW = g_m.shape[2:]
     per_image = OH * OW
-    if per_image * 128 * 128 >= 2**31:
+    if not 0 < magnitude <= 128 or abs(pad) > magnitude or per_image * magnitude**2 >= 2**31:
         return None
-    images = (2**31 - 1) // (128 * 128 * per_image)  # int32 sums stay exact over this many images
+    images = (2**31 - 1) // (magnitude**2 * per_image)  # int32 sums stay exact over this many images
     from .gemm_cpu import sum_in_image_parts, workspace  # gemm_cpu imports this module
 
     if N > images:  # exact int64 sum of int32 parts
-        return sum_in_image_parts(lambda g, x: conv_grad_weight(g, x, weight_shape, stride, padding, dilation, pad),
-                                  g_m, x_m, images)
+        return sum_in_image_parts(lambda g, x: conv_grad_weight(g, x, weight_shape, stride, padding, dilation, pad,
+                                                                magnitude), g_m, x_m, images)
     no, nb = -(-Cout // 16), kh * kw * (C // 16)
     size = 16 * no * 16 * nb
     threads = torch.get_num_threads()

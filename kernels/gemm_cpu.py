@@ -527,22 +527,24 @@ def _grad_input_by_phases(g_m, w_m, input_shape, stride, padding, dilation, mm):
     return out if out is not None else torch.zeros((N, C, H, W), dtype=torch.int32, device=g_m.device)
 
 
-def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None) -> torch.Tensor:
+def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None, magnitude: int = 128
+                     ) -> torch.Tensor:
     """Exact integer gradient of ``conv2d`` w.r.t. its weight: ``G^T @ im2col(x)``, or on AMX
     CPUs for channels-last int8 inputs with 16k channels the implicit GEMM of
     :func:`amx_cpu.conv_grad_weight` (1.0-2.6x faster than im2col and ``torch._int_mm`` on
-    ResNet's layers, measured)."""
+    ResNet's layers, measured). ``magnitude``: the largest ``|value|`` of int8 operands, as
+    there (the quantiser's 8-bit mantissas and the Karatsuba planes stop at 127)."""
     if mm is None and not fast_int8():  # AVX2: the patches gathered as the reduction is packed
         acc = gemm_avx2.conv2d_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
         if acc is not None:
             return acc
     planes = _narrow_planes(g_m, x_m)
     if planes is not None:
-        return _karatsuba_bilinear(
-            lambda a, b: conv_grad_weight(a, b, weight_shape, stride, padding, dilation, mm), planes)
+        return _karatsuba_bilinear(  # |h|, |l| <= 64 and |h + l| <= 127
+            lambda a, b: conv_grad_weight(a, b, weight_shape, stride, padding, dilation, mm, 127), planes)
     Cout, C, kh, kw = weight_shape
     if mm is None and g_m.dtype == torch.int8 and x_m.dtype == torch.int8:
-        acc = amx_cpu.conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
+        acc = amx_cpu.conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, magnitude=magnitude)
         if acc is not None:  # AMX tiles filled straight from the input, no im2col matrix
             return acc
     if mm is None and g_m.dtype == torch.int16 and x_m.dtype == torch.int16:

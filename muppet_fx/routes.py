@@ -509,7 +509,9 @@ def conv_grad_weight(route, g_m, g_s, x_m, x_s, w_shape, stride, padding, dilati
         if route == "aten_wide":  # above 14 bits: straight to the digit products
             acc = gemm_cpu.conv_grad_weight_digits(g_m, x_m, w_shape, stride, padding, dilation)
         if acc is None:
-            acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(mode))
+            # the quantiser's mantissas stop at 2**(b-1) - 1: 127 at 8 bits
+            acc = gemm_cpu.conv_grad_weight(g_m, x_m, w_shape, stride, padding, dilation, mm=_int8_kernel(mode),
+                                            magnitude=127)
         return _apply(acc, _exponent(g_s, x_s))
     on_mantissas = _exact_floats(route, mode)
     if on_mantissas:

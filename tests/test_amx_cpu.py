@@ -77,13 +77,33 @@ def test_batch_longer_than_an_int32_sum_is_split_exactly():
 
 
 @needs_amx
+def test_operands_within_127_sum_128_images_of_32x32_at_once(monkeypatch):
+    """With ``magnitude=127`` (the quantiser's 8-bit mantissas) 128 x 1024 positions of extreme
+    products stay below 2**31 (2,130,706,432): one int32 sum, exact; the default bound (any int8)
+    cuts the batch in two."""
+    from muppet_fx.kernels import gemm_cpu
+
+    g, x, ws = _case(128, 16, 32, 32, 16, (1, 1), (1, 1), (0, 0), (1, 1), seed=8)
+    x[:, 0], g[:, 0] = 127, 127
+    want = _oracle(g, x, ws, (1, 1), (0, 0), (1, 1))
+    parts = []
+    real = gemm_cpu.sum_in_image_parts
+    monkeypatch.setattr(gemm_cpu, "sum_in_image_parts", lambda *a: parts.append(1) or real(*a))
+    got = amx_cpu.conv_grad_weight(g, x, ws, (1, 1), (0, 0), (1, 1), magnitude=127)
+    assert not parts and got.dtype == torch.int32 and torch.equal(got.long(), want)
+    assert want[0, 0, 0, 0] == 128 * 1024 * 127**2
+    assert torch.equal(amx_cpu.conv_grad_weight(g, x, ws, (1, 1), (0, 0), (1, 1)), want) and parts
+    assert amx_cpu.conv_grad_weight(g, x, ws, (1, 1), (0, 0), (1, 1), pad=-128, magnitude=127) is None
+
+
+@needs_amx
 def test_gemm_route_takes_it_and_agrees_with_im2col(monkeypatch):
     g, x, ws = _case(3, 16, 9, 9, 24, (3, 3), (2, 2), (1, 1), (1, 1), seed=5)
     calls = []
     real = amx_cpu.conv_grad_weight
-    monkeypatch.setattr(amx_cpu, "conv_grad_weight", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(amx_cpu, "conv_grad_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = gemm_cpu.conv_grad_weight(g, x, ws, (2, 2), (1, 1), (1, 1))
-    monkeypatch.setattr(amx_cpu, "conv_grad_weight", lambda *a: None)
+    monkeypatch.setattr(amx_cpu, "conv_grad_weight", lambda *a, **k: None)
     slow = gemm_cpu.conv_grad_weight(g, x, ws, (2, 2), (1, 1), (1, 1))
     assert calls and torch.equal(fast.long(), slow.long())
 
