@@ -10,7 +10,8 @@ The ``emulate`` route computes the products in FP32 on the dequantised operands 
 set-up). Every op has a fake implementation, so ``torch.compile`` sees through them.
 
 The ``quant_*`` wrappers at the bottom are what the rewritten graphs call: they read the word
-lengths from the layer's :class:`~muppet_fx.state.Site` when they run.
+lengths from the layer's :class:`~muppet_fx.state.Site` when they run, and call the ops through
+:func:`muppet_fx.custom_ops.call` (eagerly, the ops' bodies without the dispatcher).
 """
 from __future__ import annotations
 
