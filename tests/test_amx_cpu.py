@@ -153,6 +153,9 @@ FORWARD_CASES = [  # output rows of at least 8 positions (amx_cpu.MIN_WIDTH)
     (1, 16, 13, 12, 1, (5, 5), (1, 1), (2, 2), (1, 1)),
     (2, 128, 9, 21, 40, (3, 3), (1, 1), (1, 1), (1, 1)),
     (1, 80, 5, 6, 7, (3, 3), (1, 1), (3, 3), (1, 1)),  # 16-channel pieces; padding wider than the kernel
+    (2, 32, 9, 12, 24, (3, 3), (1, 1), (1, 1), (1, 1)),  # pieces of two pixels, the second group half empty
+    (1, 32, 8, 10, 16, (2, 5), (2, 1), (0, 2), (1, 1)),  # three groups of two pixels, strided rows
+    (2, 16, 10, 11, 17, (1, 7), (1, 1), (0, 3), (1, 1)),  # groups of four pixels, 7 columns
 ]
 
 
