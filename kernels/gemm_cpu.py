@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import amx_cpu, gemm_avx2
+from . import amx_cpu, amx_gemm, gemm_avx2
 from .cbuild import load_c_library
 
 __all__ = ["fast_int8", "integer_products_fast", "int8_mm", "int_matmul", "int_matmul_reference", "im2col",
@@ -90,12 +90,12 @@ def _mm_int8(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK, mm=None) -> t
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Exact int32 ``a @ b`` of int8 matrices (``K <= CHUNK``, layouts as :func:`gemm_layout`
-    leaves them): ``torch._int_mm`` on CPUs with int8 dot products, else the AVX2 kernel
-    (:mod:`gemm_avx2`, 1.7-4x FP32 ``torch.mm`` where ``torch._int_mm`` ran at 0.02x)."""
-    if not fast_int8():
-        got = gemm_avx2.int8_mm(a, b, out)
-        if got is not None:
-            return got
+    leaves them): the AMX kernel (:mod:`amx_gemm`) where it applies, else ``torch._int_mm`` on
+    CPUs with int8 dot products, else the AVX2 kernel (:mod:`gemm_avx2`, 1.7-4x FP32
+    ``torch.mm`` where ``torch._int_mm`` ran at 0.02x)."""
+    got = amx_gemm.matmul(a, b, out) if fast_int8() else gemm_avx2.int8_mm(a, b, out)
+    if got is not None:
+        return got
     return torch._int_mm(a, b) if out is None else torch._int_mm(a, b, out=out)
 
 

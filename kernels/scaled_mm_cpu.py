@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import amx_gemm
 from .cbuild import bound_library
 from .gemm_cpu import CHUNK, gemm_layout, int8_mm, workspace
 from .quantise_cpu import _ptr
@@ -98,6 +99,10 @@ def scaled_int_matmul(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tens
             return None
     if a.dtype != b.dtype:
         a, b = a.to(torch.int16), b.to(torch.int16)
+    if K <= chunk and a.dtype == torch.int8:  # one product: the AMX kernel stores the floats itself
+        y = amx_gemm.scaled_matmul(a, b, e, bias)
+        if y is not None:
+            return y
     a, b = gemm_layout(a), gemm_layout(b)
     out = torch.empty(M, N, dtype=torch.float32)
     step = -(-K // -(-K // chunk))  # equal chunks: no short tail product

@@ -1,0 +1,103 @@
+"""The AMX int8 GEMM (``kernels/amx_gemm``) against int64 products.
+
+Runs where the CPU has AMX tiles (others skip; there every entry point must decline)."""
+import pytest
+import torch
+
+from muppet_fx.kernels import amx_gemm, gemm_cpu, scaled_mm_cpu
+
+needs_amx = pytest.mark.skipif(not amx_gemm.available(), reason="CPU without AMX int8 tiles")
+SHAPES = [(1, 1, 1), (7, 33, 129), (33, 64, 17), (129, 200, 31), (16, 64, 16), (32, 128, 32), (65, 1000, 70),
+          (3, 2000, 5), (96, 63, 95)]  # (M, K, N): block edges, K not a multiple of 64, single rows
+
+
+@pytest.fixture
+def every_size(monkeypatch):
+    """Small products too, which the size thresholds otherwise leave to ``torch._int_mm``."""
+    monkeypatch.setattr(amx_gemm, "MIN_MACS", 0)
+    monkeypatch.setattr(amx_gemm, "MIN_ROWS", 0)
+
+
+def _operands(M, K, N, a_transposed, b_transposed, seed=0):
+    """int8 ``a [M, K]``, ``b [K, N]``, each row-major or a transposed view (column-major)."""
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda *s: torch.randint(-128, 128, s, generator=gen, dtype=torch.int8)  # noqa: E731
+    a = draw(K, M).t() if a_transposed else draw(M, K)
+    b = draw(N, K).t() if b_transposed else draw(K, N)
+    return a, b
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("a_transposed", [False, True])
+@pytest.mark.parametrize("b_transposed", [False, True])
+def test_matmul_is_exact(every_size, shape, a_transposed, b_transposed):
+    a, b = _operands(*shape, a_transposed, b_transposed)
+    got = amx_gemm.matmul(a, b)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.long(), a.long() @ b.long())
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_scaled_matmul_rounds_once(every_size, shape, with_bias):
+    """float32(exact sum) * 2**e + bias, bit for bit: the int64 sum's own float32 rounding."""
+    a, b = _operands(*shape, False, True, seed=1)
+    bias = torch.randn(shape[2]) if with_bias else None
+    for e in (-20, 0, 5):
+        want = (a.long() @ b.long()).float() * 2.0**e
+        want = want + bias if with_bias else want
+        assert torch.equal(amx_gemm.scaled_matmul(a, b, e, bias), want)
+
+
+@needs_amx
+def test_out_with_row_stride(every_size):
+    a, b = _operands(40, 70, 20, False, False, seed=2)
+    big = torch.full((40, 33), 7, dtype=torch.int32)
+    out = big[:, 5:25]
+    assert amx_gemm.matmul(a, b, out) is out
+    assert torch.equal(out.long(), a.long() @ b.long())
+    assert (big[:, :5] == 7).all() and (big[:, 25:] == 7).all()  # nothing written outside the view
+
+
+@needs_amx
+def test_longest_reduction_stays_exact(every_size):
+    """K = 131071 products of -128 * -128 sum to 2147467264, just below 2**31."""
+    K = (2**31 - 1) // 128**2
+    a = torch.full((16, K), -128, dtype=torch.int8)
+    b = torch.full((K, 3), -128, dtype=torch.int8)
+    assert (amx_gemm.matmul(a, b) == K * 16384).all()
+    assert amx_gemm.matmul(a, torch.full((K + 1, 3), 1, dtype=torch.int8).narrow(0, 0, K)) is not None
+    assert not amx_gemm.applies(torch.zeros(16, K + 1, dtype=torch.int8), torch.zeros(K + 1, 3, dtype=torch.int8))
+
+
+@needs_amx
+def test_routes_reach_it(every_size, monkeypatch):
+    """``gemm_cpu.int8_mm`` and ``scaled_int_matmul``'s one-product case take the AMX kernel."""
+    calls = []
+    run = amx_gemm._run
+    monkeypatch.setattr(amx_gemm, "_run", lambda *args: calls.append(1) or run(*args))
+    a, b = _operands(33, 100, 21, False, True, seed=3)
+    assert torch.equal(gemm_cpu.int8_mm(a, b).long(), a.long() @ b.long())
+    y = scaled_mm_cpu.scaled_int_matmul(a, b, -3)
+    assert torch.equal(y, (a.long() @ b.long()).float() / 8)
+    assert len(calls) == 2
+
+
+def test_declines_what_it_does_not_take(every_size):
+    i8, i16 = torch.zeros(32, 64, dtype=torch.int8), torch.zeros(64, 32, dtype=torch.int16)
+    assert amx_gemm.matmul(i8, i16) is None
+    assert amx_gemm.matmul(i8.float(), i8.t().float()) is None
+    assert amx_gemm.scaled_matmul(i8, i8.t(), 200) is None  # 2**200 is no float32
+    assert amx_gemm.scaled_matmul(i8, i8.t(), 0, torch.zeros(5)) is None  # bias of the wrong length
+    assert amx_gemm.matmul(i8, i8.t(), torch.empty(32, 32, dtype=torch.int64)) is None
+    if not amx_gemm.available():
+        assert amx_gemm.matmul(i8, i8.t()) is None
+
+
+def test_size_thresholds_leave_small_products():
+    small = torch.zeros(32, 64, dtype=torch.int8)
+    assert not amx_gemm.applies(small, small.t())
+    tall = torch.zeros(64, 8192, dtype=torch.int8)  # fewer rows than MIN_ROWS
+    assert not amx_gemm.applies(tall, torch.zeros(8192, 576, dtype=torch.int8))
