@@ -186,28 +186,35 @@ static void block(const int8_t *a0, const int8_t *a1, int64_t lda, int64_t step,
     store(3, c, ldc, M, N, m0 + 16, n0 + 16, scale, bias);
 }
 
-/* c [M, N] (row stride ldc) = a [M, K] (strides sam, sak) @ b [K, N] (strides sbk, sbn); int32
+/* For each of `batch` matrices (elements sab, sbb, scb apart; 0 for an operand shared by all):
+ * c [M, N] (row stride ldc) = a [M, K] (strides sam, sak) @ b [K, N] (strides sbk, sbn); int32
  * when scale == 0, else float32 (acc * scale + bias). K must keep int32 sums exact (the caller
- * chunks). ap: 32 ceil(M / 32) x 64 ceil(K / 64) bytes; bp: 32 ceil(N / 32) x 64 ceil(K / 64). */
-int amx_gemm(const int8_t *a, int64_t sam, int64_t sak, const int8_t *b, int64_t sbk, int64_t sbn, int64_t M,
-             int64_t N, int64_t K, void *c, int64_t ldc, float scale, const float *bias, int8_t *ap, int8_t *bp,
-             int threads) {
+ * chunks). ap: 32 ceil(M / 32) x 64 ceil(K / 64) bytes per distinct A, bp: 32 ceil(N / 32) x
+ * 64 ceil(K / 64) per distinct B. */
+int amx_gemm(const int8_t *a, int64_t sab, int64_t sam, int64_t sak, const int8_t *b, int64_t sbb, int64_t sbk,
+             int64_t sbn, int64_t batch, int64_t M, int64_t N, int64_t K, void *c, int64_t scb, int64_t ldc,
+             float scale, const float *bias, int8_t *ap, int8_t *bp, int threads) {
     int64_t KB = (K + 63) / 64, MP = (M + 31) / 32, NP = (N + 31) / 32;
+    int64_t na = sab ? batch : 1, nb = sbb ? batch : 1;  /* distinct operands to pack */
+    int64_t apsize = 2 * MP * KB * TILE, bpsize = 2 * NP * KB * TILE;
     /* Row-major A is loaded in place by every block whose rows all exist and whose last step of
      * 64 stays inside the storage (the bytes past K in a row meet zero rows of B) */
     int64_t direct = sak == 1 ? (K % 64 == 0 ? M / 32 : (M - 1) / 32) : 0;
     /* groups: up to 16 x 16 blocks, 8 x 8 where the reduction runs in chunks (their accumulators,
      * 256 KB, and panel chunks share L2), fewer where that leaves a thread without work */
     int64_t chunks = (KB + KC - 1) / KC, G = chunks > 1 ? 8 : (256 / KB > 16 ? 16 : (256 / KB < 1 ? 1 : 256 / KB));
-    while (G > 1 && ((MP + G - 1) / G) * ((NP + G - 1) / G) < 2 * threads) G /= 2;
-    int64_t GM = (MP + G - 1) / G, GN = (NP + G - 1) / G;
+    while (G > 1 && batch * ((MP + G - 1) / G) * ((NP + G - 1) / G) < 2 * threads) G /= 2;
+    int64_t GM = (MP + G - 1) / G, GN = (NP + G - 1) / G, pa = 2 * (MP - direct) * KB, pb = 2 * NP * KB;
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static) nowait
-        for (int64_t it = 2 * direct * KB; it < 2 * MP * KB; it++)
-            pack_a(a, sam, sak, M, K, it / KB, it % KB, ap + it * TILE);
+        for (int64_t it = 0; it < na * pa; it++) {
+            int64_t t = 2 * direct * KB + it % pa;
+            pack_a(a + it / pa * sab, sam, sak, M, K, t / KB, t % KB, ap + it / pa * apsize + t * TILE);
+        }
         #pragma omp for schedule(static)
-        for (int64_t it = 0; it < 2 * NP * KB; it++) pack_b(b, sbk, sbn, K, N, it / KB, it % KB, bp + it * TILE);
+        for (int64_t it = 0; it < nb * pb; it++)
+            pack_b(b + it / pb * sbb, sbk, sbn, K, N, it % pb / KB, it % KB, bp + it / pb * bpsize + it % pb * TILE);
         configure();
         /* Blocks run in groups of G x G per thread, reduction chunk by chunk, column panel by
          * column panel within a chunk: one B panel chunk (16 KB) stays in L1 while the group's A
@@ -216,20 +223,22 @@ int amx_gemm(const int8_t *a, int64_t sam, int64_t sak, const int8_t *b, int64_t
          * column panel read all of A from memory. */
         int32_t *spill = chunks > 1 ? aligned_alloc(64, (size_t)G * G * TILE * 4) : NULL;
         #pragma omp for schedule(static)
-        for (int64_t g = 0; g < GM * GN; g++) {
-            int64_t mg = g / GN * G, ng = g % GN * G;
+        for (int64_t g = 0; g < batch * GM * GN; g++) {
+            int64_t bt = g / (GM * GN), gg = g % (GM * GN), mg = gg / GN * G, ng = gg % GN * G;
             int64_t me = mg + G < MP ? mg + G : MP, ne = ng + G < NP ? ng + G : NP;
+            const int8_t *ab = a + bt * sab, *apb = ap + (sab ? bt : 0) * apsize, *bpb = bp + (sbb ? bt : 0) * bpsize;
+            char *cb = (char *)c + bt * scb * 4;
             for (int64_t ch = 0; ch < chunks; ch++) {
                 int64_t k0 = ch * KC, k1 = k0 + KC < KB ? k0 + KC : KB;
                 for (int64_t np = ng; np < ne; np++)
                     for (int64_t mp = mg; mp < me; mp++) {
                         int in_place = mp < direct;
                         int64_t lda = in_place ? sam : 64, step = in_place ? 64 : TILE;
-                        const int8_t *a0 = in_place ? a + 32 * mp * sam : ap + 2 * mp * KB * TILE;
+                        const int8_t *a0 = in_place ? ab + 32 * mp * sam : apb + 2 * mp * KB * TILE;
                         const int8_t *a1 = in_place ? a0 + 16 * sam : a0 + KB * TILE;
-                        const int8_t *b0 = bp + 2 * np * KB * TILE;
+                        const int8_t *b0 = bpb + 2 * np * KB * TILE;
                         int32_t *sp = spill ? spill + ((np - ng) * G + (mp - mg)) * TILE : NULL;
-                        block(a0, a1, lda, step, b0, b0 + KB * TILE, k0, k1, ch == 0, ch == chunks - 1, sp, c,
+                        block(a0, a1, lda, step, b0, b0 + KB * TILE, k0, k1, ch == 0, ch == chunks - 1, sp, cb,
                               ldc, M, N, 32 * mp, 32 * np, scale, bias);
                     }
             }
@@ -244,11 +253,11 @@ int amx_gemm(const int8_t *a, int64_t sam, int64_t sak, const int8_t *b, int64_t
 
 int amx_gemm_available(void) { return 0; }
 
-int amx_gemm(const int8_t *a, int64_t sam, int64_t sak, const int8_t *b, int64_t sbk, int64_t sbn, int64_t M,
-             int64_t N, int64_t K, void *c, int64_t ldc, float scale, const float *bias, int8_t *ap, int8_t *bp,
-             int threads) {
-    (void)a; (void)sam; (void)sak; (void)b; (void)sbk; (void)sbn; (void)M; (void)N; (void)K; (void)c;
-    (void)ldc; (void)scale; (void)bias; (void)ap; (void)bp; (void)threads;
+int amx_gemm(const int8_t *a, int64_t sab, int64_t sam, int64_t sak, const int8_t *b, int64_t sbb, int64_t sbk,
+             int64_t sbn, int64_t batch, int64_t M, int64_t N, int64_t K, void *c, int64_t scb, int64_t ldc,
+             float scale, const float *bias, int8_t *ap, int8_t *bp, int threads) {
+    (void)a; (void)sab; (void)sam; (void)sak; (void)b; (void)sbb; (void)sbk; (void)sbn; (void)batch; (void)M;
+    (void)N; (void)K; (void)c; (void)scb; (void)ldc; (void)scale; (void)bias; (void)ap; (void)bp; (void)threads;
     return -1;
 }
 

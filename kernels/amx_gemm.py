@@ -25,14 +25,17 @@ __all__ = ["available", "matmul", "scaled_matmul", "applies"]
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "amx_gemm_available": (ctypes.c_int, []),
-    "amx_gemm": (ctypes.c_int, [_P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _I64, ctypes.c_float,
-                                _P, _P, _P, ctypes.c_int]),
+    "amx_gemm": (ctypes.c_int, [_P] + [_I64] * 3 + [_P] + [_I64] * 7 + [_P, _I64, _I64, ctypes.c_float, _P, _P, _P,
+                                                                     ctypes.c_int]),
 }
 # Below this many multiply-adds the packing passes and thread start-up outweigh the product, and
-# with fewer than MIN_ROWS rows of A both operands stream from L2 (``benchmarks/NOTES.md``):
-# ``torch._int_mm`` keeps those (128 x 512 x 512: 0.91x its time; 512^3 1.04x; 64 x 8192 x 576 0.71x).
+# a single product with fewer than MIN_ROWS rows of A streams both operands from L2
+# (``benchmarks/NOTES.md``): ``torch._int_mm`` keeps those (128 x 512 x 512: 0.91x its time;
+# 512^3 1.04x; 64 x 8192 x 576 0.71x). Products that would fill less than a quarter of the tiles
+# they occupy (a head dimension of 8 padded to 64) stay off them too.
 MIN_MACS = 1 << 27
 MIN_ROWS = 128
+MIN_FILL = 0.25
 
 
 @functools.cache
@@ -49,46 +52,57 @@ def available() -> bool:
     return _library() is not None
 
 
+def _up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
 def applies(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether :func:`matmul` takes ``a @ b``: 2-d int8 CPU operands with a reduction short
-    enough for exact int32 sums (``K * 128**2 < 2**31``) and enough work to repay the packing
-    (``MIN_MACS``, ``MIN_ROWS``)."""
-    return (a.dim() == 2 and b.dim() == 2 and a.dtype == torch.int8 and b.dtype == torch.int8
-            and a.device.type == "cpu" and b.device.type == "cpu" and a.shape[1] == b.shape[0]
-            and 0 < a.shape[1] <= (2**31 - 1) // 128**2 and a.shape[0] * b.shape[1] * a.shape[1] >= MIN_MACS
-            and a.shape[0] >= MIN_ROWS
-            and available())
+    """Whether :func:`matmul` takes ``a @ b``: int8 CPU operands, 2-d, or 3-d with one batch
+    size (a batch stride of 0 shares an operand), a reduction short enough for exact int32 sums
+    (``K * 128**2 < 2**31``) and enough work to repay the packing (``MIN_MACS``, ``MIN_ROWS``, ``MIN_FILL``)."""
+    if not (a.dim() == b.dim() and a.dim() in (2, 3) and a.dtype == torch.int8 and b.dtype == torch.int8
+            and a.device.type == "cpu" and b.device.type == "cpu" and a.shape[-1] == b.shape[-2]
+            and a.shape[:-2] == b.shape[:-2] and available()):
+        return False
+    batch = a.shape[0] if a.dim() == 3 else 1
+    (M, K), N = a.shape[-2:], b.shape[-1]
+    macs = batch * M * N * K
+    return (0 < K <= (2**31 - 1) // 128**2 and macs >= MIN_MACS and (M >= MIN_ROWS or batch > 1)
+            and macs >= MIN_FILL * batch * _up(M, 32) * _up(N, 32) * _up(K, 64))
 
 
 def _run(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: float, bias: torch.Tensor | None) -> None:
     from .gemm_cpu import workspace  # gemm_cpu imports this module
 
-    (M, K), N = a.shape, b.shape[1]
-    kb = -(-K // 64) * 64
-    ap = workspace(-(-M // 32) * 32 * kb, torch.int8, "amx_gemm_a")
-    bp = workspace(-(-N // 32) * 32 * kb, torch.int8, "amx_gemm_b")
-    rc = _library().amx_gemm(a.data_ptr(), *a.stride(), b.data_ptr(), *b.stride(), M, N, K, out.data_ptr(),
-                             out.stride(0), scale, None if bias is None else bias.data_ptr(), ap.data_ptr(),
-                             bp.data_ptr(), torch.get_num_threads())
+    a3, b3, o3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (a, b, out))
+    (batch, M, K), N = a3.shape, b3.shape[2]
+    sa, sb, so = a3.stride(), b3.stride(), o3.stride()
+    sa0, sb0 = (sa[0] if batch > 1 else 0), (sb[0] if batch > 1 else 0)
+    kb = _up(K, 64)
+    ap = workspace((batch if sa0 else 1) * _up(M, 32) * kb, torch.int8, "amx_gemm_a")
+    bp = workspace((batch if sb0 else 1) * _up(N, 32) * kb, torch.int8, "amx_gemm_b")
+    rc = _library().amx_gemm(a3.data_ptr(), sa0, sa[1], sa[2], b3.data_ptr(), sb0, sb[1], sb[2], batch, M, N, K,
+                             o3.data_ptr(), so[0], so[1], scale, None if bias is None else bias.data_ptr(),
+                             ap.data_ptr(), bp.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"amx_gemm failed ({rc}) on {tuple(a.shape)} @ {tuple(b.shape)}")
 
 
-def _output(out: torch.Tensor | None, M: int, N: int, dtype: torch.dtype) -> torch.Tensor | None:
+def _output(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
     if out is None:
-        return torch.empty(M, N, dtype=dtype)
-    if out.shape != (M, N) or out.dtype != dtype or out.stride(1) != 1 or out.device.type != "cpu":
+        return torch.empty(shape, dtype=dtype)
+    if tuple(out.shape) != shape or out.dtype != dtype or out.stride(-1) != 1 or out.device.type != "cpu":
         return None
     return out
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Exact int32 ``a @ b`` of int8 ``a [M, K]``, ``b [K, N]`` (any strides) into ``out``
-    (row stride free, columns contiguous) or a new tensor; ``None`` where :func:`applies` is
-    false or ``out`` does not fit."""
+    """Exact int32 ``a @ b`` of int8 ``a [(B,) M, K]``, ``b [(B,) K, N]`` (any strides) into
+    ``out`` (rows and batches at any stride, columns contiguous) or a new tensor; ``None`` where
+    :func:`applies` is false or ``out`` does not fit."""
     if not applies(a, b):
         return None
-    out = _output(out, a.shape[0], b.shape[1], torch.int32)
+    out = _output(out, (*a.shape[:-1], b.shape[-1]), torch.int32)
     if out is not None:
         _run(a, b, out, 0.0, None)
     return out
@@ -101,12 +115,12 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tensor |
     added, as :func:`scaled_mm_cpu.scaled_int_matmul` computes it; ``None`` where not applicable."""
     if not applies(a, b) or not isinstance(e, int) or not -126 <= e <= 126:
         return None
-    N = b.shape[1]
+    N = b.shape[-1]
     if bias is not None:
         bias = bias.detach().float().contiguous()
         if bias.shape != (N,):
             return None
-    out = _output(out, a.shape[0], N, torch.float32)
+    out = _output(out, (*a.shape[:-1], N), torch.float32)
     if out is not None:
         _run(a, b, out, 2.0**e, bias)
     return out

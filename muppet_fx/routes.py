@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from muppet_fx.kernels import amx_cpu, batch_norm_cpu, conv_onednn, gemm_avx2, gemm_cpu, scaled_mm_cpu
+from muppet_fx.kernels import amx_cpu, amx_gemm, batch_norm_cpu, conv_onednn, gemm_avx2, gemm_cpu, scaled_mm_cpu
 from muppet_fx.kernels.quantise import is_dense, scale_pow2, scale_triton, triton_path
 from muppet_fx.kernels.quantise_cpu import dequantise_cpu, requantise_accumulator
 from muppet_fx.numerics import _triton_seed
@@ -536,5 +536,23 @@ def matmul_forward(route, a_m, a_s, b_m, b_s):
         return _triton().scaled_mm(a_m, a_s, b_m, b_s, exact=mode == "triton_exact")
     if two_d and mode == "int":
         return _scaled_int(a_m, b_m, _exponent(a_s, b_s))
+    y = matmul_batched_int(route, a_m, a_s, b_m, b_s)
+    if y is not None:
+        return y
     dt = _float_dtype("float" if mode in TRITON else mode, a_m, b_m, a_m.shape[-1])
     return _apply(torch.matmul(a_m.to(dt), b_m.to(dt)), _exponent(a_s, b_s))
+
+
+def matmul_batched_int(route, a_m, a_s, b_m, b_s) -> Tensor | None:
+    """float32 ``torch.matmul(a, b)`` of int8 mantissas with batch dimensions (broadcast as
+    ``torch.matmul`` does), exact and scaled once, on the AMX GEMM (attention's ``Q K^T`` and
+    ``P V``); ``None`` where it does not apply (other routes or dtypes, 1-d operands, per-channel
+    exponents, :func:`amx_gemm.applies`)."""
+    if (a_m.dim() < 2 or b_m.dim() < 2 or max(a_m.dim(), b_m.dim()) < 3 or _mode(route, a_m, b_m) != "int"
+            or a_m.dtype != torch.int8 or b_m.dtype != torch.int8 or a_s.numel() != 1 or b_s.numel() != 1):
+        return None
+    batch = torch.broadcast_shapes(a_m.shape[:-2], b_m.shape[:-2])
+    a3 = a_m.expand(*batch, *a_m.shape[-2:]).reshape(-1, *a_m.shape[-2:])  # views for merged batch strides
+    b3 = b_m.expand(*batch, *b_m.shape[-2:]).reshape(-1, *b_m.shape[-2:])
+    y = amx_gemm.scaled_matmul(a3, b3, _exponent(a_s, b_s)) if a3.shape[0] > 0 else None
+    return None if y is None else y.view(*batch, a_m.shape[-2], b_m.shape[-1])

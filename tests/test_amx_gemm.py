@@ -16,6 +16,7 @@ def every_size(monkeypatch):
     """Small products too, which the size thresholds otherwise leave to ``torch._int_mm``."""
     monkeypatch.setattr(amx_gemm, "MIN_MACS", 0)
     monkeypatch.setattr(amx_gemm, "MIN_ROWS", 0)
+    monkeypatch.setattr(amx_gemm, "MIN_FILL", 0)
 
 
 def _operands(M, K, N, a_transposed, b_transposed, seed=0):
@@ -101,3 +102,93 @@ def test_size_thresholds_leave_small_products():
     assert not amx_gemm.applies(small, small.t())
     tall = torch.zeros(64, 8192, dtype=torch.int8)  # fewer rows than MIN_ROWS
     assert not amx_gemm.applies(tall, torch.zeros(8192, 576, dtype=torch.int8))
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", [(3, 7, 33, 20), (5, 128, 64, 128), (2, 40, 130, 17), (4, 1, 1, 1)])
+@pytest.mark.parametrize("layout", ["rows", "transposed", "shared_b", "shared_a"])
+def test_batched_is_exact(every_size, shape, layout):
+    """Batches of products, as attention's ``Q K^T`` and ``P V``: strided views, transposed
+    operands, and an operand shared by every batch (batch stride 0)."""
+    B, M, K, N = shape
+    gen = torch.Generator().manual_seed(4)
+    draw = lambda *s: torch.randint(-128, 128, s, generator=gen, dtype=torch.int8)  # noqa: E731
+    a, b = draw(B, M, K), draw(B, K, N)
+    if layout == "transposed":
+        a, b = draw(B, K, M).transpose(1, 2), draw(B, N, K).transpose(1, 2)
+    elif layout == "shared_b":
+        b = draw(K, N).expand(B, K, N)
+    elif layout == "shared_a":
+        a = draw(M, K).expand(B, M, K)
+    want = torch.bmm(a.long(), b.long())
+    assert torch.equal(amx_gemm.matmul(a, b).long(), want)
+    big = torch.zeros(B, M + 3, N + 5)
+    out = big[:, 2:2 + M, 1:1 + N]  # rows and batches at strides of their own
+    assert amx_gemm.scaled_matmul(a, b, -7, out=out) is out
+    assert torch.equal(out, want.float() / 128)
+    assert big[:, :2].abs().sum() == 0 and big[:, :, :1].abs().sum() == 0
+
+
+def test_batched_shapes_must_agree(every_size):
+    a = torch.zeros(3, 8, 64, dtype=torch.int8)
+    assert not amx_gemm.applies(a, torch.zeros(2, 64, 8, dtype=torch.int8))  # batch sizes differ
+    assert not amx_gemm.applies(a, torch.zeros(64, 8, dtype=torch.int8))  # ranks differ
+    assert not amx_gemm.applies(a[None], torch.zeros(1, 3, 64, 8, dtype=torch.int8))  # 4-d
+
+
+def test_thin_products_stay_off_the_tiles():
+    """A head dimension of 8 would fill an eighth of each 64-deep tile step."""
+    q, k = torch.zeros(4096, 128, 8, dtype=torch.int8), torch.zeros(4096, 8, 128, dtype=torch.int8)
+    assert not amx_gemm.applies(q, k)
+
+
+class _Attention(torch.nn.Module):
+    """Self-attention through ``nn.MultiheadAttention`` and a projection by a shared 2-d weight
+    (a batched product whose weight is broadcast over the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(64, 2, batch_first=True)
+        self.w = torch.nn.Parameter(torch.randn(64, 48) / 8)
+
+    def forward(self, x):
+        return torch.matmul(self.mha(x, x, x, need_weights=False)[0], self.w)
+
+
+def _attention_grads(pm, x):
+    torch.manual_seed(5)  # the stochastic quantisers draw alike in both runs
+    x = x.clone().requires_grad_()
+    y = pm(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    grads = [x.grad] + [p.grad.clone() for p in pm.parameters()]
+    pm.zero_grad(set_to_none=True)
+    return y.detach(), grads
+
+
+@needs_amx
+def test_attention_products_on_the_tiles_match_exact_float_products(every_size, monkeypatch):
+    """Below 1040 terms int8 products sum exactly in FP32, so the float path the batched
+    products took before is an exact oracle: the prepared block's outputs and every gradient
+    agree bit for bit with the tiles on and off."""
+    from muppet_fx import prepare, routes
+
+    torch.manual_seed(0)
+    pm = prepare(_Attention(), ladder=(8, "fp32"))
+    x = torch.randn(3, 20, 64)
+    taken = []
+
+    def batched(*args, original=routes.matmul_batched_int):
+        y = original(*args)
+        taken.append(y is not None)
+        return y
+
+    monkeypatch.setattr(routes, "matmul_batched_int", batched)
+    y_on, g_on = _attention_grads(pm, x)
+    # Q K^T, P V, the projection by the broadcast weight, and two gradients of each
+    assert taken == [True] * 9
+    monkeypatch.setattr(amx_gemm, "MIN_MACS", 1 << 62)
+    y_off, g_off = _attention_grads(pm, x)
+    assert taken[9:] and not any(taken[9:])
+    assert torch.equal(y_on, y_off)
+    for a, b in zip(g_on, g_off):
+        assert torch.equal(a, b)
