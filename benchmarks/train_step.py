@@ -4,8 +4,10 @@
 
 Per model: FP32 eager; torch.autocast (bf16; on CUDA also fp16); the prepared model at the
 ``fp32`` level (the original forward); the ``emulate`` route at 8 bits (the paper's emulation);
-the default route at 8, 12, 14 and 16 bits. Columns: seconds per step (forward, backward, SGD
-step), ratio to FP32 and to autocast (higher is faster); with ``--saved``, the activation memory
+the default route at 8, 12, 14 and 16 bits. ``--models transformer`` selects a small
+transformer language model instead (:class:`TinyLM`; ``--batch`` counts sequences of 128
+tokens). Columns: seconds per step (forward, backward, SGD step), ratio to FP32 and to
+autocast (higher is faster); with ``--saved``, the activation memory
 autograd saves for backward (device-independent); with ``--memory``, peak memory of each
 configuration (max RSS of a fresh process on the CPU; on CUDA ``max_memory_allocated`` over one
 step in this process, the allocator's peak statistics being reset before it).
@@ -30,19 +32,43 @@ from common import interleaved  # noqa: E402
 import muppet_fx  # noqa: E402
 
 
+class TinyLM(torch.nn.Module):
+    """A small transformer language model (``--models transformer``): token embedding, two
+    pre-norm encoder layers (width 512, 8 heads, MLP 2048) and a 1000-word head, on sequences
+    of 128 tokens; its products are linear layers and attention's batched matmuls."""
+
+    def __init__(self, width: int = 512, layers: int = 2, vocab: int = 1000):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.layers = torch.nn.ModuleList(torch.nn.TransformerEncoderLayer(
+            width, 8, 4 * width, dropout=0.0, batch_first=True, norm_first=True) for _ in range(layers))
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
 def make_cases(name: str, batch: int, device: str, compile_: bool = False) -> dict:
     """Configuration name -> a function running one training step."""
     torch.manual_seed(0)
-    model = build_model(name).to(device)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    if name == "transformer":
+        model = TinyLM().to(device)
+        x = torch.randint(0, 1000, (batch, 128), device=device)
+        y = torch.randint(0, 1000, (batch * 128,), device=device)
+    else:
+        model = build_model(name).to(device)
+        x = torch.randn(batch, 3, 32, 32, device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step(net, autocast=None):
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             out = net(x)
-        F.cross_entropy(out.float(), y).backward()
+        F.cross_entropy(out.float().flatten(0, -2), y).backward()
         opt.step()
 
     cases = {"fp32 eager": lambda: step(model), "autocast bf16": lambda: step(model, torch.bfloat16)}

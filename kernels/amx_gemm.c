@@ -148,11 +148,42 @@ static void store(int t, void *c, int64_t ldc, int64_t M, int64_t N, int64_t m0,
     }
 }
 
+/* Stores the digit accumulators (tiles 0-2: HH, HU + UH, UU) of the 16 x 16 block at (m0, n0)
+ * as float32 (65536 HH + 256 (HU + UH) + UU) * scale (+ bias[n]): the exact sum formed in int64
+ * and rounded once. */
+static void store_digits(void *c, int64_t ldc, int64_t M, int64_t N, int64_t m0, int64_t n0, float scale,
+                         const float *bias) {
+    int32_t hh[256], x[256], uu[256];
+    _tile_stored(0, hh, 64); _tile_stored(1, x, 64); _tile_stored(2, uu, 64);
+    int64_t rows = M - m0 < 16 ? M - m0 : 16, cols = N - n0 < 16 ? N - n0 : 16;
+    __mmask16 keep = (__mmask16)((1u << cols) - 1);
+    __m512 s = _mm512_set1_ps(scale);
+    __m512 add = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; r++) {
+        __m512i h = _mm512_loadu_si512(hh + 16 * r), m = _mm512_loadu_si512(x + 16 * r);
+        __m512i u = _mm512_loadu_si512(uu + 16 * r);
+        __m256 half[2];
+        for (int q = 0; q < 2; q++) {
+            __m512i h64 = _mm512_cvtepi32_epi64(q ? _mm512_extracti64x4_epi64(h, 1) : _mm512_castsi512_si256(h));
+            __m512i m64 = _mm512_cvtepi32_epi64(q ? _mm512_extracti64x4_epi64(m, 1) : _mm512_castsi512_si256(m));
+            __m512i u64 = _mm512_cvtepi32_epi64(q ? _mm512_extracti64x4_epi64(u, 1) : _mm512_castsi512_si256(u));
+            __m512i v = _mm512_add_epi64(_mm512_add_epi64(_mm512_slli_epi64(h64, 16), _mm512_slli_epi64(m64, 8)), u64);
+            half[q] = _mm512_cvtepi64_ps(v);
+        }
+        __m512 v = _mm512_mul_ps(_mm512_insertf32x8(_mm512_castps256_ps512(half[0]), half[1], 1), s);
+        if (bias) v = _mm512_add_ps(v, add);
+        _mm512_mask_storeu_ps((float *)c + (m0 + r) * ldc + n0, keep, v);
+    }
+}
+
 #define KC 16 /* steps of 64 per reduction chunk: 2 x 16 KB of panels for one block */
 
-/* One block's products over steps k0..k1 of 64: accumulators from zero (first chunk) or from
- * `spill` (4 tiles of 16 x 16 int32), then to C (last chunk) or back to `spill`. */
-static void block(const int8_t *a0, const int8_t *a1, int64_t lda, int64_t step, const int8_t *b0,
+/* One block's products over steps k0..k1 of 64 from its two A tiles (a0, a1) and two B tiles
+ * (b0, b1) per step: int8, a 32 x 32 block (A: rows 0-15 and 16-31, B: columns 0-15 and 16-31,
+ * four accumulators); digits, a 16 x 16 block (A and B: the h and u planes; accumulators HH,
+ * HU + UH, UU). Accumulators start from zero (first chunk) or from `spill` (4 tiles of 16 x 16
+ * int32) and go to C (last chunk) or back to `spill`. */
+static void block(int digits, const int8_t *a0, const int8_t *a1, int64_t lda, int64_t step, const int8_t *b0,
                   const int8_t *b1, int64_t k0, int64_t k1, int first, int last, int32_t *spill, void *c,
                   int64_t ldc, int64_t M, int64_t N, int64_t m0, int64_t n0, float scale, const float *bias) {
     if (first) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
@@ -168,16 +199,27 @@ static void block(const int8_t *a0, const int8_t *a1, int64_t lda, int64_t step,
             }
         _tile_loadd(4, a0 + kb * step, lda);
         _tile_loadd(6, b0 + kb * TILE, 64);
-        _tile_dpbssd(0, 4, 6);
         _tile_loadd(7, b1 + kb * TILE, 64);
-        _tile_dpbssd(1, 4, 7);
         _tile_loadd(5, a1 + kb * step, lda);
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
+        if (digits) {  /* h signed, u = m & 255 unsigned: m = 256 h + u, no offsets to correct */
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbsud(1, 4, 7);
+            _tile_dpbusd(1, 5, 6);
+            _tile_dpbuud(2, 5, 7);
+        } else {
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+        }
     }
     if (!last) {
         _tile_stored(0, spill, 64); _tile_stored(1, spill + 256, 64);
         _tile_stored(2, spill + 512, 64); _tile_stored(3, spill + 768, 64);
+        return;
+    }
+    if (digits) {
+        store_digits(c, ldc, M, N, m0, n0, scale, bias);
         return;
     }
     store(0, c, ldc, M, N, m0, n0, scale, bias);
@@ -186,35 +228,54 @@ static void block(const int8_t *a0, const int8_t *a1, int64_t lda, int64_t step,
     store(3, c, ldc, M, N, m0 + 16, n0 + 16, scale, bias);
 }
 
+/* m = 256 h + u: h = m >> 8 (int8), u = m & 255 (uint8), over n dense int16 values. */
+void amx_split_digits(const int16_t *m, int64_t n, int8_t *h, uint8_t *u, int threads) {
+    #pragma omp parallel for simd num_threads(n > 32768 ? threads : 1) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        h[i] = (int8_t)(m[i] >> 8);
+        u[i] = (uint8_t)(m[i] & 255);
+    }
+}
+
 /* For each of `batch` matrices (elements sab, sbb, scb apart; 0 for an operand shared by all):
- * c [M, N] (row stride ldc) = a [M, K] (strides sam, sak) @ b [K, N] (strides sbk, sbn); int32
- * when scale == 0, else float32 (acc * scale + bias). K must keep int32 sums exact (the caller
- * chunks). ap: 32 ceil(M / 32) x 64 ceil(K / 64) bytes per distinct A, bp: 32 ceil(N / 32) x
- * 64 ceil(K / 64) per distinct B. */
-int amx_gemm(const int8_t *a, int64_t sab, int64_t sam, int64_t sak, const int8_t *b, int64_t sbb, int64_t sbk,
-             int64_t sbn, int64_t batch, int64_t M, int64_t N, int64_t K, void *c, int64_t scb, int64_t ldc,
-             float scale, const float *bias, int8_t *ap, int8_t *bp, int threads) {
-    int64_t KB = (K + 63) / 64, MP = (M + 31) / 32, NP = (N + 31) / 32;
+ * c [M, N] (row stride ldc) = a [M, K] (strides sam, sak) @ b [K, N] (strides sbk, sbn).
+ * int8 (a2 == NULL): int32 when scale == 0, else float32 acc * scale + bias.
+ * digits (a2, b2: the u planes of int16 operands whose h planes are a, b; same strides):
+ * float32 of the exact product, scaled, + bias. K must keep int32 sums exact (the caller
+ * chunks: 131071 steps for int8, 32768 for digits). ap: 32 ceil(M / 32) x 64 ceil(K / 64)
+ * bytes per distinct A (digits: 32 ceil(M / 16) x 64 ceil(K / 64)), bp alike for B. */
+int amx_gemm(const int8_t *a, const int8_t *a2, int64_t sab, int64_t sam, int64_t sak, const int8_t *b,
+             const int8_t *b2, int64_t sbb, int64_t sbk, int64_t sbn, int64_t batch, int64_t M, int64_t N, int64_t K,
+             void *c, int64_t scb, int64_t ldc, float scale, const float *bias, int8_t *ap, int8_t *bp, int threads) {
+    int digits = a2 != NULL, BS = digits ? 16 : 32;  /* block side */
+    int64_t KB = (K + 63) / 64, MP = (M + BS - 1) / BS, NP = (N + BS - 1) / BS;
     int64_t na = sab ? batch : 1, nb = sbb ? batch : 1;  /* distinct operands to pack */
     int64_t apsize = 2 * MP * KB * TILE, bpsize = 2 * NP * KB * TILE;
     /* Row-major A is loaded in place by every block whose rows all exist and whose last step of
      * 64 stays inside the storage (the bytes past K in a row meet zero rows of B) */
-    int64_t direct = sak == 1 ? (K % 64 == 0 ? M / 32 : (M - 1) / 32) : 0;
+    int64_t direct = sak == 1 ? (K % 64 == 0 ? M / BS : (M - 1) / BS) : 0;
     /* groups: up to 16 x 16 blocks, 8 x 8 where the reduction runs in chunks (their accumulators,
      * 256 KB, and panel chunks share L2), fewer where that leaves a thread without work */
     int64_t chunks = (KB + KC - 1) / KC, G = chunks > 1 ? 8 : (256 / KB > 16 ? 16 : (256 / KB < 1 ? 1 : 256 / KB));
     while (G > 1 && batch * ((MP + G - 1) / G) * ((NP + G - 1) / G) < 2 * threads) G /= 2;
     int64_t GM = (MP + G - 1) / G, GN = (NP + G - 1) / G, pa = 2 * (MP - direct) * KB, pb = 2 * NP * KB;
+    /* tile w (0, 1) of a block: int8, rows (columns) 16 w on of the one operand; digits, plane w */
+    const int8_t *planes_a[2] = {a, digits ? a2 : a}, *planes_b[2] = {b, digits ? b2 : b};
+    int64_t shift = digits ? 0 : 16;
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static) nowait
-        for (int64_t it = 0; it < na * pa; it++) {
-            int64_t t = 2 * direct * KB + it % pa;
-            pack_a(a + it / pa * sab, sam, sak, M, K, t / KB, t % KB, ap + it / pa * apsize + t * TILE);
+        for (int64_t it = 0; it < na * pa; it++) {  /* tiles (block, w, kb) of each distinct A */
+            int64_t t = 2 * direct * KB + it % pa, blk = t / (2 * KB), w = t / KB % 2;
+            pack_a(planes_a[w] + it / pa * sab, sam, sak, M, K, (BS * blk + shift * w) / 16, t % KB,
+                   ap + it / pa * apsize + t * TILE);
         }
         #pragma omp for schedule(static)
-        for (int64_t it = 0; it < nb * pb; it++)
-            pack_b(b + it / pb * sbb, sbk, sbn, K, N, it % pb / KB, it % KB, bp + it / pb * bpsize + it % pb * TILE);
+        for (int64_t it = 0; it < nb * pb; it++) {
+            int64_t t = it % pb, blk = t / (2 * KB), w = t / KB % 2;
+            pack_b(planes_b[w] + it / pb * sbb, sbk, sbn, K, N, (BS * blk + shift * w) / 16, t % KB,
+                   bp + it / pb * bpsize + t * TILE);
+        }
         configure();
         /* Blocks run in groups of G x G per thread, reduction chunk by chunk, column panel by
          * column panel within a chunk: one B panel chunk (16 KB) stays in L1 while the group's A
@@ -226,7 +287,7 @@ int amx_gemm(const int8_t *a, int64_t sab, int64_t sam, int64_t sak, const int8_
         for (int64_t g = 0; g < batch * GM * GN; g++) {
             int64_t bt = g / (GM * GN), gg = g % (GM * GN), mg = gg / GN * G, ng = gg % GN * G;
             int64_t me = mg + G < MP ? mg + G : MP, ne = ng + G < NP ? ng + G : NP;
-            const int8_t *ab = a + bt * sab, *apb = ap + (sab ? bt : 0) * apsize, *bpb = bp + (sbb ? bt : 0) * bpsize;
+            const int8_t *apb = ap + (sab ? bt : 0) * apsize, *bpb = bp + (sbb ? bt : 0) * bpsize;
             char *cb = (char *)c + bt * scb * 4;
             for (int64_t ch = 0; ch < chunks; ch++) {
                 int64_t k0 = ch * KC, k1 = k0 + KC < KB ? k0 + KC : KB;
@@ -234,12 +295,13 @@ int amx_gemm(const int8_t *a, int64_t sab, int64_t sam, int64_t sak, const int8_
                     for (int64_t mp = mg; mp < me; mp++) {
                         int in_place = mp < direct;
                         int64_t lda = in_place ? sam : 64, step = in_place ? 64 : TILE;
-                        const int8_t *a0 = in_place ? ab + 32 * mp * sam : apb + 2 * mp * KB * TILE;
-                        const int8_t *a1 = in_place ? a0 + 16 * sam : a0 + KB * TILE;
+                        const int8_t *a0 = in_place ? planes_a[0] + bt * sab + BS * mp * sam : apb + 2 * mp * KB * TILE;
+                        const int8_t *a1 = in_place ? planes_a[1] + bt * sab + (BS * mp + shift) * sam
+                                                    : a0 + KB * TILE;
                         const int8_t *b0 = bpb + 2 * np * KB * TILE;
                         int32_t *sp = spill ? spill + ((np - ng) * G + (mp - mg)) * TILE : NULL;
-                        block(a0, a1, lda, step, b0, b0 + KB * TILE, k0, k1, ch == 0, ch == chunks - 1, sp, cb,
-                              ldc, M, N, 32 * mp, 32 * np, scale, bias);
+                        block(digits, a0, a1, lda, step, b0, b0 + KB * TILE, k0, k1, ch == 0, ch == chunks - 1,
+                              sp, cb, ldc, M, N, BS * mp, BS * np, scale, bias);
                     }
             }
         }
@@ -253,11 +315,16 @@ int amx_gemm(const int8_t *a, int64_t sab, int64_t sam, int64_t sak, const int8_
 
 int amx_gemm_available(void) { return 0; }
 
-int amx_gemm(const int8_t *a, int64_t sab, int64_t sam, int64_t sak, const int8_t *b, int64_t sbb, int64_t sbk,
-             int64_t sbn, int64_t batch, int64_t M, int64_t N, int64_t K, void *c, int64_t scb, int64_t ldc,
-             float scale, const float *bias, int8_t *ap, int8_t *bp, int threads) {
-    (void)a; (void)sab; (void)sam; (void)sak; (void)b; (void)sbb; (void)sbk; (void)sbn; (void)batch; (void)M;
-    (void)N; (void)K; (void)c; (void)scb; (void)ldc; (void)scale; (void)bias; (void)ap; (void)bp; (void)threads;
+void amx_split_digits(const int16_t *m, int64_t n, int8_t *h, uint8_t *u, int threads) {
+    (void)m; (void)n; (void)h; (void)u; (void)threads;
+}
+
+int amx_gemm(const int8_t *a, const int8_t *a2, int64_t sab, int64_t sam, int64_t sak, const int8_t *b,
+             const int8_t *b2, int64_t sbb, int64_t sbk, int64_t sbn, int64_t batch, int64_t M, int64_t N, int64_t K,
+             void *c, int64_t scb, int64_t ldc, float scale, const float *bias, int8_t *ap, int8_t *bp, int threads) {
+    (void)a; (void)a2; (void)sab; (void)sam; (void)sak; (void)b; (void)b2; (void)sbb; (void)sbk; (void)sbn;
+    (void)batch; (void)M; (void)N; (void)K; (void)c; (void)scb; (void)ldc; (void)scale; (void)bias; (void)ap;
+    (void)bp; (void)threads;
     return -1;
 }
 

@@ -20,13 +20,14 @@ import torch
 
 from .cbuild import bound_library
 
-__all__ = ["available", "matmul", "scaled_matmul", "applies"]
+__all__ = ["available", "matmul", "scaled_matmul", "scaled_matmul_wide", "applies", "worth"]
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "amx_gemm_available": (ctypes.c_int, []),
-    "amx_gemm": (ctypes.c_int, [_P] + [_I64] * 3 + [_P] + [_I64] * 7 + [_P, _I64, _I64, ctypes.c_float, _P, _P, _P,
-                                                                     ctypes.c_int]),
+    "amx_gemm": (ctypes.c_int, [_P, _P] + [_I64] * 3 + [_P, _P] + [_I64] * 7 + [_P, _I64, _I64, ctypes.c_float,
+                                                                             _P, _P, _P, ctypes.c_int]),
+    "amx_split_digits": (None, [_P, _I64, _P, _P, ctypes.c_int]),
 }
 # Below this many multiply-adds the packing passes and thread start-up outweigh the product, and
 # a single product with fewer than MIN_ROWS rows of A streams both operands from L2
@@ -64,14 +65,20 @@ def applies(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.device.type == "cpu" and b.device.type == "cpu" and a.shape[-1] == b.shape[-2]
             and a.shape[:-2] == b.shape[:-2] and available()):
         return False
-    batch = a.shape[0] if a.dim() == 3 else 1
-    (M, K), N = a.shape[-2:], b.shape[-1]
+    return worth(a.shape[0] if a.dim() == 3 else 1, *a.shape[-2:], b.shape[-1])
+
+
+def worth(batch: int, M: int, K: int, N: int) -> bool:
+    """Whether ``batch`` products ``[M, K] @ [K, N]`` suit the tiles (see :func:`applies`)."""
     macs = batch * M * N * K
     return (0 < K <= (2**31 - 1) // 128**2 and macs >= MIN_MACS and (M >= MIN_ROWS or batch > 1)
             and macs >= MIN_FILL * batch * _up(M, 32) * _up(N, 32) * _up(K, 64))
 
 
-def _run(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: float, bias: torch.Tensor | None) -> None:
+def _run(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: float, bias: torch.Tensor | None,
+         a_u: torch.Tensor | None = None, b_u: torch.Tensor | None = None) -> None:
+    """The kernel on int8 ``a``, ``b``, or with ``a_u``, ``b_u`` on the digit planes (``a`` and
+    ``b`` then hold the high digits)."""
     from .gemm_cpu import workspace  # gemm_cpu imports this module
 
     a3, b3, o3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (a, b, out))
@@ -79,11 +86,13 @@ def _run(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: float, bias
     sa, sb, so = a3.stride(), b3.stride(), o3.stride()
     sa0, sb0 = (sa[0] if batch > 1 else 0), (sb[0] if batch > 1 else 0)
     kb = _up(K, 64)
-    ap = workspace((batch if sa0 else 1) * _up(M, 32) * kb, torch.int8, "amx_gemm_a")
-    bp = workspace((batch if sb0 else 1) * _up(N, 32) * kb, torch.int8, "amx_gemm_b")
-    rc = _library().amx_gemm(a3.data_ptr(), sa0, sa[1], sa[2], b3.data_ptr(), sb0, sb[1], sb[2], batch, M, N, K,
-                             o3.data_ptr(), so[0], so[1], scale, None if bias is None else bias.data_ptr(),
-                             ap.data_ptr(), bp.data_ptr(), torch.get_num_threads())
+    rows = (lambda n: 2 * _up(n, 16)) if a_u is not None else (lambda n: _up(n, 32))  # packed tile rows
+    ap = workspace((batch if sa0 else 1) * rows(M) * kb, torch.int8, "amx_gemm_a")
+    bp = workspace((batch if sb0 else 1) * rows(N) * kb, torch.int8, "amx_gemm_b")
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    rc = _library().amx_gemm(a3.data_ptr(), ptr(a_u), sa0, sa[1], sa[2], b3.data_ptr(), ptr(b_u), sb0, sb[1], sb[2],
+                             batch, M, N, K, o3.data_ptr(), so[0], so[1], scale, ptr(bias), ap.data_ptr(),
+                             bp.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"amx_gemm failed ({rc}) on {tuple(a.shape)} @ {tuple(b.shape)}")
 
@@ -123,4 +132,55 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tensor |
     out = _output(out, (*a.shape[:-1], N), torch.float32)
     if out is not None:
         _run(a, b, out, 2.0**e, bias)
+    return out
+
+
+DIGITS_K = 32768  # longest reduction whose digit sums stay in int32: |HU + UH| <= 2 * 128 * 255 per term
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill one block of memory from ``t.data_ptr()`` on, in some order
+    of its dimensions (contiguous, a transposed view, ...)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _digits(t: torch.Tensor, tag: str):
+    """``(h, u)`` planes of int16 ``t`` (``t = 256 h + u``, ``h`` int8, ``u = t & 255`` as
+    uint8 bits in an int8 tensor), laid out like ``t``, in reused buffers named by ``tag``."""
+    from .gemm_cpu import workspace
+
+    t = t if _dense(t) else t.contiguous()
+    h, u = (workspace(t.numel(), torch.int8, f"amx_digits_{tag}{p}").as_strided(t.shape, t.stride()) for p in "hu")
+    _library().amx_split_digits(t.data_ptr(), t.numel(), h.data_ptr(), u.data_ptr(), torch.get_num_threads())
+    return h, u
+
+
+def scaled_matmul_wide(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """float32 ``(a @ b) * 2**e (+ bias)`` for int16 mantissas of any width up to 16 bits
+    (``[(B,) M, K] @ [(B,) K, N]``, any strides): each operand split once into a signed high
+    byte and an unsigned low byte, ``m = 256 h + u``, and the four digit products summed in the
+    tiles of each 16 x 16 block (signed and unsigned tile instructions, so no offset terms), the
+    exact value formed in int64 as the block is stored and rounded once. No int32 product is
+    written to memory. ``None`` where not applicable (as :func:`applies`, reductions above
+    ``DIGITS_K``)."""
+    if (a.dim() != b.dim() or a.dim() not in (2, 3) or a.dtype != torch.int16 or b.dtype != torch.int16
+            or a.device.type != "cpu" or b.device.type != "cpu" or a.shape[-1] != b.shape[-2]
+            or a.shape[:-2] != b.shape[:-2] or not available() or not isinstance(e, int) or not -126 <= e <= 126
+            or a.shape[-1] > DIGITS_K or not worth(a.shape[0] if a.dim() == 3 else 1, *a.shape[-2:], b.shape[-1])):
+        return None
+    N = b.shape[-1]
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+        if bias.shape != (N,):
+            return None
+    out = _output(out, (*a.shape[:-1], N), torch.float32)
+    if out is not None:
+        (ah, au), (bh, bu) = _digits(a, "a"), _digits(b, "b")
+        _run(ah, bh, out, 2.0**e, bias, au, bu)
     return out

@@ -539,20 +539,45 @@ def matmul_forward(route, a_m, a_s, b_m, b_s):
     y = matmul_batched_int(route, a_m, a_s, b_m, b_s)
     if y is not None:
         return y
+    if route == "aten" and mode == "int" and torch.int16 in (a_m.dtype, b_m.dtype):
+        # batched 9-14 bit products: FP32 on the values, as narrow convolutions (three int8
+        # products of attention's small matrices took 3.3x FP32's time, float64 4.2x)
+        return torch.matmul(dequantise(a_m, a_s), dequantise(b_m, b_s))
     dt = _float_dtype("float" if mode in TRITON else mode, a_m, b_m, a_m.shape[-1])
     return _apply(torch.matmul(a_m.to(dt), b_m.to(dt)), _exponent(a_s, b_s))
 
 
 def matmul_batched_int(route, a_m, a_s, b_m, b_s) -> Tensor | None:
-    """float32 ``torch.matmul(a, b)`` of int8 mantissas with batch dimensions (broadcast as
-    ``torch.matmul`` does), exact and scaled once, on the AMX GEMM (attention's ``Q K^T`` and
-    ``P V``); ``None`` where it does not apply (other routes or dtypes, 1-d operands, per-channel
+    """float32 ``torch.matmul(a, b)`` of int8/int16 mantissas with batch dimensions (broadcast
+    as ``torch.matmul`` does), exact and scaled once, on the AMX GEMM (attention's ``Q K^T`` and
+    ``P V``): one product at 8 bits, and on the exact routes three (Karatsuba) up to 14 bits;
+    ``None`` where it does not apply (other routes, wider mantissas, 1-d operands, per-channel
     exponents, :func:`amx_gemm.applies`)."""
     if (a_m.dim() < 2 or b_m.dim() < 2 or max(a_m.dim(), b_m.dim()) < 3 or _mode(route, a_m, b_m) != "int"
-            or a_m.dtype != torch.int8 or b_m.dtype != torch.int8 or a_s.numel() != 1 or b_s.numel() != 1):
+            or a_s.numel() != 1 or b_s.numel() != 1 or not amx_gemm.available()):
         return None
     batch = torch.broadcast_shapes(a_m.shape[:-2], b_m.shape[:-2])
     a3 = a_m.expand(*batch, *a_m.shape[-2:]).reshape(-1, *a_m.shape[-2:])  # views for merged batch strides
     b3 = b_m.expand(*batch, *b_m.shape[-2:]).reshape(-1, *b_m.shape[-2:])
-    y = amx_gemm.scaled_matmul(a3, b3, _exponent(a_s, b_s)) if a3.shape[0] > 0 else None
+    e = _exponent(a_s, b_s)
+    if a3.shape[0] == 0:
+        return None
+    if a3.dtype == b3.dtype == torch.int8:
+        y = amx_gemm.scaled_matmul(a3, b3, e)
+    elif route == "aten_exact":
+        y = _batched_karatsuba(a3.to(torch.int16), b3.to(torch.int16), e)
+    else:
+        return None
     return None if y is None else y.view(*batch, a_m.shape[-2], b_m.shape[-1])
+
+
+def _batched_karatsuba(a: Tensor, b: Tensor, e: int) -> Tensor | None:
+    """``a @ b`` of 9-14 bit mantissas as three int8 products, ``16384 HH + 128 (SS - HH - LL)
+    + LL`` with ``m = 128 h + l`` and ``s = h + l`` (see ``gemm_cpu``)."""
+    pa = scaled_mm_cpu.split_karatsuba(a, "ba") if amx_gemm.worth(*a.shape, b.shape[-1]) else None
+    pb = scaled_mm_cpu.split_karatsuba(b, "bb") if pa else None
+    if not pa or not pb:  # broadcast (not dense) operands, more than 14 bits, too little work
+        return None
+    (ah, al, a_sum), (bh, bl, b_sum) = pa, pb
+    hh, mid, ll = amx_gemm.matmul(ah, bh), amx_gemm.matmul(a_sum, b_sum), amx_gemm.matmul(al, bl)
+    return scaled_mm_cpu.combine_karatsuba(hh, mid, ll, e)

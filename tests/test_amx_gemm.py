@@ -192,3 +192,61 @@ def test_attention_products_on_the_tiles_match_exact_float_products(every_size, 
     assert torch.equal(y_on, y_off)
     for a, b in zip(g_on, g_off):
         assert torch.equal(a, b)
+
+
+@needs_amx
+@pytest.mark.parametrize("bits", [8, 12, 14])
+def test_batched_route_rounds_the_exact_product_once(every_size, bits):
+    """``routes.matmul_batched_int`` against float64 products of the mantissas (exact below
+    2**53), rounded once to float32: one int8 product at 8 bits, Karatsuba up to 14."""
+    from muppet_fx import routes
+
+    gen = torch.Generator().manual_seed(bits)
+    top = 2 ** (bits - 1) - 1
+    dtype = torch.int8 if bits == 8 else torch.int16
+    a = torch.randint(-top, top + 1, (2, 3, 17, 40), generator=gen).to(dtype)
+    b = torch.randint(-top, top + 1, (2, 3, 33, 40), generator=gen).to(dtype).transpose(-1, -2)  # as K^T
+    a_s, b_s = torch.scalar_tensor(9, dtype=torch.int32), torch.scalar_tensor(4, dtype=torch.int32)
+    route = "aten" if bits == 8 else "aten_exact"
+    got = routes.matmul_batched_int(route, a, a_s, b, b_s)
+    want = (a.double() @ b.double() * 2.0**-13).float()
+    assert got is not None and torch.equal(got, want)
+    if bits > 8:
+        wide = torch.full((2, 3, 17, 40), 2**14, dtype=torch.int16)  # 16 bits: not taken (four products)
+        assert routes.matmul_batched_int(route, wide, a_s, b, b_s) is None
+        # the default route takes FP32 products of the values instead, within FP32's rounding
+        assert routes.matmul_batched_int("aten", a, a_s, b, b_s) is None
+        fp32 = routes.matmul_forward("aten", a, a_s, b, b_s)
+        assert fp32.dtype == torch.float32
+        assert ((fp32 - want).abs() <= 40 * 2.0**-24 * (a.double().abs() @ b.double().abs() * 2.0**-13)).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", SHAPES + [(2, 3, 70, 130)])
+@pytest.mark.parametrize("a_transposed", [False, True])
+@pytest.mark.parametrize("b_transposed", [False, True])
+def test_digit_products_round_once(every_size, shape, a_transposed, b_transposed):
+    """16-bit mantissas, the four digit products summed in the tiles: float32 of the exact
+    (float64, below 2**53) product, scaled, plus the bias, bit for bit."""
+    *batch, M, K, N = shape
+    gen = torch.Generator().manual_seed(M * K + N)
+    draw = lambda *s: torch.randint(-32768, 32768, s, generator=gen, dtype=torch.int16)  # noqa: E731
+    a = draw(*batch, K, M).transpose(-1, -2) if a_transposed else draw(*batch, M, K)
+    b = draw(*batch, N, K).transpose(-1, -2) if b_transposed else draw(*batch, K, N)
+    bias = torch.randn(N)
+    got = amx_gemm.scaled_matmul_wide(a, b, -30, bias)
+    want = (a.double() @ b.double()).float() * 2.0**-30 + bias
+    assert torch.equal(got, want)
+
+
+@needs_amx
+def test_digit_products_at_the_extremes(every_size):
+    """-32768 * -32768 over the longest reduction the digit sums allow: 2**30 * 32768 = 2**45."""
+    K = amx_gemm.DIGITS_K
+    a = torch.full((5, K), -32768, dtype=torch.int16)
+    b = torch.full((K, 3), -32768, dtype=torch.int16)
+    assert (amx_gemm.scaled_matmul_wide(a, b, -45) == 1.0).all()
+    c = torch.full((K, 3), 32767, dtype=torch.int16)
+    assert (amx_gemm.scaled_matmul_wide(a, c, 0) == float(-32768 * 32767 * K)).all()
+    assert amx_gemm.scaled_matmul_wide(torch.zeros(5, K + 1, dtype=torch.int16),
+                                       torch.zeros(K + 1, 3, dtype=torch.int16), 0) is None
