@@ -99,8 +99,8 @@ def scaled_int_matmul(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tens
             return None
     if a.dtype != b.dtype:
         a, b = a.to(torch.int16), b.to(torch.int16)
-    if K <= chunk and a.dtype == torch.int8:  # one product: the AMX kernel stores the floats itself
-        y = amx_gemm.scaled_matmul(a, b, e, bias)
+    if K <= chunk:  # on AMX tiles: one product, or the four digit products fused, floats stored by the kernel
+        y = (amx_gemm.scaled_matmul if a.dtype == torch.int8 else amx_gemm.scaled_matmul_wide)(a, b, e, bias)
         if y is not None:
             return y
     a, b = gemm_layout(a), gemm_layout(b)

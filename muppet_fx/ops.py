@@ -155,8 +155,9 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int,
             grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str, out_parts: bool = False
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
-    values = routes.on_values(route, bits, conv=False)
-    x_m, x_s, x_v = _quantise_operand(x.reshape(-1, x.shape[-1]).float(), bits, rounding, values)
+    x2 = x.reshape(-1, x.shape[-1])
+    values = routes.on_values(route, bits, conv=False, x=x2, w=w)
+    x_m, x_s, x_v = _quantise_operand(x2.float(), bits, rounding, values)
     w_m, w_s, w_v = _quantise_operand(w.float(), bits, rounding, values, w_axis)
     y, done = routes.linear_forward(route, x_m, x_s, w_m, w_s, w_axis, b, (bits, rounding) if quant_out else None,
                                     x_v=x_v, w_v=w_v)
@@ -178,7 +179,8 @@ def _linear_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tens
     route = routes.for_level(route, bits)
     g2, x2 = g.reshape(-1, g.shape[-1]).float(), x_m.reshape(-1, x_m.shape[-1])
     # FP32 products take the values; the mantissas only where the bias gradient sums them
-    g_m, g_s, g_v = _quantise_operand(g2, bits, rounding, routes.on_values(route, bits, conv=False), mantissa=need_b)
+    values = routes.on_values(route, bits, conv=False, x=x2, w=w_m)
+    g_m, g_s, g_v = _quantise_operand(g2, bits, rounding, values, mantissa=need_b)
     if g_v is not None:
         gx, gw = routes.linear_grads_on_values(g_v, x2, x_s, w_m, w_s, w_axis, need_x, need_w)
     else:

@@ -69,14 +69,18 @@ def for_level(route: str, bits: int) -> str:
     return "aten_wide" if route == "aten" and (bits > 14 or not gemm_cpu.integer_products_fast(bits)) else route
 
 
-def on_values(route: str, bits: int, conv: bool, x: Tensor | None = None) -> bool:
+def on_values(route: str, bits: int, conv: bool, x: Tensor | None = None, w: Tensor | None = None) -> bool:
     """Whether a layer at ``bits`` computes its products in FP32 on the dequantised operands
     (``emulate``; on ``aten``, 9-16 bit convolutions and 15-16 bit GEMMs, except 9-14 bit
-    convolutions of an input ``x`` the AMX kernels take, see :func:`_amx_narrow`): its
-    quantisers can then write those values in the pass that writes the mantissas. ``route``
-    as :func:`for_level` returns it."""
+    convolutions of an input ``x`` the AMX kernels take, see :func:`_amx_narrow`, 15-16 bit ones
+    (:func:`_amx_digits`), and linear layers of a 2-d input ``x`` and weight ``w`` whose GEMM
+    the AMX digit products take, :func:`_wide_on_tiles`): its quantisers can then write those
+    values in the pass that writes the mantissas. ``route`` as :func:`for_level` returns it."""
     if conv and x is not None and (route == "aten" and 8 < bits <= 14 and _amx_narrow(x)
                                    or route == "aten_wide" and 14 < bits <= 16 and _amx_digits(x)):
+        return False
+    if not conv and route == "aten_wide" and 14 < bits <= 16 and x is not None and w is not None \
+            and _wide_on_tiles(x, w):
         return False
     return route == "emulate" or route == "aten_wide" and bits <= 16 or 8 < bits <= 16 and conv and route == "aten"
 
@@ -191,6 +195,17 @@ def _along1(v: Tensor, like: Tensor) -> Tensor:
     return v.float().view([-1 if d == 1 else 1 for d in range(like.dim())])
 
 
+def _wide_on_tiles(a: Tensor, b: Tensor) -> bool:
+    """Whether a 15-16 bit 2-d GEMM of ``a`` (``[M, K]``) with ``b`` (``[K, N]``, or ``[N, K]``
+    for a linear layer's weight) runs as the AMX tiles' fused digit products, exact: 1.6-1.7x
+    FP32's GEMM at 1024^3-2048^3, where the four separate int8 products and their combination
+    took 0.72-0.78x (``benchmarks/NOTES.md``). Smaller GEMMs stay FP32 on the values."""
+    if a.dim() != 2 or b.dim() != 2 or not amx_gemm.available():
+        return False
+    K = a.shape[-1]
+    return amx_gemm.worth(1, a.numel() // max(K, 1), K, b.numel() // max(K, 1)) and K <= amx_gemm.DIGITS_K
+
+
 def _mode(route: str, a: Tensor, b: Tensor) -> str:
     """``emulate``, ``int`` (integer kernels), ``float`` (mantissas as exact floats),
     ``fp32`` (mantissas as FP32, rounded accumulation) or a Triton route."""
@@ -198,7 +213,7 @@ def _mode(route: str, a: Tensor, b: Tensor) -> str:
         return route
     ints = a.dtype in (torch.int8, torch.int16) and b.dtype in (torch.int8, torch.int16)
     if route == "aten_wide" and ints:
-        return "fp32"
+        return "int" if _wide_on_tiles(a, b) else "fp32"
     if route == "aten_exact_wide" or route == "aten_exact" and not gemm_cpu.fast_int8() and not _avx2_narrow():
         return "float"  # exact float sums beat slow integer products
     return "int" if ints else "float"
@@ -539,10 +554,6 @@ def matmul_forward(route, a_m, a_s, b_m, b_s):
     y = matmul_batched_int(route, a_m, a_s, b_m, b_s)
     if y is not None:
         return y
-    if route == "aten" and mode == "int" and torch.int16 in (a_m.dtype, b_m.dtype):
-        # batched 9-14 bit products: FP32 on the values, as narrow convolutions (three int8
-        # products of attention's small matrices took 3.3x FP32's time, float64 4.2x)
-        return torch.matmul(dequantise(a_m, a_s), dequantise(b_m, b_s))
     dt = _float_dtype("float" if mode in TRITON else mode, a_m, b_m, a_m.shape[-1])
     return _apply(torch.matmul(a_m.to(dt), b_m.to(dt)), _exponent(a_s, b_s))
 
@@ -550,9 +561,9 @@ def matmul_forward(route, a_m, a_s, b_m, b_s):
 def matmul_batched_int(route, a_m, a_s, b_m, b_s) -> Tensor | None:
     """float32 ``torch.matmul(a, b)`` of int8/int16 mantissas with batch dimensions (broadcast
     as ``torch.matmul`` does), exact and scaled once, on the AMX GEMM (attention's ``Q K^T`` and
-    ``P V``): one product at 8 bits, and on the exact routes three (Karatsuba) up to 14 bits;
-    ``None`` where it does not apply (other routes, wider mantissas, 1-d operands, per-channel
-    exponents, :func:`amx_gemm.applies`)."""
+    ``P V``): one product at 8 bits, the four digit products fused in the tiles above; ``None``
+    where it does not apply (other routes, 1-d operands, per-channel exponents,
+    :func:`amx_gemm.applies`)."""
     if (a_m.dim() < 2 or b_m.dim() < 2 or max(a_m.dim(), b_m.dim()) < 3 or _mode(route, a_m, b_m) != "int"
             or a_s.numel() != 1 or b_s.numel() != 1 or not amx_gemm.available()):
         return None
@@ -564,20 +575,6 @@ def matmul_batched_int(route, a_m, a_s, b_m, b_s) -> Tensor | None:
         return None
     if a3.dtype == b3.dtype == torch.int8:
         y = amx_gemm.scaled_matmul(a3, b3, e)
-    elif route == "aten_exact":
-        y = _batched_karatsuba(a3.to(torch.int16), b3.to(torch.int16), e)
-    else:
-        return None
+    else:  # attention's 128 x 64 x 128 products: 1.2-1.6x FP32's time on the values, but exact
+        y = amx_gemm.scaled_matmul_wide(a3.to(torch.int16), b3.to(torch.int16), e)
     return None if y is None else y.view(*batch, a_m.shape[-2], b_m.shape[-1])
-
-
-def _batched_karatsuba(a: Tensor, b: Tensor, e: int) -> Tensor | None:
-    """``a @ b`` of 9-14 bit mantissas as three int8 products, ``16384 HH + 128 (SS - HH - LL)
-    + LL`` with ``m = 128 h + l`` and ``s = h + l`` (see ``gemm_cpu``)."""
-    pa = scaled_mm_cpu.split_karatsuba(a, "ba") if amx_gemm.worth(*a.shape, b.shape[-1]) else None
-    pb = scaled_mm_cpu.split_karatsuba(b, "bb") if pa else None
-    if not pa or not pb:  # broadcast (not dense) operands, more than 14 bits, too little work
-        return None
-    (ah, al, a_sum), (bh, bl, b_sum) = pa, pb
-    hh, mid, ll = amx_gemm.matmul(ah, bh), amx_gemm.matmul(a_sum, b_sum), amx_gemm.matmul(al, bl)
-    return scaled_mm_cpu.combine_karatsuba(hh, mid, ll, e)

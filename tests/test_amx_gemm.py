@@ -195,10 +195,10 @@ def test_attention_products_on_the_tiles_match_exact_float_products(every_size, 
 
 
 @needs_amx
-@pytest.mark.parametrize("bits", [8, 12, 14])
+@pytest.mark.parametrize("bits", [8, 12, 16])
 def test_batched_route_rounds_the_exact_product_once(every_size, bits):
     """``routes.matmul_batched_int`` against float64 products of the mantissas (exact below
-    2**53), rounded once to float32: one int8 product at 8 bits, Karatsuba up to 14."""
+    2**53), rounded once to float32: one int8 product at 8 bits, the digit products above."""
     from muppet_fx import routes
 
     gen = torch.Generator().manual_seed(bits)
@@ -207,18 +207,10 @@ def test_batched_route_rounds_the_exact_product_once(every_size, bits):
     a = torch.randint(-top, top + 1, (2, 3, 17, 40), generator=gen).to(dtype)
     b = torch.randint(-top, top + 1, (2, 3, 33, 40), generator=gen).to(dtype).transpose(-1, -2)  # as K^T
     a_s, b_s = torch.scalar_tensor(9, dtype=torch.int32), torch.scalar_tensor(4, dtype=torch.int32)
-    route = "aten" if bits == 8 else "aten_exact"
-    got = routes.matmul_batched_int(route, a, a_s, b, b_s)
-    want = (a.double() @ b.double() * 2.0**-13).float()
-    assert got is not None and torch.equal(got, want)
-    if bits > 8:
-        wide = torch.full((2, 3, 17, 40), 2**14, dtype=torch.int16)  # 16 bits: not taken (four products)
-        assert routes.matmul_batched_int(route, wide, a_s, b, b_s) is None
-        # the default route takes FP32 products of the values instead, within FP32's rounding
-        assert routes.matmul_batched_int("aten", a, a_s, b, b_s) is None
-        fp32 = routes.matmul_forward("aten", a, a_s, b, b_s)
-        assert fp32.dtype == torch.float32
-        assert ((fp32 - want).abs() <= 40 * 2.0**-24 * (a.double().abs() @ b.double().abs() * 2.0**-13)).all()
+    for route in ("aten", "aten_exact"):
+        got = routes.matmul_batched_int(route, a, a_s, b, b_s)
+        want = (a.double() @ b.double() * 2.0**-13).float()
+        assert got is not None and torch.equal(got, want)
 
 
 @needs_amx
@@ -250,3 +242,24 @@ def test_digit_products_at_the_extremes(every_size):
     assert (amx_gemm.scaled_matmul_wide(a, c, 0) == float(-32768 * 32767 * K)).all()
     assert amx_gemm.scaled_matmul_wide(torch.zeros(5, K + 1, dtype=torch.int16),
                                        torch.zeros(K + 1, 3, dtype=torch.int16), 0) is None
+
+
+@needs_amx
+def test_sixteen_bit_linear_runs_exact_digit_products(every_size):
+    """At 15-16 bits the default route used FP32 products of the values; on the tiles a linear
+    layer's forward and both gradients are the exact products of the mantissas, rounded once."""
+    from muppet_fx import prepare
+    from muppet_fx.numerics import quantise_parts
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(70, 45)
+    pm = prepare(layer, ladder=(16, "fp32"), rounding="nearest", grad_rounding="nearest", quantise_outputs=False)
+    x = torch.randn(33, 70, requires_grad=True)
+    g = torch.randn(33, 45)
+    y = pm(x)
+    y.backward(g)
+    (x_m, x_s), (w_m, w_s), (g_m, g_s) = (quantise_parts(t, 16, "nearest")[:2] for t in (x.detach(), layer.weight.detach(), g))
+    exact = lambda a, b, s: (a.double() @ b.double() * 2.0 ** -int(s)).float()  # noqa: E731
+    assert torch.equal(y, exact(x_m, w_m.t(), x_s + w_s) + layer.bias)
+    assert torch.equal(x.grad, exact(g_m, w_m, g_s + w_s))
+    assert torch.equal(layer.weight.grad, exact(g_m.t(), x_m, g_s + x_s))
