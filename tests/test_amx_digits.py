@@ -59,6 +59,10 @@ def test_digit_planes_rebuild_the_mantissas_and_their_sums_are_exact():
         assert torch.equal(got, want), kind
         assert torch.equal(256 * h2.to(torch.int32) + l2 + 128, m.to(torch.int32))
     assert scaled_mm_cpu.split_digits(m.contiguous(), "test", "positions") is None  # sums need channels-last
+    for kind, want in sums.items():  # gemm_cpu copies an NCHW map to channels-last for them
+        h3, l3, got = gemm_cpu._digits_with_sums(m.contiguous(), "test", kind)
+        assert torch.equal(got, want), kind
+        assert torch.equal(256 * h3.to(torch.int32) + l3 + 128, m.to(torch.int32))
 
 
 @needs_amx
