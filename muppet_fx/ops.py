@@ -278,7 +278,7 @@ def _conv_transpose(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int]
                     rounding: str, grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
-    values = routes.on_values(route, bits, conv=True)
+    values = routes.on_values(route, bits, conv=True, x=x)  # 9-14 bits on the AMX tiles for 64+ channels
     x_m, x_s, x_v = _quantise_operand(x.float(), bits, rounding, values)
     w_m, w_s, w_v = _quantise_operand(w.float(), bits, rounding, values, w_axis)
     if x_v is not None:  # FP32 products on the values
@@ -307,7 +307,7 @@ def _conv_transpose_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w
                              route: str) -> tuple[Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
     conv = (stride, padding, dilation, groups)
-    g_m, g_s, g_v = _quantise_operand(g.float(), bits, rounding, routes.on_values(route, bits, conv=True),
+    g_m, g_s, g_v = _quantise_operand(g.float(), bits, rounding, routes.on_values(route, bits, conv=True, x=x_m),
                                       mantissa=need_b)
     if g_v is not None:
         gx, gw = routes.conv_grads_on_values(g_v, x_m, x_s, w_m, w_s, w_axis, *conv, need_x, need_w,

@@ -139,3 +139,39 @@ def test_default_route_takes_digit_products_at_16_bits(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert routes._amx_digits(x) and routes._amx_digits(x[:, :64]) and not routes._amx_digits(x[:, :64, :, :8])
     assert not routes._amx_digits(torch.zeros(1, 512, 4, 4)) and not routes._amx_digits(x[:, :48])
+
+
+@needs_amx
+@pytest.mark.parametrize("bits", [12, 16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_transposed_convolution_of_wide_maps_on_the_tiles(bits, channels_last):
+    """A 4x4 stride-2 transposed convolution with 64 input channels at 12 and 16 bits takes
+    the integer kernels like a convolution of such maps. At 12 bits its three products are the
+    exact products rounded once (Karatsuba on the tiles); at 16 bits each product is exact or,
+    where its operand is too small for the digit kernels, FP32 on the values: within FP32's
+    rounding of the exact product either way."""
+    from muppet_fx import prepare
+    from muppet_fx.numerics import quantise_parts
+
+    torch.manual_seed(bits)
+    layer = torch.nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1, bias=False)
+    pm = prepare(layer, ladder=(bits, "fp32"), rounding="nearest", grad_rounding="nearest", quantise_outputs=False)
+    x = torch.randn(2, 64, 8, 9)
+    x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    y = pm(x)
+    g = torch.randn(y.shape)
+    y.backward(g)
+    (x_m, x_s), (w_m, w_s), (g_m, g_s) = (quantise_parts(t, bits, "nearest")[:2]
+                                          for t in (x.detach(), layer.weight.detach(), g))
+    products = [  # (got, product of two float64 operands, exponent, terms summed per output)
+        (y, lambda a, b: F.conv_transpose2d(a, b, stride=2, padding=1), x_m, w_m, x_s + w_s, 64 * 4),
+        (x.grad, lambda a, b: F.conv2d(a, b, stride=2, padding=1), g_m, w_m, g_s + w_s, 32 * 16),
+        (layer.weight.grad, lambda a, b: torch.nn.grad.conv2d_weight(a, w_m.shape, b, stride=2, padding=1),
+         g_m, x_m, g_s + x_s, 2 * 8 * 9 * 4)]
+    for got, product, a, b, s, terms in products:
+        want = (product(a.double(), b.double()) * 2.0 ** -int(s)).float()
+        if bits <= 14:
+            assert torch.equal(got, want)
+        else:
+            size = (product(a.double().abs(), b.double().abs()) * 2.0 ** -int(s)).float()
+            assert ((got - want).abs() <= terms * 2.0**-24 * size + 1e-30).all()
