@@ -11,28 +11,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-#define TILE 1024 /* bytes in one 16 x 64 tile */
+#include "amx_tiles.h"
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-int amx_available(void) {
-    /* Linux hands out the tile state only on request, once per process. */
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
-
-static void configure(void) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
-    _tile_loadconfig(&cfg);
-}
+int amx_available(void) { return request_tiles(); }
 
 /* ---- convolution grad-weight: dW[o, (i, j, c)] = sum_m G[m, o] X[pixel(m) + tap(i, j), c] ----
  * An implicit GEMM over the output positions m: A tiles are G transposed (16 output channels x
@@ -88,31 +69,6 @@ static void gw_tap_masks(gw_problem *p) {
                 for (int i = 0; i < p->KH; i++) bits |= 1ULL << (i * p->KW + j);
         }
         p->col_taps[ow] = bits;
-    }
-}
-
-/* dst[64 j + i] = src[i][j] for a 16 x 16 byte block: four rounds of unpacking. */
-static void transpose16(const int8_t *const *src, int8_t *dst) {
-    __m128i a[16], b[16];
-    for (int i = 0; i < 16; i++) a[i] = _mm_loadu_si128((const __m128i *)src[i]);
-    for (int i = 0; i < 8; i++) {
-        b[2 * i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
-        b[2 * i + 1] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
-    }
-    for (int q = 0; q < 4; q++) {
-        a[4 * q] = _mm_unpacklo_epi16(b[4 * q], b[4 * q + 2]);
-        a[4 * q + 1] = _mm_unpackhi_epi16(b[4 * q], b[4 * q + 2]);
-        a[4 * q + 2] = _mm_unpacklo_epi16(b[4 * q + 1], b[4 * q + 3]);
-        a[4 * q + 3] = _mm_unpackhi_epi16(b[4 * q + 1], b[4 * q + 3]);
-    }
-    for (int h = 0; h < 2; h++)
-        for (int k = 0; k < 4; k++) {
-            b[8 * h + 2 * k] = _mm_unpacklo_epi32(a[8 * h + k], a[8 * h + 4 + k]);
-            b[8 * h + 2 * k + 1] = _mm_unpackhi_epi32(a[8 * h + k], a[8 * h + 4 + k]);
-        }
-    for (int i = 0; i < 8; i++) {
-        _mm_storeu_si128((__m128i *)(dst + 64 * (2 * i)), _mm_unpacklo_epi64(b[i], b[8 + i]));
-        _mm_storeu_si128((__m128i *)(dst + 64 * (2 * i + 1)), _mm_unpackhi_epi64(b[i], b[8 + i]));
     }
 }
 

@@ -1,65 +1,23 @@
-/* Exact int8 GEMM on Intel AMX tiles (TDPBSSD: int8 x int8, int32 accumulation), called through
- * ctypes (amx_gemm.py). C = A @ B for A [M, K] and B [K, N] in any strides; both operands are
- * packed first into tile order (A: 16 rows x 64 bytes; B: 16 rows x 64 bytes, each row holding
- * 4 consecutive k for 16 columns, as the tile instruction reads them), zero past M, N and K, so
- * that the product loop only loads whole 1 KB tiles from contiguous memory. Each task owns a
- * 32 x 32 block of C in four accumulator tiles over the whole K (2 A tiles x 2 B tiles per
- * step of 64). The result is stored as int32, or as float32 acc * scale (+ bias[n]).
- * Built without AMX, amx_gemm_available() returns 0 and amx_gemm returns -1. */
+/* Exact integer GEMMs on Intel AMX tiles, called through ctypes (amx_gemm.py): C = A @ B for
+ * A [M, K] and B [K, N] in any strides, one product or a batch of them. Both operands are packed
+ * first into tile order (A: 16 rows x 64 bytes; B: 16 rows x 64 bytes, each row holding 4
+ * consecutive k for 16 columns, as the tile instruction reads them), zero past M, N and K; a
+ * row-major A is read in place where its rows exist. int8: each 32 x 32 block of C holds four
+ * accumulator tiles (2 A tiles x 2 B tiles per step of 64), stored as int32 or as float32
+ * acc * scale (+ bias[n]). int16 (any width up to 16 bits): m = 256 h + u with h signed and u
+ * unsigned bytes; each 16 x 16 block sums HH, HU + UH and UU in three tiles and stores the
+ * exact value, formed in int64, as float32. Blocks run in groups that share L2, reductions
+ * above 1024 in chunks. Built without AMX, amx_gemm_available() returns 0 and amx_gemm -1. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
-#include <immintrin.h>
 #include <omp.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
-#define TILE 1024
+#include "amx_tiles.h"
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-int amx_gemm_available(void) {
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-}
-
-static void configure(void) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
-    _tile_loadconfig(&cfg);
-}
-
-/* dst row j (64 bytes apart), bytes 16 kk .. 16 kk + 15 <- byte j of src + i * ld, i = 0..15. */
-static void transpose16(const int8_t *src, int64_t ld, int8_t *dst) {
-    __m128i a[16], b[16];
-    for (int i = 0; i < 16; i++) a[i] = _mm_loadu_si128((const __m128i *)(src + i * ld));
-    for (int i = 0; i < 8; i++) {
-        b[2 * i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
-        b[2 * i + 1] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
-    }
-    for (int q = 0; q < 4; q++) {
-        a[4 * q] = _mm_unpacklo_epi16(b[4 * q], b[4 * q + 2]);
-        a[4 * q + 1] = _mm_unpackhi_epi16(b[4 * q], b[4 * q + 2]);
-        a[4 * q + 2] = _mm_unpacklo_epi16(b[4 * q + 1], b[4 * q + 3]);
-        a[4 * q + 3] = _mm_unpackhi_epi16(b[4 * q + 1], b[4 * q + 3]);
-    }
-    for (int h = 0; h < 2; h++)
-        for (int k = 0; k < 4; k++) {
-            b[8 * h + 2 * k] = _mm_unpacklo_epi32(a[8 * h + k], a[8 * h + 4 + k]);
-            b[8 * h + 2 * k + 1] = _mm_unpackhi_epi32(a[8 * h + k], a[8 * h + 4 + k]);
-        }
-    for (int i = 0; i < 8; i++) {
-        _mm_storeu_si128((__m128i *)(dst + 64 * (2 * i)), _mm_unpacklo_epi64(b[i], b[8 + i]));
-        _mm_storeu_si128((__m128i *)(dst + 64 * (2 * i + 1)), _mm_unpackhi_epi64(b[i], b[8 + i]));
-    }
-}
+int amx_gemm_available(void) { return request_tiles(); }
 
 /* A tile (mb, kb): row r, byte c = A[16 mb + r, 64 kb + c] (0 past M or K). */
 static void pack_a(const int8_t *a, int64_t sm, int64_t sk, int64_t M, int64_t K, int64_t mb, int64_t kb,
@@ -71,7 +29,11 @@ static void pack_a(const int8_t *a, int64_t sm, int64_t sk, int64_t M, int64_t K
         return;
     }
     if (full && sm == 1) {  /* column-major: A^T rows are k, transpose 16 x 16 blocks */
-        for (int kk = 0; kk < 4; kk++) transpose16(a + (k0 + 16 * kk) * sk + m0, sk, dst + 16 * kk);
+        for (int kk = 0; kk < 4; kk++) {
+            const int8_t *rows[16];
+            for (int i = 0; i < 16; i++) rows[i] = a + (k0 + 16 * kk + i) * sk + m0;
+            transpose16(rows, dst + 16 * kk);
+        }
         return;
     }
     for (int r = 0; r < 16; r++)

@@ -57,15 +57,23 @@ def _up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
+def _operands_fit(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    """``dtype`` CPU operands, 2-d or 3-d with one batch size, inner dimensions agreeing."""
+    return (a.dim() == b.dim() and a.dim() in (2, 3) and a.dtype == dtype and b.dtype == dtype
+            and a.device.type == "cpu" and b.device.type == "cpu" and a.shape[-1] == b.shape[-2]
+            and a.shape[:-2] == b.shape[:-2] and available())
+
+
+def _batch(a: torch.Tensor) -> int:
+    return a.shape[0] if a.dim() == 3 else 1
+
+
 def applies(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether :func:`matmul` takes ``a @ b``: int8 CPU operands, 2-d, or 3-d with one batch
     size (a batch stride of 0 shares an operand), a reduction short enough for exact int32 sums
-    (``K * 128**2 < 2**31``) and enough work to repay the packing (``MIN_MACS``, ``MIN_ROWS``, ``MIN_FILL``)."""
-    if not (a.dim() == b.dim() and a.dim() in (2, 3) and a.dtype == torch.int8 and b.dtype == torch.int8
-            and a.device.type == "cpu" and b.device.type == "cpu" and a.shape[-1] == b.shape[-2]
-            and a.shape[:-2] == b.shape[:-2] and available()):
-        return False
-    return worth(a.shape[0] if a.dim() == 3 else 1, *a.shape[-2:], b.shape[-1])
+    (``K * 128**2 < 2**31``) and enough work to repay the packing (``MIN_MACS``, ``MIN_ROWS``,
+    ``MIN_FILL``)."""
+    return _operands_fit(a, b, torch.int8) and worth(_batch(a), *a.shape[-2:], b.shape[-1])
 
 
 def worth(batch: int, M: int, K: int, N: int) -> bool:
@@ -117,12 +125,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) ->
     return out
 
 
-def scaled_matmul(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """float32 ``(a @ b) * 2**e (+ bias)``: the exact int32 sum rounded once to float32, scaled
-    by the power of two (exact within float32's normal range, ``-126 <= e <= 126``) and the bias
-    added, as :func:`scaled_mm_cpu.scaled_int_matmul` computes it; ``None`` where not applicable."""
-    if not applies(a, b) or not isinstance(e, int) or not -126 <= e <= 126:
+def _scaled(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tensor | None, out: torch.Tensor | None,
+            run) -> torch.Tensor | None:
+    """The float32 output of a scaled product, ``run(out, scale, bias)`` filling it; ``None``
+    for a scale outside float32's normal range, a bias of the wrong length or an unfit ``out``."""
+    if not isinstance(e, int) or not -126 <= e <= 126:
         return None
     N = b.shape[-1]
     if bias is not None:
@@ -131,30 +138,30 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tensor |
             return None
     out = _output(out, (*a.shape[:-1], N), torch.float32)
     if out is not None:
-        _run(a, b, out, 2.0**e, bias)
+        run(out, 2.0**e, bias)
     return out
 
 
+def scaled_matmul(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """float32 ``(a @ b) * 2**e (+ bias)``: the exact int32 sum rounded once to float32, scaled
+    by the power of two (exact within float32's normal range, ``-126 <= e <= 126``) and the bias
+    added, as :func:`scaled_mm_cpu.scaled_int_matmul` computes it; ``None`` where not applicable."""
+    if not applies(a, b):
+        return None
+    return _scaled(a, b, e, bias, out, lambda o, scale, bias: _run(a, b, o, scale, bias))
+
+
 DIGITS_K = 32768  # longest reduction whose digit sums stay in int32: |HU + UH| <= 2 * 128 * 255 per term
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Whether ``t``'s elements fill one block of memory from ``t.data_ptr()`` on, in some order
-    of its dimensions (contiguous, a transposed view, ...)."""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _digits(t: torch.Tensor, tag: str):
     """``(h, u)`` planes of int16 ``t`` (``t = 256 h + u``, ``h`` int8, ``u = t & 255`` as
     uint8 bits in an int8 tensor), laid out like ``t``, in reused buffers named by ``tag``."""
     from .gemm_cpu import workspace
+    from .scaled_mm_cpu import _dense_any_order  # it imports this module
 
-    t = t if _dense(t) else t.contiguous()
+    t = t if _dense_any_order(t) else t.contiguous()
     h, u = (workspace(t.numel(), torch.int8, f"amx_digits_{tag}{p}").as_strided(t.shape, t.stride()) for p in "hu")
     _library().amx_split_digits(t.data_ptr(), t.numel(), h.data_ptr(), u.data_ptr(), torch.get_num_threads())
     return h, u
@@ -169,18 +176,10 @@ def scaled_matmul_wide(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Ten
     exact value formed in int64 as the block is stored and rounded once. No int32 product is
     written to memory. ``None`` where not applicable (as :func:`applies`, reductions above
     ``DIGITS_K``)."""
-    if (a.dim() != b.dim() or a.dim() not in (2, 3) or a.dtype != torch.int16 or b.dtype != torch.int16
-            or a.device.type != "cpu" or b.device.type != "cpu" or a.shape[-1] != b.shape[-2]
-            or a.shape[:-2] != b.shape[:-2] or not available() or not isinstance(e, int) or not -126 <= e <= 126
-            or a.shape[-1] > DIGITS_K or not worth(a.shape[0] if a.dim() == 3 else 1, *a.shape[-2:], b.shape[-1])):
+    if not _operands_fit(a, b, torch.int16) or a.shape[-1] > DIGITS_K or not worth(_batch(a), *a.shape[-2:], b.shape[-1]):
         return None
-    N = b.shape[-1]
-    if bias is not None:
-        bias = bias.detach().float().contiguous()
-        if bias.shape != (N,):
-            return None
-    out = _output(out, (*a.shape[:-1], N), torch.float32)
-    if out is not None:
+
+    def run(out, scale, bias):
         (ah, au), (bh, bu) = _digits(a, "a"), _digits(b, "b")
-        _run(ah, bh, out, 2.0**e, bias, au, bu)
-    return out
+        _run(ah, bh, out, scale, bias, au, bu)
+    return _scaled(a, b, e, bias, out, run)

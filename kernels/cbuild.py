@@ -38,6 +38,16 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def _source_text(source: Path) -> bytes:
+    """The source and the local headers it includes (``#include "name.h"`` beside it), so that
+    an edited header rebuilds every library that includes it."""
+    text = source.read_bytes()
+    for line in text.decode(errors="replace").splitlines():
+        if line.startswith('#include "'):
+            text += (source.parent / line.split('"')[1]).read_bytes()
+    return text
+
+
 def load_c_library(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     key = str(source)
     if key in _cache:
@@ -47,7 +57,7 @@ def load_c_library(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CD
     if cc is None:
         warnings.warn(f"muppet_fx: no C compiler found; {source.name} falls back to torch ops")
     else:
-        text = source.read_bytes()
+        text = _source_text(source)
         flags = " ".join([*FLAGS, *extra_flags, cc, _cpu_model()])
         digest = hashlib.sha256(text + flags.encode()).hexdigest()[:16]
         cache = Path(os.environ.get("MUPPET_FX_CACHE", Path.home() / ".cache" / "muppet_fx"))

@@ -263,3 +263,17 @@ def test_sixteen_bit_linear_runs_exact_digit_products(every_size):
     assert torch.equal(y, exact(x_m, w_m.t(), x_s + w_s) + layer.bias)
     assert torch.equal(x.grad, exact(g_m, w_m, g_s + w_s))
     assert torch.equal(layer.weight.grad, exact(g_m.t(), x_m, g_s + x_s))
+
+
+def test_build_cache_key_follows_local_headers(tmp_path):
+    """The AMX kernels share ``amx_tiles.h``: an edited header must change the cached library's
+    key of every source that includes it, or a stale build would load."""
+    from muppet_fx.kernels import cbuild
+
+    (tmp_path / "shared.h").write_text("#define WIDTH 16\n")
+    source = tmp_path / "kernel.c"
+    source.write_text('#include <stdint.h>\n#include "shared.h"\nint width(void) { return WIDTH; }\n')
+    before = cbuild._source_text(source)
+    (tmp_path / "shared.h").write_text("#define WIDTH 32\n")
+    after = cbuild._source_text(source)
+    assert before != after and b"WIDTH 32" in after and b"int width" in after
