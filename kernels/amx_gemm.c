@@ -77,10 +77,21 @@ static void pack_b(const int8_t *b, int64_t sk, int64_t sn, int64_t K, int64_t N
             }
 }
 
+/* The float32 bits of |v| (ordered as |v| for finite values; inf and NaN above 0x7f800000), and
+ * their maximum folded into *amax: the output's absmax for the quantiser that reads it next. */
+static inline __m512i magnitude_bits(__m512 v) {
+    return _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff));
+}
+
+static inline void fold_max(__m512i top, uint32_t *amax) {
+    uint32_t best = _mm512_reduce_max_epu32(top);
+    if (best > *amax) *amax = best;
+}
+
 /* Stores accumulator tile t (rows m0.., columns n0..) into C: int32 where scale == 0, else
  * float32 acc * scale (+ bias[n]); a bounce buffer at the edges of C. */
 static void store(int t, void *c, int64_t ldc, int64_t M, int64_t N, int64_t m0, int64_t n0, float scale,
-                  const float *bias) {
+                  const float *bias, uint32_t *amax) {
     int32_t tmp[256];
     int64_t rows = M - m0 < 16 ? M - m0 : 16, cols = N - n0 < 16 ? N - n0 : 16;
     if (rows <= 0 || cols <= 0) return;
@@ -102,25 +113,29 @@ static void store(int t, void *c, int64_t ldc, int64_t M, int64_t N, int64_t m0,
     }
     __m512 s = _mm512_set1_ps(scale);
     __m512 add = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
+    __m512i top = _mm512_setzero_si512();
     for (int64_t r = 0; r < rows; r++) {
         /* float(acc) is the one rounding; a power-of-two scale is exact, then the bias adds */
         __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(tmp + 16 * r)), s);
         if (bias) v = _mm512_add_ps(v, add);
         _mm512_mask_storeu_ps((float *)c + (m0 + r) * ldc + n0, keep, v);
+        top = _mm512_mask_max_epu32(top, keep, top, magnitude_bits(v));
     }
+    fold_max(top, amax);
 }
 
 /* Stores the digit accumulators (tiles 0-2: HH, HU + UH, UU) of the 16 x 16 block at (m0, n0)
  * as float32 (65536 HH + 256 (HU + UH) + UU) * scale (+ bias[n]): the exact sum formed in int64
  * and rounded once. */
 static void store_digits(void *c, int64_t ldc, int64_t M, int64_t N, int64_t m0, int64_t n0, float scale,
-                         const float *bias) {
+                         const float *bias, uint32_t *amax) {
     int32_t hh[256], x[256], uu[256];
     _tile_stored(0, hh, 64); _tile_stored(1, x, 64); _tile_stored(2, uu, 64);
     int64_t rows = M - m0 < 16 ? M - m0 : 16, cols = N - n0 < 16 ? N - n0 : 16;
     __mmask16 keep = (__mmask16)((1u << cols) - 1);
     __m512 s = _mm512_set1_ps(scale);
     __m512 add = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
+    __m512i top = _mm512_setzero_si512();
     for (int64_t r = 0; r < rows; r++) {
         __m512i h = _mm512_loadu_si512(hh + 16 * r), m = _mm512_loadu_si512(x + 16 * r);
         __m512i u = _mm512_loadu_si512(uu + 16 * r);
@@ -135,7 +150,9 @@ static void store_digits(void *c, int64_t ldc, int64_t M, int64_t N, int64_t m0,
         __m512 v = _mm512_mul_ps(_mm512_insertf32x8(_mm512_castps256_ps512(half[0]), half[1], 1), s);
         if (bias) v = _mm512_add_ps(v, add);
         _mm512_mask_storeu_ps((float *)c + (m0 + r) * ldc + n0, keep, v);
+        top = _mm512_mask_max_epu32(top, keep, top, magnitude_bits(v));
     }
+    fold_max(top, amax);
 }
 
 #define KC 16 /* steps of 64 per reduction chunk: 2 x 16 KB of panels for one block */
@@ -147,7 +164,8 @@ static void store_digits(void *c, int64_t ldc, int64_t M, int64_t N, int64_t m0,
  * int32) and go to C (last chunk) or back to `spill`. */
 static void block(int digits, const int8_t *a0, const int8_t *a1, int64_t lda, int64_t step, const int8_t *b0,
                   const int8_t *b1, int64_t k0, int64_t k1, int first, int last, int32_t *spill, void *c,
-                  int64_t ldc, int64_t M, int64_t N, int64_t m0, int64_t n0, float scale, const float *bias) {
+                  int64_t ldc, int64_t M, int64_t N, int64_t m0, int64_t n0, float scale, const float *bias,
+                  uint32_t *amax) {
     if (first) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
     else {
         _tile_loadd(0, spill, 64); _tile_loadd(1, spill + 256, 64);
@@ -181,13 +199,13 @@ static void block(int digits, const int8_t *a0, const int8_t *a1, int64_t lda, i
         return;
     }
     if (digits) {
-        store_digits(c, ldc, M, N, m0, n0, scale, bias);
+        store_digits(c, ldc, M, N, m0, n0, scale, bias, amax);
         return;
     }
-    store(0, c, ldc, M, N, m0, n0, scale, bias);
-    store(1, c, ldc, M, N, m0, n0 + 16, scale, bias);
-    store(2, c, ldc, M, N, m0 + 16, n0, scale, bias);
-    store(3, c, ldc, M, N, m0 + 16, n0 + 16, scale, bias);
+    store(0, c, ldc, M, N, m0, n0, scale, bias, amax);
+    store(1, c, ldc, M, N, m0, n0 + 16, scale, bias, amax);
+    store(2, c, ldc, M, N, m0 + 16, n0, scale, bias, amax);
+    store(3, c, ldc, M, N, m0 + 16, n0 + 16, scale, bias, amax);
 }
 
 /* m = 256 h + u: h = m >> 8 (int8), u = m & 255 (uint8), over n dense int16 values. */
@@ -204,11 +222,13 @@ void amx_split_digits(const int16_t *m, int64_t n, int8_t *h, uint8_t *u, int th
  * int8 (a2 == NULL): int32 when scale == 0, else float32 acc * scale + bias.
  * digits (a2, b2: the u planes of int16 operands whose h planes are a, b; same strides):
  * float32 of the exact product, scaled, + bias. K must keep int32 sums exact (the caller
- * chunks: 131071 steps for int8, 32768 for digits). ap: 32 ceil(M / 32) x 64 ceil(K / 64)
+ * chunks: 131071 steps for int8, 32768 for digits). *amax (where not NULL): the largest float32
+ * bits & 0x7fffffff of a float32 output, as quantise_cpu.c's absmax_bits reads it. ap: 32 ceil(M / 32) x 64 ceil(K / 64)
  * bytes per distinct A (digits: 32 ceil(M / 16) x 64 ceil(K / 64)), bp alike for B. */
 int amx_gemm(const int8_t *a, const int8_t *a2, int64_t sab, int64_t sam, int64_t sak, const int8_t *b,
              const int8_t *b2, int64_t sbb, int64_t sbk, int64_t sbn, int64_t batch, int64_t M, int64_t N, int64_t K,
-             void *c, int64_t scb, int64_t ldc, float scale, const float *bias, int8_t *ap, int8_t *bp, int threads) {
+             void *c, int64_t scb, int64_t ldc, float scale, const float *bias, int8_t *ap, int8_t *bp,
+             uint32_t *amax, int threads) {
     int digits = a2 != NULL, BS = digits ? 16 : 32;  /* block side */
     int64_t KB = (K + 63) / 64, MP = (M + BS - 1) / BS, NP = (N + BS - 1) / BS;
     int64_t na = sab ? batch : 1, nb = sbb ? batch : 1;  /* distinct operands to pack */
@@ -224,7 +244,8 @@ int amx_gemm(const int8_t *a, const int8_t *a2, int64_t sab, int64_t sam, int64_
     /* tile w (0, 1) of a block: int8, rows (columns) 16 w on of the one operand; digits, plane w */
     const int8_t *planes_a[2] = {a, digits ? a2 : a}, *planes_b[2] = {b, digits ? b2 : b};
     int64_t shift = digits ? 0 : 16;
-    #pragma omp parallel num_threads(threads)
+    uint32_t top = 0;
+    #pragma omp parallel num_threads(threads) reduction(max : top)
     {
         #pragma omp for schedule(static) nowait
         for (int64_t it = 0; it < na * pa; it++) {  /* tiles (block, w, kb) of each distinct A */
@@ -263,13 +284,14 @@ int amx_gemm(const int8_t *a, const int8_t *a2, int64_t sab, int64_t sam, int64_
                         const int8_t *b0 = bpb + 2 * np * KB * TILE;
                         int32_t *sp = spill ? spill + ((np - ng) * G + (mp - mg)) * TILE : NULL;
                         block(digits, a0, a1, lda, step, b0, b0 + KB * TILE, k0, k1, ch == 0, ch == chunks - 1,
-                              sp, cb, ldc, M, N, BS * mp, BS * np, scale, bias);
+                              sp, cb, ldc, M, N, BS * mp, BS * np, scale, bias, &top);
                     }
             }
         }
         free(spill);
         _tile_release();
     }
+    if (amax) *amax = top;
     return 0;
 }
 
@@ -283,8 +305,9 @@ void amx_split_digits(const int16_t *m, int64_t n, int8_t *h, uint8_t *u, int th
 
 int amx_gemm(const int8_t *a, const int8_t *a2, int64_t sab, int64_t sam, int64_t sak, const int8_t *b,
              const int8_t *b2, int64_t sbb, int64_t sbk, int64_t sbn, int64_t batch, int64_t M, int64_t N, int64_t K,
-             void *c, int64_t scb, int64_t ldc, float scale, const float *bias, int8_t *ap, int8_t *bp, int threads) {
-    (void)a; (void)a2; (void)sab; (void)sam; (void)sak; (void)b; (void)b2; (void)sbb; (void)sbk; (void)sbn;
+             void *c, int64_t scb, int64_t ldc, float scale, const float *bias, int8_t *ap, int8_t *bp,
+             uint32_t *amax, int threads) {
+    (void)amax; (void)a; (void)a2; (void)sab; (void)sam; (void)sak; (void)b; (void)b2; (void)sbb; (void)sbk; (void)sbn;
     (void)batch; (void)M; (void)N; (void)K; (void)c; (void)scb; (void)ldc; (void)scale; (void)bias; (void)ap;
     (void)bp; (void)threads;
     return -1;

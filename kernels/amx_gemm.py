@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .cbuild import bound_library
+from .quantise_cpu import remember_absmax
 
 __all__ = ["available", "matmul", "scaled_matmul", "scaled_matmul_wide", "applies", "worth"]
 
@@ -26,7 +27,7 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "amx_gemm_available": (ctypes.c_int, []),
     "amx_gemm": (ctypes.c_int, [_P, _P] + [_I64] * 3 + [_P, _P] + [_I64] * 7 + [_P, _I64, _I64, ctypes.c_float,
-                                                                             _P, _P, _P, ctypes.c_int]),
+                                                                             _P, _P, _P, _P, ctypes.c_int]),
     "amx_split_digits": (None, [_P, _I64, _P, _P, ctypes.c_int]),
 }
 # Below this many multiply-adds the packing passes and thread start-up outweigh the product, and
@@ -86,7 +87,8 @@ def worth(batch: int, M: int, K: int, N: int) -> bool:
 def _run(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: float, bias: torch.Tensor | None,
          a_u: torch.Tensor | None = None, b_u: torch.Tensor | None = None) -> None:
     """The kernel on int8 ``a``, ``b``, or with ``a_u``, ``b_u`` on the digit planes (``a`` and
-    ``b`` then hold the high digits)."""
+    ``b`` then hold the high digits). A float32 ``out`` gets its absmax recorded, gathered as the
+    tiles were stored, so that the output quantiser reading it next skips that pass."""
     from .gemm_cpu import workspace  # gemm_cpu imports this module
 
     a3, b3, o3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (a, b, out))
@@ -98,11 +100,14 @@ def _run(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: float, bias
     ap = workspace((batch if sa0 else 1) * rows(M) * kb, torch.int8, "amx_gemm_a")
     bp = workspace((batch if sb0 else 1) * rows(N) * kb, torch.int8, "amx_gemm_b")
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    top = ctypes.c_uint32(0)
     rc = _library().amx_gemm(a3.data_ptr(), ptr(a_u), sa0, sa[1], sa[2], b3.data_ptr(), ptr(b_u), sb0, sb[1], sb[2],
                              batch, M, N, K, o3.data_ptr(), so[0], so[1], scale, ptr(bias), ap.data_ptr(),
-                             bp.data_ptr(), torch.get_num_threads())
+                             bp.data_ptr(), ctypes.byref(top), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"amx_gemm failed ({rc}) on {tuple(a.shape)} @ {tuple(b.shape)}")
+    if out.dtype == torch.float32:
+        remember_absmax(out, top.value)
 
 
 def _output(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ from .cbuild import WIDE_VECTORS, load_c_library
 from .quantise import MAX_EXPONENT, dequantise_reference, is_dense, mantissa_dtype, quantise_reference
 
 __all__ = ["quantise_cpu", "dequantise_cpu", "requantise_accumulator", "host_exponent", "c_kernel_available",
-           "remember_absmax", "forget_absmax"]
+           "remember_absmax", "carry_absmax", "forget_absmax"]
 
 _SOURCE = Path(__file__).with_name("quantise_cpu.c")
 _DEQ = {torch.int8: "dequantise_i8", torch.int16: "dequantise_i16", torch.int32: "dequantise_i32",
@@ -72,6 +72,15 @@ def remember_absmax(t: torch.Tensor, top: int) -> None:
         t._muppet_absmax = (t._version, int(top))
     except RuntimeError:  # inference tensors keep no version counter
         pass
+
+
+def carry_absmax(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """``dst``, holding ``src``'s values (a reshaped view), with ``src``'s recorded absmax where
+    it still holds (:func:`remember_absmax`)."""
+    known = getattr(src, "_muppet_absmax", None)
+    if dst is not src and known is not None and known[0] == src._version:
+        remember_absmax(dst, known[1])
+    return dst
 
 
 def forget_absmax(t: torch.Tensor) -> torch.Tensor:

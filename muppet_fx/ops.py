@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from muppet_fx.kernels.quantise import is_dense, mantissa_dtype, scale_pow2, triton_path
-from muppet_fx.kernels.quantise_cpu import quantise_cpu
+from muppet_fx.kernels.quantise_cpu import carry_absmax, quantise_cpu
 from muppet_fx import routes
 from muppet_fx.custom_ops import call, custom_op, register_autograd
 from muppet_fx.numerics import fake_quantise_inplace, quantise_parts, quantise_values
@@ -161,7 +161,7 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int,
     w_m, w_s, w_v = _quantise_operand(w.float(), bits, rounding, values, w_axis)
     y, done = routes.linear_forward(route, x_m, x_s, w_m, w_s, w_axis, b, (bits, rounding) if quant_out else None,
                                     x_v=x_v, w_v=w_v)
-    y = y.reshape(*x.shape[:-1], w.shape[0])
+    y = carry_absmax(y, y.reshape(*x.shape[:-1], w.shape[0]))  # the GEMM's gathered absmax, for _fq_parts
     y, y_m, y_s = _fq_parts(y, bits, rounding, done, out_parts) if quant_out else (y, *_no_parts(y))
     return _own(y, x_m.reshape(x.shape), x_s, w_m, w_s, y_m, y_s)
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from muppet_fx.kernels import amx_cpu, amx_gemm, batch_norm_cpu, conv_onednn, gemm_avx2, gemm_cpu, scaled_mm_cpu
 from muppet_fx.kernels.quantise import is_dense, scale_pow2, scale_triton, triton_path
-from muppet_fx.kernels.quantise_cpu import dequantise_cpu, requantise_accumulator
+from muppet_fx.kernels.quantise_cpu import carry_absmax, dequantise_cpu, requantise_accumulator
 from muppet_fx.numerics import _triton_seed
 
 __all__ = ["ROUTE_NAMES", "resolve_route", "for_level", "sum_dequantised", "dequantise", "linear_forward",
@@ -577,4 +577,4 @@ def matmul_batched_int(route, a_m, a_s, b_m, b_s) -> Tensor | None:
         y = amx_gemm.scaled_matmul(a3, b3, e)
     else:  # attention's 128 x 64 x 128 products: 1.2-1.6x FP32's time on the values, but exact
         y = amx_gemm.scaled_matmul_wide(a3.to(torch.int16), b3.to(torch.int16), e)
-    return None if y is None else y.view(*batch, a_m.shape[-2], b_m.shape[-1])
+    return None if y is None else carry_absmax(y, y.view(*batch, a_m.shape[-2], b_m.shape[-1]))

@@ -277,3 +277,23 @@ def test_build_cache_key_follows_local_headers(tmp_path):
     (tmp_path / "shared.h").write_text("#define WIDTH 32\n")
     after = cbuild._source_text(source)
     assert before != after and b"WIDTH 32" in after and b"int width" in after
+
+
+@needs_amx
+def test_float_outputs_record_their_absmax(every_size):
+    """The largest |value| of a float32 output, gathered as the tiles are stored, is what the
+    quantiser's own scan would find, so the output quantiser after a linear layer skips it."""
+    from muppet_fx.kernels import quantise_cpu
+
+    lib = quantise_cpu._library()
+    scan = lambda t: lib.absmax_bits(t.data_ptr(), t.numel(), 1)  # noqa: E731
+    a, b = _operands(70, 130, 45, False, True, seed=6)
+    wide_a, wide_b = (t.to(torch.int16) * 200 for t in (a, b))
+    for y in (amx_gemm.scaled_matmul(a, b, -9, torch.randn(45)), amx_gemm.scaled_matmul_wide(wide_a, wide_b, -20),
+              amx_gemm.scaled_matmul(a.expand(3, 70, 130), b.expand(3, 130, 45), -2)):
+        assert y._muppet_absmax == (y._version, scan(y))
+        view = quantise_cpu.carry_absmax(y, y.reshape(-1))
+        assert view._muppet_absmax == (view._version, scan(y))
+        y.add_(1.0)  # an in-place change voids the record
+        assert quantise_cpu.carry_absmax(y, y.reshape(-1)).__dict__.get("_muppet_absmax") is None
+    assert getattr(amx_gemm.matmul(a, b), "_muppet_absmax", None) is None  # int32 outputs: no record
