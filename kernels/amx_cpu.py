@@ -41,13 +41,20 @@ _MB = 16  # position blocks of 64 per chunk (``MB`` in the C source)
 _PARTIALS_BYTES = 1 << 20  # outputs up to this size: one partial sum per thread, else shared chunks
 
 
-@functools.cache
-def _library():
+def tile_library(source: str, signatures: dict, probe: str):
+    """The AMX library built from ``source`` beside this file, or ``None`` where the CPU has no
+    tiles, no library could be built, or its ``probe()`` (the request for the tile state)
+    fails."""
     supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private helper: may move
     if supported is None or not supported():
         return None
-    lib = bound_library(Path(__file__).with_name("amx_cpu.c"), _SIGNATURES)
-    return lib if lib is not None and lib.amx_available() == 1 else None
+    lib = bound_library(Path(__file__).with_name(source), signatures)
+    return lib if lib is not None and getattr(lib, probe)() == 1 else None
+
+
+@functools.cache
+def _library():
+    return tile_library("amx_cpu.c", _SIGNATURES, "amx_available")
 
 
 def _pairs(*values):

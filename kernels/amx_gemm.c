@@ -223,8 +223,10 @@ void amx_split_digits(const int16_t *m, int64_t n, int8_t *h, uint8_t *u, int th
  * digits (a2, b2: the u planes of int16 operands whose h planes are a, b; same strides):
  * float32 of the exact product, scaled, + bias. K must keep int32 sums exact (the caller
  * chunks: 131071 steps for int8, 32768 for digits). *amax (where not NULL): the largest float32
- * bits & 0x7fffffff of a float32 output, as quantise_cpu.c's absmax_bits reads it. ap: 32 ceil(M / 32) x 64 ceil(K / 64)
- * bytes per distinct A (digits: 32 ceil(M / 16) x 64 ceil(K / 64)), bp alike for B. */
+ * bits & 0x7fffffff of a float32 output, as quantise_cpu.c's absmax_bits reads it.
+ * ap: 32 ceil(M / 32) x 64 ceil(K / 64) bytes per distinct A (digits: 32 ceil(M / 16) x
+ * 64 ceil(K / 64)), bp alike for B. Returns -1 where the accumulators' spill memory cannot be
+ * had. */
 int amx_gemm(const int8_t *a, const int8_t *a2, int64_t sab, int64_t sam, int64_t sak, const int8_t *b,
              const int8_t *b2, int64_t sbb, int64_t sbk, int64_t sbn, int64_t batch, int64_t M, int64_t N, int64_t K,
              void *c, int64_t scb, int64_t ldc, float scale, const float *bias, int8_t *ap, int8_t *bp,
@@ -244,6 +246,10 @@ int amx_gemm(const int8_t *a, const int8_t *a2, int64_t sab, int64_t sam, int64_
     /* tile w (0, 1) of a block: int8, rows (columns) 16 w on of the one operand; digits, plane w */
     const int8_t *planes_a[2] = {a, digits ? a2 : a}, *planes_b[2] = {b, digits ? b2 : b};
     int64_t shift = digits ? 0 : 16;
+    /* each thread's group accumulators between reduction chunks */
+    size_t spill_size = (size_t)G * G * TILE;  /* int32 elements */
+    int32_t *spills = chunks > 1 ? aligned_alloc(64, (size_t)threads * spill_size * 4) : NULL;
+    if (chunks > 1 && !spills) return -1;
     uint32_t top = 0;
     #pragma omp parallel num_threads(threads) reduction(max : top)
     {
@@ -265,7 +271,7 @@ int amx_gemm(const int8_t *a, const int8_t *a2, int64_t sab, int64_t sam, int64_
          * panel chunks come from L2, and the group's accumulators wait in `spill` (L2) between
          * chunks. Block by block over the whole K, 4096^3 ran at 0.85x torch._int_mm: every
          * column panel read all of A from memory. */
-        int32_t *spill = chunks > 1 ? aligned_alloc(64, (size_t)G * G * TILE * 4) : NULL;
+        int32_t *spill = spills ? spills + omp_get_thread_num() * spill_size : NULL;
         #pragma omp for schedule(static)
         for (int64_t g = 0; g < batch * GM * GN; g++) {
             int64_t bt = g / (GM * GN), gg = g % (GM * GN), mg = gg / GN * G, ng = gg % GN * G;
@@ -288,9 +294,9 @@ int amx_gemm(const int8_t *a, const int8_t *a2, int64_t sab, int64_t sam, int64_
                     }
             }
         }
-        free(spill);
         _tile_release();
     }
+    free(spills);
     if (amax) *amax = top;
     return 0;
 }

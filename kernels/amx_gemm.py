@@ -1,24 +1,25 @@
-"""Exact int8 GEMM on Intel AMX tiles (``amx_gemm.c``): int32 ``a @ b``, or float32
-``(a @ b) * 2**e + bias`` stored straight from the tiles.
+"""Exact integer GEMMs on Intel AMX tiles (``amx_gemm.c``): int32 ``a @ b`` of int8 operands,
+or float32 ``(a @ b) * 2**e + bias`` stored straight from the tiles, of int8 operands or of
+int16 mantissas of any width up to 16 bits (four digit products summed in the tiles); 2-d or
+batches of products.
 
-``torch._int_mm`` (oneDNN) ran at about 0.5 int8 TOP/s on a 2-core AMX machine at 1024^3, an
-eighth of what the tiles reach on data in L1. Packing both operands into tile order first (one
-pass over each, any strides, so ``x @ w.T``, ``g @ w`` and ``g.T @ x`` need no transposed
-copies) and keeping one B column panel cached while the A tiles stream measured about twice
-its rate; see ``benchmarks/NOTES.md``.
+``torch._int_mm`` (oneDNN) ran at 0.5-1.2 int8 TOP/s on a 2-core AMX machine, where the tiles
+reach 2 TOP/s per core on resident data. Packing both operands into tile order first (one pass
+over each, any strides, so ``x @ w.T``, ``g @ w`` and ``g.T @ x`` need no transposed copies),
+reading a row-major A in place and running blocks in groups that share L2 measured 1.1-1.7x
+its rate from 1024^3 up; see ``benchmarks/NOTES.md`` section 24.
 
 Every function returns ``None`` where it does not apply (no AMX, the operating system refusing
-the tile state, other dtypes or devices), so callers keep ``torch._int_mm``.
+the tile state, other dtypes or devices, too little work), so callers keep ``torch._int_mm``.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 
 import torch
 
-from .cbuild import bound_library
+from .amx_cpu import tile_library
 from .quantise_cpu import remember_absmax
 
 __all__ = ["available", "matmul", "scaled_matmul", "scaled_matmul_wide", "applies", "worth"]
@@ -42,11 +43,7 @@ MIN_FILL = 0.25
 
 @functools.cache
 def _library():
-    supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private helper: may move
-    if supported is None or not supported():
-        return None
-    lib = bound_library(Path(__file__).with_name("amx_gemm.c"), _SIGNATURES)
-    return lib if lib is not None and lib.amx_gemm_available() == 1 else None
+    return tile_library("amx_gemm.c", _SIGNATURES, "amx_gemm_available")
 
 
 def available() -> bool:

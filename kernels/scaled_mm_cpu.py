@@ -203,18 +203,13 @@ def _dense_any_order(t: torch.Tensor) -> bool:
 
 def combine_karatsuba(hh: torch.Tensor, mid: torch.Tensor, ll: torch.Tensor, e: int, bias: torch.Tensor | None = None):
     """float32 ``(16384 hh + 128 (mid - hh - ll) + ll) * 2**e (+ bias along the last memory
-    dimension)`` for three int32 accumulators laid out alike (contiguous, or channels-last
-    4-d), formed exactly in int64 and rounded once; ``None`` where it does not apply."""
+    dimension)`` for three int32 accumulators laid out alike (dense, channels fastest in
+    memory), formed exactly in int64 and rounded once; ``None`` where it does not apply."""
     lib = _library()
-    if (lib is None or not -126 <= e <= 126 or hh.numel() == 0
-            or any(t.dtype != torch.int32 or t.stride() != hh.stride() for t in (hh, mid, ll))):
+    if (lib is None or not -126 <= e <= 126 or any(t.dtype != torch.int32 or t.stride() != hh.stride() for t in (mid, ll))
+            or hh.dim() != 4 or hh.stride(1) != 1):
         return None
-    if hh.is_contiguous():
-        cols = hh.shape[-1]
-    elif hh.dim() == 4 and hh.is_contiguous(memory_format=torch.channels_last):
-        cols = hh.shape[1]
-    else:
-        return None
+    cols = hh.shape[1]
     rows = hh.numel() // cols
     if bias is not None:
         bias = bias.detach().float().contiguous()

@@ -370,12 +370,19 @@ def _matmul_backward(g: Tensor, a_m: Tensor, a_s: Tensor, b_m: Tensor, b_s: Tens
         ga = routes.matmul_forward(route, g_m, g_s, b_m.t(), b_s) if need_a else _empty(g)
         gb = routes.matmul_forward(route, a_m.t(), a_s, g_m, g_s) if need_b else _empty(g)
         return _own(ga, gb)
-    if route != "emulate" and a_m.dim() >= 2 and b_m.dim() >= 2:  # batched: integer where the tiles take it
-        ga = routes.matmul_batched_int(route, g_m, g_s, b_m.transpose(-1, -2), b_s) if need_a else _empty(g)
-        gb = routes.matmul_batched_int(route, a_m.transpose(-1, -2), a_s, g_m, g_s) if need_b else _empty(g)
-        if ga is not None and gb is not None:  # summed over the dimensions an operand was broadcast along
-            return _own(ga.sum_to_size(a_m.shape) if need_a else ga, gb.sum_to_size(b_m.shape) if need_b else gb)
-    return _matmul_grads(_deq(g_m, g_s), _deq(a_m, a_s), _deq(b_m, b_s), need_a, need_b)
+    ga = gb = None
+    if route != "emulate" and a_m.dim() >= 2 and b_m.dim() >= 2:  # batched: integer where the tiles take it,
+        if need_a:  # summed over the dimensions an operand was broadcast along
+            ga = routes.matmul_batched_int(route, g_m, g_s, b_m.transpose(-1, -2), b_s)
+            ga = None if ga is None else ga.sum_to_size(a_m.shape)
+        if need_b:
+            gb = routes.matmul_batched_int(route, a_m.transpose(-1, -2), a_s, g_m, g_s)
+            gb = None if gb is None else gb.sum_to_size(b_m.shape)
+    left_a, left_b = need_a and ga is None, need_b and gb is None  # FP32 products of the values
+    if left_a or left_b:
+        fa, fb = _matmul_grads(_deq(g_m, g_s), _deq(a_m, a_s), _deq(b_m, b_s), left_a, left_b)
+        ga, gb = (fa if left_a else ga), (fb if left_b else gb)
+    return _own(ga if need_a else _empty(g), gb if need_b else _empty(g))
 
 
 @_matmul_backward.register_fake

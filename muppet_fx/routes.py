@@ -568,11 +568,11 @@ def matmul_batched_int(route, a_m, a_s, b_m, b_s) -> Tensor | None:
             or a_s.numel() != 1 or b_s.numel() != 1 or not amx_gemm.available()):
         return None
     batch = torch.broadcast_shapes(a_m.shape[:-2], b_m.shape[:-2])
+    if not amx_gemm.worth(math.prod(batch), *a_m.shape[-2:], b_m.shape[-1]):  # before any broadcast copy
+        return None
     a3 = a_m.expand(*batch, *a_m.shape[-2:]).reshape(-1, *a_m.shape[-2:])  # views for merged batch strides
     b3 = b_m.expand(*batch, *b_m.shape[-2:]).reshape(-1, *b_m.shape[-2:])
     e = _exponent(a_s, b_s)
-    if a3.shape[0] == 0:
-        return None
     if a3.dtype == b3.dtype == torch.int8:
         y = amx_gemm.scaled_matmul(a3, b3, e)
     else:  # attention's 128 x 64 x 128 products: 1.2-1.6x FP32's time on the values, but exact

@@ -19,6 +19,22 @@ def every_size(monkeypatch):
     monkeypatch.setattr(amx_gemm, "MIN_FILL", 0)
 
 
+@pytest.fixture
+def taken(monkeypatch):
+    """For each call of ``routes.matmul_batched_int``, whether the tiles took the product."""
+    from muppet_fx import routes
+
+    log = []
+
+    def batched(*args, original=routes.matmul_batched_int):
+        y = original(*args)
+        log.append(y is not None)
+        return y
+
+    monkeypatch.setattr(routes, "matmul_batched_int", batched)
+    return log
+
+
 def _operands(M, K, N, a_transposed, b_transposed, seed=0):
     """int8 ``a [M, K]``, ``b [K, N]``, each row-major or a transposed view (column-major)."""
     gen = torch.Generator().manual_seed(seed)
@@ -166,23 +182,15 @@ def _attention_grads(pm, x):
 
 
 @needs_amx
-def test_attention_products_on_the_tiles_match_exact_float_products(every_size, monkeypatch):
+def test_attention_products_on_the_tiles_match_exact_float_products(every_size, taken, monkeypatch):
     """Below 1040 terms int8 products sum exactly in FP32, so the float path the batched
     products took before is an exact oracle: the prepared block's outputs and every gradient
     agree bit for bit with the tiles on and off."""
-    from muppet_fx import prepare, routes
+    from muppet_fx import prepare
 
     torch.manual_seed(0)
     pm = prepare(_Attention(), ladder=(8, "fp32"))
     x = torch.randn(3, 20, 64)
-    taken = []
-
-    def batched(*args, original=routes.matmul_batched_int):
-        y = original(*args)
-        taken.append(y is not None)
-        return y
-
-    monkeypatch.setattr(routes, "matmul_batched_int", batched)
     y_on, g_on = _attention_grads(pm, x)
     # Q K^T, P V, the projection by the broadcast weight, and two gradients of each
     assert taken == [True] * 9
@@ -297,3 +305,35 @@ def test_float_outputs_record_their_absmax(every_size):
         y.add_(1.0)  # an in-place change voids the record
         assert quantise_cpu.carry_absmax(y, y.reshape(-1)).__dict__.get("_muppet_absmax") is None
     assert getattr(amx_gemm.matmul(a, b), "_muppet_absmax", None) is None  # int32 outputs: no record
+
+
+class _Product(torch.nn.Module):
+    def forward(self, a, b):
+        return torch.matmul(a, b)
+
+
+@needs_amx
+def test_batched_gradients_split_between_tiles_and_values(every_size, taken, monkeypatch):
+    """With 8 output columns the gradient of ``a`` reduces over 8 terms (an eighth of a tile
+    step: left to FP32 products of the values) while that of ``b`` fills its tiles: each takes
+    its own path, and both agree bit for bit with the all-values run (exact below 1040 terms)."""
+    from muppet_fx import prepare
+
+    monkeypatch.setattr(amx_gemm, "MIN_FILL", 0.25)
+    pm = prepare(_Product(), ladder=(8, "fp32"))
+    torch.manual_seed(0)
+    a0, b0 = torch.randn(6, 128, 64), torch.randn(6, 64, 8)
+
+    def run():
+        torch.manual_seed(1)
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        y = pm(a, b)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        return y.detach(), a.grad, b.grad
+
+    on = run()
+    assert taken == [True, False, True]  # forward, gradient of a, gradient of b
+    monkeypatch.setattr(amx_gemm, "MIN_MACS", 1 << 62)
+    off = run()
+    for x, y in zip(on, off):
+        assert torch.equal(x, y)
