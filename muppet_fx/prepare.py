@@ -27,7 +27,8 @@ from muppet_fx.ops import quant_conv, quant_conv_transpose_module, quant_linear
 from muppet_fx.passes.compact_saved import compact_saved_tensors
 from muppet_fx.passes.quantise_layers import FP32_MODULES, RewriteContext, insert_quant_nodes
 from muppet_fx.passes.runner import run_passes
-from muppet_fx.passes.trace import TRANSPOSED_CONVS, trace_with_leaves
+from muppet_fx.passes.trace import (GIVEN, TRANSPOSED_CONVS, call_pattern, pattern_constants,
+                                    specialisable_arguments, trace_with_leaves)
 from muppet_fx.state import PrecisionState
 
 __all__ = ["prepare", "PreparedModule"]
@@ -78,7 +79,16 @@ class _GraphForward(PreparedModule):
     def forward(self, *args, **kwargs):
         if not self._muppet_state.quantised:
             return super().forward(*args, **kwargs)
-        return self._muppet_run(self._muppet_code, (self, *args), kwargs)
+        code = self._muppet_code
+        if self._muppet_options:  # arguments steering forward's control flow: this call's graph
+            pattern = call_pattern(self._muppet_options, args, kwargs)
+            code = self._muppet_variants.get(pattern) or _variant(self, pattern)
+        return self._muppet_run(code, (self, *args), kwargs)
+
+    def _muppet_own_code(self, *args, **kwargs):
+        """The module's own forward, its products intercepted (a call pattern with no graph)."""
+        with InterceptMode(self):
+            return super().forward(*args, **kwargs)
 
 
 class _InterceptForward(PreparedModule):
@@ -190,7 +200,15 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
         state.keep_fp32(path or type(module).__name__, type(module).__name__, fp32_reason)
         return _finish(module, _PassThroughForward, path, state, sites)
 
-    graph, opaque, reasons = trace_with_leaves(module)
+    options = specialisable_arguments(module)
+    # the first graph: every argument at its default, else optional tensors given; any other
+    # call pattern gets its graph on first use
+    defaults = tuple((type(o.default), o.default) for o in options)
+    for pattern in dict.fromkeys([defaults, tuple((GIVEN, None) if o.default is None else d
+                                                  for o, d in zip(options, defaults))]):
+        graph, opaque, reasons = trace_with_leaves(module, pattern_constants(options, pattern))
+        if graph is not None:
+            break
     if graph is None:  # its own code is not traceable: intercept it, prepare its children
         state.opaque[path or type(module).__name__] = "; ".join(reasons)
         new = _shallow_copy(module)
@@ -199,14 +217,40 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
         return _finish(new, _InterceptForward, path, state, sites)
 
     new = _shallow_copy(module)
+    graph, code = _rewrite(module, new, path, state, sites, graph, opaque)
+    new.__dict__.update(_muppet_graph=graph, _muppet_code=code, _muppet_original=module,
+                        _muppet_options=options, _muppet_variants={pattern: code})
+    return _finish(new, _GraphForward, path, state, sites)
+
+
+def _rewrite(module: nn.Module, new: nn.Module, path: str, state: PrecisionState, sites, graph, opaque):
+    """Prepares the opaque submodules of ``graph`` (a trace of ``module``) inside ``new``, rewrites
+    the graph and compiles it: ``(graph, forward)``."""
     for sub in opaque:
-        _replace_submodule(new, sub, _prepare(module.get_submodule(sub), _join(path, sub), state, sites))
+        if not isinstance(new.get_submodule(sub), PreparedModule):  # another pattern's graph did
+            _replace_submodule(new, sub, _prepare(module.get_submodule(sub), _join(path, sub), state, sites))
+    keep = state.config.module_filter_fn or (lambda m, fqn: True)
     ctx = RewriteContext(graph, dict(module.named_modules()), state, path + "." if path else "", sites, keep)
     owner = path or type(module).__name__
     graph = run_passes(graph, [lambda g: insert_quant_nodes(g, ctx), lambda g: compact_saved_tensors(g, ctx)],
                        owner=owner)
-    new.__dict__.update(_muppet_graph=graph, _muppet_code=_compile_graph(graph, owner))
-    return _finish(new, _GraphForward, path, state, sites)
+    return graph, _compile_graph(graph, owner)
+
+
+MAX_PATTERNS = 8  # graphs per module; further call patterns (say, an int that changes every call) run its own code
+
+
+def _variant(pm: nn.Module, pattern: tuple):
+    """The forward for a call pattern met for the first time: a graph traced for it, or the
+    module's own code under interception where that pattern's code cannot be traced."""
+    variants, own_code = pm._muppet_variants, type(pm)._muppet_own_code
+    if len(variants) >= MAX_PATTERNS:
+        return own_code
+    module = pm._muppet_original
+    graph, opaque, _ = trace_with_leaves(module, pattern_constants(pm._muppet_options, pattern))
+    variants[pattern] = own_code if graph is None else \
+        _rewrite(module, pm, pm._muppet_path, pm._muppet_state, pm._muppet_sites, graph, opaque)[1]
+    return variants[pattern]
 
 
 def _compile_graph(graph, owner: str):

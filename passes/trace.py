@@ -4,13 +4,24 @@
 symbolically (data-dependent control flow, iteration over a proxy, ...), that submodule becomes a
 leaf and tracing restarts. It returns the graph and the paths of the submodules kept opaque, which
 the caller prepares recursively. If ``module``'s own code cannot be traced, ``graph`` is ``None``.
+
+A graph is one path through ``forward``: arguments that default to ``None`` or a bool usually
+steer its control flow (``if mask is not None``, ``if output_attentions``), so graphs are traced
+per *call pattern* (:func:`call_pattern`): which of those arguments are ``None``, and the value of
+each bool, int or string passed to them; tensors and other objects stay graph inputs.
 """
 from __future__ import annotations
+
+import inspect
+import keyword
+from collections import OrderedDict
+from typing import Any, NamedTuple
 
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["MuppetTracer", "trace_with_leaves", "LEAF_TYPES", "TRANSPOSED_CONVS"]
+__all__ = ["MuppetTracer", "trace_with_leaves", "LEAF_TYPES", "TRANSPOSED_CONVS", "Option",
+           "specialisable_arguments", "call_pattern", "pattern_constants", "GIVEN"]
 
 TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Modules the rewrite rules act on as a whole (or keep FP32 as a whole).
@@ -33,6 +44,14 @@ class MuppetTracer(fx.Tracer):
         return m.__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential) \
             and next(m.children(), None) is None
 
+    def create_arg(self, a):
+        # torch.fx rebuilds a dict subclass as a plain dict; an ordered dict class of named
+        # fields (a model output, indexable by position too) is rebuilt as itself
+        if (isinstance(a, OrderedDict) and type(a) is not OrderedDict
+                and all(isinstance(k, str) and k.isidentifier() and not keyword.iskeyword(k) for k in a)):
+            return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
+        return super().create_arg(a)
+
     def call_module(self, m, forward, args, kwargs):
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -45,14 +64,66 @@ class MuppetTracer(fx.Tracer):
             raise
 
 
-def trace_with_leaves(module: nn.Module) -> tuple[fx.Graph | None, list[str], list[str]]:
-    """Returns ``(graph or None, opaque submodule paths, reasons)``."""
+class Option(NamedTuple):
+    """A ``forward`` argument that defaults to ``None`` or a bool."""
+    name: str
+    position: int | None  # index among the positional arguments (after self); None: keyword-only
+    default: Any
+
+
+GIVEN = "<given>"  # a call-pattern entry: a tensor or other object, traced as a graph input
+_CONSTANTS = (bool, int, str)  # not float: a NaN would never match its own pattern
+
+
+def specialisable_arguments(module: nn.Module) -> tuple[Option, ...]:
+    """The arguments of ``module.forward`` that graphs are specialised on."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature (a C-implemented forward)
+        return ()
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(Option(p.name, i if p.kind in positional else None, p.default)
+                 for i, p in enumerate(params)
+                 if p.kind != inspect.Parameter.VAR_POSITIONAL and p.kind != inspect.Parameter.VAR_KEYWORD
+                 and (p.default is None or type(p.default) is bool))
+
+
+def _entry(value) -> tuple:
+    """(type, value) for None and constants (True and 1 are different patterns), else GIVEN."""
+    return (type(value), value) if value is None or type(value) in _CONSTANTS else (GIVEN, None)
+
+
+def call_pattern(options: tuple[Option, ...], args: tuple, kwargs: dict) -> tuple:
+    """The pattern of one call ``forward(*args, **kwargs)``: one entry per option."""
+    return tuple(_entry(kwargs[o.name] if o.name in kwargs else
+                        args[o.position] if o.position is not None and o.position < len(args) else o.default)
+                 for o in options)
+
+
+def pattern_constants(options: tuple[Option, ...], pattern: tuple) -> dict[str, Any]:
+    """``concrete_args`` for tracing the graph of ``pattern``."""
+    return {o.name: value for o, (kind, value) in zip(options, pattern) if kind is not GIVEN}
+
+
+def _keep_argument_names(graph: fx.Graph, constants: dict[str, Any]) -> None:
+    """torch.fx names a specialised argument's placeholder ``<name>_1``; callers pass it by its
+    own name, so the generated forward must keep that name."""
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.target.endswith("_1") and node.target[:-2] in constants:
+            node.target = node.target[:-2]
+
+
+def trace_with_leaves(module: nn.Module, constants: dict[str, Any] | None = None
+                      ) -> tuple[fx.Graph | None, list[str], list[str]]:
+    """Returns ``(graph or None, opaque submodule paths, reasons)``; ``constants``: arguments
+    traced as those values (``concrete_args``), guarded by assertions in the graph."""
     opaque: list[str] = []
     reasons: list[str] = []
     while True:
         tracer = MuppetTracer(set(opaque))
         try:
-            graph = tracer.trace(module)
+            graph = tracer.trace(module, concrete_args=constants or None)
+            _keep_argument_names(graph, constants or {})
             return graph, opaque, reasons
         except Exception as err:  # any failure: isolate the innermost module that raised
             path = tracer.failed_path

@@ -39,3 +39,61 @@ def write_cifar_npz(folder: Path, n_train: int, n_test: int) -> Path:
         np.savez(folder / name, images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
                  labels=rng.integers(0, 10, n).astype(np.int64))
     return folder
+
+
+def _flat(out):
+    if hasattr(out, "to_tuple"):  # model output classes: their fields in order
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flat(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flat(v)]
+    return [out] if isinstance(out, torch.Tensor) else []
+
+
+def _loss(out):
+    return sum(t.float().sum() for t in _flat(out) if t.is_floating_point())
+
+
+def check_zoo_model(make, inputs, detection: bool = False, max_error: float = 1e-2) -> None:
+    """A library model prepared with default settings, against the unprepared one: bit-identical
+    at "fp32" and within ``max_error`` relative L2 error at 16 bits (eval mode; detection models
+    return boxes after NMS there, so they are compared in train mode only); in train mode every
+    convolution and matrix product the original runs (ATen-level count) quantised, none kept
+    FP32, and finite gradients on every parameter the original gives one to."""
+    from muppet_fx import prepare
+
+    torch.manual_seed(0)
+    model, x = make(), inputs()
+    if not detection:
+        model.eval()
+        pm = prepare(model)
+        with torch.no_grad():
+            ref = _flat(model(*x))
+            pm.set_precision("fp32")
+            got = _flat(pm(*x))
+            assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(ref, got))
+            pm.set_precision(16)
+            for a, b in zip(ref, _flat(pm(*x))):
+                if a.is_floating_point():
+                    assert (b.float() - a.float()).norm() <= max_error * a.float().norm() + 1e-6
+                else:
+                    assert torch.equal(a, b)
+
+    model.train()
+    ref_loss = _loss(model(*x))
+    ref_loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    expected = count_products(model, x)
+
+    pm = prepare(model)
+    out = pm(*x)
+    assert sum(s.calls for s in pm._muppet_state.sites.values()) == expected
+    assert not pm._muppet_state.fp32_layers
+    loss = _loss(out)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for n, p in model.named_parameters():
+        if n in with_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n

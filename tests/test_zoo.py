@@ -11,9 +11,7 @@ import torchvision.models as tvm
 import torchvision.models.detection as det
 import torchvision.models.segmentation as seg
 
-from muppet_fx import prepare
-
-from .helpers import count_products
+from .helpers import check_zoo_model
 
 
 def _img(n, size):
@@ -55,50 +53,7 @@ ZOO = {
 }
 
 
-def _flat(out):
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flat(v)]
-    return [out] if isinstance(out, torch.Tensor) else []
-
-
-def _loss(out):
-    return sum(t.float().sum() for t in _flat(out) if t.is_floating_point())
-
-
 @pytest.mark.parametrize("name", list(ZOO))
 def test_zoo(name):
     make, inputs = ZOO[name]
-    torch.manual_seed(0)
-    model, x = make(), inputs()
-    detection = name.startswith("fasterrcnn")
-
-    if not detection:  # detection in eval mode returns boxes after NMS: compared in train mode only
-        model.eval()
-        pm = prepare(model)
-        with torch.no_grad():
-            ref = _flat(model(*x))
-            pm.set_precision("fp32")
-            assert all(torch.equal(a, b) for a, b in zip(ref, _flat(pm(*x))))
-            pm.set_precision(16)
-            for a, b in zip(ref, _flat(pm(*x))):
-                assert (b - a).norm() <= 1e-2 * a.norm() + 1e-6
-
-    model.train()
-    ref_loss = _loss(model(*x))
-    ref_loss.backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    expected = count_products(model, x)
-
-    pm = prepare(model)
-    out = pm(*x)
-    assert sum(s.calls for s in pm._muppet_state.sites.values()) == expected
-    assert not pm._muppet_state.fp32_layers
-    loss = _loss(out)
-    assert torch.isfinite(loss)
-    loss.backward()
-    for n, p in model.named_parameters():
-        if n in with_grad:
-            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    check_zoo_model(make, inputs, detection=name.startswith("fasterrcnn"))
