@@ -6,7 +6,8 @@ Per model: FP32 eager; torch.autocast (bf16; on CUDA also fp16); the prepared mo
 ``fp32`` level (the original forward); the ``emulate`` route at 8 bits (the paper's emulation);
 the default route at 8, 12, 14 and 16 bits. ``--models transformer`` selects a small
 transformer language model instead (:class:`TinyLM`; ``--batch`` counts sequences of 128
-tokens). Columns: seconds per step (forward, backward, SGD step), ratio to FP32 and to
+tokens), ``--models hf-gpt2,hf-bert,hf-llama`` Hugging Face models of that size (:class:`HubLM`;
+needs ``transformers``). Columns: seconds per step (forward, backward, SGD step), ratio to FP32 and to
 autocast (higher is faster); with ``--saved``, the activation memory
 autograd saves for backward (device-independent); with ``--memory``, peak memory of each
 configuration (max RSS of a fresh process on the CPU; on CUDA ``max_memory_allocated`` over one
@@ -51,11 +52,40 @@ class TinyLM(torch.nn.Module):
         return self.head(h)
 
 
+class HubLM(torch.nn.Module):
+    """A Hugging Face ``transformers`` language model of TinyLM's size (``--models hf-gpt2``,
+    ``hf-bert``, ``hf-llama``): 2 layers, width 512, 8 heads, vocabulary 1000, built from a
+    configuration (no download) with the library's default dropout; returns the logits."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        try:
+            import transformers as T
+        except ImportError as err:
+            raise SystemExit(f"--models hf-{kind} needs the transformers package: pip install transformers") from err
+        common = dict(vocab_size=1000, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        configs = {
+            "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(n_embd=512, n_layer=2, n_head=8, n_positions=128,
+                                                           use_cache=False, **common)),
+            "bert": lambda: T.BertForMaskedLM(T.BertConfig(hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
+                                                           intermediate_size=2048, **common)),
+            "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(hidden_size=512, num_hidden_layers=2,
+                                                              num_attention_heads=8, intermediate_size=1408,
+                                                              use_cache=False, **common)),
+        }
+        if kind not in configs:
+            raise SystemExit(f"unknown model hf-{kind}; choose from {', '.join('hf-' + k for k in configs)}")
+        self.model = configs[kind]()
+
+    def forward(self, tokens):
+        return self.model(tokens).logits
+
+
 def make_cases(name: str, batch: int, device: str, compile_: bool = False) -> dict:
     """Configuration name -> a function running one training step."""
     torch.manual_seed(0)
-    if name == "transformer":
-        model = TinyLM().to(device)
+    if name == "transformer" or name.startswith("hf-"):
+        model = (TinyLM() if name == "transformer" else HubLM(name[3:])).to(device)
         x = torch.randint(0, 1000, (batch, 128), device=device)
         y = torch.randint(0, 1000, (batch * 128,), device=device)
     else:

@@ -166,6 +166,13 @@ static void block(int digits, const int8_t *a0, const int8_t *a1, int64_t lda, i
                   const int8_t *b1, int64_t k0, int64_t k1, int first, int last, int32_t *spill, void *c,
                   int64_t ldc, int64_t M, int64_t N, int64_t m0, int64_t n0, float scale, const float *bias,
                   uint32_t *amax) {
+    /* C's lines for ownership now, so the stores at the end do not wait for them: int8 blocks
+     * ran 1.1-1.4x faster at K <= 1408 (rows ldc apart defeat the hardware prefetcher); digit
+     * blocks, with four times the products per output, measured no gain */
+    if (last && !digits)
+        for (int64_t r = m0; r < m0 + 32 && r < M; r++)
+            for (int64_t q = n0; q < n0 + 32 && q < N; q += 16)
+                __builtin_prefetch((const int32_t *)c + r * ldc + q, 1, 3);
     if (first) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
     else {
         _tile_loadd(0, spill, 64); _tile_loadd(1, spill + 256, 64);
