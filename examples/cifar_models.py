@@ -89,10 +89,23 @@ MODELS = {"resnet20": lambda: CifarResNet(3), "resnet18": resnet18_cifar, "alexn
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:
-    """One of ``MODELS`` or any torchvision classification model name (random init)."""
+    """One of ``MODELS``, any torchvision classification model name, or ``timm:<name>`` for a
+    model of the timm library (random init in every case)."""
     if name in MODELS:
         return MODELS[name]() if num_classes == 10 else MODELS[name](num_classes)
+    if name.startswith("timm:"):
+        return _timm_model(name[5:], num_classes)
     if name in tvm.list_models(module=tvm):
         return tvm.get_model(name, weights=None, num_classes=num_classes)
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or a torchvision "
-                     "classifier (torchvision.models.list_models())")
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}, a torchvision "
+                     "classifier (torchvision.models.list_models()) or timm:<name> (timm.list_models())")
+
+
+def _timm_model(name: str, num_classes: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError as err:
+        raise ValueError(f"model timm:{name} needs the timm package (pip install timm)") from err
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; timm.list_models() lists the names")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)

@@ -56,8 +56,8 @@ DATA_CANDIDATES = [REPO / "data" / "cifar10", REPO.parent / "shared" / "data" / 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet20", help="resnet20, resnet18, alexnet, googlenet or a "
-                   "torchvision classifier name (default resnet20)")
+    p.add_argument("--model", default="resnet20", help="resnet20, resnet18, alexnet, googlenet, a "
+                   "torchvision classifier name or timm:<name> for a timm model (default resnet20)")
     p.add_argument("--mode", default="muppet", help=f"one of {', '.join(MODES)} (default muppet)")
     p.add_argument("--compare", default=None, help="comma-separated modes run one after another on "
                    "the same seed, e.g. fp32,muppet,amp,cpt; one table at the end")

@@ -61,6 +61,16 @@ def test_models_build_and_run():
     assert sum(p.numel() for p in build_model("resnet20").parameters()) == pytest.approx(0.27e6, rel=0.02)
 
 
+def test_timm_models_by_name():
+    pytest.importorskip("timm")
+    m = build_model("timm:resnet18").eval()
+    assert type(m).__module__.startswith("timm.") and m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown timm model 'resnet_nope'.*timm.list_models"):
+        build_model("timm:resnet_nope")
+    with pytest.raises(ValueError, match="timm:<name>"):
+        build_model("no_such_net")
+
+
 def _args(npz_dir, out, *extra):
     return ["--data-dir", str(npz_dir), "--out", str(out), "--no-progress", "--subset", "256",
             "--test-subset", "100", "--batch-size", "64", *extra]
