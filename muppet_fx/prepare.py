@@ -22,7 +22,7 @@ from tabulate import tabulate
 
 from muppet_fx.attention import AttentionSites, mha_unsupported_reason, quant_mha
 from muppet_fx.config import MuppetConfig
-from muppet_fx.intercept import InterceptMode
+from muppet_fx.intercept import InterceptMode, OutsideIntercepts
 from muppet_fx.ops import quant_conv, quant_conv_transpose_module, quant_linear
 from muppet_fx.passes.compact_saved import compact_saved_tensors
 from muppet_fx.passes.quantise_layers import FP32_MODULES, RewriteContext, insert_quant_nodes
@@ -70,7 +70,8 @@ class PreparedModule:
         stack = self._muppet_state.stack
         stack.append(self)
         try:
-            return fn(*args, **kwargs)
+            with OutsideIntercepts():  # enclosing intercepted modules take nothing from here
+                return fn(*args, **kwargs)
         finally:
             stack.pop()
 
@@ -95,8 +96,12 @@ class _InterceptForward(PreparedModule):
     def forward(self, *args, **kwargs):
         if not self._muppet_state.quantised:
             return super().forward(*args, **kwargs)
+        return self._muppet_run(self._muppet_own_code, args, kwargs)
+
+    def _muppet_own_code(self, *args, **kwargs):
+        """The module's own forward, its products intercepted."""
         with InterceptMode(self):
-            return self._muppet_run(super().forward, args, kwargs)
+            return super().forward(*args, **kwargs)
 
 
 class _PassThroughForward(PreparedModule):

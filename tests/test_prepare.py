@@ -179,6 +179,45 @@ def test_recurrent_and_opaque_are_reported():
     assert {"pre", "dd.a", "dd:matmul#0", "mha.in_proj", "mha.qk", "mha.av", "mha.out_proj"} <= names
 
 
+class Nested(nn.Module):
+    """Data-dependent code (runs intercepted) around ``inner``, with a product of its own."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.w = nn.Parameter(torch.randn(6, 6) * 0.3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return self.inner(torch.matmul(x, self.w))
+
+
+def test_each_intercept_mode_sees_only_its_own_modules_code(monkeypatch):
+    """An intercepted module's mode handles the torch calls of its own code only: neither a
+    nested prepared module's calls nor the quantised ops' internals pass through it."""
+    from muppet_fx.intercept import InterceptMode
+
+    seen = []
+    handler = InterceptMode.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append((self.owner, self.owner._muppet_state.stack[-1], getattr(func, "__name__", "")))
+        return handler(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(InterceptMode, "__torch_function__", spy)
+    torch.manual_seed(0)
+    model = Nested(Nested(nn.Sequential(nn.Linear(6, 6), nn.ReLU())))
+    pm = prepare(model, ladder=(16, "fp32"))
+    x = torch.randn(3, 6).abs()
+    out = pm(x)
+    assert set(pm._muppet_state.opaque) == {"Nested", "inner"}
+    assert {":matmul#0", "inner:matmul#0", "inner.inner.0"} <= set(pm._muppet_state.sites)
+    assert seen and all(owner is running for owner, running, _ in seen)
+    assert not {"data_ptr", "numel", "empty_like"} & {name for *_, name in seen}
+    assert (out - model(x)).norm() <= 1e-3 * model(x).norm()
+
+
 def test_parameters_are_shared_objects_and_model_untouched():
     model = Outer()
     before = type(model.dd), dict(model.named_modules())
