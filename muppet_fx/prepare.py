@@ -251,10 +251,15 @@ def _variant(pm: nn.Module, pattern: tuple):
     variants, own_code = pm._muppet_variants, type(pm)._muppet_own_code
     if len(variants) >= MAX_PATTERNS:
         return own_code
-    module = pm._muppet_original
-    graph, opaque, _ = trace_with_leaves(module, pattern_constants(pm._muppet_options, pattern))
-    variants[pattern] = own_code if graph is None else \
-        _rewrite(module, pm, pm._muppet_path, pm._muppet_state, pm._muppet_sites, graph, opaque)[1]
+    module, state = pm._muppet_original, pm._muppet_state
+    constants = pattern_constants(pm._muppet_options, pattern)
+    graph, opaque, reasons = trace_with_leaves(module, constants)
+    if graph is None:  # reported in the summary, as untraceable modules are
+        state.opaque.setdefault(pm._muppet_path or type(module).__name__,
+                                f"own code for calls with {constants}: " + "; ".join(reasons))
+        variants[pattern] = own_code
+    else:
+        variants[pattern] = _rewrite(module, pm, pm._muppet_path, state, pm._muppet_sites, graph, opaque)[1]
     return variants[pattern]
 
 

@@ -144,6 +144,7 @@ def test_a_pattern_that_cannot_be_traced_runs_its_own_code_quantised():
     own_code = {name: s.calls for name, s in pm._muppet_state.sites.items() if ":linear#" in name}
     assert own_code == {":linear#0": 2, ":linear#1": 1}  # every product intercepted and quantised
     assert len(pm._muppet_variants) == 2
+    assert "own code for calls with {'extra': None}" in pm.summary()
 
 
 def test_patterns_beyond_the_limit_run_own_code():

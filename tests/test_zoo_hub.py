@@ -92,3 +92,32 @@ def test_bert_with_and_without_optional_inputs():
         for kwargs in calls:
             assert torch.equal(pm(ids, **kwargs).logits, model(ids, **kwargs).logits)
     assert len(pm.bert.embeddings._muppet_variants) >= 3
+
+
+def _gpt2_losses(level, steps=30):
+    from muppet_fx import MasterCopyOptimizer, prepare
+
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32,
+                                           bos_token_id=1, eos_token_id=2, use_cache=False))
+    pm = prepare(model)
+    pm.set_precision(level)
+    opt = MasterCopyOptimizer(torch.optim.AdamW(pm.parameters(), lr=3e-3), pm)
+    ids = torch.randint(3, 100, (8, 16))
+    losses = []
+    for _ in range(steps):
+        out = pm(ids, labels=ids)  # the model computes its own loss
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert type(out).__name__ == "CausalLMOutputWithCrossAttentions"
+    return losses
+
+
+def test_gpt2_trains_with_its_own_loss():
+    """The library's training call with AdamW at 8 bits learns a repeated batch as FP32 does
+    (measured: 4.62 -> 1.03 against 4.61 -> 1.02 in 30 steps)."""
+    low, full = _gpt2_losses(8), _gpt2_losses("fp32")
+    assert low[0] > 4.0 and low[-1] < 1.3
+    assert abs(low[-1] - full[-1]) < 0.15, (low[-1], full[-1])
