@@ -74,10 +74,16 @@ def applies(a: torch.Tensor, b: torch.Tensor) -> bool:
     return _operands_fit(a, b, torch.int8) and worth(_batch(a), *a.shape[-2:], b.shape[-1])
 
 
-def worth(batch: int, M: int, K: int, N: int) -> bool:
-    """Whether ``batch`` products ``[M, K] @ [K, N]`` suit the tiles (see :func:`applies`)."""
+DIGITS_K = 32768  # longest reduction whose digit sums stay in int32: |HU + UH| <= 2 * 128 * 255 per term
+
+
+def worth(batch: int, M: int, K: int, N: int, digits: bool = False) -> bool:
+    """Whether ``batch`` products ``[M, K] @ [K, N]`` suit the tiles (see :func:`applies`);
+    ``digits``: as the fused digit products of :func:`scaled_matmul_wide`, whose exact int32
+    sums allow reductions up to ``DIGITS_K``."""
     macs = batch * M * N * K
-    return (0 < K <= (2**31 - 1) // 128**2 and macs >= MIN_MACS and (M >= MIN_ROWS or batch > 1)
+    longest = DIGITS_K if digits else (2**31 - 1) // 128**2
+    return (0 < K <= longest and macs >= MIN_MACS and (M >= MIN_ROWS or batch > 1)
             and macs >= MIN_FILL * batch * _up(M, 32) * _up(N, 32) * _up(K, 64))
 
 
@@ -154,9 +160,6 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Tensor |
     return _scaled(a, b, e, bias, out, lambda o, scale, bias: _run(a, b, o, scale, bias))
 
 
-DIGITS_K = 32768  # longest reduction whose digit sums stay in int32: |HU + UH| <= 2 * 128 * 255 per term
-
-
 def _digits(t: torch.Tensor, tag: str):
     """``(h, u)`` planes of int16 ``t`` (``t = 256 h + u``, ``h`` int8, ``u = t & 255`` as
     uint8 bits in an int8 tensor), laid out like ``t``, in reused buffers named by ``tag``."""
@@ -178,7 +181,7 @@ def scaled_matmul_wide(a: torch.Tensor, b: torch.Tensor, e: int, bias: torch.Ten
     exact value formed in int64 as the block is stored and rounded once. No int32 product is
     written to memory. ``None`` where not applicable (as :func:`applies`, reductions above
     ``DIGITS_K``)."""
-    if not _operands_fit(a, b, torch.int16) or a.shape[-1] > DIGITS_K or not worth(_batch(a), *a.shape[-2:], b.shape[-1]):
+    if not (_operands_fit(a, b, torch.int16) and worth(_batch(a), *a.shape[-2:], b.shape[-1], digits=True)):
         return None
 
     def run(out, scale, bias):

@@ -74,12 +74,18 @@ def remember_absmax(t: torch.Tensor, top: int) -> None:
         pass
 
 
+def _recorded_absmax(t: torch.Tensor) -> int | None:
+    """``t``'s recorded absmax (:func:`remember_absmax`) while it still holds, else ``None``."""
+    known = getattr(t, "_muppet_absmax", None)
+    return known[1] if known is not None and known[0] == t._version else None
+
+
 def carry_absmax(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """``dst``, holding ``src``'s values (a reshaped view), with ``src``'s recorded absmax where
     it still holds (:func:`remember_absmax`)."""
-    known = getattr(src, "_muppet_absmax", None)
-    if dst is not src and known is not None and known[0] == src._version:
-        remember_absmax(dst, known[1])
+    top = _recorded_absmax(src)
+    if dst is not src and top is not None:
+        remember_absmax(dst, top)
     return dst
 
 
@@ -92,10 +98,8 @@ def forget_absmax(t: torch.Tensor) -> torch.Tensor:
 
 
 def _absmax_bits(lib, x: torch.Tensor, threads: int) -> int:
-    known = getattr(x, "_muppet_absmax", None)
-    if known is not None and known[0] == x._version:
-        return known[1]
-    return lib.absmax_bits(x.data_ptr(), x.numel(), threads)
+    top = _recorded_absmax(x)
+    return lib.absmax_bits(x.data_ptr(), x.numel(), threads) if top is None else top
 
 
 def host_exponent(amax: float, bits: int, max_exponent: int) -> int:

@@ -66,6 +66,12 @@ class PreparedModule:
                                         "act exp", "calls / reason"])
         return table + _route_remark(route)
 
+    def _muppet_own_code(self, *args, **kwargs):
+        """The module's own forward, its products intercepted (an untraceable module, or a call
+        pattern without a graph)."""
+        with InterceptMode(self):
+            return super().forward(*args, **kwargs)
+
     def _muppet_run(self, fn, args, kwargs):
         stack = self._muppet_state.stack
         stack.append(self)
@@ -86,22 +92,12 @@ class _GraphForward(PreparedModule):
             code = self._muppet_variants.get(pattern) or _variant(self, pattern)
         return self._muppet_run(code, (self, *args), kwargs)
 
-    def _muppet_own_code(self, *args, **kwargs):
-        """The module's own forward, its products intercepted (a call pattern with no graph)."""
-        with InterceptMode(self):
-            return super().forward(*args, **kwargs)
-
 
 class _InterceptForward(PreparedModule):
     def forward(self, *args, **kwargs):
         if not self._muppet_state.quantised:
             return super().forward(*args, **kwargs)
         return self._muppet_run(self._muppet_own_code, args, kwargs)
-
-    def _muppet_own_code(self, *args, **kwargs):
-        """The module's own forward, its products intercepted."""
-        with InterceptMode(self):
-            return super().forward(*args, **kwargs)
 
 
 class _PassThroughForward(PreparedModule):
@@ -182,8 +178,13 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _keep(state: PrecisionState):
+    """The config's ``module_filter_fn``, or one that keeps every module."""
+    return state.config.module_filter_fn or (lambda m, fqn: True)
+
+
 def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.Module:
-    keep = state.config.module_filter_fn or (lambda m, fqn: True)
+    keep = _keep(state)
     if path and not keep(module, path):
         state.keep_fp32(path, type(module).__name__, "excluded by module_filter_fn")
         return _finish(module, _PassThroughForward, path, state, sites)
@@ -234,8 +235,7 @@ def _rewrite(module: nn.Module, new: nn.Module, path: str, state: PrecisionState
     for sub in opaque:
         if not isinstance(new.get_submodule(sub), PreparedModule):  # another pattern's graph did
             _replace_submodule(new, sub, _prepare(module.get_submodule(sub), _join(path, sub), state, sites))
-    keep = state.config.module_filter_fn or (lambda m, fqn: True)
-    ctx = RewriteContext(graph, dict(module.named_modules()), state, path + "." if path else "", sites, keep)
+    ctx = RewriteContext(graph, dict(module.named_modules()), state, path + "." if path else "", sites, _keep(state))
     owner = path or type(module).__name__
     graph = run_passes(graph, [lambda g: insert_quant_nodes(g, ctx), lambda g: compact_saved_tensors(g, ctx)],
                        owner=owner)

@@ -203,7 +203,7 @@ def _wide_on_tiles(a: Tensor, b: Tensor) -> bool:
     if a.dim() != 2 or b.dim() != 2 or not amx_gemm.available():
         return False
     K = a.shape[-1]
-    return amx_gemm.worth(1, a.numel() // max(K, 1), K, b.numel() // max(K, 1)) and K <= amx_gemm.DIGITS_K
+    return amx_gemm.worth(1, a.numel() // max(K, 1), K, b.numel() // max(K, 1), digits=True)
 
 
 def _mode(route: str, a: Tensor, b: Tensor) -> str:
@@ -568,12 +568,13 @@ def matmul_batched_int(route, a_m, a_s, b_m, b_s) -> Tensor | None:
             or a_s.numel() != 1 or b_s.numel() != 1 or not amx_gemm.available()):
         return None
     batch = torch.broadcast_shapes(a_m.shape[:-2], b_m.shape[:-2])
-    if not amx_gemm.worth(math.prod(batch), *a_m.shape[-2:], b_m.shape[-1]):  # before any broadcast copy
+    digits = not a_m.dtype == b_m.dtype == torch.int8
+    if not amx_gemm.worth(math.prod(batch), *a_m.shape[-2:], b_m.shape[-1], digits):  # before any broadcast copy
         return None
     a3 = a_m.expand(*batch, *a_m.shape[-2:]).reshape(-1, *a_m.shape[-2:])  # views for merged batch strides
     b3 = b_m.expand(*batch, *b_m.shape[-2:]).reshape(-1, *b_m.shape[-2:])
     e = _exponent(a_s, b_s)
-    if a3.dtype == b3.dtype == torch.int8:
+    if not digits:
         y = amx_gemm.scaled_matmul(a3, b3, e)
     else:  # attention's 128 x 64 x 128 products: 1.2-1.6x FP32's time on the values, but exact
         y = amx_gemm.scaled_matmul_wide(a3.to(torch.int16), b3.to(torch.int16), e)

@@ -82,10 +82,8 @@ def specialisable_arguments(module: nn.Module) -> tuple[Option, ...]:
     except (TypeError, ValueError):  # no introspectable signature (a C-implemented forward)
         return ()
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return tuple(Option(p.name, i if p.kind in positional else None, p.default)
-                 for i, p in enumerate(params)
-                 if p.kind != inspect.Parameter.VAR_POSITIONAL and p.kind != inspect.Parameter.VAR_KEYWORD
-                 and (p.default is None or type(p.default) is bool))
+    return tuple(Option(p.name, i if p.kind in positional else None, p.default)  # *args, **kwargs: no default
+                 for i, p in enumerate(params) if p.default is None or type(p.default) is bool)
 
 
 def _entry(value) -> tuple:

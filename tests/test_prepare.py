@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import muppet_fx
 from muppet_fx import MuppetConfig, fake_quantise, prepare
 
-from .helpers import count_products
+from .helpers import _flat, count_products
 
 Pair = namedtuple("Pair", "a b")
 
@@ -114,14 +114,6 @@ def _inputs(model):
 
 
 MODELS = [FunctionalNet, HandAttention, Outer, Upsampler]
-
-
-def _flat(out):
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flat(v)]
-    return [out] if isinstance(out, torch.Tensor) else []
 
 
 @pytest.mark.parametrize("cls", MODELS)
