@@ -265,15 +265,25 @@ int amx_conv_grad_weight(const int8_t *x, int64_t N, int64_t C, int64_t H, int64
  * tap of R consecutive output positions of one image row is R input pixels at a fixed distance
  * (stride * C bytes), so A tiles load straight from it (R rows of P channels) and no im2col
  * matrix is ever written. The reduction runs tap by tap and over channel pieces of P bytes
- * (64, or C when C < 64). B tiles: the weight per (tap, piece, 16 outputs), 4-byte interleaved,
- * packed once per call. Each task takes two segments of R positions against two blocks of 16
+ * (64, or C when C < 64). Where C is not a multiple of 64 and the kernel is undilated along the
+ * width, one kernel row's taps instead form a single run of KW * C bytes (the taps of a position
+ * lie side by side in the copy), cut into 64-byte pieces: a 3x3 kernel on 16 channels takes 3
+ * tile products per output tile instead of 9. The weight rows past the run are zero, so the
+ * bytes a piece reads beyond it do not count. B tiles: the weight per (step, 16 outputs),
+ * 4-byte interleaved, packed once per call. Each task takes two segments of R positions against two blocks of 16
  * outputs (four accumulators); results go row-major to int32 [M, Cout], i.e. channels-last. */
 typedef struct {
     const int8_t *xp; int64_t pn, ph, pw;   /* padded input and its strides (bytes) */
     int64_t C, Cout, OH, OW, M, P, npc, no, segs, R;
     int KH, KW, SH, SW, DH, DW;
+    int rows;        /* kernel rows as runs of KW * C bytes (npc pieces per row), else taps */
+    int64_t steps;   /* reduction steps: KH * npc by rows, KH * KW * npc by taps */
     int64_t on, ohs, ows, OH0, OW0;  /* output strides (elements) and the first output's place */
 } fw_problem;
+
+/* Whether kernel rows run as byte runs (see above): fewer steps where C % 64 != 0, except for
+ * one-tap rows of fewer than 64 channels, which take one step either way. */
+static int fw_by_rows(int64_t C, int KW, int DW) { return DW == 1 && C % 64 != 0 && (KW > 1 || C > 64); }
 
 /* The problem of a forward over the bordered input xp: P-byte channel pieces (64, or C when
  * C < 64, else 16), segments of R = min(OW, 16) positions. place: NULL for a contiguous
@@ -283,12 +293,21 @@ typedef struct {
 static fw_problem fw_init(const int8_t *xp, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cout,
                           int64_t OH, int64_t OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW,
                           const int64_t *place) {
-    int64_t P = C % 64 == 0 ? 64 : (C < 64 ? C : 16), R = OW < 16 ? OW : 16, Wp = W + 2 * PW;
-    fw_problem p = {xp, (H + 2 * PH) * Wp * C, Wp * C, C, C, Cout, OH, OW, N * OH * OW, P, C / P,
+    int rows = fw_by_rows(C, KW, DW);
+    int64_t P = rows || C % 64 == 0 ? 64 : (C < 64 ? C : 16), R = OW < 16 ? OW : 16, Wp = W + 2 * PW;
+    int64_t npc = rows ? (KW * C + 63) / 64 : C / P;
+    fw_problem p = {xp, (H + 2 * PH) * Wp * C, Wp * C, C, C, Cout, OH, OW, N * OH * OW, P, npc,
                     (Cout + 15) / 16, (OW + R - 1) / R, R, KH, KW, SH, SW, DH, DW,
-                    OH * OW * Cout, OW * Cout, Cout, 0, 0};
+                    rows, (rows ? KH : KH * KW) * npc, OH * OW * Cout, OW * Cout, Cout, 0, 0};
     if (place) { p.on = place[0]; p.ohs = place[1]; p.ows = place[2]; p.OH0 = place[3]; p.OW0 = place[4]; }
     return p;
+}
+
+/* Byte offset of reduction step kp's A tile from a segment's first input position. */
+static inline int64_t fw_offset(const fw_problem *p, int64_t kp) {
+    int64_t part = kp / p->npc, piece = (kp % p->npc) * p->P;
+    if (p->rows) return part * p->DH * p->ph + piece;
+    return (part / p->KW) * p->DH * p->ph + (part % p->KW) * p->DW * p->pw + piece;
 }
 
 static void fw_configure(int rows, int piece) {
@@ -301,15 +320,19 @@ static void fw_configure(int rows, int piece) {
     _tile_loadconfig(&cfg);
 }
 
-/* B tile (tap, piece q, ob): row r, byte 4 c + t = W[16 ob + c, q P + 4 r + t, tap]. */
+/* B tile (step kp, ob): row r, byte 4 c + t = W[16 ob + c, k = q P + 4 r + t] of the step's tap
+ * and piece q, or by rows of the kernel row's run (k = j C + channel for tap j; 0 past the run). */
 static void fw_pack_w(const fw_problem *p, const int8_t *w, int64_t wo, int64_t wc, int64_t wh,
-                      int64_t ww, int64_t tap, int64_t q, int64_t ob, int8_t *dst) {
-    const int8_t *wt = w + (tap / p->KW) * wh + (tap % p->KW) * ww;
+                      int64_t ww, int64_t kp, int64_t ob, int8_t *dst) {
+    int64_t part = kp / p->npc, q = kp % p->npc;
+    const int8_t *wt = p->rows ? w + part * wh : w + (part / p->KW) * wh + (part % p->KW) * ww;
     for (int r = 0; r < p->P / 4; r++)
         for (int c = 0; c < 16; c++)
             for (int t = 0; t < 4; t++) {
-                int64_t o = 16 * ob + c;
-                dst[64 * r + 4 * c + t] = o < p->Cout ? wt[o * wo + (q * p->P + 4 * r + t) * wc] : 0;
+                int64_t o = 16 * ob + c, k = q * p->P + 4 * r + t, v = 0;
+                if (o < p->Cout && !p->rows) v = wt[o * wo + k * wc];
+                else if (o < p->Cout && k < p->KW * p->C) v = wt[o * wo + (k / p->C) * ww + (k % p->C) * wc];
+                dst[64 * r + 4 * c + t] = (int8_t)v;
             }
 }
 
@@ -373,8 +396,9 @@ static void fw_pad(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, 
 
 /* out: int32 [N * OH * OW, Cout] (or placed as fw_init's `place` says), float32 acc * scale where
  * scale != 0; *amax receives the largest |acc|. xp: N (H + 2 PH) (W + 2 PW) C bytes and
- * (16 SW + DW KW + OW0 SW) C more (a row's last segment loads whole tiles; the rows past its end
- * are never stored); wpack: taps * (C / P) * ceil(Cout / 16) tiles of 64 P / 4 bytes. Returns -1
+ * (16 SW + DW KW + OW0 SW) C + 64 more (a row's last segment loads whole tiles, the rows past its
+ * end never stored, and a run's last piece reads up to 63 bytes past it); wpack: steps *
+ * ceil(Cout / 16) tiles of 64 P / 4 bytes (fw_init's steps and P). Returns -1
  * where C % 16 != 0 or the input is not channels-last. */
 int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xn,
                      int64_t xc, int64_t xh, int64_t xw, const int8_t *w, int64_t Cout, int64_t wo,
@@ -385,16 +409,14 @@ int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W
     uint32_t top = 0;
     fw_problem p = fw_init(xp, N, C, H, W, Cout, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, place);
     int64_t P = p.P, R = p.R;
-    int64_t taps = (int64_t)KH * KW, wtile = 16 * P, nseg = N * OH * p.segs;
-    int64_t kparts = taps * p.npc;                 /* (tap, piece) steps of the reduction */
+    int64_t wtile = 16 * P, nseg = N * OH * p.segs, kparts = p.steps;
     int64_t tasks = ((nseg + 1) / 2) * ((p.no + 1) / 2);
     fw_pad(x, N, C, H, W, xn, xh, xw, PH, PW, xp, pad, threads);
     #pragma omp parallel num_threads(threads) reduction(max : top)
     {
         #pragma omp for schedule(static)
         for (int64_t it = 0; it < kparts * p.no; it++) {
-            int64_t ob = it / kparts, kp = it % kparts;
-            fw_pack_w(&p, w, wo, wc, wh, ww, kp / p.npc, kp % p.npc, ob, wpack + it * wtile);
+            fw_pack_w(&p, w, wo, wc, wh, ww, it % kparts, it / kparts, wpack + it * wtile);
         }
         fw_configure((int)R, (int)P);
         /* output pairs vary fastest: both segments' input rows stay in cache across them */
@@ -408,8 +430,7 @@ int amx_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W
             const int8_t *b0 = wpack + ob * kparts * wtile, *b1 = b0 + kparts * wtile;
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             for (int64_t kp = 0; kp < kparts; kp++) {
-                int64_t tap = kp / p.npc;
-                int64_t off = (tap / KW) * DH * p.ph + (tap % KW) * DW * p.pw + (kp % p.npc) * P;
+                int64_t off = fw_offset(&p, kp);
                 _tile_loadd(4, a0 + off, SW * C);
                 _tile_loadd(6, b0 + kp * wtile, 64);
                 _tile_dpbssd(0, 4, 6);
@@ -480,17 +501,15 @@ int amx_conv_forward_split(int kind, const int8_t *const *x, int64_t N, int64_t 
     int planes = kind == 0 ? 2 : 3;
     fw_problem p = fw_init(xp[0], N, C, H, W, Cout, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, place);
     int64_t P = p.P, R = p.R;
-    int64_t taps = (int64_t)KH * KW, wtile = 16 * P, nseg = N * OH * p.segs;
-    int64_t kparts = taps * p.npc, tasks = nseg * p.no;
+    int64_t wtile = 16 * P, nseg = N * OH * p.segs, kparts = p.steps, tasks = nseg * p.no;
     for (int i = 0; i < planes; i++)
         fw_pad(x[i], N, C, H, W, xn, xh, xw, PH, PW, xp[i], kind == 0 && i == 1 ? -128 : 0, threads);
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
         for (int64_t it = 0; it < kparts * p.no; it++) {
-            int64_t ob = it / kparts, kp = it % kparts;
             for (int i = 0; i < planes; i++)
-                fw_pack_w(&p, w[i], wo, wc, wh, ww, kp / p.npc, kp % p.npc, ob, wpack[i] + it * wtile);
+                fw_pack_w(&p, w[i], wo, wc, wh, ww, it % kparts, it / kparts, wpack[i] + it * wtile);
         }
         fw_configure((int)R, (int)P);
         /* output blocks vary fastest: the segment's input rows stay in cache across them */
@@ -502,9 +521,7 @@ int amx_conv_forward_split(int kind, const int8_t *const *x, int64_t N, int64_t 
             int64_t wb = ob * kparts * wtile;
             _tile_zero(0); _tile_zero(1); _tile_zero(2);
             for (int64_t kp = 0; kp < kparts; kp++) {
-                int64_t tap = kp / p.npc;
-                int64_t off = (tap / KW) * DH * p.ph + (tap % KW) * DW * p.pw + (kp % p.npc) * P;
-                int64_t wk = wb + kp * wtile;
+                int64_t off = fw_offset(&p, kp), wk = wb + kp * wtile;
                 if (kind == 0) {
                     _tile_loadd(4, a0 + off, SW * C);
                     _tile_loadd(5, a1 + off, SW * C);

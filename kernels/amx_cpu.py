@@ -147,10 +147,15 @@ def _forward_geometry(x: torch.Tensor, w: torch.Tensor, stride, padding, dilatio
                 and origin[1] + out.shape[2] <= OW)
         OH, OW = out.shape[1:3] if fits else (0, 0)
         place = (ctypes.c_int64 * 5)(*out.stride()[:3], *origin)
-    piece = 64 if C % 64 == 0 else (C if C < 64 else 16)
-    packed = kh * kw * (C // piece) * -(-Cout // 16) * 16 * piece
-    # slack: the last segment of a row loads whole tiles, up to 15 positions past the row's end
-    slack = (16 * stride[1] + dilation[1] * kw + origin[1] * stride[1]) * C
+    if dilation[1] == 1 and C % 64 and (kw > 1 or C > 64):  # kernel rows as byte runs (fw_by_rows)
+        piece, steps = 64, kh * -(-kw * C // 64)
+    else:
+        piece = 64 if C % 64 == 0 else (C if C < 64 else 16)
+        steps = kh * kw * (C // piece)
+    packed = steps * -(-Cout // 16) * 16 * piece
+    # slack: the last segment of a row loads whole tiles, up to 15 positions past the row's end,
+    # and a run's last piece up to 63 bytes past the run
+    slack = (16 * stride[1] + dilation[1] * kw + origin[1] * stride[1]) * C + 64
     return OH, OW, packed, N * (H + 2 * padding[0]) * (W + 2 * padding[1]) * C + slack, place
 
 

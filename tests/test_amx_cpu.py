@@ -156,6 +156,10 @@ FORWARD_CASES = [  # output rows of at least 8 positions (amx_cpu.MIN_WIDTH)
     (2, 32, 9, 12, 24, (3, 3), (1, 1), (1, 1), (1, 1)),  # pieces of two pixels, the second group half empty
     (1, 32, 8, 10, 16, (2, 5), (2, 1), (0, 2), (1, 1)),  # three groups of two pixels, strided rows
     (2, 16, 10, 11, 17, (1, 7), (1, 1), (0, 3), (1, 1)),  # groups of four pixels, 7 columns
+    # kernel rows as byte runs cut into 64-byte pieces, the last one partly past the run:
+    (2, 16, 17, 19, 18, (3, 3), (2, 2), (1, 1), (1, 1)),  # one piece, strided rows
+    (1, 48, 9, 13, 16, (3, 3), (1, 1), (1, 1), (1, 2)),  # 64 + 64 + 16 bytes
+    (2, 96, 5, 9, 20, (1, 1), (1, 1), (0, 0), (1, 1)),  # one tap of 96 channels: 64 + 32
 ]
 
 
