@@ -13,6 +13,7 @@ Parameters and buffers are the original tensors (same objects), so any optimiser
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -86,10 +87,10 @@ class _GraphForward(PreparedModule):
     def forward(self, *args, **kwargs):
         if not self._muppet_state.quantised:
             return super().forward(*args, **kwargs)
-        code = self._muppet_code
-        if self._muppet_options:  # arguments steering forward's control flow: this call's graph
-            pattern = call_pattern(self._muppet_options, args, kwargs)
-            code = self._muppet_variants.get(pattern) or _variant(self, pattern)
+        # a graph keeps the branches its trace took on ``training`` flags (dropout, stochastic
+        # depth, auxiliary heads) and on arguments steering control flow: this call's graph
+        key = _modes(self), (call_pattern(self._muppet_options, args, kwargs) if self._muppet_options else ())
+        code = self._muppet_variants.get(key) or _variant(self, key)
         return self._muppet_run(code, (self, *args), kwargs)
 
 
@@ -224,9 +225,37 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
 
     new = _shallow_copy(module)
     graph, code = _rewrite(module, new, path, state, sites, graph, opaque)
-    new.__dict__.update(_muppet_graph=graph, _muppet_code=code, _muppet_original=module,
-                        _muppet_options=options, _muppet_variants={pattern: code})
-    return _finish(new, _GraphForward, path, state, sites)
+    new.__dict__.update(_muppet_graph=graph, _muppet_code=code, _muppet_original=module, _muppet_options=options)
+    new = _finish(new, _GraphForward, path, state, sites)
+    new.__dict__["_muppet_variants"] = {(_modes(new), pattern if options else ()): code}
+    return new
+
+
+def _modes(pm: nn.Module) -> tuple[bool, ...]:
+    """The ``training`` flags of ``pm`` and of every module below it: a trace may read any of
+    them (the code of a child that runs on its own in one mode may be traceable, and inlined,
+    in another)."""
+    modules = pm.__dict__.get("_muppet_flagged")
+    if modules is None:
+        modules = pm.__dict__["_muppet_flagged"] = list(pm.modules())
+    return tuple(m.training for m in modules)
+
+
+@contextlib.contextmanager
+def _modes_of(pm: nn.Module, module: nn.Module):
+    """``module`` (the original of ``pm``) with each submodule's ``training`` flag set to that
+    of its counterpart in ``pm``, for the length of a trace."""
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        for name, m in module.named_modules():
+            try:
+                m.training = pm.get_submodule(name).training
+            except AttributeError:  # not in pm's tree: keeps its own
+                pass
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
 
 
 def _rewrite(module: nn.Module, new: nn.Module, path: str, state: PrecisionState, sites, graph, opaque):
@@ -245,22 +274,26 @@ def _rewrite(module: nn.Module, new: nn.Module, path: str, state: PrecisionState
 MAX_PATTERNS = 8  # graphs per module; further call patterns (say, an int that changes every call) run its own code
 
 
-def _variant(pm: nn.Module, pattern: tuple):
-    """The forward for a call pattern met for the first time: a graph traced for it, or the
-    module's own code under interception where that pattern's code cannot be traced."""
+def _variant(pm: nn.Module, key: tuple):
+    """The forward for a (training flags, call pattern) key met for the first time: a graph
+    traced for it, or the module's own code under interception where that code cannot be
+    traced."""
     variants, own_code = pm._muppet_variants, type(pm)._muppet_own_code
     if len(variants) >= MAX_PATTERNS:
         return own_code
     module, state = pm._muppet_original, pm._muppet_state
-    constants = pattern_constants(pm._muppet_options, pattern)
-    graph, opaque, reasons = trace_with_leaves(module, constants)
+    constants = pattern_constants(pm._muppet_options, key[1]) if pm._muppet_options else {}
+    with _modes_of(pm, module):
+        graph, opaque, reasons = trace_with_leaves(module, constants)
     if graph is None:  # reported in the summary, as untraceable modules are
         state.opaque.setdefault(pm._muppet_path or type(module).__name__,
                                 f"own code for calls with {constants}: " + "; ".join(reasons))
-        variants[pattern] = own_code
+        variants[key] = own_code
     else:
-        variants[pattern] = _rewrite(module, pm, pm._muppet_path, state, pm._muppet_sites, graph, opaque)[1]
-    return variants[pattern]
+        variants[key] = _rewrite(module, pm, pm._muppet_path, state, pm._muppet_sites, graph, opaque)[1]
+        pm.__dict__.pop("_muppet_flagged", None)  # it may have prepared children for this graph
+        variants[_modes(pm), key[1]] = variants[key]
+    return variants[key]
 
 
 def _compile_graph(graph, owner: str):

@@ -196,6 +196,15 @@ def _owner(node: fx.Node, ctx: RewriteContext):
     return None if m is None or not path else (m, ctx.prefix + path)
 
 
+def is_shape_view(target, args, kwargs) -> bool:
+    """Whether a call is ``Tensor.view`` to a shape: at the fixed-point levels convolutions
+    return channels-last maps (the layout their kernels read and write), of which a flattening
+    ``x.view(n, -1)`` cannot be a view. ``reshape`` returns the same view wherever ``view``
+    succeeds, and a copy in logical order where it would have raised."""
+    return (target in ("view", torch.Tensor.view) and "dtype" not in kwargs
+            and not any(isinstance(a, torch.dtype) for a in args[1:]))
+
+
 def _is_module(types):
     return lambda node, ctx: isinstance(_module(node, ctx), types)
 
@@ -214,6 +223,9 @@ RULES: list[Rule] = [
 def insert_quant_nodes(graph: fx.Graph, ctx: RewriteContext) -> fx.Graph:
     """Apply the first matching rule to every node; modules the filter rejects stay FP32."""
     for node in list(graph.nodes):
+        if is_shape_view(node.target, node.args, node.kwargs) and node.op == "call_method":
+            node.target = "reshape"  # see is_shape_view
+            continue
         m = _module(node, ctx)
         if m is not None and not ctx.keep(m, ctx.prefix + node.target):
             ctx.state.keep_fp32(ctx.prefix + node.target, type(m).__name__, "excluded by module_filter_fn")

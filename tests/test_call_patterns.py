@@ -197,3 +197,53 @@ def test_output_classes_and_flags():
     assert list(pm(X, output_hidden=True)) == ["logits", "hidden"]
     assert len(pm._muppet_variants) == 4
     assert not pm._muppet_state.opaque  # every pattern traced
+
+
+class Noisy(nn.Module):
+    """Code that reads ``training`` flags: its own (an auxiliary branch, functional dropout)
+    and an inlined child's (a drop-path block, as torchvision's StochasticDepth)."""
+
+    class DropPath(nn.Module):
+        def forward(self, x):
+            if not self.training:
+                return x
+            return x * (torch.rand(x.shape[0], 1) > 0.5) * 2.0
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.drop = Noisy.DropPath()
+
+    def forward(self, x):
+        h = nn.functional.dropout(torch.relu(self.fc1(x)), 0.5, training=self.training)
+        y = self.fc2(self.drop(h))
+        if self.training:
+            y = y * 2
+        return y
+
+
+@pytest.mark.parametrize("prepared_in", ["train", "eval"])
+def test_training_flags_select_their_graph(prepared_in):
+    """Whatever mode the model was prepared in, ``.eval()`` and ``.train()`` take effect at the
+    fixed-point levels as in the model itself (the graph traced in one mode had baked the
+    other's branches in)."""
+    torch.manual_seed(0)
+    net = Noisy().train(prepared_in == "train")
+    pm = prepare(net, **NEAREST)
+    x = torch.randn(64, 16)
+    net.eval()
+    pm.eval()
+    want = net(x)
+    for _ in range(2):  # the second call takes the cached graph
+        assert torch.equal(pm(x), pm(x)) and torch.allclose(pm(x), want, rtol=0, atol=0.05)
+    pm.train()
+    out = pm(x)
+    assert (out - want).norm() > 0.5 * want.norm()  # dropout, drop-path and the doubling run
+    pm.eval()
+    pm.drop.train()  # one child's flag alone: each row dropped (fc2's bias) or kept and doubled
+    got = pm(x)
+    with torch.no_grad():
+        dropped = (got - net.fc2.bias).abs().amax(1) < 0.05
+        kept = (got - net.fc2(2 * torch.relu(net.fc1(x)))).abs().amax(1) < 0.05
+    assert (dropped | kept).all() and 0 < dropped.sum() < len(x)
+    assert pm.training is False and net.training is False  # tracing in a mode leaves the flags alone
