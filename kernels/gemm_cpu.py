@@ -221,7 +221,7 @@ def _taps_last(w: torch.Tensor) -> torch.Tensor:
 
 def _to_nchw(y2d: torch.Tensor, N: int, OH: int, OW: int) -> torch.Tensor:
     """``[N*OH*OW, C]`` -> ``[N, C, OH, OW]`` in channels-last memory (no copy)."""
-    return y2d.reshape(N, OH, OW, -1).permute(0, 3, 1, 2)
+    return y2d.reshape(N, OH, OW, y2d.shape[-1]).permute(0, 3, 1, 2)  # not -1: N may be 0
 
 
 def _out_size(H, k, s, p, d):

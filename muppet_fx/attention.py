@@ -47,9 +47,16 @@ def _merge_masks(attn_mask, key_padding_mask, is_causal, L, S, batch_heads, head
 def _attend(sites, q, k, v, mask, dropout_p, training):
     """q, k, v: (..., L|S, head_dim), q already scaled. Returns (out, weights)."""
     scores = quant_matmul(sites["qk"], q, k.transpose(-2, -1))
+    empty = None
     if mask is not None:
-        scores = scores + mask
+        # rows with every key masked attend to nothing (zero weights), as in PyTorch's
+        # scaled_dot_product_attention; softmax alone would make them NaN, and one NaN spreads
+        # to the whole tensor through its shared exponent
+        empty = (mask == float("-inf")).all(-1, keepdim=True)
+        scores = scores + mask.masked_fill(empty, 0.0)
     weights = torch.softmax(scores, dim=-1)
+    if empty is not None:
+        weights = weights.masked_fill(empty, 0.0)
     if dropout_p > 0.0 and training:
         weights = F.dropout(weights, p=dropout_p)
     return quant_matmul(sites["av"], weights, v), weights

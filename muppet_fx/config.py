@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +19,17 @@ DEFAULT_LADDER = (8, 12, 14, 16, FP32)
 # "triton": Triton INT8/FP16 kernels on CUDA; "auto": triton on CUDA, aten on CPU.
 ROUTES = ("auto", "emulate", "aten", "triton")
 GRANULARITIES = ("tensor", "channel")
+
+
+def as_level(level):
+    """A precision level as the ladder holds it: ``"fp32"`` or a Python int (NumPy and 0-d
+    torch integers convert); floats and bools stay as given, for the caller's error."""
+    if isinstance(level, (str, bool, float)):
+        return level
+    try:
+        return operator.index(level)
+    except TypeError:
+        return level
 
 
 @dataclass(frozen=True)
@@ -52,17 +64,19 @@ class MuppetConfig:
     module_filter_fn: Callable[[nn.Module, str], bool] | None = field(default=None, compare=False)
 
     def __post_init__(self):
-        ladder = tuple(self.ladder)
+        ladder = tuple(as_level(v) for v in self.ladder)
         if not ladder:
             raise ValueError("ladder is empty; give word lengths (2..24) and optionally 'fp32', "
                              f"e.g. {DEFAULT_LADDER}")
         for i, level in enumerate(ladder):
-            is_bits = isinstance(level, int) and not isinstance(level, bool) and 2 <= level <= 24
+            is_bits = isinstance(level, int) and 2 <= level <= 24
             if not (is_bits or level == FP32) or (level == FP32 and i != len(ladder) - 1):
                 raise ValueError(f"ladder entry {level!r} at position {i} is invalid: entries are "
                                  "ints in [2, 24] and 'fp32' may only come last")
-        if len(set(ladder)) != len(ladder):
-            raise ValueError(f"ladder {ladder} repeats a level")
+        bits = [b for b in ladder if b != FP32]
+        if bits != sorted(set(bits)):
+            raise ValueError(f"ladder {ladder} does not climb: word lengths must increase, "
+                             f"e.g. {DEFAULT_LADDER}")
         object.__setattr__(self, "ladder", ladder)
         for name, value, valid in (("backend", self.backend, ROUTES),
                                    ("rounding", self.rounding, ROUNDINGS),

@@ -56,9 +56,29 @@ def _plain(t: Tensor) -> bool:
     return type(t) in (Tensor, torch.nn.Parameter) and t.device.type in ("cpu", "cuda") and not _wrapped(t)
 
 
+_OTHER_FLOATS = (torch.float64, torch.float16, torch.bfloat16)
+
+
 def call(op, *args):
-    """``op(*args)``; eagerly, on real tensors, the op's body without the dispatcher."""
+    """``op(*args)``; eagerly, on real tensors, the op's body without the dispatcher.
+
+    The bodies compute in float32 whatever the floating types of the operands (a float64 or
+    half model, or activations that autocast made bfloat16: converting 16-bit floats is exact,
+    and the fixed-point grid is coarser than float32 in any case), and with autocast off: the
+    level's word length sets the products' precision, which autocast would otherwise lower to
+    bfloat16 on the FP32 routes. Callers return results in the input's type."""
     tensors = [a for a in args if isinstance(a, Tensor)]
+    if any(t.dtype in _OTHER_FLOATS for t in tensors):
+        args = tuple(a.float() if isinstance(a, Tensor) and a.dtype in _OTHER_FLOATS else a for a in args)
+        tensors = [a for a in args if isinstance(a, Tensor)]
+    device = tensors[0].device.type if tensors else "cpu"
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return _call(op, args, tensors)
+    return _call(op, args, tensors)
+
+
+def _call(op, args, tensors):
     if torch.compiler.is_compiling() or not all(_plain(t) for t in tensors):
         return op(*args)
     eager = _EAGER.get(op)

@@ -501,11 +501,24 @@ def _result(y: Tensor, like: Tensor) -> Tensor:
     return y if not like.is_floating_point() or y.dtype == like.dtype else y.to(like.dtype)
 
 
+def _check_channels(site, x: Tensor, channels: int, n: int) -> None:
+    """PyTorch's own checks of a convolution's input, naming the layer."""
+    if x.dim() not in (n + 1, n + 2):
+        raise ValueError(f"layer {site.name!r}: a {n}-d convolution takes inputs of {n + 1} (unbatched) "
+                         f"or {n + 2} dimensions, got shape {tuple(x.shape)}")
+    if x.shape[-n - 1] != channels:
+        raise ValueError(f"layer {site.name!r}: input of shape {tuple(x.shape)} has {x.shape[-n - 1]} "
+                         f"channels where the layer takes {channels}")
+
+
 def quant_linear(site, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear`` at the site's current word length."""
     st = site.state
     if not st.quantised or st.suspended:
         return F.linear(input, weight, bias)
+    if input.shape[-1:] != weight.shape[1:]:
+        raise ValueError(f"layer {site.name!r}: input of shape {tuple(input.shape)} has {input.shape[-1:].numel()} "
+                         f"features where its weight {tuple(weight.shape)} takes {weight.shape[1]}")
     c = st.config
     parts = _wants_output_parts(site, input, weight)
     y, _, x_s, _, w_s, y_m, y_s = call(_linear, input, weight, bias, st.fwd_bits, st.bwd_bits, c.rounding,
@@ -563,6 +576,7 @@ def quant_conv(site, input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     n = weight.dim() - 2
     if not st.quantised or st.suspended:
         return (F.conv1d, F.conv2d, F.conv3d)[n - 1](input, weight, bias, stride, padding, dilation, groups)
+    _check_channels(site, input, weight.shape[1] * groups, n)
     stride, dilation = _per_dim(stride, n), _per_dim(dilation, n)
     padding, x = _conv_padding(padding, weight, dilation, input)
     unbatched = x.dim() == n + 1
@@ -585,6 +599,7 @@ def quant_conv_transpose(site, input: Tensor, weight: Tensor, bias: Tensor | Non
     if not st.quantised or st.suspended:
         return (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1](
             input, weight, bias, stride, padding, output_padding, groups, dilation)
+    _check_channels(site, input, weight.shape[0], n)
     unbatched = input.dim() == n + 1
     x = input.unsqueeze(0) if unbatched else input
     c = st.config

@@ -1,6 +1,8 @@
 """FP32 master-copy optimiser and the paper's learning-rate rule (SPEC sections 2 and 3)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from muppet_fx.config import FP32
@@ -54,18 +56,49 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
         if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             self.skipped_steps += 1
             return loss
-        st = self.pm_state
-        if st.level != FP32:
-            seeds = [None] * len(grads) if self.generator is None else \
-                torch.randint(0, 2**62, (len(grads),), generator=self.generator).tolist()
-            for g, seed in zip(grads, seeds):
-                q = fake_quantise_inplace(g, st.bwd_bits, "stochastic", seed=seed)
-                if q is not g:
-                    g.copy_(q)
-        self.optimizer.step()
+        self._quantise(grads)
+        if closure is not None and _needs_closure(self.optimizer):
+            def evaluate():  # L-BFGS evaluates again as it searches: each gradient quantised too
+                with torch.enable_grad():
+                    value = closure()
+                self._quantise(self._grads())
+                return value
+            self.optimizer.step(evaluate)
+        else:
+            self.optimizer.step()
         if self.manager is not None:
             self.manager.after_step()
         return loss
+
+    def _quantise(self, grads) -> None:
+        st = self.pm_state
+        if st.level == FP32:
+            return
+        seeds = [None] * len(grads) if self.generator is None else \
+            torch.randint(0, 2**62, (len(grads),), generator=self.generator).tolist()
+        for g, seed in zip(grads, seeds):
+            q = fake_quantise_inplace(g, st.bwd_bits, "stochastic", seed=seed)
+            if q is not g:
+                g.copy_(q)
+
+    # hooks belong to the wrapped optimiser, which takes the steps and holds the state
+    def register_step_pre_hook(self, hook):
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook):
+        return self.optimizer.register_step_post_hook(hook)
+
+    def register_state_dict_pre_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend)
+
+    def register_state_dict_post_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_state_dict_post_hook(hook, prepend)
+
+    def register_load_state_dict_pre_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -83,6 +116,12 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
         self.skipped_steps = state["skipped_steps"]
         if self.generator is not None and "generator" in state:
             self.generator.set_state(state["generator"])
+
+
+def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` must be given the closure (L-BFGS), not just may."""
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 class PrecisionLR:

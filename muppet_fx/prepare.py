@@ -14,6 +14,7 @@ Parameters and buffers are the original tensors (same objects), so any optimiser
 from __future__ import annotations
 
 import contextlib
+import copy
 import types
 
 import torch
@@ -66,6 +67,27 @@ class PreparedModule:
         table = tabulate(rows, headers=["layer", "op", "route", "bits fwd/bwd", "weight exp",
                                         "act exp", "calls / reason"])
         return table + _route_remark(route)
+
+    def __reduce_ex__(self, protocol):
+        """Pickles (``torch.save(pm)``) as the original class and mixin: the prepared classes
+        are made per model class, so pickle could not find them by name. Graphs and their code
+        are left out (their nodes may hold functions pickle cannot name): a loaded model
+        traces its original again at its first call."""
+        mixin, base = type(self).__bases__
+        skip = ("_muppet_graph", "_muppet_code", "_muppet_variants", "_muppet_flagged")
+        return _unpickle_prepared, (base, mixin), {k: v for k, v in self.__dict__.items() if k not in skip}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _restore_graph_code(self)
+
+    def __deepcopy__(self, memo):
+        """As ``copy.deepcopy`` does for other modules, the graph code shared (it reaches its
+        module through ``self``)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def _muppet_own_code(self, *args, **kwargs):
         """The module's own forward, its products intercepted (an untraceable module, or a call
@@ -148,6 +170,16 @@ def _prepared_class(base: type, mixin: type) -> type:
     return _CLASSES[key]
 
 
+def _unpickle_prepared(base: type, mixin: type) -> nn.Module:
+    return _prepared_class(base, mixin).__new__(_prepared_class(base, mixin))
+
+
+def _restore_graph_code(pm: nn.Module) -> None:
+    """After unpickling: no graphs yet (each is traced again at its first use)."""
+    if "_muppet_original" in pm.__dict__ and "_muppet_variants" not in pm.__dict__:
+        pm.__dict__["_muppet_variants"] = {}
+
+
 def _shallow_copy(module: nn.Module) -> nn.Module:
     """A new module object sharing parameters, buffers and children, with its own containers."""
     new = type(module).__new__(type(module))
@@ -227,7 +259,8 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
     graph, code = _rewrite(module, new, path, state, sites, graph, opaque)
     new.__dict__.update(_muppet_graph=graph, _muppet_code=code, _muppet_original=module, _muppet_options=options)
     new = _finish(new, _GraphForward, path, state, sites)
-    new.__dict__["_muppet_variants"] = {(_modes(new), pattern if options else ()): code}
+    key = (_modes(new), pattern if options else ())
+    new.__dict__["_muppet_variants"] = {key: code}
     return new
 
 
@@ -286,11 +319,13 @@ def _variant(pm: nn.Module, key: tuple):
     with _modes_of(pm, module):
         graph, opaque, reasons = trace_with_leaves(module, constants)
     if graph is None:  # reported in the summary, as untraceable modules are
-        state.opaque.setdefault(pm._muppet_path or type(module).__name__,
-                                f"own code for calls with {constants}: " + "; ".join(reasons))
+        when = f"calls with {constants}" if constants else ("training" if key[0][0] else "eval") + " mode"
+        state.opaque.setdefault(pm._muppet_path or type(module).__name__, f"own code for {when}: " + "; ".join(reasons))
         variants[key] = own_code
     else:
-        variants[key] = _rewrite(module, pm, pm._muppet_path, state, pm._muppet_sites, graph, opaque)[1]
+        graph, variants[key] = _rewrite(module, pm, pm._muppet_path, state, pm._muppet_sites, graph, opaque)
+        pm.__dict__.setdefault("_muppet_graph", graph)  # the first one (after unpickling)
+        pm.__dict__.setdefault("_muppet_code", variants[key])
         pm.__dict__.pop("_muppet_flagged", None)  # it may have prepared children for this graph
         variants[_modes(pm), key[1]] = variants[key]
     return variants[key]
@@ -329,6 +364,10 @@ def prepare(model: nn.Module, example_inputs=None, config: MuppetConfig | None =
         raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, PreparedModule):
         raise TypeError(f"{type(model).__name__} is already prepared; prepare the original model instead")
+    inner = next((name for name, m in model.named_modules() if isinstance(m, PreparedModule)), None)
+    if inner is not None:  # its own precision state would not follow this model's levels
+        raise ValueError(f"submodule {inner!r} is already prepared; prepare the whole model from its "
+                         "original modules (muppet_fx.prepare returns a copy; the original is unchanged)")
     config = MuppetConfig.build(config, **overrides)
     state = PrecisionState(config)
     pm = _prepare(model, "", state, types.SimpleNamespace())

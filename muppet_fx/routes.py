@@ -32,6 +32,7 @@ Every function returns float32 values ``(a @ b) * 2**-(s_a + s_b)`` (or the op's
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,10 @@ def resolve_route(backend: str, device: torch.device, exact: bool = False) -> st
     """``auto`` -> ``triton`` on CUDA, ``aten`` on CPU, ``emulate`` elsewhere; with ``exact``
     the 15-16 bit products stay on integer kernels too (``aten_exact``, ``triton_exact``)."""
     route = backend if backend != "auto" else {"cuda": "triton", "cpu": "aten"}.get(device.type, "emulate")
+    if route == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors, got device {device}; use backend='auto' "
+                         "(or 'aten' on the CPU), or set TRITON_INTERPRET=1 before triton is imported "
+                         "to run the Triton kernels in its interpreter (slow)")
     return f"{route}_exact" if exact and route in ("triton", "aten") else route
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from muppet_fx.config import FP32, MuppetConfig
+from muppet_fx.config import FP32, MuppetConfig, as_level
 
 __all__ = ["Site", "PrecisionState", "Fp32Layer"]
 
@@ -75,7 +75,8 @@ class PrecisionState:
         return self.level != FP32
 
     def set_level(self, level) -> None:
-        if level not in self.config.ladder:
+        level = as_level(level)
+        if not isinstance(level, (int, str)) or isinstance(level, bool) or level not in self.config.ladder:
             raise ValueError(f"precision level {level!r} is not in the ladder {self.config.ladder}")
         self.level = level
         self.fwd_bits = self.bwd_bits = None if level == FP32 else level

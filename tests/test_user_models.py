@@ -54,3 +54,202 @@ def test_view_after_a_convolution_flattens_as_reshape_does():
 class _DtypeView(nn.Module):
     def forward(self, y):
         return y.view(torch.int32)
+
+
+def test_empty_batches_run_at_every_level():
+    """A batch of 0 samples (a filtered or last shard): empty outputs and zero weight gradients,
+    as the model itself gives (8-bit convolutions had raised on reshaping)."""
+    cases = [(nn.Conv2d(3, 8, 3, padding=1), (0, 3, 8, 8)), (nn.ConvTranspose2d(3, 4, 3), (0, 3, 5, 5)),
+             (nn.Conv1d(3, 4, 3), (0, 3, 9)), (nn.Linear(3, 4), (0, 3))]
+    for layer, shape in cases:
+        x = torch.randn(shape)
+        want = layer(x)
+        want.sum().backward()
+        want_grad = layer.weight.grad.clone()
+        pm = prepare(layer, ladder=(8, 16, "fp32"))
+        for level in (8, 16):
+            layer.zero_grad()
+            pm.set_precision(level)
+            y = pm(x)
+            y.sum().backward()
+            assert y.shape == want.shape and torch.equal(layer.weight.grad, want_grad)
+
+
+def test_prepared_models_pickle_whole_and_deepcopy():
+    """``torch.save(pm)`` / ``pickle`` (the prepared classes are made per model class) load a
+    model that computes the same, at every level, in both modes; ``deepcopy`` likewise."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    pm = prepare(LeNet(), ladder=(8, 16, "fp32"), **NEAREST)
+    x = torch.randn(2, 1, 28, 28)
+    pm(x)
+    buf = io.BytesIO()
+    torch.save(pm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (loaded, copy.deepcopy(pm)):
+        assert type(other) is type(pm) and other.precision == 8
+        for level in (8, 16, "fp32"):
+            for train in (True, False):
+                pm.train(train)
+                other.train(train)
+                pm.set_precision(level)
+                other.set_precision(level)
+                assert torch.equal(other(x), pm(x))
+
+
+def test_errors_name_the_problem():
+    import numpy as np
+    import pytest
+
+    inner = prepare(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="submodule '0' is already prepared"):
+        prepare(nn.Sequential(inner, nn.ReLU()))
+    with pytest.raises(ValueError, match="does not climb"):
+        prepare(nn.Linear(4, 4), ladder=(16, 8, "fp32"))
+    pm = prepare(nn.Linear(4, 4), ladder=(np.int64(8), 16, "fp32"))  # NumPy ints are ints
+    assert pm.ladder == (8, 16, "fp32") and type(pm.ladder[0]) is int
+    pm.set_precision(torch.tensor(16))
+    assert pm.precision == 16 and type(pm.precision) is int
+    for bad in (8.0, True, torch.tensor(8.0), "fp64"):
+        with pytest.raises(ValueError, match="not in the ladder"):
+            pm.set_precision(bad)
+    assert pm.precision == 16
+    pm.set_precision(8)
+    with pytest.raises(ValueError, match=r"layer 'Linear': input of shape \(2, 5\) has 5 features"):
+        pm(torch.randn(2, 5))
+    conv = prepare(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    with pytest.raises(ValueError, match="layer '0': input of shape .* has 5 channels where the layer takes 3"):
+        conv(torch.randn(1, 5, 8, 8))
+    if not torch.cuda.is_available():
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+                prepare(nn.Linear(4, 4), backend="triton")(torch.randn(2, 4))
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+
+
+def test_models_in_other_float_types_run_up_the_ladder():
+    """float64, float16 and bfloat16 models (12-16 bit products had mixed float32 values with
+    the model's bias): the products compute in float32 from the fixed-point operands and
+    return the model's type; gradients arrive in the parameters' type. The oracle: the same
+    model in float32 (16-bit floats convert exactly; the products of the float64 copy see
+    the same mantissas, so stay within float32 rounding of it)."""
+    x32 = torch.randn(2, 3, 8, 8).to(torch.bfloat16).float()  # representable in every type
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        ref_net, net = _small_net(), _small_net().to(dtype)
+        if dtype != torch.float64:  # the same parameter values in both
+            ref_net.load_state_dict({k: v.float() for k, v in net.state_dict().items()})
+        ref = prepare(ref_net, ladder=(8, 12, 16, "fp32"), **NEAREST)
+        pm = prepare(net, ladder=(8, 12, 16, "fp32"), **NEAREST)
+        for level in (8, 12, 16):
+            ref.set_precision(level)
+            pm.set_precision(level)
+            out = pm(x32.to(dtype))
+            out.float().sum().backward()
+            assert out.dtype == dtype and all(p.grad.dtype == dtype for p in net.parameters())
+            want = ref(x32)
+            tol = 1e-5 if dtype == torch.float64 else 1e-2
+            assert torch.allclose(out.float(), want, rtol=tol, atol=tol), (dtype, level)
+            net.zero_grad()
+
+
+def test_fixed_point_levels_keep_their_precision_under_autocast():
+    """Under ``torch.autocast`` a level's products run at its word length (the FP32 routes of
+    the 9-16 bit levels had been cast down to bfloat16): the same outputs as without it."""
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    pm = prepare(net, ladder=(8, 12, 16, "fp32"), **NEAREST)
+    x = torch.randn(16, 64)
+    for level in (8, 12, 16):
+        pm.set_precision(level)
+        plain = pm(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = pm(x)
+        assert torch.equal(cast, plain)
+
+
+def test_fully_masked_attention_rows_attend_to_nothing():
+    """A sample whose keys are all padding: zero attention output for it, as PyTorch's
+    scaled_dot_product_attention gives, and finite values and gradients for the others (one
+    NaN row used to turn the whole batch NaN through the shared exponent)."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    pm = prepare(mha, ladder=(8, 16, "fp32"))
+    x = torch.randn(2, 5, 16)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1] = True
+    want = mha(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+    for level in (8, 16):
+        pm.set_precision(level)
+        out = pm(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        out.square().sum().backward()
+        assert torch.isfinite(out).all() and all(torch.isfinite(p.grad).all() for p in mha.parameters())
+        assert torch.allclose(out[1], want[1], atol=0.05)  # the output projection's bias alone
+        assert torch.allclose(out[0], want[0], atol=0.05 if level == 8 else 1e-3)
+        mha.zero_grad()
+    q = torch.randn(1, 2, 4, 8)
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[0] = False
+
+    class Sdpa(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, q, mask):
+            return F.scaled_dot_product_attention(self.proj(q), q, q, attn_mask=mask)
+
+    s = Sdpa()
+    ps = prepare(s, ladder=(16, "fp32"))
+    got, ref = ps(q, keep), s(q, keep)
+    assert torch.equal(got[..., 0, :], torch.zeros_like(got[..., 0, :])) and torch.allclose(got, ref, atol=1e-3)
+
+
+def test_optimiser_closures_and_hooks():
+    """L-BFGS, whose step needs the closure, gets one that quantises each gradient it
+    evaluates; the torch.optim hook API works on the wrapper (hooks run on the wrapped
+    optimiser's steps)."""
+    import muppet_fx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    pm = prepare(net, ladder=(8, "fp32"))
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    opt = muppet_fx.MasterCopyOptimizer(torch.optim.LBFGS(pm.parameters(), lr=0.5, max_iter=4), pm)
+    seen = []
+    pre = opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    post = opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    grads_on_grid = []
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(pm(x), y)
+        loss.backward()
+        return loss
+
+    original = muppet_fx.MasterCopyOptimizer._quantise
+
+    def spy(self, grads):
+        original(self, grads)
+        from muppet_fx import quantise
+        grads_on_grid.append(all(torch.equal(quantise(g, 8, "nearest").dequantise(), g) for g in grads))
+
+    muppet_fx.MasterCopyOptimizer._quantise = spy
+    try:
+        first = closure().item()
+        for _ in range(3):
+            opt.step(closure)
+    finally:
+        muppet_fx.MasterCopyOptimizer._quantise = original
+    assert F.cross_entropy(pm(x), y).item() < first
+    assert seen == ["pre", "post"] * 3 and len(grads_on_grid) > 3 and all(grads_on_grid)
+    pre.remove()
+    post.remove()
+    opt.step(closure)
+    assert len(seen) == 6
