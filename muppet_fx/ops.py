@@ -516,9 +516,9 @@ def quant_linear(site, input: Tensor, weight: Tensor, bias: Tensor | None = None
     st = site.state
     if not st.quantised or st.suspended:
         return F.linear(input, weight, bias)
-    if input.shape[-1:] != weight.shape[1:]:
-        raise ValueError(f"layer {site.name!r}: input of shape {tuple(input.shape)} has {input.shape[-1:].numel()} "
-                         f"features where its weight {tuple(weight.shape)} takes {weight.shape[1]}")
+    if weight.dim() == 2 and (input.dim() == 0 or input.shape[-1] != weight.shape[1]):
+        raise ValueError(f"layer {site.name!r}: input of shape {tuple(input.shape)} does not have the "
+                         f"{weight.shape[1]} features its weight {tuple(weight.shape)} takes")
     c = st.config
     parts = _wants_output_parts(site, input, weight)
     y, _, x_s, _, w_s, y_m, y_s = call(_linear, input, weight, bias, st.fwd_bits, st.bwd_bits, c.rounding,

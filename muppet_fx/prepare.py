@@ -316,13 +316,17 @@ def _variant(pm: nn.Module, key: tuple):
         return own_code
     module, state = pm._muppet_original, pm._muppet_state
     constants = pattern_constants(pm._muppet_options, key[1]) if pm._muppet_options else {}
-    with _modes_of(pm, module):
+    with _modes_of(pm, module), OutsideIntercepts():  # met inside intercepted code: trace outside it
         graph, opaque, reasons = trace_with_leaves(module, constants)
     if graph is None:  # reported in the summary, as untraceable modules are
         when = f"calls with {constants}" if constants else ("training" if key[0][0] else "eval") + " mode"
         state.opaque.setdefault(pm._muppet_path or type(module).__name__, f"own code for {when}: " + "; ".join(reasons))
         variants[key] = own_code
     else:
+        for node in graph.nodes:  # constants the trace stored on the original (_tensor_constant<i>)
+            if node.op == "get_attr" and "." not in node.target and node.target not in pm.__dict__ \
+                    and node.target in module.__dict__:
+                pm.__dict__[node.target] = module.__dict__[node.target]
         graph, variants[key] = _rewrite(module, pm, pm._muppet_path, state, pm._muppet_sites, graph, opaque)
         pm.__dict__.setdefault("_muppet_graph", graph)  # the first one (after unpickling)
         pm.__dict__.setdefault("_muppet_code", variants[key])

@@ -12,6 +12,7 @@ each bool, int or string passed to them; tensors and other objects stay graph in
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import keyword
 from collections import OrderedDict
@@ -111,6 +112,35 @@ def _keep_argument_names(graph: fx.Graph, constants: dict[str, Any]) -> None:
             node.target = node.target[:-2]
 
 
+def _holds_proxy(value) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return any(_holds_proxy(v) for v in items)
+
+
+@contextlib.contextmanager
+def _no_leaked_proxies(module: nn.Module):
+    """Undoes what a trace stored on modules from its proxies: code that caches values on first
+    use (torchvision's ``MultiScaleRoIAlign`` keeps ``self.scales``) would otherwise keep this
+    trace's proxies, which the next trace or call then picks up."""
+    before = {id(m): dict(m.__dict__) for m in module.modules()}
+    try:
+        yield
+    finally:
+        for m in module.modules():
+            old = before.get(id(m), {})
+            for name, value in list(m.__dict__.items()):
+                if old.get(name, _MISSING) is not value and _holds_proxy(value):
+                    if name in old:
+                        m.__dict__[name] = old[name]
+                    else:
+                        del m.__dict__[name]
+
+
+_MISSING = object()
+
+
 def trace_with_leaves(module: nn.Module, constants: dict[str, Any] | None = None
                       ) -> tuple[fx.Graph | None, list[str], list[str]]:
     """Returns ``(graph or None, opaque submodule paths, reasons)``; ``constants``: arguments
@@ -120,7 +150,8 @@ def trace_with_leaves(module: nn.Module, constants: dict[str, Any] | None = None
     while True:
         tracer = MuppetTracer(set(opaque))
         try:
-            graph = tracer.trace(module, concrete_args=constants or None)
+            with _no_leaked_proxies(module):
+                graph = tracer.trace(module, concrete_args=constants or None)
             _keep_argument_names(graph, constants or {})
             return graph, opaque, reasons
         except Exception as err:  # any failure: isolate the innermost module that raised

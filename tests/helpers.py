@@ -97,3 +97,16 @@ def check_zoo_model(make, inputs, detection: bool = False, max_error: float = 1e
     for n, p in model.named_parameters():
         if n in with_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), n
+
+    # prepared in train mode, evaluated: the eval-mode graph is traced on first use
+    model.eval()
+    pm.eval()
+    pm.set_precision(16)
+    with torch.no_grad():
+        ref, got = model(*x[:1]), pm(*x[:1])
+    if detection:  # boxes after NMS: the same fields, finite
+        assert [sorted(d) for d in got] == [sorted(d) for d in ref]
+        assert all(torch.isfinite(d["boxes"]).all() for d in got)
+    else:
+        for a, b in zip(_flat(ref), _flat(got), strict=True):
+            assert (b.float() - a.float()).norm() <= max_error * a.float().norm() + 1e-6

@@ -118,7 +118,7 @@ def test_errors_name_the_problem():
             pm.set_precision(bad)
     assert pm.precision == 16
     pm.set_precision(8)
-    with pytest.raises(ValueError, match=r"layer 'Linear': input of shape \(2, 5\) has 5 features"):
+    with pytest.raises(ValueError, match=r"layer 'Linear': input of shape \(2, 5\) does not have the 4 features"):
         pm(torch.randn(2, 5))
     conv = prepare(nn.Sequential(nn.Conv2d(3, 4, 3)))
     with pytest.raises(ValueError, match="layer '0': input of shape .* has 5 channels where the layer takes 3"):
@@ -253,3 +253,31 @@ def test_optimiser_closures_and_hooks():
     post.remove()
     opt.step(closure)
     assert len(seen) == 6
+
+
+class _CachesOnFirstUse(nn.Module):
+    """Stores a value derived from its input on first use, as torchvision's MultiScaleRoIAlign
+    stores its scales (a trace used to leave its proxy there for the next trace to pick up)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.width = nn.Linear(6, 6), None
+
+    def forward(self, x):
+        if self.width is None:
+            self.width = x.shape[-1]
+        y = self.lin(x) * self.width
+        return nn.functional.dropout(y, 0.5, self.training)
+
+
+def test_traces_leave_no_proxies_on_modules():
+    import torch.fx as fx
+
+    net = _CachesOnFirstUse()
+    pm = prepare(net, ladder=(16, "fp32"), **NEAREST)
+    assert not isinstance(net.width, fx.Proxy) and not isinstance(pm.width, fx.Proxy)
+    x = torch.randn(4, 6)
+    net.eval()
+    pm.eval()  # a second trace, of the eval-mode graph
+    want = net(x)
+    assert torch.allclose(pm(x), want, rtol=0, atol=1e-2 * want.abs().max().item())
