@@ -42,6 +42,11 @@ def register_autograd(op, backward, setup_context) -> None:
 
         @staticmethod
         def backward(ctx, *grads):
+            if torch.is_grad_enabled():  # create_graph=True: these formulas are not differentiable
+                raise NotImplementedError(
+                    f"a second derivative (backward with create_graph=True, e.g. a gradient penalty) "
+                    f"through the quantised op {body.__name__.lstrip('_')!r} is not supported at the "
+                    "fixed-point levels; compute such terms at the 'fp32' level")
             return backward(ctx, *grads)
 
     Eager.__name__ = Eager.__qualname__ = f"{body.__name__.lstrip('_')}_eager"

@@ -30,7 +30,7 @@ from muppet_fx.passes.compact_saved import compact_saved_tensors
 from muppet_fx.passes.quantise_layers import FP32_MODULES, RewriteContext, insert_quant_nodes
 from muppet_fx.passes.runner import run_passes
 from muppet_fx.passes.trace import (GIVEN, TRANSPOSED_CONVS, call_pattern, pattern_constants,
-                                    specialisable_arguments, trace_with_leaves)
+                                    specialisable_arguments, trace_with_leaves, hooked_paths)
 from muppet_fx.state import PrecisionState
 
 __all__ = ["prepare", "PreparedModule"]
@@ -245,7 +245,7 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
     defaults = tuple((type(o.default), o.default) for o in options)
     for pattern in dict.fromkeys([defaults, tuple((GIVEN, None) if o.default is None else d
                                                   for o, d in zip(options, defaults))]):
-        graph, opaque, reasons = trace_with_leaves(module, pattern_constants(options, pattern))
+        graph, opaque, reasons = trace_with_leaves(module, pattern_constants(options, pattern), hooked_paths(module))
         if graph is not None:
             break
     if graph is None:  # its own code is not traceable: intercept it, prepare its children
@@ -265,13 +265,15 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
 
 
 def _modes(pm: nn.Module) -> tuple[bool, ...]:
-    """The ``training`` flags of ``pm`` and of every module below it: a trace may read any of
-    them (the code of a child that runs on its own in one mode may be traceable, and inlined,
-    in another)."""
+    """The ``training`` flags of ``pm`` and of every module below it (a trace may read any of
+    them: the code of a child that runs on its own in one mode may be traceable, and inlined,
+    in another), and whether each submodule has forward hooks."""
     modules = pm.__dict__.get("_muppet_flagged")
     if modules is None:
         modules = pm.__dict__["_muppet_flagged"] = list(pm.modules())
-    return tuple(m.training for m in modules)
+    # a hooked submodule is called as a module (hooked_paths)
+    return tuple(m.training for m in modules) + tuple(bool(m._forward_hooks or m._forward_pre_hooks)
+                                                      for m in modules[1:])
 
 
 @contextlib.contextmanager
@@ -297,7 +299,8 @@ def _rewrite(module: nn.Module, new: nn.Module, path: str, state: PrecisionState
     for sub in opaque:
         if not isinstance(new.get_submodule(sub), PreparedModule):  # another pattern's graph did
             _replace_submodule(new, sub, _prepare(module.get_submodule(sub), _join(path, sub), state, sites))
-    ctx = RewriteContext(graph, dict(module.named_modules()), state, path + "." if path else "", sites, _keep(state))
+    ctx = RewriteContext(graph, dict(module.named_modules()), state, path + "." if path else "", sites, _keep(state),
+                         frozenset(opaque))
     owner = path or type(module).__name__
     graph = run_passes(graph, [lambda g: insert_quant_nodes(g, ctx), lambda g: compact_saved_tensors(g, ctx)],
                        owner=owner)
@@ -317,7 +320,7 @@ def _variant(pm: nn.Module, key: tuple):
     module, state = pm._muppet_original, pm._muppet_state
     constants = pattern_constants(pm._muppet_options, key[1]) if pm._muppet_options else {}
     with _modes_of(pm, module), OutsideIntercepts():  # met inside intercepted code: trace outside it
-        graph, opaque, reasons = trace_with_leaves(module, constants)
+        graph, opaque, reasons = trace_with_leaves(module, constants, hooked_paths(pm))
     if graph is None:  # reported in the summary, as untraceable modules are
         when = f"calls with {constants}" if constants else ("training" if key[0][0] else "eval") + " mode"
         state.opaque.setdefault(pm._muppet_path or type(module).__name__, f"own code for {when}: " + "; ".join(reasons))

@@ -67,6 +67,7 @@ class RewriteContext:
     prefix: str
     sites: object  # types.SimpleNamespace on the prepared model
     keep: Callable[[nn.Module, str], bool]
+    leaves: frozenset = frozenset()  # submodule paths the graph calls as (prepared) modules
 
     def site_node(self, node: fx.Node, site) -> fx.Node:
         attr = site_attr(getattr(site, "name", None) or site.prefix)
@@ -225,6 +226,8 @@ def insert_quant_nodes(graph: fx.Graph, ctx: RewriteContext) -> fx.Graph:
     for node in list(graph.nodes):
         if is_shape_view(node.target, node.args, node.kwargs) and node.op == "call_method":
             node.target = "reshape"  # see is_shape_view
+            continue
+        if node.op == "call_module" and node.target in ctx.leaves:
             continue
         m = _module(node, ctx)
         if m is not None and not ctx.keep(m, ctx.prefix + node.target):

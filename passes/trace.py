@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["MuppetTracer", "trace_with_leaves", "LEAF_TYPES", "TRANSPOSED_CONVS", "Option",
+__all__ = ["MuppetTracer", "trace_with_leaves", "hooked_paths", "LEAF_TYPES", "TRANSPOSED_CONVS", "Option",
            "specialisable_arguments", "call_pattern", "pattern_constants", "GIVEN"]
 
 TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -141,11 +141,18 @@ def _no_leaked_proxies(module: nn.Module):
 _MISSING = object()
 
 
-def trace_with_leaves(module: nn.Module, constants: dict[str, Any] | None = None
+def hooked_paths(module: nn.Module) -> list[str]:
+    """Submodules with forward hooks or pre-hooks (feature extraction, pruning's weight mask):
+    a graph must call them as modules, or their hooks would not run."""
+    return [name for name, m in module.named_modules() if name and (m._forward_hooks or m._forward_pre_hooks)]
+
+
+def trace_with_leaves(module: nn.Module, constants: dict[str, Any] | None = None, leaves=()
                       ) -> tuple[fx.Graph | None, list[str], list[str]]:
     """Returns ``(graph or None, opaque submodule paths, reasons)``; ``constants``: arguments
-    traced as those values (``concrete_args``), guarded by assertions in the graph."""
-    opaque: list[str] = []
+    traced as those values (``concrete_args``), guarded by assertions in the graph; ``leaves``:
+    paths called as modules from the start (in the opaque paths returned)."""
+    opaque: list[str] = list(leaves)
     reasons: list[str] = []
     while True:
         tracer = MuppetTracer(set(opaque))

@@ -281,3 +281,38 @@ def test_traces_leave_no_proxies_on_modules():
     pm.eval()  # a second trace, of the eval-mode graph
     want = net(x)
     assert torch.allclose(pm(x), want, rtol=0, atol=1e-2 * want.abs().max().item())
+
+
+def test_forward_hooks_run_at_every_level():
+    """Hooks on layers and blocks (feature extraction, pruning's weight mask), registered
+    before or after preparing: the graph calls hooked submodules as modules, quantised."""
+    import pytest
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU()),
+                        nn.Conv2d(8, 4, 3))
+    seen = []
+    net[0].register_forward_hook(lambda m, a, o: seen.append(("conv", o.shape)))
+    prune.l1_unstructured(net[3], "weight", amount=0.5)  # weight = weight_orig * mask, in a pre-hook
+    pm = prepare(net, ladder=(8, 16, "fp32"), **NEAREST)
+    x = torch.randn(2, 3, 10, 10)
+    pm[2].register_forward_hook(lambda m, a, o: seen.append(("block", o.shape)))  # after preparing
+    for level in ("fp32", 16, 8):
+        seen.clear()
+        pm.set_precision(level)
+        out = pm(x)
+        assert seen == [("conv", (2, 8, 8, 8)), ("block", (2, 8, 6, 6))], level
+        out.sum().backward()
+        mask = pm[3].weight_mask
+        assert torch.equal(pm[3].weight_orig.grad * (1 - mask), torch.zeros_like(mask))  # pruned: no gradient
+        assert pm[3].weight_orig.grad.abs().sum() > 0
+        pm.zero_grad()
+    pm.set_precision(16)
+    with torch.no_grad():
+        net[3].weight_orig.mul_(2)  # the pre-hook recomputes the pruned weight at every call
+        want = net(x)
+        assert torch.allclose(pm(x), want, atol=1e-2 * want.abs().max().item())
+    xi = x.clone().requires_grad_()
+    with pytest.raises(NotImplementedError, match="second derivative .* 'fp32' level"):
+        torch.autograd.grad(pm(xi).sum(), xi, create_graph=True)  # had given a constant penalty
