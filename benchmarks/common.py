@@ -1,6 +1,9 @@
 """Helpers shared by the benchmark scripts: CIFAR-style models and an interleaved timer."""
+import importlib
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch.nn as nn
 import torchvision.models as tvm
@@ -28,3 +31,20 @@ def interleaved(cases: dict, reps: int, warmup: int = 1, sync=lambda: None) -> d
             sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def import_transformers():
+    """``transformers``, imported after the PyPI package ``kernels`` that it requires (5.25 and
+    later): this folder's ``kernels.py`` and the repository's ``kernels/`` would shadow it."""
+    here = Path(__file__).resolve().parent
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (here, here.parent)]
+    try:
+        if "kernels" not in sys.modules:
+            try:
+                importlib.import_module("kernels")
+            except ImportError:
+                pass
+        return importlib.import_module("transformers")
+    finally:
+        sys.path[:] = saved

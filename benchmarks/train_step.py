@@ -28,7 +28,7 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 from cifar_models import build_model  # noqa: E402
-from common import interleaved  # noqa: E402
+from common import import_transformers, interleaved  # noqa: E402
 
 import muppet_fx  # noqa: E402
 
@@ -60,7 +60,7 @@ class HubLM(torch.nn.Module):
     def __init__(self, kind: str):
         super().__init__()
         try:
-            import transformers as T
+            T = import_transformers()
         except ImportError as err:
             raise SystemExit(f"--models hf-{kind} needs the transformers package: pip install transformers") from err
         common = dict(vocab_size=1000, bos_token_id=1, eos_token_id=2, pad_token_id=0)
