@@ -9,7 +9,7 @@ from torch._C import (_get_function_stack_at, _len_torch_function_stack, _pop_to
 from torch.overrides import TorchFunctionMode
 
 from muppet_fx.attention import AttentionSites
-from muppet_fx.passes.quantise_layers import FUNCTION_RULES, is_shape_view
+from muppet_fx.passes.quantise_layers import FUNCTION_RULES, views_a_shape
 
 __all__ = ["InterceptMode", "InterceptScope", "run_intercepted", "OutsideIntercepts"]
 
@@ -30,10 +30,10 @@ class InterceptMode(TorchFunctionMode):
         kwargs = kwargs or {}
         st = self.owner._muppet_state
         rule = FUNCTION_RULES.get(_METHOD_FUNCTIONS.get(func, func))
-        if rule is None or not st.stack or st.stack[-1] is not self.owner:
-            if func is torch.Tensor.view and st.stack and st.stack[-1] is self.owner \
-                    and is_shape_view(func, args, kwargs):
-                func = torch.Tensor.reshape  # as in traced graphs (is_shape_view)
+        mine = bool(st.stack) and st.stack[-1] is self.owner
+        if rule is None or not mine:
+            if mine and func is torch.Tensor.view and views_a_shape(args, kwargs):
+                func = torch.Tensor.reshape  # as in traced graphs (views_a_shape)
             return func(*args, **kwargs)
         op, wrapper = rule
         k = self.counts[op] = self.counts.get(op, -1) + 1

@@ -39,9 +39,6 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
         self.optimizer, self.pm_state, self.manager = optimizer, pm._muppet_state, manager
         self.param_groups, self.state, self.defaults = optimizer.param_groups, optimizer.state, optimizer.defaults
         self.skipped_steps = 0
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
-        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
-        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
 
     def _grads(self):
         return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]

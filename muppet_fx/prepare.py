@@ -79,7 +79,7 @@ class PreparedModule:
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        _restore_graph_code(self)
+        _start_without_graphs(self)
 
     def __deepcopy__(self, memo):
         """As ``copy.deepcopy`` does for other modules, the graph code shared (it reaches its
@@ -174,7 +174,7 @@ def _unpickle_prepared(base: type, mixin: type) -> nn.Module:
     return _prepared_class(base, mixin).__new__(_prepared_class(base, mixin))
 
 
-def _restore_graph_code(pm: nn.Module) -> None:
+def _start_without_graphs(pm: nn.Module) -> None:
     """After unpickling: no graphs yet (each is traced again at its first use)."""
     if "_muppet_original" in pm.__dict__ and "_muppet_variants" not in pm.__dict__:
         pm.__dict__["_muppet_variants"] = {}

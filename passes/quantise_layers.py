@@ -197,13 +197,13 @@ def _owner(node: fx.Node, ctx: RewriteContext):
     return None if m is None or not path else (m, ctx.prefix + path)
 
 
-def is_shape_view(target, args, kwargs) -> bool:
-    """Whether a call is ``Tensor.view`` to a shape: at the fixed-point levels convolutions
-    return channels-last maps (the layout their kernels read and write), of which a flattening
-    ``x.view(n, -1)`` cannot be a view. ``reshape`` returns the same view wherever ``view``
-    succeeds, and a copy in logical order where it would have raised."""
-    return (target in ("view", torch.Tensor.view) and "dtype" not in kwargs
-            and not any(isinstance(a, torch.dtype) for a in args[1:]))
+def views_a_shape(args, kwargs) -> bool:
+    """Whether ``Tensor.view(*args, **kwargs)`` asks for a shape (not a dtype). At the
+    fixed-point levels convolutions return channels-last maps (the layout their kernels read
+    and write), of which a flattening ``x.view(n, -1)`` cannot be a view, so such calls run as
+    ``reshape``: the same view wherever ``view`` succeeds, a copy in logical order where it
+    would have raised."""
+    return "dtype" not in kwargs and not any(isinstance(a, torch.dtype) for a in args[1:])
 
 
 def _is_module(types):
@@ -224,8 +224,8 @@ RULES: list[Rule] = [
 def insert_quant_nodes(graph: fx.Graph, ctx: RewriteContext) -> fx.Graph:
     """Apply the first matching rule to every node; modules the filter rejects stay FP32."""
     for node in list(graph.nodes):
-        if is_shape_view(node.target, node.args, node.kwargs) and node.op == "call_method":
-            node.target = "reshape"  # see is_shape_view
+        if node.op == "call_method" and node.target == "view" and views_a_shape(node.args, node.kwargs):
+            node.target = "reshape"
             continue
         if node.op == "call_module" and node.target in ctx.leaves:
             continue
