@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from muppet_fx.custom_ops import transformed
 from muppet_fx.kernels.batch_norm_cpu import batch_norm_backward, batch_norm_forward
 from muppet_fx.kernels.quantise_cpu import forget_absmax
 from muppet_fx.kernels.relu_cpu import add_relu_with_mask, relu_mask_backward, relu_with_mask
@@ -46,7 +47,8 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def _active(state, x: Tensor) -> bool:
     return (state.quantised and not state.suspended and state.config.compact_activations
-            and torch.is_grad_enabled() and x.requires_grad)
+            and torch.is_grad_enabled() and x.requires_grad
+            and (torch.compiler.is_compiling() or not transformed(x)))
 
 
 def _bn_forward(x, m, s, weight, bias, running_mean, running_var, momentum, eps, relu):

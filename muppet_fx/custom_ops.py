@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["custom_op", "register_autograd", "call"]
+__all__ = ["custom_op", "register_autograd", "call", "transformed"]
 
 _BODY: dict = {}   # op -> the decorated Python function
 _EAGER: dict = {}  # op -> autograd.Function running that function
@@ -53,7 +53,14 @@ def register_autograd(op, backward, setup_context) -> None:
     _EAGER[op] = Eager
 
 
-_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+_functorch = getattr(torch._C, "_functorch", None)
+_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda t: False)
+_grad_tracking = getattr(_functorch, "is_gradtrackingtensor", lambda t: False)
+
+
+def transformed(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` wrapper (inside ``grad``, ``vmap``, ``jacrev``, ...)."""
+    return _wrapped(t)
 
 
 def _plain(t: Tensor) -> bool:
@@ -84,7 +91,17 @@ def call(op, *args):
 
 
 def _call(op, args, tensors):
-    if torch.compiler.is_compiling() or not all(_plain(t) for t in tensors):
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if not all(_plain(t) for t in tensors):
+        if any(_wrapped(t) and _grad_tracking(t) for t in tensors):
+            name = _BODY[op].__name__.lstrip("_") if op in _BODY else str(op)
+            raise NotImplementedError(
+                f"torch.func transforms that differentiate (grad, vjp, jacrev, hessian) cannot run "
+                f"through the quantised op {name!r}: PyTorch's custom ops do not "
+                "support them. At the fixed-point levels take gradients with loss.backward() or "
+                "torch.autograd.grad (per-sample gradients: a loop or hooks); at the 'fp32' level "
+                "the model's own ops run and torch.func works")
         return op(*args)
     eager = _EAGER.get(op)
     if eager is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

@@ -89,6 +89,13 @@ class PreparedModule:
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return new
 
+    def __prepare_scriptable__(self):
+        raise NotImplementedError(
+            f"torch.jit.script cannot compile the prepared {type(self).__bases__[1].__name__}: its "
+            "layers call the quantised kernels from Python. Use torch.compile(model) or "
+            "torch.export.export(model, args); for TorchScript deployment script the original model, "
+            "which shares the trained weights")
+
     def _muppet_own_code(self, *args, **kwargs):
         """The module's own forward, its products intercepted (an untraceable module, or a call
         pattern without a graph)."""
@@ -96,6 +103,11 @@ class PreparedModule:
             return super().forward(*args, **kwargs)
 
     def _muppet_run(self, fn, args, kwargs):
+        if torch.jit.is_tracing():  # a trace would freeze the level and the rounding seeds
+            raise NotImplementedError(
+                f"torch.jit.trace cannot record the prepared model at the {self.precision!r}-bit level: "
+                "the trace would freeze the level and the stochastic rounding seeds. Trace it at the "
+                "'fp32' level (set_precision('fp32')), or use torch.compile / torch.export")
         stack = self._muppet_state.stack
         stack.append(self)
         try:

@@ -18,8 +18,10 @@ import keyword
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils.checkpoint
 
 __all__ = ["MuppetTracer", "trace_with_leaves", "hooked_paths", "LEAF_TYPES", "TRANSPOSED_CONVS", "Option",
            "specialisable_arguments", "call_pattern", "pattern_constants", "GIVEN"]
@@ -141,6 +143,29 @@ def _no_leaked_proxies(module: nn.Module):
 _MISSING = object()
 
 
+@contextlib.contextmanager
+def _checkpoints_kept_as_code():
+    """torch.fx traces through ``torch.utils.checkpoint`` into the graph, which then stores the
+    activations the checkpoint was there to drop. A module whose forward checkpoints is left
+    untraced instead: its own code runs, and the checkpoint recomputes its prepared submodules
+    in backward (the same stochastic rounding draws, from the restored RNG state)."""
+    impl = getattr(torch.utils.checkpoint, "_checkpoint_impl", None)
+    if impl is None:  # another torch layout: traced through as before
+        yield
+        return
+
+    def kept(function, args, kwargs, **options):
+        if _holds_proxy(args) or _holds_proxy(kwargs):
+            raise RuntimeError("activation checkpointing (torch.utils.checkpoint) runs as the module's own code")
+        return impl(function, args, kwargs, **options)
+
+    torch.utils.checkpoint._checkpoint_impl = kept
+    try:
+        yield
+    finally:
+        torch.utils.checkpoint._checkpoint_impl = impl
+
+
 def hooked_paths(module: nn.Module) -> list[str]:
     """Submodules with forward hooks or pre-hooks (feature extraction, pruning's weight mask):
     a graph must call them as modules, or their hooks would not run."""
@@ -157,7 +182,7 @@ def trace_with_leaves(module: nn.Module, constants: dict[str, Any] | None = None
     while True:
         tracer = MuppetTracer(set(opaque))
         try:
-            with _no_leaked_proxies(module):
+            with _no_leaked_proxies(module), _checkpoints_kept_as_code():
                 graph = tracer.trace(module, concrete_args=constants or None)
             _keep_argument_names(graph, constants or {})
             return graph, opaque, reasons

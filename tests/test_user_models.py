@@ -1,12 +1,15 @@
 """Idioms of users' models and training code that the fixed-point levels must take as the
 model itself does: ``.view`` after a convolution, empty batches, whole-model pickling, nested
-preparation, other dtypes, autocast, fully masked attention rows, optimiser closures.
+preparation, other dtypes, autocast, fully masked attention rows, optimiser closures, activation checkpointing,
+TorchScript and ``torch.func``.
 
 Oracles: the same model written with the equivalent call (``reshape`` for ``view``), the
 unprepared model, or PyTorch's own behaviour (finite outputs, clear errors)."""
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from muppet_fx import prepare
 
@@ -316,3 +319,85 @@ def test_forward_hooks_run_at_every_level():
     xi = x.clone().requires_grad_()
     with pytest.raises(NotImplementedError, match="second derivative .* 'fp32' level"):
         torch.autograd.grad(pm(xi).sum(), xi, create_graph=True)  # had given a constant penalty
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.c(x))) + x
+
+
+class _CheckpointedNet(nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.stem, self.b1, self.b2, self.fc = nn.Conv2d(3, 8, 3, padding=1), _Block(), _Block(), nn.Linear(8, 10)
+        self.mode = mode
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.mode == "sequential":
+            x = checkpoint_sequential(nn.Sequential(self.b1, self.b2), 2, x, use_reentrant=False)
+        elif self.mode in ("reentrant", "non-reentrant"):
+            x = checkpoint(self.b1, x, use_reentrant=self.mode == "reentrant")
+            x = checkpoint(self.b2, x, use_reentrant=self.mode == "reentrant")
+        else:
+            x = self.b2(self.b1(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_activation_checkpointing_recomputes_the_same_quantised_forward():
+    """``torch.utils.checkpoint`` reruns a block's forward in backward (a trace through it would
+    store the activations after all), restoring the RNG state: with stochastic rounding (seeds
+    drawn from torch's generator) the recomputed forward draws the same bits, so gradients
+    equal those of the model without checkpointing bit for bit. The reentrant variant hands the
+    stem a contiguous gradient where the graph's is channels-last, and the stochastic draws
+    follow memory order: it is compared with nearest rounding."""
+    x = torch.randn(4, 3, 12, 12)
+
+    def grads(mode, bits):
+        torch.manual_seed(1)
+        net = _CheckpointedNet(mode)
+        pm = prepare(net, ladder=(bits, "fp32"), **(NEAREST if mode in ("reentrant", "none-nearest") else {}))
+        torch.manual_seed(2)
+        out = pm(x)
+        out.square().sum().backward()
+        calls = [pm._muppet_state.sites[f"b{i}.c"].calls for i in (1, 2)]
+        return out.detach(), [p.grad for p in net.parameters()], calls
+
+    for bits in (8, 12):
+        for mode in ("non-reentrant", "reentrant", "sequential"):
+            ref_out, ref_grads, calls = grads("none-nearest" if mode == "reentrant" else "none", bits)
+            assert calls == [1, 1]
+            out, got, calls = grads(mode, bits)
+            # forward, then the recomputation in backward (checkpoint_sequential runs its last
+            # segment plainly)
+            assert calls == ([2, 1] if mode == "sequential" else [2, 2]), mode
+            assert torch.equal(out, ref_out), (mode, bits)
+            assert all(torch.equal(a, b) for a, b in zip(got, ref_grads)), (mode, bits)
+
+
+def test_jit_and_func_transforms_work_at_fp32_and_say_why_not_below():
+    """TorchScript and ``torch.func``'s differentiating transforms cannot run the quantised
+    ops; they raise ``NotImplementedError`` naming the alternative, and work at ``"fp32"``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    pm, x = prepare(net), torch.randn(5, 8)
+    params = {k: v.detach() for k, v in pm.named_parameters()}
+    loss = lambda p: torch.func.functional_call(pm, p, (x,)).square().sum()  # noqa: E731
+    with pytest.raises(NotImplementedError, match="torch.jit.script cannot compile the prepared Sequential"):
+        torch.jit.script(pm)
+    with pytest.raises(NotImplementedError, match="torch.jit.trace cannot record .* 8-bit level"):
+        torch.jit.trace(pm, x)
+    with pytest.raises(NotImplementedError, match="through the quantised op 'linear'"):
+        torch.func.grad(loss)(params)
+    assert torch.func.vmap(pm)(x.unsqueeze(1)).shape == (5, 1, 4)  # forward-only transforms run
+
+    pm.set_precision("fp32")
+    assert torch.equal(torch.jit.trace(pm, x)(x), net(x))
+    g = torch.func.grad(loss)(params)
+    net.zero_grad()
+    net(x).square().sum().backward()
+    assert all(torch.equal(g[k], v.grad) for k, v in net.named_parameters())
