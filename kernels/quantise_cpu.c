@@ -4,11 +4,13 @@
  *   |x|; a result >= 0x7f800000 means an inf or NaN is present.
  * quantise_*: one pass that scales by 2**s (two power-of-two factors), rounds (half to even, or
  *   stochastic: floor(v) + (u < v - floor(v)) with u a 24-bit uniform), and writes the integer
- *   mantissas and/or the dequantised values m * 2**-s clamped to +-fmax.
+ *   mantissas and/or the dequantised values m * 2**-s clamped to +-fmax, and optionally the
+ *   exact column sums of the mantissas (a bias gradient) from the same pass.
  * Uniforms come from `noise` when given, else from a counter-based hash of (seed, index), so a
  * result depends on the seed only, never on the thread count.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -69,12 +71,41 @@ static void round_block(const float *xs, const float *us, int64_t start, int64_t
     }
 }
 
+/* sums (where not NULL): the exact column sums of the mantissas of a row-major [n / cols, cols]
+ * matrix (a linear layer's output gradient, or a channels-last one's rows of channels), the
+ * bias gradient, gathered by the same pass; scratch holds nthreads x cols partial sums. */
+static void add_columns(const float *m, int64_t start, int64_t len, int64_t cols, int32_t *acc) {
+    int64_t c = start % cols;
+    for (int64_t i = 0; i < len;) {
+        int64_t run = len - i < cols - c ? len - i : cols - c;
+#pragma omp simd
+        for (int64_t j = 0; j < run; ++j) acc[c + j] += (int32_t)m[i + j];
+        i += run;
+        c = 0;
+    }
+}
+
+/* Folds a thread's int32 column sums into its int64 ones before they could overflow: a block
+ * adds at most CHUNK / cols + 1 mantissas below 2**15 to each column. */
+static void fold_columns(int32_t *acc, int64_t *wide, int64_t cols) {
+    for (int64_t c = 0; c < cols; ++c) wide[c] += acc[c], acc[c] = 0;
+}
+
 #define QUANTISE_FN(NAME, MTYPE)                                                        \
     void NAME(const float *x, int64_t n, float up_hi, float up_lo, float down_hi,       \
               float down_lo, float fmax, int stochastic, uint64_t seed,                 \
-              const float *noise, MTYPE *mant, float *q, int nthreads) {                \
+              const float *noise, MTYPE *mant, float *q, int64_t cols, int64_t *sums,   \
+              int64_t *scratch, int nthreads) {                                         \
         int64_t blocks = (n + CHUNK - 1) / CHUNK;                                       \
-        _Pragma("omp parallel for num_threads(n > PAR_MIN ? nthreads : 1) schedule(static)") \
+        int nt = n > PAR_MIN ? nthreads : 1;                                            \
+        /* scratch: nt x cols int64 sums, then nt x cols int32 ones */                 \
+        if (sums) memset(scratch, 0, (size_t)nt * cols * (sizeof(int64_t) + sizeof(int32_t))); \
+        int64_t per_fold = sums ? 65535 / (CHUNK / cols + 2) : 0;                       \
+        _Pragma("omp parallel num_threads(nt)") {                                       \
+        int64_t *wide = sums ? scratch + omp_get_thread_num() * cols : NULL;            \
+        int32_t *acc = sums ? (int32_t *)(scratch + nt * cols) + omp_get_thread_num() * cols : NULL; \
+        int64_t since = 0;                                                              \
+        _Pragma("omp for schedule(static)")                                             \
         for (int64_t b = 0; b < blocks; ++b) {                                          \
             float m[CHUNK];                                                             \
             int64_t start = b * CHUNK, len = n - start < CHUNK ? n - start : CHUNK;     \
@@ -85,6 +116,10 @@ static void round_block(const float *xs, const float *us, int64_t start, int64_t
                 _Pragma("omp simd")                                                     \
                 for (int64_t i = 0; i < len; ++i) dst[i] = (MTYPE)m[i];                 \
             }                                                                           \
+            if (acc) {                                                                  \
+                add_columns(m, start, len, cols, acc);                                  \
+                if (++since >= per_fold) fold_columns(acc, wide, cols), since = 0;     \
+            }                                                                           \
             if (q) {                                                                    \
                 float *dst = q + start;                                                 \
                 _Pragma("omp simd")                                                     \
@@ -94,6 +129,14 @@ static void round_block(const float *xs, const float *us, int64_t start, int64_t
                 }                                                                       \
             }                                                                           \
         }                                                                               \
+        if (acc) fold_columns(acc, wide, cols);                                         \
+        }                                                                               \
+        if (sums)                                                                       \
+            for (int64_t c = 0; c < cols; ++c) {                                        \
+                int64_t total = 0;                                                      \
+                for (int t = 0; t < nt; ++t) total += scratch[t * cols + c];            \
+                sums[c] = total;                                                        \
+            }                                                                           \
     }
 
 QUANTISE_FN(quantise_i8, int8_t)

@@ -54,7 +54,8 @@ def _library():
                 fn = getattr(lib, name)
                 fn.restype = None
                 fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 5
-                               + [ctypes.c_int, ctypes.c_uint64] + [ctypes.c_void_p] * 3 + [ctypes.c_int])
+                               + [ctypes.c_int, ctypes.c_uint64] + [ctypes.c_void_p] * 3
+                               + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
         _lib = lib if lib is not None else False
     return _lib or None
 
@@ -122,13 +123,16 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  noise: torch.Tensor | None = None, want_mantissa: bool = True,
-                 want_values: bool = False, out: torch.Tensor | None = None):
+                 want_values: bool = False, out: torch.Tensor | None = None,
+                 sums: torch.Tensor | None = None):
     """Returns ``(m or None, s, q or None, nonfinite)`` like :func:`quantise_triton`
     (``nonfinite`` is a Python bool here, or a tensor where the reference route ran).
 
     Dense tensors in any memory order (channels-last included) are processed in place in that
     order and the outputs keep it. ``out`` (a float32 tensor laid out like ``x``, which may be
-    ``x`` itself) receives the values."""
+    ``x`` itself) receives the values. ``sums`` (int64, ``cols`` values, for a dense ``x``
+    whose memory holds rows of ``cols``) receives the exact column sums of the mantissas from
+    the same pass (a bias gradient); it is written only where ``nonfinite`` is ``False``."""
     lib = _library()
     if (lib is None or axis is not None or x.dtype != torch.float32 or x.numel() == 0
             or x.device.type != "cpu"):
@@ -147,10 +151,16 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
     noise = None if noise is None or rounding == "nearest" else noise.float().contiguous()
     m = torch.empty_like(xc, dtype=mantissa_dtype(bits)) if want_mantissa else None
     q = (out if out is not None and out.stride() == xc.stride() else torch.empty_like(xc)) if want_values else None
+    cols = 0 if sums is None else sums.numel()
+    if sums is not None and (xc is not x or sums.dtype != torch.int64 or not sums.is_contiguous()
+                             or n % max(cols, 1) != 0 or bits > 16):
+        raise ValueError(f"column sums need a dense x holding rows of {cols} values, an int64 output "
+                         f"and at most 16 bits (got {bits})")
+    scratch = None if sums is None else torch.empty(threads * cols * 3 // 2 + 1, dtype=torch.int64)
     getattr(lib, _FN[mantissa_dtype(bits)])(
         xc.data_ptr(), n, math.ldexp(1.0, h), math.ldexp(1.0, l), math.ldexp(1.0, -h),
         math.ldexp(1.0, -l), _FMAX, int(rounding == "stochastic"),
-        (seed or 0) & (2**64 - 1), _ptr(noise), _ptr(m), _ptr(q), threads)
+        (seed or 0) & (2**64 - 1), _ptr(noise), _ptr(m), _ptr(q), cols, _ptr(sums), _ptr(scratch), threads)
     if q is xc:  # overwritten in place by the kernel (no version bump): a recorded absmax no longer holds
         forget_absmax(xc)
     return m, torch.scalar_tensor(s, dtype=torch.int32), q, False  # (3x faster than torch.tensor)

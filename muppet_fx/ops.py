@@ -25,7 +25,7 @@ from muppet_fx.kernels.quantise import is_dense, mantissa_dtype, scale_pow2, tri
 from muppet_fx.kernels.quantise_cpu import carry_absmax, quantise_cpu
 from muppet_fx import routes
 from muppet_fx.custom_ops import call, custom_op, register_autograd
-from muppet_fx.numerics import fake_quantise_inplace, quantise_parts, quantise_values
+from muppet_fx.numerics import fake_quantise_inplace, quantise_parts, quantise_summed, quantise_values
 
 __all__ = ["quant_linear", "quant_conv", "quant_conv_transpose", "quant_conv_transpose_module", "quant_matmul",
            "quant_addmm", "quant_einsum", "quant_output", "einsum_grad_equations"]
@@ -90,6 +90,22 @@ def _quantise_operand(x: Tensor, bits: int, rounding: str, values: bool, axis: i
     if values:
         return quantise_values(x, bits, rounding, axis, mantissa=mantissa)
     return (*quantise_parts(x, bits, rounding, axis), None)
+
+
+def _quantise_gradient(g: Tensor, bits: int, rounding: str, values: bool, need_b: bool, keep: int):
+    """``(g_m, g_s, g_v, gb)``: the output gradient quantised as :func:`_quantise_operand` (the
+    mantissas only where the products or the bias need them) and, with ``need_b``, the bias
+    gradient, its sums over every dimension but ``keep`` gathered by the same CPU pass where
+    it applies (one pass over the gradient fewer)."""
+    got = quantise_summed(g, bits, rounding, keep, values) if need_b else None
+    if got is None:
+        g_m, g_s, g_v = _quantise_operand(g, bits, rounding, values, mantissa=need_b)
+        dims = [d for d in range(g.dim()) if d != keep]
+        return g_m, g_s, g_v, (routes.sum_dequantised(g_m, g_s, dims) if need_b else None)
+    g_m, g_s, g_v, sums = got
+    if sums is None:  # NaN/inf: summing the values carries them into the bias gradient
+        return g_m, g_s, g_v, g_v.sum([d for d in range(g.dim()) if d != keep])
+    return g_m, g_s, g_v, routes.scale_sums(sums, g_s)
 
 
 def _conv_layout(y: Tensor) -> Tensor:
@@ -180,7 +196,7 @@ def _linear_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tens
     g2, x2 = g.reshape(-1, g.shape[-1]).float(), x_m.reshape(-1, x_m.shape[-1])
     # FP32 products take the values; the mantissas only where the bias gradient sums them
     values = routes.on_values(route, bits, conv=False, x=x2, w=w_m)
-    g_m, g_s, g_v = _quantise_operand(g2, bits, rounding, values, mantissa=need_b)
+    g_m, g_s, g_v, gb = _quantise_gradient(g2, bits, rounding, values, need_b, keep=1)
     if g_v is not None:
         gx, gw = routes.linear_grads_on_values(g_v, x2, x_s, w_m, w_s, w_axis, need_x, need_w)
     else:
@@ -188,8 +204,7 @@ def _linear_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tens
         gw = routes.linear_grad_weight(route, g_m, g_s, x2, x_s) if need_w else None
     gx = gx.reshape(x_m.shape) if need_x else _empty(g)
     gw = gw if need_w else _empty(g)
-    gb = routes.sum_dequantised(g_m, g_s, [0]) if need_b else _empty(g)
-    return _own(gx, gw, gb)
+    return _own(gx, gw, gb if need_b else _empty(g))
 
 
 @_linear_backward.register_fake
@@ -226,13 +241,12 @@ def _(x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad
             *_fake_out_parts(y, bits, quant_out and out_parts))
 
 
-def _conv_grads(g, g_m, g_s, w_m, gx, gw, need_x: bool, need_w: bool, need_b: bool):
+def _conv_grads(g, w_m, gx, gw, gb, need_x: bool, need_w: bool, need_b: bool):
     """A (transposed) convolution's backward outputs: grad-input channels-last, grad-weight
-    strided like the weight, the bias gradient summed from the gradient's mantissas."""
+    strided like the weight, the bias gradient (:func:`_quantise_gradient`)."""
     gx = _conv_layout(gx) if need_x else _empty(g)
     gw = _strides_of(gw, w_m) if need_w else _empty(g)
-    gb = routes.sum_dequantised(g_m, g_s, [d for d in range(g.dim()) if d != 1]) if need_b else _empty(g)
-    return _own(gx, gw, gb)
+    return _own(gx, gw, gb if need_b else _empty(g))
 
 
 @custom_op("muppet_fx::conv_backward")
@@ -243,14 +257,14 @@ def _conv_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor
     route = routes.for_level(route, bits)
     conv = (stride, padding, dilation, groups)
     # FP32 products take the values; the mantissas only where the bias gradient sums them
-    g_m, g_s, g_v = _quantise_operand(g.float(), bits, rounding, routes.on_values(route, bits, conv=True, x=x_m),
-                                      mantissa=need_b)
+    g_m, g_s, g_v, gb = _quantise_gradient(g.float(), bits, rounding,
+                                           routes.on_values(route, bits, conv=True, x=x_m), need_b, keep=1)
     if g_v is not None:
         gx, gw = routes.conv_grads_on_values(g_v, x_m, x_s, w_m, w_s, w_axis, *conv, need_x, need_w)
     else:
         gx = routes.conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_m.shape, *conv) if need_x else None
         gw = routes.conv_grad_weight(route, g_m, g_s, x_m, x_s, w_m.shape, *conv) if need_w else None
-    return _conv_grads(g, g_m, g_s, w_m, gx, gw, need_x, need_w, need_b)
+    return _conv_grads(g, w_m, gx, gw, gb, need_x, need_w, need_b)
 
 
 @_conv_backward.register_fake
@@ -307,15 +321,15 @@ def _conv_transpose_backward(g: Tensor, x_m: Tensor, x_s: Tensor, w_m: Tensor, w
                              route: str) -> tuple[Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
     conv = (stride, padding, dilation, groups)
-    g_m, g_s, g_v = _quantise_operand(g.float(), bits, rounding, routes.on_values(route, bits, conv=True, x=x_m),
-                                      mantissa=need_b)
+    g_m, g_s, g_v, gb = _quantise_gradient(g.float(), bits, rounding,
+                                           routes.on_values(route, bits, conv=True, x=x_m), need_b, keep=1)
     if g_v is not None:
         gx, gw = routes.conv_grads_on_values(g_v, x_m, x_s, w_m, w_s, w_axis, *conv, need_x, need_w,
                                              output_padding=output_padding)
     else:
         gx = routes.conv_forward(route, g_m, g_s, w_m, w_s, w_axis, None, *conv)[0] if need_x else None
         gw = routes.conv_grad_weight(route, x_m, x_s, g_m, g_s, w_m.shape, *conv) if need_w else None
-    return _conv_grads(g, g_m, g_s, w_m, gx, gw, need_x, need_w, need_b)
+    return _conv_grads(g, w_m, gx, gw, gb, need_x, need_w, need_b)
 
 
 @_conv_transpose_backward.register_fake

@@ -163,6 +163,11 @@ def sum_dequantised(m: Tensor, s: Tensor, dims: list[int]) -> Tensor:
     if total is None:
         narrow = m.dtype in (torch.int8, torch.int16) and m.numel() * 32767 < 2**31  # int32 cannot overflow
         total = m.sum(dims, dtype=torch.int32 if narrow else torch.int64)
+    return scale_sums(total, s)
+
+
+def scale_sums(total: Tensor, s: Tensor) -> Tensor:
+    """float32 ``total * 2**-s`` of exact integer sums, rounded once."""
     return scale_pow2(total.double(), -s).float()
 
 

@@ -414,3 +414,38 @@ def test_quantiser_takes_a_recorded_absmax_only_while_the_tensor_is_unchanged():
     remember_absmax(x, 0x3F800000)
     quantise_cpu(x, 8, "nearest", want_values=True, out=x)  # overwritten in place by the kernel
     assert x._muppet_absmax is None
+
+
+@pytest.mark.parametrize("shape, layout", [((7, 33), None), ((1, 5), None), ((5000, 3), None), ((3, 70001), None),
+                                           ((300_000, 1), None), ((140_001, 2), None),
+                                           ((6, 16, 9, 11), torch.channels_last)])
+@pytest.mark.parametrize("bits, rounding", [(8, "stochastic"), (12, "nearest"), (16, "stochastic")])
+def test_cpu_quantiser_gathers_exact_column_sums(shape, layout, bits, rounding):
+    """The bias gradient's sums, gathered by the quantising pass: exactly the int64 sums of the
+    mantissas it wrote over every dimension but the one running fastest in memory (rows of a
+    2-d tensor crossing the kernel's 2048-element blocks; a channels-last map's channels),
+    whatever the thread count; the mantissas themselves unchanged."""
+    from muppet_fx.kernels.quantise_cpu import c_kernel_available, quantise_cpu
+
+    if not c_kernel_available():
+        pytest.skip("no C compiler: the sums come from the separate reduction")
+    x = torch.randn(shape) * 3
+    x.view(-1)[: x.numel() // 2] = 3.0  # same-sign runs at the largest mantissa: int32 partial sums must fold
+    x = x.contiguous(memory_format=layout) if layout else x
+    keep = 1 if layout else x.dim() - 1
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            sums = torch.empty(shape[keep], dtype=torch.int64)
+            m, s, _, bad = quantise_cpu(x, bits, rounding, seed=5, sums=sums)
+            plain, s2, _, _ = quantise_cpu(x, bits, rounding, seed=5)
+            assert bad is False and torch.equal(m, plain) and int(s) == int(s2)
+            dims = [d for d in range(x.dim()) if d != keep]
+            assert torch.equal(sums, m.to(torch.int64).sum(dims))
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="column sums need a dense x holding rows of 4 values"):
+        quantise_cpu(torch.randn(3, 5), 8, "nearest", sums=torch.empty(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="at most 16 bits"):  # int32 partial sums
+        quantise_cpu(torch.randn(3, 4), 20, "nearest", sums=torch.empty(4, dtype=torch.int64))

@@ -281,6 +281,34 @@ def test_bias_gradient_sums_exactly(dtype, bound, shape, dims, channels_last):
     assert torch.equal(sum_dequantised(m, s, dims), (m.double().sum(dims) * 2.0**-5).float())
 
 
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_bias_gradients_from_the_quantising_pass_equal_the_separate_sums(bits, monkeypatch):
+    """Layers with a bias take its gradient from the pass that quantises the output gradient
+    where the channels run fastest (linear rows, channels-last maps): the same values, bit for
+    bit, as summing the mantissas afterwards."""
+    import muppet_fx.ops as ops
+
+    def grads():
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(64, 16, 4, 2, 1),
+                            nn.Flatten(), nn.Linear(16 * 20 * 20, 33), nn.ReLU(), nn.Linear(33, 7))
+        x = torch.randn(6, 3, 10, 10)
+        pm = prepare(net, ladder=(bits, "fp32"))
+        torch.manual_seed(2)
+        pm(x).square().sum().backward()
+        return [p.grad for p in net.parameters()]
+
+    fused = []
+    summed = ops.quantise_summed
+    monkeypatch.setattr(ops, "quantise_summed", lambda *a: fused.append(summed(*a)) or fused[-1])
+    got = grads()
+    # in backward order; the transposed convolution's gradient comes from the flatten as a
+    # contiguous map, whose channels do not run fastest: summed afterwards
+    assert [f is not None and f[3] is not None for f in fused] == [True, True, False, True]
+    monkeypatch.setattr(ops, "quantise_summed", lambda *a: None)  # the separate sums
+    assert all(torch.equal(a, b) for a, b in zip(got, grads()))
+
+
 @pytest.mark.skipif(not HAS_TRITON_RUN, reason="triton kernels need CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_code_path_end_to_end(case, monkeypatch):
