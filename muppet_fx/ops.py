@@ -103,8 +103,9 @@ def _quantise_gradient(g: Tensor, bits: int, rounding: str, values: bool, need_b
         dims = [d for d in range(g.dim()) if d != keep]
         return g_m, g_s, g_v, (routes.sum_dequantised(g_m, g_s, dims) if need_b else None)
     g_m, g_s, g_v, sums = got
-    if sums is None:  # NaN/inf: summing the values carries them into the bias gradient
-        return g_m, g_s, g_v, g_v.sum([d for d in range(g.dim()) if d != keep])
+    if sums is None:  # NaN/inf took the reference route: the sums carry them into the bias gradient
+        dims = [d for d in range(g.dim()) if d != keep]
+        return g_m, g_s, g_v, (g_v.sum(dims) if g_v is not None else routes.sum_dequantised(g_m, g_s, dims))
     return g_m, g_s, g_v, routes.scale_sums(sums, g_s)
 
 

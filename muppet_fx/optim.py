@@ -41,7 +41,17 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
 
     def _grads(self):
-        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        """The gradients to check and quantise: a sparse one (``nn.Embedding(sparse=True)``)
+        coalesced in place of the parameter's, by its values."""
+        grads = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    p.grad = p.grad.coalesce()
+                    grads.append(p.grad._values())
+                elif p.grad is not None:
+                    grads.append(p.grad)
+        return grads
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -98,6 +108,8 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
         return self.optimizer.register_load_state_dict_post_hook(hook, prepend)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none and self.manager is not None:
+            self.manager.keep_gradients()
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:

@@ -218,3 +218,57 @@ def test_gradient_diversity_climbs_on_real_data():
     assert any(r["switched"] for r in manager.history), manager.history
     assert manager.level != 8
     assert losses[-1] < losses[0]
+
+
+def test_policy_sees_the_last_step_whatever_the_zero_grad_position():
+    """``optimizer.step(); optimizer.zero_grad()`` (either ``set_to_none``) clears ``.grad``
+    before ``end_epoch``: the policy is fed the gradients the last step applied, as with
+    ``zero_grad`` before ``backward``, so its diversities are the same to the last bit."""
+    def diversities(style):
+        torch.manual_seed(0)
+        pm = prepare(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 5)))
+        manager = PrecisionManager(pm, GradientDiversityPolicy())
+        opt = MasterCopyOptimizer(torch.optim.SGD(pm.parameters(), lr=0.05, momentum=0.9), pm, manager)
+        for epoch in range(5):
+            for it in range(3):
+                g = torch.Generator().manual_seed(epoch * 10 + it)
+                x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)
+                if style == "before":
+                    opt.zero_grad()
+                F.cross_entropy(pm(x), y).backward()
+                opt.step()
+                if style != "before":
+                    opt.zero_grad(set_to_none=style == "after, to none")
+            manager.end_epoch()
+        return [r.get("diversity") for r in manager.history]
+
+    ref = diversities("before")
+    assert sum(d is not None for d in ref) == 2  # a window of three epochs, then one per epoch
+    for style in ("after, to none", "after, zeroed"):
+        assert diversities(style) == ref, style
+
+
+def test_sparse_gradients_are_quantised_and_applied():
+    """``nn.Embedding(sparse=True)``: its coalesced gradient's values are quantised like any
+    other gradient (on the 8-bit grid of their own exponent, within one step of it) and the
+    wrapped SGD applies them to the looked-up rows only."""
+    from muppet_fx.kernels.quantise_cpu import host_exponent
+
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(50, 16, sparse=True), nn.Linear(16, 5)
+    pm = prepare(nn.ModuleDict({"emb": emb, "head": head}), ladder=(8, "fp32"))
+    opt = MasterCopyOptimizer(torch.optim.SGD(pm.parameters(), lr=1.0), pm)
+    idx, y = torch.randint(0, 25, (8, 6)), torch.arange(8) % 5
+    F.cross_entropy(pm.head(pm.emb(idx).mean(1)), y).backward()
+    g = emb.weight.grad.coalesce()
+    before = emb.weight.detach().clone()
+    opt.step()
+    applied = before - emb.weight.detach()
+    rows = g.indices()[0]
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(applied[untouched], torch.zeros_like(applied[untouched]))
+    s = host_exponent(float(g.values().abs().max()), 8, 126)
+    m = applied[rows] * 2.0**s  # w - lr * g in float32 leaves ~1e-7 relative of the grid value
+    assert (m - m.round()).abs().max() < 1e-3 and m.round().abs().max() <= 127
+    assert (applied[rows] - g.values()).abs().max() < 2.0**-s
