@@ -155,11 +155,11 @@ def quantise_summed(x: torch.Tensor, bits: int, rounding: str, keep: int, values
     """:func:`quantise_values` (``values``; no mantissas) or :func:`quantise_parts`, plus the
     exact sums of the mantissas over every dimension but ``keep`` (a bias gradient) from the
     same CPU pass, for a dense ``x`` whose dimension ``keep`` runs fastest in memory (a linear
-    layer's gradient rows, a channels-last map's channels): ``(m, s, v, sums)``. ``sums`` is
+    layer's gradient rows, a channels-last map's channels) and up to 16 bits: ``(m, s, v, sums)``. ``sums`` is
     ``None`` where NaN/inf took the reference route; ``None`` altogether where the pass does
     not apply."""
     if (x.device.type != "cpu" or triton_path(x) or x.dtype != torch.float32 or x.numel() == 0
-            or not is_dense(x) or x.stride(keep) != 1 or x.shape[keep] == 1):
+            or not is_dense(x) or x.stride(keep) != 1 or x.shape[keep] == 1 or bits > 16):
         return None
     sums = torch.empty(x.shape[keep], dtype=torch.int64)
     m, s, v, bad = quantise_cpu(x, bits, rounding, want_mantissa=not values, want_values=values, sums=sums)

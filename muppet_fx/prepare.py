@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import types
 
 import torch
@@ -276,33 +277,74 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
     return new
 
 
-def _modes(pm: nn.Module) -> tuple[bool, ...]:
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _settings(m: nn.Module) -> tuple:
+    """The public scalar attributes of ``m`` (a temperature, a drop rate, a branch switch)."""
+    return tuple((k, v) for k, v in m.__dict__.items() if k[0] != "_" and k != "training" and type(v) in _SCALARS)
+
+
+def _settings_reader(modules: list[nn.Module]):
+    """A function returning the current values of the modules' scalar attributes (those they
+    have now; one C-level lookup per module, as it runs on every call)."""
+    readers = [(m.__dict__, operator.itemgetter(*names)) for m in modules
+               if (names := [k for k, _ in _settings(m)])]
+    return lambda: tuple(get(d) for d, get in readers)
+
+
+def _inlined(pm: nn.Module) -> list[nn.Module]:
+    """``pm`` and the modules below it whose code a graph of ``pm`` may inline (not torch.nn's
+    own, which run as called modules, nor prepared ones, which key their own graphs)."""
+    found, stack = [pm], list(pm.children())
+    while stack:
+        m = stack.pop()
+        if isinstance(m, PreparedModule):
+            continue
+        if not type(m).__module__.startswith("torch.nn"):
+            found.append(m)
+        stack.extend(m.children())
+    return found
+
+
+def _modes(pm: nn.Module) -> tuple:
     """The ``training`` flags of ``pm`` and of every module below it (a trace may read any of
     them: the code of a child that runs on its own in one mode may be traceable, and inlined,
-    in another), and whether each submodule has forward hooks."""
-    modules = pm.__dict__.get("_muppet_flagged")
-    if modules is None:
-        modules = pm.__dict__["_muppet_flagged"] = list(pm.modules())
+    in another), whether each submodule has forward hooks, and the scalar attributes a graph
+    may have read as constants (a graph traced with ``temperature = 1.0`` would keep it)."""
+    cached = pm.__dict__.get("_muppet_flagged")
+    if cached is None:
+        cached = pm.__dict__["_muppet_flagged"] = (list(pm.modules()), _settings_reader(_inlined(pm)))
+    modules, settings = cached
+    try:
+        values = settings()
+    except KeyError:  # an attribute deleted since: read them afresh
+        del pm.__dict__["_muppet_flagged"]
+        return _modes(pm)
     # a hooked submodule is called as a module (hooked_paths)
-    return tuple(m.training for m in modules) + tuple(bool(m._forward_hooks or m._forward_pre_hooks)
-                                                      for m in modules[1:])
+    return (tuple(m.training for m in modules) + tuple(bool(m._forward_hooks or m._forward_pre_hooks)
+                                                       for m in modules[1:]) + values)
 
 
 @contextlib.contextmanager
 def _modes_of(pm: nn.Module, module: nn.Module):
     """``module`` (the original of ``pm``) with each submodule's ``training`` flag set to that
-    of its counterpart in ``pm``, for the length of a trace."""
+    of its counterpart in ``pm``, and its own scalar attributes to ``pm``'s (children are
+    shared), for the length of a trace."""
     saved = [(m, m.training) for m in module.modules()]
+    own = dict(_settings(module))
     try:
         for name, m in module.named_modules():
             try:
                 m.training = pm.get_submodule(name).training
             except AttributeError:  # not in pm's tree: keeps its own
                 pass
+        module.__dict__.update(_settings(pm))
         yield
     finally:
         for m, flag in saved:
             m.training = flag
+        module.__dict__.update(own)
 
 
 def _rewrite(module: nn.Module, new: nn.Module, path: str, state: PrecisionState, sites, graph, opaque):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from muppet_fx.compact import BATCH_NORMS, compact_add_relu, compact_batch_norm, compact_relu
 from muppet_fx.ops import quant_conv, quant_linear
+from muppet_fx.passes.mutation import written_in_place
 from muppet_fx.passes.quantise_layers import RewriteContext, Rule, apply_first_rule
 
 __all__ = ["COMPACT_RULES", "compact_saved_tensors"]
@@ -33,9 +34,12 @@ def _module(node: fx.Node, ctx: RewriteContext):
 
 
 def _after_quantised_layer(node: fx.Node, ctx: RewriteContext) -> bool:
+    """A batch norm reading a quantised layer's output that no node writes in place (it reads
+    the mantissas the layer's quantiser wrote)."""
     x = node.args[0] if node.args else None
     return (type(_module(node, ctx)) in BATCH_NORMS and len(node.args) == 1 and not node.kwargs
-            and isinstance(x, fx.Node) and x.op == "call_function" and x.target in (quant_conv, quant_linear))
+            and isinstance(x, fx.Node) and x.op == "call_function" and x.target in (quant_conv, quant_linear)
+            and not written_in_place(x, ctx.modules))
 
 
 def _rewrite_batch_norm(node: fx.Node, ctx: RewriteContext) -> None:

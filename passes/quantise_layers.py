@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from muppet_fx.attention import AttentionSites, mha_unsupported_reason, quant_mha, quant_sdpa
 from muppet_fx.ops import (quant_addmm, quant_conv, quant_conv_transpose, quant_conv_transpose_module,
                            quant_einsum, quant_linear, quant_matmul)
+from muppet_fx.passes.mutation import written_in_place
 from muppet_fx.passes.trace import TRANSPOSED_CONVS
 
 __all__ = ["Rule", "RULES", "FUNCTION_RULES", "METHOD_RULES", "insert_quant_nodes", "apply_first_rule", "site_attr"]
@@ -206,6 +207,18 @@ def views_a_shape(args, kwargs) -> bool:
     return "dtype" not in kwargs and not any(isinstance(a, torch.dtype) for a in args[1:])
 
 
+def _view_of_contiguous(view: fx.Node, graph: fx.Graph) -> None:
+    """A view written in place (``h.view(n, -1).mul_(s)``) must alias its base, as a reshape's
+    copy would not: the base is made contiguous (a copy of a channels-last map, then viewable)
+    before the view, and the nodes from the view on read that contiguous value, which the
+    write changes."""
+    base = view.args[0]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    with graph.inserting_before(view):
+        dense = graph.call_method("contiguous", (base,))
+    base.replace_all_uses_with(dense, delete_user_cb=lambda u: u is not dense and order.get(u, -1) >= order[view])
+
+
 def _is_module(types):
     return lambda node, ctx: isinstance(_module(node, ctx), types)
 
@@ -225,7 +238,10 @@ def insert_quant_nodes(graph: fx.Graph, ctx: RewriteContext) -> fx.Graph:
     """Apply the first matching rule to every node; modules the filter rejects stay FP32."""
     for node in list(graph.nodes):
         if node.op == "call_method" and node.target == "view" and views_a_shape(node.args, node.kwargs):
-            node.target = "reshape"
+            if written_in_place(node, ctx.modules):
+                _view_of_contiguous(node, ctx.graph)
+            else:
+                node.target = "reshape"
             continue
         if node.op == "call_module" and node.target in ctx.leaves:
             continue

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils.checkpoint
 
-__all__ = ["MuppetTracer", "trace_with_leaves", "hooked_paths", "LEAF_TYPES", "TRANSPOSED_CONVS", "Option",
+__all__ = ["MuppetTracer", "StateChanged", "trace_with_leaves", "hooked_paths", "LEAF_TYPES", "TRANSPOSED_CONVS", "Option",
            "specialisable_arguments", "call_pattern", "pattern_constants", "GIVEN"]
 
 TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -121,49 +121,90 @@ def _holds_proxy(value) -> bool:
     return any(_holds_proxy(v) for v in items)
 
 
+class StateChanged(RuntimeError):
+    """A trace changed modules' attributes or buffers, which a graph would not do again."""
+
+    def __init__(self, paths: list[str]):
+        super().__init__("forward changes the state (attributes or buffers) of "
+                         + ", ".join(repr(p) if p else "the module itself" for p in paths))
+        self.paths = paths
+
+
+# attributes torch.fx itself stores on the traced root (tensor constants), and ours
+_TRACE_OWN = ("_tensor_constant", "_muppet")
+
+
 @contextlib.contextmanager
-def _no_leaked_proxies(module: nn.Module):
-    """Undoes what a trace stored on modules from its proxies: code that caches values on first
-    use (torchvision's ``MultiScaleRoIAlign`` keeps ``self.scales``) would otherwise keep this
-    trace's proxies, which the next trace or call then picks up."""
-    before = {id(m): dict(m.__dict__) for m in module.modules()}
+def _side_effects_undone(module: nn.Module):
+    """Undoes what a trace changed on the modules: attributes set or rebound (a step counter
+    ``self.step += 1``, a stored feature ``self.feat = h``, a cache of proxies) and buffers
+    written in place on real tensors (torch.fx runs ``self.calls += 1`` or ``self.ema.mul_(m)``
+    once, at trace time, and records nothing). A graph would not repeat them, so a trace that
+    made any raises :class:`StateChanged` naming the modules, whose own code must run."""
+    named = list(module.named_modules())
+    before = {id(m): dict(m.__dict__) for _, m in named}
+    buffers = [(path, b, b._version, b.detach().clone()) for path, m in named for b in m._buffers.values()
+               if b is not None]
+    changed: list[str] = []
     try:
         yield
     finally:
-        for m in module.modules():
-            old = before.get(id(m), {})
-            for name, value in list(m.__dict__.items()):
-                if old.get(name, _MISSING) is not value and _holds_proxy(value):
-                    if name in old:
-                        m.__dict__[name] = old[name]
-                    else:
-                        del m.__dict__[name]
+        for path, m in named:
+            old = before[id(m)]
+            for name in set(m.__dict__) | set(old):
+                if name.startswith(_TRACE_OWN) or old.get(name, _MISSING) is m.__dict__.get(name, _MISSING):
+                    continue
+                if name in old:
+                    m.__dict__[name] = old[name]
+                else:
+                    del m.__dict__[name]
+                changed.append(path)
+        with torch.no_grad():
+            for path, b, version, value in buffers:
+                if b._version != version:
+                    b.copy_(value)
+                    changed.append(path)
+    if changed:
+        raise StateChanged(list(dict.fromkeys(changed)))
 
 
 _MISSING = object()
 
 
 @contextlib.contextmanager
-def _checkpoints_kept_as_code():
-    """torch.fx traces through ``torch.utils.checkpoint`` into the graph, which then stores the
-    activations the checkpoint was there to drop. A module whose forward checkpoints is left
-    untraced instead: its own code runs, and the checkpoint recomputes its prepared submodules
-    in backward (the same stochastic rounding draws, from the restored RNG state)."""
-    impl = getattr(torch.utils.checkpoint, "_checkpoint_impl", None)
-    if impl is None:  # another torch layout: traced through as before
-        yield
-        return
+def _kept_as_code():
+    """Calls a graph cannot hold run as the calling module's own code: the trace raises on them,
+    which leaves that module untraced (its own forward runs, products intercepted, submodules
+    prepared).
 
-    def kept(function, args, kwargs, **options):
+    - ``torch.utils.checkpoint``: torch.fx would trace through it into the graph, which then
+      stores the activations the checkpoint was there to drop. As code, the checkpoint
+      recomputes its prepared submodules in backward (the same stochastic rounding draws, from
+      the restored RNG state).
+    - a custom ``torch.autograd.Function``: the trace would record its forward's ops and lose
+      its backward (a gradient reversal, a straight-through estimator)."""
+    impl = getattr(torch.utils.checkpoint, "_checkpoint_impl", None)
+    apply = torch.autograd.Function.__dict__["apply"]
+
+    def checkpoint_impl(function, args, kwargs, **options):
         if _holds_proxy(args) or _holds_proxy(kwargs):
             raise RuntimeError("activation checkpointing (torch.utils.checkpoint) runs as the module's own code")
         return impl(function, args, kwargs, **options)
 
-    torch.utils.checkpoint._checkpoint_impl = kept
+    def function_apply(cls, *args, **kwargs):
+        if _holds_proxy(args) or _holds_proxy(kwargs):
+            raise RuntimeError(f"the autograd.Function {cls.__name__} runs as the module's own code")
+        return apply.__get__(None, cls)(*args, **kwargs)
+
+    if impl is not None:  # another torch layout: traced through as before
+        torch.utils.checkpoint._checkpoint_impl = checkpoint_impl
+    torch.autograd.Function.apply = classmethod(function_apply)
     try:
         yield
     finally:
-        torch.utils.checkpoint._checkpoint_impl = impl
+        torch.autograd.Function.apply = apply
+        if impl is not None:
+            torch.utils.checkpoint._checkpoint_impl = impl
 
 
 def hooked_paths(module: nn.Module) -> list[str]:
@@ -182,10 +223,16 @@ def trace_with_leaves(module: nn.Module, constants: dict[str, Any] | None = None
     while True:
         tracer = MuppetTracer(set(opaque))
         try:
-            with _no_leaked_proxies(module), _checkpoints_kept_as_code():
+            with _side_effects_undone(module), _kept_as_code():
                 graph = tracer.trace(module, concrete_args=constants or None)
             _keep_argument_names(graph, constants or {})
             return graph, opaque, reasons
+        except StateChanged as err:  # those modules run their own code
+            new = [p for p in err.paths if p not in opaque]
+            reasons.append(str(err))
+            if "" in err.paths or not new:
+                return None, opaque, reasons
+            opaque.extend(new)
         except Exception as err:  # any failure: isolate the innermost module that raised
             path = tracer.failed_path
             if not path or path in opaque:
