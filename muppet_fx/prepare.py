@@ -31,7 +31,7 @@ from muppet_fx.passes.compact_saved import compact_saved_tensors
 from muppet_fx.passes.quantise_layers import FP32_MODULES, RewriteContext, insert_quant_nodes
 from muppet_fx.passes.runner import run_passes
 from muppet_fx.passes.trace import (GIVEN, TRANSPOSED_CONVS, call_pattern, pattern_constants,
-                                    specialisable_arguments, trace_with_leaves, hooked_paths)
+                                    specialisable_arguments, stock_layer, trace_with_leaves, hooked_paths)
 from muppet_fx.state import PrecisionState
 
 __all__ = ["prepare", "PreparedModule"]
@@ -89,6 +89,15 @@ class PreparedModule:
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return new
+
+    def __setattr__(self, name, value):
+        """A submodule replaced on the prepared model is replaced in the model it was prepared
+        from as well (whose code its graphs are traced from, and which shares the other
+        submodules): the next call at a fixed-point level traces a graph with it."""
+        original = self.__dict__.get("_muppet_original")
+        if original is not None and isinstance(value, nn.Module) and name in original._modules:
+            setattr(original, name, value)
+        super().__setattr__(name, value)
 
     def __prepare_scriptable__(self):
         raise NotImplementedError(
@@ -234,7 +243,7 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
     if path and not keep(module, path):
         state.keep_fp32(path, type(module).__name__, "excluded by module_filter_fn")
         return _finish(module, _PassThroughForward, path, state, sites)
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_CONVS)):
+    if stock_layer(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_CONVS)):
         new = _finish(module, _LayerForward, path, state, sites)
         kind = "conv_transpose" if isinstance(module, TRANSPOSED_CONVS) else "conv"
         op = "linear" if isinstance(module, nn.Linear) else f"{kind}{module.weight.dim() - 2}d"
@@ -314,16 +323,19 @@ def _modes(pm: nn.Module) -> tuple:
     may have read as constants (a graph traced with ``temperature = 1.0`` would keep it)."""
     cached = pm.__dict__.get("_muppet_flagged")
     if cached is None:
-        cached = pm.__dict__["_muppet_flagged"] = (list(pm.modules()), _settings_reader(_inlined(pm)))
-    modules, settings = cached
+        modules = list(pm.modules())
+        cached = pm.__dict__["_muppet_flagged"] = (modules, _settings_reader(_inlined(pm)),
+                                                   [m._modules for m in modules if m._modules])
+    modules, settings, containers = cached
     try:
         values = settings()
     except KeyError:  # an attribute deleted since: read them afresh
         del pm.__dict__["_muppet_flagged"]
         return _modes(pm)
-    # a hooked submodule is called as a module (hooked_paths)
+    # a hooked submodule is called as a module (hooked_paths); a replaced one needs a new graph
     return (tuple(m.training for m in modules) + tuple(bool(m._forward_hooks or m._forward_pre_hooks)
-                                                       for m in modules[1:]) + values)
+                                                       for m in modules[1:]) + values
+            + tuple(tuple(d.values()) for d in containers))
 
 
 @contextlib.contextmanager

@@ -23,13 +23,20 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils.checkpoint
 
-__all__ = ["MuppetTracer", "StateChanged", "trace_with_leaves", "hooked_paths", "LEAF_TYPES", "TRANSPOSED_CONVS", "Option",
+__all__ = ["MuppetTracer", "StateChanged", "stock_layer", "trace_with_leaves", "hooked_paths", "LEAF_TYPES", "TRANSPOSED_CONVS", "Option",
            "specialisable_arguments", "call_pattern", "pattern_constants", "GIVEN"]
 
 TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Modules the rewrite rules act on as a whole (or keep FP32 as a whole).
 LEAF_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention, nn.RNNBase,
               *TRANSPOSED_CONVS, nn.Bilinear)
+
+
+def stock_layer(m: nn.Module, types: tuple) -> bool:
+    """Whether ``m`` is one of ``types`` with that type's own ``forward``: a subclass that
+    overrides it (a low-rank adapter around ``nn.Linear``, a weight-standardised convolution)
+    computes something else, so its code is traced like any module's."""
+    return any(isinstance(m, t) and type(m).forward is t.forward for t in types)
 
 
 class MuppetTracer(fx.Tracer):
@@ -42,7 +49,7 @@ class MuppetTracer(fx.Tracer):
         self.failed_path: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.opaque or isinstance(m, LEAF_TYPES):
+        if qualname in self.opaque or stock_layer(m, LEAF_TYPES):
             return True
         return m.__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential) \
             and next(m.children(), None) is None
