@@ -516,6 +516,14 @@ def _result(y: Tensor, like: Tensor) -> Tensor:
     return y if not like.is_floating_point() or y.dtype == like.dtype else y.to(like.dtype)
 
 
+def _check_dtype(site, x: Tensor, weight: Tensor) -> None:
+    """PyTorch's layers refuse an input of another type than their weight (unless autocast
+    casts both); so do these, rather than run at the fixed-point levels and raise at "fp32"."""
+    if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(f"layer {site.name!r}: input of type {x.dtype} for a weight of type {weight.dtype}, "
+                        f"which the layer refuses at 'fp32' too; convert the input (x.to({weight.dtype}))")
+
+
 def _check_channels(site, x: Tensor, channels: int, n: int) -> None:
     """PyTorch's own checks of a convolution's input, naming the layer."""
     if x.dim() not in (n + 1, n + 2):
@@ -534,6 +542,7 @@ def quant_linear(site, input: Tensor, weight: Tensor, bias: Tensor | None = None
     if weight.dim() == 2 and (input.dim() == 0 or input.shape[-1] != weight.shape[1]):
         raise ValueError(f"layer {site.name!r}: input of shape {tuple(input.shape)} does not have the "
                          f"{weight.shape[1]} features its weight {tuple(weight.shape)} takes")
+    _check_dtype(site, input, weight)
     c = st.config
     parts = _wants_output_parts(site, input, weight)
     y, _, x_s, _, w_s, y_m, y_s = call(_linear, input, weight, bias, st.fwd_bits, st.bwd_bits, c.rounding,
@@ -592,6 +601,7 @@ def quant_conv(site, input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     if not st.quantised or st.suspended:
         return (F.conv1d, F.conv2d, F.conv3d)[n - 1](input, weight, bias, stride, padding, dilation, groups)
     _check_channels(site, input, weight.shape[1] * groups, n)
+    _check_dtype(site, input, weight)
     stride, dilation = _per_dim(stride, n), _per_dim(dilation, n)
     padding, x = _conv_padding(padding, weight, dilation, input)
     unbatched = x.dim() == n + 1
@@ -615,6 +625,7 @@ def quant_conv_transpose(site, input: Tensor, weight: Tensor, bias: Tensor | Non
         return (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1](
             input, weight, bias, stride, padding, output_padding, groups, dilation)
     _check_channels(site, input, weight.shape[0], n)
+    _check_dtype(site, input, weight)
     unbatched = input.dim() == n + 1
     x = input.unsqueeze(0) if unbatched else input
     c = st.config

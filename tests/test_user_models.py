@@ -126,6 +126,11 @@ def test_errors_name_the_problem():
     conv = prepare(nn.Sequential(nn.Conv2d(3, 4, 3)))
     with pytest.raises(ValueError, match="layer '0': input of shape .* has 5 channels where the layer takes 3"):
         conv(torch.randn(1, 5, 8, 8))
+    for x in (torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.ones(1, 3, 8, 8, dtype=torch.int64)):
+        with pytest.raises(TypeError, match=f"layer '0': input of type {x.dtype} for a weight of type torch.float32"):
+            conv(x)  # as the convolution itself refuses it at "fp32", at the end of the ladder
+    with pytest.raises(TypeError, match="layer 'Linear': input of type torch.float64"):
+        pm(torch.randn(2, 4, dtype=torch.float64))
     if not torch.cuda.is_available():
         import os
         if os.environ.get("TRITON_INTERPRET") != "1":
