@@ -443,7 +443,12 @@ def prepare(model: nn.Module, example_inputs=None, config: MuppetConfig | None =
                          "original modules (muppet_fx.prepare returns a copy; the original is unchanged)")
     config = MuppetConfig.build(config, **overrides)
     state = PrecisionState(config)
+    buffers = [(b, b._version, b.detach().clone()) for b in model.buffers()]
     pm = _prepare(model, "", state, types.SimpleNamespace())
+    with torch.no_grad():  # what preparing ran on them (a spectral norm's power iteration) is undone
+        for b, version, value in buffers:
+            if b._version != version:
+                b.copy_(value)
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         with torch.no_grad():

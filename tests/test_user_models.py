@@ -625,3 +625,26 @@ def test_submodules_replaced_after_prepare_take_effect():
         assert getattr(net, name.strip()) is getattr(pm, name.strip())
         out, want = pm(x), net(x)  # net: the edited model at FP32
         assert float((out - want).norm() / want.norm()) < 1e-3, name
+
+
+def test_prepare_leaves_parametrizations_as_they_were():
+    """Reading a spectral-normalised layer's weight while preparing ran one power iteration on
+    the user's model (``_u`` changed; the ``"fp32"`` level then differed by 3.4e-5 from a
+    copy taken before). Buffers written while preparing are restored."""
+    import copy
+
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    net = _Small()
+    parametrizations.spectral_norm(net.c2)
+    ref = copy.deepcopy(net)
+    pm = prepare(net, ladder=(16, "fp32"))
+    assert torch.equal(net.c2.parametrizations.weight[0]._u, ref.c2.parametrizations.weight[0]._u)
+    x = torch.randn(4, 3, 12, 12)
+    pm.set_precision("fp32")
+    assert torch.equal(pm(x), ref(x))
+    pm.set_precision(16)
+    for _ in range(2):
+        pm(x), ref(x)
+    assert torch.equal(net.c2.parametrizations.weight[0]._u, ref.c2.parametrizations.weight[0]._u)
