@@ -152,10 +152,20 @@ def _side_effects_undone(module: nn.Module):
     before = {id(m): dict(m.__dict__) for _, m in named}
     buffers = [(path, b, b._version, b.detach().clone()) for path, m in named for b in m._buffers.values()
                if b is not None]
+    # lists and dicts changed in place keep their identity: their items are compared
+    flat = lambda v: [x for kv in v.items() for x in kv] if isinstance(v, dict) else list(v)  # noqa: E731
+    contents = [(path, v, flat(v)) for path, m in named for k, v in m.__dict__.items()
+                if k[0] != "_" and type(v) in (list, dict)]
     changed: list[str] = []
     try:
         yield
     finally:
+        for path, v, items in contents:
+            now = flat(v)
+            if len(now) != len(items) or any(a is not b for a, b in zip(now, items)):
+                v.clear()
+                v.update(zip(items[::2], items[1::2])) if isinstance(v, dict) else v.extend(items)
+                changed.append(path)
         for path, m in named:
             old = before[id(m)]
             for name in set(m.__dict__) | set(old):

@@ -509,13 +509,15 @@ class _Stateful(nn.Module):
         self.l = nn.Linear(16, 5)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("ema", torch.zeros(16))
-        self.step = 0
+        self.step, self.log, self.cache = 0, [], {}
 
     def forward(self, x):
         self.calls += 1
         with torch.no_grad():
             self.ema.mul_(0.9).add_(0.1 * x.mean(0))
         self.step += 1
+        self.log.append(self.step)
+        self.cache["last"] = self.step
         self.feat = self.l(x - self.ema)
         return self.feat * (2.0 if self.step > 2 else 1.0)
 
@@ -523,17 +525,20 @@ class _Stateful(nn.Module):
 def test_forward_state_changes_happen_on_every_call():
     """A trace runs ``self.calls += 1`` and ``self.ema.mul_(m)`` on real buffers once, at
     prepare time, and records nothing; Python attributes (``self.step += 1``, ``self.feat =
-    h``) likewise. Such modules run their own code, and prepare leaves the model as it was."""
+    h``, a list or dict filled in place) likewise. Such modules run their own code, and prepare
+    leaves the model as it was."""
     torch.manual_seed(0)
     net = _Stateful()
     pm = prepare(net, ladder=(8, "fp32"), **NEAREST)
     assert int(net.calls) == 0 and net.step == 0 and not hasattr(net, "feat") and not net.ema.any()
+    assert net.log == [] and net.cache == {}
     torch.manual_seed(0)
     ref = _Stateful()
     for i in range(4):
         x = torch.randn(8, 16)
         out, want = pm(x), ref(x)
         assert int(pm.calls) == int(ref.calls) == i + 1 and pm.step == ref.step == i + 1
+        assert pm.log == ref.log and pm.cache == ref.cache
         assert torch.equal(pm.ema, ref.ema)
         assert torch.equal(pm.feat * (2.0 if i >= 2 else 1.0), out)  # this call's feature
         assert float((out - want).norm() / want.norm()) < 0.05
