@@ -46,6 +46,10 @@ class MuppetTracer(fx.Tracer):
     def __init__(self, opaque: set[str]):
         super().__init__()
         self.opaque = opaque
+        # buffers read in forward become graph values, so in-place updates of them (timm's
+        # BatchNormAct2d counting num_batches_tracked, an EMA) are recorded and repeat on every
+        # call, instead of running once on the real buffer at trace time
+        self.proxy_buffer_attributes = True
         self.failed_path: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -150,6 +154,7 @@ def _side_effects_undone(module: nn.Module):
     made any raises :class:`StateChanged` naming the modules, whose own code must run."""
     named = list(module.named_modules())
     before = {id(m): dict(m.__dict__) for _, m in named}
+    slots = {id(m): (dict(m._buffers), dict(m._parameters)) for _, m in named}  # rebinding a buffer
     buffers = [(path, b, b._version, b.detach().clone()) for path, m in named for b in m._buffers.values()
                if b is not None]
     # lists and dicts changed in place keep their identity: their items are compared
@@ -167,6 +172,11 @@ def _side_effects_undone(module: nn.Module):
                 v.update(zip(items[::2], items[1::2])) if isinstance(v, dict) else v.extend(items)
                 changed.append(path)
         for path, m in named:
+            for now, was in zip((m._buffers, m._parameters), slots[id(m)]):
+                if now.keys() != was.keys() or any(now[k] is not v for k, v in was.items()):
+                    now.clear()
+                    now.update(was)
+                    changed.append(path)
             old = before[id(m)]
             for name in set(m.__dict__) | set(old):
                 if name.startswith(_TRACE_OWN) or old.get(name, _MISSING) is m.__dict__.get(name, _MISSING):

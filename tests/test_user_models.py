@@ -653,3 +653,29 @@ def test_prepare_leaves_parametrizations_as_they_were():
     for _ in range(2):
         pm(x), ref(x)
     assert torch.equal(net.c2.parametrizations.weight[0]._u, ref.c2.parametrizations.weight[0]._u)
+
+
+class _NormAct(nn.BatchNorm2d):  # timm's BatchNormAct2d: a batch norm with children, traced through
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+        return self.act(x)
+
+
+def test_buffers_updated_in_place_are_graph_values():
+    """Buffers read in ``forward`` are traced as graph values, so in-place updates such as a
+    batch norm counting ``num_batches_tracked`` repeat on every call in the graph (the module
+    is not left to run its own code), as in the model."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), _NormAct(8), nn.Flatten(), nn.Linear(8 * 36, 4))
+    pm = prepare(net, ladder=(8, "fp32"))
+    assert int(net[1].num_batches_tracked) == 0
+    for i in range(3):
+        pm(torch.randn(2, 3, 8, 8))
+        assert int(net[1].num_batches_tracked) == i + 1
+    assert not pm._muppet_state.opaque
