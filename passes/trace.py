@@ -23,8 +23,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils.checkpoint
 
-__all__ = ["MuppetTracer", "StateChanged", "stock_layer", "trace_with_leaves", "hooked_paths", "LEAF_TYPES", "TRANSPOSED_CONVS", "Option",
-           "specialisable_arguments", "call_pattern", "pattern_constants", "GIVEN"]
+__all__ = ["MuppetTracer", "StateChanged", "stock_layer", "trace_with_leaves", "hooked_paths", "LEAF_TYPES",
+           "TRANSPOSED_CONVS", "Option", "specialisable_arguments", "call_pattern", "pattern_constants", "GIVEN"]
 
 TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Modules the rewrite rules act on as a whole (or keep FP32 as a whole).
@@ -148,25 +148,25 @@ _TRACE_OWN = ("_tensor_constant", "_muppet")
 @contextlib.contextmanager
 def _side_effects_undone(module: nn.Module):
     """Undoes what a trace changed on the modules: attributes set or rebound (a step counter
-    ``self.step += 1``, a stored feature ``self.feat = h``, a cache of proxies) and buffers
-    written in place on real tensors (torch.fx runs ``self.calls += 1`` or ``self.ema.mul_(m)``
-    once, at trace time, and records nothing). A graph would not repeat them, so a trace that
-    made any raises :class:`StateChanged` naming the modules, whose own code must run."""
+    ``self.step += 1``, a stored feature ``self.feat = h``, a cache of proxies), lists and dicts
+    filled in place, buffers and parameters rebound (``self.calls += 1``), and real tensors
+    written in place (a parametrization's power iteration). torch.fx runs such code once, at
+    trace time, and records nothing; a graph would not repeat it, so a trace that did any of
+    it raises :class:`StateChanged` naming the modules, whose own code must run."""
     named = list(module.named_modules())
     before = {id(m): dict(m.__dict__) for _, m in named}
     slots = {id(m): (dict(m._buffers), dict(m._parameters)) for _, m in named}  # rebinding a buffer
     buffers = [(path, b, b._version, b.detach().clone()) for path, m in named for b in m._buffers.values()
                if b is not None]
     # lists and dicts changed in place keep their identity: their items are compared
-    flat = lambda v: [x for kv in v.items() for x in kv] if isinstance(v, dict) else list(v)  # noqa: E731
-    contents = [(path, v, flat(v)) for path, m in named for k, v in m.__dict__.items()
+    contents = [(path, v, _items(v)) for path, m in named for k, v in m.__dict__.items()
                 if k[0] != "_" and type(v) in (list, dict)]
     changed: list[str] = []
     try:
         yield
     finally:
         for path, v, items in contents:
-            now = flat(v)
+            now = _items(v)
             if len(now) != len(items) or any(a is not b for a, b in zip(now, items)):
                 v.clear()
                 v.update(zip(items[::2], items[1::2])) if isinstance(v, dict) else v.extend(items)
@@ -196,6 +196,11 @@ def _side_effects_undone(module: nn.Module):
 
 
 _MISSING = object()
+
+
+def _items(v: list | dict) -> list:
+    """A list's items, or a dict's keys and values alternating."""
+    return [x for kv in v.items() for x in kv] if isinstance(v, dict) else list(v)
 
 
 @contextlib.contextmanager
