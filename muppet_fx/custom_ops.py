@@ -94,7 +94,7 @@ def _call(op, args, tensors):
     if torch.compiler.is_compiling():
         return op(*args)
     if not all(_plain(t) for t in tensors):
-        if any(_wrapped(t) and _grad_tracking(t) for t in tensors):
+        if any(_grad_tracking(t) for t in tensors):
             name = _BODY[op].__name__.lstrip("_") if op in _BODY else str(op)
             raise NotImplementedError(
                 f"torch.func transforms that differentiate (grad, vjp, jacrev, hessian) cannot run "

@@ -121,6 +121,11 @@ def _run(x, bits, rounding, axis, backend, generator, seed, noise, values: bool)
     return None, s, torch.where(finite, dequantise_reference(m, s, x.dtype, axis), x)
 
 
+def _marked(s: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``s`` with ``NONFINITE_EXPONENT`` where the quantiser found NaN/inf (``bad``)."""
+    return torch.where(bad, torch.full_like(s, NONFINITE_EXPONENT), s)
+
+
 def quantise_parts(x: torch.Tensor, bits: int, rounding: str, axis: int | None = None):
     """Unchecked quantiser for training ops: ``(mantissa, exponent)`` with the default backend
     of ``x``'s device. A tensor (or slice) holding NaN/inf gets ``NONFINITE_EXPONENT``, whose
@@ -132,7 +137,7 @@ def quantise_parts(x: torch.Tensor, bits: int, rounding: str, axis: int | None =
         m, s, _, bad = quantise_cpu(x, bits, rounding, axis=axis)
     if bad is False:
         return m, s
-    return m, torch.where(bad, torch.full_like(s, NONFINITE_EXPONENT), s)
+    return m, _marked(s, bad)
 
 
 def quantise_values(x: torch.Tensor, bits: int, rounding: str, axis: int | None = None,
@@ -147,7 +152,7 @@ def quantise_values(x: torch.Tensor, bits: int, rounding: str, axis: int | None 
         return (*quantise_parts(x, bits, rounding, axis), None)
     m, s, v, bad = quantise_cpu(x, bits, rounding, axis=axis, want_mantissa=mantissa, want_values=True)
     if bad is not False:
-        s = torch.where(bad, torch.full_like(s, NONFINITE_EXPONENT), s)
+        s = _marked(s, bad)
     return m, s, v
 
 
@@ -164,7 +169,7 @@ def quantise_summed(x: torch.Tensor, bits: int, rounding: str, keep: int, values
     sums = torch.empty(x.shape[keep], dtype=torch.int64)
     m, s, v, bad = quantise_cpu(x, bits, rounding, want_mantissa=not values, want_values=values, sums=sums)
     if bad is not False:
-        return m, torch.where(bad, torch.full_like(s, NONFINITE_EXPONENT), s), v, None
+        return m, _marked(s, bad), v, None
     return m, s, v, sums
 
 

@@ -97,14 +97,13 @@ def _quantise_gradient(g: Tensor, bits: int, rounding: str, values: bool, need_b
     mantissas only where the products or the bias need them) and, with ``need_b``, the bias
     gradient, its sums over every dimension but ``keep`` gathered by the same CPU pass where
     it applies (one pass over the gradient fewer)."""
+    dims = [d for d in range(g.dim()) if d != keep]
     got = quantise_summed(g, bits, rounding, keep, values) if need_b else None
     if got is None:
         g_m, g_s, g_v = _quantise_operand(g, bits, rounding, values, mantissa=need_b)
-        dims = [d for d in range(g.dim()) if d != keep]
         return g_m, g_s, g_v, (routes.sum_dequantised(g_m, g_s, dims) if need_b else None)
     g_m, g_s, g_v, sums = got
     if sums is None:  # NaN/inf took the reference route: the sums carry them into the bias gradient
-        dims = [d for d in range(g.dim()) if d != keep]
         return g_m, g_s, g_v, (g_v.sum(dims) if g_v is not None else routes.sum_dequantised(g_m, g_s, dims))
     return g_m, g_s, g_v, routes.scale_sums(sums, g_s)
 

@@ -30,8 +30,9 @@ from muppet_fx.ops import quant_conv, quant_conv_transpose_module, quant_linear
 from muppet_fx.passes.compact_saved import compact_saved_tensors
 from muppet_fx.passes.quantise_layers import FP32_MODULES, RewriteContext, insert_quant_nodes
 from muppet_fx.passes.runner import run_passes
-from muppet_fx.passes.trace import (GIVEN, TRANSPOSED_CONVS, call_pattern, pattern_constants,
-                                    specialisable_arguments, stock_layer, trace_with_leaves, hooked_paths)
+from muppet_fx.passes.trace import (GIVEN, TRANSPOSED_CONVS, buffer_snapshot, call_pattern, pattern_constants,
+                                    restore_buffers, specialisable_arguments, stock_layer, trace_with_leaves,
+                                    hooked_paths)
 from muppet_fx.state import PrecisionState
 
 __all__ = ["prepare", "PreparedModule"]
@@ -443,12 +444,9 @@ def prepare(model: nn.Module, example_inputs=None, config: MuppetConfig | None =
                          "original modules (muppet_fx.prepare returns a copy; the original is unchanged)")
     config = MuppetConfig.build(config, **overrides)
     state = PrecisionState(config)
-    buffers = [(b, b._version, b.detach().clone()) for b in model.buffers()]
+    buffers = buffer_snapshot(model)
     pm = _prepare(model, "", state, types.SimpleNamespace())
-    with torch.no_grad():  # what preparing ran on them (a spectral norm's power iteration) is undone
-        for b, version, value in buffers:
-            if b._version != version:
-                b.copy_(value)
+    restore_buffers(buffers)  # what preparing ran on them (a spectral norm's power iteration) is undone
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         with torch.no_grad():

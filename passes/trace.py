@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 __all__ = ["MuppetTracer", "StateChanged", "stock_layer", "trace_with_leaves", "hooked_paths", "LEAF_TYPES",
+           "buffer_snapshot", "restore_buffers",
            "TRANSPOSED_CONVS", "Option", "specialisable_arguments", "call_pattern", "pattern_constants", "GIVEN"]
 
 TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -156,8 +157,7 @@ def _side_effects_undone(module: nn.Module):
     named = list(module.named_modules())
     before = {id(m): dict(m.__dict__) for _, m in named}
     slots = {id(m): (dict(m._buffers), dict(m._parameters)) for _, m in named}  # rebinding a buffer
-    buffers = [(path, b, b._version, b.detach().clone()) for path, m in named for b in m._buffers.values()
-               if b is not None]
+    buffers = buffer_snapshot(module)
     # lists and dicts changed in place keep their identity: their items are compared
     contents = [(path, v, _items(v)) for path, m in named for k, v in m.__dict__.items()
                 if k[0] != "_" and type(v) in (list, dict)]
@@ -186,16 +186,31 @@ def _side_effects_undone(module: nn.Module):
                 else:
                     del m.__dict__[name]
                 changed.append(path)
-        with torch.no_grad():
-            for path, b, version, value in buffers:
-                if b._version != version:
-                    b.copy_(value)
-                    changed.append(path)
+        changed += restore_buffers(buffers)
     if changed:
         raise StateChanged(list(dict.fromkeys(changed)))
 
 
 _MISSING = object()
+
+
+def buffer_snapshot(module: nn.Module) -> list:
+    """``(owner path, buffer, version, copy)`` of every buffer below ``module``, for
+    :func:`restore_buffers`."""
+    return [(path, b, b._version, b.detach().clone()) for path, m in module.named_modules()
+            for b in m._buffers.values() if b is not None]
+
+
+def restore_buffers(snapshot: list) -> list[str]:
+    """Writes back the buffers of ``snapshot`` written in place since; returns their owners'
+    paths."""
+    changed = []
+    with torch.no_grad():
+        for path, b, version, value in snapshot:
+            if b._version != version:
+                b.copy_(value)
+                changed.append(path)
+    return changed
 
 
 def _items(v: list | dict) -> list:
