@@ -20,6 +20,7 @@
 #include <omp.h>
 
 #define PAR_MIN 32768 /* below this, a team of one (see relu_cpu.c) */
+#define WIDTH 64      /* channels-last rows grouped to at least this many lanes */
 #define RUN 32        /* channels-last rows summed in float before the double sums */
 
 /* `wide` is a literal at every call (inside the typed functions' parallel regions), so each
@@ -159,41 +160,62 @@ static void factors(int64_t C, double R, const float *invstd, const float *w, co
               double *sum_gxc, const uint8_t *mask, int nthreads) {                                          \
         int64_t n = outer * C * inner;                                                                        \
         int nt = n > PAR_MIN ? nthreads : 1;                                                                  \
+        /* channels-last rows in groups of k (W = k * C >= 64 lanes, lane j of channel j % C), as the \
+         * forward: one row of 16 channels alone would not fill a vector */                                  \
+        int64_t k = inner == 1 && C < WIDTH ? (WIDTH + C - 1) / C : 1, W = k * C, groups = outer / k;         \
+        float *wide = inner == 1 ? malloc((size_t)4 * W * sizeof(float)) : NULL; /* mean, k, k_g, k_x */    \
         if (inner == 1) {                                                                                     \
-            double *part = calloc((size_t)nt * 2 * C, sizeof(double));                                       \
+            for (int64_t j = 0; j < W; ++j) wide[j] = mean[j % C];                                            \
+            double *part = calloc((size_t)(nt * 2 * W + 2 * C), sizeof(double)), *tail = part + nt * 2 * W;   \
             _Pragma("omp parallel num_threads(nt)") {                                                         \
                 int t = omp_get_thread_num(), T = omp_get_num_threads();                                      \
-                float *f = malloc((size_t)2 * C * sizeof(float));                                             \
-                (void)WITH_MASK(rows_sums, m, WIDE, outer * t / T, outer * (t + 1) / T, C, scale, mean, f, f + C,     \
-                          part + (size_t)t * 2 * C, part + (size_t)t * 2 * C + C);                            \
+                float *f = malloc((size_t)2 * W * sizeof(float));                                             \
+                (void)WITH_MASK(rows_sums, m, WIDE, groups * t / T, groups * (t + 1) / T, W, scale, wide, f, f + W, \
+                          part + (size_t)t * 2 * W, part + (size_t)t * 2 * W + W);                            \
+                if (t == T - 1) /* rows after the last whole group */                                         \
+                    (void)WITH_MASK(rows_sums, m, WIDE, groups * k, outer, C, scale, mean, f, f + C, tail, tail + C); \
                 free(f);                                                                                      \
             }                                                                                                 \
-            for (int64_t c = 0; c < C; ++c) {                                                                 \
-                sum_g[c] = sum_gxc[c] = 0.0;                                                                  \
-                for (int t = 0; t < nt; ++t) {                                                                \
-                    sum_g[c] += part[(size_t)t * 2 * C + c];                                                  \
-                    sum_gxc[c] += part[(size_t)t * 2 * C + C + c];                                            \
+            for (int64_t c = 0; c < C; ++c) sum_g[c] = tail[c], sum_gxc[c] = tail[C + c];                     \
+            for (int t = 0; t < nt; ++t)                                                                      \
+                for (int64_t j = 0; j < W; ++j) {                                                             \
+                    sum_g[j % C] += part[(size_t)t * 2 * W + j];                                              \
+                    sum_gxc[j % C] += part[(size_t)t * 2 * W + W + j];                                        \
                 }                                                                                             \
-            }                                                                                                 \
             free(part);                                                                                       \
         } else {                                                                                              \
             _Pragma("omp parallel for num_threads(nt) schedule(static)")                                      \
             for (int64_t c = 0; c < C; ++c)                                                                   \
                 (void)WITH_MASK(channel_sums, m, WIDE, outer, C, inner, c, scale, mean[c], sum_g, sum_gxc);           \
         }                                                                                                     \
-        if (!gx)                                                                                              \
+        if (!gx) {                                                                                            \
+            free(wide);                                                                                       \
             return 0;                                                                                         \
-        float *k = malloc((size_t)3 * C * sizeof(float));                                                     \
-        factors(C, (double)outer * (double)inner, invstd, w, sum_g, sum_gxc, k, k + C, k + 2 * C);           \
-        int64_t units = inner == 1 ? outer : outer * C; /* rows, or channel runs */                          \
-        int64_t unit = n / units;                                                                             \
-        uint32_t top = 0;                                                                                     \
-        _Pragma("omp parallel num_threads(nt) reduction(max : top)") {                                        \
-            int t = omp_get_thread_num(), T = omp_get_num_threads();                                          \
-            top = WITH_MASK(grad_range, m, WIDE, units * t / T * unit, units * (t + 1) / T * unit, C, inner,  \
-                            scale, mean, k, k + C, k + 2 * C, gx);                                            \
         }                                                                                                     \
-        free(k);                                                                                              \
+        float *kf = malloc((size_t)3 * C * sizeof(float));                                                    \
+        factors(C, (double)outer * (double)inner, invstd, w, sum_g, sum_gxc, kf, kf + C, kf + 2 * C);        \
+        uint32_t top = 0;                                                                                     \
+        if (inner == 1) {                                                                                     \
+            for (int64_t j = 0; j < 3 * W; ++j) wide[W + j] = kf[(j / W) * C + j % C];                        \
+            _Pragma("omp parallel num_threads(nt) reduction(max : top)") {                                    \
+                int t = omp_get_thread_num(), T = omp_get_num_threads();                                      \
+                top = WITH_MASK(grad_range, m, WIDE, groups * t / T * W, groups * (t + 1) / T * W, W, 1, scale, \
+                                wide, wide + W, wide + 2 * W, wide + 3 * W, gx);                              \
+                if (t == T - 1) { /* rows after the last whole group */                                       \
+                    uint32_t tt = WITH_MASK(grad_range, m, WIDE, groups * W, outer * C, C, 1, scale, mean, kf,  \
+                                            kf + C, kf + 2 * C, gx);                                          \
+                    top = tt > top ? tt : top;                                                                \
+                }                                                                                             \
+            }                                                                                                 \
+        } else {                                                                                              \
+            int64_t units = outer * C; /* channel runs */                                                     \
+            _Pragma("omp parallel num_threads(nt) reduction(max : top)") {                                    \
+                int t = omp_get_thread_num(), T = omp_get_num_threads();                                      \
+                top = WITH_MASK(grad_range, m, WIDE, units * t / T * inner, units * (t + 1) / T * inner, C,   \
+                                inner, scale, mean, kf, kf + C, kf + 2 * C, gx);                              \
+            }                                                                                                 \
+        }                                                                                                     \
+        free(kf), free(wide);                                                                                 \
         return top;                                                                                           \
     }
 
@@ -205,7 +227,6 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
  * whole vectors; lane j belongs to channel j % C. Sums of m and m*m are exact: int32 over blocks
  * of BLOCK groups (127 * 127 * BLOCK and 32767 * BLOCK < 2**31), int64 across them (squares of
  * int16 mantissas go to int64 directly). */
-#define WIDTH 64
 #define BLOCK 32768
 
 /* y[i] = m[i] * a + b, or with a fused ReLU (mask non-NULL) torch.relu's value (NaN and -0.0

@@ -94,14 +94,18 @@ def _kernel_against_stock(bits, name, mantissa_arg, monkeypatch):
 @pytest.mark.parametrize("bits", [8, 16])
 def test_batch_norm_kernel_changes_gradients_by_float32_rounding_only(bits, monkeypatch):
     """With the C batch-norm backward (mantissas read directly; ATen's forward): outputs and
-    buffers bit-identical, every gradient within 2e-6 of its largest magnitude (float32
-    rounding in other sums), and the kernel really ran for each compact batch norm."""
+    buffers bit-identical, every gradient within 2e-6 of the largest gradient magnitude of its
+    module (float32 rounding in other sums), and the kernel really ran for each compact batch
+    norm. Per module, not per tensor: a batch norm's weight gradient sums ``g * x_hat`` terms
+    as large as its bias gradient's ``g`` and may cancel to almost nothing (6e-5 on ``b2``)."""
     monkeypatch.setattr(compact, "batch_norm_forward", lambda *a: None)
     got, want, n_out = _kernel_against_stock(bits, "batch_norm_backward", 1, monkeypatch)
     for a, b in zip(got[n_out:] + got[:1], want[n_out:] + want[:1]):
         assert torch.equal(a, b)
-    for a, b in zip(got[1:n_out], want[1:n_out]):
-        assert (a - b).abs().max() <= 2e-6 * b.abs().max()
+    modules = ["input"] + [name.rpartition(".")[0] for name, _ in Net().named_parameters()]
+    scale = {m: max(float(b.abs().max()) for n, b in zip(modules, want[1:n_out]) if n == m) for m in modules}
+    for module, a, b in zip(modules, got[1:n_out], want[1:n_out]):
+        assert (a - b).abs().max() <= 2e-6 * scale[module], module
 
 
 @pytest.mark.parametrize("bits", [8, 16])
