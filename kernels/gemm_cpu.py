@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import amx_cpu, amx_gemm, gemm_avx2
+from . import amx_cpu, amx_gemm, gemm_avx2, vnni_cpu
 from .cbuild import load_c_library
 
 __all__ = ["fast_int8", "integer_products_fast", "int8_mm", "int_matmul", "int_matmul_reference", "im2col",
@@ -538,8 +538,10 @@ def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None,
     """Exact integer gradient of ``conv2d`` w.r.t. its weight: ``G^T @ im2col(x)``, or on AMX
     CPUs for channels-last int8 inputs with 16k channels the implicit GEMM of
     :func:`amx_cpu.conv_grad_weight` (1.0-2.6x faster than im2col and ``torch._int_mm`` on
-    ResNet's layers, measured). ``magnitude``: the largest ``|value|`` of int8 operands, as
-    there (the quantiser's 8-bit mantissas and the Karatsuba planes stop at 127)."""
+    ResNet's layers, measured), or on CPUs with AVX-512 VNNI but no AMX, up to
+    ``vnni_cpu.MAX_CHANNELS`` input channels, that of :func:`vnni_cpu.conv_grad_weight`.
+    ``magnitude``: the largest ``|value|`` of int8 operands, as there (the quantiser's 8-bit
+    mantissas and the Karatsuba planes stop at 127)."""
     if mm is None and not fast_int8():  # AVX2: the patches gathered as the reduction is packed
         acc = gemm_avx2.conv2d_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
         if acc is not None:
@@ -553,6 +555,10 @@ def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None,
         acc = amx_cpu.conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, magnitude=magnitude)
         if acc is not None:  # AMX tiles filled straight from the input, no im2col matrix
             return acc
+        if C <= vnni_cpu.MAX_CHANNELS:  # AVX-512 VNNI without AMX: no im2col matrix either
+            acc = vnni_cpu.conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
+            if acc is not None:
+                return acc
     if mm is None and g_m.dtype == torch.int16 and x_m.dtype == torch.int16:
         acc = conv_grad_weight_digits(g_m, x_m, weight_shape, stride, padding, dilation)
         if acc is not None:  # 15-16 bits: four products of digit planes on the AMX tiles

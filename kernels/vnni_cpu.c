@@ -1,0 +1,206 @@
+/* Convolution weight gradient on AVX-512 VNNI (vpdpbusd), for CPUs without AMX tiles.
+ *
+ * dW[co, i, j, c] = sum over output positions p of g[p, co] * x[p shifted by tap (i, j), c],
+ * exact in integers. vpdpbusd multiplies 4 unsigned by 4 signed bytes per int32 lane and adds
+ * the four products to the lane. Here a lane is an input channel c and its 4 bytes are 4
+ * consecutive output columns (ow .. ow + 3) of one output row: the input as u = x + 128
+ * (unsigned, 128 where the tap falls in the zero padding) and the gradient g[p, co] broadcast
+ * as the signed operand. Since sum u * g = sum x * g + 128 * sum g, one correction per output
+ * channel, 128 * sum_p g[p, co], makes the result exact; every tap sees every position, so the
+ * correction is the same for all taps and channels.
+ *
+ * Per image, the input is packed once per kernel column j (xp_j[h][ow4][c][q], the input at
+ * column SW * (4 ow4 + q) + j DW - PW) and the gradient once (gp[oh][ow4][co][q], 0 past OW),
+ * each a 4-row byte interleave (one vpermb per 16 channels). Then for each tap and block of
+ * CO_B output x CI_B * 16 input channels, CO_B * CI_B int32 accumulators stay in registers over
+ * a run of the image's rows and are added into int64 sums: a lane takes at most 4 * 255 * 128
+ * per group of 4 columns, so a run stays below 2**31 over RUN_GROUPS groups.
+ *
+ * Threads take whole images, each with its own int64 partial sums, added at the end.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#include <omp.h>
+
+#define RUN_GROUPS 16384 /* 16384 * 4 * 255 * 128 < 2**31 */
+#define CHUNK_BYTES (384 << 10) /* packed images per chunk: about a third of a 1 MiB L2 */
+
+int vnni_available(void) { return 1; }
+
+/* dst[c * 4 + q] = rows[q][c] ^ flip for c < 16 (n valid bytes per row, the rest 0 ^ flip):
+ * four rows of 16 bytes interleaved into 64. */
+static inline void interleave4(const int8_t *const rows[4], int n, uint8_t flip, int8_t *dst) {
+    static const uint8_t order[64] = {
+        0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
+        6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+        12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+    __mmask16 m = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+    __m512i v = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(m, rows[0]));
+    v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(m, rows[1]), 1);
+    v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(m, rows[2]), 2);
+    v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(m, rows[3]), 3);
+    v = _mm512_permutexvar_epi8(_mm512_loadu_si512(order), v);
+    _mm512_storeu_si512(dst, _mm512_xor_si512(v, _mm512_set1_epi8((char)flip)));
+}
+
+/* Accumulators of CO_B output channels x CI_B vectors of 16 input channels over rows
+ * [oh0, oh1) of one tap, added into sums[co][c] (int64, row stride `ldo`). CO_B and CI_B are
+ * literals at each call, so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void block(const int8_t *gp, const int8_t *xp_rows[], int64_t r0,
+                                                         int64_t r1, int64_t OW4, int64_t Coutp, int64_t C,
+                                                         int64_t co0, int64_t c0, int64_t *sums, int64_t ldo,
+                                                         const int CO_B, const int CI_B) {
+    __m512i acc[16];
+    for (int k = 0; k < CO_B * CI_B; ++k) acc[k] = _mm512_setzero_si512();
+    for (int64_t r = r0; r < r1; ++r) {
+        const int8_t *xr = xp_rows[r] + c0 * 4, *gr = gp + r * OW4 * Coutp * 4 + co0 * 4;
+        for (int64_t g4 = 0; g4 < OW4; ++g4, xr += C * 4, gr += Coutp * 4) {
+            __m512i u[4];
+            for (int v = 0; v < CI_B; ++v) u[v] = _mm512_loadu_si512(xr + v * 64);
+            for (int co = 0; co < CO_B; ++co) {
+                __m512i s = _mm512_set1_epi32(*(const int32_t *)(gr + co * 4));
+                for (int v = 0; v < CI_B; ++v) acc[co * CI_B + v] = _mm512_dpbusd_epi32(acc[co * CI_B + v], u[v], s);
+            }
+        }
+    }
+    for (int co = 0; co < CO_B; ++co)
+        for (int v = 0; v < CI_B; ++v) {
+            int64_t *dst = sums + (co0 + co) * ldo + c0 + v * 16;
+            __m512i a = acc[co * CI_B + v];
+            __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a));
+            __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1));
+            _mm512_storeu_si512(dst, _mm512_add_epi64(_mm512_loadu_si512(dst), lo));
+            _mm512_storeu_si512(dst + 8, _mm512_add_epi64(_mm512_loadu_si512(dst + 8), hi));
+        }
+}
+
+/* One image: the gradient as gp[oh][ow4][co][q] (0 past OW and Cout), its channel sums added
+ * into gsum, and the input once per kernel column j as xp[j][h][ow4][c][q], u = x + 128. */
+static void pack_image(const int8_t *gn, const int8_t *xn, int64_t Cout, int64_t Coutp, int64_t OH, int64_t OW,
+                       int64_t OW4, int64_t gsH, int64_t gsW, int64_t C, int64_t H, int64_t W, int64_t xsH,
+                       int64_t xsW, int KW, int SW, int PW, int DW, const int8_t *zero, int8_t *gp, int8_t *xp,
+                       int32_t *gs, int64_t *gsum) {
+    for (int64_t co = 0; co < Coutp; ++co) gs[co] = 0;
+    for (int64_t oh = 0; oh < OH; ++oh) {
+        for (int64_t ow = 0; ow < OW; ++ow) {
+            const int8_t *r = gn + oh * gsH + ow * gsW;
+#pragma omp simd
+            for (int64_t co = 0; co < Cout; ++co) gs[co] += r[co];
+        }
+        for (int64_t g4 = 0; g4 < OW4; ++g4) {
+            const int8_t *src[4];
+            for (int q = 0; q < 4; ++q) src[q] = 4 * g4 + q < OW ? gn + oh * gsH + (4 * g4 + q) * gsW : zero;
+            for (int64_t c0 = 0; c0 < Coutp; c0 += 16) {
+                const int8_t *s16[4] = {src[0] + c0, src[1] + c0, src[2] + c0, src[3] + c0};
+                int64_t left = Cout - c0;
+                interleave4(s16, left >= 16 ? 16 : (int)left, 0, gp + ((oh * OW4 + g4) * Coutp + c0) * 4);
+            }
+        }
+    }
+    for (int64_t co = 0; co < Coutp; ++co) gsum[co] += gs[co];
+    for (int j = 0; j < KW; ++j)
+        for (int64_t h = 0; h < H; ++h)
+            for (int64_t g4 = 0; g4 < OW4; ++g4) {
+                const int8_t *src[4];
+                for (int q = 0; q < 4; ++q) {
+                    int64_t w = SW * (4 * g4 + q) + (int64_t)j * DW - PW;
+                    src[q] = w >= 0 && w < W && 4 * g4 + q < OW ? xn + h * xsH + w * xsW : zero;
+                }
+                int8_t *dst = xp + ((j * H + h) * OW4 + g4) * C * 4;
+                for (int64_t c0 = 0; c0 < C; c0 += 16) {
+                    const int8_t *s16[4] = {src[0] + c0, src[1] + c0, src[2] + c0, src[3] + c0};
+                    interleave4(s16, 16, 0x80, dst + c0 * 4);
+                }
+            }
+}
+
+/* out[co][(i * KW + j) * C + c] (int64, Cout rows): the exact weight gradient. g and x are
+ * channels-last (channel stride 1), addressed through their other element strides. */
+int vnni_conv_grad_weight(const int8_t *g, int64_t N, int64_t Cout, int64_t OH, int64_t OW, int64_t gsN,
+                          int64_t gsH, int64_t gsW, const int8_t *x, int64_t C, int64_t H, int64_t W, int64_t xsN,
+                          int64_t xsH, int64_t xsW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW,
+                          int64_t *out, int nthreads) {
+    if (C % 16 || OW > 4 * (int64_t)RUN_GROUPS)
+        return 0;
+    int64_t OW4 = (OW + 3) / 4, Coutp = (Cout + 15) / 16 * 16, taps = (int64_t)KH * KW, ldo = taps * C;
+    int CI_B = 1, CO_B = 16 / CI_B;
+    int64_t run = RUN_GROUPS / OW4 > 0 ? RUN_GROUPS / OW4 : 1; /* packed rows per int32 run */
+    int nt = N < nthreads ? (int)N : nthreads;
+    int64_t part = Coutp * ldo;
+    int64_t *sums = calloc((size_t)(nt * part + nt * Coutp), sizeof(int64_t));
+    int8_t *fill = malloc((size_t)(OW4 * C * 4)); /* a packed row of the zero padding: x = 0 is u = 128 */
+    int8_t *zero = calloc((size_t)(C > Cout ? C : Cout) + 64, 1);
+    if (!sums || !fill || !zero) {
+        free(sums), free(fill), free(zero);
+        return 0;
+    }
+    memset(fill, 0x80, (size_t)(OW4 * C * 4));
+    /* images packed together: as many as fit CHUNK_BYTES and one int32 run */
+    int64_t gbytes = OH * OW4 * Coutp * 4, xbytes = KW * H * OW4 * C * 4;
+    int64_t per_chunk = CHUNK_BYTES / (gbytes + xbytes);
+    per_chunk = per_chunk < RUN_GROUPS / (OH * OW4) ? per_chunk : RUN_GROUPS / (OH * OW4);
+    per_chunk = per_chunk < 1 ? 1 : per_chunk;
+    int failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        int64_t *mine = sums + t * part, *gsum = sums + nt * part + t * Coutp;
+        int8_t *gp = malloc((size_t)(per_chunk * gbytes)), *xp = malloc((size_t)(per_chunk * xbytes));
+        const int8_t **rows = malloc((size_t)(per_chunk * OH) * sizeof(int8_t *));
+        int32_t *gs = malloc((size_t)Coutp * sizeof(int32_t));
+        if (!gp || !xp || !rows || !gs) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            for (int64_t n0 = N * t / T, n_end = N * (t + 1) / T; n0 < n_end; n0 += per_chunk) {
+                int64_t n1 = n0 + per_chunk < n_end ? n0 + per_chunk : n_end;
+                for (int64_t n = n0; n < n1; ++n)
+                    pack_image(g + n * gsN, x + n * xsN, Cout, Coutp, OH, OW, OW4, gsH, gsW, C, H, W, xsH, xsW, KW, SW,
+                               PW, DW, zero, gp + (n - n0) * gbytes, xp + (n - n0) * xbytes, gs, gsum);
+                int64_t R = (n1 - n0) * OH; /* packed gradient rows, image after image */
+                for (int i = 0; i < KH; ++i)
+                    for (int j = 0; j < KW; ++j) {
+                        for (int64_t r = 0; r < R; ++r) {
+                            int64_t h = (r % OH) * SH + (int64_t)i * DH - PH;
+                            rows[r] = h >= 0 && h < H ? xp + (r / OH) * xbytes + ((j * H + h) * OW4) * C * 4 : fill;
+                        }
+                        int64_t *tap = mine + (i * KW + j) * C;
+                        for (int64_t r0 = 0; r0 < R; r0 += run) {
+                            int64_t r1 = r0 + run < R ? r0 + run : R;
+                            for (int64_t co0 = 0; co0 < Coutp; co0 += CO_B)
+                                for (int64_t c0 = 0; c0 < C; c0 += 16 * CI_B) {
+                                    if (CI_B == 4)
+                                        block(gp, rows, r0, r1, OW4, Coutp, C, co0, c0, tap, ldo, 4, 4);
+                                    else if (CI_B == 2)
+                                        block(gp, rows, r0, r1, OW4, Coutp, C, co0, c0, tap, ldo, 8, 2);
+                                    else
+                                        block(gp, rows, r0, r1, OW4, Coutp, C, co0, c0, tap, ldo, 16, 1);
+                                }
+                        }
+                    }
+            }
+        }
+        free(gp), free(xp), free(rows), free(gs);
+    }
+    if (!failed)
+        for (int64_t co = 0; co < Cout; ++co) {
+            int64_t total = 0;
+            for (int t = 0; t < nt; ++t) total += sums[nt * part + t * Coutp + co];
+            for (int64_t k = 0; k < ldo; ++k) {
+                int64_t s = -128 * total;
+                for (int t = 0; t < nt; ++t) s += sums[t * part + co * ldo + k];
+                out[co * ldo + k] = s;
+            }
+        }
+    free(sums), free(fill), free(zero);
+    return !failed;
+}
+
+#else
+int vnni_available(void) { return 0; }
+int vnni_conv_grad_weight(void) { return 0; }
+#endif
