@@ -86,10 +86,12 @@ static void pack_image(const int8_t *gn, const int8_t *xn, int64_t Cout, int64_t
                        int32_t *gs, int64_t *gsum) {
     for (int64_t co = 0; co < Coutp; ++co) gs[co] = 0;
     for (int64_t oh = 0; oh < OH; ++oh) {
-        for (int64_t ow = 0; ow < OW; ++ow) {
-            const int8_t *r = gn + oh * gsH + ow * gsW;
-#pragma omp simd
-            for (int64_t co = 0; co < Cout; ++co) gs[co] += r[co];
+        for (int64_t c0 = 0; c0 < Cout; c0 += 16) { /* 16 channels per vector: a loop over 16 stays scalar */
+            __mmask16 m = Cout - c0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Cout - c0)) - 1);
+            __m512i sum = _mm512_loadu_si512(gs + c0);
+            for (int64_t ow = 0; ow < OW; ++ow)
+                sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, gn + oh * gsH + ow * gsW + c0)));
+            _mm512_storeu_si512(gs + c0, sum);
         }
         for (int64_t g4 = 0; g4 < OW4; ++g4) {
             const int8_t *src[4];
@@ -200,7 +202,110 @@ int vnni_conv_grad_weight(const int8_t *g, int64_t N, int64_t Cout, int64_t OH, 
     return !failed;
 }
 
+/* ------------------------------------------------------------------------------- forward
+ * y[p, co] = sum over taps and c of x[p + tap, c] * w[co, tap, c], exact in int32: lanes are
+ * output channels, a lane's 4 bytes 4 consecutive input channels. The input is the unsigned
+ * operand, u = x + 128 broadcast per position (4 channels are one dword of a channels-last
+ * row), read from a copy of each image padded with u = 128 (x = 0); the weight, packed as
+ * wp[tap][c / 4][co][4], the signed one. sum u * w = y + 128 * sum w[co], so each output
+ * channel loses one constant. A lane adds at most 255 * 128 per product: reductions up to
+ * 65,792 products fit int32 (checked by the caller). */
+
+/* P positions x COV vectors of 16 output channels: y for positions base[0 .. P) (pointers
+ * into the padded image, at their first tap), channels [co0, co0 + 16 COV). */
+static inline __attribute__((always_inline)) void fwd_block(const uint8_t *const base[], const int8_t *wp, int KH,
+                                                             int KW, int64_t rowb, int64_t colb, int64_t C4,
+                                                             int64_t Coutp, int64_t co0, const int32_t *corr,
+                                                             float scale, const float *bias, float *const out[],
+                                                             int np, const int P, const int COV) {
+    __m512i acc[16];
+    for (int k = 0; k < P * COV; ++k) acc[k] = _mm512_setzero_si512();
+    for (int i = 0; i < KH; ++i)
+        for (int j = 0; j < KW; ++j) {
+            int64_t off = i * rowb + j * colb;
+            const int8_t *wt = wp + ((int64_t)(i * KW + j) * C4 * Coutp + co0) * 4;
+            for (int64_t c4 = 0; c4 < C4; ++c4, wt += Coutp * 4) {
+                __m512i wv[4];
+                for (int v = 0; v < COV; ++v) wv[v] = _mm512_loadu_si512(wt + v * 64);
+                for (int p = 0; p < P; ++p) {
+                    __m512i u = _mm512_set1_epi32(*(const int32_t *)(base[p] + off + c4 * 4));
+                    for (int v = 0; v < COV; ++v) acc[p * COV + v] = _mm512_dpbusd_epi32(acc[p * COV + v], u, wv[v]);
+                }
+            }
+        }
+    __m512 sc = _mm512_set1_ps(scale);
+    for (int p = 0; p < np; ++p)
+        for (int v = 0; v < COV; ++v) {
+            __m512i y = _mm512_sub_epi32(acc[p * COV + v], _mm512_loadu_si512(corr + co0 + v * 16));
+            __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(y), sc);
+            if (bias)
+                f = _mm512_add_ps(f, _mm512_loadu_ps(bias + co0 + v * 16));
+            _mm512_storeu_ps(out[p] + co0 + v * 16, f);
+        }
+}
+
+/* y (float32, channels-last [N][OH][OW][Coutp]) = conv2d(x, w) * scale (+ bias): x int8
+ * channels-last through its element strides, C % 4 == 0; wp and corr packed by the caller
+ * (corr[co] = 128 * sum of w[co]). */
+int vnni_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xsN, int64_t xsH,
+                      int64_t xsW, const int8_t *wp, const int32_t *corr, int64_t Coutp, int KH, int KW, int SH, int SW,
+                      int PH, int PW, int DH, int DW, int64_t OH, int64_t OW, float scale, const float *bias, float *y,
+                      int nthreads) {
+    if (C % 4 || Coutp % 16)
+        return 0;
+    int64_t C4 = C / 4, HP = H + 2 * PH, WP = W + 2 * PW, colb = (int64_t)DW * C, rowb = (int64_t)DH * WP * C;
+    int COV = (Coutp / 16) % 4 == 0 ? 4 : (Coutp / 16) % 2 == 0 ? 2 : 1, P = 16 / COV;
+    int64_t positions = OH * OW;
+    int nt = N < nthreads ? (int)N : nthreads, failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        uint8_t *pad = malloc((size_t)(HP * WP * C));
+        if (!pad) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(pad, 0x80, (size_t)(HP * WP * C));
+            for (int64_t n = N * t / T; n < N * (t + 1) / T; ++n) {
+                const int8_t *xn = x + n * xsN;
+                for (int64_t h = 0; h < H; ++h)
+                    for (int64_t w = 0; w < W; ++w) {
+                        const int8_t *src = xn + h * xsH + w * xsW;
+                        uint8_t *dst = pad + ((h + PH) * WP + w + PW) * C;
+                        for (int64_t c = 0; c < C; c += 64) {
+                            __mmask64 m = C - c >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (C - c)) - 1);
+                            __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src + c), _mm512_set1_epi8((char)0x80));
+                            _mm512_mask_storeu_epi8(dst + c, m, v);
+                        }
+                    }
+                float *yn = y + n * positions * Coutp;
+                for (int64_t p0 = 0; p0 < positions; p0 += P) {
+                    const uint8_t *base[16];
+                    float *out[16];
+                    int np = positions - p0 < P ? (int)(positions - p0) : P;
+                    for (int p = 0; p < P; ++p) {
+                        int64_t q = p0 + (p < np ? p : np - 1), oh = q / OW, ow = q % OW;
+                        base[p] = pad + (oh * SH * WP + ow * SW) * C;
+                        out[p] = yn + q * Coutp;
+                    }
+                    for (int64_t co0 = 0; co0 < Coutp; co0 += 16 * COV) {
+                        if (COV == 4)
+                            fwd_block(base, wp, KH, KW, rowb, colb, C4, Coutp, co0, corr, scale, bias, out, np, 4, 4);
+                        else if (COV == 2)
+                            fwd_block(base, wp, KH, KW, rowb, colb, C4, Coutp, co0, corr, scale, bias, out, np, 8, 2);
+                        else
+                            fwd_block(base, wp, KH, KW, rowb, colb, C4, Coutp, co0, corr, scale, bias, out, np, 16, 1);
+                    }
+                }
+            }
+        }
+        free(pad);
+    }
+    return !failed;
+}
+
 #else
 int vnni_available(void) { return 0; }
 int vnni_conv_grad_weight(void) { return 0; }
+int vnni_conv_forward(void) { return 0; }
 #endif

@@ -16,26 +16,31 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 from pathlib import Path
 
 import torch
 
 from .cbuild import bound_library
 
-__all__ = ["available", "conv_grad_weight", "MAX_CHANNELS"]
+__all__ = ["available", "conv2d", "conv_grad_weight", "MAX_CHANNELS", "MAX_K"]
 
 _I64 = ctypes.c_int64
 _SIGNATURES = {
     "vnni_available": (ctypes.c_int, []),
     "vnni_conv_grad_weight": (ctypes.c_int, [ctypes.c_void_p] + [_I64] * 7 + [ctypes.c_void_p] + [_I64] * 6
                               + [ctypes.c_int] * 8 + [ctypes.c_void_p, ctypes.c_int]),
+    "vnni_conv_forward": (ctypes.c_int, [ctypes.c_void_p] + [_I64] * 7 + [ctypes.c_void_p] * 2 + [_I64]
+                          + [ctypes.c_int] * 8 + [_I64] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int]),
 }
+# Longest reduction (taps x input channels) whose int32 lanes cannot overflow: 255 * 128 each.
+MAX_K = (2**31 - 1) // (255 * 128)
 
 
 # Input channels up to which the kernel beat im2col + ``torch._int_mm`` (AMD EPYC Zen 5, 2
-# threads, batch 128, 3x3): 1.6x at 16 channels on 32x32 maps, 1.9x at 32 on 16x16, even at 64
-# on 8x8 and 1.5x on 32x32; above, ``torch._int_mm``'s blocking wins (0.9x at 128 on 16x16,
-# 0.35x at 512 on 4x4).
+# threads, batch 128, 3x3, same run): 3.4x at 16 channels on 32x32 maps, 3.0x at 32 on 16x16,
+# 1.5x at 64 on 8x8 and 1.4x on 32x32; 1.0x at 128 on 16x16; above, ``torch._int_mm``'s
+# blocking wins (0.73x at 256 on 8x8, 0.45x at 512 on 4x4).
 MAX_CHANNELS = 64
 
 
@@ -75,3 +80,35 @@ def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride,
     ok = lib.vnni_conv_grad_weight(g_m.data_ptr(), N, Cout, OH, OW, gn, gh, gw, x_m.data_ptr(), C, H, W, xn, xh, xw,
                                    kh, kw, sh, sw, ph, pw, dh, dw, out.data_ptr(), torch.get_num_threads())
     return out.permute(0, 3, 1, 2) if ok else None
+
+
+def conv2d(x_m: torch.Tensor, w_m: torch.Tensor, e: int, stride, padding, dilation,
+           bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """float32 ``conv2d(x_m, w_m) * 2**e (+ bias)``, channels-last, from int8 mantissas: the
+    exact int32 sums converted to float32 once and scaled (as ``conv_onednn.conv2d``), or
+    ``None`` where the kernel does not apply (no AVX-512 VNNI/VBMI, other dtypes, input
+    channels not a multiple of 4, output channels not a multiple of 16, reductions over
+    ``MAX_K``, ``2**e`` outside float32's normal range, groups)."""
+    lib = _library()
+    Cout, C, kh, kw = w_m.shape
+    if (lib is None or x_m.dtype != torch.int8 or w_m.dtype != torch.int8 or x_m.dim() != 4
+            or x_m.device.type != "cpu" or C % 4 or Cout % 16 or x_m.shape[1] != C or C * kh * kw > MAX_K
+            or not -126 <= e <= 126 or min(x_m.shape) == 0
+            or bias is not None and (bias.dtype != torch.float32 or bias.shape != (Cout,))):
+        return None
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    N, _, H, W = x_m.shape
+    OH, OW = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if OH <= 0 or OW <= 0:
+        return None
+    x_m = x_m.contiguous(memory_format=torch.channels_last)  # a copy only for other layouts
+    # wp[i][j][c / 4][co][c % 4]; corr[co] = 128 * sum of w[co] (the unsigned operand's offset)
+    wp = w_m.permute(2, 3, 1, 0).reshape(kh, kw, C // 4, 4, Cout).transpose(3, 4).contiguous()
+    corr = w_m.reshape(Cout, -1).sum(1, dtype=torch.int32).mul_(128)
+    b = None if bias is None else bias.contiguous()
+    y = torch.empty(N, OH, OW, Cout, dtype=torch.float32)
+    xn, _, xh, xw = x_m.stride()
+    ok = lib.vnni_conv_forward(x_m.data_ptr(), N, C, H, W, xn, xh, xw, wp.data_ptr(), corr.data_ptr(), Cout,
+                               kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, math.ldexp(1.0, e),
+                               None if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    return y.permute(0, 3, 1, 2) if ok else None
