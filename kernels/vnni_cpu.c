@@ -203,103 +203,171 @@ int vnni_conv_grad_weight(const int8_t *g, int64_t N, int64_t Cout, int64_t OH, 
 }
 
 /* ------------------------------------------------------------------------------- forward
- * y[p, co] = sum over taps and c of x[p + tap, c] * w[co, tap, c], exact in int32: lanes are
- * output channels, a lane's 4 bytes 4 consecutive input channels. The input is the unsigned
- * operand, u = x + 128 broadcast per position (4 channels are one dword of a channels-last
- * row), read from a copy of each image padded with u = 128 (x = 0); the weight, packed as
- * wp[tap][c / 4][co][4], the signed one. sum u * w = y + 128 * sum w[co], so each output
- * channel loses one constant. A lane adds at most 255 * 128 per product: reductions up to
- * 65,792 products fit int32 (checked by the caller). */
+ * y[p, co] = sum over taps and c of x[p + tap, c] * w[co, tap, c], exact in int32. Lanes are
+ * 16 output positions and a lane's 4 bytes 4 consecutive input channels: the input is the
+ * unsigned operand, u = x + 128, packed per image as xq[c / 4][h][phase][k] (dword planes of
+ * the padded image, column k * SW + phase, u = 128 in the padding), so that 16 positions of
+ * an output row are 16 consecutive dwords for every tap; the weight, w[co, tap, 4 channels]
+ * as one dword, is the signed operand, broadcast. sum u * w = y + 128 * sum w[co]: one
+ * constant per output channel. A lane adds at most 255 * 128 per product, so reductions up
+ * to MAX_K = 65,792 products stay exact in int32 (checked by the caller). The 16 x 16 block of
+ * sums (output channels x positions) is transposed before it is stored channels-last. Maps
+ * narrower than 9 columns put 2 or 4 output rows in one vector. */
 
-/* P positions x COV vectors of 16 output channels: y for positions base[0 .. P) (pointers
- * into the padded image, at their first tap), channels [co0, co0 + 16 COV). */
-static inline __attribute__((always_inline)) void fwd_block(const uint8_t *const base[], const int8_t *wp, int KH,
-                                                             int KW, int64_t rowb, int64_t colb, int64_t C4,
-                                                             int64_t Coutp, int64_t co0, const int32_t *corr,
-                                                             float scale, const float *bias, float *const out[],
-                                                             int np, const int P, const int COV) {
+/* 16 consecutive dwords, or RPV runs of 16 / RPV dwords `step` dwords apart. */
+static inline __attribute__((always_inline)) __m512i positions(const int32_t *p, int64_t step, const int RPV) {
+    if (RPV == 1)
+        return _mm512_loadu_si512(p);
+    if (RPV == 2)
+        return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
+                                  _mm256_loadu_si256((const __m256i *)(p + step)), 1);
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + step)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * step)), 2);
+    return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * step)), 3);
+}
+
+/* r[i][j] -> r[j][i] for a 16 x 16 block of floats. */
+static inline void transpose16(__m512 *r) {
+    __m512 t[16];
+    for (int k = 0; k < 16; k += 2) {
+        t[k] = _mm512_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm512_unpackhi_ps(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 16; k += 4) { /* r[k + m]: columns m, m + 4, m + 8, m + 12 of rows k .. k + 3 */
+        __m512d a = _mm512_castps_pd(t[k]), b = _mm512_castps_pd(t[k + 1]);
+        __m512d c = _mm512_castps_pd(t[k + 2]), d = _mm512_castps_pd(t[k + 3]);
+        r[k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int m = 0; m < 4; ++m) {
+        __m512 lo01 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x44), lo23 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x44);
+        __m512 hi01 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xee), hi23 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xee);
+        t[m] = _mm512_shuffle_f32x4(lo01, lo23, 0x88);
+        t[m + 4] = _mm512_shuffle_f32x4(lo01, lo23, 0xdd);
+        t[m + 8] = _mm512_shuffle_f32x4(hi01, hi23, 0x88);
+        t[m + 12] = _mm512_shuffle_f32x4(hi01, hi23, 0xdd);
+    }
+    for (int k = 0; k < 16; ++k) r[k] = t[k];
+}
+
+/* The geometry of one call. */
+typedef struct {
+    int64_t C4, Cout, OH, OW, HQ, KQ, plane; /* KQ dwords per phase row, plane: dwords per c / 4 */
+    int64_t OY, OX, ysH, ysW;                /* the grid's origin; output strides (channels: 1) */
+    int KH, KW, SH, SW, DH, DW;
+} fwd_shape;
+
+/* Output channels [co0, co0 + 16) at the 16 positions rows oh .. oh + RPV - 1, columns
+ * ow .. ow + 16 / RPV - 1 of the grid (those inside it stored). */
+static inline __attribute__((always_inline)) void fwd_block(const fwd_shape *g, const int32_t *xq, const int32_t *wq,
+                                                             const int32_t *corr, float scale, const float *bias,
+                                                             float *yn, int64_t oh, int64_t ow, int64_t co0,
+                                                             const int RPV) {
     __m512i acc[16];
-    for (int k = 0; k < P * COV; ++k) acc[k] = _mm512_setzero_si512();
-    for (int i = 0; i < KH; ++i)
-        for (int j = 0; j < KW; ++j) {
-            int64_t off = i * rowb + j * colb;
-            const int8_t *wt = wp + ((int64_t)(i * KW + j) * C4 * Coutp + co0) * 4;
-            for (int64_t c4 = 0; c4 < C4; ++c4, wt += Coutp * 4) {
-                __m512i wv[4];
-                for (int v = 0; v < COV; ++v) wv[v] = _mm512_loadu_si512(wt + v * 64);
-                for (int p = 0; p < P; ++p) {
-                    __m512i u = _mm512_set1_epi32(*(const int32_t *)(base[p] + off + c4 * 4));
-                    for (int v = 0; v < COV; ++v) acc[p * COV + v] = _mm512_dpbusd_epi32(acc[p * COV + v], u, wv[v]);
+    for (int k = 0; k < 16; ++k) acc[k] = _mm512_setzero_si512();
+    int64_t step = g->SH * g->SW * g->KQ; /* one output row down */
+    for (int i = 0; i < g->KH; ++i)
+        for (int j = 0; j < g->KW; ++j) {
+            int64_t col = (int64_t)j * g->DW;
+            const int32_t *xp = xq + (((g->OY + oh) * g->SH + (int64_t)i * g->DH) * g->SW + col % g->SW) * g->KQ
+                                + g->OX + ow + col / g->SW;
+            const int32_t *wt = wq + (int64_t)(i * g->KW + j) * g->C4 * g->Cout + co0;
+            for (int64_t c4 = 0; c4 < g->C4; ++c4, xp += g->plane, wt += g->Cout) {
+                __m512i u = positions(xp, step, RPV);
+                for (int co = 0; co < 16; ++co) acc[co] = _mm512_dpbusd_epi32(acc[co], u, _mm512_set1_epi32(wt[co]));
+            }
+        }
+    __m512 r[16];
+    for (int co = 0; co < 16; ++co) {
+        r[co] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[co], _mm512_set1_epi32(corr[co0 + co]))),
+                              _mm512_set1_ps(scale));
+        if (bias)
+            r[co] = _mm512_add_ps(r[co], _mm512_set1_ps(bias[co0 + co]));
+    }
+    transpose16(r); /* r[lane]: the 16 channels of one position */
+    const int L = 16 / RPV;
+    for (int lane = 0; lane < 16; ++lane) {
+        int64_t h = oh + lane / L, w = ow + lane % L;
+        if (h < g->OH && w < g->OW)
+            _mm512_storeu_ps(yn + h * g->ysH + w * g->ysW + co0, r[lane]);
+    }
+}
+
+/* One image as xq (see above): u = 128 everywhere, then the image's dwords, gathered 16
+ * columns of one phase at a time (xsW: a multiple of 4 bytes). */
+static void pack_input(const int8_t *xn, int64_t H, int64_t W, int64_t xsH, int64_t xsW, int PH, int PW,
+                       const fwd_shape *g, int32_t *xq) {
+    const __m512i fill = _mm512_set1_epi32((int32_t)0x80808080u);
+    int64_t total = g->C4 * g->plane, k = 0;
+    for (; k + 16 <= total; k += 16) _mm512_storeu_si512(xq + k, fill);
+    for (; k < total; ++k) xq[k] = (int32_t)0x80808080u;
+    const int SW = g->SW;
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32((int32_t)(SW * xsW / 4)));
+    for (int64_t h = 0; h < H && h + PH < g->HQ; ++h)
+        for (int ph = 0; ph < SW; ++ph) {
+            int64_t w0 = ((ph - PW) % SW + SW) % SW; /* first column with (w + PW) % SW == ph */
+            for (int64_t w = w0; w < W; w += 16 * SW) {
+                int64_t kq = (w + PW) / SW, lanes = (W - w + SW - 1) / SW;
+                lanes = lanes < 16 ? lanes : 16;
+                lanes = lanes < g->KQ - kq ? lanes : g->KQ - kq;
+                if (lanes <= 0)
+                    break;
+                __mmask16 m = (__mmask16)((1u << lanes) - 1);
+                const int8_t *src = xn + h * xsH + w * xsW;
+                int32_t *dst = xq + ((h + PH) * SW + ph) * g->KQ + kq;
+                for (int64_t c4 = 0; c4 < g->C4; ++c4) {
+                    __m512i v = _mm512_mask_i32gather_epi32(fill, m, idx, src + 4 * c4, 4);
+                    _mm512_mask_storeu_epi32(dst + c4 * g->plane, m, _mm512_xor_si512(v, fill));
                 }
             }
         }
-    __m512 sc = _mm512_set1_ps(scale);
-    for (int p = 0; p < np; ++p)
-        for (int v = 0; v < COV; ++v) {
-            __m512i y = _mm512_sub_epi32(acc[p * COV + v], _mm512_loadu_si512(corr + co0 + v * 16));
-            __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(y), sc);
-            if (bias)
-                f = _mm512_add_ps(f, _mm512_loadu_ps(bias + co0 + v * 16));
-            _mm512_storeu_ps(out[p] + co0 + v * 16, f);
-        }
 }
 
-/* y (float32, channels-last [N][OH][OW][Coutp]) = conv2d(x, w) * scale (+ bias): x int8
- * channels-last through its element strides, C % 4 == 0; wp and corr packed by the caller
- * (corr[co] = 128 * sum of w[co]). */
+/* y = conv2d(x, w) * scale (+ bias) over the OH x OW output positions from (OY, OX) on,
+ * float32 at y[n * ysN + oh * ysH + ow * ysW + co]: x int8 channels-last through its element
+ * strides, C % 4 == 0, Cout % 16 == 0; wq[tap][c / 4][co] (the weight's 4-channel dwords)
+ * and corr[co] = 128 * sum of w[co] packed by the caller. */
 int vnni_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xsN, int64_t xsH,
-                      int64_t xsW, const int8_t *wp, const int32_t *corr, int64_t Coutp, int KH, int KW, int SH, int SW,
-                      int PH, int PW, int DH, int DW, int64_t OH, int64_t OW, float scale, const float *bias, float *y,
-                      int nthreads) {
-    if (C % 4 || Coutp % 16)
+                      int64_t xsW, const int32_t *wq, const int32_t *corr, int64_t Cout, int KH, int KW, int SH, int SW,
+                      int PH, int PW, int DH, int DW, int64_t OY, int64_t OX, int64_t OH, int64_t OW, float scale,
+                      const float *bias, float *y, int64_t ysN, int64_t ysH, int64_t ysW, int nthreads) {
+    if (C % 4 || Cout % 16)
         return 0;
-    int64_t C4 = C / 4, HP = H + 2 * PH, WP = W + 2 * PW, colb = (int64_t)DW * C, rowb = (int64_t)DH * WP * C;
-    int COV = (Coutp / 16) % 4 == 0 ? 4 : (Coutp / 16) % 2 == 0 ? 2 : 1, P = 16 / COV;
-    int64_t positions = OH * OW;
+    const int RPV = OW > 8 ? 1 : OW > 4 ? 2 : 4, L = 16 / RPV;
+    int64_t OWP = (OW + L - 1) / L * L, OHP = (OH + RPV - 1) / RPV * RPV;
+    fwd_shape g = {C / 4, Cout, OH, OW, 0, 0, 0, OY, OX, ysH, ysW, KH, KW, SH, SW, DH, DW};
+    g.HQ = (OY + OHP - 1) * SH + (int64_t)(KH - 1) * DH + 1; /* padded rows read */
+    g.KQ = OX + OWP + ((int64_t)(KW - 1) * DW) / SW + 1;      /* dwords per phase row */
+    g.plane = g.HQ * SW * g.KQ;
     int nt = N < nthreads ? (int)N : nthreads, failed = 0;
 #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), T = omp_get_num_threads();
-        uint8_t *pad = malloc((size_t)(HP * WP * C));
-        if (!pad) {
+        int32_t *xq = malloc((size_t)(g.C4 * g.plane) * sizeof(int32_t));
+        if (!xq) {
 #pragma omp atomic write
             failed = 1;
         } else {
-            memset(pad, 0x80, (size_t)(HP * WP * C));
             for (int64_t n = N * t / T; n < N * (t + 1) / T; ++n) {
-                const int8_t *xn = x + n * xsN;
-                for (int64_t h = 0; h < H; ++h)
-                    for (int64_t w = 0; w < W; ++w) {
-                        const int8_t *src = xn + h * xsH + w * xsW;
-                        uint8_t *dst = pad + ((h + PH) * WP + w + PW) * C;
-                        for (int64_t c = 0; c < C; c += 64) {
-                            __mmask64 m = C - c >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (C - c)) - 1);
-                            __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src + c), _mm512_set1_epi8((char)0x80));
-                            _mm512_mask_storeu_epi8(dst + c, m, v);
+            pack_input(x + n * xsN, H, W, xsH, xsW, PH, PW, &g, xq);
+                float *yn = y + n * ysN;
+                for (int64_t oh = 0; oh < OHP; oh += RPV)
+                    for (int64_t ow = 0; ow < OWP; ow += L)
+                        for (int64_t co0 = 0; co0 < Cout; co0 += 16) {
+                            if (RPV == 1)
+                                fwd_block(&g, xq, wq, corr, scale, bias, yn, oh, ow, co0, 1);
+                            else if (RPV == 2)
+                                fwd_block(&g, xq, wq, corr, scale, bias, yn, oh, ow, co0, 2);
+                            else
+                                fwd_block(&g, xq, wq, corr, scale, bias, yn, oh, ow, co0, 4);
                         }
-                    }
-                float *yn = y + n * positions * Coutp;
-                for (int64_t p0 = 0; p0 < positions; p0 += P) {
-                    const uint8_t *base[16];
-                    float *out[16];
-                    int np = positions - p0 < P ? (int)(positions - p0) : P;
-                    for (int p = 0; p < P; ++p) {
-                        int64_t q = p0 + (p < np ? p : np - 1), oh = q / OW, ow = q % OW;
-                        base[p] = pad + (oh * SH * WP + ow * SW) * C;
-                        out[p] = yn + q * Coutp;
-                    }
-                    for (int64_t co0 = 0; co0 < Coutp; co0 += 16 * COV) {
-                        if (COV == 4)
-                            fwd_block(base, wp, KH, KW, rowb, colb, C4, Coutp, co0, corr, scale, bias, out, np, 4, 4);
-                        else if (COV == 2)
-                            fwd_block(base, wp, KH, KW, rowb, colb, C4, Coutp, co0, corr, scale, bias, out, np, 8, 2);
-                        else
-                            fwd_block(base, wp, KH, KW, rowb, colb, C4, Coutp, co0, corr, scale, bias, out, np, 16, 1);
-                    }
-                }
             }
         }
-        free(pad);
+        free(xq);
     }
     return !failed;
 }

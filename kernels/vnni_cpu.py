@@ -23,7 +23,7 @@ import torch
 
 from .cbuild import bound_library
 
-__all__ = ["available", "conv2d", "conv_grad_weight", "MAX_CHANNELS", "MAX_K"]
+__all__ = ["available", "conv_applies", "conv2d", "conv_grad_weight", "MAX_CHANNELS", "MAX_K"]
 
 _I64 = ctypes.c_int64
 _SIGNATURES = {
@@ -31,7 +31,8 @@ _SIGNATURES = {
     "vnni_conv_grad_weight": (ctypes.c_int, [ctypes.c_void_p] + [_I64] * 7 + [ctypes.c_void_p] + [_I64] * 6
                               + [ctypes.c_int] * 8 + [ctypes.c_void_p, ctypes.c_int]),
     "vnni_conv_forward": (ctypes.c_int, [ctypes.c_void_p] + [_I64] * 7 + [ctypes.c_void_p] * 2 + [_I64]
-                          + [ctypes.c_int] * 8 + [_I64] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int]),
+                          + [ctypes.c_int] * 8 + [_I64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [_I64] * 3
+                          + [ctypes.c_int]),
 }
 # Longest reduction (taps x input channels) whose int32 lanes cannot overflow: 255 * 128 each.
 MAX_K = (2**31 - 1) // (255 * 128)
@@ -82,33 +83,56 @@ def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride,
     return out.permute(0, 3, 1, 2) if ok else None
 
 
+def conv_applies(x_m: torch.Tensor, w_m: torch.Tensor) -> bool:
+    """Whether :func:`conv2d` takes ``x_m`` and ``w_m`` (see there; the exponent aside)."""
+    Cout, C, kh, kw = w_m.shape if w_m.dim() == 4 else (0, 0, 0, 0)
+    return (x_m.dtype == torch.int8 and w_m.dtype == torch.int8 and x_m.dim() == 4 and x_m.device.type == "cpu"
+            and C > 0 and C % 4 == 0 and Cout % 16 == 0 and x_m.shape[1] == C and C * kh * kw <= MAX_K
+            and x_m.numel() > 0 and available())
+
+
 def conv2d(x_m: torch.Tensor, w_m: torch.Tensor, e: int, stride, padding, dilation,
-           bias: torch.Tensor | None = None) -> torch.Tensor | None:
+           bias: torch.Tensor | None = None, out: torch.Tensor | None = None, origin=(0, 0)) -> torch.Tensor | None:
     """float32 ``conv2d(x_m, w_m) * 2**e (+ bias)``, channels-last, from int8 mantissas: the
     exact int32 sums converted to float32 once and scaled (as ``conv_onednn.conv2d``), or
     ``None`` where the kernel does not apply (no AVX-512 VNNI/VBMI, other dtypes, input
     channels not a multiple of 4, output channels not a multiple of 16, reductions over
-    ``MAX_K``, ``2**e`` outside float32's normal range, groups)."""
+    ``MAX_K``, ``2**e`` outside float32's normal range).
+
+    ``out``: where given, a float32 ``[N, qh, qw, Cout]`` view with channel stride 1 (one phase
+    of a strided grad-input, as ``gemm_cpu.conv_grad_input``'s ``place``) that receives the
+    output positions ``origin[0] .. origin[0] + qh - 1`` by ``origin[1] .. origin[1] + qw - 1``;
+    returns ``out``."""
     lib = _library()
-    Cout, C, kh, kw = w_m.shape
-    if (lib is None or x_m.dtype != torch.int8 or w_m.dtype != torch.int8 or x_m.dim() != 4
-            or x_m.device.type != "cpu" or C % 4 or Cout % 16 or x_m.shape[1] != C or C * kh * kw > MAX_K
-            or not -126 <= e <= 126 or min(x_m.shape) == 0
-            or bias is not None and (bias.dtype != torch.float32 or bias.shape != (Cout,))):
+    if (not conv_applies(x_m, w_m) or not -126 <= e <= 126
+            or bias is not None and (bias.dtype != torch.float32 or bias.shape != (w_m.shape[0],))):
         return None
+    Cout, C, kh, kw = w_m.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     N, _, H, W = x_m.shape
     OH, OW = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if OH <= 0 or OW <= 0:
-        return None
+    oy, ox = origin
+    if out is None:
+        if OH <= 0 or OW <= 0:
+            return None
+        y = torch.empty(N, OH, OW, Cout, dtype=torch.float32)
+    else:
+        y, (OH, OW) = out, out.shape[1:3]
+        if (y.dtype != torch.float32 or y.dim() != 4 or y.shape[0] != N or y.shape[3] != Cout or y.stride(3) != 1
+                or oy < 0 or ox < 0 or OH <= 0 or OW <= 0):
+            return None
     x_m = x_m.contiguous(memory_format=torch.channels_last)  # a copy only for other layouts
-    # wp[i][j][c / 4][co][c % 4]; corr[co] = 128 * sum of w[co] (the unsigned operand's offset)
-    wp = w_m.permute(2, 3, 1, 0).reshape(kh, kw, C // 4, 4, Cout).transpose(3, 4).contiguous()
+    # wq[i][j][c / 4][co]: 4 channels of one output channel as a dword; corr[co] = 128 * sum of
+    # w[co] (the unsigned operand's offset)
+    wq = w_m.permute(2, 3, 1, 0).reshape(kh, kw, C // 4, 4, Cout).transpose(3, 4).contiguous()
     corr = w_m.reshape(Cout, -1).sum(1, dtype=torch.int32).mul_(128)
     b = None if bias is None else bias.contiguous()
-    y = torch.empty(N, OH, OW, Cout, dtype=torch.float32)
     xn, _, xh, xw = x_m.stride()
-    ok = lib.vnni_conv_forward(x_m.data_ptr(), N, C, H, W, xn, xh, xw, wp.data_ptr(), corr.data_ptr(), Cout,
-                               kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, math.ldexp(1.0, e),
-                               None if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads())
-    return y.permute(0, 3, 1, 2) if ok else None
+    yn, yh, yw, _ = y.stride()
+    ok = lib.vnni_conv_forward(x_m.data_ptr(), N, C, H, W, xn, xh, xw, wq.data_ptr(), corr.data_ptr(), Cout,
+                               kh, kw, sh, sw, ph, pw, dh, dw, oy, ox, OH, OW, math.ldexp(1.0, e),
+                               None if b is None else b.data_ptr(), y.data_ptr(), yn, yh, yw,
+                               torch.get_num_threads())
+    if not ok:
+        return None
+    return y if out is not None else y.permute(0, 3, 1, 2)

@@ -85,3 +85,95 @@ def test_the_integer_route_takes_it_up_to_max_channels(monkeypatch):
         got = gemm_cpu.conv_grad_weight(g, x, (24, C, 3, 3), 1, 1, 1, magnitude=128)
         assert torch.equal(got.double(), _exact(g, x, (24, C, 3, 3), [1, 1], [1, 1], [1, 1]))
     assert calls == [16, vnni_cpu.MAX_CHANNELS]
+
+
+@pytest.mark.parametrize("N,C,Cout,H,W,k,stride,padding,dilation", [
+    (3, 16, 16, 7, 9, 3, 1, 1, 1),     # 9 columns: one row per vector, a tail of 7 lanes
+    (2, 32, 32, 10, 10, 3, 2, 1, 1),   # 5 columns: two rows per vector
+    (1, 48, 16, 5, 13, 1, 1, 0, 1),
+    (2, 64, 64, 8, 8, 3, 1, 1, 1),
+    (2, 16, 48, 9, 11, 5, 2, 2, 2),    # 4 columns: four rows per vector; dilated, strided
+    (2, 4, 16, 6, 6, 3, 1, 0, 1),
+    (5, 12, 32, 3, 3, 3, 1, 1, 1),     # an odd batch over two threads
+    (1, 8, 16, 4, 37, 3, (1, 3), (0, 4), (1, 2)),  # padded wider than the kernel, mixed strides
+])
+def test_forward_matches_exact_convolution(N, C, Cout, H, W, k, stride, padding, dilation):
+    """The int32 sums are exact; converted to float32 once and scaled by 2**-3 (exact), plus
+    the bias in float32: the same values as the float64 convolution rounded the same way."""
+    gen = torch.Generator().manual_seed(C + W)
+    x = torch.randint(-128, 128, (N, C, H, W), dtype=torch.int8, generator=gen)
+    w = torch.randint(-128, 128, (Cout, C, k, k), dtype=torch.int8, generator=gen)
+    bias = torch.randn(Cout, generator=gen)
+    got = vnni_cpu.conv2d(x, w, -3, stride, padding, dilation, bias=bias)
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), stride=stride, padding=padding, dilation=dilation)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, exact.float() * 2.0**-3 + bias.view(1, -1, 1, 1))
+
+
+def test_forward_into_a_strided_view_from_an_origin():
+    """``out`` and ``origin``: the positions from ``origin`` on, written through the view's
+    strides (one phase of a strided grad-input), nothing else touched."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-128, 128, (2, 16, 9, 9), dtype=torch.int8, generator=gen)
+    w = torch.randint(-128, 128, (16, 16, 3, 3), dtype=torch.int8, generator=gen)
+    full = torch.nn.functional.conv2d(x.double(), w.double(), padding=2).float()  # 11 x 11
+    dst = torch.full((2, 12, 12, 16), 7.0)
+    view = dst[:, 1::2, ::2]  # 6 x 6 positions, channel stride 1
+    assert vnni_cpu.conv2d(x, w, 0, 1, 2, 1, out=view, origin=(3, 5)) is view
+    assert torch.equal(view.permute(0, 3, 1, 2), full[:, :, 3:9, 5:11])
+    assert (dst[:, ::2] == 7.0).all() and (dst[:, 1::2, 1::2] == 7.0).all()
+
+
+def test_forward_declines_what_it_does_not_cover():
+    x = torch.zeros(1, 16, 4, 4, dtype=torch.int8)
+    w = torch.zeros(16, 16, 3, 3, dtype=torch.int8)
+    assert vnni_cpu.conv2d(x, w[:8], 0, 1, 1, 1) is None           # output channels not 16k
+    assert vnni_cpu.conv2d(x[:, :6], w[:, :6], 0, 1, 1, 1) is None  # input channels not 4k
+    assert vnni_cpu.conv2d(x, w, 127, 1, 1, 1) is None             # 2**127: beyond float32's normal range
+    assert vnni_cpu.conv2d(x.short(), w.short(), 0, 1, 1, 1) is None
+    wide = torch.zeros(1, 8192, 3, 3, dtype=torch.int8)  # 73,728 products per sum: over MAX_K
+    assert vnni_cpu.conv_applies(wide[:, :16], w) and not vnni_cpu.conv_applies(wide, torch.zeros(16, 8192, 3, 3,
+                                                                                                   dtype=torch.int8))
+
+
+def test_a_prepared_network_takes_the_kernels_and_matches_the_im2col_route(monkeypatch):
+    """ResNet-like 16/32-channel layers at 8 bits, nearest rounding: on CPUs without AMX the
+    forward, grad-input (stride 1 and the phases of stride 2) and weight gradients take the VNNI
+    kernels, and outputs and every gradient equal those of the route without them bit for bit
+    (both are exact integer sums, scaled the same way)."""
+    from muppet_fx import prepare
+
+    if gemm_cpu.amx_cpu.available():
+        pytest.skip("AMX CPUs take the AMX kernels")
+    calls = {"conv2d": 0, "placed": 0, "grad_weight": 0}
+    conv2d, grad_weight = vnni_cpu.conv2d, vnni_cpu.conv_grad_weight
+
+    def counted_conv2d(*a, **k):
+        calls["placed" if "out" in k else "conv2d"] += 1
+        return conv2d(*a, **k)
+
+    def counted_grad_weight(*a):
+        calls["grad_weight"] += 1
+        return grad_weight(*a)
+
+    def run():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16),
+                                  torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                                  torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.Flatten())
+        pm = prepare(net, ladder=(8, "fp32"), rounding="nearest", grad_rounding="nearest")
+        x = torch.randn(3, 16, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+        out = pm(x)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        return [out, x.grad] + [p.grad for p in net.parameters()]
+
+    monkeypatch.setattr(vnni_cpu, "conv2d", counted_conv2d)
+    monkeypatch.setattr(vnni_cpu, "conv_grad_weight", counted_grad_weight)
+    got = run()
+    assert calls == {"conv2d": 3 + 2, "placed": 4, "grad_weight": 3}  # 3 forwards, 2 stride-1 grad-inputs, 4 phases
+    monkeypatch.setattr(vnni_cpu, "conv_applies", lambda *a: False)
+    monkeypatch.setattr(vnni_cpu, "MAX_CHANNELS", 0)
+    want = run()
+    assert calls == {"conv2d": 5, "placed": 4, "grad_weight": 3}
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
