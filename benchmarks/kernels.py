@@ -11,8 +11,9 @@ Table 2 (layers, forward + backward, everything included: quantisers, GEMMs, epi
 ``nn.Linear`` at M=N=K in {1024, 2048}, a 3x3 convolution 64->64 on 128x64x32x32 and a 4x4
 stride-2 transposed convolution 64->64 upsampling 128x64x16x16 to 32x32, FP32
 against the prepared layer at 8, 12, 14 and 16 bits (``aten`` route) and under BF16 autocast.
-Table 3 (CPUs with AMX): each 8-bit convolution product alone, FP32 against oneDNN's int8
-convolution, im2col + ``torch._int_mm`` and the AMX kernels (forward and weight gradient).
+Table 3 (CPUs with AMX or AVX-512 VNNI): each 8-bit convolution product alone, FP32 and BF16
+against oneDNN's int8 convolution, im2col + ``torch._int_mm`` and our kernels (the AMX ones, or
+without AMX the VNNI ones; forward and weight gradient).
 On CUDA (``--device cuda``) two tables measure the GPU targets instead: the Triton INT8 GEMM
 against ``torch._int_mm``, BF16 and FP16 ``torch.matmul`` at 4096^3 and the ResNet-18 GEMM shapes,
 and the implicit-GEMM INT8 convolution (forward, grad-input, grad-weight) against cuDNN BF16.
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved  # noqa: E402
 
 from muppet_fx import prepare, reuse_cpu_memory  # noqa: E402
-from muppet_fx.kernels import amx_cpu, conv_onednn, gemm_avx2, gemm_cpu  # noqa: E402
+from muppet_fx.kernels import amx_cpu, conv_onednn, gemm_avx2, gemm_cpu, vnni_cpu  # noqa: E402
 from muppet_fx.kernels.scaled_mm_cpu import scaled_int_matmul  # noqa: E402
 
 # (C_in, C_out, spatial, kernel, stride) of ResNet-18's distinct convolutions, CIFAR stem
@@ -182,11 +183,17 @@ def table_cuda_conv(args):
 
 def table_cpu_conv(args):
     """ResNet-18's convolutions (plus ResNet-20's 16- and 32-channel ones) at 8 bits, each product
-    alone: FP32 ``aten.convolution_backward`` / ``F.conv2d`` against oneDNN's int8 convolution
-    (forward), im2col + ``torch._int_mm`` and the AMX kernels (``kernels/amx_cpu``); exact
-    integer outputs, no quantisers or scaling."""
-    if not amx_cpu.available():
-        print("\nAMX convolution kernels: this CPU has no AMX int8 tiles (table skipped)")
+    alone: FP32 and BF16 ``aten.convolution_backward`` / ``F.conv2d`` against oneDNN's int8
+    convolution (forward), im2col + ``torch._int_mm`` and our kernels, on AMX CPUs the tile
+    kernels (``kernels/amx_cpu``), on AVX-512 VNNI CPUs without AMX the ``vpdpbusd`` ones
+    (``kernels/vnni_cpu``); exact integer outputs (the VNNI forward scaled to float32, as
+    oneDNN's), no quantisers."""
+    if amx_cpu.available():
+        name, forward, grad_weight = "amx", lambda x, w, geo: amx_cpu.conv_forward(x, w, *geo), amx_cpu.conv_grad_weight
+    elif vnni_cpu.available():
+        name, forward, grad_weight = "vnni", lambda x, w, geo: vnni_cpu.conv2d(x, w, 0, *geo), vnni_cpu.conv_grad_weight
+    else:
+        print("\nConvolution kernels: this CPU has neither AMX int8 tiles nor AVX-512 VNNI (table skipped)")
         return
     convs = [(16, 16, 32, 3, 1), (32, 32, 16, 3, 1)] + RESNET18_CONVS[1:]
     rows = []
@@ -198,27 +205,33 @@ def table_cpu_conv(args):
         g = torch.randint(-127, 128, (args.batch, cout, *gemm_cpu.conv_forward(x[:1], w, *geo).shape[2:]),
                           dtype=torch.int8).contiguous(memory_format=torch.channels_last)
         xf, wf, gf = x.float(), w.float(), g.float()
+        xb, wb, gb = x.bfloat16(), w.bfloat16(), g.bfloat16()
         cases = {
             "fp32 fwd": lambda: F.conv2d(xf, wf, None, *geo),
+            "bf16 fwd": lambda: F.conv2d(xb, wb, None, *geo),
             "onednn fwd": lambda: conv_onednn.conv2d(x, w, 0, *geo),
             "im2col fwd": lambda: gemm_cpu.conv_forward(x, w, *geo, amx=False),
-            "amx fwd": lambda: amx_cpu.conv_forward(x, w, *geo),
+            f"{name} fwd": lambda: forward(x, w, geo),
             "fp32 dW": lambda: torch.ops.aten.convolution_backward(gf, xf, wf, None, *geo, False, [0, 0], 1,
+                                                                   [False, True, False]),
+            "bf16 dW": lambda: torch.ops.aten.convolution_backward(gb, xb, wb, None, *geo, False, [0, 0], 1,
                                                                    [False, True, False]),
             "im2col dW": lambda: gemm_cpu.int_matmul(g.permute(0, 2, 3, 1).reshape(-1, cout).t(),
                                                      gemm_cpu.im2col(x, (k, k), *geo)),
-            "amx dW": lambda: amx_cpu.conv_grad_weight(g, x, tuple(w.shape), *geo),
+            f"{name} dW": lambda: grad_weight(g, x, tuple(w.shape), *geo),
         }
-        if amx_cpu.conv_forward(x, w, *geo) is None:
-            del cases["amx fwd"]
+        if forward(x, w, geo) is None:
+            del cases[f"{name} fwd"]
         t = interleaved(cases, args.reps)
-        ratio = lambda base, name: f"{t[base] / t[name]:.2f}" if name in t else "-"  # noqa: E731
-        rows.append([f"{cin}->{cout} {k}x{k}/{s} @{hw}", f"{t['fp32 fwd'] * 1e3:.2f}", ratio("fp32 fwd", "onednn fwd"),
-                     ratio("fp32 fwd", "im2col fwd"), ratio("fp32 fwd", "amx fwd"), f"{t['fp32 dW'] * 1e3:.2f}",
-                     ratio("fp32 dW", "im2col dW"), ratio("fp32 dW", "amx dW")])
-    print(f"\nAMX convolution kernels, CPU threads={args.threads}, batch {args.batch}: FP32 ms and speed-up over FP32")
-    print(tabulate(rows, headers=["conv", "fp32 fwd ms", "onednn", "im2col", "amx", "fp32 dW ms", "im2col",
-                                  "amx"], tablefmt="simple"))
+        ratio = lambda base, case: f"{t[base] / t[case]:.2f}" if case in t else "-"  # noqa: E731
+        rows.append([f"{cin}->{cout} {k}x{k}/{s} @{hw}", f"{t['fp32 fwd'] * 1e3:.2f}", ratio("fp32 fwd", "bf16 fwd"),
+                     ratio("fp32 fwd", "onednn fwd"), ratio("fp32 fwd", "im2col fwd"), ratio("fp32 fwd", f"{name} fwd"),
+                     f"{t['fp32 dW'] * 1e3:.2f}", ratio("fp32 dW", "bf16 dW"), ratio("fp32 dW", "im2col dW"),
+                     ratio("fp32 dW", f"{name} dW")])
+    print(f"\n{name.upper()} convolution kernels, CPU threads={args.threads}, batch {args.batch}: "
+          "FP32 ms and speed-up over FP32")
+    print(tabulate(rows, headers=["conv", "fp32 fwd ms", "bf16", "onednn", "im2col", name, "fp32 dW ms", "bf16",
+                                  "im2col", name], tablefmt="simple"))
 
 
 def table_avx2(args):

@@ -18,6 +18,7 @@
  *
  * Threads take whole images, each with its own int64 partial sums, added at the end.
  */
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -255,35 +256,72 @@ static inline void transpose16(__m512 *r) {
 
 /* The geometry of one call. */
 typedef struct {
-    int64_t C4, Cout, OH, OW, HQ, KQ, plane; /* KQ dwords per phase row, plane: dwords per c / 4 */
+    int64_t C4, Cout, OH, OW, HQ, KQ, plane; /* C4: channel dwords; KQ dwords per phase row, plane per C4 */
+    int64_t run;                             /* int16: dword steps per int32 run */
     int64_t OY, OX, ysH, ysW;                /* the grid's origin; output strides (channels: 1) */
     int KH, KW, SH, SW, DH, DW;
 } fwd_shape;
 
+/* acc[co] stored (have == 0) or added into the int64 sums part[co][16], and cleared. */
+static inline __attribute__((always_inline)) void flush(__m512i *acc, int64_t *part, int have) {
+    for (int co = 0; co < 16; ++co) {
+        __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[co]));
+        __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[co], 1));
+        if (have) {
+            lo = _mm512_add_epi64(_mm512_loadu_si512(part + co * 16), lo);
+            hi = _mm512_add_epi64(_mm512_loadu_si512(part + co * 16 + 8), hi);
+        }
+        _mm512_storeu_si512(part + co * 16, lo);
+        _mm512_storeu_si512(part + co * 16 + 8, hi);
+        acc[co] = _mm512_setzero_si512();
+    }
+}
+
 /* Output channels [co0, co0 + 16) at the 16 positions rows oh .. oh + RPV - 1, columns
- * ow .. ow + 16 / RPV - 1 of the grid (those inside it stored). */
+ * ow .. ow + 16 / RPV - 1 of the grid (those inside it stored). WIDE: int16 operands
+ * (vpdpwssd: 2 signed products per lane, no offset), int32 runs of at most g->run steps,
+ * closed between runs of channel dwords and summed in int64; else int8 (vpdpbusd, the offset
+ * taken off through corr). */
 static inline __attribute__((always_inline)) void fwd_block(const fwd_shape *g, const int32_t *xq, const int32_t *wq,
                                                              const int32_t *corr, float scale, const float *bias,
                                                              float *yn, int64_t oh, int64_t ow, int64_t co0,
-                                                             const int RPV) {
+                                                             const int RPV, const int WIDE) {
     __m512i acc[16];
+    int64_t part[256], steps = 0; /* WIDE: the int64 sums of closed runs */
+    int have = 0;
     for (int k = 0; k < 16; ++k) acc[k] = _mm512_setzero_si512();
     int64_t step = g->SH * g->SW * g->KQ; /* one output row down */
+    int64_t chunk = WIDE && g->run < g->C4 ? g->run : g->C4;
     for (int i = 0; i < g->KH; ++i)
         for (int j = 0; j < g->KW; ++j) {
             int64_t col = (int64_t)j * g->DW;
             const int32_t *xp = xq + (((g->OY + oh) * g->SH + (int64_t)i * g->DH) * g->SW + col % g->SW) * g->KQ
                                 + g->OX + ow + col / g->SW;
             const int32_t *wt = wq + (int64_t)(i * g->KW + j) * g->C4 * g->Cout + co0;
-            for (int64_t c4 = 0; c4 < g->C4; ++c4, xp += g->plane, wt += g->Cout) {
-                __m512i u = positions(xp, step, RPV);
-                for (int co = 0; co < 16; ++co) acc[co] = _mm512_dpbusd_epi32(acc[co], u, _mm512_set1_epi32(wt[co]));
+            for (int64_t c0 = 0; c0 < g->C4; c0 += chunk) {
+                int64_t c1 = c0 + chunk < g->C4 ? c0 + chunk : g->C4;
+                if (WIDE && steps + (c1 - c0) > g->run) {
+                    flush(acc, part, have);
+                    have = 1, steps = 0;
+                }
+                steps += c1 - c0;
+                for (int64_t c4 = c0; c4 < c1; ++c4, xp += g->plane, wt += g->Cout) {
+                    __m512i u = positions(xp, step, RPV);
+                    for (int co = 0; co < 16; ++co)
+                        acc[co] = WIDE ? _mm512_dpwssd_epi32(acc[co], u, _mm512_set1_epi32(wt[co]))
+                                       : _mm512_dpbusd_epi32(acc[co], u, _mm512_set1_epi32(wt[co]));
+                }
             }
         }
     __m512 r[16];
+    if (WIDE && have)
+        flush(acc, part, 1);
     for (int co = 0; co < 16; ++co) {
-        r[co] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[co], _mm512_set1_epi32(corr[co0 + co]))),
-                              _mm512_set1_ps(scale));
+        __m512 v = WIDE && have ? _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtepi64_ps(_mm512_loadu_si512(part + co * 16))),
+                                                     _mm512_cvtepi64_ps(_mm512_loadu_si512(part + co * 16 + 8)), 1)
+                  : WIDE ? _mm512_cvtepi32_ps(acc[co])
+                         : _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[co], _mm512_set1_epi32(corr[co0 + co])));
+        r[co] = _mm512_mul_ps(v, _mm512_set1_ps(scale));
         if (bias)
             r[co] = _mm512_add_ps(r[co], _mm512_set1_ps(bias[co0 + co]));
     }
@@ -296,14 +334,30 @@ static inline __attribute__((always_inline)) void fwd_block(const fwd_shape *g, 
     }
 }
 
-/* One image as xq (see above): u = 128 everywhere, then the image's dwords, gathered 16
- * columns of one phase at a time (xsW: a multiple of 4 bytes). */
-static void pack_input(const int8_t *xn, int64_t H, int64_t W, int64_t xsH, int64_t xsW, int PH, int PW,
-                       const fwd_shape *g, int32_t *xq) {
-    const __m512i fill = _mm512_set1_epi32((int32_t)0x80808080u);
+/* fwd_block with RPV and WIDE as literals. */
+static inline __attribute__((always_inline)) void fwd_variant(const fwd_shape *g, const int32_t *xq, const int32_t *wq,
+                                                               const int32_t *corr, float scale, const float *bias,
+                                                               float *yn, int64_t oh, int64_t ow, int64_t co0, int RPV,
+                                                               const int WIDE) {
+    if (RPV == 1)
+        fwd_block(g, xq, wq, corr, scale, bias, yn, oh, ow, co0, 1, WIDE);
+    else if (RPV == 2)
+        fwd_block(g, xq, wq, corr, scale, bias, yn, oh, ow, co0, 2, WIDE);
+    else
+        fwd_block(g, xq, wq, corr, scale, bias, yn, oh, ow, co0, 4, WIDE);
+}
+
+/* One image as xq (see above): `flip` everywhere (the padding's x = 0: 128 in each byte for
+ * int8, 0 for int16), then the image's dwords XOR flip, gathered 16 columns of one phase at a
+ * time (xsH, xsW in bytes, xsW a multiple of 4). Returns the largest |x| of the packed int16
+ * values (0 for int8). */
+static int64_t pack_input(const int8_t *xn, int64_t H, int64_t W, int64_t xsH, int64_t xsW, int PH, int PW,
+                          const fwd_shape *g, int32_t flip, int32_t *xq) {
+    __m512i top = _mm512_setzero_si512(); /* |x| as unsigned 16-bit lanes: |-32768| is 0x8000 */
+    const __m512i fill = _mm512_set1_epi32(flip);
     int64_t total = g->C4 * g->plane, k = 0;
     for (; k + 16 <= total; k += 16) _mm512_storeu_si512(xq + k, fill);
-    for (; k < total; ++k) xq[k] = (int32_t)0x80808080u;
+    for (; k < total; ++k) xq[k] = flip;
     const int SW = g->SW;
     const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                            _mm512_set1_epi32((int32_t)(SW * xsW / 4)));
@@ -322,24 +376,33 @@ static void pack_input(const int8_t *xn, int64_t H, int64_t W, int64_t xsH, int6
                 for (int64_t c4 = 0; c4 < g->C4; ++c4) {
                     __m512i v = _mm512_mask_i32gather_epi32(fill, m, idx, src + 4 * c4, 4);
                     _mm512_mask_storeu_epi32(dst + c4 * g->plane, m, _mm512_xor_si512(v, fill));
+                    if (!flip)
+                        top = _mm512_max_epu16(top, _mm512_abs_epi16(v));
                 }
             }
         }
+    if (flip)
+        return 0;
+    __m512i hi = _mm512_srli_epi32(top, 16), lo = _mm512_and_si512(top, _mm512_set1_epi32(0xffff));
+    return _mm512_reduce_max_epu32(_mm512_max_epu32(hi, lo));
 }
 
 /* y = conv2d(x, w) * scale (+ bias) over the OH x OW output positions from (OY, OX) on,
- * float32 at y[n * ysN + oh * ysH + ow * ysW + co]: x int8 channels-last through its element
- * strides, C % 4 == 0, Cout % 16 == 0; wq[tap][c / 4][co] (the weight's 4-channel dwords)
- * and corr[co] = 128 * sum of w[co] packed by the caller. */
-int vnni_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xsN, int64_t xsH,
-                      int64_t xsW, const int32_t *wq, const int32_t *corr, int64_t Cout, int KH, int KW, int SH, int SW,
-                      int PH, int PW, int DH, int DW, int64_t OY, int64_t OX, int64_t OH, int64_t OW, float scale,
-                      const float *bias, float *y, int64_t ysN, int64_t ysH, int64_t ysW, int nthreads) {
-    if (C % 4 || Cout % 16)
+ * float32 at y[n * ysN + oh * ysH + ow * ysW + co]: x channels-last through its strides in
+ * bytes, int8 (wide 0, C % 4 == 0) or int16 (wide 1, C % 2 == 0), Cout % 16 == 0; wq[tap][c
+ * dword][co] (the weight's 4 int8 or 2 int16 channels as a dword) packed by the caller, with
+ * corr[co] = 128 * sum of w[co] for int8, and for int16 w_top = max |w|. An int16 image's
+ * int32 runs take as many dword steps as its largest |x| allows (each adds at most
+ * 2 |x| |w|); an image where one step could overflow (|x| = |w| = 32768) fails the call. */
+int vnni_conv_forward(const int8_t *x, int wide, int64_t w_top, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xsN,
+                      int64_t xsH, int64_t xsW, const int32_t *wq, const int32_t *corr, int64_t Cout, int KH, int KW,
+                      int SH, int SW, int PH, int PW, int DH, int DW, int64_t OY, int64_t OX, int64_t OH, int64_t OW,
+                      float scale, const float *bias, float *y, int64_t ysN, int64_t ysH, int64_t ysW, int nthreads) {
+    if (C % (wide ? 2 : 4) || Cout % 16)
         return 0;
     const int RPV = OW > 8 ? 1 : OW > 4 ? 2 : 4, L = 16 / RPV;
     int64_t OWP = (OW + L - 1) / L * L, OHP = (OH + RPV - 1) / RPV * RPV;
-    fwd_shape g = {C / 4, Cout, OH, OW, 0, 0, 0, OY, OX, ysH, ysW, KH, KW, SH, SW, DH, DW};
+    fwd_shape g = {C / (wide ? 2 : 4), Cout, OH, OW, 0, 0, 0, 0, OY, OX, ysH, ysW, KH, KW, SH, SW, DH, DW};
     g.HQ = (OY + OHP - 1) * SH + (int64_t)(KH - 1) * DH + 1; /* padded rows read */
     g.KQ = OX + OWP + ((int64_t)(KW - 1) * DW) / SW + 1;      /* dwords per phase row */
     g.plane = g.HQ * SW * g.KQ;
@@ -348,22 +411,28 @@ int vnni_conv_forward(const int8_t *x, int64_t N, int64_t C, int64_t H, int64_t 
     {
         int t = omp_get_thread_num(), T = omp_get_num_threads();
         int32_t *xq = malloc((size_t)(g.C4 * g.plane) * sizeof(int32_t));
+        fwd_shape mine = g; /* this thread's run length, per image */
         if (!xq) {
 #pragma omp atomic write
             failed = 1;
         } else {
             for (int64_t n = N * t / T; n < N * (t + 1) / T; ++n) {
-            pack_input(x + n * xsN, H, W, xsH, xsW, PH, PW, &g, xq);
+                int64_t x_top = pack_input(x + n * xsN, H, W, xsH, xsW, PH, PW, &g, wide ? 0 : (int32_t)0x80808080u, xq);
+                int64_t most = 2 * x_top * w_top; /* one dword step's largest sum */
+                mine.run = most > 0 ? INT32_MAX / most : INT64_MAX;
+                if (wide && mine.run < 1) {
+#pragma omp atomic write
+                    failed = 1;
+                    break;
+                }
                 float *yn = y + n * ysN;
                 for (int64_t oh = 0; oh < OHP; oh += RPV)
                     for (int64_t ow = 0; ow < OWP; ow += L)
                         for (int64_t co0 = 0; co0 < Cout; co0 += 16) {
-                            if (RPV == 1)
-                                fwd_block(&g, xq, wq, corr, scale, bias, yn, oh, ow, co0, 1);
-                            else if (RPV == 2)
-                                fwd_block(&g, xq, wq, corr, scale, bias, yn, oh, ow, co0, 2);
+                            if (wide)
+                                fwd_variant(&mine, xq, wq, corr, scale, bias, yn, oh, ow, co0, RPV, 1);
                             else
-                                fwd_block(&g, xq, wq, corr, scale, bias, yn, oh, ow, co0, 4);
+                                fwd_variant(&mine, xq, wq, corr, scale, bias, yn, oh, ow, co0, RPV, 0);
                         }
             }
         }

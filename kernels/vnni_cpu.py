@@ -30,7 +30,7 @@ _SIGNATURES = {
     "vnni_available": (ctypes.c_int, []),
     "vnni_conv_grad_weight": (ctypes.c_int, [ctypes.c_void_p] + [_I64] * 7 + [ctypes.c_void_p] + [_I64] * 6
                               + [ctypes.c_int] * 8 + [ctypes.c_void_p, ctypes.c_int]),
-    "vnni_conv_forward": (ctypes.c_int, [ctypes.c_void_p] + [_I64] * 7 + [ctypes.c_void_p] * 2 + [_I64]
+    "vnni_conv_forward": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int] + [_I64] * 8 + [ctypes.c_void_p] * 2 + [_I64]
                           + [ctypes.c_int] * 8 + [_I64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [_I64] * 3
                           + [ctypes.c_int]),
 }
@@ -84,20 +84,27 @@ def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride,
 
 
 def conv_applies(x_m: torch.Tensor, w_m: torch.Tensor) -> bool:
-    """Whether :func:`conv2d` takes ``x_m`` and ``w_m`` (see there; the exponent aside)."""
+    """Whether :func:`conv2d` takes ``x_m`` and ``w_m`` (see there; the exponent and int16
+    extremes aside)."""
     Cout, C, kh, kw = w_m.shape if w_m.dim() == 4 else (0, 0, 0, 0)
-    return (x_m.dtype == torch.int8 and w_m.dtype == torch.int8 and x_m.dim() == 4 and x_m.device.type == "cpu"
-            and C > 0 and C % 4 == 0 and Cout % 16 == 0 and x_m.shape[1] == C and C * kh * kw <= MAX_K
-            and x_m.numel() > 0 and available())
+    per_dword = 4 if x_m.dtype == torch.int8 else 2
+    return (x_m.dtype in (torch.int8, torch.int16) and w_m.dtype == x_m.dtype and x_m.dim() == 4
+            and x_m.device.type == "cpu" and C > 0 and C % per_dword == 0 and Cout % 16 == 0 and x_m.shape[1] == C
+            and (x_m.dtype == torch.int16 or C * kh * kw <= MAX_K) and x_m.numel() > 0 and available())
 
 
 def conv2d(x_m: torch.Tensor, w_m: torch.Tensor, e: int, stride, padding, dilation,
            bias: torch.Tensor | None = None, out: torch.Tensor | None = None, origin=(0, 0)) -> torch.Tensor | None:
-    """float32 ``conv2d(x_m, w_m) * 2**e (+ bias)``, channels-last, from int8 mantissas: the
-    exact int32 sums converted to float32 once and scaled (as ``conv_onednn.conv2d``), or
-    ``None`` where the kernel does not apply (no AVX-512 VNNI/VBMI, other dtypes, input
-    channels not a multiple of 4, output channels not a multiple of 16, reductions over
-    ``MAX_K``, ``2**e`` outside float32's normal range).
+    """float32 ``conv2d(x_m, w_m) * 2**e (+ bias)``, channels-last, from int8 or int16
+    mantissas: the exact integer sums converted to float32 once and scaled (as
+    ``conv_onednn.conv2d``), or ``None`` where the kernel does not apply (no AVX-512
+    VNNI/VBMI, other dtypes, input channels not a multiple of 4 (int8) or 2 (int16), output
+    channels not a multiple of 16, int8 reductions over ``MAX_K``, ``2**e`` outside float32's
+    normal range, int16 operands both holding -32768).
+
+    int16 operands run on ``vpdpwssd`` (two signed products per int32 lane, no offset): an
+    int32 lane sums as many products as the image's and the weight's largest magnitudes allow
+    (256 pairs for 12-bit mantissas, 16 at 14 bits, 1 at 16) before they are added in int64.
 
     ``out``: where given, a float32 ``[N, qh, qw, Cout]`` view with channel stride 1 (one phase
     of a strided grad-input, as ``gemm_cpu.conv_grad_input``'s ``place``) that receives the
@@ -108,6 +115,8 @@ def conv2d(x_m: torch.Tensor, w_m: torch.Tensor, e: int, stride, padding, dilati
             or bias is not None and (bias.dtype != torch.float32 or bias.shape != (w_m.shape[0],))):
         return None
     Cout, C, kh, kw = w_m.shape
+    wide = x_m.dtype == torch.int16
+    w_top = max(-int(w_m.min()), int(w_m.max())) if wide else 0
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     N, _, H, W = x_m.shape
     OH, OW = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
@@ -124,12 +133,14 @@ def conv2d(x_m: torch.Tensor, w_m: torch.Tensor, e: int, stride, padding, dilati
     x_m = x_m.contiguous(memory_format=torch.channels_last)  # a copy only for other layouts
     # wq[i][j][c / 4][co]: 4 channels of one output channel as a dword; corr[co] = 128 * sum of
     # w[co] (the unsigned operand's offset)
-    wq = w_m.permute(2, 3, 1, 0).reshape(kh, kw, C // 4, 4, Cout).transpose(3, 4).contiguous()
-    corr = w_m.reshape(Cout, -1).sum(1, dtype=torch.int32).mul_(128)
+    per_dword = 2 if wide else 4
+    wq = w_m.permute(2, 3, 1, 0).reshape(kh, kw, C // per_dword, per_dword, Cout).transpose(3, 4).contiguous()
+    corr = None if wide else w_m.reshape(Cout, -1).sum(1, dtype=torch.int32).mul_(128)
     b = None if bias is None else bias.contiguous()
-    xn, _, xh, xw = x_m.stride()
+    xn, _, xh, xw = (stride * x_m.element_size() for stride in x_m.stride())  # bytes
     yn, yh, yw, _ = y.stride()
-    ok = lib.vnni_conv_forward(x_m.data_ptr(), N, C, H, W, xn, xh, xw, wq.data_ptr(), corr.data_ptr(), Cout,
+    ok = lib.vnni_conv_forward(x_m.data_ptr(), int(wide), w_top, N, C, H, W, xn, xh, xw, wq.data_ptr(),
+                               None if corr is None else corr.data_ptr(), Cout,
                                kh, kw, sh, sw, ph, pw, dh, dw, oy, ox, OH, OW, math.ldexp(1.0, e),
                                None if b is None else b.data_ptr(), y.data_ptr(), yn, yh, yw,
                                torch.get_num_threads())

@@ -422,11 +422,13 @@ def _use_onednn(mode: str, a: Tensor, w_m: Tensor, groups: int, e, rows: int, wi
 
 def _use_vnni(mode: str, a: Tensor, w: Tensor, groups: int, e, out_size) -> bool:
     """Whether an integer convolution of ``a`` by ``w`` with ``out_size`` output positions per
-    image takes the AVX-512 VNNI kernel (CPUs with int8 dot products but no AMX): where it
-    applies and beat oneDNN's int8 convolution, 1.1-1.3x on ResNet-20's layers and on 8x8 and
-    smaller maps at 256-512 channels (AMD EPYC Zen 5, batch 128). oneDNN kept 64+ channel layers
-    on larger maps (0.8x at 64 channels on 32x32)."""
-    return (mode == "int" and groups == 1 and isinstance(e, int) and (a.shape[1] < 64 or math.prod(out_size) <= 64)
+    image takes the AVX-512 VNNI kernel (CPUs with int8 dot products but no AMX) where it
+    applies: int8 where it beat oneDNN's int8 convolution, 1.1-1.3x on ResNet-20's layers and
+    on 8x8 and smaller maps at 256-512 channels (AMD EPYC Zen 5, batch 128; oneDNN kept 64+
+    channel layers on larger maps, 0.8x at 64 channels on 32x32); int16 (the exact routes'
+    9-16 bit convolutions) always, in one product where the split int8 ones took three or four."""
+    return (mode == "int" and groups == 1 and isinstance(e, int)
+            and (a.dtype == torch.int16 or a.shape[1] < 64 or math.prod(out_size) <= 64)
             and vnni_cpu.conv_applies(a, w) and not amx_cpu.available())
 
 

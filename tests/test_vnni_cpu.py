@@ -110,6 +110,24 @@ def test_forward_matches_exact_convolution(N, C, Cout, H, W, k, stride, padding,
     assert torch.equal(got, exact.float() * 2.0**-3 + bias.view(1, -1, 1, 1))
 
 
+@pytest.mark.parametrize("bits", [12, 14, 16])
+@pytest.mark.parametrize("N,C,Cout,H,W,k,stride,padding", [
+    (3, 16, 16, 7, 9, 3, 1, 1), (2, 64, 32, 10, 10, 3, 2, 1), (2, 6, 16, 5, 4, 3, 1, 2), (1, 128, 16, 3, 3, 3, 1, 1)])
+def test_int16_forward_matches_exact_convolution(bits, N, C, Cout, H, W, k, stride, padding):
+    """int16 mantissas of 12-16 bits, one image and one output channel at the quantiser's
+    extremes: the int32 runs (256 pairs at 12 bits, 16 at 14, 1 at 16) summed in int64 keep
+    the sums exact, then one rounding to float32 (128 channels x 9 taps: 1,152 products,
+    several runs)."""
+    top = 2 ** (bits - 1) - 1
+    gen = torch.Generator().manual_seed(bits + C)
+    x = torch.randint(-top, top + 1, (N, C, H, W), dtype=torch.int16, generator=gen)
+    w = torch.randint(-top, top + 1, (Cout, C, k, k), dtype=torch.int16, generator=gen)
+    x[0], w[0] = top, -top  # the largest products, all of one sign
+    got = vnni_cpu.conv2d(x, w, -20, stride, padding, 1)
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), stride=stride, padding=padding)
+    assert torch.equal(got, exact.float() * 2.0**-20)
+
+
 def test_forward_into_a_strided_view_from_an_origin():
     """``out`` and ``origin``: the positions from ``origin`` on, written through the view's
     strides (one phase of a strided grad-input), nothing else touched."""
@@ -130,7 +148,12 @@ def test_forward_declines_what_it_does_not_cover():
     assert vnni_cpu.conv2d(x, w[:8], 0, 1, 1, 1) is None           # output channels not 16k
     assert vnni_cpu.conv2d(x[:, :6], w[:, :6], 0, 1, 1, 1) is None  # input channels not 4k
     assert vnni_cpu.conv2d(x, w, 127, 1, 1, 1) is None             # 2**127: beyond float32's normal range
-    assert vnni_cpu.conv2d(x.short(), w.short(), 0, 1, 1, 1) is None
+    assert vnni_cpu.conv2d(x.int(), w.int(), 0, 1, 1, 1) is None
+    assert vnni_cpu.conv2d(x.short(), w, 0, 1, 1, 1) is None       # mixed widths
+    assert vnni_cpu.conv2d(x[:, :6].short(), w[:, :6].short(), 0, 1, 1, 1) is not None  # int16: channel pairs
+    assert vnni_cpu.conv2d(x[:, :5].short(), w[:, :5].short(), 0, 1, 1, 1) is None
+    x16, w16 = x.short().fill_(-32768), w.short().fill_(-32768)  # one pair of products would overflow int32
+    assert vnni_cpu.conv2d(x16, w16, 0, 1, 1, 1) is None and vnni_cpu.conv2d(x16, w16 + 1, 0, 1, 1, 1) is not None
     wide = torch.zeros(1, 8192, 3, 3, dtype=torch.int8)  # 73,728 products per sum: over MAX_K
     assert vnni_cpu.conv_applies(wide[:, :16], w) and not vnni_cpu.conv_applies(wide, torch.zeros(16, 8192, 3, 3,
                                                                                                    dtype=torch.int8))
@@ -175,5 +198,36 @@ def test_a_prepared_network_takes_the_kernels_and_matches_the_im2col_route(monke
     monkeypatch.setattr(vnni_cpu, "MAX_CHANNELS", 0)
     want = run()
     assert calls == {"conv2d": 5, "placed": 4, "grad_weight": 3}
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_the_exact_route_takes_the_int16_kernel_and_stays_exact(bits, monkeypatch):
+    """``exact=True`` at 12 and 16 bits: forward and grad-input (stride 1 and phases) of int16
+    mantissas take the kernel in one ``vpdpwssd`` product each, and every value and gradient
+    equals the split-int8 route's bit for bit."""
+    from muppet_fx import prepare
+
+    if gemm_cpu.amx_cpu.available():
+        pytest.skip("AMX CPUs take the AMX kernels")
+    dtypes = []
+    conv2d = vnni_cpu.conv2d
+    monkeypatch.setattr(vnni_cpu, "conv2d", lambda x, *a, **k: dtypes.append(x.dtype) or conv2d(x, *a, **k))
+
+    def run():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.Flatten())
+        pm = prepare(net, ladder=(bits, "fp32"), exact=True, rounding="nearest", grad_rounding="nearest")
+        x = torch.randn(2, 16, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+        out = pm(x)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        return [out, x.grad] + [p.grad for p in net.parameters()]
+
+    got = run()
+    assert dtypes == [torch.int16] * (2 + 1 + 4)  # two forwards, c1's grad-input, c2's four phases
+    monkeypatch.setattr(vnni_cpu, "conv_applies", lambda *a: False)
+    want = run()
     for a, b in zip(got, want):
         assert torch.equal(a, b)
