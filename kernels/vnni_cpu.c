@@ -1,4 +1,5 @@
-/* Convolution weight gradient on AVX-512 VNNI (vpdpbusd), for CPUs without AMX tiles.
+/* Convolutions on AVX-512 VNNI (vpdpbusd, vpdpwssd), for CPUs without AMX tiles: the weight
+ * gradient first.
  *
  * dW[co, i, j, c] = sum over output positions p of g[p, co] * x[p shifted by tap (i, j), c],
  * exact in integers. vpdpbusd multiplies 4 unsigned by 4 signed bytes per int32 lane and adds
@@ -11,12 +12,15 @@
  *
  * Per image, the input is packed once per kernel column j (xp_j[h][ow4][c][q], the input at
  * column SW * (4 ow4 + q) + j DW - PW) and the gradient once (gp[oh][ow4][co][q], 0 past OW),
- * each a 4-row byte interleave (one vpermb per 16 channels). Then for each tap and block of
- * CO_B output x CI_B * 16 input channels, CO_B * CI_B int32 accumulators stay in registers over
- * a run of the image's rows and are added into int64 sums: a lane takes at most 4 * 255 * 128
- * per group of 4 columns, so a run stays below 2**31 over RUN_GROUPS groups.
+ * each a 4-row byte interleave (one vpermb per 16 channels); images are packed together up to
+ * CHUNK_BYTES. Then for each tap and block of 16 output x 16 input channels, 16 int32
+ * accumulators stay in registers over a run of the chunk's rows and are added into int64
+ * sums: a lane takes at most 4 * 255 * 128 per group of 4 columns, so a run stays below 2**31
+ * over RUN_GROUPS groups.
  *
  * Threads take whole images, each with its own int64 partial sums, added at the end.
+ *
+ * The convolution (forward, and the grad-input as a convolution) follows below.
  */
 #include <limits.h>
 #include <stdint.h>
@@ -48,35 +52,29 @@ static inline void interleave4(const int8_t *const rows[4], int n, uint8_t flip,
     _mm512_storeu_si512(dst, _mm512_xor_si512(v, _mm512_set1_epi8((char)flip)));
 }
 
-/* Accumulators of CO_B output channels x CI_B vectors of 16 input channels over rows
- * [oh0, oh1) of one tap, added into sums[co][c] (int64, row stride `ldo`). CO_B and CI_B are
- * literals at each call, so the accumulators live in registers. */
-static inline __attribute__((always_inline)) void block(const int8_t *gp, const int8_t *xp_rows[], int64_t r0,
-                                                         int64_t r1, int64_t OW4, int64_t Coutp, int64_t C,
-                                                         int64_t co0, int64_t c0, int64_t *sums, int64_t ldo,
-                                                         const int CO_B, const int CI_B) {
+/* 16 output channels [co0, co0 + 16) x 16 input channels [c0, c0 + 16) over packed gradient
+ * rows [r0, r1) of one tap, added into sums[co][c] (int64, row stride `ldo`). One input
+ * vector per 16 broadcasts: wider blocks (2 or 4 input vectors per 8 or 4 output channels)
+ * measured no faster. */
+static inline void block(const int8_t *gp, const int8_t *xp_rows[], int64_t r0, int64_t r1, int64_t OW4,
+                         int64_t Coutp, int64_t C, int64_t co0, int64_t c0, int64_t *sums, int64_t ldo) {
     __m512i acc[16];
-    for (int k = 0; k < CO_B * CI_B; ++k) acc[k] = _mm512_setzero_si512();
+    for (int k = 0; k < 16; ++k) acc[k] = _mm512_setzero_si512();
     for (int64_t r = r0; r < r1; ++r) {
         const int8_t *xr = xp_rows[r] + c0 * 4, *gr = gp + r * OW4 * Coutp * 4 + co0 * 4;
         for (int64_t g4 = 0; g4 < OW4; ++g4, xr += C * 4, gr += Coutp * 4) {
-            __m512i u[4];
-            for (int v = 0; v < CI_B; ++v) u[v] = _mm512_loadu_si512(xr + v * 64);
-            for (int co = 0; co < CO_B; ++co) {
-                __m512i s = _mm512_set1_epi32(*(const int32_t *)(gr + co * 4));
-                for (int v = 0; v < CI_B; ++v) acc[co * CI_B + v] = _mm512_dpbusd_epi32(acc[co * CI_B + v], u[v], s);
-            }
+            __m512i u = _mm512_loadu_si512(xr);
+            for (int co = 0; co < 16; ++co)
+                acc[co] = _mm512_dpbusd_epi32(acc[co], u, _mm512_set1_epi32(*(const int32_t *)(gr + co * 4)));
         }
     }
-    for (int co = 0; co < CO_B; ++co)
-        for (int v = 0; v < CI_B; ++v) {
-            int64_t *dst = sums + (co0 + co) * ldo + c0 + v * 16;
-            __m512i a = acc[co * CI_B + v];
-            __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a));
-            __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1));
-            _mm512_storeu_si512(dst, _mm512_add_epi64(_mm512_loadu_si512(dst), lo));
-            _mm512_storeu_si512(dst + 8, _mm512_add_epi64(_mm512_loadu_si512(dst + 8), hi));
-        }
+    for (int co = 0; co < 16; ++co) {
+        int64_t *dst = sums + (co0 + co) * ldo + c0;
+        __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[co]));
+        __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[co], 1));
+        _mm512_storeu_si512(dst, _mm512_add_epi64(_mm512_loadu_si512(dst), lo));
+        _mm512_storeu_si512(dst + 8, _mm512_add_epi64(_mm512_loadu_si512(dst + 8), hi));
+    }
 }
 
 /* One image: the gradient as gp[oh][ow4][co][q] (0 past OW and Cout), its channel sums added
@@ -130,7 +128,6 @@ int vnni_conv_grad_weight(const int8_t *g, int64_t N, int64_t Cout, int64_t OH, 
     if (C % 16 || OW > 4 * (int64_t)RUN_GROUPS)
         return 0;
     int64_t OW4 = (OW + 3) / 4, Coutp = (Cout + 15) / 16 * 16, taps = (int64_t)KH * KW, ldo = taps * C;
-    int CI_B = 1, CO_B = 16 / CI_B;
     int64_t run = RUN_GROUPS / OW4 > 0 ? RUN_GROUPS / OW4 : 1; /* packed rows per int32 run */
     int nt = N < nthreads ? (int)N : nthreads;
     int64_t part = Coutp * ldo;
@@ -174,15 +171,9 @@ int vnni_conv_grad_weight(const int8_t *g, int64_t N, int64_t Cout, int64_t OH, 
                         int64_t *tap = mine + (i * KW + j) * C;
                         for (int64_t r0 = 0; r0 < R; r0 += run) {
                             int64_t r1 = r0 + run < R ? r0 + run : R;
-                            for (int64_t co0 = 0; co0 < Coutp; co0 += CO_B)
-                                for (int64_t c0 = 0; c0 < C; c0 += 16 * CI_B) {
-                                    if (CI_B == 4)
-                                        block(gp, rows, r0, r1, OW4, Coutp, C, co0, c0, tap, ldo, 4, 4);
-                                    else if (CI_B == 2)
-                                        block(gp, rows, r0, r1, OW4, Coutp, C, co0, c0, tap, ldo, 8, 2);
-                                    else
-                                        block(gp, rows, r0, r1, OW4, Coutp, C, co0, c0, tap, ldo, 16, 1);
-                                }
+                            for (int64_t co0 = 0; co0 < Coutp; co0 += 16)
+                                for (int64_t c0 = 0; c0 < C; c0 += 16)
+                                    block(gp, rows, r0, r1, OW4, Coutp, C, co0, c0, tap, ldo);
                         }
                     }
             }

@@ -1,16 +1,21 @@
-"""Convolution weight gradients on AVX-512 VNNI (``vnni_cpu.c``), exact int8 products, for CPUs
-with int8 dot products but no AMX tiles (AMD Zen 4/5, Intel Ice Lake to Sapphire Rapids'
-predecessors).
+"""Exact integer convolutions on AVX-512 VNNI (``vnni_cpu.c``) for CPUs with int8 dot products
+but no AMX tiles: AVX-512 VNNI, VBMI and BW (AMD Zen 4 and 5, Intel Ice Lake; measured on Zen
+5). Intel Cascade Lake lacks VBMI and keeps the other routes.
 
-There the integer weight gradient ``G^T @ im2col(x)`` took longer than FP32's on small-channel
-layers: writing the im2col matrix (9x the input for a 3x3 kernel) and ``torch._int_mm``'s
-long, thin reduction (16 x 131,072 x 144 on ResNet-20's first stage). This kernel packs each
-image's input and gradient once into the byte order ``vpdpbusd`` reads (4 output columns per
-int32 lane) and keeps the sums in registers; see the C source for the arithmetic.
+Without AMX the integer convolutions had fallen back to oneDNN's int8 convolution (forward,
+grad-input), which packs the weight on every call, and to im2col + ``torch._int_mm`` (weight
+gradient), whose im2col matrix is 9x the input for a 3x3 kernel and whose long, thin
+reduction (16 x 131,072 x 144 on ResNet-20's first stage) ran slower than FP32's. Here each
+image is packed once into the byte order ``vpdpbusd`` reads and 16 int32 accumulators stay in
+registers; see the C source for the layouts and the offset that makes unsigned x signed
+products exact.
 
-:func:`conv_grad_weight` returns ``None`` where it does not apply (no AVX-512 VNNI and VBMI,
-no C compiler, other dtypes, input channels not a multiple of 16), so callers keep the im2col
-route.
+- :func:`conv_grad_weight`: lanes are input channels, a lane's 4 bytes 4 output columns.
+- :func:`conv2d`: lanes are 16 output positions, a lane's 4 bytes 4 input channels; int16
+  operands on ``vpdpwssd`` (two products per lane); also one phase of a strided grad-input
+  written in place.
+
+Both return ``None`` where they do not apply, so callers keep their other routes.
 """
 from __future__ import annotations
 
