@@ -546,6 +546,10 @@ def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None,
         acc = gemm_avx2.conv2d_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
         if acc is not None:
             return acc
+    if mm is None and g_m.dtype == torch.int16 and x_m.dtype == torch.int16 and not amx_cpu.available():
+        acc = vnni_cpu.conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
+        if acc is not None:  # AVX-512 VNNI: one vpdpwssd product where the split took three or four
+            return acc
     planes = _narrow_planes(g_m, x_m)
     if planes is not None:
         return _karatsuba_bilinear(  # |h|, |l| <= 64 and |h + l| <= 127

@@ -52,20 +52,37 @@ static inline void interleave4(const int8_t *const rows[4], int n, uint8_t flip,
     _mm512_storeu_si512(dst, _mm512_xor_si512(v, _mm512_set1_epi8((char)flip)));
 }
 
+/* The int16 twin: dst[c * 2 + q] = rows[q][c] for c < 16 (n valid channels, the rest 0), two
+ * rows of 16 int16 interleaved into 32; returns max |value| in 16-bit lanes (|-32768| = 0x8000). */
+static inline __m512i interleave2(const int8_t *const rows[2], int n, int8_t *dst) {
+    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    __mmask16 m = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+    __m512i v = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m, rows[0]));
+    v = _mm512_inserti64x4(v, _mm256_maskz_loadu_epi16(m, rows[1]), 1);
+    v = _mm512_permutexvar_epi16(_mm512_loadu_si512(order), v);
+    _mm512_storeu_si512(dst, v);
+    return _mm512_abs_epi16(v);
+}
+
 /* 16 output channels [co0, co0 + 16) x 16 input channels [c0, c0 + 16) over packed gradient
- * rows [r0, r1) of one tap, added into sums[co][c] (int64, row stride `ldo`). One input
- * vector per 16 broadcasts: wider blocks (2 or 4 input vectors per 8 or 4 output channels)
- * measured no faster. */
-static inline void block(const int8_t *gp, const int8_t *xp_rows[], int64_t r0, int64_t r1, int64_t OW4,
-                         int64_t Coutp, int64_t C, int64_t co0, int64_t c0, int64_t *sums, int64_t ldo) {
+ * rows [r0, r1) of one tap, added into sums[co][c] (int64, row stride `ldo`): `groups` dwords
+ * per row (4 int8 columns or 2 int16 ones each). One input vector per 16 broadcasts: wider
+ * blocks (2 or 4 input vectors per 8 or 4 output channels) measured no faster. */
+static inline __attribute__((always_inline)) void block(const int8_t *gp, const int8_t *xp_rows[], int64_t r0,
+                                                         int64_t r1, int64_t groups, int64_t Coutp, int64_t C,
+                                                         int64_t co0, int64_t c0, int64_t *sums, int64_t ldo,
+                                                         const int WIDE) {
     __m512i acc[16];
     for (int k = 0; k < 16; ++k) acc[k] = _mm512_setzero_si512();
     for (int64_t r = r0; r < r1; ++r) {
-        const int8_t *xr = xp_rows[r] + c0 * 4, *gr = gp + r * OW4 * Coutp * 4 + co0 * 4;
-        for (int64_t g4 = 0; g4 < OW4; ++g4, xr += C * 4, gr += Coutp * 4) {
+        const int8_t *xr = xp_rows[r] + c0 * 4, *gr = gp + r * groups * Coutp * 4 + co0 * 4;
+        for (int64_t q = 0; q < groups; ++q, xr += C * 4, gr += Coutp * 4) {
             __m512i u = _mm512_loadu_si512(xr);
-            for (int co = 0; co < 16; ++co)
-                acc[co] = _mm512_dpbusd_epi32(acc[co], u, _mm512_set1_epi32(*(const int32_t *)(gr + co * 4)));
+            for (int co = 0; co < 16; ++co) {
+                __m512i s = _mm512_set1_epi32(*(const int32_t *)(gr + co * 4));
+                acc[co] = WIDE ? _mm512_dpwssd_epi32(acc[co], u, s) : _mm512_dpbusd_epi32(acc[co], u, s);
+            }
         }
     }
     for (int co = 0; co < 16; ++co) {
@@ -77,72 +94,106 @@ static inline void block(const int8_t *gp, const int8_t *xp_rows[], int64_t r0, 
     }
 }
 
-/* One image: the gradient as gp[oh][ow4][co][q] (0 past OW and Cout), its channel sums added
- * into gsum, and the input once per kernel column j as xp[j][h][ow4][c][q], u = x + 128. */
-static void pack_image(const int8_t *gn, const int8_t *xn, int64_t Cout, int64_t Coutp, int64_t OH, int64_t OW,
-                       int64_t OW4, int64_t gsH, int64_t gsW, int64_t C, int64_t H, int64_t W, int64_t xsH,
-                       int64_t xsW, int KW, int SW, int PW, int DW, const int8_t *zero, int8_t *gp, int8_t *xp,
-                       int32_t *gs, int64_t *gsum) {
-    for (int64_t co = 0; co < Coutp; ++co) gs[co] = 0;
-    for (int64_t oh = 0; oh < OH; ++oh) {
-        for (int64_t c0 = 0; c0 < Cout; c0 += 16) { /* 16 channels per vector: a loop over 16 stays scalar */
-            __mmask16 m = Cout - c0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Cout - c0)) - 1);
-            __m512i sum = _mm512_loadu_si512(gs + c0);
-            for (int64_t ow = 0; ow < OW; ++ow)
-                sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, gn + oh * gsH + ow * gsW + c0)));
-            _mm512_storeu_si512(gs + c0, sum);
-        }
-        for (int64_t g4 = 0; g4 < OW4; ++g4) {
-            const int8_t *src[4];
-            for (int q = 0; q < 4; ++q) src[q] = 4 * g4 + q < OW ? gn + oh * gsH + (4 * g4 + q) * gsW : zero;
-            for (int64_t c0 = 0; c0 < Coutp; c0 += 16) {
-                const int8_t *s16[4] = {src[0] + c0, src[1] + c0, src[2] + c0, src[3] + c0};
-                int64_t left = Cout - c0;
-                interleave4(s16, left >= 16 ? 16 : (int)left, 0, gp + ((oh * OW4 + g4) * Coutp + c0) * 4);
+/* The geometry of one weight-gradient call; strides in bytes. */
+typedef struct {
+    int64_t Cout, Coutp, OH, OW, groups, gsH, gsW, C, H, W, xsH, xsW;
+    int KW, SW, PW, DW, wide, Q; /* Q: columns per dword, 4 (int8) or 2 (int16) */
+} gw_shape;
+
+/* One image: the gradient as gp[oh][group][co][q] (0 past OW and Cout), and the input once
+ * per kernel column j as xp[j][h][group][c][q] (int8: u = x + 128, 128 in the padding; int16:
+ * x, 0 in the padding). int8: the gradient's channel sums added into gsum; int16: the largest
+ * |g| and |x| raised into tops[0], tops[1]. */
+static void pack_image(const gw_shape *s, const int8_t *gn, const int8_t *xn, const int8_t *zero, int8_t *gp,
+                       int8_t *xp, int32_t *gs, int64_t *gsum, int64_t *tops) {
+    const int Q = s->Q;
+    __m512i gtop = _mm512_setzero_si512(), xtop = _mm512_setzero_si512();
+    if (!s->wide) {
+        for (int64_t co = 0; co < s->Coutp; ++co) gs[co] = 0;
+        for (int64_t oh = 0; oh < s->OH; ++oh)
+            for (int64_t c0 = 0; c0 < s->Cout; c0 += 16) { /* 16 channels per vector: a loop over 16 stays scalar */
+                __mmask16 m = s->Cout - c0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (s->Cout - c0)) - 1);
+                __m512i sum = _mm512_loadu_si512(gs + c0);
+                for (int64_t ow = 0; ow < s->OW; ++ow)
+                    sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(
+                                                    _mm_maskz_loadu_epi8(m, gn + oh * s->gsH + ow * s->gsW + c0)));
+                _mm512_storeu_si512(gs + c0, sum);
             }
-        }
+        for (int64_t co = 0; co < s->Coutp; ++co) gsum[co] += gs[co];
     }
-    for (int64_t co = 0; co < Coutp; ++co) gsum[co] += gs[co];
-    for (int j = 0; j < KW; ++j)
-        for (int64_t h = 0; h < H; ++h)
-            for (int64_t g4 = 0; g4 < OW4; ++g4) {
-                const int8_t *src[4];
-                for (int q = 0; q < 4; ++q) {
-                    int64_t w = SW * (4 * g4 + q) + (int64_t)j * DW - PW;
-                    src[q] = w >= 0 && w < W && 4 * g4 + q < OW ? xn + h * xsH + w * xsW : zero;
-                }
-                int8_t *dst = xp + ((j * H + h) * OW4 + g4) * C * 4;
-                for (int64_t c0 = 0; c0 < C; c0 += 16) {
-                    const int8_t *s16[4] = {src[0] + c0, src[1] + c0, src[2] + c0, src[3] + c0};
-                    interleave4(s16, 16, 0x80, dst + c0 * 4);
+    for (int64_t oh = 0; oh < s->OH; ++oh)
+        for (int64_t q0 = 0; q0 < s->groups; ++q0) {
+            const int8_t *src[4];
+            for (int q = 0; q < Q; ++q) src[q] = Q * q0 + q < s->OW ? gn + oh * s->gsH + (Q * q0 + q) * s->gsW : zero;
+            for (int64_t c0 = 0; c0 < s->Coutp; c0 += 16) {
+                int64_t left = s->Cout - c0;
+                int n = left >= 16 ? 16 : (int)left;
+                int8_t *dst = gp + ((oh * s->groups + q0) * s->Coutp + c0) * 4;
+                if (Q == 4) {
+                    const int8_t *r[4] = {src[0] + c0, src[1] + c0, src[2] + c0, src[3] + c0};
+                    interleave4(r, n, 0, dst);
+                } else {
+                    const int8_t *r[2] = {src[0] + 2 * c0, src[1] + 2 * c0};
+                    gtop = _mm512_max_epu16(gtop, interleave2(r, n, dst));
                 }
             }
+        }
+    for (int j = 0; j < s->KW; ++j)
+        for (int64_t h = 0; h < s->H; ++h)
+            for (int64_t q0 = 0; q0 < s->groups; ++q0) {
+                const int8_t *src[4];
+                for (int q = 0; q < Q; ++q) {
+                    int64_t w = s->SW * (Q * q0 + q) + (int64_t)j * s->DW - s->PW;
+                    src[q] = w >= 0 && w < s->W && Q * q0 + q < s->OW ? xn + h * s->xsH + w * s->xsW : zero;
+                }
+                int8_t *dst = xp + ((j * s->H + h) * s->groups + q0) * s->C * 4;
+                for (int64_t c0 = 0; c0 < s->C; c0 += 16) {
+                    if (Q == 4) {
+                        const int8_t *r[4] = {src[0] + c0, src[1] + c0, src[2] + c0, src[3] + c0};
+                        interleave4(r, 16, 0x80, dst + c0 * 4);
+                    } else {
+                        const int8_t *r[2] = {src[0] + 2 * c0, src[1] + 2 * c0};
+                        xtop = _mm512_max_epu16(xtop, interleave2(r, 16, dst + c0 * 4));
+                    }
+                }
+            }
+    if (s->wide) {
+        __m512i mask = _mm512_set1_epi32(0xffff);
+        int64_t gt = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_srli_epi32(gtop, 16), _mm512_and_si512(gtop, mask)));
+        int64_t xt = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_srli_epi32(xtop, 16), _mm512_and_si512(xtop, mask)));
+        tops[0] = gt > tops[0] ? gt : tops[0];
+        tops[1] = xt > tops[1] ? xt : tops[1];
+    }
 }
 
-/* out[co][(i * KW + j) * C + c] (int64, Cout rows): the exact weight gradient. g and x are
- * channels-last (channel stride 1), addressed through their other element strides. */
-int vnni_conv_grad_weight(const int8_t *g, int64_t N, int64_t Cout, int64_t OH, int64_t OW, int64_t gsN,
+/* out[co][(i * KW + j) * C + c] (int64, Cout rows): the exact weight gradient of int8 (wide
+ * 0) or int16 (wide 1) operands. g and x are channels-last (channel stride 1), addressed
+ * through their other strides in bytes. int16 runs take as many rows as the chunk's largest
+ * |g| and |x| allow (2 |g| |x| per dword step); a chunk where one row could overflow int32
+ * fails the call. */
+int vnni_conv_grad_weight(const int8_t *g, int wide, int64_t N, int64_t Cout, int64_t OH, int64_t OW, int64_t gsN,
                           int64_t gsH, int64_t gsW, const int8_t *x, int64_t C, int64_t H, int64_t W, int64_t xsN,
                           int64_t xsH, int64_t xsW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW,
                           int64_t *out, int nthreads) {
-    if (C % 16 || OW > 4 * (int64_t)RUN_GROUPS)
+    int Q = wide ? 2 : 4;
+    if (C % 16 || OW > Q * (int64_t)RUN_GROUPS)
         return 0;
-    int64_t OW4 = (OW + 3) / 4, Coutp = (Cout + 15) / 16 * 16, taps = (int64_t)KH * KW, ldo = taps * C;
-    int64_t run = RUN_GROUPS / OW4 > 0 ? RUN_GROUPS / OW4 : 1; /* packed rows per int32 run */
+    int64_t groups = (OW + Q - 1) / Q, Coutp = (Cout + 15) / 16 * 16, taps = (int64_t)KH * KW, ldo = taps * C;
+    gw_shape sh = {Cout, Coutp, OH, OW, groups, gsH, gsW, C, H, W, xsH, xsW, KW, SW, PW, DW, wide, Q};
+    int64_t run8 = RUN_GROUPS / groups; /* int8: packed rows per int32 run */
     int nt = N < nthreads ? (int)N : nthreads;
     int64_t part = Coutp * ldo;
     int64_t *sums = calloc((size_t)(nt * part + nt * Coutp), sizeof(int64_t));
-    int8_t *fill = malloc((size_t)(OW4 * C * 4)); /* a packed row of the zero padding: x = 0 is u = 128 */
-    int8_t *zero = calloc((size_t)(C > Cout ? C : Cout) + 64, 1);
+    int8_t *fill = malloc((size_t)(groups * C * 4)); /* a packed row of the zero padding */
+    int8_t *zero = calloc((size_t)2 * (C > Cout ? C : Cout) + 64, 1);
     if (!sums || !fill || !zero) {
         free(sums), free(fill), free(zero);
         return 0;
     }
-    memset(fill, 0x80, (size_t)(OW4 * C * 4));
-    /* images packed together: as many as fit CHUNK_BYTES and one int32 run */
-    int64_t gbytes = OH * OW4 * Coutp * 4, xbytes = KW * H * OW4 * C * 4;
+    memset(fill, wide ? 0 : 0x80, (size_t)(groups * C * 4)); /* x = 0: u = 128 (int8), 0 (int16) */
+    /* images packed together: as many as fit CHUNK_BYTES */
+    int64_t gbytes = OH * groups * Coutp * 4, xbytes = KW * H * groups * C * 4;
     int64_t per_chunk = CHUNK_BYTES / (gbytes + xbytes);
-    per_chunk = per_chunk < RUN_GROUPS / (OH * OW4) ? per_chunk : RUN_GROUPS / (OH * OW4);
     per_chunk = per_chunk < 1 ? 1 : per_chunk;
     int failed = 0;
 #pragma omp parallel num_threads(nt)
@@ -157,23 +208,37 @@ int vnni_conv_grad_weight(const int8_t *g, int64_t N, int64_t Cout, int64_t OH, 
             failed = 1;
         } else {
             for (int64_t n0 = N * t / T, n_end = N * (t + 1) / T; n0 < n_end; n0 += per_chunk) {
-                int64_t n1 = n0 + per_chunk < n_end ? n0 + per_chunk : n_end;
+                int64_t n1 = n0 + per_chunk < n_end ? n0 + per_chunk : n_end, tops[2] = {0, 0};
                 for (int64_t n = n0; n < n1; ++n)
-                    pack_image(g + n * gsN, x + n * xsN, Cout, Coutp, OH, OW, OW4, gsH, gsW, C, H, W, xsH, xsW, KW, SW,
-                               PW, DW, zero, gp + (n - n0) * gbytes, xp + (n - n0) * xbytes, gs, gsum);
+                    pack_image(&sh, g + n * gsN, x + n * xsN, zero, gp + (n - n0) * gbytes, xp + (n - n0) * xbytes, gs,
+                               gsum, tops);
+                int64_t run = run8;
+                if (wide) {
+                    int64_t most = 2 * tops[0] * tops[1]; /* one dword step's largest sum */
+                    run = most > 0 ? INT32_MAX / most / groups : INT64_MAX;
+                    if (run < 1) {
+#pragma omp atomic write
+                        failed = 1;
+                        break;
+                    }
+                }
                 int64_t R = (n1 - n0) * OH; /* packed gradient rows, image after image */
                 for (int i = 0; i < KH; ++i)
                     for (int j = 0; j < KW; ++j) {
                         for (int64_t r = 0; r < R; ++r) {
                             int64_t h = (r % OH) * SH + (int64_t)i * DH - PH;
-                            rows[r] = h >= 0 && h < H ? xp + (r / OH) * xbytes + ((j * H + h) * OW4) * C * 4 : fill;
+                            rows[r] = h >= 0 && h < H ? xp + (r / OH) * xbytes + ((j * H + h) * groups) * C * 4 : fill;
                         }
                         int64_t *tap = mine + (i * KW + j) * C;
                         for (int64_t r0 = 0; r0 < R; r0 += run) {
                             int64_t r1 = r0 + run < R ? r0 + run : R;
                             for (int64_t co0 = 0; co0 < Coutp; co0 += 16)
-                                for (int64_t c0 = 0; c0 < C; c0 += 16)
-                                    block(gp, rows, r0, r1, OW4, Coutp, C, co0, c0, tap, ldo);
+                                for (int64_t c0 = 0; c0 < C; c0 += 16) {
+                                    if (wide)
+                                        block(gp, rows, r0, r1, groups, Coutp, C, co0, c0, tap, ldo, 1);
+                                    else
+                                        block(gp, rows, r0, r1, groups, Coutp, C, co0, c0, tap, ldo, 0);
+                                }
                         }
                     }
             }
@@ -182,12 +247,12 @@ int vnni_conv_grad_weight(const int8_t *g, int64_t N, int64_t Cout, int64_t OH, 
     }
     if (!failed)
         for (int64_t co = 0; co < Cout; ++co) {
-            int64_t total = 0;
-            for (int t = 0; t < nt; ++t) total += sums[nt * part + t * Coutp + co];
+            int64_t total = 0; /* int8: the offset's share, 128 * sum of g[., co] */
+            for (int t = 0; t < nt && !wide; ++t) total += sums[nt * part + t * Coutp + co];
             for (int64_t k = 0; k < ldo; ++k) {
-                int64_t s = -128 * total;
-                for (int t = 0; t < nt; ++t) s += sums[t * part + co * ldo + k];
-                out[co * ldo + k] = s;
+                int64_t v = -128 * total;
+                for (int t = 0; t < nt; ++t) v += sums[t * part + co * ldo + k];
+                out[co * ldo + k] = v;
             }
         }
     free(sums), free(fill), free(zero);

@@ -10,7 +10,8 @@ image is packed once into the byte order ``vpdpbusd`` reads and 16 int32 accumul
 registers; see the C source for the layouts and the offset that makes unsigned x signed
 products exact.
 
-- :func:`conv_grad_weight`: lanes are input channels, a lane's 4 bytes 4 output columns.
+- :func:`conv_grad_weight`: lanes are input channels, a lane's 4 bytes 4 output columns
+  (int16 operands on ``vpdpwssd``: 2 columns).
 - :func:`conv2d`: lanes are 16 output positions, a lane's 4 bytes 4 input channels; int16
   operands on ``vpdpwssd`` (two products per lane); also one phase of a strided grad-input
   written in place.
@@ -33,7 +34,7 @@ __all__ = ["available", "conv_applies", "conv2d", "conv_grad_weight", "MAX_CHANN
 _I64 = ctypes.c_int64
 _SIGNATURES = {
     "vnni_available": (ctypes.c_int, []),
-    "vnni_conv_grad_weight": (ctypes.c_int, [ctypes.c_void_p] + [_I64] * 7 + [ctypes.c_void_p] + [_I64] * 6
+    "vnni_conv_grad_weight": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int] + [_I64] * 7 + [ctypes.c_void_p] + [_I64] * 6
                               + [ctypes.c_int] * 8 + [ctypes.c_void_p, ctypes.c_int]),
     "vnni_conv_forward": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int] + [_I64] * 8 + [ctypes.c_void_p] * 2 + [_I64]
                           + [ctypes.c_int] * 8 + [_I64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [_I64] * 3
@@ -68,12 +69,17 @@ def _pair(v):
 def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride, padding,
                      dilation) -> torch.Tensor | None:
     """Exact int64 weight gradient ``[Cout, C, kh, kw]`` of a 2-d convolution (``groups == 1``)
-    from int8 output-gradient and input mantissas (any int8 values), or ``None`` where the
-    kernel does not apply: see the module notes. Other layouts than channels-last are copied."""
+    from int8 or int16 output-gradient and input mantissas, or ``None`` where the kernel does
+    not apply: see the module notes; int16 operands both holding -32768 are declined too.
+    Other layouts than channels-last are copied.
+
+    int8 products run on ``vpdpbusd`` (a lane's 4 bytes: 4 output columns), int16 ones on
+    ``vpdpwssd`` (2 columns), whose int32 lanes sum as many rows as the packed images' largest
+    values allow (16 columns' worth of 12-bit pairs: 256 dword steps) before int64 takes them."""
     lib = _library()
     Cout, C, kh, kw = weight_shape
-    if (lib is None or g_m.dtype != torch.int8 or x_m.dtype != torch.int8 or x_m.dim() != 4 or g_m.dim() != 4
-            or x_m.device.type != "cpu" or g_m.device.type != "cpu" or C % 16 or x_m.shape[1] != C
+    if (lib is None or g_m.dtype not in (torch.int8, torch.int16) or x_m.dtype != g_m.dtype or x_m.dim() != 4
+            or g_m.dim() != 4 or x_m.device.type != "cpu" or g_m.device.type != "cpu" or C % 16 or x_m.shape[1] != C
             or g_m.shape[1] != Cout or min(g_m.shape) == 0 or x_m.shape[0] != g_m.shape[0]):
         return None
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
@@ -82,9 +88,11 @@ def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride,
     N, _, H, W = x_m.shape
     OH, OW = g_m.shape[2:]
     out = torch.empty(Cout, kh, kw, C, dtype=torch.int64)
-    (xn, _, xh, xw), (gn, _, gh, gw) = x_m.stride(), g_m.stride()
-    ok = lib.vnni_conv_grad_weight(g_m.data_ptr(), N, Cout, OH, OW, gn, gh, gw, x_m.data_ptr(), C, H, W, xn, xh, xw,
-                                   kh, kw, sh, sw, ph, pw, dh, dw, out.data_ptr(), torch.get_num_threads())
+    size = x_m.element_size()
+    (xn, _, xh, xw), (gn, _, gh, gw) = ([v * size for v in t.stride()] for t in (x_m, g_m))  # bytes
+    ok = lib.vnni_conv_grad_weight(g_m.data_ptr(), int(size == 2), N, Cout, OH, OW, gn, gh, gw, x_m.data_ptr(), C,
+                                   H, W, xn, xh, xw, kh, kw, sh, sw, ph, pw, dh, dw, out.data_ptr(),
+                                   torch.get_num_threads())
     return out.permute(0, 3, 1, 2) if ok else None
 
 

@@ -64,10 +64,39 @@ def test_long_reductions_of_extreme_values_stay_exact():
     assert torch.equal(got, torch.full((16, 16, 1, 1), -127 * 128 * 180_000, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("bits", [12, 14])
+@pytest.mark.parametrize("N,C,Cout,H,W,k,stride,padding", [
+    (3, 16, 16, 7, 9, 3, 1, 1), (2, 32, 20, 10, 10, 3, 2, 1), (2, 16, 16, 4, 6, 3, 1, 1), (9, 16, 24, 5, 5, 1, 1, 0)])
+def test_int16_matches_exact_convolution(bits, N, C, Cout, H, W, k, stride, padding):
+    """int16 mantissas, one image at the quantiser's extremes (the largest products, of one
+    sign): int32 runs as long as the values allow (16 columns' worth of 12-bit pairs, one
+    14-bit row of at most 8 columns), int64 across."""
+    top = 2 ** (bits - 1) - 1
+    gen = torch.Generator().manual_seed(bits + C + W)
+    x = torch.randint(-top, top + 1, (N, C, H, W), dtype=torch.int16, generator=gen)
+    OH, OW = ((size + 2 * padding - k) // stride + 1 for size in (H, W))
+    g = torch.randint(-top, top + 1, (N, Cout, OH, OW), dtype=torch.int16, generator=gen)
+    x[0], g[0] = top, -top
+    got = vnni_cpu.conv_grad_weight(g, x, (Cout, C, k, k), stride, padding, 1)
+    assert torch.equal(got.double(), _exact(g, x, (Cout, C, k, k), [stride] * 2, [padding] * 2, [1, 1]))
+
+
+def test_int16_rows_too_wide_for_one_int32_run_are_declined():
+    """16-bit extremes allow one dword step (2 * 32767**2 < 2**31): a row of more than two
+    output columns cannot be summed in int32 at all, so the call declines (the routes keep
+    their other kernels); at two columns it runs, exactly."""
+    x = torch.full((2, 16, 4, 8), 32767, dtype=torch.int16)
+    g = torch.full((2, 16, 4, 8), -32767, dtype=torch.int16)
+    assert vnni_cpu.conv_grad_weight(g, x, (16, 16, 1, 1), 1, 0, 1) is None
+    got = vnni_cpu.conv_grad_weight(g[..., :2], x[..., :2], (16, 16, 1, 1), 1, 0, 1)
+    assert torch.equal(got, torch.full((16, 16, 1, 1), -(32767**2) * 16, dtype=torch.int64))
+
+
 def test_declines_what_it_does_not_cover():
     g, x = _operands(1, 16, 16, 4, 4, 3, 1, 1, 1)
     assert vnni_cpu.conv_grad_weight(g, x[:, :8], (16, 8, 3, 3), 1, 1, 1) is None  # channels not 16k
-    assert vnni_cpu.conv_grad_weight(g.short(), x.short(), (16, 16, 3, 3), 1, 1, 1) is None
+    assert vnni_cpu.conv_grad_weight(g.int(), x.int(), (16, 16, 3, 3), 1, 1, 1) is None
+    assert vnni_cpu.conv_grad_weight(g.short(), x, (16, 16, 3, 3), 1, 1, 1) is None  # mixed widths
     assert vnni_cpu.conv_grad_weight(g[:, :0], x, (0, 16, 3, 3), 1, 1, 1) is None
 
 
@@ -229,5 +258,43 @@ def test_the_exact_route_takes_the_int16_kernel_and_stays_exact(bits, monkeypatc
     assert dtypes == [torch.int16] * (2 + 1 + 4)  # two forwards, c1's grad-input, c2's four phases
     monkeypatch.setattr(vnni_cpu, "conv_applies", lambda *a: False)
     want = run()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [10, 12, 14])
+def test_9_to_14_bit_convolutions_take_the_int16_kernels_exactly(bits, monkeypatch):
+    """The default route at 9-14 bits on CPUs without AMX: convolutions of 16k-channel maps run
+    on the int16 kernels (forward, grad-input with its strided phases, weight gradient), so the
+    quantisers write no FP32 values and every value and gradient equals the exact route's on
+    the split int8 products without these kernels, bit for bit (both are exact integer sums,
+    converted to float32 once)."""
+    from muppet_fx import prepare
+
+    if gemm_cpu.amx_cpu.available():
+        pytest.skip("AMX CPUs take the AMX kernels")
+    calls = []
+    conv2d, grad_weight = vnni_cpu.conv2d, vnni_cpu.conv_grad_weight
+    monkeypatch.setattr(vnni_cpu, "conv2d", lambda x, *a, **k: calls.append(("conv", x.dtype)) or conv2d(x, *a, **k))
+    monkeypatch.setattr(vnni_cpu, "conv_grad_weight",
+                        lambda g, *a: calls.append(("dW", g.dtype)) or grad_weight(g, *a))
+
+    def run(exact):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.Flatten())
+        pm = prepare(net, ladder=(bits, "fp32"), exact=exact)
+        x = torch.randn(3, 16, 10, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+        torch.manual_seed(1)  # the same stochastic rounding draws
+        out = pm(x)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        return [out, x.grad] + [p.grad for p in net.parameters()]
+
+    got = run(False)
+    assert calls == [("conv", torch.int16)] * 2 + [("conv", torch.int16)] * 4 + [("dW", torch.int16)] \
+        + [("conv", torch.int16)] + [("dW", torch.int16)]  # forwards; c2's phases and dW; c1's grad-input and dW
+    monkeypatch.setattr(vnni_cpu, "conv_applies", lambda *a: False)
+    monkeypatch.setattr(vnni_cpu, "conv_grad_weight", lambda *a: None)
+    want = run(True)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
