@@ -298,3 +298,30 @@ def test_9_to_14_bit_convolutions_take_the_int16_kernels_exactly(bits, monkeypat
     want = run(True)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_16_bit_linear_layers_of_256_and_more_take_the_digit_products():
+    """On VNNI CPUs without AMX a 15-16 bit linear layer with every side of its GEMMs at least
+    ``VNNI_WIDE_GEMM`` runs as exact digit products (no FP32 values written): its outputs and
+    gradients equal the exact route's bit for bit, where FP32 products of the values would
+    round differently. Narrower layers keep the values."""
+    from muppet_fx import prepare, routes
+
+    if routes.amx_gemm.available() or not gemm_cpu.fast_int8():
+        pytest.skip("for CPUs with int8 dot products and no AMX")
+    x, w = torch.randn(256, 512), torch.randn(512, 512)
+    assert not routes.on_values("aten_wide", 16, conv=False, x=x, w=w)
+    assert routes.on_values("aten_wide", 16, conv=False, x=x, w=w[:64])  # N = 64: FP32 was faster
+
+    def run(exact, out_features=512):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(512, out_features)
+        pm = prepare(layer, ladder=(16, "fp32"), exact=exact, rounding="nearest", grad_rounding="nearest")
+        inp = torch.randn(256, 512, requires_grad=True)
+        out = pm(inp)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        return [out, inp.grad, layer.weight.grad, layer.bias.grad]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+    assert not torch.equal(run(False, 64)[0], run(True, 64)[0])  # the narrow one: FP32 on the values
