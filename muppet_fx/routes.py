@@ -243,8 +243,8 @@ def _wide_on_vnni(a: Tensor, b: Tensor) -> bool:
     least ``VNNI_WIDE_GEMM``. Against FP32's GEMM there (AMD EPYC Zen 5, 2 threads): 1.25-1.68x
     from 256x512x512 to 2048x512x2048, 1.6x at 1024^3 and 1.9x at 2048^3; 1.05x at
     8192x128x128 and 0.78x at 512x4096x64, which stay FP32 on the values."""
-    if a.dim() != 2 or b.dim() != 2 or amx_gemm.available() or not gemm_cpu.fast_int8():
-        return False
+    if a.dim() != 2 or b.dim() != 2 or amx_gemm.available() or not vnni_cpu.available():
+        return False  # measured on AVX-512 VNNI; AVX-VNNI-only (256-bit) CPUs keep the values
     K = a.shape[-1]
     return min(a.numel() // max(K, 1), K, b.numel() // max(K, 1)) >= VNNI_WIDE_GEMM
 
