@@ -86,8 +86,8 @@ def on_values(route: str, bits: int, conv: bool, x: Tensor | None = None, w: Ten
     :func:`_vnni_wide`, 15-16 bit ones
     (:func:`_amx_digits`), and linear layers of a 2-d input ``x`` and weight ``w`` whose GEMM
     the AMX or VNNI digit products take, :func:`_wide_on_tiles`, :func:`_wide_on_vnni`): its
-    quantisers can then write those
-    values in the pass that writes the mantissas. ``route`` as :func:`for_level` returns it."""
+    quantisers can then write those values in the pass that writes the mantissas. ``route`` as
+    :func:`for_level` returns it."""
     if conv and x is not None and (route == "aten" and 8 < bits <= 14 and (_amx_narrow(x) or _vnni_wide(x))
                                    or route == "aten_wide" and 14 < bits <= 16 and _amx_digits(x)):
         return False
@@ -458,8 +458,9 @@ def _use_vnni(mode: str, a: Tensor, w: Tensor, groups: int, e, out_size) -> bool
     image takes the AVX-512 VNNI kernel (CPUs with int8 dot products but no AMX) where it
     applies: int8 where it beat oneDNN's int8 convolution, 1.1-1.3x on ResNet-20's layers and
     on 8x8 and smaller maps at 256-512 channels (AMD EPYC Zen 5, batch 128; oneDNN kept 64+
-    channel layers on larger maps, 0.8x at 64 channels on 32x32); int16 (the exact routes'
-    9-16 bit convolutions) always, in one product where the split int8 ones took three or four."""
+    channel layers on larger maps, 0.8x at 64 channels on 32x32); int16 (9-14 bit convolutions,
+    see :func:`_vnni_wide`, and the exact routes' 15-16 bit ones) always, in one product where
+    the split int8 ones took three or four."""
     return (mode == "int" and groups == 1 and isinstance(e, int)
             and (a.dtype == torch.int16 or a.shape[1] < 64 or math.prod(out_size) <= 64)
             and vnni_cpu.conv_applies(a, w) and not amx_cpu.available())
