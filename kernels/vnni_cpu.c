@@ -341,7 +341,7 @@ static inline __attribute__((always_inline)) void flush(__m512i *acc, int64_t *p
 static inline __attribute__((always_inline)) void fwd_block(const fwd_shape *g, const int32_t *xq, const int32_t *wq,
                                                              const int32_t *corr, float scale, const float *bias,
                                                              float *yn, int64_t oh, int64_t ow, int64_t co0,
-                                                             const int RPV, const int WIDE) {
+                                                             __m512i *top, const int RPV, const int WIDE) {
     __m512i acc[16];
     int64_t part[256], steps = 0; /* WIDE: the int64 sums of closed runs */
     int have = 0;
@@ -385,22 +385,24 @@ static inline __attribute__((always_inline)) void fwd_block(const fwd_shape *g, 
     const int L = 16 / RPV;
     for (int lane = 0; lane < 16; ++lane) {
         int64_t h = oh + lane / L, w = ow + lane % L;
-        if (h < g->OH && w < g->OW)
+        if (h < g->OH && w < g->OW) {
             _mm512_storeu_ps(yn + h * g->ysH + w * g->ysW + co0, r[lane]);
+            *top = _mm512_max_epu32(*top, _mm512_and_si512(_mm512_castps_si512(r[lane]), _mm512_set1_epi32(0x7fffffff)));
+        }
     }
 }
 
 /* fwd_block with RPV and WIDE as literals. */
 static inline __attribute__((always_inline)) void fwd_variant(const fwd_shape *g, const int32_t *xq, const int32_t *wq,
                                                                const int32_t *corr, float scale, const float *bias,
-                                                               float *yn, int64_t oh, int64_t ow, int64_t co0, int RPV,
-                                                               const int WIDE) {
+                                                               float *yn, int64_t oh, int64_t ow, int64_t co0,
+                                                               __m512i *top, int RPV, const int WIDE) {
     if (RPV == 1)
-        fwd_block(g, xq, wq, corr, scale, bias, yn, oh, ow, co0, 1, WIDE);
+        fwd_block(g, xq, wq, corr, scale, bias, yn, oh, ow, co0, top, 1, WIDE);
     else if (RPV == 2)
-        fwd_block(g, xq, wq, corr, scale, bias, yn, oh, ow, co0, 2, WIDE);
+        fwd_block(g, xq, wq, corr, scale, bias, yn, oh, ow, co0, top, 2, WIDE);
     else
-        fwd_block(g, xq, wq, corr, scale, bias, yn, oh, ow, co0, 4, WIDE);
+        fwd_block(g, xq, wq, corr, scale, bias, yn, oh, ow, co0, top, 4, WIDE);
 }
 
 /* One image as xq (see above): `flip` everywhere (the padding's x = 0: 128 in each byte for
@@ -449,13 +451,17 @@ static int64_t pack_input(const int8_t *xn, int64_t H, int64_t W, int64_t xsH, i
  * dword][co] (the weight's 4 int8 or 2 int16 channels as a dword) packed by the caller, with
  * corr[co] = 128 * sum of w[co] for int8, and for int16 w_top = max |w|. An int16 image's
  * int32 runs take as many dword steps as its largest |x| allows (each adds at most
- * 2 |x| |w|); an image where one step could overflow (|x| = |w| = 32768) fails the call. */
+ * 2 |x| |w|); an image where one step could overflow (|x| = |w| = 32768) fails the call.
+ * *absmax: the largest float32 bits & 0x7fffffff stored (quantise_cpu.c's absmax_bits), so
+ * that the quantiser reading y skips its scan. */
 int vnni_conv_forward(const int8_t *x, int wide, int64_t w_top, int64_t N, int64_t C, int64_t H, int64_t W, int64_t xsN,
                       int64_t xsH, int64_t xsW, const int32_t *wq, const int32_t *corr, int64_t Cout, int KH, int KW,
                       int SH, int SW, int PH, int PW, int DH, int DW, int64_t OY, int64_t OX, int64_t OH, int64_t OW,
-                      float scale, const float *bias, float *y, int64_t ysN, int64_t ysH, int64_t ysW, int nthreads) {
+                      float scale, const float *bias, float *y, int64_t ysN, int64_t ysH, int64_t ysW, uint32_t *absmax,
+                      int nthreads) {
     if (C % (wide ? 2 : 4) || Cout % 16)
         return 0;
+    uint32_t best = 0;
     const int RPV = OW > 8 ? 1 : OW > 4 ? 2 : 4, L = 16 / RPV;
     int64_t OWP = (OW + L - 1) / L * L, OHP = (OH + RPV - 1) / RPV * RPV;
     fwd_shape g = {C / (wide ? 2 : 4), Cout, OH, OW, 0, 0, 0, 0, OY, OX, ysH, ysW, KH, KW, SH, SW, DH, DW};
@@ -463,11 +469,12 @@ int vnni_conv_forward(const int8_t *x, int wide, int64_t w_top, int64_t N, int64
     g.KQ = OX + OWP + ((int64_t)(KW - 1) * DW) / SW + 1;      /* dwords per phase row */
     g.plane = g.HQ * SW * g.KQ;
     int nt = N < nthreads ? (int)N : nthreads, failed = 0;
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) reduction(max : best)
     {
         int t = omp_get_thread_num(), T = omp_get_num_threads();
         int32_t *xq = malloc((size_t)(g.C4 * g.plane) * sizeof(int32_t));
         fwd_shape mine = g; /* this thread's run length, per image */
+        __m512i top = _mm512_setzero_si512();
         if (!xq) {
 #pragma omp atomic write
             failed = 1;
@@ -486,14 +493,17 @@ int vnni_conv_forward(const int8_t *x, int wide, int64_t w_top, int64_t N, int64
                     for (int64_t ow = 0; ow < OWP; ow += L)
                         for (int64_t co0 = 0; co0 < Cout; co0 += 16) {
                             if (wide)
-                                fwd_variant(&mine, xq, wq, corr, scale, bias, yn, oh, ow, co0, RPV, 1);
+                                fwd_variant(&mine, xq, wq, corr, scale, bias, yn, oh, ow, co0, &top, RPV, 1);
                             else
-                                fwd_variant(&mine, xq, wq, corr, scale, bias, yn, oh, ow, co0, RPV, 0);
+                                fwd_variant(&mine, xq, wq, corr, scale, bias, yn, oh, ow, co0, &top, RPV, 0);
                         }
             }
         }
+        best = _mm512_reduce_max_epu32(top);
         free(xq);
     }
+    if (absmax)
+        *absmax = best;
     return !failed;
 }
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .cbuild import bound_library
+from .quantise_cpu import remember_absmax
 
 __all__ = ["available", "conv_applies", "conv2d", "conv_grad_weight", "MAX_CHANNELS", "MAX_K"]
 
@@ -38,7 +39,7 @@ _SIGNATURES = {
                               + [ctypes.c_int] * 8 + [ctypes.c_void_p, ctypes.c_int]),
     "vnni_conv_forward": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int] + [_I64] * 8 + [ctypes.c_void_p] * 2 + [_I64]
                           + [ctypes.c_int] * 8 + [_I64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [_I64] * 3
-                          + [ctypes.c_int]),
+                          + [ctypes.POINTER(ctypes.c_uint32), ctypes.c_int]),
 }
 # Longest reduction (taps x input channels) whose int32 lanes cannot overflow: 255 * 128 each.
 MAX_K = (2**31 - 1) // (255 * 128)
@@ -137,7 +138,7 @@ def conv2d(x_m: torch.Tensor, w_m: torch.Tensor, e: int, stride, padding, dilati
     if out is None:
         if OH <= 0 or OW <= 0:
             return None
-        y = torch.empty(N, OH, OW, Cout, dtype=torch.float32)
+        y = torch.empty(N, Cout, OH, OW, dtype=torch.float32, memory_format=torch.channels_last)
     else:
         y, (OH, OW) = out, out.shape[1:3]
         if (y.dtype != torch.float32 or y.dim() != 4 or y.shape[0] != N or y.shape[3] != Cout or y.stride(3) != 1
@@ -151,12 +152,15 @@ def conv2d(x_m: torch.Tensor, w_m: torch.Tensor, e: int, stride, padding, dilati
     corr = None if wide else w_m.reshape(Cout, -1).sum(1, dtype=torch.int32).mul_(128)
     b = None if bias is None else bias.contiguous()
     xn, _, xh, xw = (stride * x_m.element_size() for stride in x_m.stride())  # bytes
-    yn, yh, yw, _ = y.stride()
+    yn, yh, yw = (y.stride(0), y.stride(1), y.stride(2)) if out is not None else (y.stride(0), y.stride(2), y.stride(3))
+    top = ctypes.c_uint32(0)
     ok = lib.vnni_conv_forward(x_m.data_ptr(), int(wide), w_top, N, C, H, W, xn, xh, xw, wq.data_ptr(),
                                None if corr is None else corr.data_ptr(), Cout,
                                kh, kw, sh, sw, ph, pw, dh, dw, oy, ox, OH, OW, math.ldexp(1.0, e),
-                               None if b is None else b.data_ptr(), y.data_ptr(), yn, yh, yw,
+                               None if b is None else b.data_ptr(), y.data_ptr(), yn, yh, yw, ctypes.byref(top),
                                torch.get_num_threads())
     if not ok:
         return None
-    return y if out is not None else y.permute(0, 3, 1, 2)
+    if out is None:
+        remember_absmax(y, top.value)  # the quantiser reading y next skips its scan
+    return y

@@ -157,6 +157,20 @@ def test_int16_forward_matches_exact_convolution(bits, N, C, Cout, H, W, k, stri
     assert torch.equal(got, exact.float() * 2.0**-20)
 
 
+def test_forward_records_its_output_maximum_for_the_next_quantiser():
+    """The stored floats' largest ``bits & 0x7fffffff`` (NaN-safe, as ``quantise_cpu``'s scan),
+    recorded on the output so that quantising it skips the scan; an in-place change voids it."""
+    from muppet_fx.kernels.quantise_cpu import _recorded_absmax
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(-128, 128, (3, 16, 7, 9), dtype=torch.int8, generator=gen)
+    w = torch.randint(-128, 128, (32, 16, 3, 3), dtype=torch.int8, generator=gen)
+    y = vnni_cpu.conv2d(x, w, -5, 1, 1, 1)
+    assert _recorded_absmax(y) == int(y.abs().max().view(torch.int32))
+    y.mul_(2)
+    assert _recorded_absmax(y) is None
+
+
 def test_forward_into_a_strided_view_from_an_origin():
     """``out`` and ``origin``: the positions from ``origin`` on, written through the view's
     strides (one phase of a strided grad-input), nothing else touched."""
