@@ -36,6 +36,27 @@
 
 int vnni_available(void) { return 1; }
 
+/* The first n of 16 lanes (all for n >= 16). */
+static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+
+/* The 16 int32 lanes of a, widened, stored into dst[0 .. 16) (have == 0) or added to them. */
+static inline __attribute__((always_inline)) void widen_into(__m512i a, int64_t *dst, int have) {
+    __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a));
+    __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1));
+    if (have) {
+        lo = _mm512_add_epi64(_mm512_loadu_si512(dst), lo);
+        hi = _mm512_add_epi64(_mm512_loadu_si512(dst + 8), hi);
+    }
+    _mm512_storeu_si512(dst, lo);
+    _mm512_storeu_si512(dst + 8, hi);
+}
+
+/* The largest of 32 unsigned 16-bit lanes. */
+static inline int64_t max_u16(__m512i v) {
+    __m512i hi = _mm512_srli_epi32(v, 16), lo = _mm512_and_si512(v, _mm512_set1_epi32(0xffff));
+    return _mm512_reduce_max_epu32(_mm512_max_epu32(hi, lo));
+}
+
 /* dst[c * 4 + q] = rows[q][c] ^ flip for c < 16 (n valid bytes per row, the rest 0 ^ flip):
  * four rows of 16 bytes interleaved into 64. */
 static inline void interleave4(const int8_t *const rows[4], int n, uint8_t flip, int8_t *dst) {
@@ -43,7 +64,7 @@ static inline void interleave4(const int8_t *const rows[4], int n, uint8_t flip,
         0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
         6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
         12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
-    __mmask16 m = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+    __mmask16 m = first_lanes(n);
     __m512i v = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(m, rows[0]));
     v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(m, rows[1]), 1);
     v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(m, rows[2]), 2);
@@ -57,7 +78,7 @@ static inline void interleave4(const int8_t *const rows[4], int n, uint8_t flip,
 static inline __m512i interleave2(const int8_t *const rows[2], int n, int8_t *dst) {
     static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    __mmask16 m = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+    __mmask16 m = first_lanes(n);
     __m512i v = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m, rows[0]));
     v = _mm512_inserti64x4(v, _mm256_maskz_loadu_epi16(m, rows[1]), 1);
     v = _mm512_permutexvar_epi16(_mm512_loadu_si512(order), v);
@@ -85,13 +106,7 @@ static inline __attribute__((always_inline)) void block(const int8_t *gp, const 
             }
         }
     }
-    for (int co = 0; co < 16; ++co) {
-        int64_t *dst = sums + (co0 + co) * ldo + c0;
-        __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[co]));
-        __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[co], 1));
-        _mm512_storeu_si512(dst, _mm512_add_epi64(_mm512_loadu_si512(dst), lo));
-        _mm512_storeu_si512(dst + 8, _mm512_add_epi64(_mm512_loadu_si512(dst + 8), hi));
-    }
+    for (int co = 0; co < 16; ++co) widen_into(acc[co], sums + (co0 + co) * ldo + c0, 1);
 }
 
 /* The geometry of one weight-gradient call; strides in bytes. */
@@ -112,7 +127,7 @@ static void pack_image(const gw_shape *s, const int8_t *gn, const int8_t *xn, co
         for (int64_t co = 0; co < s->Coutp; ++co) gs[co] = 0;
         for (int64_t oh = 0; oh < s->OH; ++oh)
             for (int64_t c0 = 0; c0 < s->Cout; c0 += 16) { /* 16 channels per vector: a loop over 16 stays scalar */
-                __mmask16 m = s->Cout - c0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (s->Cout - c0)) - 1);
+                __mmask16 m = first_lanes(s->Cout - c0);
                 __m512i sum = _mm512_loadu_si512(gs + c0);
                 for (int64_t ow = 0; ow < s->OW; ++ow)
                     sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(
@@ -158,9 +173,7 @@ static void pack_image(const gw_shape *s, const int8_t *gn, const int8_t *xn, co
                 }
             }
     if (s->wide) {
-        __m512i mask = _mm512_set1_epi32(0xffff);
-        int64_t gt = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_srli_epi32(gtop, 16), _mm512_and_si512(gtop, mask)));
-        int64_t xt = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_srli_epi32(xtop, 16), _mm512_and_si512(xtop, mask)));
+        int64_t gt = max_u16(gtop), xt = max_u16(xtop);
         tops[0] = gt > tops[0] ? gt : tops[0];
         tops[1] = xt > tops[1] ? xt : tops[1];
     }
@@ -321,14 +334,7 @@ typedef struct {
 /* acc[co] stored (have == 0) or added into the int64 sums part[co][16], and cleared. */
 static inline __attribute__((always_inline)) void flush(__m512i *acc, int64_t *part, int have) {
     for (int co = 0; co < 16; ++co) {
-        __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[co]));
-        __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[co], 1));
-        if (have) {
-            lo = _mm512_add_epi64(_mm512_loadu_si512(part + co * 16), lo);
-            hi = _mm512_add_epi64(_mm512_loadu_si512(part + co * 16 + 8), hi);
-        }
-        _mm512_storeu_si512(part + co * 16, lo);
-        _mm512_storeu_si512(part + co * 16 + 8, hi);
+        widen_into(acc[co], part + co * 16, have);
         acc[co] = _mm512_setzero_si512();
     }
 }
@@ -439,10 +445,7 @@ static int64_t pack_input(const int8_t *xn, int64_t H, int64_t W, int64_t xsH, i
                 }
             }
         }
-    if (flip)
-        return 0;
-    __m512i hi = _mm512_srli_epi32(top, 16), lo = _mm512_and_si512(top, _mm512_set1_epi32(0xffff));
-    return _mm512_reduce_max_epu32(_mm512_max_epu32(hi, lo));
+    return flip ? 0 : max_u16(top);
 }
 
 /* y = conv2d(x, w) * scale (+ bias) over the OH x OW output positions from (OY, OX) on,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .amx_cpu import _pairs
 from .cbuild import bound_library
 from .quantise_cpu import remember_absmax
 
@@ -63,10 +64,6 @@ def available() -> bool:
     return _library() is not None
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride, padding,
                      dilation) -> torch.Tensor | None:
     """Exact int64 weight gradient ``[Cout, C, kh, kw]`` of a 2-d convolution (``groups == 1``)
@@ -83,7 +80,7 @@ def conv_grad_weight(g_m: torch.Tensor, x_m: torch.Tensor, weight_shape, stride,
             or g_m.dim() != 4 or x_m.device.type != "cpu" or g_m.device.type != "cpu" or C % 16 or x_m.shape[1] != C
             or g_m.shape[1] != Cout or min(g_m.shape) == 0 or x_m.shape[0] != g_m.shape[0]):
         return None
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    (sh, sw), (ph, pw), (dh, dw) = _pairs(stride, padding, dilation)
     x_m = x_m.contiguous(memory_format=torch.channels_last)  # a copy only for other layouts
     g_m = g_m.contiguous(memory_format=torch.channels_last)
     N, _, H, W = x_m.shape
@@ -124,14 +121,16 @@ def conv2d(x_m: torch.Tensor, w_m: torch.Tensor, e: int, stride, padding, dilati
     of a strided grad-input, as ``gemm_cpu.conv_grad_input``'s ``place``) that receives the
     output positions ``origin[0] .. origin[0] + qh - 1`` by ``origin[1] .. origin[1] + qw - 1``;
     returns ``out``."""
+    from .gemm_cpu import _max_abs  # gemm_cpu imports this module
+
     lib = _library()
     if (not conv_applies(x_m, w_m) or not -126 <= e <= 126
             or bias is not None and (bias.dtype != torch.float32 or bias.shape != (w_m.shape[0],))):
         return None
     Cout, C, kh, kw = w_m.shape
     wide = x_m.dtype == torch.int16
-    w_top = max(-int(w_m.min()), int(w_m.max())) if wide else 0
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    w_top = _max_abs(w_m) if wide else 0
+    (sh, sw), (ph, pw), (dh, dw) = _pairs(stride, padding, dilation)
     N, _, H, W = x_m.shape
     OH, OW = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     oy, ox = origin
