@@ -125,6 +125,9 @@ def test_the_integer_route_takes_it_up_to_max_channels(monkeypatch):
     (2, 4, 16, 6, 6, 3, 1, 0, 1),
     (5, 12, 32, 3, 3, 3, 1, 1, 1),     # an odd batch over two threads
     (1, 8, 16, 4, 37, 3, (1, 3), (0, 4), (1, 2)),  # padded wider than the kernel, mixed strides
+    # stride 1 over 16+ columns: 16 pixels of 2, 4 or 8 channel dwords packed by the permute
+    # tree, the tail of 3 columns by the 16 x 16 transpose
+    (2, 8, 16, 3, 35, 3, 1, 1, 1), (2, 16, 16, 4, 33, 3, 1, 1, 1), (1, 32, 16, 3, 19, 3, 1, 0, 1),
 ])
 def test_forward_matches_exact_convolution(N, C, Cout, H, W, k, stride, padding, dilation):
     """The int32 sums are exact; converted to float32 once and scaled by 2**-3 (exact), plus
@@ -141,7 +144,8 @@ def test_forward_matches_exact_convolution(N, C, Cout, H, W, k, stride, padding,
 
 @pytest.mark.parametrize("bits", [12, 14, 16])
 @pytest.mark.parametrize("N,C,Cout,H,W,k,stride,padding", [
-    (3, 16, 16, 7, 9, 3, 1, 1), (2, 64, 32, 10, 10, 3, 2, 1), (2, 6, 16, 5, 4, 3, 1, 2), (1, 128, 16, 3, 3, 3, 1, 1)])
+    (3, 16, 16, 7, 9, 3, 1, 1), (2, 64, 32, 10, 10, 3, 2, 1), (2, 6, 16, 5, 4, 3, 1, 2), (1, 128, 16, 3, 3, 3, 1, 1),
+    (2, 4, 16, 3, 35, 3, 1, 1), (1, 8, 16, 2, 18, 3, 1, 1), (2, 16, 16, 3, 33, 3, 1, 1)])  # the permute tree
 def test_int16_forward_matches_exact_convolution(bits, N, C, Cout, H, W, k, stride, padding):
     """int16 mantissas of 12-16 bits, one image and one output channel at the quantiser's
     extremes: the int32 runs (256 pairs at 12 bits, 16 at 14, 1 at 16) summed in int64 keep
@@ -339,3 +343,30 @@ def test_16_bit_linear_layers_of_256_and_more_take_the_digit_products():
     for a, b in zip(run(False), run(True)):
         assert torch.equal(a, b)
     assert not torch.equal(run(False, 64)[0], run(True, 64)[0])  # the narrow one: FP32 on the values
+
+
+def test_pointwise_convolutions_of_64_channels_stay_one_gemm(monkeypatch):
+    """1x1 unpadded int8 convolutions of 64+ input channels (ResNet's shortcuts) run as one
+    GEMM on CPUs without AMX, neither oneDNN's nor the VNNI convolution, and give the same
+    exact values; 3x3 ones and narrower 1x1 ones keep the convolution kernels."""
+    from muppet_fx import prepare
+    from muppet_fx.kernels import conv_onednn
+
+    if gemm_cpu.amx_cpu.available():
+        pytest.skip("AMX CPUs take the AMX kernels")
+    called = []
+    for module, name in ((vnni_cpu, "conv2d"), (conv_onednn, "conv2d")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, f=original, m=module.__name__, **k: called.append(
+            (m.rsplit(".", 1)[1], tuple(a[1].shape))) or f(*a, **k))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(64, 128, 1, stride=2, bias=False), torch.nn.ReLU(),
+                              torch.nn.Conv2d(128, 128, 1, bias=False), torch.nn.ReLU(),
+                              torch.nn.Conv2d(128, 32, 1, bias=False), torch.nn.Conv2d(32, 16, 1, bias=False))
+    pm = prepare(net, ladder=(8, "fp32"), rounding="nearest", grad_rounding="nearest")
+    x = torch.randn(2, 64, 9, 9).contiguous(memory_format=torch.channels_last)
+    y = pm(x)
+    forwards = [c for c in called if c[1][2:] == (1, 1)]
+    assert forwards == [("vnni_cpu", (16, 32, 1, 1))]  # only the 32-channel one
+    want = prepare(net, ladder=(8, "fp32"), rounding="nearest", grad_rounding="nearest", backend="emulate")(x)
+    assert torch.equal(y, want)  # exact sums; FP32 ones of these integers (below 2**24) are exact too
