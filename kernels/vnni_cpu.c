@@ -411,7 +411,7 @@ static inline __attribute__((always_inline)) void fwd_variant(const fwd_shape *g
         fwd_block(g, xq, wq, corr, scale, bias, yn, oh, ow, co0, top, 4, WIDE);
 }
 
-/* Index vectors for split_columns, level by level: idx[level][half]. A level's registers hold
+/* Index vectors for pack_tree, level by level: idx[level][half]. A level's registers hold
  * P pixels x K channel dwords each, channel fastest; a pair (pixels 0 .. P - 1 in a, P .. 2P - 1
  * in b) becomes two registers of 2P pixels x K / 2 channels: the lower channels (half 0) and
  * the upper ones (half 1). */
@@ -430,20 +430,36 @@ static void split_indices(int C4, __m512i idx[4][2]) {
     }
 }
 
-/* 16 pixels x C4 channel dwords (C4 = 2, 4 or 8), contiguous in v[0 .. C4) (pixel-major),
- * transposed into v[c] = channel dword c of the 16 pixels: log2(C4) levels of C4 two-source
- * permutes (8 for C4 = 4, where a 16 x 16 transpose takes 64 shuffles). */
-static inline void split_columns(__m512i *v, int C4, __m512i idx[4][2]) {
-    __m512i t[8];
+/* 16 pixels x C4 channel dwords (C4 = 2, 4 or 8, a literal) from src, contiguous (pixel-major),
+ * stored as the C4 plane rows dst + c * plane (XOR fill): log2(C4) levels of C4 two-source
+ * permutes (8 for C4 = 4, where a 16 x 16 transpose takes 64 shuffles). Raises *top by the
+ * int16 magnitudes (flip == 0). */
+static inline __attribute__((always_inline)) void pack_tree(const int8_t *src, int32_t *dst, int64_t plane,
+                                                             __m512i fill, int32_t flip, __m512i *top,
+                                                             __m512i idx[4][2], const int C4) {
+    __m512i v[8], t[8];
+#pragma GCC unroll 8
+    for (int k = 0; k < C4; ++k) v[k] = _mm512_loadu_si512(src + 64 * k);
     int level = 0;
+#pragma GCC unroll 3
     for (int groups = C4; groups > 1; groups /= 2, ++level) { /* groups: pixel groups per channel set */
-        int sets = C4 / groups, n = 0;
-        for (int h = 0; h < sets; ++h)         /* v[h * groups + g]: pixel group g, channel set h */
+        int n = 0;
+#pragma GCC unroll 4
+        for (int h = 0; h < C4 / groups; ++h) /* v[h * groups + g]: pixel group g, channel set h */
+#pragma GCC unroll 2
             for (int half = 0; half < 2; ++half)
+#pragma GCC unroll 4
                 for (int g = 0; g < groups; g += 2)
                     t[n++] = _mm512_permutex2var_epi32(v[h * groups + g], idx[level][half], v[h * groups + g + 1]);
         /* t is ordered (set h, half, group pair): the new channel set 2h + half, groups / 2 of them */
+#pragma GCC unroll 8
         for (int k = 0; k < C4; ++k) v[k] = t[k];
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < C4; ++c) {
+        _mm512_storeu_si512(dst + c * plane, _mm512_xor_si512(v[c], fill));
+        if (!flip)
+            *top = _mm512_max_epu16(*top, _mm512_abs_epi16(v[c]));
     }
 }
 
@@ -470,7 +486,7 @@ static int64_t pack_input(const int8_t *xn, int64_t H, int64_t W, int64_t xsH, i
         for (int ph = 0; ph < SW; ++ph) {
             int64_t w0 = ((ph - PW) % SW + SW) % SW; /* first column with (w + PW) % SW == ph */
             for (int64_t w = w0; w < W; w += 16 * SW) {
-                int64_t kq = (w + PW) / SW, lanes = (W - w + SW - 1) / SW;
+                int64_t kq = SW == 1 ? w + PW : (w + PW) / SW, lanes = SW == 1 ? W - w : (W - w + SW - 1) / SW;
                 lanes = lanes < 16 ? lanes : 16;
                 lanes = lanes < g->KQ - kq ? lanes : g->KQ - kq;
                 if (lanes <= 0)
@@ -478,15 +494,13 @@ static int64_t pack_input(const int8_t *xn, int64_t H, int64_t W, int64_t xsH, i
                 __mmask16 m = first_lanes(lanes);
                 const int8_t *src = xn + h * xsH + w * xsW;
                 int32_t *dst = xq + ((h + PH) * SW + ph) * g->KQ + kq;
-                if (tree && lanes == 16) { /* 16 contiguous pixels: C4 full loads */
-                    __m512i v[8];
-                    for (int k = 0; k < g->C4; ++k) v[k] = _mm512_loadu_si512(src + 64 * k);
-                    split_columns(v, (int)g->C4, idx);
-                    for (int64_t c = 0; c < g->C4; ++c) {
-                        _mm512_storeu_si512(dst + c * g->plane, _mm512_xor_si512(v[c], fill));
-                        if (!flip)
-                            top = _mm512_max_epu16(top, _mm512_abs_epi16(v[c]));
-                    }
+                if (tree && lanes == 16) { /* 16 contiguous pixels; literal sizes keep it in registers */
+                    if (g->C4 == 2)
+                        pack_tree(src, dst, g->plane, fill, flip, &top, idx, 2);
+                    else if (g->C4 == 4)
+                        pack_tree(src, dst, g->plane, fill, flip, &top, idx, 4);
+                    else
+                        pack_tree(src, dst, g->plane, fill, flip, &top, idx, 8);
                     continue;
                 }
                 for (int64_t c0 = 0; c0 < g->C4; c0 += 16) {
