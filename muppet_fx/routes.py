@@ -411,13 +411,13 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
     if _int_conv(mode, x_m, groups, w_axis):
         e = _exponent(x_s, w_s)
         out_size = conv_out_size(x_m, w_m, stride, padding, dilation)
-        pointwise = _pointwise_gemm(mode, x_m, w_m, padding, groups)
-        if not pointwise and _use_vnni(mode, x_m, w_m, groups, e, out_size):
+        kernel = _vnni_cpu_kernel(x_m, w_m, math.prod(out_size), any(s != 1 for s in stride), grad_input=False)
+        if kernel in ("vnni", None) and _use_vnni(mode, x_m, w_m, groups, e):
             y = vnni_cpu.conv2d(x_m, w_m, e, stride, padding, dilation)
             if y is not None:
                 return (y if bias is None else y.add_(_along1(bias, y))), False
-        if not pointwise and _use_onednn(mode, x_m, w_m, groups, e, x_m.shape[0] * math.prod(out_size),
-                                         out_size[-1]):
+        if kernel in ("onednn", None) and _use_onednn(mode, x_m, w_m, groups, e, x_m.shape[0] * math.prod(out_size),
+                                                      out_size[-1]):
             y = conv_onednn.conv2d(x_m, w_m, e, stride, padding, dilation)
             return (y if bias is None else y.add_(_along1(bias, y))), False
         if x_m.dtype == torch.int16 and isinstance(e, int) and not _avx2_narrow():  # three or four int8 products
@@ -455,28 +455,39 @@ def _use_onednn(mode: str, a: Tensor, w_m: Tensor, groups: int, e, rows: int, wi
             and not amx_cpu.conv_applies(a, w_m, width))
 
 
-def _pointwise_gemm(mode: str, a: Tensor, w: Tensor, padding, groups: int) -> bool:
-    """Whether an int8 1x1 unpadded convolution of 64+ input channels stays one GEMM
-    (``gemm_cpu.conv_forward``: the strided positions, then ``torch._int_mm``) on CPUs without
-    AMX rather than taking oneDNN's or the VNNI convolution: ResNet-18's stride-2 shortcuts ran
-    2.6-3.8x FP32 that way against 1.3-1.7x (oneDNN) and 1.4-1.9x (VNNI), stride-1 ones 1.06-1.15x
-    faster than oneDNN (AMD EPYC Zen 5, batch 128). Below 64 channels the reduction is too short
-    for the GEMM (16 channels: 0.71x FP32, VNNI 0.86x)."""
-    return (mode == "int" and groups == 1 and a.dtype == torch.int8 and w.dim() == 4 and w.shape[2:] == (1, 1)
-            and a.shape[1] >= 64 and not any(padding) and not amx_cpu.available())
+def _vnni_cpu_kernel(a: Tensor, w: Tensor, positions: int, strided: bool, grad_input: bool) -> str | None:
+    """Which kernel an int8 convolution of ``a`` (64+ channels) by ``w`` with ``positions``
+    output positions per image takes on AVX-512 VNNI CPUs without AMX: ``"vnni"``
+    (``kernels/vnni_cpu``), ``"onednn"`` or ``"gemm"`` (im2col + ``torch._int_mm``); ``None``
+    where this choice does not apply (other CPUs and dtypes, fewer channels: the VNNI kernel
+    where it applies). For a grad-input, ``positions`` are the input's and ``strided`` the
+    forward's stride (its phases are written in place by the VNNI kernel).
+
+    From the route functions on ResNet-18's layers (AMD EPYC Zen 5, 2 threads, batch 128, ms
+    for vnni / oneDNN / gemm): maps of 16 positions (256-512 channels) on the GEMM, forward
+    4.9 / 6.7 / 3.5 and 9.7 / 12.1 / 7.0, grad-input 10.3 / 13.2 / 7.6 (stride 1); strided
+    layers on the VNNI kernel, grad-input 5.6 / 12.6 / 11.9 (64->128, 3x3/2 on 32x32) and
+    1.5 / 2.7 / 2.4 (1x1/2), except 1x1/2 forwards, a subsample and one GEMM: 1.5 / 1.9 / 1.4,
+    1.2 / 1.5 / 0.8; stride 1 on maps over 256 positions (3x3) on oneDNN: 7.6 / 7.1 / 16.4."""
+    if (a.dtype != torch.int8 or a.dim() != 4 or a.shape[1] < 64 or w.dim() != 4 or amx_cpu.available()
+            or not vnni_cpu.available()):
+        return None
+    pointwise = tuple(w.shape[2:]) == (1, 1)
+    if positions <= 16 and a.shape[1] >= 128 and not (strided and grad_input):
+        return "gemm"
+    if strided:
+        return "gemm" if pointwise and not grad_input else "vnni"
+    return "onednn" if positions > 256 and not pointwise else "vnni"
 
 
-def _use_vnni(mode: str, a: Tensor, w: Tensor, groups: int, e, out_size) -> bool:
-    """Whether an integer convolution of ``a`` by ``w`` with ``out_size`` output positions per
-    image takes the AVX-512 VNNI kernel (CPUs with int8 dot products but no AMX) where it
-    applies: int8 where it beat oneDNN's int8 convolution, 1.1-1.3x on ResNet-20's layers and
-    on 8x8 and smaller maps at 256-512 channels (AMD EPYC Zen 5, batch 128; oneDNN kept 64+
-    channel layers on larger maps, 0.8x at 64 channels on 32x32); int16 (9-14 bit convolutions,
-    see :func:`_vnni_wide`, and the exact routes' 15-16 bit ones) always, in one product where
-    the split int8 ones took three or four."""
-    return (mode == "int" and groups == 1 and isinstance(e, int)
-            and (a.dtype == torch.int16 or a.shape[1] < 64 or math.prod(out_size) <= 64)
-            and vnni_cpu.conv_applies(a, w) and not amx_cpu.available())
+def _use_vnni(mode: str, a: Tensor, w: Tensor, groups: int, e) -> bool:
+    """Whether an integer convolution of ``a`` by ``w`` can take the AVX-512 VNNI kernel (CPUs
+    with int8 dot products but no AMX): int8 ones of fewer than 64 channels (1.1-1.3x oneDNN's
+    int8 convolution on ResNet-20's layers; :func:`_vnni_cpu_kernel` picks for wider ones) and
+    int16 ones (9-14 bit convolutions, see :func:`_vnni_wide`, and the exact routes' 15-16 bit
+    ones), in one product where the split int8 ones took three or four."""
+    return (mode == "int" and groups == 1 and isinstance(e, int) and vnni_cpu.conv_applies(a, w)
+            and not amx_cpu.available())
 
 
 def conv_out_size(x: Tensor, w: Tensor, stride, padding, dilation) -> list[int]:
@@ -585,13 +596,15 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
         e = _exponent(g_s, w_s)
         conv = place = None
         w_t = w_m.transpose(0, 1)  # the stride-1 convolution's weight, as far as amx_cpu's test goes
+        kernel = _vnni_cpu_kernel(g_m, w_t, math.prod(x_shape[2:]), any(s != 1 for s in stride), grad_input=True)
         if isinstance(e, int) and -126 <= e <= 126 and (amx_cpu.conv_applies(g_m, w_t, x_shape[-1])
                                                           or g_m.dtype == torch.int16 and _amx_narrow(g_m)):
             conv = _scaled_conv(e, wide=route == "aten_wide")
             place = _placed_conv(e) if route != "aten_wide" else None
-        elif _use_vnni(mode, g_m, w_t, groups, e, x_shape[2:]):
+        elif kernel in ("vnni", None) and _use_vnni(mode, g_m, w_t, groups, e):
             conv, place = _vnni_conv(e, mode), _vnni_placed(e)
-        elif _use_onednn(mode, g_m, w_t, groups, e, x_shape[0] * math.prod(x_shape[2:]), x_shape[-1]):
+        elif kernel in ("onednn", None) and _use_onednn(mode, g_m, w_t, groups, e, x_shape[0] * math.prod(x_shape[2:]),
+                                                        x_shape[-1]):
             conv = lambda x, w, s, p, d: conv_onednn.conv2d(x, w, e, s, p, d)  # noqa: E731
         gx = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(mode),
                                       conv=conv, place=place)

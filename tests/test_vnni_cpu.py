@@ -345,28 +345,48 @@ def test_16_bit_linear_layers_of_256_and_more_take_the_digit_products():
     assert not torch.equal(run(False, 64)[0], run(True, 64)[0])  # the narrow one: FP32 on the values
 
 
-def test_pointwise_convolutions_of_64_channels_stay_one_gemm(monkeypatch):
-    """1x1 unpadded int8 convolutions of 64+ input channels (ResNet's shortcuts) run as one
-    GEMM on CPUs without AMX, neither oneDNN's nor the VNNI convolution, and give the same
-    exact values; 3x3 ones and narrower 1x1 ones keep the convolution kernels."""
-    from muppet_fx import prepare
+def test_wide_int8_layers_take_the_kernel_measured_fastest(monkeypatch):
+    """64+ channel int8 layers on CPUs without AMX (``routes._vnni_cpu_kernel``): a 1x1 stride-2
+    shortcut's forward is one GEMM of the subsampled input, its grad-input the VNNI kernel's
+    phase written in place, its weight gradient im2col + ``torch._int_mm``; 128 channels on a
+    4x4 map run on the GEMM both ways; a 3x3 stride-1 layer on a 48x48 map takes oneDNN. Every
+    value and gradient equals that of the routes without the VNNI kernels (oneDNN and im2col) bit
+    for bit: all are exact integer sums."""
+    from muppet_fx import prepare, routes
     from muppet_fx.kernels import conv_onednn
 
     if gemm_cpu.amx_cpu.available():
         pytest.skip("AMX CPUs take the AMX kernels")
-    called = []
-    for module, name in ((vnni_cpu, "conv2d"), (conv_onednn, "conv2d")):
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, f=original, m=module.__name__, **k: called.append(
-            (m.rsplit(".", 1)[1], tuple(a[1].shape))) or f(*a, **k))
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(64, 128, 1, stride=2, bias=False), torch.nn.ReLU(),
-                              torch.nn.Conv2d(128, 128, 1, bias=False), torch.nn.ReLU(),
-                              torch.nn.Conv2d(128, 32, 1, bias=False), torch.nn.Conv2d(32, 16, 1, bias=False))
-    pm = prepare(net, ladder=(8, "fp32"), rounding="nearest", grad_rounding="nearest")
-    x = torch.randn(2, 64, 9, 9).contiguous(memory_format=torch.channels_last)
-    y = pm(x)
-    forwards = [c for c in called if c[1][2:] == (1, 1)]
-    assert forwards == [("vnni_cpu", (16, 32, 1, 1))]  # only the 32-channel one
-    want = prepare(net, ladder=(8, "fp32"), rounding="nearest", grad_rounding="nearest", backend="emulate")(x)
-    assert torch.equal(y, want)  # exact sums; FP32 ones of these integers (below 2**24) are exact too
+    conv_onednn.available()  # its one-time exactness probe, before the calls are counted
+    calls = []
+    conv2d, onednn, grad_weight = vnni_cpu.conv2d, conv_onednn.conv2d, vnni_cpu.conv_grad_weight
+    monkeypatch.setattr(vnni_cpu, "conv2d", lambda x, w, *a, **k: calls.append(
+        ("vnni placed" if "out" in k else "vnni", tuple(w.shape))) or conv2d(x, w, *a, **k))
+    monkeypatch.setattr(conv_onednn, "conv2d", lambda x, w, *a: calls.append(("onednn", tuple(w.shape)))
+                        or onednn(x, w, *a))
+    monkeypatch.setattr(vnni_cpu, "conv_grad_weight", lambda g, x, shape, *a: calls.append(
+        ("vnni dW", tuple(shape))) or grad_weight(g, x, shape, *a))
+
+    def run():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1, bias=False), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(64, 128, 1, stride=12, bias=False), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(128, 128, 3, padding=1, bias=False), torch.nn.Flatten())
+        pm = prepare(net, ladder=(8, "fp32"), rounding="nearest", grad_rounding="nearest")
+        x = torch.randn(2, 64, 48, 48).contiguous(memory_format=torch.channels_last).requires_grad_()
+        out = pm(x)  # 48x48 (oneDNN's), then 4x4 maps
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        return [out, x.grad] + [p.grad for p in net.parameters()]
+
+    got = run()
+    first = (64, 64, 3, 3)  # its grad-input's weight (transposed) has the same shape
+    # nothing for the 4x4 layer's three products, nor the shortcut's forward and weight gradient
+    assert sorted(calls) == sorted([("onednn", first), ("onednn", first), ("vnni dW", first),
+                                    ("vnni placed", (64, 128, 1, 1))])
+    calls.clear()
+    monkeypatch.setattr(routes, "_vnni_cpu_kernel", lambda *a, **k: "onednn")
+    monkeypatch.setattr(vnni_cpu, "MAX_CHANNELS", 0)
+    want = run()
+    assert calls == [("onednn", first), ("onednn", first)]  # the rest on im2col: too few rows for oneDNN
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
