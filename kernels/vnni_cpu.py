@@ -147,8 +147,8 @@ def conv2d(x_m: torch.Tensor, w_m: torch.Tensor, e: int, stride, padding, dilati
     # wq[i][j][c / 4][co]: 4 channels of one output channel as a dword; corr[co] = 128 * sum of
     # w[co] (the unsigned operand's offset)
     per_dword = 2 if wide else 4
-    wq = w_m.permute(2, 3, 1, 0).reshape(kh, kw, C // per_dword, per_dword, Cout).transpose(3, 4).contiguous()
-    corr = None if wide else w_m.reshape(Cout, -1).sum(1, dtype=torch.int32).mul_(128)
+    wq = w_m.permute(2, 3, 1, 0).unflatten(2, (C // per_dword, per_dword)).transpose(3, 4).contiguous()  # one copy
+    corr = None if wide else w_m.sum((1, 2, 3), dtype=torch.int32).mul_(128)
     b = None if bias is None else bias.contiguous()
     xn, _, xh, xw = (stride * x_m.element_size() for stride in x_m.stride())  # bytes
     yn, yh, yw = (y.stride(0), y.stride(1), y.stride(2)) if out is not None else (y.stride(0), y.stride(2), y.stride(3))
