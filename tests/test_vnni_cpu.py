@@ -390,3 +390,31 @@ def test_wide_int8_layers_take_the_kernel_measured_fastest(monkeypatch):
     assert calls == [("onednn", first), ("onednn", first)]  # the rest on im2col: too few rows for oneDNN
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cin,cout,size,k,stride,forward,grad_input", [
+    (32, 64, 16, 3, 2, None, "vnni"),         # a 32-channel input: no choice (the VNNI kernel); its
+                                              # grad-input reads the 64-channel gradient
+    (64, 64, 32, 3, 1, "onednn", "onednn"),   # stride 1, 1,024 positions
+    (64, 128, 32, 3, 2, "vnni", "vnni"),      # strided: in-place phases for the grad-input
+    (128, 128, 16, 3, 1, "vnni", "vnni"),     # 256 positions
+    (256, 512, 8, 3, 2, "gemm", "vnni"),      # 16 output positions
+    (512, 512, 4, 3, 1, "gemm", "gemm"),
+    (64, 128, 32, 1, 2, "gemm", "vnni"),      # 1x1 stride 2: a subsample and one GEMM
+    (64, 256, 16, 1, 1, "vnni", "vnni"),
+])
+def test_the_measured_rule_for_wide_int8_layers(cin, cout, size, k, stride, forward, grad_input):
+    """``routes._vnni_cpu_kernel`` on ResNet layer shapes: the kernel that measured fastest
+    through the route functions (``benchmarks/results/cpu-zen5-routes-2026-12-03.md``);
+    ``None`` (no choice made) for operands below 64 channels, for int16 and on AMX CPUs."""
+    from muppet_fx import routes
+
+    if gemm_cpu.amx_cpu.available():
+        pytest.skip("AMX CPUs take the AMX kernels")
+    x = torch.zeros(2, cin, size, size, dtype=torch.int8)
+    w = torch.zeros(cout, cin, k, k, dtype=torch.int8)
+    out = (size + 2 * (k // 2) - k) // stride + 1
+    g = torch.zeros(2, cout, out, out, dtype=torch.int8)
+    assert routes._vnni_cpu_kernel(x, w, out * out, stride > 1, grad_input=False) == forward
+    assert routes._vnni_cpu_kernel(g, w.transpose(0, 1), size * size, stride > 1, grad_input=True) == grad_input
+    assert routes._vnni_cpu_kernel(x.short(), w.short(), out * out, stride > 1, grad_input=False) is None
