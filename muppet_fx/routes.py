@@ -6,8 +6,9 @@
   ``kernels/gemm_cpu``), scaled once by ``2**-(s_a + s_b)``; 2-d convolutions forward and
   grad-input through oneDNN's int8 convolution (``kernels/conv_onednn``, no im2col buffer) on
   CPUs where it is exact (VNNI or AMX; it saturates on AVX2-only ones); on AVX-512 VNNI CPUs
-  without AMX, our ``vpdpbusd`` kernels take the smaller layers (``kernels/vnni_cpu``: forward,
-  grad-input and, up to 64 channels, weight gradients). On CPUs without int8
+  without AMX, our ``vpdpbusd`` kernels (``kernels/vnni_cpu``: forward, grad-input and, up to 64
+  channels, weight gradients) take layers below 64 channels, and wider ones where
+  :func:`_vnni_cpu_kernel`'s measured rule picks them over oneDNN and im2col. On CPUs without int8
   dot products the 8-bit products run on our AVX2 kernel instead (``kernels/gemm_avx2``:
   ``vpmaddwd`` GEMM, implicit-GEMM convolutions), every level above 8 bits is ``aten_wide``,
   and ``exact=True`` takes the kernel's int16 products up to 12 bits.
