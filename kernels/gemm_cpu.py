@@ -533,6 +533,16 @@ def _grad_input_by_phases(g_m, w_m, input_shape, stride, padding, dilation, mm):
     return out if out is not None else torch.zeros((N, C, H, W), dtype=torch.int32, device=g_m.device)
 
 
+def vnni_weight_gradient(C: int, kh: int, kw: int) -> bool:
+    """Whether an int8 weight gradient of ``C`` input channels and a ``kh x kw`` kernel takes
+    :func:`vnni_cpu.conv_grad_weight` (CPUs with AVX-512 VNNI but no AMX) rather than im2col +
+    ``torch._int_mm``: up to ``vnni_cpu.MAX_CHANNELS`` channels, except 1x1 kernels at 64, where
+    im2col is the input itself (or a subsample) and one GEMM, 1.4x faster (1.41 against 1.96 ms
+    at stride 1, 0.83 against 1.17 at stride 2; at 16 and 32 channels the kernel stays ahead,
+    0.31 against 0.34 ms and 0.13 against 0.17 at stride 2)."""
+    return C <= vnni_cpu.MAX_CHANNELS and not ((kh, kw) == (1, 1) and C >= 64)
+
+
 def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None, magnitude: int = 128
                      ) -> torch.Tensor:
     """Exact integer gradient of ``conv2d`` w.r.t. its weight: ``G^T @ im2col(x)``, or on AMX
@@ -559,11 +569,7 @@ def conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, mm=None,
         acc = amx_cpu.conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation, magnitude=magnitude)
         if acc is not None:  # AMX tiles filled straight from the input, no im2col matrix
             return acc
-        # 1x1 at 64 channels: im2col is the input itself (or a subsample) and one GEMM, 1.4x faster
-        # (1.41 against 1.96 ms at stride 1, 0.83 against 1.17 at stride 2); at 16 and 32 channels
-        # the kernel stays ahead (stride 2: 0.31 against 0.34 ms, 0.13 against 0.17)
-        pointwise = (kh, kw) == (1, 1) and C >= 64
-        if C <= vnni_cpu.MAX_CHANNELS and not pointwise:  # AVX-512 VNNI without AMX: no im2col matrix either
+        if vnni_weight_gradient(C, kh, kw):  # AVX-512 VNNI without AMX: no im2col matrix either
             acc = vnni_cpu.conv_grad_weight(g_m, x_m, weight_shape, stride, padding, dilation)
             if acc is not None:
                 return acc

@@ -464,17 +464,19 @@ def _vnni_cpu_kernel(a: Tensor, w: Tensor, positions: int, strided: bool, grad_i
     where it applies). For a grad-input, ``positions`` are the input's and ``strided`` the
     forward's stride (its phases are written in place by the VNNI kernel).
 
-    From the route functions on ResNet-18's layers (AMD EPYC Zen 5, 2 threads, batch 128, ms
-    for vnni / oneDNN / gemm): maps of 16 positions (256-512 channels) on the GEMM, forward
-    4.9 / 6.7 / 3.5 and 9.7 / 12.1 / 7.0, grad-input 10.3 / 13.2 / 7.6 (stride 1); strided
-    layers on the VNNI kernel, grad-input 5.6 / 12.6 / 11.9 (64->128, 3x3/2 on 32x32) and
-    1.5 / 2.7 / 2.4 (1x1/2), except 1x1/2 forwards, a subsample and one GEMM: 1.5 / 1.9 / 1.4,
-    1.2 / 1.5 / 0.8; stride 1 on maps over 256 positions (3x3) on oneDNN: 7.6 / 7.1 / 16.4."""
+    From the route functions on ResNet-18's layers (``benchmarks/routes.py``; AMD EPYC Zen 5, 2
+    threads, batch 128, ms for vnni / oneDNN / gemm, two runs): maps of at most 64 positions
+    on the GEMM from 128 channels (forward: 4.1-4.3 / 4.6-5.2 / 3.5-3.9 at 128->256 3x3/2, 9.1-9.7
+    / 6.4-12.1 / 6.2-7.0 at 512 channels on 4x4) and grad-inputs from 256 (6.3-7.3 / 6.1-6.5 /
+    5.8-6.0 for 256->512 3x3/2, 10.1-10.3 / 7.4-13.2 / 7.3-7.6 on 4x4); other strided layers on
+    the VNNI kernel, grad-input 5.2-5.6 / 8.7-12.6 / 9.3-11.9 (64->128, 3x3/2 on 32x32), except
+    1x1/2 forwards, a subsample and one GEMM (1.5 / 1.8-1.9 / 1.4-1.6); stride-1 3x3 maps over
+    256 positions on oneDNN: 7.3-7.6 / 6.4-7.1 / 12.3-16.4."""
     if (a.dtype != torch.int8 or a.dim() != 4 or a.shape[1] < 64 or w.dim() != 4 or amx_cpu.available()
             or not vnni_cpu.available()):
         return None
     pointwise = tuple(w.shape[2:]) == (1, 1)
-    if positions <= 16 and a.shape[1] >= 128 and not (strided and grad_input):
+    if positions <= 64 and a.shape[1] >= (256 if grad_input else 128):
         return "gemm"
     if strided:
         return "gemm" if pointwise and not grad_input else "vnni"

@@ -348,8 +348,8 @@ def test_16_bit_linear_layers_of_256_and_more_take_the_digit_products():
 def test_wide_int8_layers_take_the_kernel_measured_fastest(monkeypatch):
     """64+ channel int8 layers on CPUs without AMX (``routes._vnni_cpu_kernel``): a 1x1 stride-2
     shortcut's forward is one GEMM of the subsampled input, its grad-input the VNNI kernel's
-    phase written in place, its weight gradient im2col + ``torch._int_mm``; 128 channels on a
-    4x4 map run on the GEMM both ways; a 3x3 stride-1 layer on a 48x48 map takes oneDNN. Every
+    phase written in place, its weight gradient im2col + ``torch._int_mm``; a 128->256 layer on
+    a 4x4 map runs on the GEMM both ways; a 3x3 stride-1 layer on a 48x48 map takes oneDNN. Every
     value and gradient equals that of the routes without the VNNI kernels (oneDNN and im2col) bit
     for bit: all are exact integer sums."""
     from muppet_fx import prepare, routes
@@ -371,7 +371,7 @@ def test_wide_int8_layers_take_the_kernel_measured_fastest(monkeypatch):
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1, bias=False), torch.nn.ReLU(),
                                   torch.nn.Conv2d(64, 128, 1, stride=12, bias=False), torch.nn.ReLU(),
-                                  torch.nn.Conv2d(128, 128, 3, padding=1, bias=False), torch.nn.Flatten())
+                                  torch.nn.Conv2d(128, 256, 3, padding=1, bias=False), torch.nn.Flatten())
         pm = prepare(net, ladder=(8, "fp32"), rounding="nearest", grad_rounding="nearest")
         x = torch.randn(2, 64, 48, 48).contiguous(memory_format=torch.channels_last).requires_grad_()
         out = pm(x)  # 48x48 (oneDNN's), then 4x4 maps
@@ -398,7 +398,8 @@ def test_wide_int8_layers_take_the_kernel_measured_fastest(monkeypatch):
     (64, 64, 32, 3, 1, "onednn", "onednn"),   # stride 1, 1,024 positions
     (64, 128, 32, 3, 2, "vnni", "vnni"),      # strided: in-place phases for the grad-input
     (128, 128, 16, 3, 1, "vnni", "vnni"),     # 256 positions
-    (256, 512, 8, 3, 2, "gemm", "vnni"),      # 16 output positions
+    (128, 256, 16, 3, 2, "gemm", "vnni"),     # 64 output positions, 128 channels
+    (256, 512, 8, 3, 2, "gemm", "gemm"),      # 16 output positions; a 64-position grad-input of 512
     (512, 512, 4, 3, 1, "gemm", "gemm"),
     (64, 128, 32, 1, 2, "gemm", "vnni"),      # 1x1 stride 2: a subsample and one GEMM
     (64, 256, 16, 1, 1, "vnni", "vnni"),
