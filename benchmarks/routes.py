@@ -57,7 +57,7 @@ def forced(kind: str, bits: int):
          vnni_cpu.conv_grad_weight) = saved
 
 
-def chosen(kind_of, x, w, g, geo, bits):
+def chosen(x, w, g, geo, bits):
     """The kinds the routes pick now for (forward, grad-input, weight gradient)."""
     strided = geo[0][0] != 1
     if bits > 8:
@@ -103,7 +103,7 @@ def study(cin, cout, size, k, stride, args):
         if not all(torch.equal(exact[0], other) for other in exact[1:]):
             raise RuntimeError(f"{cin}->{cout} {k}x{k}/{stride}: the forced {name} routes disagree")
     t = interleaved(cases, args.reps)
-    picked = dict(zip(products, chosen(None, x, w, g, geo, args.bits)))
+    picked = dict(zip(products, chosen(x, w, g, geo, args.bits)))
     row = [f"{cin}->{cout} {k}x{k}/{stride} @{size}"]
     for name in products:
         for kind in kinds:

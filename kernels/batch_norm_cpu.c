@@ -27,6 +27,9 @@
  * inlined copy is specialised to one mantissa width and vectorised. */
 #define INLINE static inline __attribute__((always_inline))
 
+/* Channels-last rows of C channels taken k at a time, so that k * C >= WIDTH lanes. */
+INLINE int64_t rows_per_group(int64_t C) { return C < WIDTH ? (WIDTH + C - 1) / C : 1; }
+
 INLINE float load(const void *m, int64_t i, int wide) {
     return wide ? (float)((const int16_t *)m)[i] : (float)((const int8_t *)m)[i];
 }
@@ -162,7 +165,7 @@ static void factors(int64_t C, double R, const float *invstd, const float *w, co
         int nt = n > PAR_MIN ? nthreads : 1;                                                                  \
         /* channels-last rows in groups of k (W = k * C >= 64 lanes, lane j of channel j % C), as the \
          * forward: one row of 16 channels alone would not fill a vector */                                  \
-        int64_t k = inner == 1 && C < WIDTH ? (WIDTH + C - 1) / C : 1, W = k * C, groups = outer / k;         \
+        int64_t k = inner == 1 ? rows_per_group(C) : 1, W = k * C, groups = outer / k;                        \
         float *wide = inner == 1 ? malloc((size_t)4 * W * sizeof(float)) : NULL; /* mean, k, k_g, k_x */    \
         if (inner == 1) {                                                                                     \
             for (int64_t j = 0; j < W; ++j) wide[j] = mean[j % C];                                            \
@@ -269,7 +272,7 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
             }                                                                                                 \
             return;                                                                                           \
         }                                                                                                     \
-        int64_t k = C < WIDTH ? (WIDTH + C - 1) / C : 1, W = k * C, groups = outer / k;                       \
+        int64_t k = rows_per_group(C), W = k * C, groups = outer / k;                                         \
         _Pragma("omp parallel num_threads(nt)") {                                                             \
             int t = omp_get_thread_num(), T = omp_get_num_threads();                                          \
             int64_t g0 = groups * t / T, g1 = groups * (t + 1) / T;                                           \
@@ -333,7 +336,7 @@ BN_BACKWARD(bn_backward_i16, int16_t, 1)
             }                                                                                                 \
             return top;                                                                                       \
         }                                                                                                     \
-        int64_t k = C < WIDTH ? (WIDTH + C - 1) / C : 1, W = k * C, groups = outer / k;                       \
+        int64_t k = rows_per_group(C), W = k * C, groups = outer / k;                                         \
         float *aw = malloc((size_t)2 * W * sizeof(float)), *bw = aw + W;                                      \
         for (int64_t j = 0; j < W; ++j) aw[j] = a[j % C], bw[j] = b[j % C];                                   \
         _Pragma("omp parallel num_threads(nt) reduction(max : top)") {                                        \

@@ -412,12 +412,13 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
     if _int_conv(mode, x_m, groups, w_axis):
         e = _exponent(x_s, w_s)
         out_size = conv_out_size(x_m, w_m, stride, padding, dilation)
-        kernel = _vnni_cpu_kernel(x_m, w_m, math.prod(out_size), any(s != 1 for s in stride), grad_input=False)
+        positions = math.prod(out_size)
+        kernel = _vnni_cpu_kernel(x_m, w_m, positions, any(s != 1 for s in stride), grad_input=False)
         if kernel in ("vnni", None) and _use_vnni(mode, x_m, w_m, groups, e):
             y = vnni_cpu.conv2d(x_m, w_m, e, stride, padding, dilation)
             if y is not None:
                 return (y if bias is None else y.add_(_along1(bias, y))), False
-        if kernel in ("onednn", None) and _use_onednn(mode, x_m, w_m, groups, e, x_m.shape[0] * math.prod(out_size),
+        if kernel in ("onednn", None) and _use_onednn(mode, x_m, w_m, groups, e, x_m.shape[0] * positions,
                                                       out_size[-1]):
             y = conv_onednn.conv2d(x_m, w_m, e, stride, padding, dilation)
             return (y if bias is None else y.add_(_along1(bias, y))), False
@@ -591,7 +592,8 @@ def _vnni_placed(e: int):
 
 def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding, dilation, groups):
     mode = _conv_mode(route, g_m, w_m)
-    if mode == "int" and route == "aten_wide" and (any(s != 1 for s in stride) or x_shape[-1] < amx_cpu.MIN_WIDTH):
+    strided, positions = any(s != 1 for s in stride), math.prod(x_shape[2:])
+    if mode == "int" and route == "aten_wide" and (strided or x_shape[-1] < amx_cpu.MIN_WIDTH):
         mode = "fp32"  # strided phases, or rows too short for the tiles: not the generic split GEMMs
     if _int_conv(mode, g_m, groups, w_axis) and _triton_conv(mode, g_m, w_m):
         return _conv_triton().conv2d_grad_input_int(g_m, w_m, x_shape, stride, padding, dilation, (g_s, w_s))
@@ -599,14 +601,14 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
         e = _exponent(g_s, w_s)
         conv = place = None
         w_t = w_m.transpose(0, 1)  # the stride-1 convolution's weight, as far as amx_cpu's test goes
-        kernel = _vnni_cpu_kernel(g_m, w_t, math.prod(x_shape[2:]), any(s != 1 for s in stride), grad_input=True)
+        kernel = _vnni_cpu_kernel(g_m, w_t, positions, strided, grad_input=True)
         if isinstance(e, int) and -126 <= e <= 126 and (amx_cpu.conv_applies(g_m, w_t, x_shape[-1])
                                                           or g_m.dtype == torch.int16 and _amx_narrow(g_m)):
             conv = _scaled_conv(e, wide=route == "aten_wide")
             place = _placed_conv(e) if route != "aten_wide" else None
         elif kernel in ("vnni", None) and _use_vnni(mode, g_m, w_t, groups, e):
             conv, place = _vnni_conv(e, mode), _vnni_placed(e)
-        elif kernel in ("onednn", None) and _use_onednn(mode, g_m, w_t, groups, e, x_shape[0] * math.prod(x_shape[2:]),
+        elif kernel in ("onednn", None) and _use_onednn(mode, g_m, w_t, groups, e, x_shape[0] * positions,
                                                         x_shape[-1]):
             conv = lambda x, w, s, p, d: conv_onednn.conv2d(x, w, e, s, p, d)  # noqa: E731
         gx = gemm_cpu.conv_grad_input(g_m, w_m, x_shape, stride, padding, dilation, mm=_int8_kernel(mode),
