@@ -46,7 +46,6 @@ class PrecisionManager:
         self.iteration = 0
         self.fp32_start: int | None = None
         self.history: list[dict] = []
-        self._stepped: dict[str, torch.Tensor] = {}  # the gradients the last optimiser step applied
         self.state.set_level(self.policy.initial_level(self.ladder))
         self.policy.on_iteration(0, self.state)
 
@@ -80,21 +79,22 @@ class PrecisionManager:
     def after_step(self) -> None:
         self.iteration += 1
         # end_epoch feeds the policy these even where the loop clears .grad after each step
-        # (optimizer.step(); optimizer.zero_grad()): held until the next step replaces them
-        self._stepped = self.gradients() if self.level != FP32 else {}
+        # (optimizer.step(); optimizer.zero_grad()): held until the next training forward
+        self.state.stepped_gradients = self.gradients() if self.level != FP32 else {}
         self.policy.on_iteration(self.iteration, self.state)
 
     def keep_gradients(self) -> None:
         """Called before the gradients are zeroed in place (``zero_grad(set_to_none=False)``):
         the last step's, still to be fed to the policy, are copied first."""
         grads = {id(p.grad) for p in self.pm.parameters() if p.grad is not None}
-        self._stepped = {k: g.clone() if id(g) in grads else g for k, g in self._stepped.items()}
+        self.state.stepped_gradients = {k: g.clone() if id(g) in grads else g
+                                        for k, g in self.state.stepped_gradients.items()}
 
     def _policy_gradients(self) -> dict[str, torch.Tensor]:
         """The last step's gradients, or the current ones where no step was taken through
         :class:`MasterCopyOptimizer` (or gradients were computed since)."""
-        current = self.gradients()
-        return self._stepped if self._stepped and not any(k not in self._stepped for k in current) else current
+        current, stepped = self.gradients(), self.state.stepped_gradients
+        return stepped if stepped and not any(k not in stepped for k in current) else current
 
     def end_epoch(self) -> bool:
         """Feed the policy, switch if it says so. Returns whether the level changed."""

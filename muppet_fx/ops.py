@@ -140,11 +140,14 @@ def _input_grads(need, grads, dtypes) -> list[Tensor | None]:
     return [t.to(d) if n else None for n, t, d in zip(need, grads, dtypes)]
 
 
-def _register_layer_autograd(op, backward_op, geometry: int, contiguous_grad: bool = False) -> None:
+def _register_layer_autograd(op, backward_op, geometry: int, grad_layout) -> None:
     """Autograd for a layer op taking ``(x, w, b, *geometry, bits, bwd_bits, rounding,
     grad_rounding, w_axis, quant_out, route)`` and returning ``(y, x_m, x_s, w_m, w_s)``: the
     saved mantissas and exponents go to ``backward_op(g, x_m, x_s, w_m, w_s, *geometry, bwd_bits,
-    grad_rounding, w_axis, need_x, need_w, need_b, route)``."""
+    grad_rounding, w_axis, need_x, need_w, need_b, route)``. The output gradient is first put in
+    ``grad_layout``, the layout the forward wrote: stochastic draws follow memory order, so the
+    gradient's quantisation then does not depend on the layout the layers after it hand back
+    (a reentrant checkpoint hands a contiguous one)."""
     def setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # see _matmul_setup
         x, w, b = inputs[:3]
@@ -158,7 +161,7 @@ def _register_layer_autograd(op, backward_op, geometry: int, contiguous_grad: bo
         if gy is None:
             return (None,) * ctx.n_inputs
         need = ctx.needs_input_grad[:3]
-        gy = gy.contiguous() if contiguous_grad else gy
+        gy = grad_layout(gy)
         gx, gw, gb = call(backward_op, gy, *ctx.saved_tensors, *ctx.args, *need, ctx.route)
         return (*_input_grads(need, (gx, gw, gb), ctx.dtypes),) + (None,) * (ctx.n_inputs - 3)
 
@@ -212,7 +215,7 @@ def _(g, x_m, x_s, w_m, w_s, bits, rounding, w_axis, need_x, need_w, need_b, rou
     return _fake_grads(g, (need_x, x_m.shape), (need_w, w_m.shape), (need_b, w_m.shape[:1]))
 
 
-_register_layer_autograd(_linear, _linear_backward, geometry=0, contiguous_grad=True)
+_register_layer_autograd(_linear, _linear_backward, geometry=0, grad_layout=Tensor.contiguous)
 
 
 # ------------------------------------------------------------------------------ convolution
@@ -274,7 +277,7 @@ def _(g, x_m, x_s, w_m, w_s, stride, padding, dilation, groups, bits, rounding, 
     return (_conv_layout(gx) if need_x else gx), gw, gb
 
 
-_register_layer_autograd(_conv, _conv_backward, geometry=4)
+_register_layer_autograd(_conv, _conv_backward, geometry=4, grad_layout=_conv_layout)
 
 
 # -------------------------------------------------------------------- transposed convolution
@@ -339,7 +342,7 @@ def _(g, x_m, x_s, w_m, w_s, stride, padding, output_padding, dilation, groups, 
     return (_conv_layout(gx) if need_x else gx), gw, gb
 
 
-_register_layer_autograd(_conv_transpose, _conv_transpose_backward, geometry=5)
+_register_layer_autograd(_conv_transpose, _conv_transpose_backward, geometry=5, grad_layout=_conv_layout)
 
 
 # ----------------------------------------------------------------------------------- matmul

@@ -128,7 +128,9 @@ class GradientDiversityPolicy(Policy):
     def update(self, epoch: int, grads: Mapping[str, torch.Tensor]) -> bool:
         if not grads:
             raise ValueError("GradientDiversityPolicy.update got no gradients; run at least one "
-                             "optimiser step per epoch before end_epoch()")
+                             "optimiser step per epoch before end_epoch(), and no training-mode "
+                             "forward between the epoch's last step and end_epoch() (it starts a "
+                             "new step, which releases the last one's gradients)")
         released = self.variant == "released"
         delta = self._diversity_released(grads) if released else self._diversity_paper(grads)
         if delta is None:

@@ -120,6 +120,8 @@ class PreparedModule:
                 "the trace would freeze the level and the stochastic rounding seeds. Trace it at the "
                 "'fp32' level (set_precision('fp32')), or use torch.compile / torch.export")
         stack = self._muppet_state.stack
+        if not stack and self.training and torch.is_grad_enabled():
+            self._muppet_state.stepped_gradients = {}  # a new step: the manager's are stale
         stack.append(self)
         try:
             with OutsideIntercepts():  # enclosing intercepted modules take nothing from here

@@ -57,6 +57,9 @@ class PrecisionState:
         self.fp32_layers: dict[str, Fp32Layer] = {}
         self.suspended = 0  # >0: quantised wrappers run the FP32 op
         self.stack: list = []  # prepared modules currently running, innermost last
+        # the gradients the last optimiser step applied, for the manager's end-of-epoch policy;
+        # the next training forward drops them, so they never live beside the next step's
+        self.stepped_gradients: dict[str, torch.Tensor] = {}
         self.opaque: dict[str, str] = {}  # untraceable module path -> why
         self.set_level(config.ladder[0])
 

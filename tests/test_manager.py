@@ -1,5 +1,6 @@
 """Precision manager, master-copy optimiser, LR rule, checkpoints and the policy plot."""
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,42 @@ def test_policy_sees_the_last_step_whatever_the_zero_grad_position():
     assert sum(d is not None for d in ref) == 2  # a window of three epochs, then one per epoch
     for style in ("after, to none", "after, zeroed"):
         assert diversities(style) == ref, style
+
+
+def test_last_step_gradients_are_released_by_the_next_training_forward():
+    """The policy's gradients of the last step are held past ``zero_grad(set_to_none=True)``
+    only until the next training forward: never beside the next step's own. An evaluation
+    forward (``eval()``/``no_grad``) keeps them for ``end_epoch``."""
+    torch.manual_seed(0)
+    pm = prepare(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 5)))
+    manager = PrecisionManager(pm, GradientDiversityPolicy())
+    opt = MasterCopyOptimizer(torch.optim.SGD(pm.parameters(), lr=0.05), pm, manager)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+
+    def step():
+        F.cross_entropy(pm(x), y).backward()
+        opt.step()
+        held = [weakref.ref(p.grad) for p in (pm[0].weight, pm[3].weight)]
+        opt.zero_grad(set_to_none=True)
+        return held
+
+    held = step()
+    assert all(r() is not None for r in held)  # the manager's references keep them alive
+    pm.eval()
+    pm(x)
+    pm.train()
+    with torch.no_grad():
+        pm(x)
+    assert all(r() is not None for r in held)
+    out = pm(x)  # the next step begins
+    assert all(r() is None for r in held)
+    out.sum().backward()
+    held = step()
+    manager.end_epoch()  # fed the last step's gradients
+    assert manager.policy.history[-1]["epoch"] == 0
+    pm(x)
+    with pytest.raises(ValueError, match="no training-mode forward between the epoch's last step"):
+        manager.end_epoch()
 
 
 def test_sparse_gradients_are_quantised_and_applied():
