@@ -8,6 +8,10 @@
  *   exact column sums of the mantissas (a bias gradient) from the same pass.
  * Uniforms come from `noise` when given, else from a counter-based hash of (seed, index), so a
  * result depends on the seed only, never on the thread count.
+ * With `top` the pass runs on a guessed exponent and also gathers absmax_bits of x into *top:
+ * the caller keeps the outputs where the true exponent equals the guess (they are then exactly
+ * what the two passes would write) and runs the pass again otherwise; mantissas are clamped to
+ * +-mmax so that a wrong guess converts no out-of-range float.
  */
 #include <math.h>
 #include <omp.h>
@@ -44,8 +48,11 @@ uint32_t absmax_bits(const float *x, int64_t n, int nthreads) {
 
 /* Rounds xs[0 .. len) (elements start .. start + len of the tensor); us: the block's uniforms,
  * or NULL for the counter-based draws. */
+static uint32_t block_absmax(const float *xs, int64_t len);
+
 static void round_block(const float *xs, const float *us, int64_t start, int64_t len,
-                        float up_hi, float up_lo, int stochastic, uint64_t seed, float *m) {
+                        float up_hi, float up_lo, int stochastic, uint64_t seed, float *m,
+                        uint32_t *top) {
     if (!stochastic) {
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) m[i] = rintf(xs[i] * up_hi * up_lo);
@@ -61,6 +68,21 @@ static void round_block(const float *xs, const float *us, int64_t start, int64_t
         uint32_t key = mix32((uint32_t)seed ^ mix32((uint32_t)(seed >> 32)
                                                     ^ ((uint32_t)((uint64_t)start >> 32) * 0x85ebca6bU)));
         uint32_t base = (uint32_t)start;
+        if (top) { /* the same loop gathering absmax_bits: x is in registers already */
+            uint32_t best = *top;
+#pragma omp simd reduction(max : best)
+            for (int64_t i = 0; i < len; ++i) {
+                uint32_t h = mix32((base + (uint32_t)i) * 0x9e3779b9U ^ key), b;
+                float u = (float)(h >> 8) * 0x1p-24f;
+                float v = xs[i] * up_hi * up_lo, f = floorf(v);
+                memcpy(&b, xs + i, 4);
+                b &= 0x7fffffffU;
+                best = b > best ? b : best;
+                m[i] = f + (u < v - f ? 1.0f : 0.0f);
+            }
+            *top = best;
+            return;
+        }
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
             uint32_t h = mix32((base + (uint32_t)i) * 0x9e3779b9U ^ key);
@@ -68,6 +90,10 @@ static void round_block(const float *xs, const float *us, int64_t start, int64_t
             float v = xs[i] * up_hi * up_lo, f = floorf(v);
             m[i] = f + (u < v - f ? 1.0f : 0.0f);
         }
+    }
+    if (top) {
+        uint32_t b = block_absmax(xs, len);
+        *top = b > *top ? b : *top;
     }
 }
 
@@ -91,13 +117,27 @@ static void fold_columns(int32_t *acc, int64_t *wide, int64_t cols) {
     for (int64_t c = 0; c < cols; ++c) wide[c] += acc[c], acc[c] = 0;
 }
 
+/* The block's max of (bits & 0x7fffffff), as absmax_bits; the block is in L1 by now. */
+static uint32_t block_absmax(const float *xs, int64_t len) {
+    uint32_t best = 0;
+#pragma omp simd reduction(max : best)
+    for (int64_t i = 0; i < len; ++i) {
+        uint32_t b;
+        memcpy(&b, xs + i, 4);
+        b &= 0x7fffffffU;
+        best = b > best ? b : best;
+    }
+    return best;
+}
+
 #define QUANTISE_FN(NAME, MTYPE)                                                        \
     void NAME(const float *x, int64_t n, float up_hi, float up_lo, float down_hi,       \
               float down_lo, float fmax, int stochastic, uint64_t seed,                 \
               const float *noise, MTYPE *mant, float *q, int64_t cols, int64_t *sums,   \
-              int64_t *scratch, int nthreads) {                                         \
+              int64_t *scratch, int nthreads, uint32_t *top, float mmax) {              \
         int64_t blocks = (n + CHUNK - 1) / CHUNK;                                       \
         int nt = n > PAR_MIN ? nthreads : 1;                                            \
+        uint32_t best = 0;                                                              \
         /* scratch: nt x cols int64 sums, then nt x cols int32 ones */                 \
         if (sums) memset(scratch, 0, (size_t)nt * cols * (sizeof(int64_t) + sizeof(int32_t))); \
         int64_t per_fold = sums ? 65535 / (CHUNK / cols + 2) : 0;                       \
@@ -105,13 +145,19 @@ static void fold_columns(int32_t *acc, int64_t *wide, int64_t cols) {
         int64_t *wide = sums ? scratch + omp_get_thread_num() * cols : NULL;            \
         int32_t *acc = sums ? (int32_t *)(scratch + nt * cols) + omp_get_thread_num() * cols : NULL; \
         int64_t since = 0;                                                              \
+        uint32_t mine = 0;                                                              \
         _Pragma("omp for schedule(static)")                                             \
         for (int64_t b = 0; b < blocks; ++b) {                                          \
             float m[CHUNK];                                                             \
             int64_t start = b * CHUNK, len = n - start < CHUNK ? n - start : CHUNK;     \
             round_block(x + start, noise ? noise + start : NULL, start, len, up_hi, up_lo, \
-                        stochastic, seed, m);                                           \
-            if (mant) {                                                                 \
+                        stochastic, seed, m, top ? &mine : NULL);                       \
+            if (mant && top) { /* a guessed exponent may be too large: clamp */         \
+                MTYPE *dst = mant + start;                                              \
+                _Pragma("omp simd")                                                     \
+                for (int64_t i = 0; i < len; ++i)                                       \
+                    dst[i] = (MTYPE)(m[i] > mmax ? mmax : (m[i] < -mmax ? -mmax : m[i])); \
+            } else if (mant) {                                                          \
                 MTYPE *dst = mant + start;                                              \
                 _Pragma("omp simd")                                                     \
                 for (int64_t i = 0; i < len; ++i) dst[i] = (MTYPE)m[i];                 \
@@ -130,7 +176,12 @@ static void fold_columns(int32_t *acc, int64_t *wide, int64_t cols) {
             }                                                                           \
         }                                                                               \
         if (acc) fold_columns(acc, wide, cols);                                         \
+        if (top) {                                                                      \
+            _Pragma("omp critical")                                                     \
+            best = mine > best ? mine : best;                                           \
         }                                                                               \
+        }                                                                               \
+        if (top) *top = best;                                                           \
         if (sums)                                                                       \
             for (int64_t c = 0; c < cols; ++c) {                                        \
                 int64_t total = 0;                                                      \
@@ -179,7 +230,7 @@ void requantise_i32(const int32_t *acc, int64_t n, float up_hi, float up_lo, flo
         int64_t start = b * CHUNK, len = n - start < CHUNK ? n - start : CHUNK;
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) x[i] = (float)acc[start + i];
-        round_block(x, NULL, start, len, up_hi, up_lo, stochastic, seed, m);
+        round_block(x, NULL, start, len, up_hi, up_lo, stochastic, seed, m, NULL);
         if (mant_bytes == 1) {
             int8_t *md = (int8_t *)mant + start;
 #pragma omp simd

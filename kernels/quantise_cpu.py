@@ -2,7 +2,9 @@
 
 The reference spends most of its time in ``torch.rand`` and in the dozen elementwise passes of
 its arithmetic. Here a float32 tensor costs two passes: an integer max over the magnitude bits
-(which also detects NaN/inf) and one fused scale-round-store pass. The exponent is computed on
+(which also detects NaN/inf) and one fused scale-round-store pass; one pass where a kernel
+recorded the absmax, or where a guess of it (``forget_absmax(t, hint=True)``) holds, which
+the pass itself checks. The exponent is computed on
 the host, which costs no synchronisation for a CPU tensor. Stochastic rounding draws its
 uniforms from a counter-based hash of ``(seed, index)``; results depend on the seed only.
 
@@ -55,7 +57,8 @@ def _library():
                 fn.restype = None
                 fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 5
                                + [ctypes.c_int, ctypes.c_uint64] + [ctypes.c_void_p] * 3
-                               + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
+                               + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                  ctypes.c_void_p, ctypes.c_float])
         _lib = lib if lib is not None else False
     return _lib or None
 
@@ -75,6 +78,10 @@ def remember_absmax(t: torch.Tensor, top: int) -> None:
         pass
 
 
+def _hinted_absmax(t: torch.Tensor) -> int | None:
+    return getattr(t, "_muppet_absmax_hint", None)
+
+
 def _recorded_absmax(t: torch.Tensor) -> int | None:
     """``t``'s recorded absmax (:func:`remember_absmax`) while it still holds, else ``None``."""
     known = getattr(t, "_muppet_absmax", None)
@@ -90,11 +97,16 @@ def carry_absmax(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     return dst
 
 
-def forget_absmax(t: torch.Tensor) -> torch.Tensor:
+def forget_absmax(t: torch.Tensor, hint: bool = False) -> torch.Tensor:
     """Drop ``t``'s recorded absmax (:func:`remember_absmax`) and return ``t``. For tensors handed
     to code that may write them without bumping the version counter: Inductor reuses a dead
-    buffer's tensor for a later kernel's output and writes it through its pointer."""
+    buffer's tensor for a later kernel's output and writes it through its pointer. With
+    ``hint``, the record becomes a guess instead: quantising ``t`` then runs on the exponent it
+    implies and gathers the true absmax in the same pass, keeping the result only where the
+    two exponents agree (the result is the same as after a scan either way)."""
+    known = getattr(t, "_muppet_absmax", None) if hint else None
     t._muppet_absmax = None
+    t._muppet_absmax_hint = None if known is None or known[0] != t._version else known[1]
     return t
 
 
@@ -140,12 +152,12 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
     xc = x if is_dense(x) else x.contiguous()
     n = xc.numel()
     threads = torch.get_num_threads()
-    top = _absmax_bits(lib, xc, threads)
+    in_place = want_values and out is xc
+    guess = _hinted_absmax(xc) if xc is x and not in_place and _recorded_absmax(xc) is None else None
+    top = _absmax_bits(lib, xc, threads) if guess is None else guess
     if top >= 0x7F800000:  # NaN or inf present: the masked reference handles them
         return _via_reference(x, bits, rounding, axis, _seeded(generator, seed), noise, want_mantissa, want_values)
-    amax = struct.unpack("<f", struct.pack("<I", top))[0]
-    s = host_exponent(amax, bits, MAX_EXPONENT[torch.float32])
-    h, l = s // 2, s - s // 2
+    s = _exponent_of(top, bits)
     if rounding == "stochastic" and noise is None and seed is None:
         seed = int(torch.randint(0, 2**62, (), generator=generator))
     noise = None if noise is None or rounding == "nearest" else noise.float().contiguous()
@@ -157,13 +169,33 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
         raise ValueError(f"column sums need a dense x holding rows of {cols} values, an int64 output "
                          f"and at most 16 bits (got {bits})")
     scratch = None if sums is None else torch.empty(threads * cols * 3 // 2 + 1, dtype=torch.int64)
-    getattr(lib, _FN[mantissa_dtype(bits)])(
-        xc.data_ptr(), n, math.ldexp(1.0, h), math.ldexp(1.0, l), math.ldexp(1.0, -h),
-        math.ldexp(1.0, -l), _FMAX, int(rounding == "stochastic"),
-        (seed or 0) & (2**64 - 1), _ptr(noise), _ptr(m), _ptr(q), cols, _ptr(sums), _ptr(scratch), threads)
+
+    def run(s, gather):
+        h, l = s // 2, s - s // 2
+        getattr(lib, _FN[mantissa_dtype(bits)])(
+            xc.data_ptr(), n, math.ldexp(1.0, h), math.ldexp(1.0, l), math.ldexp(1.0, -h),
+            math.ldexp(1.0, -l), _FMAX, int(rounding == "stochastic"), (seed or 0) & (2**64 - 1),
+            _ptr(noise), _ptr(m), _ptr(q), cols, _ptr(sums), _ptr(scratch), threads,
+            ctypes.addressof(gather) if gather is not None else None, float(2 ** (bits - 1) - 1))
+
+    if guess is None:
+        run(s, None)
+    else:  # one pass on the guessed exponent, gathering the true absmax; again where it differs
+        found = ctypes.c_uint32(0)
+        run(s, found)
+        if found.value >= 0x7F800000:
+            return _via_reference(x, bits, rounding, axis, _seeded(generator, seed), noise, want_mantissa, want_values)
+        if _exponent_of(found.value, bits) != s:
+            s = _exponent_of(found.value, bits)
+            run(s, None)
     if q is xc:  # overwritten in place by the kernel (no version bump): a recorded absmax no longer holds
         forget_absmax(xc)
     return m, torch.scalar_tensor(s, dtype=torch.int32), q, False  # (3x faster than torch.tensor)
+
+
+def _exponent_of(top: int, bits: int) -> int:
+    """The exponent (SPEC section 1) for a tensor whose ``absmax_bits`` are ``top``."""
+    return host_exponent(struct.unpack("<f", struct.pack("<I", top))[0], bits, MAX_EXPONENT[torch.float32])
 
 
 def dequantise_cpu(m: torch.Tensor, e: int) -> torch.Tensor | None:

@@ -106,8 +106,9 @@ def _grid_batch_norm(x: Tensor, m: Tensor, s: Tensor, weight: Optional[Tensor], 
     running_mean, running_var = running_mean.clone(), running_var.clone()
     y, mean, invstd, mask = _bn_forward(x, m, s, weight, bias, running_mean, running_var, momentum, eps, relu)
     mask = mask if mask is not None else m.new_empty(0, dtype=torch.uint8)
-    # mean and invstd share one storage; no recorded absmax leaves a compiled graph (forget_absmax)
-    return forget_absmax(y), mean.clone(), invstd.clone(), mask, running_mean, running_var
+    # mean and invstd share one storage; a recorded absmax leaves a compiled graph only as a
+    # guess the next quantiser checks (forget_absmax)
+    return forget_absmax(y, hint=True), mean.clone(), invstd.clone(), mask, running_mean, running_var
 
 
 @_grid_batch_norm.register_fake
@@ -124,7 +125,7 @@ def _grid_batch_norm_backward(grad: Tensor, m: Tensor, s: Tensor, weight: Option
                               need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     grads = _bn_backward(grad, m, s, weight, mean, invstd, mask if mask.numel() else None, eps,
                          (need_x, need_w, need_b))
-    return tuple(forget_absmax(g) if g is not None else grad.new_empty(0) for g in grads)
+    return tuple(forget_absmax(g, hint=True) if g is not None else grad.new_empty(0) for g in grads)
 
 
 @_grid_batch_norm_backward.register_fake
@@ -245,7 +246,7 @@ class _MaskedAddReLU(torch.autograd.Function):
 @torch.library.custom_op("muppet_fx::masked_relu", mutates_args=())
 def _masked_relu(a: Tensor, b: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     y, mask = _relu_and_mask(a) if b is None else _add_relu_and_mask(a, b)
-    return forget_absmax(y), mask
+    return forget_absmax(y, hint=True), mask
 
 
 @_masked_relu.register_fake

@@ -449,3 +449,45 @@ def test_cpu_quantiser_gathers_exact_column_sums(shape, layout, bits, rounding):
         quantise_cpu(torch.randn(3, 5), 8, "nearest", sums=torch.empty(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="at most 16 bits"):  # int32 partial sums
         quantise_cpu(torch.randn(3, 4), 20, "nearest", sums=torch.empty(4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_quantising_on_a_guessed_absmax_equals_the_scan(bits):
+    """A tensor carrying an absmax guess (``forget_absmax(t, hint=True)``, what the compiled
+    ops return) is quantised in one pass on the guessed exponent while that pass gathers the
+    true absmax; a guess whose exponent is wrong (too large, too small: a buffer Inductor
+    reused) is redone. Every output, the column sums included, equals the scan's bit for bit,
+    and a NaN present still takes the reference route."""
+    from muppet_fx.kernels import quantise_cpu
+
+    lib = quantise_cpu._library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(5)
+    for shape, scale in (((3, 16, 7, 9), 1.0), ((70_001,), 3e-3), ((33, 129), 1e4)):
+        x = torch.randn(shape, generator=gen) * scale
+        true_top = lib.absmax_bits(x.data_ptr(), x.numel(), 1)
+        cols = shape[-1] if len(shape) == 2 else 0
+        for rounding in ("stochastic", "nearest"):
+            def run(guess):
+                t = x.clone()
+                if guess is not None:
+                    quantise_cpu.remember_absmax(t, guess)
+                    quantise_cpu.forget_absmax(t, hint=True)
+                    assert quantise_cpu._hinted_absmax(t) == guess
+                sums = torch.empty(cols, dtype=torch.int64) if cols and bits <= 16 else None
+                m, s, v, bad = quantise_cpu.quantise_cpu(t, bits, rounding, seed=11, want_values=True, sums=sums)
+                return m, int(s), v, bad, sums
+
+            want = run(None)
+            for guess in (true_top, true_top + (1 << 23), true_top - (3 << 23), 0x3F800000):
+                got = run(guess)  # right, twice too large, 8x too small, 1.0
+                assert got[1] == want[1] and got[3] is want[3] is False, (shape, rounding, guess)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+                assert (got[4] is None) == (want[4] is None) and (got[4] is None or torch.equal(got[4], want[4]))
+    x = torch.randn(1000, generator=gen)
+    x[17] = float("nan")
+    quantise_cpu.remember_absmax(x, 0x3F800000)  # a stale guess that misses the NaN
+    quantise_cpu.forget_absmax(x, hint=True)
+    _, _, v, bad = quantise_cpu.quantise_cpu(x, bits, "nearest", want_mantissa=False, want_values=True)
+    assert bool(bad) and torch.isnan(v[17]) and torch.equal(v.isnan(), x.isnan())
