@@ -29,14 +29,27 @@ static inline uint32_t mix32(uint32_t h) { /* avalanche finaliser (lowbias32 con
     return h;
 }
 
-uint32_t absmax_bits(const float *x, int64_t n, int nthreads) {
+/* max of (bits & 0x7fffffff) over xs[0 .. len). */
+static uint32_t block_absmax(const float *xs, int64_t len) {
     uint32_t best = 0;
-#pragma omp parallel for simd reduction(max : best) num_threads(n > PAR_MIN ? nthreads : 1) schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd reduction(max : best)
+    for (int64_t i = 0; i < len; ++i) {
         uint32_t b;
-        memcpy(&b, x + i, 4);
+        memcpy(&b, xs + i, 4);
         b &= 0x7fffffffU;
         best = b > best ? b : best;
+    }
+    return best;
+}
+
+uint32_t absmax_bits(const float *x, int64_t n, int nthreads) {
+    const int64_t block = 1 << 16;
+    int64_t blocks = (n + block - 1) / block;
+    uint32_t best = 0;
+#pragma omp parallel for reduction(max : best) num_threads(n > PAR_MIN ? nthreads : 1) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        uint32_t m = block_absmax(x + b * block, n - b * block < block ? n - b * block : block);
+        best = m > best ? m : best;
     }
     return best;
 }
@@ -48,8 +61,6 @@ uint32_t absmax_bits(const float *x, int64_t n, int nthreads) {
 
 /* Rounds xs[0 .. len) (elements start .. start + len of the tensor); us: the block's uniforms,
  * or NULL for the counter-based draws. */
-static uint32_t block_absmax(const float *xs, int64_t len);
-
 static void round_block(const float *xs, const float *us, int64_t start, int64_t len,
                         float up_hi, float up_lo, int stochastic, uint64_t seed, float *m,
                         uint32_t *top) {
@@ -115,19 +126,6 @@ static void add_columns(const float *m, int64_t start, int64_t len, int64_t cols
  * adds at most CHUNK / cols + 1 mantissas below 2**15 to each column. */
 static void fold_columns(int32_t *acc, int64_t *wide, int64_t cols) {
     for (int64_t c = 0; c < cols; ++c) wide[c] += acc[c], acc[c] = 0;
-}
-
-/* The block's max of (bits & 0x7fffffff), as absmax_bits; the block is in L1 by now. */
-static uint32_t block_absmax(const float *xs, int64_t len) {
-    uint32_t best = 0;
-#pragma omp simd reduction(max : best)
-    for (int64_t i = 0; i < len; ++i) {
-        uint32_t b;
-        memcpy(&b, xs + i, 4);
-        b &= 0x7fffffffU;
-        best = b > best ? b : best;
-    }
-    return best;
 }
 
 #define QUANTISE_FN(NAME, MTYPE)                                                        \
