@@ -185,8 +185,9 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
         run(s, found)
         if found.value >= 0x7F800000:
             return _via_reference(x, bits, rounding, axis, _seeded(generator, seed), noise, want_mantissa, want_values)
-        if _exponent_of(found.value, bits) != s:
-            s = _exponent_of(found.value, bits)
+        true_s = _exponent_of(found.value, bits)
+        if true_s != s:
+            s = true_s
             run(s, None)
     if q is xc:  # overwritten in place by the kernel (no version bump): a recorded absmax no longer holds
         forget_absmax(xc)
