@@ -60,10 +60,12 @@ uint32_t absmax_bits(const float *x, int64_t n, int nthreads) {
 #define CHUNK 2048
 
 /* Rounds xs[0 .. len) (elements start .. start + len of the tensor); us: the block's uniforms,
- * or NULL for the counter-based draws. */
+ * or NULL for the counter-based draws. top: also gathers absmax_bits into *top and clamps the
+ * rounded values to +-mmax (a guessed exponent may be too large); clamping inside the hash loop
+ * cost 15% where a clamping store loop cost 45%. */
 static void round_block(const float *xs, const float *us, int64_t start, int64_t len,
                         float up_hi, float up_lo, int stochastic, uint64_t seed, float *m,
-                        uint32_t *top) {
+                        uint32_t *top, float mmax) {
     if (!stochastic) {
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) m[i] = rintf(xs[i] * up_hi * up_lo);
@@ -89,7 +91,9 @@ static void round_block(const float *xs, const float *us, int64_t start, int64_t
                 memcpy(&b, xs + i, 4);
                 b &= 0x7fffffffU;
                 best = b > best ? b : best;
-                m[i] = f + (u < v - f ? 1.0f : 0.0f);
+                float r = f + (u < v - f ? 1.0f : 0.0f);
+                r = r < -mmax ? -mmax : r;
+                m[i] = r > mmax ? mmax : r;
             }
             *top = best;
             return;
@@ -105,6 +109,11 @@ static void round_block(const float *xs, const float *us, int64_t start, int64_t
     if (top) {
         uint32_t b = block_absmax(xs, len);
         *top = b > *top ? b : *top;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+            float r = m[i] < -mmax ? -mmax : m[i];
+            m[i] = r > mmax ? mmax : r;
+        }
     }
 }
 
@@ -149,13 +158,8 @@ static void fold_columns(int32_t *acc, int64_t *wide, int64_t cols) {
             float m[CHUNK];                                                             \
             int64_t start = b * CHUNK, len = n - start < CHUNK ? n - start : CHUNK;     \
             round_block(x + start, noise ? noise + start : NULL, start, len, up_hi, up_lo, \
-                        stochastic, seed, m, top ? &mine : NULL);                       \
-            if (mant && top) { /* a guessed exponent may be too large: clamp */         \
-                MTYPE *dst = mant + start;                                              \
-                _Pragma("omp simd")                                                     \
-                for (int64_t i = 0; i < len; ++i)                                       \
-                    dst[i] = (MTYPE)(m[i] > mmax ? mmax : (m[i] < -mmax ? -mmax : m[i])); \
-            } else if (mant) {                                                          \
+                        stochastic, seed, m, top ? &mine : NULL, mmax);                 \
+            if (mant) {                                                                 \
                 MTYPE *dst = mant + start;                                              \
                 _Pragma("omp simd")                                                     \
                 for (int64_t i = 0; i < len; ++i) dst[i] = (MTYPE)m[i];                 \
@@ -228,7 +232,7 @@ void requantise_i32(const int32_t *acc, int64_t n, float up_hi, float up_lo, flo
         int64_t start = b * CHUNK, len = n - start < CHUNK ? n - start : CHUNK;
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) x[i] = (float)acc[start + i];
-        round_block(x, NULL, start, len, up_hi, up_lo, stochastic, seed, m, NULL);
+        round_block(x, NULL, start, len, up_hi, up_lo, stochastic, seed, m, NULL, 0.0f);
         if (mant_bytes == 1) {
             int8_t *md = (int8_t *)mant + start;
 #pragma omp simd
