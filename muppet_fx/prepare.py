@@ -251,7 +251,7 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
         kind = "conv_transpose" if isinstance(module, TRANSPOSED_CONVS) else "conv"
         op = "linear" if isinstance(module, nn.Linear) else f"{kind}{module.weight.dim() - 2}d"
         axis = 0 if state.config.weight_granularity == "channel" else None
-        new.__dict__["_muppet_layer_site"] = state.site(path or type(module).__name__, op, axis)
+        new.__dict__["_muppet_layer_site"] = state.site(path or type(module).__name__, op, axis, module.weight)
         return new
     fp32_reason = next((r for t, r in FP32_MODULES.items() if isinstance(module, t)), None)
     if isinstance(module, nn.MultiheadAttention):

@@ -93,10 +93,16 @@ class PrecisionState:
                 raise ValueError(f"{name}={b!r} must be an int in [2, 24]")
         self.fwd_bits, self.bwd_bits = fwd_bits, bwd_bits
 
-    def site(self, name: str, op: str, weight_axis: int | None = None) -> Site:
+    def site(self, name: str, op: str, weight_axis: int | None = None, weight=None) -> Site:
+        """The site ``name``, created on first use. ``weight``: the parameter it multiplies, where
+        the pass knows it; otherwise the layer's first eager call records it (under
+        ``torch.compile`` that record would change a guard and compile the graph twice)."""
         if name not in self.sites:
             self.sites[name] = Site(name, op, self, weight_axis)
-        return self.sites[name]
+        site = self.sites[name]
+        if site.weight is None and isinstance(weight, torch.nn.Parameter):
+            site.weight = weight
+        return site
 
     def keep_fp32(self, name: str, op: str, reason: str) -> None:
         self.fp32_layers[name] = Fp32Layer(name, op, reason)

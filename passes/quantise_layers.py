@@ -103,10 +103,10 @@ def _rewrite_module_layer(node: fx.Node, ctx: RewriteContext) -> None:
     w = ctx.attr_node(node, f"{node.target}.weight")
     b = ctx.attr_node(node, f"{node.target}.bias") if m.bias is not None else None
     if isinstance(m, nn.Linear):
-        site = ctx.state.site(name, "linear", _weight_axis(ctx))
+        site = ctx.state.site(name, "linear", _weight_axis(ctx), m.weight)
         node.target, node.args = quant_linear, (None, x, w, b)
     else:
-        site = ctx.state.site(name, f"conv{m.weight.dim() - 2}d", _weight_axis(ctx))
+        site = ctx.state.site(name, f"conv{m.weight.dim() - 2}d", _weight_axis(ctx), m.weight)
         if m.padding_mode != "zeros":
             with ctx.graph.inserting_before(node):
                 x = ctx.graph.call_function(F.pad, (x, m._reversed_padding_repeated_twice),
@@ -125,7 +125,8 @@ def _rewrite_conv_transpose(node: fx.Node, ctx: RewriteContext) -> None:
     the weight's exponents are per input channel under channel granularity (the output
     channels of the convolution whose input gradient this is)."""
     m = _module(node, ctx)
-    site = ctx.state.site(ctx.prefix + node.target, f"conv_transpose{m.weight.dim() - 2}d", _weight_axis(ctx))
+    site = ctx.state.site(ctx.prefix + node.target, f"conv_transpose{m.weight.dim() - 2}d", _weight_axis(ctx),
+                          m.weight)
     module_node = ctx.attr_node(node, node.target)
     node.op, node.target = "call_function", quant_conv_transpose_module
     node.args = (ctx.site_node(node, site), module_node, *node.args)
@@ -156,9 +157,15 @@ def _rewrite_function(node: fx.Node, ctx: RewriteContext) -> None:
         w = node.args[1] if len(node.args) > 1 else None
         is_param = isinstance(w, fx.Node) and w.op == "get_attr"
         axis = _weight_axis(ctx) if wrapper in (quant_linear, quant_conv, quant_conv_transpose) and is_param else None
-        site = ctx.state.site(name, op, axis)
+        site = ctx.state.site(name, op, axis, _attribute(w, ctx) if is_param else None)
     node.op, node.target = "call_function", wrapper
     node.args = (ctx.site_node(node, site), *node.args)
+
+
+def _attribute(node: fx.Node, ctx: RewriteContext):
+    """The object a ``get_attr`` node reads (``None`` where its owner is not a known module)."""
+    owner, _, attr = node.target.rpartition(".")
+    return getattr(ctx.modules.get(owner), attr, None)
 
 
 _TORCH_ROOTS = {"torch", "operator", "_operator", "math", "builtins", "muppet_fx"}

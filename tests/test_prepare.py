@@ -373,11 +373,28 @@ def test_torch_compile_matches_eager():
     assert all(p.grad is not None for p in net.parameters())
 
 
-def test_torch_compile_compiles_once_per_level():
-    """Steps at one level reuse the compiled graph (no per-call Python state in the guards);
-    a precision switch compiles the new level once."""
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+class ConvThenFunctionalLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.w = nn.Parameter(torch.randn(3, 4 * 6 * 6))
+
+    def forward(self, x):
+        return F.linear(F.relu(self.conv(x)).flatten(1), self.w)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)),
+    ConvThenFunctionalLinear,
+])
+def test_torch_compile_compiles_once_per_level(make):
+    """Steps at one level reuse the compiled graph (no per-call Python state in the guards),
+    from the first call on: the sites know their weights from the pass, not from a first eager
+    call. A precision switch compiles the new level once."""
+    net = make()
     pm = prepare(net, ladder=(8, 12, "fp32"))
+    weights = [s.weight for s in pm._muppet_state.sites.values()]
+    assert all(any(w is p for p in net.parameters()) for w in weights) and len(weights) == 2
     compiles = []
 
     def counting_backend(gm, example_inputs):
@@ -387,7 +404,6 @@ def test_torch_compile_compiles_once_per_level():
     torch._dynamo.reset()
     compiled = torch.compile(pm, backend=counting_backend)
     x = torch.randn(2, 3, 8, 8)
-    pm(x)  # eager first call: layers remember their weights
     for _ in range(4):
         compiled(x).sum().backward()
     assert len(compiles) == 1, compiles
