@@ -18,13 +18,34 @@ __all__ = ["AttentionSites", "quant_mha", "quant_sdpa", "mha_unsupported_reason"
 
 
 class AttentionSites:
-    """The sites of one attention block, created on first use: ``prefix`` + role."""
+    """The sites of one attention block: ``prefix`` + role. Those every call uses are created
+    here, with their weights for an ``nn.MultiheadAttention`` ``mha``: a site created on first
+    use inside a ``torch.compile`` trace would change a guard and compile the graph again.
+    ``self_attention``: whether ``mha`` is called with one tensor as query, key and value (the
+    packed projection then runs as one product, :func:`quant_mha`)."""
 
-    def __init__(self, state, prefix: str, op: str):
+    def __init__(self, state, prefix: str, op: str, mha: nn.MultiheadAttention | None = None,
+                 self_attention: bool = True):
         self.state, self.prefix, self.op = state, prefix, op
+        if mha is None:
+            roles = {}
+        elif mha._qkv_same_embed_dim and self_attention:
+            roles = {"in_proj": mha.in_proj_weight}
+        elif mha._qkv_same_embed_dim:
+            roles = dict.fromkeys(("q_proj", "k_proj", "v_proj"))  # row blocks of the packed weight
+        else:
+            roles = {"q_proj": mha.q_proj_weight, "k_proj": mha.k_proj_weight, "v_proj": mha.v_proj_weight}
+        roles.update(qk=None, av=None)
+        if mha is not None:
+            roles["out_proj"] = mha.out_proj.weight
+        for role, weight in roles.items():
+            self.state.site(f"{prefix}{role}", self._op(role), None, weight)
+
+    def _op(self, role: str) -> str:
+        return self.op if role in ("qk", "av") else "linear"
 
     def __getitem__(self, role: str):
-        return self.state.site(f"{self.prefix}{role}", self.op if role in ("qk", "av") else "linear")
+        return self.state.site(f"{self.prefix}{role}", self._op(role))
 
 
 def _merge_masks(attn_mask, key_padding_mask, is_causal, L, S, batch_heads, heads, device):

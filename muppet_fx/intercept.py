@@ -1,6 +1,7 @@
 """Quantising code that FX cannot see: untraceable module forwards and ``torch.fx.wrap``-ed
 functions run under a ``TorchFunctionMode`` that routes their conv/linear/matmul calls to the
-quantised wrappers, with one site per call (``<owner>:<op>#<k>``, k counting within one run)."""
+quantised wrappers, with one site per call (``<owner>:<op>#<k>``, k counting within one run),
+and their ReLUs to the masked ReLU that traced graphs get from the memory pass."""
 from __future__ import annotations
 
 import torch
@@ -9,10 +10,12 @@ from torch._C import (_get_function_stack_at, _len_torch_function_stack, _pop_to
 from torch.overrides import TorchFunctionMode
 
 from muppet_fx.attention import AttentionSites
+from muppet_fx.compact import compact_relu
 from muppet_fx.passes.quantise_layers import FUNCTION_RULES, views_a_shape
 
 __all__ = ["InterceptMode", "InterceptScope", "run_intercepted", "OutsideIntercepts"]
 
+_RELUS = (torch.nn.functional.relu, torch.relu, torch.Tensor.relu)
 _METHOD_FUNCTIONS = {torch.Tensor.matmul: torch.matmul, torch.Tensor.__matmul__: torch.matmul,
                      torch.Tensor.mm: torch.mm, torch.Tensor.bmm: torch.bmm,
                      torch.Tensor.addmm: torch.addmm, torch.Tensor.baddbmm: torch.baddbmm}
@@ -25,6 +28,7 @@ class InterceptMode(TorchFunctionMode):
     def __init__(self, owner):
         super().__init__()
         self.owner, self.counts = owner, {}
+        self.state = owner._muppet_state  # for compact_relu
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -34,6 +38,9 @@ class InterceptMode(TorchFunctionMode):
         if rule is None or not mine:
             if mine and func is torch.Tensor.view and views_a_shape(args, kwargs):
                 func = torch.Tensor.reshape  # as in traced graphs (views_a_shape)
+            elif mine and func in _RELUS and len(args) == 1 and not kwargs.get("inplace"):
+                with OutsideIntercepts():  # as in traced graphs (the memory pass)
+                    return compact_relu(self, *args)
             return func(*args, **kwargs)
         op, wrapper = rule
         k = self.counts[op] = self.counts.get(op, -1) + 1

@@ -258,7 +258,7 @@ def _prepare(module: nn.Module, path: str, state: PrecisionState, sites) -> nn.M
         fp32_reason = mha_unsupported_reason(module)
         if fp32_reason is None:
             new = _finish(module, _AttentionForward, path, state, sites)
-            new.__dict__["_muppet_sites_mha"] = AttentionSites(state, path + ".", "matmul")
+            new.__dict__["_muppet_sites_mha"] = AttentionSites(state, path + ".", "matmul", module)
             return new
     if fp32_reason is not None:
         state.keep_fp32(path or type(module).__name__, type(module).__name__, fp32_reason)
@@ -300,9 +300,14 @@ def _settings(m: nn.Module) -> tuple:
 def _settings_reader(modules: list[nn.Module]):
     """A function returning the current values of the modules' scalar attributes (those they
     have now; one C-level lookup per module, as it runs on every call)."""
-    readers = [(m.__dict__, operator.itemgetter(*names)) for m in modules
-               if (names := [k for k, _ in _settings(m)])]
-    return lambda: tuple(get(d) for d, get in readers)
+    readers = [(m.__dict__, names) for m in modules if (names := tuple(k for k, _ in _settings(m)))]
+    getters = [(d, operator.itemgetter(*names)) for d, names in readers]
+
+    def read() -> tuple:
+        if torch.compiler.is_compiling():  # the same values; Dynamo cannot trace an itemgetter
+            return tuple([d[names[0]] if len(names) == 1 else tuple([d[k] for k in names]) for d, names in readers])
+        return tuple(get(d) for d, get in getters)
+    return read
 
 
 def _inlined(pm: nn.Module) -> list[nn.Module]:

@@ -140,7 +140,8 @@ def _rewrite_mha(node: fx.Node, ctx: RewriteContext) -> None:
         ctx.state.keep_fp32(name, "multihead_attention", reason)
         return
     module_node = ctx.attr_node(node, node.target)
-    sites = AttentionSites(ctx.state, name + ".", "matmul")
+    qkv = [node.args[i] if len(node.args) > i else node.kwargs.get(k) for i, k in enumerate(("query", "key", "value"))]
+    sites = AttentionSites(ctx.state, name + ".", "matmul", m, self_attention=qkv[0] is qkv[1] is qkv[2])
     node.op, node.target = "call_function", quant_mha
     node.args = (ctx.site_node(node, sites), module_node, *node.args)
 

@@ -383,18 +383,37 @@ class ConvThenFunctionalLinear(nn.Module):
         return F.linear(F.relu(self.conv(x)).flatten(1), self.w)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)),
-    ConvThenFunctionalLinear,
+class Transformer(nn.Module):
+    """An encoder layer (its fast path is untraceable: its children run as prepared modules,
+    each keyed on its scalar settings such as a dropout's ``p``), then a decoder layer:
+    self-attention, and cross-attention on a memory of another length."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.decoder = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.memory = nn.Parameter(torch.randn(2, 7, 16))
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x.reshape(2, -1, 16)), self.memory)
+
+
+@pytest.mark.parametrize("make, n_weights", [
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), 2),
+    (ConvThenFunctionalLinear, 2),
+    (Transformer, 9),  # linear1, linear2, in_proj and out_proj (x2); cross-attention's out_proj
 ])
-def test_torch_compile_compiles_once_per_level(make):
+def test_torch_compile_compiles_once_per_level(make, n_weights):
     """Steps at one level reuse the compiled graph (no per-call Python state in the guards),
-    from the first call on: the sites know their weights from the pass, not from a first eager
-    call. A precision switch compiles the new level once."""
+    from the first call on: the pass creates every site and gives it its weight, and the
+    modules' scalar settings are read in code Dynamo traces. A precision switch compiles the
+    new level once."""
+    torch.manual_seed(0)
     net = make()
     pm = prepare(net, ladder=(8, 12, "fp32"))
-    weights = [s.weight for s in pm._muppet_state.sites.values()]
-    assert all(any(w is p for p in net.parameters()) for w in weights) and len(weights) == 2
+    sites = dict(pm._muppet_state.sites)
+    weights = [s.weight for s in sites.values() if s.weight is not None]
+    assert len(weights) == n_weights and all(any(w is p for p in net.parameters()) for w in weights)
     compiles = []
 
     def counting_backend(gm, example_inputs):
@@ -407,6 +426,7 @@ def test_torch_compile_compiles_once_per_level(make):
     for _ in range(4):
         compiled(x).sum().backward()
     assert len(compiles) == 1, compiles
+    assert pm._muppet_state.sites == sites and all(s.x_exp is not None for s in sites.values())
     pm.set_precision(12)
     for _ in range(3):
         compiled(x).sum().backward()
