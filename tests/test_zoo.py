@@ -57,3 +57,22 @@ ZOO = {
 def test_zoo(name):
     make, inputs = ZOO[name]
     check_zoo_model(make, inputs, detection=name.startswith("fasterrcnn"))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "convnext_tiny", "vit_b_16"])
+def test_zoo_compiles_once(name):
+    """``torch.compile`` of the prepared model captures one graph, with no graph break, from its
+    first call on, and keeps it over training steps (forward and backward)."""
+    import muppet_fx
+    from torch._dynamo.utils import counters
+
+    make, inputs = ZOO[name]
+    torch.manual_seed(0)
+    graphs = []
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(muppet_fx.prepare(make(), ladder=(8, "fp32")),
+                             backend=lambda gm, _: graphs.append(gm) or gm.forward)
+    for _ in range(3):
+        compiled(*inputs()).sum().backward()
+    assert len(graphs) == 1 and not counters["graph_break"], (len(graphs), dict(counters["graph_break"]))
