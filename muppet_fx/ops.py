@@ -570,7 +570,10 @@ def _leave_parts(site, y: Tensor, y_m: Tensor, y_s: Tensor, parts: bool) -> Tens
 
 
 def _remember_weight(site, weight: Tensor) -> None:
-    if site.weight is None and isinstance(weight, torch.nn.Parameter):
+    """The parameter the site multiplies, for the policy's gradients: the pass sets it, and a
+    parameter assigned to the layer since (a replaced weight, ``load_state_dict(assign=True)``)
+    takes its place at the next call."""
+    if site.weight is not weight and isinstance(weight, torch.nn.Parameter):
         site.weight = weight
 
 

@@ -95,8 +95,8 @@ class PrecisionState:
 
     def site(self, name: str, op: str, weight_axis: int | None = None, weight=None) -> Site:
         """The site ``name``, created on first use. ``weight``: the parameter it multiplies, where
-        the pass knows it; otherwise the layer's first eager call records it (under
-        ``torch.compile`` that record would change a guard and compile the graph twice)."""
+        the pass knows it (otherwise the layer's first call records it, which under
+        ``torch.compile`` changes a guard and compiles the graph a second time)."""
         if name not in self.sites:
             self.sites[name] = Site(name, op, self, weight_axis)
         site = self.sites[name]

@@ -309,3 +309,15 @@ def test_sparse_gradients_are_quantised_and_applied():
     m = applied[rows] * 2.0**s  # w - lr * g in float32 leaves ~1e-7 relative of the grid value
     assert (m - m.round()).abs().max() < 1e-3 and m.round().abs().max() <= 127
     assert (applied[rows] - g.values()).abs().max() < 2.0**-s
+
+
+def test_policy_sees_a_weight_replaced_after_prepare():
+    """The pass tells each site its weight; a parameter assigned to the layer afterwards (here
+    before the first step) is the one whose gradients the policy reads."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    pm = prepare(net)
+    manager = PrecisionManager(pm, GradientDiversityPolicy())
+    net[3].weight = nn.Parameter(torch.randn(3, 4 * 6 * 6))
+    pm(torch.randn(2, 3, 8, 8)).sum().backward()
+    grads = manager.gradients()
+    assert grads["3"] is net[3].weight.grad and grads["0"] is net[0].weight.grad
