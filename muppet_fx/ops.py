@@ -675,6 +675,7 @@ def quant_addmm(site, input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alph
     y, _, a_s, _, b_s = call(_matmul, mat1, mat2, st.fwd_bits, st.bwd_bits, c.rounding,
                              c.grad_rounding, False, st.route_for(mat1.device))
     site.record(a_s, b_s)
+    _remember_weight(site, mat2)
     y = (y if alpha == 1 else alpha * y) + (input if beta == 1 else beta * input)
     return _result(quant_output(site, y), mat1)
 

@@ -155,7 +155,8 @@ def _rewrite_function(node: fx.Node, ctx: RewriteContext) -> None:
     if wrapper is quant_sdpa:
         site = AttentionSites(ctx.state, name + ".", "matmul")
     else:
-        w = node.args[1] if len(node.args) > 1 else None
+        at = 2 if wrapper is quant_addmm else 1  # addmm(input, mat1, mat2): the weight is mat2
+        w = node.args[at] if len(node.args) > at else None
         is_param = isinstance(w, fx.Node) and w.op == "get_attr"
         axis = _weight_axis(ctx) if wrapper in (quant_linear, quant_conv, quant_conv_transpose) and is_param else None
         site = ctx.state.site(name, op, axis, _attribute(w, ctx) if is_param else None)

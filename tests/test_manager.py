@@ -321,3 +321,29 @@ def test_policy_sees_a_weight_replaced_after_prepare():
     pm(torch.randn(2, 3, 8, 8)).sum().backward()
     grads = manager.gradients()
     assert grads["3"] is net[3].weight.grad and grads["0"] is net[0].weight.grad
+
+
+class Conv1D(nn.Module):
+    """GPT-2's projection: ``addmm(bias, x, weight)`` with the weight stored input-major."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+
+
+def test_policy_sees_the_weights_of_addmm_projections():
+    """A product's weight is ``mat2`` in ``addmm(input, mat1, mat2)``: the pass gives it to the
+    site, and the policy reads its gradient."""
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv1D(6, 8), nn.ReLU(), Conv1D(8, 3))
+    pm = prepare(net)
+    weights = [s.weight for s in pm._muppet_state.sites.values()]
+    assert len(weights) == 2 and weights[0] is net[0].weight and weights[1] is net[2].weight
+    manager = PrecisionManager(pm, GradientDiversityPolicy())
+    pm(torch.randn(5, 6)).sum().backward()
+    grads = list(manager.gradients().values())
+    assert len(grads) == 2 and grads[0] is net[0].weight.grad and grads[1] is net[2].weight.grad
