@@ -661,7 +661,7 @@ def quant_matmul(site, input: Tensor, other: Tensor) -> Tensor:
     y, _, a_s, _, b_s = call(_matmul, input, other, st.fwd_bits, st.bwd_bits, c.rounding,
                              c.grad_rounding, c.quantise_outputs, st.route_for(input.device))
     site.record(a_s, b_s)
-    _remember_weight(site, other)
+    _remember_weight(site, other if isinstance(other, torch.nn.Parameter) else input)
     return _result(y, input)
 
 
@@ -675,7 +675,7 @@ def quant_addmm(site, input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alph
     y, _, a_s, _, b_s = call(_matmul, mat1, mat2, st.fwd_bits, st.bwd_bits, c.rounding,
                              c.grad_rounding, False, st.route_for(mat1.device))
     site.record(a_s, b_s)
-    _remember_weight(site, mat2)
+    _remember_weight(site, mat2 if isinstance(mat2, torch.nn.Parameter) else mat1)
     y = (y if alpha == 1 else alpha * y) + (input if beta == 1 else beta * input)
     return _result(quant_output(site, y), mat1)
 
@@ -694,6 +694,7 @@ def quant_einsum(site, equation: str, *operands) -> Tensor:
     y, _, a_s, _, b_s = call(_einsum, equation, ops[0], ops[1], st.fwd_bits, st.bwd_bits, c.rounding,
                              c.grad_rounding, c.quantise_outputs)
     site.record(a_s, b_s)
+    _remember_weight(site, ops[1] if isinstance(ops[1], torch.nn.Parameter) else ops[0])
     return _result(y, ops[0])
 
 

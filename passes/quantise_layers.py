@@ -155,13 +155,32 @@ def _rewrite_function(node: fx.Node, ctx: RewriteContext) -> None:
     if wrapper is quant_sdpa:
         site = AttentionSites(ctx.state, name + ".", "matmul")
     else:
-        at = 2 if wrapper is quant_addmm else 1  # addmm(input, mat1, mat2): the weight is mat2
-        w = node.args[at] if len(node.args) > at else None
+        w = node.args[1] if len(node.args) > 1 else None
         is_param = isinstance(w, fx.Node) and w.op == "get_attr"
         axis = _weight_axis(ctx) if wrapper in (quant_linear, quant_conv, quant_conv_transpose) and is_param else None
-        site = ctx.state.site(name, op, axis, _attribute(w, ctx) if is_param else None)
+        site = ctx.state.site(name, op, axis, _weight_of(node, wrapper, ctx))
     node.op, node.target = "call_function", wrapper
     node.args = (ctx.site_node(node, site), *node.args)
+
+
+def _weight_of(node: fx.Node, wrapper, ctx: RewriteContext):
+    """The parameter a product multiplies, for the policy's gradients: a layer's weight
+    argument, else the first operand the module holds (``mat2`` before ``mat1`` of ``addmm``,
+    either side of ``matmul`` or a two-operand ``einsum``); ``None`` if no operand is one."""
+    args = node.args
+    if wrapper is quant_einsum:
+        operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    elif wrapper is quant_addmm:
+        operands = args[2:0:-1]
+    elif wrapper is quant_matmul:
+        operands = args[1::-1]
+    else:
+        operands = args[1:2]
+    for w in operands:
+        value = _attribute(w, ctx) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        if isinstance(value, nn.Parameter):
+            return value
+    return None
 
 
 def _attribute(node: fx.Node, ctx: RewriteContext):

@@ -335,15 +335,32 @@ class Conv1D(nn.Module):
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
 
 
-def test_policy_sees_the_weights_of_addmm_projections():
-    """A product's weight is ``mat2`` in ``addmm(input, mat1, mat2)``: the pass gives it to the
-    site, and the policy reads its gradient."""
+class Products(nn.Module):
+    """A parameter as ``mat2`` of ``addmm``, as the first operand of ``matmul`` and as the
+    second of ``einsum``."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = Conv1D(6, 8)
+        self.left = nn.Parameter(torch.randn(8, 5) * 0.1)
+        self.right = nn.Parameter(torch.randn(8, 3) * 0.1)
+
+    def forward(self, x):
+        h = torch.matmul(self.left, self.proj(x)).relu()  # (8, 8)
+        return torch.einsum("nd,de->ne", h, self.right)
+
+
+def test_policy_sees_the_weights_of_every_product():
+    """The weight of ``addmm(input, mat1, mat2)`` is ``mat2``; of ``matmul`` and ``einsum``,
+    whichever operand is a parameter. The pass gives each site its weight, and the policy
+    reads their gradients."""
     torch.manual_seed(0)
-    net = nn.Sequential(Conv1D(6, 8), nn.ReLU(), Conv1D(8, 3))
+    net = Products()
     pm = prepare(net)
     weights = [s.weight for s in pm._muppet_state.sites.values()]
-    assert len(weights) == 2 and weights[0] is net[0].weight and weights[1] is net[2].weight
+    want = [net.proj.weight, net.left, net.right]
+    assert len(weights) == 3 and all(w is p for w, p in zip(weights, want))
     manager = PrecisionManager(pm, GradientDiversityPolicy())
     pm(torch.randn(5, 6)).sum().backward()
     grads = list(manager.gradients().values())
-    assert len(grads) == 2 and grads[0] is net[0].weight.grad and grads[1] is net[2].weight.grad
+    assert len(grads) == 3 and all(g is p.grad for g, p in zip(grads, want))
