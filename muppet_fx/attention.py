@@ -31,8 +31,8 @@ class AttentionSites:
             roles = {}
         elif mha._qkv_same_embed_dim and self_attention:
             roles = {"in_proj": mha.in_proj_weight}
-        elif mha._qkv_same_embed_dim:
-            roles = dict.fromkeys(("q_proj", "k_proj", "v_proj"))  # row blocks of the packed weight
+        elif mha._qkv_same_embed_dim:  # row blocks of the packed weight: q_proj reports it whole
+            roles = {"q_proj": mha.in_proj_weight, "k_proj": None, "v_proj": None}
         else:
             roles = {"q_proj": mha.q_proj_weight, "k_proj": mha.k_proj_weight, "v_proj": mha.v_proj_weight}
         roles.update(qk=None, av=None)

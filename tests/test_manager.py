@@ -364,3 +364,17 @@ def test_policy_sees_the_weights_of_every_product():
     pm(torch.randn(5, 6)).sum().backward()
     grads = list(manager.gradients().values())
     assert len(grads) == 3 and all(g is p.grad for g, p in zip(grads, want))
+
+
+def test_policy_sees_cross_attention_projections():
+    """Cross-attention runs the packed projection as three row blocks (no parameter of their
+    own): the query site reports the packed weight, so the policy reads its gradient."""
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    pm = prepare(layer)
+    manager = PrecisionManager(pm, GradientDiversityPolicy())
+    pm(torch.randn(2, 5, 16), torch.randn(2, 7, 16)).sum().backward()
+    grads = manager.gradients()
+    assert grads["multihead_attn.q_proj"] is layer.multihead_attn.in_proj_weight.grad
+    assert grads["self_attn.in_proj"] is layer.self_attn.in_proj_weight.grad
+    assert len(grads) == 6  # linear1, linear2, and two projections per attention block

@@ -401,7 +401,7 @@ class Transformer(nn.Module):
 @pytest.mark.parametrize("make, n_weights", [
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), 2),
     (ConvThenFunctionalLinear, 2),
-    (Transformer, 9),  # linear1, linear2, in_proj and out_proj (x2); cross-attention's out_proj
+    (Transformer, 10),  # linear1, linear2, in_proj and out_proj (x2); cross-attention's packed and out_proj
 ])
 def test_torch_compile_compiles_once_per_level(make, n_weights):
     """Steps at one level reuse the compiled graph (no per-call Python state in the guards),
