@@ -428,7 +428,9 @@ def prepare(model: nn.Module, example_inputs=None, config: MuppetConfig | None =
     Args:
         model: any ``nn.Module``; it is not modified, and the result shares its parameters.
         example_inputs: optional tuple of inputs; if given, one forward pass at the first level
-            checks that the prepared model runs and registers the layers of untraceable code.
+            checks that the prepared model runs and registers the layers of untraceable code
+            (so that ``torch.compile`` compiles it once). The pass changes no buffer and draws
+            from no random stream of the caller's.
         config: a :class:`MuppetConfig`; ``overrides`` replace its fields (unknown names raise).
 
     Returns:
@@ -456,8 +458,12 @@ def prepare(model: nn.Module, example_inputs=None, config: MuppetConfig | None =
     restore_buffers(buffers)  # what preparing ran on them (a spectral norm's power iteration) is undone
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        with torch.no_grad():
+        buffers = buffer_snapshot(model)
+        cuda = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):  # random streams untouched
             pm(*args)
+            for _, b, _, value in buffers:  # running statistics as they were (the batch-norm
+                b.copy_(value)              # kernels update them without a version bump)
     return pm
 
 

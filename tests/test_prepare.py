@@ -438,6 +438,21 @@ def test_example_inputs_registers_intercepted_layers():
     assert "dd:matmul#0" in pm._muppet_state.sites
 
 
+def test_example_inputs_leave_buffers_and_random_state_alone():
+    """The example pass (training mode, stochastic rounding, dropout) runs on a forked random
+    stream and its batch-norm statistics are undone: the caller's next draws and the running
+    statistics are those of a model prepared without it."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(0)
+    prepare(net, example_inputs=(torch.randn(2, 3, 8, 8),))
+    after_draw = torch.rand(3)
+    torch.manual_seed(0)
+    torch.randn(2, 3, 8, 8)  # the example input itself was drawn from the stream
+    assert torch.equal(after_draw, torch.rand(3))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
 def test_public_surface():
     assert set(muppet_fx.__all__) >= {"prepare", "quantise", "fake_quantise", "QTensor", "MuppetConfig"}
 
