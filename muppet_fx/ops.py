@@ -569,12 +569,15 @@ def _leave_parts(site, y: Tensor, y_m: Tensor, y_s: Tensor, parts: bool) -> Tens
     return y
 
 
-def _remember_weight(site, weight: Tensor) -> None:
-    """The parameter the site multiplies, for the policy's gradients: the pass sets it, and a
-    parameter assigned to the layer since (a replaced weight, ``load_state_dict(assign=True)``)
-    takes its place at the next call."""
-    if site.weight is not weight and isinstance(weight, torch.nn.Parameter):
-        site.weight = weight
+def _remember_weight(site, *operands: Tensor) -> None:
+    """The parameter the site multiplies (the first of ``operands`` that is one), for the
+    policy's gradients: the pass sets it, and a parameter assigned to the layer since (a
+    replaced weight, ``load_state_dict(assign=True)``) takes its place at the next call."""
+    for t in operands:
+        if isinstance(t, torch.nn.Parameter):
+            if site.weight is not t:
+                site.weight = t
+            return
 
 
 def _per_dim(v, n: int) -> list[int]:
@@ -661,7 +664,7 @@ def quant_matmul(site, input: Tensor, other: Tensor) -> Tensor:
     y, _, a_s, _, b_s = call(_matmul, input, other, st.fwd_bits, st.bwd_bits, c.rounding,
                              c.grad_rounding, c.quantise_outputs, st.route_for(input.device))
     site.record(a_s, b_s)
-    _remember_weight(site, other if isinstance(other, torch.nn.Parameter) else input)
+    _remember_weight(site, other, input)
     return _result(y, input)
 
 
@@ -675,7 +678,7 @@ def quant_addmm(site, input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alph
     y, _, a_s, _, b_s = call(_matmul, mat1, mat2, st.fwd_bits, st.bwd_bits, c.rounding,
                              c.grad_rounding, False, st.route_for(mat1.device))
     site.record(a_s, b_s)
-    _remember_weight(site, mat2 if isinstance(mat2, torch.nn.Parameter) else mat1)
+    _remember_weight(site, mat2, mat1)
     y = (y if alpha == 1 else alpha * y) + (input if beta == 1 else beta * input)
     return _result(quant_output(site, y), mat1)
 
@@ -694,7 +697,7 @@ def quant_einsum(site, equation: str, *operands) -> Tensor:
     y, _, a_s, _, b_s = call(_einsum, equation, ops[0], ops[1], st.fwd_bits, st.bwd_bits, c.rounding,
                              c.grad_rounding, c.quantise_outputs)
     site.record(a_s, b_s)
-    _remember_weight(site, ops[1] if isinstance(ops[1], torch.nn.Parameter) else ops[0])
+    _remember_weight(site, ops[1], ops[0])
     return _result(y, ops[0])
 
 

@@ -300,13 +300,13 @@ def _settings(m: nn.Module) -> tuple:
 def _settings_reader(modules: list[nn.Module]):
     """A function returning the current values of the modules' scalar attributes (those they
     have now; one C-level lookup per module, as it runs on every call)."""
-    readers = [(m.__dict__, names) for m in modules if (names := tuple(k for k, _ in _settings(m)))]
-    getters = [(d, operator.itemgetter(*names)) for d, names in readers]
+    readers = [(m.__dict__, names, operator.itemgetter(*names)) for m in modules
+               if (names := tuple(k for k, _ in _settings(m)))]
 
     def read() -> tuple:
         if torch.compiler.is_compiling():  # the same values; Dynamo cannot trace an itemgetter
-            return tuple([d[names[0]] if len(names) == 1 else tuple([d[k] for k in names]) for d, names in readers])
-        return tuple(get(d) for d, get in getters)
+            return tuple([d[names[0]] if len(names) == 1 else tuple([d[k] for k in names]) for d, names, _ in readers])
+        return tuple(get(d) for d, _, get in readers)
     return read
 
 
@@ -458,7 +458,6 @@ def prepare(model: nn.Module, example_inputs=None, config: MuppetConfig | None =
     restore_buffers(buffers)  # what preparing ran on them (a spectral norm's power iteration) is undone
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        buffers = buffer_snapshot(model)
         cuda = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):  # random streams untouched
             pm(*args)
