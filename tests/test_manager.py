@@ -86,6 +86,23 @@ def test_non_finite_gradient_skips_step():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_finiteness_check_finds_every_non_finite_and_keeps_values():
+    """The fused check: NaN or inf in any gradient of any floating type is found; finite
+    gradients keep every bit (signed zeros, subnormals)."""
+    from muppet_fx.optim import _all_finite
+    grads = [torch.tensor([-0.0, 1e-45, -3e38]), torch.randn(3, 5, dtype=torch.float64),
+             torch.randn(7).bfloat16(), torch.randn(2, 2)]
+    bits = [g.view(torch.int16 if g.dtype == torch.bfloat16 else torch.int64 if g.dtype == torch.float64
+                   else torch.int32).clone() for g in grads]
+    assert _all_finite(grads) and _all_finite([])
+    assert all(torch.equal(g.view(b.dtype), b) for g, b in zip(grads, bits))
+    for i, bad in ((3, float("inf")), (1, float("nan")), (2, -float("inf"))):
+        g = grads[i].flatten()
+        old, g[-1] = g[-1].clone(), bad
+        assert not _all_finite(grads), (i, bad)
+        g[-1] = old
+
+
 def test_applied_gradients_are_quantised():
     """At 8 bits every applied weight gradient lies on an 8-bit grid of its own exponent."""
     model, pm, manager, opt, _ = _setup(ScheduledPolicy({0: 8}), lr=0.0)
