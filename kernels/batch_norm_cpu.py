@@ -58,7 +58,7 @@ def _geometry(m: torch.Tensor):
     if m.is_contiguous():
         inner = m[0, 0].numel()
         return (m.shape[0], C, inner) if inner == 1 or inner >= MIN_INNER else None
-    if m.dim() == 4 and m.is_contiguous(memory_format=torch.channels_last):
+    if m.dim() >= 3 and m.movedim(1, -1).is_contiguous():  # channels-last, 1-d to 3-d maps
         return m.numel() // max(C, 1), C, 1
     return None
 

@@ -49,12 +49,29 @@ class Decoder(nn.Module):
         return self.t3(x.flatten(2))
 
 
+class Signal1d(nn.Module):
+    """1-d layers: they run as 2-d ones of height 1 (a batch norm reading one, a strided and
+    dilated one, a transposed one), except the grouped one."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 8, 5, padding=2)
+        self.bn = nn.BatchNorm1d(8)
+        self.c2 = nn.Conv1d(8, 8, 3, stride=2, dilation=2, bias=False)
+        self.g = nn.Conv1d(8, 8, 3, padding="same", groups=2)
+        self.t = nn.ConvTranspose1d(8, 4, 4, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.t(self.g(torch.relu(self.c2(torch.relu(self.bn(self.c1(x)))))))
+
+
 def _block():
     return nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True)
 
 
 CASES = {"cnn": (SmallCNN, lambda: torch.randn(2, 3, 11, 11).contiguous(memory_format=torch.channels_last)),
          "decoder": (Decoder, lambda: torch.randn(2, 3, 9, 9)),
+         "signal1d": (Signal1d, lambda: torch.randn(2, 3, 23)),
          "transformer": (_block, lambda: torch.randn(2, 5, 16))}
 
 
@@ -119,8 +136,9 @@ def test_routes_at_16_bits(case, monkeypatch):
         assert torch.equal(g, w)
     calls = _count_fp16_calls(monkeypatch)
     fp16 = _run(make, x, "triton", 16)
-    # three products per ungrouped 2-d (transposed) convolution with an input gradient
-    assert calls["conv"] == {"cnn": 3 * 3, "decoder": 2 * 3}.get(case, 0)
+    # three products per ungrouped 1-d or 2-d (transposed) convolution with an input gradient
+    # (1-d ones run as 2-d ones of height 1)
+    assert calls["conv"] == {"cnn": 3 * 3, "decoder": 3 * 3, "signal1d": 3 * 3}.get(case, 0)
     assert (calls["gemm"] > 0) == (case in WITH_LINEAR)
     _use_fp16_references(monkeypatch)
     for g, w in zip(fp16, _run(make, x, "triton", 16)):
@@ -337,3 +355,24 @@ def test_cuda_code_path_end_to_end(case, monkeypatch):
         out = pm(xi)
         out.sum().backward()
         assert torch.isfinite(out).all() and torch.isfinite(xi.grad).all()
+
+
+def test_1d_convolutions_take_the_2d_kernels(monkeypatch):
+    """Ungrouped 1-d convolutions reach the 2-d routes as maps of height 1 (the grouped one
+    stays 1-d); the network's output leaves contiguous, as PyTorch's (a user's ``view`` works),
+    and close to the FP32 model's."""
+    from muppet_fx import routes
+
+    seen = []
+    real = routes.conv_forward
+    monkeypatch.setattr(routes, "conv_forward", lambda route, x_m, *a, **k: (seen.append(x_m.dim()),
+                                                                             real(route, x_m, *a, **k))[1])
+    torch.manual_seed(0)
+    model = Signal1d()
+    pm = prepare(model, ladder=(8, "fp32"))
+    x = torch.randn(3, 3, 40)
+    y = pm(x)
+    assert seen == [4, 4, 3]
+    assert y.is_contiguous() and y.view(3, -1).shape == (3, 4 * 36)
+    ref = model(x)
+    assert ref.shape == y.shape and (y - ref).norm() <= 0.1 * ref.norm()
