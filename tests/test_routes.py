@@ -376,3 +376,26 @@ def test_1d_convolutions_take_the_2d_kernels(monkeypatch):
     assert y.is_contiguous() and y.view(3, -1).shape == (3, 4 * 36)
     ref = model(x)
     assert ref.shape == y.shape and (y - ref).norm() <= 0.1 * ref.norm()
+
+
+def test_3d_convolution_products_follow_the_route():
+    """A 3-d convolution, which no integer kernel takes, with reductions long enough (48 x 27
+    taps) for float32 sums of 8-bit mantissas to round: the default route computes its FP32
+    products on the values, bit for bit as emulate does (ATen's float64 3-d convolution had
+    taken 7x FP32's time); ``exact=True`` sums the mantissas exactly (float64) and scales once."""
+    from muppet_fx import quantise
+
+    torch.manual_seed(0)
+    conv = nn.Conv3d(48, 8, 3, padding=1)
+    x = torch.randn(2, 48, 4, 5, 5) * 4
+    got = {}
+    for backend, exact in (("emulate", False), ("aten", False), ("aten", True)):
+        pm = prepare(conv, ladder=(8, "fp32"), backend=backend, rounding="nearest", exact=exact,
+                     quantise_outputs=False)
+        got[backend, exact] = pm(x).detach()
+    assert torch.equal(got["aten", False], got["emulate", False])
+    qx, qw = quantise(x, 8, "nearest"), quantise(conv.weight.detach(), 8, "nearest")
+    sums = torch.nn.functional.conv3d(qx.mantissa.double(), qw.mantissa.double(), padding=1)
+    want = (sums * 2.0 ** -(qx.exponent + qw.exponent)).float() + conv.bias.detach().view(1, -1, 1, 1, 1)
+    assert torch.equal(got["aten", True], want)
+    assert not torch.equal(got["aten", False], want)  # the FP32 sums did round somewhere
