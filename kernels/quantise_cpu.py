@@ -25,7 +25,7 @@ from .cbuild import WIDE_VECTORS, load_c_library
 from .quantise import MAX_EXPONENT, dequantise_reference, is_dense, mantissa_dtype, quantise_reference
 
 __all__ = ["quantise_cpu", "dequantise_cpu", "requantise_accumulator", "host_exponent", "c_kernel_available",
-           "remember_absmax", "carry_absmax", "forget_absmax"]
+           "remember_absmax", "carry_absmax", "forget_absmax", "absmax"]
 
 _SOURCE = Path(__file__).with_name("quantise_cpu.c")
 _DEQ = {torch.int8: "dequantise_i8", torch.int16: "dequantise_i16", torch.int32: "dequantise_i32",
@@ -76,6 +76,19 @@ def remember_absmax(t: torch.Tensor, top: int) -> None:
         t._muppet_absmax = (t._version, int(top))
     except RuntimeError:  # inference tensors keep no version counter
         pass
+
+
+def absmax(t: torch.Tensor) -> float | None:
+    """The largest ``|value|`` of a dense float32 CPU tensor: the one a kernel recorded
+    (:func:`remember_absmax`), else one threaded C pass; ``None`` for other tensors or without
+    the C library (NaN/inf read as ``inf``/NaN bits, larger than any finite value)."""
+    top = _recorded_absmax(t)
+    lib = _library() if top is None else None
+    if top is None and (lib is None or t.dtype != torch.float32 or t.device.type != "cpu" or not is_dense(t)):
+        return None
+    if top is None:
+        top = lib.absmax_bits(t.data_ptr(), t.numel(), torch.get_num_threads()) if t.numel() else 0
+    return struct.unpack("<f", struct.pack("<I", top))[0]
 
 
 def _hinted_absmax(t: torch.Tensor) -> int | None:

@@ -47,6 +47,7 @@ from muppet_fx.kernels import (amx_cpu, amx_gemm, batch_norm_cpu, conv_onednn, g
                                 vnni_cpu)
 from muppet_fx.kernels.quantise import is_dense, scale_pow2, scale_triton, triton_path
 from muppet_fx.kernels.quantise_cpu import carry_absmax, dequantise_cpu, requantise_accumulator
+from muppet_fx import depth_taps
 from muppet_fx.numerics import _triton_seed
 
 __all__ = ["ROUTE_NAMES", "resolve_route", "for_level", "sum_dequantised", "dequantise", "linear_forward",
@@ -405,6 +406,11 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
         w_v = dequantise(w_m, w_s, w_axis) if w_v is None else w_v
         return torch.convolution(x_v, w_v, bias,
                                  stride, padding, dilation, False, [0] * len(stride), groups), False
+    if mode == "int" and depth_taps.applies(x_m, w_m, groups, w_axis) and isinstance(_exponent(x_s, w_s), int):
+        y = depth_taps.forward(lambda x, xs, w, ws, s, p, d: conv_forward(route, x, xs, w, ws, None, None, s, p, d, 1)[0],
+                               x_m, x_s, w_m, w_s, _exponent(x_s, w_s), bias, stride, padding, dilation)
+        if y is not None:
+            return y, False
     if _int_conv(mode, x_m, groups, w_axis) and _triton_conv(mode, x_m, w_m):
         b = None if bias is None else bias.detach().float().contiguous()  # dequantised and biased in the epilogue
         q = _with_seed(quantise_output)
@@ -602,6 +608,12 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
     strided, positions = any(s != 1 for s in stride), math.prod(x_shape[2:])
     if mode == "int" and route == "aten_wide" and (strided or x_shape[-1] < amx_cpu.MIN_WIDTH):
         mode = "fp32"  # strided phases, or rows too short for the tiles: not the generic split GEMMs
+    if mode == "int" and depth_taps.applies(g_m, w_m, groups, w_axis) and isinstance(_exponent(g_s, w_s), int):
+        gx = depth_taps.grad_input(
+            lambda g, gs, w, ws, shape, s, p, d: conv_grad_input(route, g, gs, w, ws, None, shape, s, p, d, 1),
+            g_m, g_s, w_m, w_s, _exponent(g_s, w_s), x_shape, stride, padding, dilation)
+        if gx is not None:
+            return gx
     if _int_conv(mode, g_m, groups, w_axis) and _triton_conv(mode, g_m, w_m):
         return _conv_triton().conv2d_grad_input_int(g_m, w_m, x_shape, stride, padding, dilation, (g_s, w_s))
     if _int_conv(mode, g_m, groups, w_axis):
@@ -635,6 +647,10 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
 
 def conv_grad_weight(route, g_m, g_s, x_m, x_s, w_shape, stride, padding, dilation, groups):
     mode = _conv_mode(route, g_m, x_m)
+    if mode == "int" and depth_taps.applies(x_m, g_m, groups, None):
+        return depth_taps.grad_weight(
+            lambda g, gs, x, xs, shape, s, p, d: conv_grad_weight(route, g, gs, x, xs, shape, s, p, d, 1),
+            g_m, g_s, x_m, x_s, w_shape, stride, padding, dilation)
     if _int_conv(mode, x_m, groups, None) and _triton_conv(mode, g_m, x_m):
         return _conv_triton().conv2d_grad_weight_int(g_m, x_m, w_shape, stride, padding, dilation, scale=(g_s, x_s))
     if _int_conv(mode, x_m, groups, None):

@@ -379,15 +379,18 @@ def test_1d_convolutions_take_the_2d_kernels(monkeypatch):
 
 
 def test_3d_convolution_products_follow_the_route():
-    """A 3-d convolution, which no integer kernel takes, with reductions long enough (48 x 27
-    taps) for float32 sums of 8-bit mantissas to round: the default route computes its FP32
-    products on the values, bit for bit as emulate does (ATen's float64 3-d convolution had
-    taken 7x FP32's time); ``exact=True`` sums the mantissas exactly (float64) and scales once."""
+    """A 3-d convolution whose mantissa sums pass 2**24 (positive operands near the top of the
+    8-bit range, 128 x 27 taps), where the integer depth taps decline (``depth_taps``): the
+    default route computes FP32 products of the values, bit for bit as emulate does (ATen's
+    float64 3-d convolution had taken 7x FP32's time); ``exact=True`` sums the mantissas exactly
+    (float64) and scales once."""
     from muppet_fx import quantise
 
     torch.manual_seed(0)
-    conv = nn.Conv3d(48, 8, 3, padding=1)
-    x = torch.randn(2, 48, 4, 5, 5) * 4
+    conv = nn.Conv3d(128, 8, 3, padding=1)
+    with torch.no_grad():  # mantissas 96-127: 1.98 * 2**6 = 126.7
+        conv.weight.uniform_(1.5, 1.98)
+    x = torch.rand(2, 128, 3, 4, 4) * 0.48 + 1.5
     got = {}
     for backend, exact in (("emulate", False), ("aten", False), ("aten", True)):
         pm = prepare(conv, ladder=(8, "fp32"), backend=backend, rounding="nearest", exact=exact,
@@ -396,6 +399,7 @@ def test_3d_convolution_products_follow_the_route():
     assert torch.equal(got["aten", False], got["emulate", False])
     qx, qw = quantise(x, 8, "nearest"), quantise(conv.weight.detach(), 8, "nearest")
     sums = torch.nn.functional.conv3d(qx.mantissa.double(), qw.mantissa.double(), padding=1)
-    want = (sums * 2.0 ** -(qx.exponent + qw.exponent)).float() + conv.bias.detach().view(1, -1, 1, 1, 1)
-    assert torch.equal(got["aten", True], want)
+    assert sums.max() > 2**24
+    want = (sums * 2.0 ** -(qx.exponent + qw.exponent) + conv.bias.detach().double().view(1, -1, 1, 1, 1)).float()
+    assert torch.equal(got["aten", True], want)  # the float64 sums plus the bias, rounded once
     assert not torch.equal(got["aten", False], want)  # the FP32 sums did round somewhere
