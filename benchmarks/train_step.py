@@ -7,7 +7,9 @@ Per model: FP32 eager; torch.autocast (bf16; on CUDA also fp16); the prepared mo
 the default route at 8, 12, 14 and 16 bits. ``--models transformer`` selects a small
 transformer language model instead (:class:`TinyLM`; ``--batch`` counts sequences of 128
 tokens), ``--models hf-gpt2,hf-bert,hf-llama`` Hugging Face models of that size (:class:`HubLM`;
-needs ``transformers``). Columns: seconds per step (forward, backward, SGD step), ratio to FP32 and to
+needs ``transformers``), ``--models signal1d`` a 1-d convolutional network (:class:`Signal1d`) and
+``--models r3d_18,mc3_18,r2plus1d_18`` torchvision's video networks (3-d convolutions; ``--batch``
+counts clips of 8 frames of 56x56). Columns: seconds per step (forward, backward, SGD step), ratio to FP32 and to
 autocast (higher is faster); with ``--saved``, the activation memory
 autograd saves for backward (device-independent); with ``--memory``, peak memory of each
 configuration (max RSS of a fresh process on the CPU; on CUDA ``max_memory_allocated`` over one
@@ -81,6 +83,27 @@ class HubLM(torch.nn.Module):
         return self.model(tokens).logits
 
 
+class Signal1d(torch.nn.Module):
+    """A 1-d convolutional classifier of 16-channel signals of 2048 samples (``--models
+    signal1d``): three 9-tap convolutions (16 -> 64 -> 128 -> 128, the second strided) with
+    batch norm and ReLU, average pooling and a 10-way linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(
+            nn.Conv1d(16, 64, 9, padding=4), nn.BatchNorm1d(64), nn.ReLU(),
+            nn.Conv1d(64, 128, 9, stride=2, padding=4), nn.BatchNorm1d(128), nn.ReLU(),
+            nn.Conv1d(128, 128, 9, padding=4), nn.BatchNorm1d(128), nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+VIDEO = ("r3d_18", "mc3_18", "r2plus1d_18")  # torchvision's video classifiers, on 8 frames of 56x56
+
+
 def make_cases(name: str, batch: int, device: str, compile_: bool = False) -> dict:
     """Configuration name -> a function running one training step."""
     torch.manual_seed(0)
@@ -88,6 +111,12 @@ def make_cases(name: str, batch: int, device: str, compile_: bool = False) -> di
         model = (TinyLM() if name == "transformer" else HubLM(name[3:])).to(device)
         x = torch.randint(0, 1000, (batch, 128), device=device)
         y = torch.randint(0, 1000, (batch * 128,), device=device)
+    elif name == "signal1d" or name in VIDEO:
+        import torchvision
+
+        model = (Signal1d() if name == "signal1d" else torchvision.models.get_model(name, num_classes=10)).to(device)
+        x = torch.randn((batch, 16, 2048) if name == "signal1d" else (batch, 3, 8, 56, 56), device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
     else:
         model = build_model(name).to(device)
         x = torch.randn(batch, 3, 32, 32, device=device)

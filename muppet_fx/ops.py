@@ -109,11 +109,11 @@ def _quantise_gradient(g: Tensor, bits: int, rounding: str, values: bool, need_b
 
 
 def _conv_layout(y: Tensor) -> Tensor:
-    """Convolution outputs and input gradients leave the ops channels-last, 2-d and 3-d (what
-    the integer routes write, and what keeps the elementwise layers between convolutions on one
-    layout), so the real and the fake implementations agree on strides."""
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    return y.contiguous(memory_format=formats[y.dim()]) if y.dim() in formats else y.contiguous()
+    """Convolution outputs and input gradients leave the ops channels-last (what the integer
+    routes write, and what keeps the elementwise layers between convolutions on one layout),
+    so the real and the fake implementations agree on strides. 3-d maps stay contiguous: with
+    them channels-last, a video network's steps took 1.03x (8 bits) to 1.1x (12-16 bits) as long."""
+    return y.contiguous(memory_format=torch.channels_last) if y.dim() == 4 else y.contiguous()
 
 
 def _strides_of(t: Tensor, ref: Tensor) -> Tensor:
