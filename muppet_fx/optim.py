@@ -128,14 +128,14 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
 
 
 def _all_finite(grads: list) -> bool:
-    """Whether every gradient is free of NaN/inf: one foreach kernel per device (the check
-    ``GradScaler`` runs; the unscale by 1.0 leaves every value as it was), 47 us against 0.8 ms
-    for a per-tensor ``isfinite`` on ResNet-20's 65 gradients."""
-    by_device: dict = {}
+    """Whether every gradient is free of NaN/inf: one foreach kernel per device and type (the
+    check ``GradScaler`` runs; the unscale by 1.0 leaves every value as it was), 47 us against
+    0.8 ms for a per-tensor ``isfinite`` on ResNet-20's 65 gradients."""
+    groups: dict = {}
     for g in grads:
-        by_device.setdefault(g.device, []).append(g)
+        groups.setdefault((g.device, g.dtype), []).append(g)
     found = []
-    for device, group in by_device.items():
+    for (device, _), group in groups.items():
         flag = torch.zeros(1, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
         found.append(flag)
