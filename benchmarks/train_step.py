@@ -104,6 +104,11 @@ class Signal1d(torch.nn.Module):
 VIDEO = ("r3d_18", "mc3_18", "r2plus1d_18")  # torchvision's video classifiers, on 8 frames of 56x56
 
 
+class Cases(dict):
+    """Configuration name -> step function, and the parameters they all train."""
+    parameters: list
+
+
 def make_cases(name: str, batch: int, device: str, compile_: bool = False) -> dict:
     """Configuration name -> a function running one training step."""
     torch.manual_seed(0)
@@ -130,7 +135,8 @@ def make_cases(name: str, batch: int, device: str, compile_: bool = False) -> di
         F.cross_entropy(out.float().flatten(0, -2), y).backward()
         opt.step()
 
-    cases = {"fp32 eager": lambda: step(model), "autocast bf16": lambda: step(model, torch.bfloat16)}
+    cases = Cases({"fp32 eager": lambda: step(model), "autocast bf16": lambda: step(model, torch.bfloat16)})
+    cases.parameters = list(model.parameters())  # shared by every configuration
     if device == "cuda":  # the usual GPU mixed precision (no loss scaling: it costs little time)
         cases["autocast fp16"] = lambda: step(model, torch.float16)
     top = muppet_fx.prepare(model, ladder=(8, "fp32"))
@@ -237,6 +243,9 @@ def main() -> None:
         print(f"\n{name}, batch {args.batch}, {device}, threads {args.threads}, allocator {args.allocator}, "
               f"torch {torch.__version__}")
         print(tabulate(rows, headers=headers, floatfmt=".3f"))
+        if not all(bool(torch.isfinite(q).all()) for q in cases.parameters):
+            print("warning: the shared weights became NaN/inf during the run (a configuration diverged); "
+                  "steps on non-finite values take other paths, so these ratios do not compare")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def forward(conv2d: Callable, x_m: Tensor, x_s: Tensor, w_m: Tensor, w_s: Tensor
     kd = w_m.shape[2]
     (sd, *s2), (pd, *p2), (dd, *d2) = stride, padding, dilation
     Do = _out_depth(D, kd, sd, pd, dd)
-    if Do <= 0:
+    if Do <= 0 or not -126 <= e <= 126:  # 2**e a normal float32, as the 2-d routes take it
         return None
     folded, y, room = _fold(x_m, pd), None, _EXACT * 2.0**e
     for i in range(kd):
@@ -96,6 +96,8 @@ def grad_input(grad_input2d: Callable, g_m: Tensor, g_s: Tensor, w_m: Tensor, w_
     kd = w_m.shape[2]
     (sd, *s2), (pd, *p2), (dd, *d2) = stride, padding, dilation
     Do = g_m.shape[2]
+    if not -126 <= e <= 126:
+        return None
     g2 = _tap(_fold(g_m), 0, 1, Do)
     gx = torch.zeros(N, D + 2 * pd, H, W, C, dtype=torch.float32)
     room = _EXACT * 2.0**e

@@ -91,3 +91,17 @@ def test_a_prepared_3d_network_matches_the_emulation(monkeypatch):
     for got, w in zip(run("aten"), want):
         assert torch.equal(got, w)
     assert ran == {"forward": True, "grad_input": True, "grad_weight": True}
+
+
+def test_exponents_outside_float32s_normal_range_leave_the_taps():
+    """A scale ``2**e`` that float32 cannot hold as a normal number (a diverged network's
+    exponents): the taps decline instead of overflowing, and the route's other path runs."""
+    x_m, w_m = _mantissas((1, 4, 3, 4, 4), 1), _mantissas((16, 4, 3, 3, 3), 2)
+    big = torch.tensor(700, dtype=torch.int32)
+    zero = torch.tensor(0, dtype=torch.int32)
+    conv2d = lambda *a: pytest.fail("the taps ran")  # noqa: E731
+    assert depth_taps.forward(conv2d, x_m, big, w_m, big, -1400, None, [1] * 3, [1] * 3, [1] * 3) is None
+    g_m = _mantissas((1, 16, 3, 4, 4), 3)
+    assert depth_taps.grad_input(conv2d, g_m, big, w_m, zero, 1400, x_m.shape, [1] * 3, [1] * 3, [1] * 3) is None
+    y, _ = routes.conv_forward("aten", x_m, big, w_m, big, None, None, [1] * 3, [1] * 3, [1] * 3, 1)
+    assert y.shape == (1, 16, 3, 4, 4) and torch.equal(y, torch.zeros_like(y))  # 2**-1400 underflows
