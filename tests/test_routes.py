@@ -65,6 +65,21 @@ class Signal1d(nn.Module):
         return self.t(self.g(torch.relu(self.c2(torch.relu(self.bn(self.c1(x)))))))
 
 
+class Clip3d(nn.Module):
+    """3-d layers (a batch norm reading one, a spatial 1x3x3 and a temporal 3x1x1 one): the
+    integer routes run them per depth tap on the 2-d kernels (``muppet_fx.depth_taps``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv3d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm3d(8)
+        self.c2 = nn.Conv3d(8, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False)
+        self.c3 = nn.Conv3d(8, 4, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(torch.relu(self.bn(self.c1(x))))))
+
+
 def _block():
     return nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True)
 
@@ -72,6 +87,7 @@ def _block():
 CASES = {"cnn": (SmallCNN, lambda: torch.randn(2, 3, 11, 11).contiguous(memory_format=torch.channels_last)),
          "decoder": (Decoder, lambda: torch.randn(2, 3, 9, 9)),
          "signal1d": (Signal1d, lambda: torch.randn(2, 3, 23)),
+         "clip3d": (Clip3d, lambda: torch.randn(2, 3, 5, 7, 6)),
          "transformer": (_block, lambda: torch.randn(2, 5, 16))}
 
 
@@ -177,7 +193,7 @@ def test_cpus_without_int8_dot_products_keep_products_off_int_mm(case, avx2, mon
     monkeypatch.setattr(torch, "_int_mm", refuse)
     for g, w in zip(_run(make, x, "aten", 8), emulated):
         assert torch.equal(g, w)
-    # every case has a linear layer or an ungrouped 2-d convolution the kernel takes
+    # every case has a linear layer or an ungrouped convolution the kernel takes (3-d: per depth tap)
     assert bool(calls) == avx2
     calls.clear()
     for g, w in zip(_run(make, x, "aten", 16, exact=True), with_int8):
@@ -186,7 +202,7 @@ def test_cpus_without_int8_dot_products_keep_products_off_int_mm(case, avx2, mon
     # exact=True at 12 bits: one int16 product on the AVX2 kernel, else exact float sums
     for g, w in zip(_run(make, x, "aten", 12, exact=True), exact12):
         assert torch.equal(g, w)
-    assert bool(calls) == avx2
+    assert bool(calls) == (avx2 and case != "clip3d")  # 3-d: exact float sums (the depth taps are int8)
 
 
 def test_fast_int8_follows_the_cpu_flags():
