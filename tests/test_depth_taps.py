@@ -74,12 +74,14 @@ def test_sums_that_could_round_leave_the_taps():
 
 def test_a_prepared_3d_network_matches_the_emulation(monkeypatch):
     """End to end at 8 bits, nearest rounding: short reductions, so the emulation's FP32 sums
-    are exact too, and the integer taps must equal them bit for bit, forward and backward."""
+    are exact too, and the integer taps must equal them bit for bit, forward and backward
+    (a transposed 3-d convolution included: its products are a convolution's, exchanged)."""
     def run(backend):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
                             nn.Conv3d(8, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-                            nn.Conv3d(8, 4, (3, 1, 1), padding=(1, 0, 0)))
+                            nn.Conv3d(8, 4, (3, 1, 1), padding=(1, 0, 0)),
+                            nn.ConvTranspose3d(4, 4, 4, stride=2, padding=1))  # forward: a grad-input
         pm = prepare(net, ladder=(8, "fp32"), backend=backend, rounding="nearest", grad_rounding="nearest")
         x = torch.randn(2, 4, 5, 6, 7, generator=torch.Generator().manual_seed(3)).requires_grad_()
         out = pm(x)
