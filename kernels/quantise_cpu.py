@@ -82,12 +82,10 @@ def absmax(t: torch.Tensor) -> float | None:
     """The largest ``|value|`` of a dense float32 CPU tensor: the one a kernel recorded
     (:func:`remember_absmax`), else one threaded C pass; ``None`` for other tensors or without
     the C library (NaN/inf read as ``inf``/NaN bits, larger than any finite value)."""
-    top = _recorded_absmax(t)
-    lib = _library() if top is None else None
-    if top is None and (lib is None or t.dtype != torch.float32 or t.device.type != "cpu" or not is_dense(t)):
+    lib = _library()
+    if lib is None or t.dtype != torch.float32 or t.device.type != "cpu" or not is_dense(t):
         return None
-    if top is None:
-        top = lib.absmax_bits(t.data_ptr(), t.numel(), torch.get_num_threads()) if t.numel() else 0
+    top = _absmax_bits(lib, t, torch.get_num_threads()) if t.numel() else 0
     return struct.unpack("<f", struct.pack("<I", top))[0]
 
 

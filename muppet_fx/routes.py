@@ -406,9 +406,10 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
         w_v = dequantise(w_m, w_s, w_axis) if w_v is None else w_v
         return torch.convolution(x_v, w_v, bias,
                                  stride, padding, dilation, False, [0] * len(stride), groups), False
-    if mode == "int" and depth_taps.applies(x_m, w_m, groups, w_axis) and isinstance(_exponent(x_s, w_s), int):
-        y = depth_taps.forward(lambda x, xs, w, ws, s, p, d: conv_forward(route, x, xs, w, ws, None, None, s, p, d, 1)[0],
-                               x_m, x_s, w_m, w_s, _exponent(x_s, w_s), bias, stride, padding, dilation)
+    if mode == "int" and depth_taps.applies(x_m, w_m, groups, w_axis) and isinstance(e := _exponent(x_s, w_s), int):
+        y = depth_taps.forward(
+            lambda x, xs, w, ws, s, p, d: conv_forward(route, x, xs, w, ws, None, None, s, p, d, 1)[0],
+            x_m, x_s, w_m, w_s, e, bias, stride, padding, dilation)
         if y is not None:
             return y, False
     if _int_conv(mode, x_m, groups, w_axis) and _triton_conv(mode, x_m, w_m):
@@ -608,10 +609,10 @@ def conv_grad_input(route, g_m, g_s, w_m, w_s, w_axis, x_shape, stride, padding,
     strided, positions = any(s != 1 for s in stride), math.prod(x_shape[2:])
     if mode == "int" and route == "aten_wide" and (strided or x_shape[-1] < amx_cpu.MIN_WIDTH):
         mode = "fp32"  # strided phases, or rows too short for the tiles: not the generic split GEMMs
-    if mode == "int" and depth_taps.applies(g_m, w_m, groups, w_axis) and isinstance(_exponent(g_s, w_s), int):
+    if mode == "int" and depth_taps.applies(g_m, w_m, groups, w_axis) and isinstance(e := _exponent(g_s, w_s), int):
         gx = depth_taps.grad_input(
             lambda g, gs, w, ws, shape, s, p, d: conv_grad_input(route, g, gs, w, ws, None, shape, s, p, d, 1),
-            g_m, g_s, w_m, w_s, _exponent(g_s, w_s), x_shape, stride, padding, dilation)
+            g_m, g_s, w_m, w_s, e, x_shape, stride, padding, dilation)
         if gx is not None:
             return gx
     if _int_conv(mode, g_m, groups, w_axis) and _triton_conv(mode, g_m, w_m):
