@@ -138,9 +138,12 @@ def table_cuda_gemm(args):
                  "int8+q separate": lambda: quantise_triton(gemm_triton.scaled_mm(a8, s0, b8, s0), 8, "stochastic",
                                                             want_mantissa=False, want_values=True),
                  "int8+q fused": lambda: gemm_triton.scaled_mm(a8, s0, b8, s0, quantise_output=(8, "stochastic", 0))}
+        if M <= 16 or K % 8 or N % 8:  # torch._int_mm's CUDA shape rules: no column for it
+            del cases["_int_mm"]
         med = interleaved(cases, args.reps, warmup=3, sync=torch.cuda.synchronize)
+        med.setdefault("_int_mm", float("nan"))
         tops = {k: 2 * M * N * K / v / 1e12 for k, v in med.items()}
-        rows.append([name, M, K, N] + [tops[k] for k in list(cases)[:4]]
+        rows.append([name, M, K, N] + [tops[k] for k in ("bf16", "fp16", "_int_mm", "triton int8")]
                     + [med["_int_mm"] / med["triton int8"], med["bf16"] / med["triton int8"],
                        med["int8+q separate"] / med["int8+q fused"]])
     print(f"\nGEMM, {torch.cuda.get_device_name()}, torch {torch.__version__}: TFLOP/s (TOP/s for int8); "

@@ -109,7 +109,7 @@ class Cases(dict):
     parameters: list
 
 
-def make_cases(name: str, batch: int, device: str, compile_: bool = False) -> dict:
+def make_cases(name: str, batch: int, device: str, compile_: bool = False, levels=(8, 12, 14, 16)) -> dict:
     """Configuration name -> a function running one training step."""
     torch.manual_seed(0)
     if name == "transformer" or name.startswith("hf-"):
@@ -144,7 +144,7 @@ def make_cases(name: str, batch: int, device: str, compile_: bool = False) -> di
     cases["prepared, fp32 level"] = lambda: step(top)
     emu = muppet_fx.prepare(model, ladder=(8, "fp32"), backend="emulate")
     cases["emulate 8-bit"] = lambda: step(emu)
-    for bits in (8, 12, 14, 16):
+    for bits in levels:
         pm = muppet_fx.prepare(model, ladder=(bits, "fp32"))
         cases[f"{pm._muppet_state.route_for(x.device)} {bits}-bit"] = (lambda pm=pm: step(pm))
         if compile_ and bits == 8:
@@ -209,6 +209,8 @@ def main() -> None:
     p.add_argument("--models", default="resnet18,resnet20")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--levels", type=lambda v: tuple(int(b) for b in v.split(",")), default=(8, 12, 14, 16),
+                   help="fixed-point levels to time, e.g. 8,16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="add torch.compile of the 8-bit model")
     p.add_argument("--memory", action="store_true", help="add peak memory, one fresh process per configuration")
@@ -225,7 +227,7 @@ def main() -> None:
         return _only(args, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for name in args.models.split(","):
-        cases = make_cases(name, args.batch, device, args.compile)
+        cases = make_cases(name, args.batch, device, args.compile, args.levels)
         med = interleaved(cases, args.reps, sync=sync)
         base, amp = med["fp32 eager"], med["autocast bf16"]
         headers = ["configuration", "s/step", "speed-up vs fp32", "vs autocast"]

@@ -171,8 +171,8 @@ def scaled_mm_reference(a_m, a_s, b_m, b_s, bias=None, b_axis=None, fp16: bool =
     """Plain-torch twin: exact int64 product (or FP16-rounded operands, FP32 products)."""
     if fp16:
         acc = a_m.to(torch.float16).double() @ b_m.to(torch.float16).double()
-    else:
-        acc = a_m.long() @ b_m.long()
+    else:  # float64 sums of the integer products are exact below 2**53 (CUDA has no int64 matmul)
+        acc = a_m.double() @ b_m.double()
     e = -(a_s.long() + b_s.long())
     y = (acc.double() * torch.pow(2.0, e.double())).float()
     return y if bias is None else y + bias.float()

@@ -28,7 +28,7 @@ def _operands(dtype, q, M, K, N, device, transposed_b):
 def test_int8_exact(device, shape, transposed_b):
     M, K, N = shape
     a, b = _operands(torch.int8, 127, M, K, N, device, transposed_b)
-    assert torch.equal(int_mm(a, b).long(), a.long() @ b.long())
+    assert torch.equal(int_mm(a, b).long().cpu(), a.long().cpu() @ b.long().cpu())  # CUDA has no int64 matmul
     sa = torch.tensor(5, dtype=torch.int32, device=device)
     sb = torch.tensor(-3, dtype=torch.int32, device=device)
     bias = torch.randn(N, device=device)
