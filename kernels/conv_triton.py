@@ -44,8 +44,15 @@ def _configs():
 
 if HAS_TRITON:
 
+    # Spatial sizes and geometry vary from layer to layer; specialising on them (divisible by 16,
+    # equal to 1) would compile every autotuning configuration again for most layer shapes.
+    # Channel counts and strides stay specialised: their divisibility lets the masked channel
+    # runs load as vectors, which the pipeliner's asynchronous copies need.
+    _GEOMETRY = ["AH", "AW", "OH", "OW", "KW", "SH", "SW", "PH", "PW", "DH", "DW"]
+    UNSPECIALISED = {"conv": ["M", *_GEOMETRY], "conv_grad_weight": ["R", "H", "W", *_GEOMETRY[2:]]}
+
     @autotune(_configs(), ["M", "N", "K", "KW", "SH", "TRANSPOSED", "USE_FP16"])
-    @triton.jit
+    @triton.jit(do_not_specialize=UNSPECIALISED["conv"])
     def _conv_kernel(
         a_ptr, w_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, amax_ptr,  # SCALED: c = acc * 2**-(sa + sb) (+ bias)
         M, N, K, C,  # GEMM sizes; C = channels summed per tap
@@ -62,35 +69,39 @@ if HAS_TRITON:
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
         n = rm // (OH * OW)
         pix = rm % (OH * OW)
         p = pix // OW
         q = pix % OW
         row_ok = rm < M
         a_row = n.to(tl.int64) * s_an
+        w_col = w_ptr + rn[None, :].to(tl.int64) * s_wn
+        col_ok = rn[None, :] < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if USE_FP16 else tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            c = rk % C
-            tap = rk // C
+        # The reduction runs tap by tap, BLOCK_K channels at a time: each block lies in one tap, so
+        # the source pixel and its bounds are worked out once per row, not once per (row, channel).
+        c_blocks = tl.cdiv(C, BLOCK_K)
+        for kb in range(0, (K // C) * c_blocks):
+            tap = kb // c_blocks
+            c = (kb - tap * c_blocks) * BLOCK_K + rk
             i = tap // KW
-            j = tap % KW
+            j = tap - i * KW
             if TRANSPOSED:  # source pixel (p + pad - i*d) / s, where exact
-                hn = p[:, None] + PH - i[None, :] * DH
-                wn = q[:, None] + PW - j[None, :] * DW
+                hn = p + PH - i * DH
+                wn = q + PW - j * DW
                 h = tl.where(hn >= 0, hn, 0) // SH
                 w = tl.where(wn >= 0, wn, 0) // SW
                 ok = (hn >= 0) & (hn % SH == 0) & (wn >= 0) & (wn % SW == 0)
             else:
-                h = p[:, None] * SH - PH + i[None, :] * DH
-                w = q[:, None] * SW - PW + j[None, :] * DW
+                h = p * SH - PH + i * DH
+                w = q * SW - PW + j * DW
                 ok = (h >= 0) & (w >= 0)
-            ok = ok & (h < AH) & (w < AW) & row_ok[:, None] & (rk[None, :] < K)
-            a_ptrs = a_ptr + a_row[:, None] + c[None, :] * s_ac + h * s_ah + w * s_aw
-            a = tl.load(a_ptrs, mask=ok, other=0)
-            w_ptrs = (w_ptr + c[:, None] * s_wk + i[:, None] * s_wh + j[:, None] * s_ww
-                      + rn[None, :].to(tl.int64) * s_wn)
-            b = tl.load(w_ptrs, mask=(rk[:, None] < K) & (rn[None, :] < N), other=0)
+            ok = ok & (h < AH) & (w < AW) & row_ok
+            c_ok = c < C
+            a_ptrs = a_ptr + (a_row + h * s_ah + w * s_aw)[:, None] + c[None, :] * s_ac
+            a = tl.load(a_ptrs, mask=ok[:, None] & c_ok[None, :], other=0)
+            b = tl.load(w_col + (i * s_wh + j * s_ww) + c[:, None] * s_wk, mask=c_ok[:, None] & col_ok, other=0)
             if USE_FP16:
                 acc += tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
             else:
@@ -108,7 +119,7 @@ if HAS_TRITON:
             tl.store(c_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
 
     @autotune(_configs(), ["M", "N", "R", "KW", "SH", "USE_FP16"])
-    @triton.jit
+    @triton.jit(do_not_specialize=UNSPECIALISED["conv_grad_weight"])
     def _conv_grad_weight_kernel(
         g_ptr, x_ptr, c_ptr,
         M, N, R, C, R_SPLIT,  # Cout, kh*kw*C, summed pixels, input channels, pixels per split
@@ -117,16 +128,21 @@ if HAS_TRITON:
         USE_FP16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # partial[split, o, (i, j, c)] = sum over this split's output pixels of g[., o, .] x[patch]
+        # partial[split, o, (i, j, c)] = sum over this split's output pixels of g[., o, .] x[patch].
+        # A program's columns lie in one tap (i, j), so each pixel's source position and bounds
+        # are worked out once per pixel, not once per (pixel, column).
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         split = tl.program_id(2)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        c = rn % C
-        tap = rn // C
+        c_blocks = tl.cdiv(C, BLOCK_N)
+        tap = pid_n // c_blocks
         i = tap // KW
-        j = tap % KW
+        j = tap - i * KW
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = (pid_n - tap * c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ok = c < C
+        g_rows = g_ptr + rm[:, None] * s_gc
+        x_cols = x_ptr + c[None, :] * s_xc
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if USE_FP16 else tl.int32)
         r_end = min(R, (split + 1) * R_SPLIT)
         for r0 in range(split * R_SPLIT, r_end, BLOCK_K):
@@ -136,20 +152,19 @@ if HAS_TRITON:
             p = pix // OW
             q = pix % OW
             r_ok = r < r_end
-            g_ptrs = (g_ptr + rm[:, None] * s_gc + n[None, :].to(tl.int64) * s_gn + p[None, :] * s_gh
-                      + q[None, :] * s_gw)
-            a = tl.load(g_ptrs, mask=(rm[:, None] < M) & r_ok[None, :], other=0)
-            h = p[:, None] * SH - PH + i[None, :] * DH
-            w = q[:, None] * SW - PW + j[None, :] * DW
-            ok = (h >= 0) & (h < H) & (w >= 0) & (w < W) & r_ok[:, None] & (rn[None, :] < N)
-            x_ptrs = x_ptr + n[:, None].to(tl.int64) * s_xn + c[None, :] * s_xc + h * s_xh + w * s_xw
-            b = tl.load(x_ptrs, mask=ok, other=0)
+            a = tl.load(g_rows + (n.to(tl.int64) * s_gn + p * s_gh + q * s_gw)[None, :],
+                        mask=(rm[:, None] < M) & r_ok[None, :], other=0)
+            h = p * SH - PH + i * DH
+            w = q * SW - PW + j * DW
+            ok = (h >= 0) & (h < H) & (w >= 0) & (w < W) & r_ok
+            b = tl.load(x_cols + (n.to(tl.int64) * s_xn + h * s_xh + w * s_xw)[:, None],
+                        mask=ok[:, None] & c_ok[None, :], other=0)
             if USE_FP16:
                 acc += tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
             else:
                 acc += tl.dot(a, b, out_dtype=tl.int32)
-        c_ptrs = c_ptr + split.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :]
-        tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+        c_ptrs = c_ptr + split.to(tl.int64) * M * N + rm[:, None] * N + (tap * C + c)[None, :]
+        tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & c_ok[None, :])
 
 
 def _check(a, w, what, fp16_ok=False):
@@ -236,15 +251,33 @@ def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1
                          f"and input shape {tuple(input_shape)} do not match")
     _check_scale(scale, None, C)
     out = _empty((N, C, H, W), g_m, scale is not None)
-    return _run(g_m, w_m, out, Cout, (H, W), (w_m.stride(0), w_m.stride(1)), geometry, True, scale)
+    # The sum runs over output channels: a weight copy with those fastest makes the MMA's second
+    # operand K-major (Hopper's int8 wgmma reads only that order; another would be transposed
+    # through registers on every tile). Weights are small next to the activations.
+    w_k = w_m if w_m.stride(0) == 1 else w_m.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+    return _run(g_m, w_k, out, Cout, (H, W), (w_k.stride(0), w_k.stride(1)), geometry, True, scale)
+
+
+def pixel_split(R: int, M: int, K: int, sms: int) -> int:
+    """Output pixels per split of the weight gradient's sum over ``R`` pixels, for an ``M x K``
+    gradient on a GPU with ``sms`` multiprocessors.
+
+    At most :data:`CHUNK`, so no int32 partial can overflow. Below that the split is what fills
+    the GPU: a 64 -> 64 3x3 gradient is only 5 tiles of 128 x 128, so the pixel sum is cut until
+    there are at least 4 programs per multiprocessor, keeping at least 1024 pixels (a multiple
+    of 128) per split so that summing the partials stays small against the products."""
+    tiles = triton.cdiv(M, 128) * triton.cdiv(K, 128)
+    splits = max(1, min(triton.cdiv(4 * sms, tiles), R // 1024))
+    return CHUNK if splits == 1 else min(CHUNK, triton.cdiv(R, splits) // 128 * 128)
 
 
 def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1,
-                           r_split: int = CHUNK, scale=None) -> torch.Tensor:
+                           r_split: int | None = None, scale=None) -> torch.Tensor:
     """Exact gradient of ``conv2d`` w.r.t. its weight: int32 (int64 when the pixel sum is split
     into int32 partials), shaped ``weight_shape`` with channels-last strides; int16 mantissas
     as in :func:`conv2d_int` (float32 partials). ``scale=(s_g, s_x)`` returns float32
-    ``acc * 2**-(s_g + s_x)`` (one more launch, after the partials are summed)."""
+    ``acc * 2**-(s_g + s_x)`` (one more launch, after the partials are summed). ``r_split``
+    (output pixels per split) defaults to :func:`pixel_split` on a GPU, :data:`CHUNK` elsewhere."""
     _check(g_m, x_m, "conv2d_grad_weight_int", fp16_ok=True)
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
     Cout, C, kh, kw = weight_shape
@@ -253,14 +286,19 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
     if Cx != C or g_m.shape[:2] != (N_img, Cout):
         raise ValueError(f"conv2d_grad_weight_int: gradient {tuple(g_m.shape)}, input {tuple(x_m.shape)} "
                          f"and weight shape {tuple(weight_shape)} do not match")
+    M, K, R = Cout, kh * kw * C, N_img * OH * OW
+    if r_split is None:
+        cuda = g_m.device.type == "cuda" and not _INTERPRET
+        r_split = pixel_split(R, M, K, torch.cuda.get_device_properties(g_m.device).multi_processor_count) \
+            if cuda else CHUNK
     if not 0 < r_split <= CHUNK:  # each split's int32 partial sum cannot overflow
         raise ValueError(f"r_split={r_split}: must be in 1..{CHUNK} so int32 partial sums cannot overflow")
     _check_scale(scale, None, Cout)
-    M, K, R = Cout, kh * kw * C, N_img * OH * OW
     splits = triton.cdiv(R, r_split)
     fp16 = g_m.dtype == torch.int16
     part = torch.empty((splits, M, K), dtype=torch.float32 if fp16 else torch.int32, device=g_m.device)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]), splits)
+    # columns in tiles that each lie in one tap (see the kernel)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), kh * kw * triton.cdiv(C, meta["BLOCK_N"]), splits)
     _conv_grad_weight_kernel[grid](g_m, x_m, part, M, K, R, C, r_split, H, W, OH, OW, kw, sh, sw, ph, pw,
                                    dh, dw, *g_m.stride(), *x_m.stride(), USE_FP16=fp16)
     acc = part[0] if splits == 1 else part.sum(0, dtype=torch.float32 if fp16 else torch.int64)

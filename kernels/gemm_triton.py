@@ -36,12 +36,22 @@ def _configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                           num_stages=st, num_warps=nw)
             for bm, bn, bk, st, nw in [(128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                       (64, 64, 64, 4, 4), (128, 256, 64, 3, 8), (32, 64, 128, 4, 4)]]
+                                       (64, 64, 64, 4, 4), (128, 256, 64, 3, 8), (32, 64, 128, 4, 4),
+                                       (128, 256, 128, 3, 8), (128, 128, 128, 4, 8)]]
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """The two 128 x 128-byte int8 configurations (rows of 128 bytes fill the widest shared-memory
+    swizzle, as Hopper's int8 MMA reads it) are int8-only: in FP16 their buffers would need twice
+    the shared memory, more than any GPU has per block."""
+    if not kwargs.get("USE_FP16"):
+        return configs
+    return [c for c in configs if not (c.kwargs["BLOCK_K"] == 128 and c.kwargs["BLOCK_M"] == 128)]
 
 
 if HAS_TRITON:
 
-    @autotune(_configs(), ["M", "N", "K", "USE_FP16", "WRITE_AMAX"])
+    @autotune(_configs(), ["M", "N", "K", "USE_FP16", "WRITE_AMAX"], prune=prune_configs)
     @triton.jit
     def _scaled_mm_kernel(
         a_ptr, b_ptr, c_ptr, bias_ptr, sa_ptr, sb_ptr, amax_ptr,  # pointers; sa, sb: int exponents

@@ -69,14 +69,16 @@ def autotune_bench(fn, quantiles):
     return do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-def autotune(configs, key):
+def autotune(configs, key, prune=None):
     """``triton.autotune`` with :func:`autotune_bench` as its timer; Triton releases before the
-    ``do_bench`` argument (3.3) take the same times through ``warmup``/``rep``."""
+    ``do_bench`` argument (3.3) take the same times through ``warmup``/``rep``. ``prune`` is
+    Triton's ``early_config_prune``: ``prune(configs, named_args, **constexprs)``."""
     import inspect
 
     timer = ({"do_bench": autotune_bench} if "do_bench" in inspect.signature(triton.autotune).parameters
              else {"warmup": 5, "rep": 20})
-    return triton.autotune(configs=configs, key=key, **timer)
+    pruning = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
+    return triton.autotune(configs=configs, key=key, **timer, **pruning)
 
 
 # Exponent that marks a tensor holding NaN/inf in training ops: its dequantisation factor

@@ -76,7 +76,7 @@ def _modes():
                     "bias_ptr": "*fp32", "amax_ptr": "*i32"},
                    dict(TRANSPOSED=transposed, USE_FP16=t == "fp16", SCALED=True, HAS_BIAS=not transposed,
                         WRITE_AMAX=not transposed),
-                   ("s_ac", "s_wn" if transposed else "s_wk", "s_cc"), t)
+                   ("s_ac", "s_wk", "s_cc"), t)  # grad-input takes its weight K-major too
         yield ("conv_grad_weight", t, {"g_ptr": ops(t), "x_ptr": ops(t), "c_ptr": acc(t)},
                dict(USE_FP16=t == "fp16"), ("s_gc", "s_xc"), t)
     yield ("scaled_mm", "int8 raw int32", {**mm, "a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*i32"},
@@ -101,6 +101,9 @@ def variants() -> list[Variant]:
     for name, mode, pointers, flags, unit, mma in _modes():
         k = kernels[name]
         configs = getattr(k, "configs", None) or [None]  # plain @triton.jit: launch defaults
+        prune = getattr(k, "early_config_prune", None)
+        if prune is not None:  # as the autotuner does before it compiles anything
+            configs = prune(configs, {}, **flags)
         for c in configs:
             meta = dict(c.kwargs) if c is not None else {}
             label = ",".join(f"{v}" for v in meta.values()) or "default"
@@ -152,7 +155,10 @@ def compile_variant(v: Variant, arch: str) -> dict:
            for a in fn.arg_names}
     # As at launch: torch's allocations are 16-byte aligned and most sizes and strides of the
     # networks' layers are multiples of 16, which Triton specialises on (vector loads).
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a] not in ("constexpr", "fp32")}
+    # Arguments the kernel marks do_not_specialize (names or positions) get no such attribute.
+    plain = {fn.arg_names[a] if isinstance(a, int) else a for a in (fn.do_not_specialize or ())}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a] not in ("constexpr", "fp32") and a not in plain}
     row = {**asdict(v), "arch": arch}
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),

@@ -4,10 +4,14 @@ Integer sums are exact, so every comparison is equality.
 """
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+from muppet_fx.kernels import conv_triton
 from muppet_fx.kernels.conv_triton import (conv2d_grad_input_int, conv2d_grad_input_int_reference,
                                            conv2d_grad_weight_int, conv2d_grad_weight_int_reference,
-                                           conv2d_int, conv2d_int_reference)
+                                           conv2d_int, conv2d_int_reference, pixel_split)
+from muppet_fx.kernels.gemm_cpu import CHUNK
 from muppet_fx.kernels.quantise import HAS_TRITON
 
 from .conftest import DEVICES
@@ -182,3 +186,39 @@ def test_output_quantised_in_the_epilogue(device, bits, rounding):
     assert torch.equal(fused, want) and fused.unique().numel() <= 2**bits
     with pytest.raises(ValueError, match="needs scale"):
         conv2d_int(x, w, *geometry, quantise_output=(bits, rounding, 99))
+
+
+@given(R=st.integers(1, 2**22), M=st.integers(1, 2048), K=st.integers(1, 2**15), sms=st.integers(1, 200))
+def test_pixel_split_fills_the_gpu_without_overflow(R, M, K, sms):
+    r_split = pixel_split(R, M, K, sms)
+    splits = -(-R // r_split)
+    assert 0 < r_split <= CHUNK  # no int32 partial can overflow
+    assert r_split == CHUNK or r_split % 128 == 0
+    tiles = -(-M // 128) * -(-K // 128)
+    if R >= 2 * 1024 and tiles * 2 <= 4 * sms and R <= CHUNK:  # room to split, a GPU to fill
+        assert splits >= 2
+    assert splits == 1 or r_split >= 1024  # each split keeps enough pixels to outweigh its partial
+
+
+def test_pixel_split_on_a_resnet_layer():
+    # 64 -> 64 3x3 at 32x32, batch 128, on 132 multiprocessors (H100/H200): 5 tiles of 128 x 128
+    # gave 2 programs per column block with CHUNK splits; now about 4 per multiprocessor
+    r_split = pixel_split(128 * 32 * 32, 64, 576, 132)
+    assert -(-131072 // r_split) * 5 >= 4 * 132
+
+
+def test_grad_input_takes_its_weight_with_output_channels_fastest(monkeypatch):
+    seen = []
+    real = conv_triton._run
+    monkeypatch.setattr(conv_triton, "_run", lambda a, w, *rest, **kw: seen.append(w.stride(0)) or real(a, w, *rest, **kw))
+    x, w, geometry = _operands(CASES[2], "cpu", True)
+    g = _output_grad(x, w, geometry, True)
+    gx = conv2d_grad_input_int(g, w, x.shape, *geometry)
+    assert seen == [1]  # K-major for the MMA: the sum runs over output channels
+    assert torch.equal(gx, conv2d_grad_input_int_reference(g, w, x.shape, *geometry))
+
+
+def test_no_specialisation_names_a_missing_argument():
+    for name, plain in conv_triton.UNSPECIALISED.items():
+        k = getattr(conv_triton, f"_{name}_kernel").fn  # under the autotuner
+        assert plain and set(plain) <= set(k.arg_names), (name, set(plain) - set(k.arg_names))
