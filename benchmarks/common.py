@@ -17,11 +17,17 @@ def cifar_resnet18(num_classes: int = 10) -> nn.Module:
     return m
 
 
-def interleaved(cases: dict, reps: int, warmup: int = 1, sync=lambda: None) -> dict:
-    """Median seconds per case, repetitions interleaved across cases."""
-    for fn in cases.values():
+def interleaved(cases: dict, reps: int, warmup: int = 1, sync=lambda: None, first: dict | None = None) -> dict:
+    """Median seconds per case, repetitions interleaved across cases. ``first``, when given,
+    receives each case's warm-up seconds (kernels built, tuned and cached) as it completes."""
+    for k, fn in cases.items():
+        sync()
+        t0 = time.perf_counter()
         for _ in range(warmup):
             fn()
+        sync()
+        if first is not None:
+            first[k] = time.perf_counter() - t0
     times = {k: [] for k in cases}
     for _ in range(reps):
         for k, fn in cases.items():

@@ -10,7 +10,8 @@ tokens), ``--models hf-gpt2,hf-bert,hf-llama`` Hugging Face models of that size 
 needs ``transformers``), ``--models signal1d`` a 1-d convolutional network (:class:`Signal1d`) and
 ``--models r3d_18,mc3_18,r2plus1d_18`` torchvision's video networks (3-d convolutions; ``--batch``
 counts clips of 8 frames of 56x56). Columns: seconds per step (forward, backward, SGD step), ratio to FP32 and to
-autocast (higher is faster); with ``--saved``, the activation memory
+autocast (higher is faster), the seconds of the untimed first step (kernels built, tuned and
+cached: on CUDA the Triton kernels' compilation and autotuning per layer shape); with ``--saved``, the activation memory
 autograd saves for backward (device-independent); with ``--memory``, peak memory of each
 configuration (max RSS of a fresh process on the CPU; on CUDA ``max_memory_allocated`` over one
 step in this process, the allocator's peak statistics being reset before it).
@@ -204,6 +205,20 @@ def _only(args, device) -> None:
     print(f"PEAK_MIB {peak:.1f}")
 
 
+class _Reporting(dict):
+    """Warm-up seconds per configuration, each also printed to stderr as it completes: the first
+    step builds, tunes and caches the kernels, and a run stopped by a time limit still says
+    where its time went."""
+
+    def __init__(self, model: str):
+        super().__init__()
+        self.model = model
+
+    def __setitem__(self, key, seconds):
+        print(f"{self.model}: first step of {key}: {seconds:.2f} s", file=sys.stderr, flush=True)
+        super().__setitem__(key, seconds)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet18,resnet20")
@@ -228,10 +243,11 @@ def main() -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for name in args.models.split(","):
         cases = make_cases(name, args.batch, device, args.compile, args.levels)
-        med = interleaved(cases, args.reps, sync=sync)
+        first = _Reporting(name)
+        med = interleaved(cases, args.reps, sync=sync, first=first)
         base, amp = med["fp32 eager"], med["autocast bf16"]
-        headers = ["configuration", "s/step", "speed-up vs fp32", "vs autocast"]
-        rows = [[k, v, base / v, amp / v] for k, v in med.items()]
+        headers = ["configuration", "s/step", "speed-up vs fp32", "vs autocast", "first step s"]
+        rows = [[k, v, base / v, amp / v, first[k]] for k, v in med.items()]
         if args.saved:
             headers += ["saved for backward MiB", "saved vs fp32"]
             saved = {k: saved_mib(cases[k]) for k in med}
