@@ -103,3 +103,24 @@ def test_epilogue_max_ignores_tile_padding(device):
     bias = torch.tensor([1020.0, 0.0, 0.0], device=device)
     got = scaled_mm(a, zero, b, zero, bias, quantise_output=(8, "nearest", 0))
     assert torch.equal(got[:, 0], torch.full((33,), 1000.0, device=device))
+
+
+@pytest.mark.parametrize("a_order,b_order,copied", [
+    ("k", "k", ""), ("k", "n", "b"), ("m", "k", "a"), ("m", "n", "ab")])
+def test_smaller_int8_operand_reaches_the_kernel_k_major(monkeypatch, a_order, b_order, copied):
+    """A [33, 40] and B [40, 33] (equal sizes): each operand not K-major is copied into that
+    order before the launch, and the product stays exact."""
+    from muppet_fx.kernels import gemm_triton
+
+    seen = []
+    real = gemm_triton._kernel_call
+    monkeypatch.setattr(gemm_triton, "_kernel_call", lambda a, b, *r: seen.append((a.stride(1), b.stride(0))) or real(a, b, *r))
+    a = torch.randint(-127, 128, (33, 40), dtype=torch.int8)
+    b = torch.randint(-127, 128, (40, 33), dtype=torch.int8)
+    a_in = a if a_order == "k" else a.t().contiguous().t()
+    b_in = b.t().contiguous().t() if b_order == "k" else b
+    assert torch.equal(int_mm(a_in, b_in).long(), a.long() @ b.long())
+    assert seen == [(1, 1)]
+    big = torch.randint(-127, 128, (40, 500), dtype=torch.int8)  # N-major and larger than A: left alone
+    int_mm(a, big)
+    assert seen[-1] == (1, 500)
