@@ -54,7 +54,10 @@ fi
 # did not finish (--quick did, in about 50 s), and the ResNet-18 step did not finish in 210 s.
 # The step, never measured on a GPU, now runs first; it prints each configuration's first-step
 # seconds (compilation and autotuning) to the log as they complete.
-step 03-train-step 240 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 3 --levels 8,16 --memory --saved
+# --cuda-graphs adds graph replays: the step's device time without the host's (about 280 Triton
+# launches and the routes' Python per 8-bit ResNet-18 step; benchmarks/NOTES.md section 33).
+step 03-train-step 240 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 3 --levels 8,16 --memory --saved \
+    --cuda-graphs
 step 02-kernels 90 $PY benchmarks/kernels.py --device cuda --reps 5 --quick
 step 01-correctness 120 $PY benchmarks/gpu_correctness.py --batch 128
 step 04-tests 60 $PY -m pytest -q -p no:cacheprovider --maxfail=10 tests/test_gemm_triton.py tests/test_conv_triton.py \

@@ -15,6 +15,9 @@ cached: on CUDA the Triton kernels' compilation and autotuning per layer shape);
 autograd saves for backward (device-independent); with ``--memory``, peak memory of each
 configuration (max RSS of a fresh process on the CPU; on CUDA ``max_memory_allocated`` over one
 step in this process, the allocator's peak statistics being reset before it).
+``--cuda-graphs`` adds, on CUDA, a CUDA-graph replay of autocast and of each level: the step's
+device time without the host's Python and launches (host-side state, stochastic-rounding seeds
+among it, frozen at capture; a speed figure only).
 ``--allocator reuse`` (the default) calls ``muppet_fx.reuse_cpu_memory()`` first, for every
 configuration alike; ``--allocator default`` measures glibc's defaults.
 """
@@ -205,6 +208,33 @@ def _only(args, device) -> None:
     print(f"PEAK_MIB {peak:.1f}")
 
 
+def cuda_graphed(run, warmup: int = 3):
+    """``run`` captured once as a CUDA graph; returns its replay. Whatever ``run`` does on the
+    host is frozen at capture (the stochastic-rounding seeds drawn there among it), so a replay
+    measures the device's time for the step without the host's: a speed figure, not training."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # kernels built and tuned, workspaces allocated, off the graph
+        for _ in range(warmup):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
+def add_cuda_graphs(cases: dict) -> None:
+    """A CUDA-graph replay of autocast and of each quantised level, next to its eager step; a
+    configuration whose capture fails is reported on stderr and left out."""
+    for name in [k for k in cases if k.startswith(("autocast", "triton"))]:
+        try:
+            cases[f"{name}, CUDA graph"] = cuda_graphed(cases[name])
+        except Exception as e:  # noqa: BLE001 (reported: why the capture failed is the finding)
+            print(f"{name}: CUDA graph capture failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr,
+                  flush=True)
+
+
 class _Reporting(dict):
     """Warm-up seconds per configuration, each also printed to stderr as it completes: the first
     step builds, tunes and caches the kernels, and a run stopped by a time limit still says
@@ -230,6 +260,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="add torch.compile of the 8-bit model")
     p.add_argument("--memory", action="store_true", help="add peak memory, one fresh process per configuration")
     p.add_argument("--saved", action="store_true", help="add the activation memory saved for backward")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="on CUDA, add CUDA-graph replays of autocast and of each level (device time without the host's)")
     p.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
                    help="reuse: keep freed CPU memory mapped (muppet_fx.reuse_cpu_memory) for all configurations")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one case, print its peak
@@ -243,6 +275,8 @@ def main() -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for name in args.models.split(","):
         cases = make_cases(name, args.batch, device, args.compile, args.levels)
+        if args.cuda_graphs and device == "cuda":
+            add_cuda_graphs(cases)
         first = _Reporting(name)
         med = interleaved(cases, args.reps, sync=sync, first=first)
         base, amp = med["fp32 eager"], med["autocast bf16"]
@@ -250,14 +284,14 @@ def main() -> None:
         rows = [[k, v, base / v, amp / v, first[k]] for k, v in med.items()]
         if args.saved:
             headers += ["saved for backward MiB", "saved vs fp32"]
-            saved = {k: saved_mib(cases[k]) for k in med}
+            saved = {k: saved_mib(cases[k]) for k in med if not k.endswith("CUDA graph")}  # a replay saves nothing
             for row in rows:
-                row += [saved[row[0]], saved[row[0]] / saved["fp32 eager"]]
+                row += [saved[row[0]], saved[row[0]] / saved["fp32 eager"]] if row[0] in saved else [None, None]
         if args.memory:
             headers.append("peak MiB (RSS)" if device == "cpu" else "peak MiB allocated")
             for row in rows:
-                row.append(cuda_peak_mib(cases[row[0]]) if device == "cuda" else
-                           peak_memory_mib(name, row[0], args.batch, args.threads, args.allocator, args.compile))
+                row.append(None if row[0].endswith("CUDA graph") else cuda_peak_mib(cases[row[0]]) if device == "cuda"
+                           else peak_memory_mib(name, row[0], args.batch, args.threads, args.allocator, args.compile))
         print(f"\n{name}, batch {args.batch}, {device}, threads {args.threads}, allocator {args.allocator}, "
               f"torch {torch.__version__}")
         print(tabulate(rows, headers=headers, floatfmt=".3f"))
