@@ -1,0 +1,161 @@
+"""What the CUDA code path asks of the host per training step, measured without a GPU.
+
+    python benchmarks/cuda_host.py [--models resnet18] [--batch 256] [--levels 8,16] [--reps 10]
+
+The prepared model runs the ``triton`` route on CPU tensors (``FORCE_TRITON_PATH``) with every
+Triton launch replaced by a recorder, so the step does the host's work of a GPU step (the
+routes' Python, the tensor bookkeeping, the launch decisions) and none of the kernels'. Per
+level:
+- **launches per step**, per kernel;
+- **compilations**: the distinct specialisation keys among those launches, worked out as Triton
+  does at launch (integers equal to 1, integers and pointers divisible by 16, dtypes and
+  constexpr flags; arguments a kernel marks ``do_not_specialize`` excepted), times the
+  kernel's autotuning configurations after pruning. Each one is a compilation at the first
+  step of a fresh cache; "without" ignores the ``do_not_specialize`` lists;
+- **host ms per step** at ``--host-batch`` (default 1): the stubbed step's time, which still
+  includes the CPU's own work on the parts that do not go to Triton (batch norm, ReLU, the
+  loss) and on weight-sized tensors, so it bounds the host's share from above.
+A GPU step whose device time is below the host's is host-bound, whatever its kernels do.
+"""
+import argparse
+import collections
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+from cifar_models import build_model  # noqa: E402
+
+import muppet_fx  # noqa: E402
+from muppet_fx import routes  # noqa: E402
+from muppet_fx.kernels import quantise  # noqa: E402
+
+
+class Recorder:
+    """Replaces Triton's launch entry points; keeps each launch's kernel name, number of
+    autotuning configurations and specialisation keys (without and with do_not_specialize)."""
+
+    def __init__(self):
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+
+        self.JITFunction, self.calls = JITFunction, []
+        self._saved = [(Autotuner, Autotuner.run), (JITFunction, JITFunction.run)]
+
+    def _run(self, kernel, *args, **kwargs):
+        fn, configs = kernel, getattr(kernel, "configs", [None])
+        prune = getattr(kernel, "early_config_prune", None)
+        if prune is not None:
+            configs = prune(configs, {}, **kwargs)
+        while not isinstance(fn, self.JITFunction):
+            fn = fn.fn
+        constexprs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        # keys only: holding the arguments would keep a whole step's tensors alive
+        self.calls.append((fn.__name__, len(configs), specialisation(fn, args, constexprs, honour_plain=False),
+                           specialisation(fn, args, constexprs)))
+
+    def __enter__(self):
+        recorder = self
+        for cls, _ in self._saved:
+            cls.run = lambda kernel, *a, **k: recorder._run(kernel, *a, **k)
+        self._force = quantise.FORCE_TRITON_PATH, routes.resolve_route
+        quantise.FORCE_TRITON_PATH = True
+        real = routes.resolve_route
+        routes.resolve_route = lambda backend, device, exact: ("triton" if backend == "triton"
+                                                               else real(backend, device, exact))
+        return self
+
+    def __exit__(self, *exc):
+        for cls, run in self._saved:
+            cls.run = run
+        quantise.FORCE_TRITON_PATH, routes.resolve_route = self._force
+
+
+def specialisation(fn, args, constexprs, honour_plain: bool = True) -> tuple:
+    """The part of Triton's compilation key a launch's arguments decide."""
+    plain = {fn.arg_names[a] if isinstance(a, int) else a for a in (fn.do_not_specialize or ())} \
+        if honour_plain else set()
+    key = []
+    for name, a in zip(fn.arg_names, args):
+        if isinstance(a, torch.Tensor):
+            key.append(("pointer", a.data_ptr() % 16 == 0, str(a.dtype)))
+        elif isinstance(a, bool) or not isinstance(a, int) or name in plain:
+            key.append(type(a).__name__)
+        else:
+            key.append("1" if a == 1 else "16" if a % 16 == 0 else "int")
+    return tuple(key), tuple(sorted(constexprs.items()))
+
+
+def step_fn(net, x, y):
+    def step():
+        F.cross_entropy(net(x), y).backward()
+        for p in net.parameters():
+            p.grad = None
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet18")
+    p.add_argument("--batch", type=int, default=256, help="batch of the recorded step (shapes decide the keys)")
+    p.add_argument("--host-batch", type=int, default=1, help="batch of the timed step")
+    p.add_argument("--levels", type=lambda v: tuple(int(b) for b in v.split(",")), default=(8, 16))
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    muppet_fx.reuse_cpu_memory()  # as train_step.py: freed CPU memory stays mapped
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = build_model(name)
+        # The stubbed kernels leave their outputs unwritten: whatever the allocator hands back
+        # flows on, into the shared batch-norm statistics too. Denormals there would slow the
+        # CPU's own work, so they flush to zero, and the FP32 step times a copy of the model.
+        reference = copy.deepcopy(model)
+        rows, launch_rows = [], []
+        for bits in args.levels:
+            pm = muppet_fx.prepare(model, ladder=(bits, "fp32"), backend="triton")
+            with Recorder() as rec:
+                step_fn(pm, torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,)))()
+                per_kernel = collections.defaultdict(lambda: [0, set(), set(), 0])
+                for kernel, configs, without, with_plain in rec.calls:
+                    r = per_kernel[kernel]
+                    r[0] += 1
+                    r[1].add(without)
+                    r[2].add(with_plain)
+                    r[3] = configs
+                xs, ys = torch.randn(args.host_batch, 3, 32, 32), torch.randint(0, 10, (args.host_batch,))
+                timed = {"fp32 eager, CPU kernels": step_fn(reference, xs, ys),
+                         f"{bits}-bit triton route, kernels stubbed": step_fn(pm, xs, ys)}
+                for f in timed.values():
+                    f()
+                times = {k: [] for k in timed}
+                for _ in range(args.reps):
+                    for k, f in timed.items():
+                        t0 = time.perf_counter()
+                        f()
+                        times[k].append(time.perf_counter() - t0)
+            for kernel, (n, old, new, configs) in sorted(per_kernel.items()):
+                launch_rows.append([bits, kernel, n, len(old), len(new), configs, len(old) * configs, len(new) * configs])
+            total = sum(r[0] for r in per_kernel.values())
+            rows.append([bits, total, sum(len(r[1]) * r[3] for r in per_kernel.values()),
+                         sum(len(r[2]) * r[3] for r in per_kernel.values())]
+                        + [statistics.median(v) * 1e3 for v in times.values()])
+        print(f"\n{name}: recorded at batch {args.batch}, timed at batch {args.host_batch}, threads {args.threads}, "
+              f"torch {torch.__version__}")
+        print(tabulate(launch_rows, headers=["level", "kernel", "launches", "keys without", "keys with",
+                                             "configs", "compilations without", "compilations with"]))
+        print(tabulate(rows, headers=["level", "launches per step", "compilations without do_not_specialize",
+                                      "compilations", "fp32 eager step ms (CPU kernels)",
+                                      "stubbed step ms (host's share, upper bound)"], floatfmt=".1f"))
+
+
+if __name__ == "__main__":
+    main()
