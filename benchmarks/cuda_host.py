@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 from cifar_models import build_model  # noqa: E402
 
 import muppet_fx  # noqa: E402
-from muppet_fx import routes  # noqa: E402
+from muppet_fx import compact, routes  # noqa: E402
 from muppet_fx.kernels import quantise  # noqa: E402
 
 
@@ -66,8 +66,11 @@ class Recorder:
         recorder = self
         for cls, _ in self._saved:
             cls.run = lambda kernel, *a, **k: recorder._run(kernel, *a, **k)
-        self._force = quantise.FORCE_TRITON_PATH, routes.resolve_route
+        self._force = (quantise.FORCE_TRITON_PATH, routes.resolve_route, compact.batch_norm_forward,
+                       compact.batch_norm_backward)
         quantise.FORCE_TRITON_PATH = True
+        # the batch norm's C kernels take CPU exponents; on a GPU the ATen batch norm runs
+        compact.batch_norm_forward = compact.batch_norm_backward = lambda *a, **k: None
         real = routes.resolve_route
         routes.resolve_route = lambda backend, device, exact: ("triton" if backend == "triton"
                                                                else real(backend, device, exact))
@@ -76,7 +79,8 @@ class Recorder:
     def __exit__(self, *exc):
         for cls, run in self._saved:
             cls.run = run
-        quantise.FORCE_TRITON_PATH, routes.resolve_route = self._force
+        (quantise.FORCE_TRITON_PATH, routes.resolve_route, compact.batch_norm_forward,
+         compact.batch_norm_backward) = self._force
 
 
 def specialisation(fn, args, constexprs, honour_plain: bool = True) -> tuple:
