@@ -59,6 +59,12 @@ HUB = {
     "timm_swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=4,
                                             num_classes=10), _images(1, 64)),
     "timm_mobilevit": (lambda: timm.create_model("mobilevit_xxs", num_classes=10), _images(2, 64)),
+    # five more families out of a probe of 74 timm models (benchmarks/NOTES.md section 33)
+    "timm_levit": (lambda: timm.create_model("levit_128s", num_classes=10), _images(2, 224)),
+    "timm_mobileone": (lambda: timm.create_model("mobileone_s0", num_classes=10), _images(2, 64)),
+    "timm_eva02": (lambda: timm.create_model("eva02_tiny_patch14_224", num_classes=10), _images(1, 224)),
+    "timm_gcvit": (lambda: timm.create_model("gcvit_xxtiny", num_classes=10), _images(1, 224)),
+    "timm_hgnetv2": (lambda: timm.create_model("hgnetv2_b0", num_classes=10), _images(2, 64)),
 }
 
 
