@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .gemm_cpu import CHUNK, _out_size, _pair
-from .quantise import HAS_TRITON, autotune, quantise_triton, scale_pow2, scale_triton
+from .quantise import HAS_TRITON, autotune, quantise_triton, scale_pow2
 
 if HAS_TRITON:
     import triton
@@ -167,6 +167,29 @@ if HAS_TRITON:
         tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & c_ok[None, :])
 
 
+    @triton.jit
+    def _sum_scale_kernel(part_ptr, out_ptr, sa_ptr, sb_ptr, SPLITS, MK, K, C, KW, s_oo, s_oc, s_oh, s_ow,
+                          INT_SUM: tl.constexpr, BLOCK: tl.constexpr):
+        # out[o, c, i, j] = (sum over splits of part[split, o, (i*KW + j)*C + c]) * 2**-(sa + sb):
+        # int32 partials summed in int64 (exact) and rounded to float32 once, as the separate sum
+        # and scale did; FP16-mode float32 partials summed in float32, split by split
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = e < MK
+        acc = tl.zeros((BLOCK,), dtype=tl.int64 if INT_SUM else tl.float32)
+        ptrs = part_ptr + e
+        for _ in range(0, SPLITS):
+            acc += tl.load(ptrs, mask=ok, other=0).to(acc.dtype)
+            ptrs += MK
+        o = e // K
+        col = e - o * K
+        tap = col // C
+        c = col - tap * C
+        i = tap // KW
+        j = tap - i * KW
+        x = -(tl.load(sa_ptr).to(tl.int64) + tl.load(sb_ptr).to(tl.int64))
+        tl.store(out_ptr + o * s_oo + c * s_oc + i * s_oh + j * s_ow, times_pow2(acc, x), mask=ok)
+
+
 def _check(a, w, what, fp16_ok=False):
     if not HAS_TRITON:
         raise NotImplementedError("the triton route needs the triton package, which is not installed")
@@ -276,7 +299,8 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
     """Exact gradient of ``conv2d`` w.r.t. its weight: int32 (int64 when the pixel sum is split
     into int32 partials), shaped ``weight_shape`` with channels-last strides; int16 mantissas
     as in :func:`conv2d_int` (float32 partials). ``scale=(s_g, s_x)`` returns float32
-    ``acc * 2**-(s_g + s_x)`` (one more launch, after the partials are summed). ``r_split``
+    ``acc * 2**-(s_g + s_x)``, contiguous (a parameter's usual layout): one more launch sums the
+    partials, scales and writes it. ``r_split``
     (output pixels per split) defaults to :func:`pixel_split` on a GPU, :data:`CHUNK` elsewhere."""
     _check(g_m, x_m, "conv2d_grad_weight_int", fp16_ok=True)
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
@@ -301,9 +325,12 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), kh * kw * triton.cdiv(C, meta["BLOCK_N"]), splits)
     _conv_grad_weight_kernel[grid](g_m, x_m, part, M, K, R, C, r_split, H, W, OH, OW, kw, sh, sw, ph, pw,
                                    dh, dw, *g_m.stride(), *x_m.stride(), USE_FP16=fp16)
+    if scale is not None:  # one launch sums the partials, scales, and writes the weight's usual layout
+        out = torch.empty(weight_shape, dtype=torch.float32, device=g_m.device)
+        _sum_scale_kernel[(triton.cdiv(M * K, 1024),)](part, out, scale[0].reshape(1), scale[1].reshape(1), splits,
+                                                       M * K, K, C, kw, *out.stride(), INT_SUM=not fp16, BLOCK=1024)
+        return out
     acc = part[0] if splits == 1 else part.sum(0, dtype=torch.float32 if fp16 else torch.int64)
-    if scale is not None:
-        acc = scale_triton(acc, *scale)
     return acc.view(Cout, kh, kw, C).permute(0, 3, 1, 2)
 
 

@@ -50,7 +50,7 @@ def _kernels():
     from . import conv_triton, gemm_triton, quantise
 
     return {"scaled_mm": gemm_triton._scaled_mm_kernel, "conv": conv_triton._conv_kernel,
-            "conv_grad_weight": conv_triton._conv_grad_weight_kernel,
+            "conv_grad_weight": conv_triton._conv_grad_weight_kernel, "sum_scale": conv_triton._sum_scale_kernel,
             "absmax": quantise._absmax_kernel, "quantise": quantise._quantise_kernel,
             "scale": quantise._scale_kernel}
 
@@ -79,6 +79,9 @@ def _modes():
                    ("s_ac", "s_wk", "s_cc"), t)  # grad-input takes its weight K-major too
         yield ("conv_grad_weight", t, {"g_ptr": ops(t), "x_ptr": ops(t), "c_ptr": acc(t)},
                dict(USE_FP16=t == "fp16"), ("s_gc", "s_xc"), t)
+        yield ("sum_scale", f"{acc(t)[1:]} partials", {"part_ptr": acc(t), "out_ptr": "*fp32", "sa_ptr": "*i32",
+                                                       "sb_ptr": "*i32"},
+               dict(INT_SUM=t == "int8", BLOCK=1024), ("s_ow",), None)
     yield ("scaled_mm", "int8 raw int32", {**mm, "a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*i32"},
            dict(HAS_BIAS=False, PER_COL=False, RAW_INT=True, USE_FP16=False, WRITE_AMAX=False),
            ("stride_ak", "stride_bn", "stride_cn"), "int8")

@@ -165,8 +165,27 @@ def test_grad_weight_scaled_exactly(device, r_split):
     s = (torch.tensor(-20, dtype=torch.int32, device=device), torch.tensor(150, dtype=torch.int32, device=device))
     kw = {} if r_split is None else {"r_split": r_split}
     gw = conv2d_grad_weight_int(g, x, w.shape, *geometry, scale=s, **kw)
-    assert gw.dtype == torch.float32
+    assert gw.dtype == torch.float32 and gw.is_contiguous()  # the parameter's layout: no copy after
     assert torch.equal(gw, conv2d_grad_weight_int_reference(g, x, w.shape, *geometry, scale=s))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [CASES[3], CASES[4]])
+def test_grad_weight_fp16_partials_scaled_within_bound(device, case):
+    """12-bit mantissas (FP16 mode), pixel sum split in 7-pixel partials, scaled by 2**-(s_g + s_x):
+    within the FP32 accumulation bound of the exact sum, scaled (a power of two scales the
+    bound with it)."""
+    x8, w8, geometry = _operands(case, device, True)
+    x = torch.randint(-2047, 2048, x8.shape, dtype=torch.int16, device=device).contiguous(
+        memory_format=torch.channels_last)
+    g = torch.randint(-2047, 2048, conv2d_int_reference(x8, w8, *geometry).shape, dtype=torch.int16,
+                      device=device).contiguous(memory_format=torch.channels_last)
+    s = (torch.tensor(3, dtype=torch.int32, device=device), torch.tensor(-9, dtype=torch.int32, device=device))
+    gw = conv2d_grad_weight_int(g, x, w8.shape, *geometry, r_split=7, scale=s)
+    exact = conv2d_grad_weight_int_reference(g, x, w8.shape, *geometry) * 2.0**6
+    r = g.shape[0] * g.shape[2] * g.shape[3]
+    bound = r * 2.0**-24 * conv2d_grad_weight_int_reference(g.abs(), x.abs(), w8.shape, *geometry) * 2.0**6 + 1e-9
+    assert gw.is_contiguous() and ((gw.double() - exact).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
