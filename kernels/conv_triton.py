@@ -8,7 +8,9 @@ the kernels, so no im2col buffer exists in memory.
   read in contiguous runs. int8 mantissas: int32 sums, exact. int16 mantissas (9-16 bits): FP16
   operands with FP32 accumulation, exact up to 12 bits (the paper's hardware mapping).
 - ``_conv_grad_weight_kernel``: the weight gradient, reducing over output pixels in splits whose
-  int32 partials cannot overflow (int8), or in FP16 with FP32 accumulation (int16).
+  int32 partials cannot overflow (int8), or in FP16 with FP32 accumulation (int16); on a GPU the
+  splits are also what fills it (:func:`pixel_split`). ``_sum_scale_kernel`` adds the partials
+  (int64 for int32 ones), scales them and writes the parameter's layout in one launch.
 Out-of-range taps load zeros and any strides work. ``*_reference`` functions compute the same with
 plain torch in float64 (exact for these integer sums).
 """
@@ -55,7 +57,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=UNSPECIALISED["conv"])
     def _conv_kernel(
         a_ptr, w_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, amax_ptr,  # SCALED: c = acc * 2**-(sa + sb) (+ bias)
-        M, N, K, C,  # GEMM sizes; C = channels summed per tap
+        M, N, K, C, TAPS,  # GEMM sizes; C = channels summed per tap, TAPS = kh * kw (K = TAPS * C)
         AH, AW, OH, OW, KW,  # source spatial size, output spatial size, kernel width
         SH, SW, PH, PW, DH, DW,
         s_an, s_ac, s_ah, s_aw,  # source strides (n, channel, h, w)
@@ -82,7 +84,7 @@ if HAS_TRITON:
         # The reduction runs tap by tap, BLOCK_K channels at a time: each block lies in one tap, so
         # the source pixel and its bounds are worked out once per row, not once per (row, channel).
         c_blocks = tl.cdiv(C, BLOCK_K)
-        for kb in range(0, (K // C) * c_blocks):
+        for kb in range(0, TAPS * c_blocks):  # no blocks without channels (c_blocks = 0)
             tap = kb // c_blocks
             c = (kb - tap * c_blocks) * BLOCK_K + rk
             i = tap // KW
@@ -166,7 +168,6 @@ if HAS_TRITON:
         c_ptrs = c_ptr + split.to(tl.int64) * M * N + rm[:, None] * N + (tap * C + c)[None, :]
         tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & c_ok[None, :])
 
-
     @triton.jit
     def _sum_scale_kernel(part_ptr, out_ptr, sa_ptr, sb_ptr, SPLITS, MK, K, C, KW, s_oo, s_oc, s_oh, s_ow,
                           INT_SUM: tl.constexpr, BLOCK: tl.constexpr):
@@ -213,7 +214,7 @@ def _run(a, w, out, C, out_hw, w_strides, geometry, transposed, scale=None, bias
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Nout, meta["BLOCK_N"]))
     s_a, s_b = (t.reshape(1) for t in scale) if scale is not None else (out, out)
     _conv_kernel[grid](a, w, out, s_a, s_b, bias if bias is not None else out, amax if amax is not None else out,
-                       M, Nout, K, C, AH, AW, OH, OW, kw, sh, sw, ph, pw, dh, dw,
+                       M, Nout, K, C, kh * kw, AH, AW, OH, OW, kw, sh, sw, ph, pw, dh, dw,
                        *a.stride(), *w_strides, w.stride(2), w.stride(3), *out.stride(),
                        TRANSPOSED=transposed, USE_FP16=fp16, SCALED=scale is not None, HAS_BIAS=bias is not None,
                        WRITE_AMAX=amax is not None)
@@ -300,8 +301,8 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
     into int32 partials), shaped ``weight_shape`` with channels-last strides; int16 mantissas
     as in :func:`conv2d_int` (float32 partials). ``scale=(s_g, s_x)`` returns float32
     ``acc * 2**-(s_g + s_x)``, contiguous (a parameter's usual layout): one more launch sums the
-    partials, scales and writes it. ``r_split``
-    (output pixels per split) defaults to :func:`pixel_split` on a GPU, :data:`CHUNK` elsewhere."""
+    partials, scales and writes it. ``r_split`` (output pixels per split) defaults to
+    :func:`pixel_split` on a GPU, :data:`CHUNK` elsewhere."""
     _check(g_m, x_m, "conv2d_grad_weight_int", fp16_ok=True)
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
     Cout, C, kh, kw = weight_shape
@@ -327,8 +328,10 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
                                    dh, dw, *g_m.stride(), *x_m.stride(), USE_FP16=fp16)
     if scale is not None:  # one launch sums the partials, scales, and writes the weight's usual layout
         out = torch.empty(weight_shape, dtype=torch.float32, device=g_m.device)
-        _sum_scale_kernel[(triton.cdiv(M * K, 1024),)](part, out, scale[0].reshape(1), scale[1].reshape(1), splits,
-                                                       M * K, K, C, kw, *out.stride(), INT_SUM=not fp16, BLOCK=1024)
+        if out.numel():
+            _sum_scale_kernel[(triton.cdiv(M * K, 1024),)](part, out, scale[0].reshape(1), scale[1].reshape(1), splits,
+                                                           M * K, K, C, kw, *out.stride(), INT_SUM=not fp16,
+                                                           BLOCK=1024)
         return out
     acc = part[0] if splits == 1 else part.sum(0, dtype=torch.float32 if fp16 else torch.int64)
     return acc.view(Cout, kh, kw, C).permute(0, 3, 1, 2)

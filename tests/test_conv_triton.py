@@ -241,3 +241,20 @@ def test_no_specialisation_names_a_missing_argument():
     for name, plain in conv_triton.UNSPECIALISED.items():
         k = getattr(conv_triton, f"_{name}_kernel").fn  # under the autotuner
         assert plain and set(plain) <= set(k.arg_names), (name, set(plain) - set(k.arg_names))
+
+
+def test_no_input_channels_sum_to_zero():
+    """Zero input channels: no reduction blocks at all (a tap count from K // C would divide by
+    zero), so the forward is zeros, plus the bias when scaled; the scaled weight gradient is empty."""
+    import warnings
+
+    x = torch.zeros(2, 0, 5, 5, dtype=torch.int8)
+    w = torch.zeros(3, 0, 3, 3, dtype=torch.int8)
+    s = (torch.tensor(2, dtype=torch.int32), torch.tensor(1, dtype=torch.int32))
+    bias = torch.tensor([0.5, -1.0, 2.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the interpreter warns on an integer division by zero
+        assert torch.equal(conv2d_int(x, w, 1, 1), torch.zeros(2, 3, 5, 5, dtype=torch.int32))
+        assert torch.equal(conv2d_int(x, w, 1, 1, scale=s, bias=bias), bias.view(1, 3, 1, 1).expand(2, 3, 5, 5))
+        g = torch.ones(2, 3, 5, 5, dtype=torch.int8)
+        assert conv2d_grad_weight_int(g, x, w.shape, 1, 1, scale=s).shape == (3, 0, 3, 3)
