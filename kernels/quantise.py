@@ -73,17 +73,17 @@ def autotune(configs, key, prune=None):
     """``triton.autotune`` with :func:`autotune_bench` as its timer; Triton releases before the
     ``do_bench`` argument (3.3) take the same times through ``warmup``/``rep``. ``prune`` is
     Triton's ``early_config_prune``: ``prune(configs, named_args, **constexprs)``. Tuning results
-    are cached on disk where Triton can (``cache_results``), so only a process's first run of a
-    layer shape times the configurations."""
+    are cached on disk where Triton can (``cache_results``), so only the first process to run a
+    layer shape times its configurations."""
     import inspect
 
     timer = ({"do_bench": autotune_bench} if "do_bench" in inspect.signature(triton.autotune).parameters
              else {"warmup": 5, "rep": 20})
-    pruning = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
+    extra = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
     # Tuning results kept on disk (Triton 3.2 and later): a later process skips the timing runs.
     if "cache_results" in inspect.signature(triton.autotune).parameters:
-        pruning["cache_results"] = True
-    return triton.autotune(configs=configs, key=key, **timer, **pruning)
+        extra["cache_results"] = True
+    return triton.autotune(configs=configs, key=key, **timer, **extra)
 
 
 # Exponent that marks a tensor holding NaN/inf in training ops: its dequantisation factor
