@@ -51,7 +51,7 @@ if HAS_TRITON:
     # Channel counts and strides stay specialised: their divisibility lets the masked channel
     # runs load as vectors, which the pipeliner's asynchronous copies need.
     _GEOMETRY = ["AH", "AW", "OH", "OW", "KW", "SH", "SW", "PH", "PW", "DH", "DW"]
-    UNSPECIALISED = {"conv": ["M", *_GEOMETRY], "conv_grad_weight": ["R", "H", "W", *_GEOMETRY[2:]]}
+    UNSPECIALISED = {"conv": ["M", "TAPS", *_GEOMETRY], "conv_grad_weight": ["R", "H", "W", *_GEOMETRY[2:]]}
 
     @autotune(_configs(), ["M", "N", "K", "KW", "SH", "TRANSPOSED", "USE_FP16"])
     @triton.jit(do_not_specialize=UNSPECIALISED["conv"])
