@@ -25,6 +25,7 @@ import argparse
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -224,15 +225,24 @@ def cuda_graphed(run, warmup: int = 3):
     return graph.replay
 
 
-def add_cuda_graphs(cases: dict) -> None:
+def add_cuda_graphs(cases: dict, first: dict, sync) -> None:
     """A CUDA-graph replay of autocast and of each quantised level, next to its eager step; a
-    configuration whose capture fails is reported on stderr and left out."""
+    configuration whose capture fails is reported on stderr and left out. The eager step's
+    first call is timed into ``first`` before the capture warms it further, and the capture's
+    seconds go in as the replay's first step."""
     for name in [k for k in cases if k.startswith(("autocast", "triton"))]:
-        try:
-            cases[f"{name}, CUDA graph"] = cuda_graphed(cases[name])
-        except Exception as e:  # noqa: BLE001 (reported: why the capture failed is the finding)
-            print(f"{name}: CUDA graph capture failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr,
-                  flush=True)
+        for key, make in ((name, lambda: cases[name]()), (f"{name}, CUDA graph", lambda: cuda_graphed(cases[name]))):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                replay = make()
+            except Exception as e:  # noqa: BLE001 (reported: why the capture failed is the finding)
+                print(f"{key}: failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
+                break
+            sync()
+            first[key] = time.perf_counter() - t0
+        else:
+            cases[f"{name}, CUDA graph"] = replay
 
 
 class _Reporting(dict):
@@ -245,6 +255,8 @@ class _Reporting(dict):
         self.model = model
 
     def __setitem__(self, key, seconds):
+        if key in self:  # the first call only (a CUDA-graph capture times its eager step first)
+            return
         print(f"{self.model}: first step of {key}: {seconds:.2f} s", file=sys.stderr, flush=True)
         super().__setitem__(key, seconds)
 
@@ -275,9 +287,9 @@ def main() -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for name in args.models.split(","):
         cases = make_cases(name, args.batch, device, args.compile, args.levels)
-        if args.cuda_graphs and device == "cuda":
-            add_cuda_graphs(cases)
         first = _Reporting(name)
+        if args.cuda_graphs and device == "cuda":
+            add_cuda_graphs(cases, first, sync)
         med = interleaved(cases, args.reps, sync=sync, first=first)
         base, amp = med["fp32 eager"], med["autocast bf16"]
         headers = ["configuration", "s/step", "speed-up vs fp32", "vs autocast", "first step s"]
