@@ -139,7 +139,13 @@ def conv_int8(cin, cout, hw, k, s, batch):
     out.append(_exact(gx, ref_gx, "grad-input"))
     gw = conv_triton.conv2d_grad_weight_int(g, x, w.shape, s, p)
     out.append(_exact(gw, ref_gw, "grad-weight"))
-    return "; ".join(out)
+    # the routes' form: split over pixels to fill the GPU, partials summed, scaled and laid out
+    # as the parameter in one launch (pixel_split, _sum_scale_kernel)
+    gw_scaled = conv_triton.conv2d_grad_weight_int(g, x, w.shape, s, p, scale=exps)
+    want_gw = conv_triton._epilogue_reference(ref_gw.long(), exps, None)
+    assert gw_scaled.is_contiguous() and torch.equal(gw_scaled, want_gw), \
+        f"scaled grad-weight: {(gw_scaled != want_gw).sum().item()} elements differ"
+    return "; ".join(out) + "; scaled epilogues bit-equal"
 
 
 @check("FP16 implicit-GEMM convolution, 12-bit mantissas")
