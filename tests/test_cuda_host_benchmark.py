@@ -22,10 +22,14 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("cuda_host", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    saved = sys.path[:]  # the script puts examples/ on the path
+    try:
+        spec = importlib.util.spec_from_file_location("cuda_host", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path[:] = saved
 
 
 class _Fn:
