@@ -126,19 +126,15 @@ def _k_major(a, b):
 
 def _launch(a, b, out, exponents, bias, per_col, raw, fp16, amax=None):
     a, b = _k_major(a, b)
-    s_a, s_b = exponents if exponents is not None else (out, out)
-    _kernel_call(a, b, out, s_a, s_b, bias, amax, per_col, raw, fp16)
-    return out
-
-
-def _kernel_call(a, b, out, s_a, s_b, bias, amax, per_col, raw, fp16):
     M, K = a.shape
     N = b.shape[1]
+    s_a, s_b = exponents if exponents is not None else (out, out)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _scaled_mm_kernel[grid](
         a, b, out, bias if bias is not None else out, s_a, s_b, amax if amax is not None else out,
         M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, PER_COL=per_col, RAW_INT=raw, USE_FP16=fp16, WRITE_AMAX=amax is not None)
+    return out
 
 
 def _check(a, b):
