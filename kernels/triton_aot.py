@@ -86,9 +86,9 @@ def _modes():
            dict(HAS_BIAS=False, PER_COL=False, RAW_INT=True, USE_FP16=False, WRITE_AMAX=False),
            ("stride_ak", "stride_bn", "stride_cn"), "int8")
     yield "absmax", "fp32", {"x_ptr": "*fp32", "slot_ptr": "*i32"}, dict(BLOCK=1024), (), None
-    for acc_t in ("i32", "i64"):
-        yield ("scale", f"{acc_t} -> fp32", {"acc_ptr": f"*{acc_t}", "out_ptr": "*fp32", "sa_ptr": "*i32",
-                                             "sb_ptr": "*i32"}, dict(HAS_SB=True, BLOCK=1024), (), None)
+    for m in ("i8", "i16"):  # routes.dequantise: mantissas times 2**-s (the weight gradient has its own kernel)
+        yield ("scale", f"{m} -> fp32", {"acc_ptr": f"*{m}", "out_ptr": "*fp32", "sa_ptr": "*i32", "sb_ptr": "*i32"},
+               dict(HAS_SB=False, BLOCK=1024), (), None)
     for m in ("i8", "i16"):
         yield ("quantise", f"stochastic -> {m}",
                {"x_ptr": "*fp32", "noise_ptr": "*fp32", "slot_ptr": "*i32", "s_ptr": "*i32", "m_ptr": f"*{m}",
