@@ -36,7 +36,7 @@ step() {  # step NAME LIMIT_S COMMAND...
     shift 2
     local log="$OUT_DIR/$name.log" t0=$SECONDS
     { header; echo "\$ $*"; } >"$log" 2>&1
-    timeout "$limit" "$@" >>"$log" 2>&1
+    timeout -s INT -k 15 "$limit" "$@" >>"$log" 2>&1  # SIGINT: pytest still prints its failures
     local rc=$?
     echo "$name rc=$rc $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT_DIR/summary.log"
 }
@@ -50,15 +50,17 @@ if ! $PY -c "import muppet_fx" 2>/dev/null; then  # not installable here: the pa
     export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
     echo "muppet_fx imported from $SHIM (not installed)" | tee -a "$OUT_DIR/summary.log"
 fi
-# On an H200 (2026-12-04), 01 passed 45 checks before its 120 s ran out, the full kernel tables
-# did not finish (--quick did, in about 50 s), and the ResNet-18 step did not finish in 210 s.
-# The step, never measured on a GPU, now runs first; it prints each configuration's first-step
-# seconds (compilation and autotuning) to the log as they complete.
+# On an H200 (2026-12-04, second run; benchmarks/results/gpu-h200-2026-12-04-second.md) the
+# ResNet-18 step took 105 s (46 s of it each quantised level's first step: compilation and
+# autotuning), the quick kernel tables 30 s, the full correctness checks 80 s; the tests did not
+# finish in 115 s. The step runs first: it prints each configuration's first-step seconds to the
+# log as they complete.
 # --cuda-graphs adds graph replays: the step's device time without the host's (about 280 Triton
 # launches and the routes' Python per 8-bit ResNet-18 step; benchmarks/NOTES.md section 33).
-step 03-train-step 240 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 3 --levels 8,16 --memory --saved \
+step 03-train-step 180 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 3 --levels 8,16 --memory --saved \
     --cuda-graphs
-step 02-kernels 90 $PY benchmarks/kernels.py --device cuda --reps 5 --quick
+step 02-kernels 60 $PY benchmarks/kernels.py --device cuda --reps 5 --quick
 step 01-correctness 120 $PY benchmarks/gpu_correctness.py --batch 128
-step 04-tests 60 $PY -m pytest -q -p no:cacheprovider --maxfail=10 tests/test_gemm_triton.py tests/test_conv_triton.py \
-    tests/test_quantise_triton.py tests/test_routes.py tests/test_compact.py
+# -rf --tb=line: each failure's assertion in the summary, which pytest prints on the SIGINT of a limit too
+step 04-tests 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=line --maxfail=10 tests/test_quantise_triton.py \
+    tests/test_gemm_triton.py tests/test_conv_triton.py tests/test_routes.py tests/test_compact.py

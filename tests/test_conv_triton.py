@@ -67,11 +67,12 @@ def test_grad_input_exact(device, case, channels_last):
     assert torch.equal(gx.long(), conv2d_grad_input_int_reference(g, w, x.shape, *geometry))
 
 
-def test_sums_beyond_fp32_integers_stay_exact():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sums_beyond_fp32_integers_stay_exact(device):
     # 64 channels x 9 taps of 127*127 = 9.3e6 < 2**24 per sign; all-max operands reach 9.3e6 and
     # a float32 route would still be exact, so use 300 channels: 4.4e7 > 2**24 needs int32
-    x = torch.full((1, 300, 3, 3), 127, dtype=torch.int8)
-    w = torch.full((2, 300, 3, 3), -127, dtype=torch.int8)
+    x = torch.full((1, 300, 3, 3), 127, dtype=torch.int8, device=device)
+    w = torch.full((2, 300, 3, 3), -127, dtype=torch.int8, device=device)
     w[1] = 127
     y = conv2d_int(x, w, 1, 1)
     ref = conv2d_int_reference(x, w, 1, 1)
@@ -97,10 +98,11 @@ def test_grad_weight_exact(device, case, channels_last):
     assert torch.equal(gw.long(), conv2d_grad_weight_int_reference(g, x, w.shape, *geometry))
 
 
-def test_grad_weight_split_pixel_sum_is_exact():
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_weight_split_pixel_sum_is_exact(device):
     # r_split=7 over 2*6*6 = 72 output pixels: 11 int32 partials summed in int64
-    x = torch.randint(-127, 128, (2, 5, 6, 6), dtype=torch.int8)
-    g = torch.randint(-127, 128, (2, 3, 6, 6), dtype=torch.int8)
+    x = torch.randint(-127, 128, (2, 5, 6, 6), dtype=torch.int8, device=device)
+    g = torch.randint(-127, 128, (2, 3, 6, 6), dtype=torch.int8, device=device)
     gw = conv2d_grad_weight_int(g, x, (3, 5, 3, 3), 1, 1, r_split=7)
     assert gw.dtype == torch.int64
     assert torch.equal(gw, conv2d_grad_weight_int_reference(g, x, (3, 5, 3, 3), 1, 1))
@@ -226,11 +228,12 @@ def test_pixel_split_on_a_resnet_layer():
     assert -(-131072 // r_split) * 5 >= 4 * 132
 
 
-def test_grad_input_takes_its_weight_with_output_channels_fastest(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_input_takes_its_weight_with_output_channels_fastest(monkeypatch, device):
     seen = []
     real = conv_triton._run
     monkeypatch.setattr(conv_triton, "_run", lambda a, w, *rest, **kw: seen.append(w.stride(0)) or real(a, w, *rest, **kw))
-    x, w, geometry = _operands(CASES[2], "cpu", True)
+    x, w, geometry = _operands(CASES[2], device, True)
     g = _output_grad(x, w, geometry, True)
     gx = conv2d_grad_input_int(g, w, x.shape, *geometry)
     assert seen == [1]  # K-major for the MMA: the sum runs over output channels
@@ -243,18 +246,19 @@ def test_no_specialisation_names_a_missing_argument():
         assert plain and set(plain) <= set(k.arg_names), (name, set(plain) - set(k.arg_names))
 
 
-def test_no_input_channels_sum_to_zero():
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_input_channels_sum_to_zero(device):
     """Zero input channels: no reduction blocks at all (a tap count from K // C would divide by
     zero), so the forward is zeros, plus the bias when scaled; the scaled weight gradient is empty."""
     import warnings
 
-    x = torch.zeros(2, 0, 5, 5, dtype=torch.int8)
-    w = torch.zeros(3, 0, 3, 3, dtype=torch.int8)
-    s = (torch.tensor(2, dtype=torch.int32), torch.tensor(1, dtype=torch.int32))
-    bias = torch.tensor([0.5, -1.0, 2.0])
+    x = torch.zeros(2, 0, 5, 5, dtype=torch.int8, device=device)
+    w = torch.zeros(3, 0, 3, 3, dtype=torch.int8, device=device)
+    s = (torch.tensor(2, dtype=torch.int32, device=device), torch.tensor(1, dtype=torch.int32, device=device))
+    bias = torch.tensor([0.5, -1.0, 2.0], device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the interpreter warns on an integer division by zero
-        assert torch.equal(conv2d_int(x, w, 1, 1), torch.zeros(2, 3, 5, 5, dtype=torch.int32))
+        assert torch.equal(conv2d_int(x, w, 1, 1), torch.zeros(2, 3, 5, 5, dtype=torch.int32, device=device))
         assert torch.equal(conv2d_int(x, w, 1, 1, scale=s, bias=bias), bias.view(1, 3, 1, 1).expand(2, 3, 5, 5))
-        g = torch.ones(2, 3, 5, 5, dtype=torch.int8)
+        g = torch.ones(2, 3, 5, 5, dtype=torch.int8, device=device)
         assert conv2d_grad_weight_int(g, x, w.shape, 1, 1, scale=s).shape == (3, 0, 3, 3)

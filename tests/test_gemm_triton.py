@@ -107,7 +107,8 @@ def test_epilogue_max_ignores_tile_padding(device):
 
 @pytest.mark.parametrize("a_order,b_order,copied", [
     ("k", "k", ""), ("k", "n", "b"), ("m", "k", "a"), ("m", "n", "ab")])
-def test_smaller_int8_operand_reaches_the_kernel_k_major(monkeypatch, a_order, b_order, copied):
+@pytest.mark.parametrize("device", DEVICES)
+def test_smaller_int8_operand_reaches_the_kernel_k_major(monkeypatch, a_order, b_order, copied, device):
     """A [33, 40] and B [40, 33] (equal sizes): each operand not K-major is copied into that
     order before the launch, and the product stays exact."""
     from muppet_fx.kernels import gemm_triton
@@ -120,12 +121,12 @@ def test_smaller_int8_operand_reaches_the_kernel_k_major(monkeypatch, a_order, b
         seen.append((a.stride(1), b.stride(0)))
         return a, b
     monkeypatch.setattr(gemm_triton, "_k_major", spy)
-    a = torch.randint(-127, 128, (33, 40), dtype=torch.int8)
-    b = torch.randint(-127, 128, (40, 33), dtype=torch.int8)
+    a = torch.randint(-127, 128, (33, 40), dtype=torch.int8, device=device)
+    b = torch.randint(-127, 128, (40, 33), dtype=torch.int8, device=device)
     a_in = a if a_order == "k" else a.t().contiguous().t()
     b_in = b.t().contiguous().t() if b_order == "k" else b
-    assert torch.equal(int_mm(a_in, b_in).long(), a.long() @ b.long())
+    assert torch.equal(int_mm(a_in, b_in).long().cpu(), a.long().cpu() @ b.long().cpu())  # CUDA has no int64 matmul
     assert seen == [(1, 1)]
-    big = torch.randint(-127, 128, (40, 500), dtype=torch.int8)  # N-major and larger than A: left alone
+    big = torch.randint(-127, 128, (40, 500), dtype=torch.int8, device=device)  # N-major and larger than A: left alone
     int_mm(a, big)
     assert seen[-1] == (1, 500)

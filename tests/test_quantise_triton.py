@@ -36,17 +36,19 @@ def test_matches_reference_exactly(device, shape, bits, axis):
     assert torch.equal(torch.as_tensor(a.exponent), torch.as_tensor(b.exponent).cpu())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_dtypes(dtype):
-    x = torch.randn(33, 7).to(dtype)
+def test_half_dtypes(dtype, device):
+    x = torch.randn(33, 7, device=device).to(dtype)
     a = fake_quantise(x, 8, "nearest", backend="reference")
     b = fake_quantise(x, 8, "nearest", backend="triton")
     assert b.dtype == dtype and torch.equal(a, b)
 
 
-def test_kernel_random_draws():
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_random_draws(device):
     """tl.rand rounding: < 1 ulp, reproducible per seed, seed-dependent, unbiased (6 sigma)."""
-    v = torch.tensor([7.0, 0.3, -2.6, 5.5])  # amax 7 at 4 bits -> s = 0
+    v = torch.tensor([7.0, 0.3, -2.6, 5.5], device=device)  # amax 7 at 4 bits -> s = 0
     n = 4000
     x = v.repeat(n)
     a = quantise(x, 4, "stochastic", backend="triton", seed=11)
@@ -61,10 +63,11 @@ def test_kernel_random_draws():
     assert bool(((m.mean(0) - v.double()).abs() <= bound).all())
 
 
-def test_channels_last_keeps_layout_and_matches():
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_keeps_layout_and_matches(device):
     """A dense channels-last tensor is quantised in its memory order; values equal the reference."""
-    x = torch.randn(2, 3, 5, 4).contiguous(memory_format=torch.channels_last)
-    u = torch.rand(x.shape)
+    x = torch.randn(2, 3, 5, 4, device=device).contiguous(memory_format=torch.channels_last)
+    u = torch.rand(x.shape, device=device)
     for rounding in ("nearest", "stochastic"):
         a = fake_quantise(x, 8, rounding, backend="reference", noise=u)
         b = fake_quantise(x, 8, rounding, backend="triton", noise=u)
@@ -86,8 +89,9 @@ def _hard_amaxes() -> torch.Tensor:
     return torch.cat([tiny, powers, torch.stack(edges), big, torch.rand(50) * 10.0 ** torch.randint(-30, 30, (50,))])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [2, 8, 12, 16, 24])
-def test_in_kernel_exponent_equals_the_host_rule(bits):
+def test_in_kernel_exponent_equals_the_host_rule(bits, device):
     """The quantise kernel derives s from max |x| in integer arithmetic; oracle: the float64
     rule ``exponent_from_amax`` on the same maxima (one row per value, per-row exponents),
     exactly, at the float32 extremes and every word length's grid boundaries."""
@@ -95,7 +99,7 @@ def test_in_kernel_exponent_equals_the_host_rule(bits):
 
     amax = _hard_amaxes()
     x = torch.stack([amax, -amax / 3, amax * 0], dim=1)  # the row's max |x| is amax
-    _, s, _, bad = quantise_triton(x, bits, "nearest", axis=0)
+    _, s, _, bad = quantise_triton(x.to(device), bits, "nearest", axis=0)
     assert not bad.any()
     assert torch.equal(s.cpu(), exponent_from_amax(amax, bits, MAX_EXPONENT[torch.float32]))
 
@@ -113,22 +117,24 @@ if HAS_TRITON:
         tl.store(out_ptr + offs, pow2_f32(k), mask=offs < N)
 
 
-def test_pow2_from_bits_is_exact():
+@pytest.mark.parametrize("device", DEVICES)
+def test_pow2_from_bits_is_exact(device):
     """``pow2_f32(k)`` against ``torch.ldexp(1, k)``: exact for every k in -200..300, subnormals,
     0 below 2**-149 and inf above 2**127 included."""
-    k = torch.arange(-200, 301, dtype=torch.int64)
-    out = torch.empty(k.shape, dtype=torch.float32)
+    k = torch.arange(-200, 301, dtype=torch.int64, device=device)
+    out = torch.empty(k.shape, dtype=torch.float32, device=device)
     _pow2_kernel[(1,)](k, out, k.numel(), BLOCK=512)
     assert torch.equal(out, torch.ldexp(torch.ones(k.shape, dtype=torch.float64), k).float())
 
 
-def test_kernel_marks_nonfinite_rows():
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_marks_nonfinite_rows(device):
     """``mark_nonfinite``: the rows holding NaN or inf report NONFINITE_EXPONENT (what the
     training ops pass on, so the layer's output turns non-finite); the other rows keep the
     reference exponent."""
     from muppet_fx.kernels.quantise import NONFINITE_EXPONENT, quantise_triton
 
-    x = torch.randn(4, 9)
+    x = torch.randn(4, 9, device=device)
     x[1, 3], x[3, 0] = float("nan"), float("-inf")
     _, s, _, none = quantise_triton(x, 8, "nearest", axis=0, mark_nonfinite=True)
     _, s_plain, _, bad = quantise_triton(x, 8, "nearest", axis=0)
@@ -137,17 +143,18 @@ def test_kernel_marks_nonfinite_rows():
     assert s.tolist() == [s_plain[0].item(), NONFINITE_EXPONENT, s_plain[2].item(), NONFINITE_EXPONENT]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
-def test_scale_kernel_dequantises_exactly(dtype):
+def test_scale_kernel_dequantises_exactly(dtype, device):
     """``scale_triton``: mantissas (or accumulators) times ``2**-(s_a + s_b)``, laid out like
     the input (channels-last kept); oracle: ``scale_pow2`` on the float32 conversion (what the
     routes did with torch ops), bit for bit, for normal, subnormal and overflowing scales."""
     from muppet_fx.kernels.quantise import scale_pow2, scale_triton
 
-    m = torch.randint(-100, 101, (2, 3, 5, 7), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    m = torch.randint(-100, 101, (2, 3, 5, 7), dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
     for s_a, s_b in ((7, None), (-20, 150), (140, 9), (-100, -60)):
-        sa = torch.tensor(s_a, dtype=torch.int32)
-        sb = None if s_b is None else torch.tensor(s_b, dtype=torch.int32)
+        sa = torch.tensor(s_a, dtype=torch.int32, device=device)
+        sb = None if s_b is None else torch.tensor(s_b, dtype=torch.int32, device=device)
         got = scale_triton(m, sa, sb)
         want = scale_pow2(m.float(), -(sa + (0 if sb is None else sb)))
         assert got.is_contiguous(memory_format=torch.channels_last)
