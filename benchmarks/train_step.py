@@ -210,9 +210,10 @@ def _only(args, device) -> None:
 
 
 def cuda_graphed(run, warmup: int = 3):
-    """``run`` captured once as a CUDA graph; returns its replay. Whatever ``run`` does on the
-    host is frozen at capture (the stochastic-rounding seeds drawn there among it), so a replay
-    measures the device's time for the step without the host's: a speed figure, not training."""
+    """``run`` captured once as a CUDA graph; returns its replay: the device's time for the step
+    without the host's. The Triton route draws its stochastic-rounding seeds on the device, so
+    each replay rounds afresh; what ``run`` decides on the host (the precision level among it)
+    is frozen at capture."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # kernels built and tuned, workspaces allocated, off the graph

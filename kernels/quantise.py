@@ -259,12 +259,13 @@ if HAS_TRITON:
         tl.atomic_max(slot_ptr + row * 2, a.to(tl.int32, bitcast=True))
         tl.atomic_max(slot_ptr + row * 2 + 1, tl.max(tl.where(finite | ~mask, 0, 1), axis=0))
 
-    @triton.jit
+    # seed and offset change from call to call: specialising on them would compile variants
+    @triton.jit(do_not_specialize=["seed", "offset"])
     def _quantise_kernel(
-        x_ptr, noise_ptr, slot_ptr, s_ptr, m_ptr, q_ptr,  # pointers
+        x_ptr, noise_ptr, seed_ptr, slot_ptr, s_ptr, m_ptr, q_ptr,  # pointers
         L, seed, offset, fmax, qmax, log2_qmax, max_exp,  # sizes and scalars
-        STOCHASTIC: tl.constexpr, NOISE_FROM_PTR: tl.constexpr, MARK_NONFINITE: tl.constexpr,
-        WRITE_M: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK: tl.constexpr,
+        STOCHASTIC: tl.constexpr, NOISE_FROM_PTR: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+        MARK_NONFINITE: tl.constexpr, WRITE_M: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # s[row] from the row's max |x|; m = round(x * 2**s); q = m * 2**-s (non-finite x passes
         # through to q). 2**s is applied as two factors 2**h * 2**(s-h), h = floor(s / 2).
@@ -289,6 +290,8 @@ if HAS_TRITON:
         if STOCHASTIC:
             if NOISE_FROM_PTR:
                 u = tl.load(noise_ptr + idx, mask=mask, other=0.0)
+            elif SEED_FROM_PTR:  # drawn on the device: a CUDA graph's replay reads a fresh one
+                u = tl.rand(tl.load(seed_ptr), (idx + offset).to(tl.int32))
             else:
                 u = tl.rand(seed, (idx + offset).to(tl.int32))
             m = f + tl.where(u < d, 1.0, 0.0)
@@ -329,7 +332,7 @@ def scale_triton(acc: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor | None 
 
 
 def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None = None,
-                    seed: int = 0, offset: int = 0, noise: torch.Tensor | None = None,
+                    seed: int | torch.Tensor = 0, offset: int = 0, noise: torch.Tensor | None = None,
                     want_mantissa: bool = True, want_values: bool = False, block: int = 1024,
                     amax_slot: torch.Tensor | None = None, out: torch.Tensor | None = None,
                     mark_nonfinite: bool = False):
@@ -337,7 +340,9 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
 
     ``m`` is the integer mantissa tensor (storage dtype of ``bits``), ``s`` the int32 exponent,
     ``q`` the dequantised values in ``x.dtype``. Stochastic draws come from
-    ``tl.rand(seed, offset + flat_index)`` unless ``noise`` (float32, shape of ``x``) is given.
+    ``tl.rand(seed, offset + flat_index)`` unless ``noise`` (float32, shape of ``x``) is given;
+    ``seed`` is an int, or a one-element int64 tensor on ``x``'s device that the kernel reads
+    (so a captured CUDA graph draws anew when the graph refreshes that tensor).
     ``nonfinite`` is a bool tensor shaped like ``s``: the row holds a NaN or inf.
     ``amax_slot`` (per tensor only): int32 ``[1, 2]``, the bits of max |x| over finite entries
     and a non-finite flag, already reduced by whoever wrote ``x`` (a GEMM epilogue); the
@@ -357,6 +362,10 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
         s = torch.zeros(() if axis is None else (rows,), dtype=torch.int32, device=x.device)
         m = torch.zeros(x.shape, dtype=mantissa_dtype(bits), device=x.device) if want_mantissa else None
         return m, s, (x.clone() if want_values else None), torch.zeros(s.shape, dtype=torch.bool)
+    seed_from_ptr = isinstance(seed, torch.Tensor)
+    if seed_from_ptr and (seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device):
+        raise ValueError(f"a tensor seed must be one int64 value on {x.device}; got {seed.dtype} "
+                         f"of {seed.numel()} elements on {seed.device}")
     n_blocks = triton.cdiv(L, block)
     if amax_slot is not None:
         if axis is not None:
@@ -373,11 +382,11 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
         noise = (noise if axis in (None, 0) else noise.movedim(axis, 0)).float()
         noise = noise.contiguous(memory_format=torch.channels_last) if channels_last else noise.contiguous()
     _quantise_kernel[(rows, n_blocks)](
-        xc, noise if noise is not None else xc, slot, s,
+        xc, noise if noise is not None else xc, seed if seed_from_ptr else slot, slot, s,
         m if m is not None else xc, q if q is not None else xc,
-        L, seed, offset, _FMAX[x.dtype], 2 ** (bits - 1) - 1, bits - 2,
+        L, 0 if seed_from_ptr else seed, offset, _FMAX[x.dtype], 2 ** (bits - 1) - 1, bits - 2,
         MAX_EXPONENT[x.dtype], STOCHASTIC=rounding == "stochastic", NOISE_FROM_PTR=noise is not None,
-        MARK_NONFINITE=mark_nonfinite,
+        SEED_FROM_PTR=seed_from_ptr, MARK_NONFINITE=mark_nonfinite,
         WRITE_M=want_mantissa, WRITE_Q=want_values, BLOCK=block,
     )
     nonfinite = None if mark_nonfinite else slot[:, 1] > 0

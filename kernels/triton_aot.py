@@ -91,10 +91,10 @@ def _modes():
                dict(HAS_SB=False, BLOCK=1024), (), None)
     for m in ("i8", "i16"):
         yield ("quantise", f"stochastic -> {m}",
-               {"x_ptr": "*fp32", "noise_ptr": "*fp32", "slot_ptr": "*i32", "s_ptr": "*i32", "m_ptr": f"*{m}",
-                "q_ptr": "*fp32"},
-               dict(STOCHASTIC=True, NOISE_FROM_PTR=False, MARK_NONFINITE=True, WRITE_M=True, WRITE_Q=True,
-                    BLOCK=1024), (), None)
+               {"x_ptr": "*fp32", "noise_ptr": "*fp32", "seed_ptr": "*i64", "slot_ptr": "*i32", "s_ptr": "*i32",
+                "m_ptr": f"*{m}", "q_ptr": "*fp32"},
+               dict(STOCHASTIC=True, NOISE_FROM_PTR=False, SEED_FROM_PTR=True, MARK_NONFINITE=True, WRITE_M=True,
+                    WRITE_Q=True, BLOCK=1024), (), None)
 
 
 def variants() -> list[Variant]:

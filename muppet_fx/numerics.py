@@ -94,14 +94,21 @@ def _check_input(x, bits, rounding, axis, backend, noise) -> str:
     return backend
 
 
-def _triton_seed(seed, generator, rounding: str = "stochastic") -> int:
+def _triton_seed(seed, generator, rounding: str = "stochastic", device: torch.device | None = None):
     """The seed of the Triton kernels' draws: ``seed`` if given, else drawn from ``generator``,
     and only for stochastic rounding, as the CPU kernel draws, so that a nearest-rounding
-    quantisation leaves torch's random stream where it was."""
+    quantisation leaves torch's random stream where it was.
+
+    Without a generator but with a ``device``, the seed is drawn there, by torch's generator of
+    that device, into a one-element int64 tensor the kernel reads: no host round trip, and a
+    CUDA graph that captured the draw draws again at each replay (a host integer would be
+    frozen into the graph, every replay rounding with the same draws)."""
     if seed is not None:
-        return int(seed)
+        return seed if isinstance(seed, torch.Tensor) else int(seed)
     if rounding != "stochastic":
         return 0
+    if generator is None and device is not None:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
     return int(torch.randint(0, 2**31 - 1, (), generator=generator))
 
 
@@ -110,8 +117,8 @@ def _run(x, bits, rounding, axis, backend, generator, seed, noise, values: bool)
     (``values=True``), the other being ``None``, and the int32 exponent tensor ``s``."""
     want = dict(want_mantissa=not values, want_values=values)
     if backend == "triton":
-        return quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(seed, generator, rounding),
-                               noise=noise, **want)[:3]
+        return quantise_triton(x, bits, rounding, axis=axis, noise=noise,
+                               seed=_triton_seed(seed, generator, rounding, x.device), **want)[:3]
     if backend == "cpu":
         return quantise_cpu(x, bits, rounding, axis=axis, generator=generator, seed=seed,
                             noise=noise, **want)[:3]
@@ -131,7 +138,7 @@ def quantise_parts(x: torch.Tensor, bits: int, rounding: str, axis: int | None =
     of ``x``'s device. A tensor (or slice) holding NaN/inf gets ``NONFINITE_EXPONENT``, whose
     dequantisation is non-finite, so a diverging run stays visible downstream."""
     if triton_path(x):  # the kernel marks non-finite rows itself
-        return quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(None, None, rounding),
+        return quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(None, None, rounding, x.device),
                                mark_nonfinite=True)[:2]
     else:  # the C kernel on CPU tensors, the reference route elsewhere
         m, s, _, bad = quantise_cpu(x, bits, rounding, axis=axis)
@@ -180,7 +187,7 @@ def fake_quantise_inplace(y: torch.Tensor, bits: int, rounding: str, seed: int |
     if y.device.type == "cpu" and not triton_path(y):
         return quantise_cpu(y, bits, rounding, seed=seed, want_mantissa=False, want_values=True, out=y)[2]
     if triton_path(y):
-        return quantise_triton(y, bits, rounding, seed=_triton_seed(seed, None, rounding),
+        return quantise_triton(y, bits, rounding, seed=_triton_seed(seed, None, rounding, y.device),
                                want_mantissa=False, want_values=True)[2]
     generator = None if seed is None else torch.Generator(device=y.device).manual_seed(seed)
     return _run(y, bits, rounding, None, "reference", generator, None, None, values=True)[2]

@@ -318,7 +318,7 @@ def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias,
         x_v = dequantise(x_m, x_s) if x_v is None else x_v
         return F.linear(x_v, dequantise(w_m, w_s, w_axis) if w_v is None else w_v, bias), False
     if mode in TRITON:
-        q = _with_seed(quantise_output)
+        q = _with_seed(quantise_output, x_m.device)
         return _triton().scaled_mm(x_m, x_s, w_m.t(), w_s, bias, b_axis=w_axis,
                                    exact=mode == "triton_exact", quantise_output=q), q is not None
     if mode == "int" and w_axis is None:
@@ -333,13 +333,13 @@ def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias,
     return _apply(acc, _exponent(x_s, w_s, axis=1), bias, axis=1), False
 
 
-def _with_seed(quantise_output):
-    """``(bits, rounding[, parts])`` -> ``(bits, rounding, seed)``, the seed drawn from torch's
-    generator as the separate output quantiser draws it (same stream, same draws)."""
+def _with_seed(quantise_output, device: torch.device):
+    """``(bits, rounding[, parts])`` -> ``(bits, rounding, seed)``, the seed drawn on ``device``
+    by torch's generator as the separate output quantiser draws it (same stream, same draws)."""
     if quantise_output is None:
         return None
     bits, rounding = quantise_output[:2]
-    return bits, rounding, _triton_seed(None, None, rounding)
+    return bits, rounding, _triton_seed(None, None, rounding, device)
 
 
 def linear_grad_input(route, g_m, g_s, w_m, w_s, w_axis):
@@ -414,7 +414,7 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
             return y, False
     if _int_conv(mode, x_m, groups, w_axis) and _triton_conv(mode, x_m, w_m):
         b = None if bias is None else bias.detach().float().contiguous()  # dequantised and biased in the epilogue
-        q = _with_seed(quantise_output)
+        q = _with_seed(quantise_output, x_m.device)
         return _conv_triton().conv2d_int(x_m, w_m, stride, padding, dilation, (x_s, w_s), b, q), q is not None
     if _int_conv(mode, x_m, groups, w_axis):
         e = _exponent(x_s, w_s)

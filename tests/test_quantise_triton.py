@@ -161,3 +161,41 @@ def test_scale_kernel_dequantises_exactly(dtype, device):
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="dense"):
         scale_triton(m[:, :, ::2], torch.tensor(1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seed_read_from_a_device_tensor(device):
+    """A one-element int64 seed tensor rounds exactly as the same integer seed does (64-bit
+    seeds included), and the kernel reads the tensor's value at launch: refilling the same
+    tensor in place, as a CUDA graph's replay of the seed draw does, changes the draws."""
+    from muppet_fx.kernels.quantise import quantise_triton
+
+    x = torch.randn(3, 129, device=device)
+    seed = torch.empty(1, dtype=torch.int64, device=device)
+    outs = []
+    for k in (11, 2**40 + 5):
+        seed.fill_(k)
+        got = quantise_triton(x, 6, "stochastic", seed=seed)[0]
+        assert torch.equal(got, quantise_triton(x, 6, "stochastic", seed=k)[0])
+        outs.append(got)
+    assert not torch.equal(*outs)
+    with pytest.raises(ValueError, match="int32 of 1 elements"):
+        quantise_triton(x, 6, "stochastic", seed=seed.int())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_seeds_drawn_on_the_device(device):
+    """Without a seed or generator, the Triton path draws its seed on the tensor's device from
+    torch's generator: reproducible under torch.manual_seed, fresh per call, and not drawn at
+    all for nearest rounding (torch's stream left where it was)."""
+    from muppet_fx.numerics import _triton_seed
+
+    torch.manual_seed(5)
+    a, b = _triton_seed(None, None, "stochastic", torch.device(device)), _triton_seed(None, None, "stochastic", device)
+    torch.manual_seed(5)
+    assert a.dtype == torch.int64 and a.shape == (1,) and a.device.type == torch.device(device).type
+    assert torch.equal(a, _triton_seed(None, None, "stochastic", device)) and not torch.equal(a, b)
+    before = torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+    assert _triton_seed(None, None, "nearest", device) == 0
+    assert torch.equal(before, torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state())
+    assert _triton_seed(7, None, "stochastic", device) == 7  # given seeds stay host integers
