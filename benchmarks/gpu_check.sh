@@ -18,6 +18,7 @@ OUT_DIR=${1:-${OUT:-benchmarks/results/gpu-check}}
 mkdir -p "$OUT_DIR"
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
+export TRITON_PRINT_AUTOTUNING=1  # each autotuning: its seconds and the configuration that won, in the logs
 
 header() {
     $PY - <<'EOF'
@@ -57,10 +58,12 @@ fi
 # log as they complete.
 # --cuda-graphs adds graph replays: the step's device time without the host's (about 280 Triton
 # launches and the routes' Python per 8-bit ResNet-18 step; benchmarks/NOTES.md section 33).
-step 03-train-step 180 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 3 --levels 8,16 --memory --saved \
-    --cuda-graphs
+# --compile adds torch.compile of the 8-bit model, default and mode="reduce-overhead" (Inductor's
+# own CUDA graphs): never run on a GPU, so given the time of two compilations of the step.
+step 03-train-step 300 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 3 --levels 8,16 --memory --saved \
+    --cuda-graphs --compile
 step 02-kernels 60 $PY benchmarks/kernels.py --device cuda --reps 5 --quick
-step 01-correctness 120 $PY benchmarks/gpu_correctness.py --batch 128
+step 01-correctness 100 $PY benchmarks/gpu_correctness.py --batch 128
 # -rf --tb=line: each failure's assertion in the summary, which pytest prints on the SIGINT of a limit too
-step 04-tests 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=line --maxfail=10 tests/test_quantise_triton.py \
+step 04-tests 80 $PY -m pytest -q -p no:cacheprovider -rf --tb=line --maxfail=10 tests/test_quantise_triton.py \
     tests/test_gemm_triton.py tests/test_conv_triton.py tests/test_routes.py tests/test_compact.py

@@ -156,6 +156,10 @@ def make_cases(name: str, batch: int, device: str, compile_: bool = False, level
             compiled = torch.compile(pm)
             cases[f"torch.compile, {pm._muppet_state.route_for(x.device)} {bits}-bit"] = \
                 (lambda c=compiled: step(c))
+            if device == "cuda":  # Inductor replays the step's launches as CUDA graphs (cudagraph trees)
+                graphed = torch.compile(pm, mode="reduce-overhead")
+                cases[f"torch.compile reduce-overhead, {pm._muppet_state.route_for(x.device)} {bits}-bit"] = \
+                    (lambda c=graphed: step(c))
     return cases
 
 
@@ -246,6 +250,31 @@ def add_cuda_graphs(cases: dict, first: dict, sync) -> None:
             cases[f"{name}, CUDA graph"] = replay
 
 
+def drop_failing(cases: dict, keys, first: dict, sync) -> None:
+    """Runs the first step of each of ``keys`` (its seconds into ``first``); a configuration
+    that raises (a compiler's or a graph capture's limit, say) is reported on stderr and left
+    out, so the others still make the table."""
+    for key in keys:
+        sync()
+        t0 = time.perf_counter()
+        try:
+            cases[key]()
+            sync()
+        except Exception as e:  # noqa: BLE001 (reported: why it failed is the finding)
+            print(f"{key}: failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
+            del cases[key]
+            continue
+        first[key] = time.perf_counter() - t0
+
+
+def _or_none(measure, key):
+    try:
+        return measure()
+    except Exception as e:  # noqa: BLE001
+        print(f"{key}: memory not measured: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr, flush=True)
+        return None
+
+
 class _Reporting(dict):
     """Warm-up seconds per configuration, each also printed to stderr as it completes: the first
     step builds, tunes and caches the kernels, and a run stopped by a time limit still says
@@ -270,7 +299,8 @@ def main() -> None:
     p.add_argument("--levels", type=lambda v: tuple(int(b) for b in v.split(",")), default=(8, 12, 14, 16),
                    help="fixed-point levels to time, e.g. 8,16")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="add torch.compile of the 8-bit model")
+    p.add_argument("--compile", action="store_true",
+                   help="add torch.compile of the 8-bit model (on CUDA also mode='reduce-overhead')")
     p.add_argument("--memory", action="store_true", help="add peak memory, one fresh process per configuration")
     p.add_argument("--saved", action="store_true", help="add the activation memory saved for backward")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -289,6 +319,7 @@ def main() -> None:
     for name in args.models.split(","):
         cases = make_cases(name, args.batch, device, args.compile, args.levels)
         first = _Reporting(name)
+        drop_failing(cases, [k for k in cases if k.startswith("torch.compile")], first, sync)
         if args.cuda_graphs and device == "cuda":
             add_cuda_graphs(cases, first, sync)
         med = interleaved(cases, args.reps, sync=sync, first=first)
@@ -297,14 +328,17 @@ def main() -> None:
         rows = [[k, v, base / v, amp / v, first[k]] for k, v in med.items()]
         if args.saved:
             headers += ["saved for backward MiB", "saved vs fp32"]
-            saved = {k: saved_mib(cases[k]) for k in med if not k.endswith("CUDA graph")}  # a replay saves nothing
+            saved = {k: _or_none(lambda k=k: saved_mib(cases[k]), k)
+                     for k in med if not k.endswith("CUDA graph")}  # a replay saves nothing
             for row in rows:
-                row += [saved[row[0]], saved[row[0]] / saved["fp32 eager"]] if row[0] in saved else [None, None]
+                row += [saved[row[0]], saved[row[0]] / saved["fp32 eager"]] if saved.get(row[0]) is not None \
+                    else [None, None]
         if args.memory:
             headers.append("peak MiB (RSS)" if device == "cpu" else "peak MiB allocated")
             for row in rows:
-                row.append(None if row[0].endswith("CUDA graph") else cuda_peak_mib(cases[row[0]]) if device == "cuda"
-                           else peak_memory_mib(name, row[0], args.batch, args.threads, args.allocator, args.compile))
+                row.append(None if row[0].endswith("CUDA graph") else _or_none(
+                    lambda k=row[0]: cuda_peak_mib(cases[k]) if device == "cuda"
+                    else peak_memory_mib(name, k, args.batch, args.threads, args.allocator, args.compile), row[0]))
         print(f"\n{name}, batch {args.batch}, {device}, threads {args.threads}, allocator {args.allocator}, "
               f"torch {torch.__version__}")
         print(tabulate(rows, headers=headers, floatfmt=".3f"))

@@ -62,3 +62,23 @@ def test_cuda_graphs_time_the_eager_step_then_capture(train_step, monkeypatch, c
     assert "autocast bf16, CUDA graph: failed: RuntimeError: operation not permitted" in capsys.readouterr().err
     cases["triton 8-bit, CUDA graph"]()
     assert calls[-1] == "replay"
+
+
+def test_a_failing_configuration_is_dropped_not_fatal(train_step, capsys):
+    """``drop_failing``: each listed configuration's first step is timed; one that raises (a
+    compiler's limit) leaves the table with its reason on stderr, the others stay; memory
+    figures that raise come back as ``None``."""
+    calls = []
+
+    def broken():
+        raise RuntimeError("skipping cudagraphs due to mutated inputs")
+    cases = {"fp32 eager": lambda: calls.append("fp32"), "torch.compile, triton 8-bit": lambda: calls.append("c"),
+             "torch.compile reduce-overhead, triton 8-bit": broken}
+    first = train_step._Reporting("resnet18")
+    train_step.drop_failing(cases, [k for k in cases if k.startswith("torch.compile")], first, lambda: None)
+    assert list(cases) == ["fp32 eager", "torch.compile, triton 8-bit"] and calls == ["c"]
+    assert set(first) == {"torch.compile, triton 8-bit"}
+    err = capsys.readouterr().err
+    assert "torch.compile reduce-overhead, triton 8-bit: failed: RuntimeError: skipping cudagraphs" in err
+    assert train_step._or_none(broken, "x") is None and train_step._or_none(lambda: 2.5, "y") == 2.5
+    assert "x: memory not measured: RuntimeError" in capsys.readouterr().err
