@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved  # noqa: E402
+from common import device_ms, interleaved  # noqa: E402
 
 from muppet_fx import prepare, reuse_cpu_memory  # noqa: E402
 from muppet_fx.kernels import amx_cpu, conv_onednn, gemm_avx2, gemm_cpu, vnni_cpu  # noqa: E402
@@ -141,15 +141,17 @@ def table_cuda_gemm(args):
         if M <= 16 or K % 8 or N % 8:  # torch._int_mm's CUDA shape rules: no column for it
             del cases["_int_mm"]
         med = interleaved(cases, args.reps, warmup=3, sync=torch.cuda.synchronize)
+        dev = device_ms({k: cases[k] for k in ("bf16", "triton int8")}, args.reps)
         med.setdefault("_int_mm", float("nan"))
         tops = {k: 2 * M * N * K / v / 1e12 for k, v in med.items()}
         rows.append([name, M, K, N] + [tops[k] for k in ("bf16", "fp16", "_int_mm", "triton int8")]
                     + [med["_int_mm"] / med["triton int8"], med["bf16"] / med["triton int8"],
-                       med["int8+q separate"] / med["int8+q fused"]])
+                       dev["bf16"] / dev["triton int8"], med["int8+q separate"] / med["int8+q fused"]])
     print(f"\nGEMM, {torch.cuda.get_device_name()}, torch {torch.__version__}: TFLOP/s (TOP/s for int8); "
           "targets: triton/_int_mm >= 0.8, triton/bf16 >= 1.6 at 4096^3")
     print(tabulate(rows, headers=["product", "M", "K", "N", "bf16", "fp16", "_int_mm", "triton int8",
-                                  "triton / _int_mm", "triton / bf16", "output quantiser fused speed-up"],
+                                  "triton / _int_mm", "triton / bf16", "triton / bf16, graph",
+                                  "output quantiser fused speed-up"],
                    floatfmt=".2f"))
 
 
@@ -173,15 +175,22 @@ def table_cuda_conv(args):
                  "int8 dX": lambda: conv_triton.conv2d_grad_input_int(g8, w8, x8.shape, s, pad),
                  "bf16 dW": lambda: torch.ops.aten.convolution_backward(
                      gb, xb, wb, None, [s, s], [pad, pad], [1, 1], False, [0, 0], 1, [False, True, False]),
-                 "int8 dW": lambda: conv_triton.conv2d_grad_weight_int(g8, x8, w8.shape, s, pad)}
+                 "int8 dW": lambda: conv_triton.conv2d_grad_weight_int(g8, x8, w8.shape, s, pad),
+                 # pixels fastest: both weight-gradient operands K-major, as int8 MMA reads them
+                 # (the two layout copies timed with it)
+                 "int8 dW, NCHW copies": lambda: conv_triton.conv2d_grad_weight_int(
+                     g8.contiguous(), x8.contiguous(), w8.shape, s, pad)}
         med = interleaved(cases, args.reps, warmup=3, sync=torch.cuda.synchronize)
-        rows.append([f"{cin}->{cout} {k}x{k}/{s} @{hw}", med["bf16 fwd"] * 1e3,
-                     med["bf16 fwd"] / med["int8 fwd"], med["bf16 dX"] * 1e3, med["bf16 dX"] / med["int8 dX"],
-                     med["bf16 dW"] * 1e3, med["bf16 dW"] / med["int8 dW"]])
+        dev = device_ms(cases, args.reps)
+        row = [f"{cin}->{cout} {k}x{k}/{s} @{hw}"]
+        for op in ("fwd", "dX", "dW"):
+            row += [dev[f"bf16 {op}"] * 1e3, dev[f"bf16 {op}"] / dev[f"int8 {op}"], med[f"bf16 {op}"] / med[f"int8 {op}"]]
+        rows.append(row + [dev["bf16 dW"] / dev["int8 dW, NCHW copies"]])
     print(f"\nImplicit-GEMM INT8 convolution vs cuDNN BF16, {torch.cuda.get_device_name()}, batch {args.batch}, "
-          "channels-last (ratio > 1: ours faster)")
-    print(tabulate(rows, headers=["conv", "bf16 fwd ms", "int8 fwd speed-up", "bf16 dX ms", "int8 dX speed-up",
-                                  "bf16 dW ms", "int8 dW speed-up"], floatfmt=".2f"))
+          "channels-last (ratio > 1: ours faster). 'graph': GPU time per call, 20 calls replayed as a CUDA "
+          "graph; 'call': one call timed with its launch, as a step that is not captured sees it")
+    print(tabulate(rows, headers=["conv", "bf16 fwd us", "int8 fwd graph", "call", "bf16 dX us", "int8 dX graph",
+                                  "call", "bf16 dW us", "int8 dW graph", "call", "dW NCHW graph"], floatfmt=".2f"))
 
 
 def table_cpu_conv(args):

@@ -1,4 +1,5 @@
-"""``benchmarks/train_step.py``'s bookkeeping around the timed steps, without a GPU: the
+"""``benchmarks/train_step.py``'s bookkeeping around the timed steps (and ``common.device_ms``, the
+CUDA-graph timer of the kernel tables), without a GPU: the
 first-step seconds (each configuration's first call only), and ``--cuda-graphs``, which must
 time each eager step's first call before capturing it, add a replay per autocast and quantised
 configuration, and report a failed capture instead of stopping the run.
@@ -82,3 +83,96 @@ def test_a_failing_configuration_is_dropped_not_fatal(train_step, capsys):
     assert "torch.compile reduce-overhead, triton 8-bit: failed: RuntimeError: skipping cudagraphs" in err
     assert train_step._or_none(broken, "x") is None and train_step._or_none(lambda: 2.5, "y") == 2.5
     assert "x: memory not measured: RuntimeError" in capsys.readouterr().err
+
+
+class _FakeCuda:
+    """Stands in for ``torch.cuda`` in ``device_ms``: a graph records the calls made while it
+    captures and replays them; events read a clock that each replayed call advances by 2 ms."""
+
+    def __init__(self, fail_on=None):
+        self.clock, self.capturing, self.fail_on = 0.0, None, fail_on
+
+    def Stream(self):
+        return self
+
+    def current_stream(self):
+        return self
+
+    def wait_stream(self, other):
+        pass
+
+    def stream(self, s):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def CUDAGraph(self):
+        return _FakeGraph(self)
+
+    def graph(self, g):
+        import contextlib
+
+        @contextlib.contextmanager
+        def capture():
+            self.capturing = g
+            try:
+                yield
+            finally:
+                self.capturing = None
+        return capture()
+
+    def Event(self, enable_timing):
+        return _FakeEvent(self)
+
+
+class _FakeGraph:
+    def __init__(self, cuda):
+        self.cuda, self.calls = cuda, []
+
+    def replay(self):
+        for fn in self.calls:
+            fn(replay=True)
+
+
+class _FakeEvent:
+    def __init__(self, cuda):
+        self.cuda = cuda
+
+    def record(self):
+        self.t = self.cuda.clock
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return end.t - self.t
+
+
+def test_device_time_divides_a_replay_by_its_captured_calls():
+    """``device_ms``: two warm-up calls, then ``calls`` captured calls; the replay's time over
+    ``calls`` is the per-call figure; a case whose capture raises is NaN, the others stay."""
+    import math
+
+    bench = str(BENCH)
+    sys.path.insert(0, bench)
+    try:
+        from common import device_ms
+    finally:
+        sys.path.remove(bench)
+    cuda = _FakeCuda()
+    counts = {"fast": 0, "slow": 0}
+
+    def case(name, ms, fail=False):
+        def fn(replay=False):
+            if replay:
+                cuda.clock += ms
+                return
+            counts[name] = counts.get(name, 0) + 1
+            if cuda.capturing is not None:
+                if fail:
+                    raise RuntimeError("operation not permitted when stream is capturing")
+                cuda.capturing.calls.append(fn)
+        return fn
+    out = device_ms({"fast": case("fast", 2.0), "slow": case("slow", 5.0), "bad": case("bad", 1.0, True)},
+                    reps=3, calls=4, cuda=cuda)
+    assert out["fast"] == 2.0 and out["slow"] == 5.0 and math.isnan(out["bad"])
+    assert counts == {"fast": 6, "slow": 6, "bad": 3}  # 2 warm-ups + 4 captured; the bad one failed at its first capture
