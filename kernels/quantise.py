@@ -13,6 +13,7 @@ is therefore unbiased: ``P(m = f + 1) = v - f``.
 """
 from __future__ import annotations
 
+import os
 
 import torch
 
@@ -69,16 +70,29 @@ def autotune_bench(fn, quantiles):
     return do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
+def _first_of(prune):
+    """An ``early_config_prune`` keeping the first configuration ``prune`` (or none) keeps."""
+    def first(configs, named_args, **kwargs):
+        return list(prune(configs, named_args, **kwargs) if prune is not None else configs)[:1]
+    return first
+
+
 def autotune(configs, key, prune=None):
     """``triton.autotune`` with :func:`autotune_bench` as its timer; Triton releases before the
     ``do_bench`` argument (3.3) take the same times through ``warmup``/``rep``. ``prune`` is
     Triton's ``early_config_prune``: ``prune(configs, named_args, **constexprs)``. Tuning results
     are cached on disk where Triton can (``cache_results``), so only the first process to run a
-    layer shape times its configurations."""
+    layer shape times its configurations.
+
+    ``MUPPET_FX_AUTOTUNE=0`` in the environment (read when the kernels are defined) keeps only
+    the first configuration that ``prune`` leaves: one compilation per shape and no timing runs,
+    for test runs on a GPU, where every odd test shape would otherwise compile and time them all."""
     import inspect
 
     timer = ({"do_bench": autotune_bench} if "do_bench" in inspect.signature(triton.autotune).parameters
              else {"warmup": 5, "rep": 20})
+    if os.environ.get("MUPPET_FX_AUTOTUNE", "1") == "0":
+        prune = _first_of(prune)
     extra = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
     # Tuning results kept on disk (Triton 3.2 and later): a later process skips the timing runs.
     if "cache_results" in inspect.signature(triton.autotune).parameters:

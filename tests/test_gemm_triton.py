@@ -130,3 +130,27 @@ def test_smaller_int8_operand_reaches_the_kernel_k_major(monkeypatch, a_order, b
     big = torch.randint(-127, 128, (40, 500), dtype=torch.int8, device=device)  # N-major and larger than A: left alone
     int_mm(a, big)
     assert seen[-1] == (1, 500)
+
+
+def test_autotuning_off_keeps_the_first_surviving_configuration(monkeypatch):
+    """``MUPPET_FX_AUTOTUNE=0`` (GPU test runs): the autotuner is left one configuration, the
+    first that the kernel's own pruning keeps, so nothing is timed and each shape compiles once."""
+    import triton
+
+    from muppet_fx.kernels.quantise import autotune
+
+    def noop(M, BLOCK_K):  # the autotuner reads only the kernel's argument names
+        pass
+    noop.arg_names = ["M", "BLOCK_K"]
+    configs = [triton.Config({"BLOCK_K": k}) for k in (128, 64, 32)]
+
+    def no_wide_k(cs, named_args, **kwargs):  # like the FP16 mode's pruning of BLOCK_K = 128
+        return [c for c in cs if c.kwargs["BLOCK_K"] < 128]
+    monkeypatch.setenv("MUPPET_FX_AUTOTUNE", "0")
+    tuner = autotune(configs, ["M"], prune=no_wide_k)(noop)
+    assert [c.kwargs["BLOCK_K"] for c in tuner.early_config_prune(configs, {})] == [64]
+    plain = autotune(configs, ["M"])(noop)
+    assert [c.kwargs["BLOCK_K"] for c in plain.early_config_prune(configs, {})] == [128]
+    monkeypatch.setenv("MUPPET_FX_AUTOTUNE", "1")
+    tuned = autotune(configs, ["M"], prune=no_wide_k)(noop)
+    assert [c.kwargs["BLOCK_K"] for c in tuned.early_config_prune(configs, {})] == [64, 32]
