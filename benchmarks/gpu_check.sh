@@ -64,6 +64,7 @@ step 03-train-step 300 $PY benchmarks/train_step.py --models resnet18 --batch 25
     --cuda-graphs --compile
 step 02-kernels 60 $PY benchmarks/kernels.py --device cuda --reps 5 --quick
 step 01-correctness 100 $PY benchmarks/gpu_correctness.py --batch 128
-# -rf --tb=line: each failure's assertion in the summary, which pytest prints on the SIGINT of a limit too
+# -rf --tb=line: each failure's assertion in the summary, which pytest prints on the SIGINT of a limit too.
+# On a GPU the suite keeps one autotuning configuration per kernel (MUPPET_FX_AUTOTUNE=0, tests/conftest.py).
 step 04-tests 80 $PY -m pytest -q -p no:cacheprovider -rf --tb=line --maxfail=10 tests/test_quantise_triton.py \
     tests/test_gemm_triton.py tests/test_conv_triton.py tests/test_routes.py tests/test_compact.py
