@@ -21,6 +21,14 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
     rounding, then the wrapped optimiser updates the FP32 weights. With a ``manager``, its
     per-iteration hook runs after each step (CPT's word-length schedule).
 
+    With a fused optimiser (``fused=True``: SGD, Adam, AdamW, Adagrad), every step after the
+    first hands the NaN/inf check to the optimiser's own kernel, as ``GradScaler`` does: the
+    step reads nothing back to the host, so it can run inside a captured CUDA graph. The
+    weights stay untouched as before, but a skipped step is then known only on the device:
+    ``skipped_steps`` reads it back when asked, and the manager's hook runs for every step.
+    The first step takes the checked path: a fused SGD skipping its first step would leave its
+    momentum buffers uninitialised.
+
     Under ``torch.distributed`` (build it on every rank, after ``init_process_group``) the
     rounding draws come from a generator seeded identically on all ranks, so identical averaged
     gradients give identical master weights whatever each rank's own random state.
@@ -38,7 +46,16 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
         self.generator = torch.Generator().manual_seed(shared_seed()) if is_distributed() else None
         self.optimizer, self.pm_state, self.manager = optimizer, pm._muppet_state, manager
         self.param_groups, self.state, self.defaults = optimizer.param_groups, optimizer.state, optimizer.defaults
-        self.skipped_steps = 0
+        self._skipped, self._skipped_on_device = 0, None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (reads the device's count back, if any)."""
+        return self._skipped + (0 if self._skipped_on_device is None else int(self._skipped_on_device))
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped, self._skipped_on_device = int(value), None
 
     def _grads(self):
         """The gradients to check and quantise: a sparse one (``nn.Embedding(sparse=True)``)
@@ -60,8 +77,22 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = self._grads()
+        if closure is None and self._checks_on_device(grads):
+            found = _nonfinite_flag(grads)  # NaN/inf pass through the quantiser; the kernel skips
+            self._quantise(grads)
+            self.optimizer.found_inf, self.optimizer.grad_scale = found, None
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale
+            if self._skipped_on_device is None:
+                self._skipped_on_device = torch.zeros((), device=found.device)
+            self._skipped_on_device.add_(found)  # in place: a captured step adds to the same count
+            if self.manager is not None:
+                self.manager.after_step()
+            return loss
         if not _all_finite(grads):
-            self.skipped_steps += 1
+            self._skipped += 1
             return loss
         self._quantise(grads)
         if closure is not None and _needs_closure(self.optimizer):
@@ -76,6 +107,15 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
         if self.manager is not None:
             self.manager.after_step()
         return loss
+
+    def _checks_on_device(self, grads) -> bool:
+        """Whether the wrapped optimiser can take the NaN/inf flag itself (fused kernels): one
+        device, dense gradients, and a step already taken (its state initialised)."""
+        if not getattr(self.optimizer, "_step_supports_amp_scaling", False) or not grads:
+            return False
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return (len({g.device for g in grads}) == 1 and not any(p.grad.is_sparse for p in params)
+                and all(p in self.optimizer.state for p in params))
 
     def _quantise(self, grads) -> None:
         st = self.pm_state
@@ -140,6 +180,18 @@ def _all_finite(grads: list) -> bool:
         torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
         found.append(flag)
     return not found or not bool(torch.cat(found).any())
+
+
+def _nonfinite_flag(grads: list) -> torch.Tensor:
+    """0-d float32 tensor on the gradients' device: 1 where any gradient holds NaN/inf. The same
+    fused check as :func:`_all_finite`, left on the device."""
+    flag = torch.zeros((), device=grads[0].device)
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault(g.dtype, []).append(g)
+    for group in groups.values():
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones((), device=flag.device))
+    return flag
 
 
 def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:

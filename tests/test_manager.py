@@ -1,4 +1,5 @@
 """Precision manager, master-copy optimiser, LR rule, checkpoints and the policy plot."""
+import copy
 import math
 import weakref
 from pathlib import Path
@@ -395,3 +396,60 @@ def test_policy_sees_cross_attention_projections():
     assert grads["multihead_attn.q_proj"] is layer.multihead_attn.in_proj_weight.grad
     assert grads["self_attn.in_proj"] is layer.self_attn.in_proj_weight.grad
     assert len(grads) == 6  # linear1, linear2, and two projections per attention block
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, fused=True),
+                                  lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True)])
+def test_fused_optimiser_steps_without_host_reads(make, monkeypatch):
+    """With a fused optimiser, steps after the first read nothing back to the host (so a CUDA
+    graph can capture them): the NaN check goes to the optimiser's kernel as ``found_inf``. A
+    NaN gradient leaves the weights and the optimiser state bit-identical and counts as skipped;
+    a finite step equals the wrapped optimiser's own step on the quantised gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    pm = prepare(model, ladder=(8, "fp32"))
+    opt = MasterCopyOptimizer(make(model.parameters()), pm)
+    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 3, (5,))
+
+    def grads():
+        opt.zero_grad()
+        F.cross_entropy(pm(x), y).backward()
+    grads()
+    opt.step()  # the first step is checked on the host (the optimiser state is created)
+    assert opt._skipped_on_device is None
+
+    reads = {name: getattr(torch.Tensor, name) for name in ("item", "__bool__", "tolist", "__int__", "__float__")}
+
+    def no_reads(name):  # the CPU quantiser's own integer seed draws (host tensors on any machine) may be read
+        def read(self, *a, **k):
+            if self.dtype.is_floating_point or self.dtype == torch.bool:
+                raise AssertionError(f"Tensor.{name} read a {self.dtype} value back during a fused step")
+            return reads[name](self, *a, **k)
+        return read
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in model.parameters()]
+    grads()
+    model[0].weight.grad[0, 0, 0, 0] = float("nan")
+    with monkeypatch.context() as m:
+        for name in reads:
+            m.setattr(torch.Tensor, name, no_reads(name))
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(torch.equal(v, opt.state[p][k]) for s, p in zip(state, model.parameters()) for k, v in s.items())
+    # a finite step: the same as the wrapped optimiser stepping on the gradients this one quantised
+    grads()
+    twin = copy.deepcopy(model)
+    twin_opt = make(twin.parameters())
+    twin_opt.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))  # its own state tensors
+    torch.manual_seed(7)
+    with monkeypatch.context() as m:
+        for name in reads:
+            m.setattr(torch.Tensor, name, no_reads(name))
+        opt.step()
+    torch.manual_seed(7)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()  # already quantised in place by opt.step()
+    twin_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert opt.skipped_steps == 1 and opt.state_dict()["skipped_steps"] == 1
