@@ -114,8 +114,11 @@ class Cases(dict):
     parameters: list
 
 
-def make_cases(name: str, batch: int, device: str, compile_: bool = False, levels=(8, 12, 14, 16)) -> dict:
-    """Configuration name -> a function running one training step."""
+def make_cases(name: str, batch: int, device: str, compile_: bool = False, levels=(8, 12, 14, 16),
+               master: bool = False) -> dict:
+    """Configuration name -> a function running one training step. ``master`` adds the 8-bit
+    step as MuPPET trains it: ``MasterCopyOptimizer`` (gradients quantised, NaN steps skipped)
+    around a fused SGD, whose NaN check stays on the device."""
     torch.manual_seed(0)
     if name == "transformer" or name.startswith("hf-"):
         model = (TinyLM() if name == "transformer" else HubLM(name[3:])).to(device)
@@ -160,6 +163,16 @@ def make_cases(name: str, batch: int, device: str, compile_: bool = False, level
                 graphed = torch.compile(pm, mode="reduce-overhead")
                 cases[f"torch.compile reduce-overhead, {pm._muppet_state.route_for(x.device)} {bits}-bit"] = \
                     (lambda c=graphed: step(c))
+    if master:
+        pm = muppet_fx.prepare(model, ladder=(8, "fp32"))
+        opt_m = muppet_fx.MasterCopyOptimizer(
+            torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=True), pm)
+
+        def master_step():
+            opt_m.zero_grad(set_to_none=True)
+            F.cross_entropy(pm(x).float().flatten(0, -2), y).backward()
+            opt_m.step()
+        cases[f"{pm._muppet_state.route_for(x.device)} 8-bit, master copy"] = master_step
     return cases
 
 
@@ -202,7 +215,7 @@ def _rss_high_water_mib() -> float:
 
 
 def _only(args, device) -> None:
-    run = make_cases(args.models, args.batch, device, args.compile)[args.only]
+    run = make_cases(args.models, args.batch, device, args.compile, master=True)[args.only]
     run()  # first step: kernels built, workspaces allocated
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -299,6 +312,8 @@ def main() -> None:
     p.add_argument("--levels", type=lambda v: tuple(int(b) for b in v.split(",")), default=(8, 12, 14, 16),
                    help="fixed-point levels to time, e.g. 8,16")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--master", action="store_true",
+                   help="add the 8-bit step with MasterCopyOptimizer around a fused SGD")
     p.add_argument("--compile", action="store_true",
                    help="add torch.compile of the 8-bit model (on CUDA also mode='reduce-overhead')")
     p.add_argument("--memory", action="store_true", help="add peak memory, one fresh process per configuration")
@@ -317,7 +332,7 @@ def main() -> None:
         return _only(args, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for name in args.models.split(","):
-        cases = make_cases(name, args.batch, device, args.compile, args.levels)
+        cases = make_cases(name, args.batch, device, args.compile, args.levels, args.master)
         first = _Reporting(name)
         drop_failing(cases, [k for k in cases if k.startswith("torch.compile")], first, sync)
         if args.cuda_graphs and device == "cuda":

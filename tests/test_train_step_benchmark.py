@@ -176,3 +176,20 @@ def test_device_time_divides_a_replay_by_its_captured_calls():
                     reps=3, calls=4, cuda=cuda)
     assert out["fast"] == 2.0 and out["slow"] == 5.0 and math.isnan(out["bad"])
     assert counts == {"fast": 6, "slow": 6, "bad": 3}  # 2 warm-ups + 4 captured; the bad one failed at its first capture
+
+
+def test_master_copy_case_takes_the_device_checked_path(train_step):
+    """``--master``: the 8-bit step through ``MasterCopyOptimizer`` and a fused SGD trains the
+    shared weights, and from its second step on leaves the NaN check on the device (the path a
+    CUDA graph can capture)."""
+    import torch
+
+    cases = train_step.make_cases("resnet20", 2, "cpu", levels=(8,), master=True)
+    run = cases["aten 8-bit, master copy"]
+    opt = next(c.cell_contents for c in run.__closure__ if type(c.cell_contents).__name__ == "MasterCopyOptimizer")
+    before = [p.detach().clone() for p in cases.parameters]
+    run()
+    assert opt._skipped_on_device is None  # the first step: checked on the host
+    run()
+    assert opt._skipped_on_device is not None and opt.skipped_steps == 0
+    assert not all(torch.equal(a, b) for a, b in zip(before, cases.parameters))
