@@ -14,7 +14,8 @@ forward, grad-input and grad-weight, and 4096^3. Oracles:
 - the GEMM epilogue's output quantisation: bit-equal to the separate quantiser on the same seed;
 - the convolution epilogue's dequantisation (subnormal scales included): bit-equal to torch's;
 - the quantiser: nearest rounding bit-equal to the torch reference, stochastic rounding
-  unbiased within 6 standard errors over 16M draws.
+  unbiased within 6 standard errors over 16M draws, and fresh draws at each replay of a
+  captured quantisation (its seed drawn on the device).
 Every check prints PASS or FAIL with its numbers; the exit status is the number of failures.
 """
 import argparse
@@ -177,6 +178,39 @@ def quantiser(n):
     return f"nearest bit-equal; stochastic mean error {bias:.2g} (6 SE {6 * se:.2g})"
 
 
+@check("stochastic rounding replayed in a CUDA graph")
+def graphed_rounding(n):
+    """The training seeds are drawn on the device by torch's generator: each replay of a
+    captured quantisation must round with fresh draws, each set unbiased (off the GPU, two
+    eager calls stand in for the replays)."""
+    from muppet_fx.numerics import _triton_seed
+
+    x = torch.randn(n, device=DEVICE) * 3.7
+
+    def rounded():
+        return quantise_triton(x, 8, "stochastic", seed=_triton_seed(None, None, "stochastic", x.device))[0]
+    if DEVICE == "cuda":
+        rounded()  # compiled outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = rounded()
+        draws = []
+        for _ in range(2):
+            graph.replay()
+            draws.append(out.clone())
+    else:
+        draws = [rounded(), rounded()]
+    assert not torch.equal(*draws), "two replays rounded with the same draws"
+    v = x.double() * 2.0 ** int(quantise_triton(x, 8, "nearest")[1])
+    frac = v - v.floor()
+    se = (frac * (1 - frac)).mean().sqrt().item() / n**0.5
+    bias = [(m.double() - v).mean().item() for m in draws]
+    assert all(abs(b) < 6 * se for b in bias), f"stochastic rounding bias {bias}, 6 standard errors {6 * se:.3g}"
+    differ = (draws[0] != draws[1]).double().mean().item()
+    return f"replays differ in {differ:.1%} of values; mean errors {bias[0]:.2g}, {bias[1]:.2g} (6 SE {6 * se:.2g})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=128)
@@ -210,6 +244,7 @@ def main() -> None:
         conv_int8(cin, cout, hw, k, s, args.batch)
         conv_fp16(cin, cout, hw, k, s, args.batch)
     quantiser(4096 if args.tiny else 1 << 24)
+    graphed_rounding(4096 if args.tiny else 1 << 24)
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all passed", flush=True)
     sys.exit(len(FAILURES))
 
