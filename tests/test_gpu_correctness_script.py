@@ -3,7 +3,8 @@ check script cannot rot between GPU runs; a broken kernel makes it report failur
 
 Oracle: the script's own checks (exact int8 sums, float32-accumulation bounds, bit-equal fused
 quantisation) pass on the reference-checked kernels, and fail, with a non-zero exit status, when
-the int8 GEMM is replaced by one that drops the last K column.
+the int8 GEMM is replaced by one that drops the last K column, or the stochastic-rounding seed
+is frozen as a captured host integer would be.
 """
 import os
 import subprocess
@@ -25,7 +26,7 @@ def _run(*extra):
 def test_every_check_passes_on_the_interpreted_kernels():
     proc = _run()
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "all passed" in proc.stdout and proc.stdout.count("PASS") == 15 and "FAIL" not in proc.stdout
+    assert "all passed" in proc.stdout and proc.stdout.count("PASS") == 16 and "FAIL" not in proc.stdout
 
 
 def test_a_wrong_kernel_is_reported():
@@ -36,3 +37,13 @@ def test_a_wrong_kernel_is_reported():
     proc = _run("-c", broken)
     assert proc.returncode == 2, proc.stdout + proc.stderr  # both int8 GEMM checks
     assert proc.stdout.count("FAIL int8 GEMM") == 2
+
+
+def test_frozen_seeds_are_reported():
+    # a seed fixed on the host (what a CUDA graph would freeze): replays must be seen to repeat
+    frozen = ("import runpy, sys; import muppet_fx.numerics as n; n._triton_seed = lambda *a, **k: 5; "
+              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = _run("-c", frozen)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL stochastic rounding replayed in a CUDA graph" in proc.stdout
+    assert "same draws" in proc.stdout
