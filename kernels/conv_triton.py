@@ -120,7 +120,8 @@ if HAS_TRITON:
         else:
             tl.store(c_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
 
-    @autotune(_configs(), ["M", "N", "R", "KW", "SH", "USE_FP16"])
+    # s_xc: channels-last (1) and NCHW maps tune apart (their loads differ)
+    @autotune(_configs(), ["M", "N", "R", "KW", "SH", "s_xc", "USE_FP16"])
     @triton.jit(do_not_specialize=UNSPECIALISED["conv_grad_weight"])
     def _conv_grad_weight_kernel(
         g_ptr, x_ptr, c_ptr,
