@@ -60,9 +60,10 @@ fi
 # launches and the routes' Python per 8-bit ResNet-18 step; benchmarks/NOTES.md section 33).
 # --compile adds torch.compile of the 8-bit model, default and mode="reduce-overhead" (Inductor's
 # own CUDA graphs): never run on a GPU, so given the time of two compilations of the step.
-# --master adds the 8-bit step with MasterCopyOptimizer around a fused SGD (and its capture).
+# --master adds the 8-bit step with MasterCopyOptimizer around a fused SGD (and its capture);
+# --host-profile prints where the eager 8-bit step's host time goes (cProfile, 3 steps).
 step 03-train-step 300 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 3 --levels 8,16 --memory --saved \
-    --cuda-graphs --compile --master
+    --cuda-graphs --compile --master --host-profile
 step 02-kernels 60 $PY benchmarks/kernels.py --device cuda --reps 5 --quick
 step 01-correctness 100 $PY benchmarks/gpu_correctness.py --batch 128
 # -rf --tb=line: each failure's assertion in the summary, which pytest prints on the SIGINT of a limit too.

@@ -288,6 +288,26 @@ def _or_none(measure, key):
         return None
 
 
+def host_profile(run, sync, steps: int = 3, top: int = 25) -> str:
+    """Where the host's time goes in ``steps`` calls of ``run`` (``cProfile``, functions by their
+    own time), for an eager GPU step the host cannot feed fast enough."""
+    import cProfile
+    import io
+    import pstats
+
+    run()
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        run()
+    sync()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
 class _Reporting(dict):
     """Warm-up seconds per configuration, each also printed to stderr as it completes: the first
     step builds, tunes and caches the kernels, and a run stopped by a time limit still says
@@ -316,6 +336,8 @@ def main() -> None:
                    help="add the 8-bit step with MasterCopyOptimizer around a fused SGD")
     p.add_argument("--compile", action="store_true",
                    help="add torch.compile of the 8-bit model (on CUDA also mode='reduce-overhead')")
+    p.add_argument("--host-profile", action="store_true",
+                   help="after the table, cProfile the eager 8-bit step (the host's share of it)")
     p.add_argument("--memory", action="store_true", help="add peak memory, one fresh process per configuration")
     p.add_argument("--saved", action="store_true", help="add the activation memory saved for backward")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -357,6 +379,11 @@ def main() -> None:
         print(f"\n{name}, batch {args.batch}, {device}, threads {args.threads}, allocator {args.allocator}, "
               f"torch {torch.__version__}")
         print(tabulate(rows, headers=headers, floatfmt=".3f"))
+        if args.host_profile:
+            eager8 = next((k for k in cases if k.endswith(" 8-bit") and not k.startswith(("torch.compile", "emulate"))),
+                          None)
+            if eager8 is not None:
+                print(f"\n{name}: host profile of '{eager8}', 3 steps\n" + host_profile(cases[eager8], sync))
         if not all(bool(torch.isfinite(q).all()) for q in cases.parameters):
             print("warning: the shared weights became NaN/inf during the run (a configuration diverged); "
                   "steps on non-finite values take other paths, so these ratios do not compare")

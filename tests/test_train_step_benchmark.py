@@ -193,3 +193,15 @@ def test_master_copy_case_takes_the_device_checked_path(train_step):
     run()
     assert opt._skipped_on_device is not None and opt.skipped_steps == 0
     assert not all(torch.equal(a, b) for a, b in zip(before, cases.parameters))
+
+
+def test_host_profile_names_the_step_functions(train_step):
+    """``--host-profile``: the profile of the step's calls (after one untimed call) lists the
+    functions the step spent its host time in."""
+    calls = []
+
+    def busy_step():
+        calls.append(sum(i * i for i in range(2000)))
+    text = train_step.host_profile(busy_step, lambda: None, steps=3)
+    rows = [line.split() for line in text.splitlines() if "busy_step" in line]
+    assert len(calls) == 4 and rows and rows[0][0] == "3"  # profiled: the three calls after the first
