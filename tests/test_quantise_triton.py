@@ -124,7 +124,7 @@ def test_pow2_from_bits_is_exact(device):
     k = torch.arange(-200, 301, dtype=torch.int64, device=device)
     out = torch.empty(k.shape, dtype=torch.float32, device=device)
     _pow2_kernel[(1,)](k, out, k.numel(), BLOCK=512)
-    assert torch.equal(out, torch.ldexp(torch.ones(k.shape, dtype=torch.float64), k).float())
+    assert torch.equal(out, torch.ldexp(torch.ones(k.shape, dtype=torch.float64, device=device), k).float())
 
 
 @pytest.mark.parametrize("device", DEVICES)
