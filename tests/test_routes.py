@@ -343,7 +343,8 @@ def test_bias_gradients_from_the_quantising_pass_equal_the_separate_sums(bits, m
     assert all(torch.equal(a, b) for a, b in zip(got, grads()))
 
 
-@pytest.mark.skipif(not HAS_TRITON_RUN, reason="triton kernels need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="forces the CUDA code path onto CPU tensors: needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_code_path_end_to_end(case, monkeypatch):
     """The triton route as it runs on CUDA, forced for CPU tensors: the training ops' quantisers,
@@ -425,20 +426,22 @@ def test_3d_convolution_products_follow_the_route():
 def test_cuda_training_step_reads_nothing_back(monkeypatch):
     """What a CUDA graph needs of a whole training step on the triton route, stochastic
     rounding and ``MasterCopyOptimizer`` around a fused SGD included: no tensor value read back
-    on the host after the first step. Forced for CPU tensors, where only the batch norm's C
-    kernels (a branch CPU tensors alone take) may read their exponent; every other read raises.
+    on the host after the first step. On a GPU as it runs there; without one forced for CPU
+    tensors, where only the batch norm's C kernels (a branch CPU tensors alone take) may read
+    their exponent. Every other read raises.
     Seeds come from the device: two steps from the same weights round differently."""
     import inspect
 
     from muppet_fx import MasterCopyOptimizer
     from muppet_fx.kernels import quantise
 
-    monkeypatch.setattr(quantise, "FORCE_TRITON_PATH", True)
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    monkeypatch.setattr(quantise, "FORCE_TRITON_PATH", device == "cpu")
     torch.manual_seed(0)
-    model = SmallCNN()
+    model = SmallCNN().to(device)
     pm = prepare(model, ladder=(8, "fp32"), backend="triton")
     opt = MasterCopyOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True), pm)
-    x = torch.randn(2, 3, 11, 11).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 11, 11, device=device).contiguous(memory_format=torch.channels_last)
 
     def step():
         opt.zero_grad()
