@@ -6,7 +6,9 @@ The prepared model runs the ``triton`` route on CPU tensors (``FORCE_TRITON_PATH
 Triton launch replaced by a recorder, so the step does the host's work of a GPU step (the
 routes' Python, the tensor bookkeeping, the launch decisions) and none of the kernels'. Per
 level:
-- **launches per step**, per kernel;
+- **launches per step**, per kernel, and the step's **torch launches**: its aten ops that are
+  neither views, nor allocations, nor host reads (what would launch a kernel on a GPU; the
+  batch norm's C kernels are switched off, as on a GPU);
 - **compilations**: the distinct specialisation keys among those launches, worked out as Triton
   does at launch (integers equal to 1, integers and pointers divisible by 16, dtypes and
   constexpr flags; arguments a kernel marks ``do_not_specialize`` excepted), times the
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 from cifar_models import build_model  # noqa: E402
@@ -83,6 +86,27 @@ class Recorder:
          compact.batch_norm_backward) = self._force
 
 
+# aten ops that launch no kernel on a GPU: allocations and host-side reads (views are told by
+# their schema)
+_NO_KERNEL = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "_local_scalar_dense",
+              "lift_fresh", "set_", "resize_", "is_nonzero", "equal", "size", "stride", "sym_size", "sym_stride",
+              "sym_numel", "sym_storage_offset"}
+
+
+class TorchLaunches(TorchDispatchMode):
+    """Counts the aten ops of a step that would launch a kernel on a GPU (every op that is
+    neither a view nor an allocation nor a host read), as Triton's launches are counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def specialisation(fn, args, constexprs, honour_plain: bool = True) -> tuple:
     """The part of Triton's compilation key a launch's arguments decide."""
     plain = {fn.arg_names[a] if isinstance(a, int) else a for a in (fn.do_not_specialize or ())} \
@@ -129,7 +153,9 @@ def main() -> None:
         for bits in args.levels:
             pm = muppet_fx.prepare(model, ladder=(bits, "fp32"), backend="triton")
             with Recorder() as rec:
-                step_fn(pm, torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,)))()
+                x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+                with TorchLaunches() as torch_launches:
+                    step_fn(pm, x, y)()
                 per_kernel = collections.defaultdict(lambda: [0, set(), set(), 0])
                 for kernel, configs, without, with_plain in rec.calls:
                     r = per_kernel[kernel]
@@ -152,14 +178,15 @@ def main() -> None:
             for kernel, (n, old, new, configs) in sorted(per_kernel.items()):
                 launch_rows.append([bits, kernel, n, len(old), len(new), configs, len(old) * configs, len(new) * configs])
             total = sum(r[0] for r in per_kernel.values())
-            rows.append([bits, total, sum(len(r[1]) * r[3] for r in per_kernel.values()),
+            rows.append([bits, total, torch_launches.count, sum(len(r[1]) * r[3] for r in per_kernel.values()),
                          sum(len(r[2]) * r[3] for r in per_kernel.values())]
                         + [statistics.median(v) * 1e3 for v in times.values()])
         print(f"\n{name}: recorded at batch {args.batch}, timed at batch {args.host_batch}, threads {args.threads}, "
               f"torch {torch.__version__}")
         print(tabulate(launch_rows, headers=["level", "kernel", "launches", "keys without", "keys with",
                                              "configs", "compilations without", "compilations with"]))
-        print(tabulate(rows, headers=["level", "launches per step", "compilations without do_not_specialize",
+        print(tabulate(rows, headers=["level", "Triton launches per step", "torch launches per step",
+                                      "compilations without do_not_specialize",
                                       "compilations", "fp32 eager step ms (CPU kernels)",
                                       "stubbed step ms (host's share, upper bound)"], floatfmt=".1f"))
 

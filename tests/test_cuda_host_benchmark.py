@@ -60,3 +60,17 @@ def test_small_network_step_is_counted():
     assert {"_conv_kernel", "_conv_grad_weight_kernel", "_quantise_kernel"} <= set(kernels), proc.stdout
     launches, keys_without, keys_with, configs, without, with_plain = kernels["_conv_kernel"]
     assert launches >= 2 * 19 and keys_with < keys_without and with_plain == keys_with * configs
+
+
+def test_torch_launches_count_kernels_not_views_allocations_or_reads():
+    """The torch-launch count: ops that would launch a GPU kernel count, views, allocations and
+    host reads do not."""
+    counter = _module().TorchLaunches()
+    with counter:
+        x = torch.zeros(3, 4)          # a fill kernel
+        x.view(-1)                     # a view
+        y = x + 1                      # an elementwise kernel
+        torch.empty(2, 5)              # an allocation
+        y[0, 0].item()                 # a host read
+        y.t().contiguous()             # a copy kernel
+    assert counter.count == 3
