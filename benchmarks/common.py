@@ -40,13 +40,36 @@ def interleaved(cases: dict, reps: int, warmup: int = 1, sync=lambda: None, firs
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def capture(fn, calls: int = 1, warmup: int = 1, cuda=None):
+    """``(graph, result)``: ``calls`` calls of ``fn`` captured in one CUDA graph, after
+    ``warmup`` calls on a side stream (kernels built and tuned, workspaces allocated, off the
+    graph); ``result`` is what the last captured call returned, rewritten by each replay.
+    ``cuda``: ``torch.cuda``."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda
+    side = cuda.Stream()
+    side.wait_stream(cuda.current_stream())
+    with cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    cuda.current_stream().wait_stream(side)
+    graph = cuda.CUDAGraph()
+    result = None
+    with cuda.graph(graph):
+        for _ in range(calls):
+            result = fn()
+    return graph, result
+
+
 def device_ms(cases: dict, reps: int, calls: int = 20, cuda=None) -> dict:
     """Milliseconds of GPU time per call: ``calls`` calls captured in one CUDA graph, replayed
     ``reps`` times between CUDA events, median over the replays, cases interleaved. The host's
     launch work does not enter (a single timed call of a 0.1 ms kernel is mostly that), so
     kernels compare by what the GPU does, as they run inside a captured training step. Each
-    case runs twice on a side stream first (kernels built and tuned, workspaces allocated); a
-    case whose capture fails is reported on stderr and gets NaN. ``cuda``: ``torch.cuda``."""
+    case runs twice on a side stream first; a case whose capture fails is reported on stderr
+    and gets NaN. ``cuda``: ``torch.cuda``."""
     if cuda is None:
         import torch
 
@@ -54,17 +77,7 @@ def device_ms(cases: dict, reps: int, calls: int = 20, cuda=None) -> dict:
     graphs = {}
     for key, fn in cases.items():
         try:
-            side = cuda.Stream()
-            side.wait_stream(cuda.current_stream())
-            with cuda.stream(side):
-                fn()
-                fn()
-            cuda.current_stream().wait_stream(side)
-            graph = cuda.CUDAGraph()
-            with cuda.graph(graph):
-                for _ in range(calls):
-                    fn()
-            graphs[key] = graph
+            graphs[key] = capture(fn, calls, warmup=2, cuda=cuda)[0]
         except Exception as e:  # noqa: BLE001 (reported: why the capture failed is the finding)
             print(f"{key}: no CUDA graph, no device time: {type(e).__name__}: {str(e)[:200]}",
                   file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import capture  # noqa: E402
 from kernels import RESNET18_CONVS, gemm_shapes  # noqa: E402
 
 from muppet_fx.kernels import conv_triton, gemm_cpu, gemm_triton  # noqa: E402
@@ -190,11 +191,7 @@ def graphed_rounding(n):
     def rounded():
         return quantise_triton(x, 8, "stochastic", seed=_triton_seed(None, None, "stochastic", x.device))[0]
     if DEVICE == "cuda":
-        rounded()  # compiled outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = rounded()
+        graph, out = capture(rounded)  # compiled outside the capture
         draws = []
         for _ in range(2):
             graph.replay()

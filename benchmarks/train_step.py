@@ -16,8 +16,9 @@ autograd saves for backward (device-independent); with ``--memory``, peak memory
 configuration (max RSS of a fresh process on the CPU; on CUDA ``max_memory_allocated`` over one
 step in this process, the allocator's peak statistics being reset before it).
 ``--cuda-graphs`` adds, on CUDA, a CUDA-graph replay of autocast and of each level: the step's
-device time without the host's Python and launches (host-side state, stochastic-rounding seeds
-among it, frozen at capture; a speed figure only).
+device time without the host's Python and launches (host-side state, such as the precision
+level, frozen at capture; the stochastic-rounding seeds are drawn on the device, so each replay
+rounds afresh).
 ``--allocator reuse`` (the default) calls ``muppet_fx.reuse_cpu_memory()`` first, for every
 configuration alike; ``--allocator default`` measures glibc's defaults.
 """
@@ -35,7 +36,7 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 from cifar_models import build_model  # noqa: E402
-from common import import_transformers, interleaved  # noqa: E402
+from common import capture, import_transformers, interleaved  # noqa: E402
 
 import muppet_fx  # noqa: E402
 
@@ -231,16 +232,25 @@ def cuda_graphed(run, warmup: int = 3):
     without the host's. The Triton route draws its stochastic-rounding seeds on the device, so
     each replay rounds afresh; what ``run`` decides on the host (the precision level among it)
     is frozen at capture."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # kernels built and tuned, workspaces allocated, off the graph
-        for _ in range(warmup):
-            run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return graph.replay
+    return capture(run, warmup=warmup)[0].replay
+
+
+_FAILED = object()
+
+
+def _first_call(key, make, first: dict, sync):
+    """``make()``, its seconds into ``first[key]``; if it raises (a compiler's or a graph
+    capture's limit, say), the reason goes to stderr and ``_FAILED`` comes back."""
+    sync()
+    t0 = time.perf_counter()
+    try:
+        result = make()
+        sync()
+    except Exception as e:  # noqa: BLE001 (reported: why it failed is the finding)
+        print(f"{key}: failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
+        return _FAILED
+    first[key] = time.perf_counter() - t0
+    return result
 
 
 def add_cuda_graphs(cases: dict, first: dict, sync) -> None:
@@ -249,35 +259,19 @@ def add_cuda_graphs(cases: dict, first: dict, sync) -> None:
     first call is timed into ``first`` before the capture warms it further, and the capture's
     seconds go in as the replay's first step."""
     for name in [k for k in cases if k.startswith(("autocast", "triton"))]:
-        for key, make in ((name, lambda: cases[name]()), (f"{name}, CUDA graph", lambda: cuda_graphed(cases[name]))):
-            sync()
-            t0 = time.perf_counter()
-            try:
-                replay = make()
-            except Exception as e:  # noqa: BLE001 (reported: why the capture failed is the finding)
-                print(f"{key}: failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
-                break
-            sync()
-            first[key] = time.perf_counter() - t0
-        else:
+        if _first_call(name, cases[name], first, sync) is _FAILED:
+            continue
+        replay = _first_call(f"{name}, CUDA graph", lambda: cuda_graphed(cases[name]), first, sync)
+        if replay is not _FAILED:
             cases[f"{name}, CUDA graph"] = replay
 
 
 def drop_failing(cases: dict, keys, first: dict, sync) -> None:
     """Runs the first step of each of ``keys`` (its seconds into ``first``); a configuration
-    that raises (a compiler's or a graph capture's limit, say) is reported on stderr and left
-    out, so the others still make the table."""
+    that raises is left out, so the others still make the table."""
     for key in keys:
-        sync()
-        t0 = time.perf_counter()
-        try:
-            cases[key]()
-            sync()
-        except Exception as e:  # noqa: BLE001 (reported: why it failed is the finding)
-            print(f"{key}: failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
+        if _first_call(key, cases[key], first, sync) is _FAILED:
             del cases[key]
-            continue
-        first[key] = time.perf_counter() - t0
 
 
 def _or_none(measure, key):

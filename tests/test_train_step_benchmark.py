@@ -205,3 +205,24 @@ def test_host_profile_names_the_step_functions(train_step):
     text = train_step.host_profile(busy_step, lambda: None, steps=3)
     rows = [line.split() for line in text.splitlines() if "busy_step" in line]
     assert len(calls) == 4 and rows and rows[0][0] == "3"  # profiled: the three calls after the first
+
+
+def test_capture_warms_up_then_records_the_calls():
+    """``common.capture``: the warm-up calls run outside the graph, then ``calls`` calls are
+    captured; the result is what the last captured call returned."""
+    bench = str(BENCH)
+    sys.path.insert(0, bench)
+    try:
+        from common import capture
+    finally:
+        sys.path.remove(bench)
+    cuda = _FakeCuda()
+    seen = []
+
+    def fn(replay=False):
+        seen.append(cuda.capturing is not None)
+        if cuda.capturing is not None:
+            cuda.capturing.calls.append(fn)
+        return len(seen)
+    graph, result = capture(fn, calls=3, warmup=2, cuda=cuda)
+    assert seen == [False, False, True, True, True] and result == 5 and len(graph.calls) == 3
