@@ -37,7 +37,7 @@ from cifar_models import build_model  # noqa: E402
 
 import muppet_fx  # noqa: E402
 from muppet_fx import compact, routes  # noqa: E402
-from muppet_fx.kernels import quantise  # noqa: E402
+from muppet_fx.kernels import quantise, triton_aot  # noqa: E402
 
 
 class Recorder:
@@ -48,18 +48,13 @@ class Recorder:
         from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
 
-        self.JITFunction, self.calls, self.recording = JITFunction, [], True
+        self.calls, self.recording = [], True
         self._saved = [(Autotuner, Autotuner.run), (JITFunction, JITFunction.run)]
 
     def _run(self, kernel, *args, **kwargs):
         if not self.recording:  # timing: a launch costs the host nothing here
             return
-        fn, configs = kernel, getattr(kernel, "configs", [None])
-        prune = getattr(kernel, "early_config_prune", None)
-        if prune is not None:
-            configs = prune(configs, {}, **kwargs)
-        while not isinstance(fn, self.JITFunction):
-            fn = fn.fn
+        fn, configs = triton_aot.jit_function(kernel), triton_aot.launch_configs(kernel, kwargs)
         constexprs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         # keys only: holding the arguments would keep a whole step's tensors alive
         self.calls.append((fn.__name__, len(configs), specialisation(fn, args, constexprs, honour_plain=False),
@@ -109,8 +104,7 @@ class TorchLaunches(TorchDispatchMode):
 
 def specialisation(fn, args, constexprs, honour_plain: bool = True) -> tuple:
     """The part of Triton's compilation key a launch's arguments decide."""
-    plain = {fn.arg_names[a] if isinstance(a, int) else a for a in (fn.do_not_specialize or ())} \
-        if honour_plain else set()
+    plain = triton_aot.unspecialised(fn) if honour_plain else set()
     key = []
     for name, a in zip(fn.arg_names, args):
         if isinstance(a, torch.Tensor):

@@ -23,7 +23,8 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
-__all__ = ["ARCHS", "Variant", "variants", "compile_variant", "check_all"]
+__all__ = ["ARCHS", "Variant", "variants", "compile_variant", "check_all", "jit_function", "launch_configs",
+           "unspecialised"]
 
 # Opt-in shared memory per block (bytes) and a GPU of each architecture.
 ARCHS = {"sm_80": (80, 166912, "A100"), "sm_89": (89, 101376, "L4 / RTX 4090"),
@@ -97,17 +98,35 @@ def _modes():
                     WRITE_Q=True, BLOCK=1024), (), None)
 
 
+def jit_function(kernel):
+    """The ``JITFunction`` under a kernel's autotuner (and any other wrapper with ``.fn``)."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def launch_configs(kernel, constexprs: dict) -> list:
+    """The autotuning configurations a launch with these constexpr flags compiles: the kernel's
+    own, after its ``early_config_prune`` as the autotuner applies it; ``[None]`` for a plain
+    ``@triton.jit`` kernel (launch defaults)."""
+    configs = getattr(kernel, "configs", None) or [None]
+    prune = getattr(kernel, "early_config_prune", None)
+    return list(prune(configs, {}, **constexprs)) if prune is not None else configs
+
+
+def unspecialised(fn) -> set:
+    """Names of the arguments a ``JITFunction`` marks ``do_not_specialize`` (by name or position)."""
+    return {fn.arg_names[a] if isinstance(a, int) else a for a in (fn.do_not_specialize or ())}
+
+
 def variants() -> list[Variant]:
     """Every (kernel, mode, autotuning configuration) the launchers can run."""
     kernels = _kernels()
     out = []
     for name, mode, pointers, flags, unit, mma in _modes():
-        k = kernels[name]
-        configs = getattr(k, "configs", None) or [None]  # plain @triton.jit: launch defaults
-        prune = getattr(k, "early_config_prune", None)
-        if prune is not None:  # as the autotuner does before it compiles anything
-            configs = prune(configs, {}, **flags)
-        for c in configs:
+        for c in launch_configs(kernels[name], flags):
             meta = dict(c.kwargs) if c is not None else {}
             label = ",".join(f"{v}" for v in meta.values()) or "default"
             warps, stages = (c.num_warps, c.num_stages) if c is not None else (4, 3)
@@ -148,18 +167,14 @@ def compile_variant(v: Variant, arch: str) -> dict:
     from triton.compiler import ASTSource
 
     cc, smem_limit, _ = ARCHS[arch]
-    from triton.runtime.jit import JITFunction
-
-    fn = _kernels()[v.kernel]
-    while not isinstance(fn, JITFunction):  # an Autotuner wraps the JITFunction
-        fn = fn.fn
+    fn = jit_function(_kernels()[v.kernel])
     pointers, constexprs = dict(v.pointers), {**dict(v.constexprs), **{a: 1 for a in v.unit}}
     sig = {a: pointers.get(a) or ("constexpr" if a in constexprs else "fp32" if a == "fmax" else "i32")
            for a in fn.arg_names}
     # As at launch: torch's allocations are 16-byte aligned and most sizes and strides of the
     # networks' layers are multiples of 16, which Triton specialises on (vector loads).
     # Arguments the kernel marks do_not_specialize (names or positions) get no such attribute.
-    plain = {fn.arg_names[a] if isinstance(a, int) else a for a in (fn.do_not_specialize or ())}
+    plain = unspecialised(fn)
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a] not in ("constexpr", "fp32") and a not in plain}
     row = {**asdict(v), "arch": arch}
