@@ -1,4 +1,6 @@
 """Shared test helpers."""
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +113,17 @@ def check_zoo_model(make, inputs, detection: bool = False, max_error: float = 1e
     else:
         for a, b in zip(_flat(ref), _flat(got), strict=True):
             assert (b.float() - a.float()).norm() <= max_error * a.float().norm() + 1e-6
+
+
+def load_script(path: Path, name: str):
+    """A benchmark script imported as a module. The scripts put their own folders first on
+    ``sys.path`` (``benchmarks/`` holds a ``kernels.py`` that would shadow the PyPI package
+    ``transformers`` imports), so the path is restored after."""
+    saved = sys.path[:]
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path[:] = saved

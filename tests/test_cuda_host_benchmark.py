@@ -5,7 +5,6 @@ of 16 are told apart, ``do_not_specialize`` arguments are not, pointers by their
 dtype); and the script on a small network, whose 8-bit step must launch the convolution and
 quantiser kernels and compile fewer variants with the kernels' ``do_not_specialize`` lists
 than without."""
-import importlib.util
 import os
 import re
 import subprocess
@@ -17,19 +16,14 @@ import torch
 
 from muppet_fx.kernels.quantise import HAS_TRITON
 
+from .helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "cuda_host.py"
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
 def _module():
-    saved = sys.path[:]  # the script puts examples/ on the path
-    try:
-        spec = importlib.util.spec_from_file_location("cuda_host", SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path[:] = saved
+    return load_script(SCRIPT, "cuda_host")
 
 
 class _Fn:

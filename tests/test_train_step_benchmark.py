@@ -5,25 +5,23 @@ time each eager step's first call before capturing it, add a replay per autocast
 configuration, and report a failed capture instead of stopping the run.
 
 Oracle: fake steps that record their calls, and a fake capture (one of them failing)."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from .helpers import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def train_step():
-    saved = sys.path[:]  # the script puts benchmarks/ first, whose kernels.py would shadow PyPI's kernels
-    try:
-        spec = importlib.util.spec_from_file_location("train_step_under_test", BENCH / "train_step.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path[:] = saved
+    return load_script(BENCH / "train_step.py", "train_step_under_test")
+
+
+@pytest.fixture(scope="module")
+def common():
+    return load_script(BENCH / "common.py", "common_under_test")
 
 
 def test_first_step_seconds_keep_the_first_call(train_step, capsys):
@@ -147,17 +145,12 @@ class _FakeEvent:
         return end.t - self.t
 
 
-def test_device_time_divides_a_replay_by_its_captured_calls():
+def test_device_time_divides_a_replay_by_its_captured_calls(common):
     """``device_ms``: two warm-up calls, then ``calls`` captured calls; the replay's time over
     ``calls`` is the per-call figure; a case whose capture raises is NaN, the others stay."""
     import math
 
-    bench = str(BENCH)
-    sys.path.insert(0, bench)
-    try:
-        from common import device_ms
-    finally:
-        sys.path.remove(bench)
+    device_ms = common.device_ms
     cuda = _FakeCuda()
     counts = {"fast": 0, "slow": 0}
 
@@ -207,15 +200,10 @@ def test_host_profile_names_the_step_functions(train_step):
     assert len(calls) == 4 and rows and rows[0][0] == "3"  # profiled: the three calls after the first
 
 
-def test_capture_warms_up_then_records_the_calls():
+def test_capture_warms_up_then_records_the_calls(common):
     """``common.capture``: the warm-up calls run outside the graph, then ``calls`` calls are
     captured; the result is what the last captured call returned."""
-    bench = str(BENCH)
-    sys.path.insert(0, bench)
-    try:
-        from common import capture
-    finally:
-        sys.path.remove(bench)
+    capture = common.capture
     cuda = _FakeCuda()
     seen = []
 
