@@ -12,6 +12,9 @@
 #   03-train-step.log   ResNet-18 (CIFAR, batch 256) step: FP32, autocast bf16/fp16, 8-16 bit, peak memory
 #   04-tests.log        the kernel, route and memory tests on the GPU (compiled kernels, no interpreter)
 #   summary.log         each step's exit status and seconds
+#
+# GPU_CHECK_STEPS=03-train-step,02-kernels runs only the steps named (00-env always runs), so a
+# booking can be spent in several shorter calls.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-benchmarks/results/gpu-check}}
@@ -35,6 +38,9 @@ EOF
 step() {  # step NAME LIMIT_S COMMAND...
     local name=$1 limit=$2
     shift 2
+    if [ "$name" != 00-env ] && [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then
+        return 0
+    fi
     local log="$OUT_DIR/$name.log" t0=$SECONDS
     { header; echo "\$ $*"; } >"$log" 2>&1
     timeout -s INT -k 15 "$limit" "$@" >>"$log" 2>&1  # SIGINT: pytest still prints its failures

@@ -291,7 +291,7 @@ def pixel_split(R: int, M: int, K: int, sms: int) -> int:
     the GPU: a 64 -> 64 3x3 gradient is only 5 tiles of 128 x 128, so the pixel sum is cut until
     there are at least 4 programs per multiprocessor, keeping at least 1024 pixels (a multiple
     of 128) per split so that summing the partials stays small against the products."""
-    tiles = triton.cdiv(M, 128) * triton.cdiv(K, 128)
+    tiles = max(1, triton.cdiv(M, 128) * triton.cdiv(K, 128))  # 0 for zero channels: nothing to fill
     splits = max(1, min(triton.cdiv(4 * sms, tiles), R // 1024))
     return CHUNK if splits == 1 else min(CHUNK, triton.cdiv(R, splits) // 128 * 128)
 

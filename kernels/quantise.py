@@ -273,8 +273,10 @@ if HAS_TRITON:
         tl.atomic_max(slot_ptr + row * 2, a.to(tl.int32, bitcast=True))
         tl.atomic_max(slot_ptr + row * 2 + 1, tl.max(tl.where(finite | ~mask, 0, 1), axis=0))
 
-    # seed and offset change from call to call: specialising on them would compile variants
-    @triton.jit(do_not_specialize=["seed", "offset"])
+    # seed and offset change from call to call: specialising on them would compile variants.
+    # qmax is 1 at 2 bits, and Triton turns an integer argument equal to 1 into a Python int
+    # constant, on which _exponent_of's .to() fails.
+    @triton.jit(do_not_specialize=["seed", "offset", "qmax"])
     def _quantise_kernel(
         x_ptr, noise_ptr, seed_ptr, slot_ptr, s_ptr, m_ptr, q_ptr,  # pointers
         L, seed, offset, fmax, qmax, log2_qmax, max_exp,  # sizes and scalars

@@ -90,12 +90,14 @@ def _modes():
     for m in ("i8", "i16"):  # routes.dequantise: mantissas times 2**-s (the weight gradient has its own kernel)
         yield ("scale", f"{m} -> fp32", {"acc_ptr": f"*{m}", "out_ptr": "*fp32", "sa_ptr": "*i32", "sb_ptr": "*i32"},
                dict(HAS_SB=False, BLOCK=1024), (), None)
+    quantise_ptrs = {"x_ptr": "*fp32", "noise_ptr": "*fp32", "seed_ptr": "*i64", "slot_ptr": "*i32", "s_ptr": "*i32",
+                     "q_ptr": "*fp32"}
+    quantise_flags = dict(STOCHASTIC=True, NOISE_FROM_PTR=False, SEED_FROM_PTR=True, MARK_NONFINITE=True,
+                          WRITE_M=True, WRITE_Q=True, BLOCK=1024)
     for m in ("i8", "i16"):
-        yield ("quantise", f"stochastic -> {m}",
-               {"x_ptr": "*fp32", "noise_ptr": "*fp32", "seed_ptr": "*i64", "slot_ptr": "*i32", "s_ptr": "*i32",
-                "m_ptr": f"*{m}", "q_ptr": "*fp32"},
-               dict(STOCHASTIC=True, NOISE_FROM_PTR=False, SEED_FROM_PTR=True, MARK_NONFINITE=True, WRITE_M=True,
-                    WRITE_Q=True, BLOCK=1024), (), None)
+        yield "quantise", f"stochastic -> {m}", {**quantise_ptrs, "m_ptr": f"*{m}"}, quantise_flags, (), None
+    # 2 bits: qmax = 1; one-element rows: L = 1 (integers Triton would specialise to constants)
+    yield "quantise", "2-bit, 1-element rows", {**quantise_ptrs, "m_ptr": "*i8"}, quantise_flags, ("qmax", "L"), None
 
 
 def jit_function(kernel):
@@ -168,13 +170,15 @@ def compile_variant(v: Variant, arch: str) -> dict:
 
     cc, smem_limit, _ = ARCHS[arch]
     fn = jit_function(_kernels()[v.kernel])
-    pointers, constexprs = dict(v.pointers), {**dict(v.constexprs), **{a: 1 for a in v.unit}}
+    # As at launch: an integer argument equal to 1 becomes a constant, unless the kernel marks it
+    # do_not_specialize (by name or position).
+    plain = unspecialised(fn)
+    pointers, constexprs = dict(v.pointers), {**dict(v.constexprs), **{a: 1 for a in v.unit if a not in plain}}
     sig = {a: pointers.get(a) or ("constexpr" if a in constexprs else "fp32" if a == "fmax" else "i32")
            for a in fn.arg_names}
-    # As at launch: torch's allocations are 16-byte aligned and most sizes and strides of the
-    # networks' layers are multiples of 16, which Triton specialises on (vector loads).
-    # Arguments the kernel marks do_not_specialize (names or positions) get no such attribute.
-    plain = unspecialised(fn)
+    # Also as at launch: torch's allocations are 16-byte aligned and most sizes and strides of the
+    # networks' layers are multiples of 16, which Triton specialises on (vector loads); arguments
+    # marked do_not_specialize get no such attribute.
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a] not in ("constexpr", "fp32") and a not in plain}
     row = {**asdict(v), "arch": arch}

@@ -4,7 +4,7 @@ Integer sums are exact, so every comparison is equality.
 """
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from muppet_fx.kernels import conv_triton
@@ -209,7 +209,8 @@ def test_output_quantised_in_the_epilogue(device, bits, rounding):
         conv2d_int(x, w, *geometry, quantise_output=(bits, rounding, 99))
 
 
-@given(R=st.integers(1, 2**22), M=st.integers(1, 2048), K=st.integers(1, 2**15), sms=st.integers(1, 200))
+@given(R=st.integers(0, 2**22), M=st.integers(0, 2048), K=st.integers(0, 2**15), sms=st.integers(1, 200))
+@example(R=5 * 5 * 2, M=3, K=0, sms=132)  # zero input channels (test_no_input_channels_sum_to_zero on a GPU)
 def test_pixel_split_fills_the_gpu_without_overflow(R, M, K, sms):
     r_split = pixel_split(R, M, K, sms)
     splits = -(-R // r_split)
