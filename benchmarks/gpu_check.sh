@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one run that fits a short GPU booking (at most 10 minutes on one
-# H200), most valuable first; each step has its own time limit and a failing step does not stop
-# the next. Logs go to OUT_DIR (default: $OUT if set, else benchmarks/results/gpu-check), at most
+# Every check that needs a CUDA GPU, sized for a short GPU booking (15 minutes of one H200, in two
+# calls: see GPU_CHECK_STEPS), most valuable first; each step has its own time limit and a failing
+# step does not stop the next. Logs go to OUT_DIR (default: $OUT if set, else benchmarks/results/gpu-check), at most
 # seven files, each headed by the device, torch/triton versions and the date:
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
@@ -57,22 +57,27 @@ if ! $PY -c "import muppet_fx" 2>/dev/null; then  # not installable here: the pa
     export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
     echo "muppet_fx imported from $SHIM (not installed)" | tee -a "$OUT_DIR/summary.log"
 fi
-# On an H200 (2026-12-04, second run; benchmarks/results/gpu-h200-2026-12-04-second.md) the
-# ResNet-18 step took 105 s (46 s of it each quantised level's first step: compilation and
-# autotuning), the quick kernel tables 30 s, the full correctness checks 80 s; the tests did not
-# finish in 115 s. The step runs first: it prints each configuration's first-step seconds to the
-# log as they complete.
+# On an H200 (2026-12-04, third run; benchmarks/results/gpu-h200-2026-12-04-third.md), with
+# every option below but --fp16-grad-weight, the ResNet-18 step took 163 s (75 s the first
+# torch.compile step, which tuned the kernels; 49 s the 16-bit level's first step), the quick
+# kernel tables 46 s, the correctness checks just over 100 s, these tests 155 s: about 490 s
+# with the install, more than one 10-minute call leaves after the machine starts. So a booking
+# runs it as two calls: GPU_CHECK_STEPS=03-train-step, then
+# GPU_CHECK_STEPS=02-kernels,01-correctness,04-tests. The step prints each configuration's
+# first-step seconds to the log as they complete.
 # --cuda-graphs adds graph replays: the step's device time without the host's (about 280 Triton
 # launches and the routes' Python per 8-bit ResNet-18 step; benchmarks/NOTES.md section 33).
 # --compile adds torch.compile of the 8-bit model, default and mode="reduce-overhead" (Inductor's
 # own CUDA graphs): never run on a GPU, so given the time of two compilations of the step.
 # --master adds the 8-bit step with MasterCopyOptimizer around a fused SGD (and its capture);
 # --host-profile prints where the eager 8-bit step's host time goes (cProfile, 3 steps).
+# --fp16-grad-weight adds the 8-bit step with the weight gradients on FP16 MMA, whose int8
+# operand loads pipeline (triton_aot); the int8-MMA ones ran at 0.22-0.30x cuDNN BF16.
 step 03-train-step 300 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 3 --levels 8,16 --memory --saved \
-    --cuda-graphs --compile --master --host-profile
+    --cuda-graphs --compile --master --fp16-grad-weight --host-profile
 step 02-kernels 60 $PY benchmarks/kernels.py --device cuda --reps 5 --quick
-step 01-correctness 100 $PY benchmarks/gpu_correctness.py --batch 128
+step 01-correctness 150 $PY benchmarks/gpu_correctness.py --batch 128
 # -rf --tb=line: each failure's assertion in the summary, which pytest prints on the SIGINT of a limit too.
 # On a GPU the suite keeps one autotuning configuration per kernel (MUPPET_FX_AUTOTUNE=0, tests/conftest.py).
-step 04-tests 80 $PY -m pytest -q -p no:cacheprovider -rf --tb=line --maxfail=10 tests/test_quantise_triton.py \
+step 04-tests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line --maxfail=10 tests/test_quantise_triton.py \
     tests/test_gemm_triton.py tests/test_conv_triton.py tests/test_routes.py tests/test_compact.py

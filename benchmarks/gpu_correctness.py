@@ -139,14 +139,17 @@ def conv_int8(cin, cout, hw, k, s, batch):
     ref_gx, ref_gw, _ = torch.ops.aten.convolution_backward(gd, xd, wd, None, [s, s], [p, p], [1, 1], False,
                                                             [0, 0], 1, [True, True, False])
     out.append(_exact(gx, ref_gx, "grad-input"))
-    gw = conv_triton.conv2d_grad_weight_int(g, x, w.shape, s, p)
+    gw = conv_triton.conv2d_grad_weight_int(g, x, w.shape, s, p, mma="int8")
     out.append(_exact(gw, ref_gw, "grad-weight"))
+    gw = conv_triton.conv2d_grad_weight_int(g, x, w.shape, s, p, mma="fp16")
+    out.append(_exact(gw, ref_gw, "grad-weight on FP16 MMA"))
     # the routes' form: split over pixels to fill the GPU, partials summed, scaled and laid out
     # as the parameter in one launch (pixel_split, _sum_scale_kernel)
-    gw_scaled = conv_triton.conv2d_grad_weight_int(g, x, w.shape, s, p, scale=exps)
     want_gw = conv_triton._epilogue_reference(ref_gw.long(), exps, None)
-    assert gw_scaled.is_contiguous() and torch.equal(gw_scaled, want_gw), \
-        f"scaled grad-weight: {(gw_scaled != want_gw).sum().item()} elements differ"
+    for mma in conv_triton.GRAD_WEIGHT_MMA_CHOICES:
+        gw_scaled = conv_triton.conv2d_grad_weight_int(g, x, w.shape, s, p, scale=exps, mma=mma)
+        assert gw_scaled.is_contiguous() and torch.equal(gw_scaled, want_gw), \
+            f"scaled grad-weight ({mma} MMA): {(gw_scaled != want_gw).sum().item()} elements differ"
     return "; ".join(out) + "; scaled epilogues bit-equal"
 
 

@@ -116,10 +116,12 @@ class Cases(dict):
 
 
 def make_cases(name: str, batch: int, device: str, compile_: bool = False, levels=(8, 12, 14, 16),
-               master: bool = False) -> dict:
+               master: bool = False, fp16_grad_weight: bool = False) -> dict:
     """Configuration name -> a function running one training step. ``master`` adds the 8-bit
     step as MuPPET trains it: ``MasterCopyOptimizer`` (gradients quantised, NaN steps skipped)
-    around a fused SGD, whose NaN check stays on the device."""
+    around a fused SGD, whose NaN check stays on the device. ``fp16_grad_weight`` adds, on CUDA,
+    the 8-bit step with the convolutions' weight gradients on FP16 MMA
+    (``conv_triton.GRAD_WEIGHT_MMA = "fp16"``)."""
     torch.manual_seed(0)
     if name == "transformer" or name.startswith("hf-"):
         model = (TinyLM() if name == "transformer" else HubLM(name[3:])).to(device)
@@ -164,6 +166,18 @@ def make_cases(name: str, batch: int, device: str, compile_: bool = False, level
                 graphed = torch.compile(pm, mode="reduce-overhead")
                 cases[f"torch.compile reduce-overhead, {pm._muppet_state.route_for(x.device)} {bits}-bit"] = \
                     (lambda c=graphed: step(c))
+    if fp16_grad_weight and device == "cuda":
+        from muppet_fx.kernels import conv_triton
+
+        pm16 = muppet_fx.prepare(model, ladder=(8, "fp32"))
+
+        def fp16_grad_weight_step():
+            chosen, conv_triton.GRAD_WEIGHT_MMA = conv_triton.GRAD_WEIGHT_MMA, "fp16"
+            try:
+                step(pm16)
+            finally:
+                conv_triton.GRAD_WEIGHT_MMA = chosen
+        cases[f"{pm16._muppet_state.route_for(x.device)} 8-bit, dW on fp16 MMA"] = fp16_grad_weight_step
     if master:
         pm = muppet_fx.prepare(model, ladder=(8, "fp32"))
         opt_m = muppet_fx.MasterCopyOptimizer(
@@ -216,7 +230,7 @@ def _rss_high_water_mib() -> float:
 
 
 def _only(args, device) -> None:
-    run = make_cases(args.models, args.batch, device, args.compile, master=True)[args.only]
+    run = make_cases(args.models, args.batch, device, args.compile, master=True, fp16_grad_weight=True)[args.only]
     run()  # first step: kernels built, workspaces allocated
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -328,6 +342,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--master", action="store_true",
                    help="add the 8-bit step with MasterCopyOptimizer around a fused SGD")
+    p.add_argument("--fp16-grad-weight", action="store_true",
+                   help="CUDA: add the 8-bit step with weight gradients on FP16 MMA (and its CUDA graph)")
     p.add_argument("--compile", action="store_true",
                    help="add torch.compile of the 8-bit model (on CUDA also mode='reduce-overhead')")
     p.add_argument("--host-profile", action="store_true",
@@ -348,7 +364,7 @@ def main() -> None:
         return _only(args, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for name in args.models.split(","):
-        cases = make_cases(name, args.batch, device, args.compile, args.levels, args.master)
+        cases = make_cases(name, args.batch, device, args.compile, args.levels, args.master, args.fp16_grad_weight)
         first = _Reporting(name)
         drop_failing(cases, [k for k in cases if k.startswith("torch.compile")], first, sync)
         if args.cuda_graphs and device == "cuda":

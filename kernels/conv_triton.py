@@ -34,6 +34,10 @@ __all__ = ["conv2d_int", "conv2d_grad_input_int", "conv2d_grad_weight_int", "con
            "conv2d_grad_input_int_reference", "conv2d_grad_weight_int_reference"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# How the 8-bit weight gradient multiplies: "int8" (int8 MMA, int32 sums) or "fp16" (the int8
+# mantissas as FP16, exact sums over runs of 1024 pixels added in int32; see the kernel).
+GRAD_WEIGHT_MMA_CHOICES = ("int8", "fp16")
+GRAD_WEIGHT_MMA = os.environ.get("MUPPET_FX_GRAD_WEIGHT_MMA", "int8")
 
 
 def _configs():
@@ -120,20 +124,46 @@ if HAS_TRITON:
         else:
             tl.store(c_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
 
+    FLUSH_PIXELS = tl.constexpr(1024)  # pixels summed in FP32 before the int32 sum (FP16_MMA)
+
+    @triton.jit
+    def _grad_weight_operands(g_rows, x_cols, rm, M, c_ok, r, r_end, OH, OW, H, W, i, j, SH, SW, PH, PW, DH, DW,
+                              s_gn, s_gh, s_gw, s_xn, s_xh, s_xw):
+        # pixels r: the output gradient's tile (Cout x pixels) and the input's patch tile (pixels x
+        # channels of tap (i, j)); out-of-range taps and pixels load zeros
+        n = r // (OH * OW)
+        pix = r % (OH * OW)
+        p = pix // OW
+        q = pix % OW
+        r_ok = r < r_end
+        a = tl.load(g_rows + (n.to(tl.int64) * s_gn + p * s_gh + q * s_gw)[None, :],
+                    mask=(rm[:, None] < M) & r_ok[None, :], other=0)
+        h = p * SH - PH + i * DH
+        w = q * SW - PW + j * DW
+        ok = (h >= 0) & (h < H) & (w >= 0) & (w < W) & r_ok
+        b = tl.load(x_cols + (n.to(tl.int64) * s_xn + h * s_xh + w * s_xw)[:, None],
+                    mask=ok[:, None] & c_ok[None, :], other=0)
+        return a, b
+
     # s_xc: channels-last (1) and NCHW maps tune apart (their loads differ)
-    @autotune(_configs(), ["M", "N", "R", "KW", "SH", "s_xc", "USE_FP16"])
+    @autotune(_configs(), ["M", "N", "R", "KW", "SH", "s_xc", "USE_FP16", "FP16_MMA"])
     @triton.jit(do_not_specialize=UNSPECIALISED["conv_grad_weight"])
     def _conv_grad_weight_kernel(
         g_ptr, x_ptr, c_ptr,
         M, N, R, C, R_SPLIT,  # Cout, kh*kw*C, summed pixels, input channels, pixels per split
         H, W, OH, OW, KW, SH, SW, PH, PW, DH, DW,
         s_gn, s_gc, s_gh, s_gw, s_xn, s_xc, s_xh, s_xw,
-        USE_FP16: tl.constexpr,
+        USE_FP16: tl.constexpr, FP16_MMA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # partial[split, o, (i, j, c)] = sum over this split's output pixels of g[., o, .] x[patch].
         # A program's columns lie in one tap (i, j), so each pixel's source position and bounds
         # are worked out once per pixel, not once per (pixel, column).
+        # FP16_MMA (int8 operands): FP16 products summed in FP32 over FLUSH_PIXELS pixels at a
+        # time, then added to the int32 sum. Exact: |m| <= 128, so a run's sum stays below
+        # 1024 * 2**14 = 2**24, where every integer is a float32. The int8 MMA needs both operands
+        # K-major in shared memory, and channels-last operands are not, so its loads go through
+        # registers with no asynchronous copies; converted to FP16 they pipeline.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         split = tl.program_id(2)
@@ -148,24 +178,24 @@ if HAS_TRITON:
         x_cols = x_ptr + c[None, :] * s_xc
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if USE_FP16 else tl.int32)
         r_end = min(R, (split + 1) * R_SPLIT)
-        for r0 in range(split * R_SPLIT, r_end, BLOCK_K):
-            r = r0 + tl.arange(0, BLOCK_K)
-            n = r // (OH * OW)
-            pix = r % (OH * OW)
-            p = pix // OW
-            q = pix % OW
-            r_ok = r < r_end
-            a = tl.load(g_rows + (n.to(tl.int64) * s_gn + p * s_gh + q * s_gw)[None, :],
-                        mask=(rm[:, None] < M) & r_ok[None, :], other=0)
-            h = p * SH - PH + i * DH
-            w = q * SW - PW + j * DW
-            ok = (h >= 0) & (h < H) & (w >= 0) & (w < W) & r_ok
-            b = tl.load(x_cols + (n.to(tl.int64) * s_xn + h * s_xh + w * s_xw)[:, None],
-                        mask=ok[:, None] & c_ok[None, :], other=0)
-            if USE_FP16:
-                acc += tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
-            else:
-                acc += tl.dot(a, b, out_dtype=tl.int32)
+        if FP16_MMA:
+            for r1 in range(split * R_SPLIT, r_end, FLUSH_PIXELS):
+                run = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for r0 in range(r1, min(r_end, r1 + FLUSH_PIXELS), BLOCK_K):
+                    a, b = _grad_weight_operands(g_rows, x_cols, rm, M, c_ok, r0 + tl.arange(0, BLOCK_K), r_end,
+                                                 OH, OW, H, W, i, j, SH, SW, PH, PW, DH, DW,
+                                                 s_gn, s_gh, s_gw, s_xn, s_xh, s_xw)
+                    run += tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+                acc += run.to(tl.int32)
+        else:
+            for r0 in range(split * R_SPLIT, r_end, BLOCK_K):
+                a, b = _grad_weight_operands(g_rows, x_cols, rm, M, c_ok, r0 + tl.arange(0, BLOCK_K), r_end,
+                                             OH, OW, H, W, i, j, SH, SW, PH, PW, DH, DW,
+                                             s_gn, s_gh, s_gw, s_xn, s_xh, s_xw)
+                if USE_FP16:
+                    acc += tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+                else:
+                    acc += tl.dot(a, b, out_dtype=tl.int32)
         c_ptrs = c_ptr + split.to(tl.int64) * M * N + rm[:, None] * N + (tap * C + c)[None, :]
         tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & c_ok[None, :])
 
@@ -297,14 +327,20 @@ def pixel_split(R: int, M: int, K: int, sms: int) -> int:
 
 
 def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation=1,
-                           r_split: int | None = None, scale=None) -> torch.Tensor:
+                           r_split: int | None = None, scale=None, mma: str | None = None) -> torch.Tensor:
     """Exact gradient of ``conv2d`` w.r.t. its weight: int32 (int64 when the pixel sum is split
     into int32 partials), shaped ``weight_shape`` with channels-last strides; int16 mantissas
     as in :func:`conv2d_int` (float32 partials). ``scale=(s_g, s_x)`` returns float32
     ``acc * 2**-(s_g + s_x)``, contiguous (a parameter's usual layout): one more launch sums the
     partials, scales and writes it. ``r_split`` (output pixels per split) defaults to
-    :func:`pixel_split` on a GPU, :data:`CHUNK` elsewhere."""
+    :func:`pixel_split` on a GPU, :data:`CHUNK` elsewhere. ``mma`` ("int8" or "fp16", default
+    :data:`GRAD_WEIGHT_MMA`, from ``MUPPET_FX_GRAD_WEIGHT_MMA``) picks the int8 operands'
+    product instructions; both are exact."""
     _check(g_m, x_m, "conv2d_grad_weight_int", fp16_ok=True)
+    mma = GRAD_WEIGHT_MMA if mma is None else mma
+    if mma not in GRAD_WEIGHT_MMA_CHOICES:
+        raise ValueError(f"conv2d_grad_weight_int: mma={mma!r} (MUPPET_FX_GRAD_WEIGHT_MMA); "
+                         f"choose one of {GRAD_WEIGHT_MMA_CHOICES}")
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v, 2) for v in (stride, padding, dilation))
     Cout, C, kh, kw = weight_shape
     N_img, Cx, H, W = x_m.shape
@@ -326,7 +362,8 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
     # columns in tiles that each lie in one tap (see the kernel)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), kh * kw * triton.cdiv(C, meta["BLOCK_N"]), splits)
     _conv_grad_weight_kernel[grid](g_m, x_m, part, M, K, R, C, r_split, H, W, OH, OW, kw, sh, sw, ph, pw,
-                                   dh, dw, *g_m.stride(), *x_m.stride(), USE_FP16=fp16)
+                                   dh, dw, *g_m.stride(), *x_m.stride(), USE_FP16=fp16,
+                                   FP16_MMA=not fp16 and mma == "fp16")
     if scale is not None:  # one launch sums the partials, scales, and writes the weight's usual layout
         out = torch.empty(weight_shape, dtype=torch.float32, device=g_m.device)
         if out.numel():

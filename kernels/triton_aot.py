@@ -79,10 +79,13 @@ def _modes():
                         WRITE_AMAX=not transposed),
                    ("s_ac", "s_wk", "s_cc"), t)  # grad-input takes its weight K-major too
         yield ("conv_grad_weight", t, {"g_ptr": ops(t), "x_ptr": ops(t), "c_ptr": acc(t)},
-               dict(USE_FP16=t == "fp16"), ("s_gc", "s_xc"), t)
+               dict(USE_FP16=t == "fp16", FP16_MMA=False), ("s_gc", "s_xc"), t)
         yield ("sum_scale", f"{acc(t)[1:]} partials", {"part_ptr": acc(t), "out_ptr": "*fp32", "sa_ptr": "*i32",
                                                        "sb_ptr": "*i32"},
                dict(INT_SUM=t == "int8", BLOCK=1024), ("s_ow",), None)
+    # the 8-bit weight gradient on FP16 MMA (conv_triton.GRAD_WEIGHT_MMA = "fp16")
+    yield ("conv_grad_weight", "fp16 MMA, int8 operands", {"g_ptr": "*i8", "x_ptr": "*i8", "c_ptr": "*i32"},
+           dict(USE_FP16=False, FP16_MMA=True), ("s_gc", "s_xc"), "fp16")
     yield ("scaled_mm", "int8 raw int32", {**mm, "a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*i32"},
            dict(HAS_BIAS=False, PER_COL=False, RAW_INT=True, USE_FP16=False, WRITE_AMAX=False),
            ("stride_ak", "stride_bn", "stride_cn"), "int8")
@@ -193,7 +196,9 @@ def compile_variant(v: Variant, arch: str) -> dict:
     found = sorted({m.group(0) for m in re.finditer(r"\S*mma\S*\.(?:s32|f32)\.\S+", k.asm["ptx"])})
     return {**row, "ok": True, "error": None, "shared": shared, "fits": shared <= smem_limit,
             "regs": res.get("reg"), "spill_bytes": res["spill"],
-            "mma": found, "mma_ok": v.mma is None or any(MMA[v.mma].search(x) for x in found)}
+            "mma": found, "mma_ok": v.mma is None or any(MMA[v.mma].search(x) for x in found),
+            # global-to-shared asynchronous copies: the loads the software pipeliner overlaps with the MMAs
+            "async_copies": len(re.findall(r"\bcp\.async\.c[ag]\b", k.asm["ptx"]))}
 
 
 def _one(args):
@@ -229,9 +234,10 @@ def main() -> None:
     rows = check_all(tuple(args.arch), args.workers)
     print(tabulate([[r["arch"], r["kernel"], r["mode"], r["config"], "yes" if r["ok"] else r["error"],
                      r.get("shared"), "yes" if r.get("fits") else "no", r.get("regs"), r.get("spill_bytes"),
-                     " ".join(x.split(".")[0] for x in r.get("mma", [])) or "-"] for r in rows],
+                     " ".join(x.split(".")[0] for x in r.get("mma", [])) or "-", r.get("async_copies")]
+                    for r in rows],
                    headers=["arch", "kernel", "mode", "config (blocks, warps, stages)", "compiles",
-                            "shared B", "fits", "regs", "spill B", "mma"]))
+                            "shared B", "fits", "regs", "spill B", "mma", "async copies"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

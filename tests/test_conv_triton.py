@@ -90,12 +90,31 @@ def test_bad_input_is_named():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_grad_weight_exact(device, case, channels_last):
+@pytest.mark.parametrize("mma", ["int8", "fp16"])
+def test_grad_weight_exact(device, case, channels_last, mma):
     x, w, geometry = _operands(case, device, channels_last)
     g = _output_grad(x, w, geometry, channels_last)
-    gw = conv2d_grad_weight_int(g, x, w.shape, *geometry)
-    assert gw.shape == w.shape
+    gw = conv2d_grad_weight_int(g, x, w.shape, *geometry, mma=mma)
+    assert gw.shape == w.shape and gw.dtype == torch.int32
     assert torch.equal(gw.long(), conv2d_grad_weight_int_reference(g, x, w.shape, *geometry))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_weight_on_fp16_mma_exact_past_float32_integers(device):
+    """FP16 products summed in FP32 are exact only below 2**24: 6000 pixels of products near
+    +127 * 127 sum to about 8e7, where a float32 running sum rounds; the kernel adds runs of
+    1024 pixels (at most 1024 * 128**2 = 2**24) to an int32 sum, so the result is exact.
+    -128 x -128 everywhere reaches the bound."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(100, 128, (3, 1, 2, 1000), dtype=torch.int8, generator=gen).to(device)
+    g = torch.randint(100, 128, (3, 1, 2, 1000), dtype=torch.int8, generator=gen).to(device)
+    want = (g.long() * x.long()).sum().item()
+    assert want > 2**26
+    assert conv2d_grad_weight_int(g, x, (1, 1, 1, 1), mma="fp16").item() == want
+    x = torch.full((3, 1, 1, 1000), -128, dtype=torch.int8, device=device)
+    assert conv2d_grad_weight_int(x, x, (1, 1, 1, 1), mma="fp16").item() == 3000 * 128 * 128
+    with pytest.raises(ValueError, match=r"mma='bf16'.*choose one of \('int8', 'fp16'\)"):
+        conv2d_grad_weight_int(g, x, (1, 1, 1, 1), mma="bf16")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -159,14 +178,15 @@ def test_epilogue_dequantises_exactly(device, exponents):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("r_split", [None, 37])
-def test_grad_weight_scaled_exactly(device, r_split):
+@pytest.mark.parametrize("mma", ["int8", "fp16"])
+def test_grad_weight_scaled_exactly(device, r_split, mma):
     """``scale`` on grad-weight (one partial, or several summed in int64 first): bit-equal to the
     exact sum converted to float32 and scaled in torch."""
     x, w, geometry = _operands(CASES[1], device, True)
     g = _output_grad(x, w, geometry, True)
     s = (torch.tensor(-20, dtype=torch.int32, device=device), torch.tensor(150, dtype=torch.int32, device=device))
     kw = {} if r_split is None else {"r_split": r_split}
-    gw = conv2d_grad_weight_int(g, x, w.shape, *geometry, scale=s, **kw)
+    gw = conv2d_grad_weight_int(g, x, w.shape, *geometry, scale=s, mma=mma, **kw)
     assert gw.dtype == torch.float32 and gw.is_contiguous()  # the parameter's layout: no copy after
     assert torch.equal(gw, conv2d_grad_weight_int_reference(g, x, w.shape, *geometry, scale=s))
 

@@ -69,3 +69,19 @@ def test_each_mode_has_a_configuration_that_fits_without_spills(rows):
     for key, group in _groups(rows).items():
         assert any(r["fits"] and r["spill_bytes"] == 0 for r in group), (key, [
             (r["config"], r["shared"], r["spill_bytes"]) for r in group])
+
+
+def test_product_loads_are_pipelined_except_the_int8_weight_gradient_on_wgmma(rows):
+    """Every product kernel's operand loads are asynchronous copies (what the software pipeliner
+    overlaps with the MMAs) in every configuration, save one known case: the int8 weight
+    gradient on Hopper's warpgroup MMA, whose 8-bit operands must be K-major in shared memory
+    while channels-last ones are not, so they go through registers. The same gradient on FP16
+    MMA (``conv_triton.GRAD_WEIGHT_MMA = "fp16"``) pipelines."""
+    for r in rows:
+        if r["kernel"] not in ("scaled_mm", "conv", "conv_grad_weight"):
+            continue
+        on_wgmma = any(x.startswith("wgmma") for x in r["mma"])
+        if r["kernel"] == "conv_grad_weight" and r["mode"] == "int8" and on_wgmma:
+            assert r["async_copies"] == 0, (r["arch"], r["config"])
+        else:
+            assert r["async_copies"] > 0, (r["arch"], r["kernel"], r["mode"], r["config"])
