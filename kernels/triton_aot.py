@@ -8,7 +8,7 @@ and each configuration's shared memory and registers against the architecture's 
 limits (the autotuner skips a configuration that does not fit at launch, so at least one must).
 Speed and on-device numerics still need a GPU (``benchmarks/gpu_check.sh``).
 
-    python -m muppet_fx.kernels.triton_aot [--arch sm_80 sm_89 sm_90] [--json FILE]
+    python -m muppet_fx.kernels.triton_aot [--arch sm_80 sm_89 sm_90] [--ones sm_90] [--json FILE]
 
 Must run without ``TRITON_INTERPRET`` (interpreted kernels have no compiler behind them).
 """
@@ -21,10 +21,10 @@ import re
 import subprocess
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-__all__ = ["ARCHS", "Variant", "variants", "compile_variant", "check_all", "jit_function", "launch_configs",
-           "unspecialised"]
+__all__ = ["ARCHS", "Variant", "variants", "unit_variants", "compile_variant", "check_all", "jit_function",
+           "launch_configs", "unspecialised"]
 
 # Opt-in shared memory per block (bytes) and a GPU of each architecture.
 ARCHS = {"sm_80": (80, 166912, "A100"), "sm_89": (89, 101376, "L4 / RTX 4090"),
@@ -140,6 +140,22 @@ def variants() -> list[Variant]:
     return out
 
 
+def unit_variants() -> list[Variant]:
+    """Each kernel and mode (first configuration) once more for every integer argument Triton
+    would specialise, with that argument equal to 1: a size or stride of 1 (a batch of one, a
+    single channel, a 2-bit level's qmax) turns into a constant at launch, and code that
+    treats it as a tensor fails to compile there, while the interpreter never specialises."""
+    out, seen, kernels = [], set(), _kernels()
+    for v in variants():
+        if (v.kernel, v.mode) in seen:
+            continue
+        seen.add((v.kernel, v.mode))
+        fn, fixed = jit_function(kernels[v.kernel]), {*dict(v.pointers), *dict(v.constexprs), *v.unit, "fmax"}
+        out += [replace(v, mode=f"{v.mode}, {a} = 1", unit=(*v.unit, a))
+                for a in fn.arg_names if a not in fixed and a not in unspecialised(fn)]
+    return out
+
+
 def _bin(tool: str) -> str:
     import triton
 
@@ -205,8 +221,9 @@ def _one(args):
     return compile_variant(*args)
 
 
-def check_all(archs=("sm_80", "sm_90"), workers: int = 2) -> list[dict]:
-    """Compile every variant for every architecture, ``workers`` processes at a time."""
+def check_all(archs=("sm_80", "sm_90"), workers: int = 2, ones_arch: str | None = None) -> list[dict]:
+    """Compile every variant for every architecture, ``workers`` processes at a time; with
+    ``ones_arch``, also every :func:`unit_variants` for that architecture."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("triton_aot compiles real kernels: unset TRITON_INTERPRET first")
     import inspect
@@ -215,10 +232,10 @@ def check_all(archs=("sm_80", "sm_90"), workers: int = 2) -> list[dict]:
 
     if not {"constexprs", "attrs"} <= set(inspect.signature(ASTSource).parameters):
         raise RuntimeError("triton_aot needs the ASTSource(fn, signature, constexprs, attrs) of Triton 3.3 or later")
-    unknown = [a for a in archs if a not in ARCHS]
+    unknown = [a for a in (*archs, *([ones_arch] if ones_arch else [])) if a not in ARCHS]
     if unknown:
         raise ValueError(f"unknown architecture(s) {unknown}; valid choices: {list(ARCHS)}")
-    jobs = [(v, a) for a in archs for v in variants()]
+    jobs = [(v, a) for a in archs for v in variants()] + [(v, ones_arch) for v in (unit_variants() if ones_arch else [])]
     with ProcessPoolExecutor(workers) as pool:
         return list(pool.map(_one, jobs))
 
@@ -230,8 +247,10 @@ def main() -> None:
     p.add_argument("--arch", nargs="+", default=["sm_80", "sm_89", "sm_90"], choices=list(ARCHS))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", help="also write every row to this file")
+    p.add_argument("--ones", metavar="ARCH", choices=list(ARCHS),
+                   help="also compile, for ARCH, each kernel with each specialised integer argument equal to 1")
     args = p.parse_args()
-    rows = check_all(tuple(args.arch), args.workers)
+    rows = check_all(tuple(args.arch), args.workers, args.ones)
     print(tabulate([[r["arch"], r["kernel"], r["mode"], r["config"], "yes" if r["ok"] else r["error"],
                      r.get("shared"), "yes" if r.get("fits") else "no", r.get("regs"), r.get("spill_bytes"),
                      " ".join(x.split(".")[0] for x in r.get("mma", [])) or "-", r.get("async_copies")]
