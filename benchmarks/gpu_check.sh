@@ -71,10 +71,12 @@ fi
 # own CUDA graphs): never run on a GPU, so given the time of two compilations of the step.
 # --master adds the 8-bit step with MasterCopyOptimizer around a fused SGD (and its capture);
 # --host-profile prints where the eager 8-bit step's host time goes (cProfile, 3 steps).
+# --device-profile prints each kernel's own device time in autocast BF16 and the 8/16-bit steps
+# (torch.profiler): which of the quantised step's kernels make it slower than autocast's.
 # --fp16-grad-weight adds the 8-bit step with the weight gradients on FP16 MMA, whose int8
 # operand loads pipeline (triton_aot); the int8-MMA ones ran at 0.22-0.30x cuDNN BF16.
 step 03-train-step 300 $PY benchmarks/train_step.py --models resnet18 --batch 256 --reps 3 --levels 8,16 --memory --saved \
-    --cuda-graphs --compile --master --fp16-grad-weight --host-profile
+    --cuda-graphs --compile --master --fp16-grad-weight --host-profile --device-profile
 step 02-kernels 60 $PY benchmarks/kernels.py --device cuda --reps 5 --quick
 step 01-correctness 150 $PY benchmarks/gpu_correctness.py --batch 128
 # -rf --tb=line: each failure's assertion in the summary, which pytest prints on the SIGINT of a limit too.

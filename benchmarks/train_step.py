@@ -316,6 +316,22 @@ def host_profile(run, sync, steps: int = 3, top: int = 25) -> str:
     return out.getvalue()
 
 
+def device_profile(run, sync, cuda: bool, steps: int = 3, top: int = 25) -> str:
+    """Kernels by their own time over ``steps`` calls of ``run`` (``torch.profiler``): device
+    time on CUDA, where the Triton kernels show under their names next to cuDNN's and
+    Inductor's; CPU time elsewhere."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            run()
+        sync()
+    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=top)
+
+
 class _Reporting(dict):
     """Warm-up seconds per configuration, each also printed to stderr as it completes: the first
     step builds, tunes and caches the kernels, and a run stopped by a time limit still says
@@ -344,6 +360,8 @@ def main() -> None:
                    help="add the 8-bit step with MasterCopyOptimizer around a fused SGD")
     p.add_argument("--fp16-grad-weight", action="store_true",
                    help="CUDA: add the 8-bit step with weight gradients on FP16 MMA (and its CUDA graph)")
+    p.add_argument("--device-profile", action="store_true",
+                   help="print the kernels' own device time in autocast bf16 and the 8/16-bit steps (torch.profiler)")
     p.add_argument("--compile", action="store_true",
                    help="add torch.compile of the 8-bit model (on CUDA also mode='reduce-overhead')")
     p.add_argument("--host-profile", action="store_true",
@@ -389,6 +407,13 @@ def main() -> None:
         print(f"\n{name}, batch {args.batch}, {device}, threads {args.threads}, allocator {args.allocator}, "
               f"torch {torch.__version__}")
         print(tabulate(rows, headers=headers, floatfmt=".3f"))
+        if args.device_profile:
+            # "<route> 8-bit" and "<route> 16-bit": the eager steps of the real routes
+            levels = [k for k in cases if len(k.split()) == 2 and k.split()[1] in ("8-bit", "16-bit")
+                      and k.split()[0] != "emulate"]
+            for key in ["autocast bf16", *levels]:
+                print(f"\n{name}: {'device' if device == 'cuda' else 'CPU'} profile of '{key}', 3 steps\n"
+                      + device_profile(cases[key], sync, device == "cuda"))
         if args.host_profile:
             eager8 = next((k for k in cases if k.endswith(" 8-bit") and not k.startswith(("torch.compile", "emulate"))),
                           None)

@@ -8,6 +8,7 @@ Oracle: fake steps that record their calls, and a fake capture (one of them fail
 from pathlib import Path
 
 import pytest
+import torch
 
 from .helpers import load_script
 
@@ -214,3 +215,16 @@ def test_capture_warms_up_then_records_the_calls(common):
         return len(seen)
     graph, result = capture(fn, calls=3, warmup=2, cuda=cuda)
     assert seen == [False, False, True, True, True] and result == 5 and len(graph.calls) == 3
+
+
+def test_device_profile_counts_the_steps_kernels(train_step):
+    """``--device-profile`` (here on CPU: CPU time): the table lists the step's ops with their
+    call counts over the profiled steps, after one untimed call."""
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    calls = []
+
+    def step():
+        calls.append(torch.mm(a, b))
+    text = train_step.device_profile(step, lambda: None, cuda=False, steps=3)
+    rows = [line.split() for line in text.splitlines() if line.split()[:1] == ["aten::mm"]]
+    assert len(calls) == 4 and rows and rows[0][-1] == "3"
