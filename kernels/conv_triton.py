@@ -53,9 +53,20 @@ if HAS_TRITON:
     # Spatial sizes and geometry vary from layer to layer; specialising on them (divisible by 16,
     # equal to 1) would compile every autotuning configuration again for most layer shapes.
     # Channel counts and strides stay specialised: their divisibility lets the masked channel
-    # runs load as vectors, which the pipeliner's asynchronous copies need.
-    _GEOMETRY = ["AH", "AW", "OH", "OW", "KW", "SH", "SW", "PH", "PW", "DH", "DW"]
-    UNSPECIALISED = {"conv": ["M", "TAPS", *_GEOMETRY], "conv_grad_weight": ["R", "H", "W", *_GEOMETRY[2:]]}
+    # runs load as vectors, which the pipeliner's asynchronous copies need. So does the
+    # convolution stride (SH, SW): a stride of 1 becomes a constant, which removes grad-input's
+    # per-row divisions by it (the autotuner keys on SH already, so only strided layers add
+    # compilations).
+    _GEOMETRY = ["AH", "AW", "OH", "OW", "KW", "PH", "PW", "DH", "DW"]
+    UNSPECIALISED = {"conv": ["M", "TAPS", *_GEOMETRY],
+                     "conv_grad_weight": ["R", "H", "W", "OHW_MAGIC", "OHW_SHIFT", "OW_MAGIC", "OW_SHIFT",
+                                          *_GEOMETRY[2:]]}
+
+    @triton.jit
+    def _divide(x, magic, shift):
+        # x // d for 0 <= x < 2**30 by a multiply and a shift (see division_magic): an integer
+        # division by a value known only at run time costs a dozen or more instructions per element
+        return ((x.to(tl.int64) * magic) >> shift).to(tl.int32)
 
     @autotune(_configs(), ["M", "N", "K", "KW", "SH", "TRANSPOSED", "USE_FP16"])
     @triton.jit(do_not_specialize=UNSPECIALISED["conv"])
@@ -128,13 +139,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _grad_weight_operands(g_rows, x_cols, rm, M, c_ok, r, r_end, OH, OW, H, W, i, j, SH, SW, PH, PW, DH, DW,
-                              s_gn, s_gh, s_gw, s_xn, s_xh, s_xw):
+                              s_gn, s_gh, s_gw, s_xn, s_xh, s_xw, OHW_MAGIC, OHW_SHIFT, OW_MAGIC, OW_SHIFT):
         # pixels r: the output gradient's tile (Cout x pixels) and the input's patch tile (pixels x
         # channels of tap (i, j)); out-of-range taps and pixels load zeros
-        n = r // (OH * OW)
-        pix = r % (OH * OW)
-        p = pix // OW
-        q = pix % OW
+        n = _divide(r, OHW_MAGIC, OHW_SHIFT)
+        pix = r - n * (OH * OW)
+        p = _divide(pix, OW_MAGIC, OW_SHIFT)
+        q = pix - p * OW
         r_ok = r < r_end
         a = tl.load(g_rows + (n.to(tl.int64) * s_gn + p * s_gh + q * s_gw)[None, :],
                     mask=(rm[:, None] < M) & r_ok[None, :], other=0)
@@ -153,6 +164,7 @@ if HAS_TRITON:
         M, N, R, C, R_SPLIT,  # Cout, kh*kw*C, summed pixels, input channels, pixels per split
         H, W, OH, OW, KW, SH, SW, PH, PW, DH, DW,
         s_gn, s_gc, s_gh, s_gw, s_xn, s_xc, s_xh, s_xw,
+        OHW_MAGIC, OHW_SHIFT, OW_MAGIC, OW_SHIFT,  # division_magic(OH * OW), division_magic(OW)
         USE_FP16: tl.constexpr, FP16_MMA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -184,14 +196,16 @@ if HAS_TRITON:
                 for r0 in range(r1, min(r_end, r1 + FLUSH_PIXELS), BLOCK_K):
                     a, b = _grad_weight_operands(g_rows, x_cols, rm, M, c_ok, r0 + tl.arange(0, BLOCK_K), r_end,
                                                  OH, OW, H, W, i, j, SH, SW, PH, PW, DH, DW,
-                                                 s_gn, s_gh, s_gw, s_xn, s_xh, s_xw)
+                                                 s_gn, s_gh, s_gw, s_xn, s_xh, s_xw,
+                                                 OHW_MAGIC, OHW_SHIFT, OW_MAGIC, OW_SHIFT)
                     run += tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
                 acc += run.to(tl.int32)
         else:
             for r0 in range(split * R_SPLIT, r_end, BLOCK_K):
                 a, b = _grad_weight_operands(g_rows, x_cols, rm, M, c_ok, r0 + tl.arange(0, BLOCK_K), r_end,
                                              OH, OW, H, W, i, j, SH, SW, PH, PW, DH, DW,
-                                             s_gn, s_gh, s_gw, s_xn, s_xh, s_xw)
+                                             s_gn, s_gh, s_gw, s_xn, s_xh, s_xw,
+                                             OHW_MAGIC, OHW_SHIFT, OW_MAGIC, OW_SHIFT)
                 if USE_FP16:
                     acc += tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
                 else:
@@ -313,6 +327,21 @@ def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1
     return _run(g_m, w_k, out, Cout, (H, W), (w_k.stride(0), w_k.stride(1)), geometry, True, scale)
 
 
+DIVIDEND_LIMIT = 2**30  # division_magic's dividends (pixel indices) stay below this
+
+
+def division_magic(d: int) -> tuple[int, int]:
+    """``(magic, shift)`` with ``(x * magic) >> shift == x // d`` for every ``0 <= x < 2**30``,
+    for ``1 <= d < 2**30``: with ``l = ceil(log2 d)``, ``magic = 2**(30 + l) // d + 1``. Then
+    ``magic * d`` exceeds ``2**(30 + l)`` by some ``e <= d <= 2**l``, so ``x * magic / 2**(30 + l)``
+    exceeds ``x / d`` by ``x * e / (d * 2**(30 + l)) < 1 / d``, too little to reach the next
+    integer (Granlund and Montgomery, 1994). ``magic < 2**31 + 1``, so ``x * magic`` fits in int64."""
+    if not 1 <= d < DIVIDEND_LIMIT:
+        raise ValueError(f"division_magic: divisor {d} must be in 1..{DIVIDEND_LIMIT - 1}")
+    shift = 30 + (d - 1).bit_length()
+    return 2**shift // d + 1, shift
+
+
 def pixel_split(R: int, M: int, K: int, sms: int) -> int:
     """Output pixels per split of the weight gradient's sum over ``R`` pixels, for an ``M x K``
     gradient on a GPU with ``sms`` multiprocessors.
@@ -349,6 +378,9 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
         raise ValueError(f"conv2d_grad_weight_int: gradient {tuple(g_m.shape)}, input {tuple(x_m.shape)} "
                          f"and weight shape {tuple(weight_shape)} do not match")
     M, K, R = Cout, kh * kw * C, N_img * OH * OW
+    if R >= DIVIDEND_LIMIT:  # pixel indices are divided with division_magic
+        raise ValueError(f"conv2d_grad_weight_int: {R} output pixels (batch x height x width); at most "
+                         f"{DIVIDEND_LIMIT - 1} per call, so split the batch")
     if r_split is None:
         cuda = g_m.device.type == "cuda" and not _INTERPRET
         r_split = pixel_split(R, M, K, torch.cuda.get_device_properties(g_m.device).multi_processor_count) \
@@ -362,7 +394,8 @@ def conv2d_grad_weight_int(g_m, x_m, weight_shape, stride=1, padding=0, dilation
     # columns in tiles that each lie in one tap (see the kernel)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), kh * kw * triton.cdiv(C, meta["BLOCK_N"]), splits)
     _conv_grad_weight_kernel[grid](g_m, x_m, part, M, K, R, C, r_split, H, W, OH, OW, kw, sh, sw, ph, pw,
-                                   dh, dw, *g_m.stride(), *x_m.stride(), USE_FP16=fp16,
+                                   dh, dw, *g_m.stride(), *x_m.stride(), *division_magic(max(1, OH * OW)),
+                                   *division_magic(max(1, OW)), USE_FP16=fp16,
                                    FP16_MMA=not fp16 and mma == "fp16")
     if scale is not None:  # one launch sums the partials, scales, and writes the weight's usual layout
         out = torch.empty(weight_shape, dtype=torch.float32, device=g_m.device)

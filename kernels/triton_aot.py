@@ -72,12 +72,13 @@ def _modes():
         # X W^T: row-major X, W read transposed, row-major output
         yield "scaled_mm", f"{t} bias+amax", mm, flags, ("stride_ak", "stride_bk", "stride_cn"), t
         for transposed in (False, True):  # channels-last operands: channel strides are 1
-            yield ("conv", f"{t} {'grad-input' if transposed else 'forward'}",
-                   {"a_ptr": ops(t), "w_ptr": ops(t), "c_ptr": "*fp32", "sa_ptr": "*i32", "sb_ptr": "*i32",
-                    "bias_ptr": "*fp32", "amax_ptr": "*i32"},
-                   dict(TRANSPOSED=transposed, USE_FP16=t == "fp16", SCALED=True, HAS_BIAS=not transposed,
-                        WRITE_AMAX=not transposed),
-                   ("s_ac", "s_wk", "s_cc"), t)  # grad-input takes its weight K-major too
+            for stride in ("", ", stride 1"):  # a stride of 1 is a constant at launch (SH, SW)
+                yield ("conv", f"{t} {'grad-input' if transposed else 'forward'}{stride}",
+                       {"a_ptr": ops(t), "w_ptr": ops(t), "c_ptr": "*fp32", "sa_ptr": "*i32", "sb_ptr": "*i32",
+                        "bias_ptr": "*fp32", "amax_ptr": "*i32"},
+                       dict(TRANSPOSED=transposed, USE_FP16=t == "fp16", SCALED=True, HAS_BIAS=not transposed,
+                            WRITE_AMAX=not transposed),
+                       ("s_ac", "s_wk", "s_cc") + (("SH", "SW") if stride else ()), t)  # grad-input: K-major weight
         yield ("conv_grad_weight", t, {"g_ptr": ops(t), "x_ptr": ops(t), "c_ptr": acc(t)},
                dict(USE_FP16=t == "fp16", FP16_MMA=False), ("s_gc", "s_xc"), t)
         yield ("sum_scale", f"{acc(t)[1:]} partials", {"part_ptr": acc(t), "out_ptr": "*fp32", "sa_ptr": "*i32",
