@@ -53,10 +53,10 @@ if HAS_TRITON:
     # Spatial sizes and geometry vary from layer to layer; specialising on them (divisible by 16,
     # equal to 1) would compile every autotuning configuration again for most layer shapes.
     # Channel counts and strides stay specialised: their divisibility lets the masked channel
-    # runs load as vectors, which the pipeliner's asynchronous copies need. So does the
-    # convolution stride (SH, SW): a stride of 1 becomes a constant, which removes grad-input's
-    # per-row divisions by it (the autotuner keys on SH already, so only strided layers add
-    # compilations).
+    # runs load as vectors, which the pipeliner's asynchronous copies need. The convolution
+    # stride (SH, SW) is a compile-time constant: grad-input divides each row's position by it,
+    # which a constant turns into shifts (stride 2) or nothing (stride 1). Networks use one or
+    # two strides, and the autotuner keys on SH already, so only strided layers add compilations.
     _GEOMETRY = ["AH", "AW", "OH", "OW", "KW", "PH", "PW", "DH", "DW"]
     UNSPECIALISED = {"conv": ["M", "TAPS", *_GEOMETRY],
                      "conv_grad_weight": ["R", "H", "W", "OHW_MAGIC", "OHW_SHIFT", "OW_MAGIC", "OW_SHIFT",
@@ -74,7 +74,7 @@ if HAS_TRITON:
         a_ptr, w_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, amax_ptr,  # SCALED: c = acc * 2**-(sa + sb) (+ bias)
         M, N, K, C, TAPS,  # GEMM sizes; C = channels summed per tap, TAPS = kh * kw (K = TAPS * C)
         AH, AW, OH, OW, KW,  # source spatial size, output spatial size, kernel width
-        SH, SW, PH, PW, DH, DW,
+        SH: tl.constexpr, SW: tl.constexpr, PH, PW, DH, DW,
         s_an, s_ac, s_ah, s_aw,  # source strides (n, channel, h, w)
         s_wk, s_wn, s_wh, s_ww,  # weight strides: summed channel, output channel, tap h, tap w
         s_cn, s_cc, s_ch, s_cw,  # output strides
@@ -162,7 +162,7 @@ if HAS_TRITON:
     def _conv_grad_weight_kernel(
         g_ptr, x_ptr, c_ptr,
         M, N, R, C, R_SPLIT,  # Cout, kh*kw*C, summed pixels, input channels, pixels per split
-        H, W, OH, OW, KW, SH, SW, PH, PW, DH, DW,
+        H, W, OH, OW, KW, SH: tl.constexpr, SW: tl.constexpr, PH, PW, DH, DW,
         s_gn, s_gc, s_gh, s_gw, s_xn, s_xc, s_xh, s_xw,
         OHW_MAGIC, OHW_SHIFT, OW_MAGIC, OW_SHIFT,  # division_magic(OH * OW), division_magic(OW)
         USE_FP16: tl.constexpr, FP16_MMA: tl.constexpr,

@@ -72,21 +72,21 @@ def _modes():
         # X W^T: row-major X, W read transposed, row-major output
         yield "scaled_mm", f"{t} bias+amax", mm, flags, ("stride_ak", "stride_bk", "stride_cn"), t
         for transposed in (False, True):  # channels-last operands: channel strides are 1
-            for stride in ("", ", stride 1"):  # a stride of 1 is a constant at launch (SH, SW)
-                yield ("conv", f"{t} {'grad-input' if transposed else 'forward'}{stride}",
+            for stride in (1, 2):  # compile-time constants (SH, SW)
+                yield ("conv", f"{t} {'grad-input' if transposed else 'forward'}, stride {stride}",
                        {"a_ptr": ops(t), "w_ptr": ops(t), "c_ptr": "*fp32", "sa_ptr": "*i32", "sb_ptr": "*i32",
                         "bias_ptr": "*fp32", "amax_ptr": "*i32"},
                        dict(TRANSPOSED=transposed, USE_FP16=t == "fp16", SCALED=True, HAS_BIAS=not transposed,
-                            WRITE_AMAX=not transposed),
-                       ("s_ac", "s_wk", "s_cc") + (("SH", "SW") if stride else ()), t)  # grad-input: K-major weight
+                            WRITE_AMAX=not transposed, SH=stride, SW=stride),
+                       ("s_ac", "s_wk", "s_cc"), t)  # grad-input takes its weight K-major too
         yield ("conv_grad_weight", t, {"g_ptr": ops(t), "x_ptr": ops(t), "c_ptr": acc(t)},
-               dict(USE_FP16=t == "fp16", FP16_MMA=False), ("s_gc", "s_xc"), t)
+               dict(USE_FP16=t == "fp16", FP16_MMA=False, SH=1, SW=1), ("s_gc", "s_xc"), t)
         yield ("sum_scale", f"{acc(t)[1:]} partials", {"part_ptr": acc(t), "out_ptr": "*fp32", "sa_ptr": "*i32",
                                                        "sb_ptr": "*i32"},
                dict(INT_SUM=t == "int8", BLOCK=1024), ("s_ow",), None)
     # the 8-bit weight gradient on FP16 MMA (conv_triton.GRAD_WEIGHT_MMA = "fp16")
     yield ("conv_grad_weight", "fp16 MMA, int8 operands", {"g_ptr": "*i8", "x_ptr": "*i8", "c_ptr": "*i32"},
-           dict(USE_FP16=False, FP16_MMA=True), ("s_gc", "s_xc"), "fp16")
+           dict(USE_FP16=False, FP16_MMA=True, SH=1, SW=1), ("s_gc", "s_xc"), "fp16")
     yield ("scaled_mm", "int8 raw int32", {**mm, "a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*i32"},
            dict(HAS_BIAS=False, PER_COL=False, RAW_INT=True, USE_FP16=False, WRITE_AMAX=False),
            ("stride_ak", "stride_bn", "stride_cn"), "int8")
