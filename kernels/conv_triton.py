@@ -324,7 +324,23 @@ def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1
     # operand K-major (Hopper's int8 wgmma reads only that order; another would be transposed
     # through registers on every tile). Weights are small next to the activations.
     w_k = w_m if w_m.stride(0) == 1 else w_m.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
-    return _run(g_m, w_k, out, Cout, (H, W), (w_k.stride(0), w_k.stride(1)), geometry, True, scale)
+    (sh, sw), (ph, pw), (dh, dw) = geometry
+    kh, kw = w_m.shape[2:]
+    if (sh, sw) == (1, 1) or (dh, dw) != (1, 1):
+        return _run(g_m, w_k, out, Cout, (H, W), (w_k.stride(0), w_k.stride(1)), geometry, True, scale)
+    # Strided: an input pixel h takes only the taps i = (h + ph) mod sh, + sh, + 2 sh, ... (the
+    # others fall between output pixels). So each phase (a, b) of the input, rows a::sh and
+    # columns b::sw, is a stride-1 sum over its own taps, where one pass over all taps would
+    # multiply zeros for 3 of every 4 (stride 2).
+    phases = [(a, b, (a + ph) % sh, (b + pw) % sw) for a in range(min(sh, H)) for b in range(min(sw, W))]
+    if any(i0 >= kh or j0 >= kw for _, _, i0, j0 in phases):  # phases no tap reaches (a 1x1 kernel): zeros
+        out.zero_()
+    for a, b, i0, j0 in phases:
+        if i0 < kh and j0 < kw:
+            part, w_part = out[:, :, a::sh, b::sw], w_k[:, :, i0::sh, j0::sw]
+            _run(g_m, w_part, part, Cout, part.shape[2:], (w_part.stride(0), w_part.stride(1)),
+                 ((1, 1), ((a + ph - i0) // sh, (b + pw - j0) // sw), (1, 1)), True, scale)
+    return out
 
 
 DIVIDEND_LIMIT = 2**30  # division_magic's dividends (pixel indices) stay below this

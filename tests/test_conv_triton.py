@@ -68,6 +68,23 @@ def test_grad_input_exact(device, case, channels_last):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [
+    (2, 6, 10, 11, 5, 5, 3, 2, 1),  # stride 3, 5x5: phases with 2 or 1 taps per side, offset sources
+    (1, 3, 2, 7, 4, 3, 4, 1, 1),  # stride 4 past the input's 2 rows: phases without pixels
+    (1, 4, 8, 8, 3, 3, 2, 0, 2),  # dilated: one pass over every tap
+])
+def test_grad_input_strided_phases_exact(device, case):
+    """A strided grad-input runs one stride-1 sum per phase of the input (rows a::s, columns
+    b::s) over that phase's taps; scaled, each phase keeps the epilogue's exact result."""
+    x, w, geometry = _operands(case, device, True)
+    g = _output_grad(x, w, geometry, True)
+    ref = conv2d_grad_input_int_reference(g, w, x.shape, *geometry)
+    assert torch.equal(conv2d_grad_input_int(g, w, x.shape, *geometry).long(), ref)
+    s = (torch.tensor(3, dtype=torch.int32, device=device), torch.tensor(-5, dtype=torch.int32, device=device))
+    assert torch.equal(conv2d_grad_input_int(g, w, x.shape, *geometry, scale=s), conv_triton._epilogue_reference(ref, s, None))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_sums_beyond_fp32_integers_stay_exact(device):
     # 64 channels x 9 taps of 127*127 = 9.3e6 < 2**24 per sign; all-max operands reach 9.3e6 and
     # a float32 route would still be exact, so use 300 channels: 4.4e7 > 2**24 needs int32
@@ -271,13 +288,16 @@ def test_pixel_split_on_a_resnet_layer():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_grad_input_takes_its_weight_with_output_channels_fastest(monkeypatch, device):
+    """The weight comes K-major for the MMA (the sum runs over output channels); a stride-2 3x3
+    gradient runs one launch per input phase, over 9 taps in all (4 + 2 + 2 + 1), not 4 x 9."""
     seen = []
     real = conv_triton._run
-    monkeypatch.setattr(conv_triton, "_run", lambda a, w, *rest, **kw: seen.append(w.stride(0)) or real(a, w, *rest, **kw))
+    monkeypatch.setattr(conv_triton, "_run", lambda a, w, *rest, **kw: seen.append((w.stride(0), w.shape[2] * w.shape[3]))
+                        or real(a, w, *rest, **kw))
     x, w, geometry = _operands(CASES[2], device, True)
     g = _output_grad(x, w, geometry, True)
     gx = conv2d_grad_input_int(g, w, x.shape, *geometry)
-    assert seen == [1]  # K-major for the MMA: the sum runs over output channels
+    assert sorted(seen) == [(1, 1), (1, 2), (1, 2), (1, 4)]
     assert torch.equal(gx, conv2d_grad_input_int_reference(g, w, x.shape, *geometry))
 
 
