@@ -99,11 +99,13 @@ if HAS_TRITON:
         # The reduction runs tap by tap, BLOCK_K channels at a time: each block lies in one tap, so
         # the source pixel and its bounds are worked out once per row, not once per (row, channel).
         c_blocks = tl.cdiv(C, BLOCK_K)
+        # (tap row i, tap column j, channel block cb) advance as counters: dividing kb by the
+        # run-time c_blocks and KW cost two integer divisions per iteration
+        i = tl.full((), 0, tl.int32)
+        j = tl.full((), 0, tl.int32)
+        cb = tl.full((), 0, tl.int32)
         for kb in range(0, TAPS * c_blocks):  # no blocks without channels (c_blocks = 0)
-            tap = kb // c_blocks
-            c = (kb - tap * c_blocks) * BLOCK_K + rk
-            i = tap // KW
-            j = tap - i * KW
+            c = cb * BLOCK_K + rk
             if TRANSPOSED:  # source pixel (p + pad - i*d) / s, where exact
                 hn = p + PH - i * DH
                 wn = q + PW - j * DW
@@ -123,6 +125,13 @@ if HAS_TRITON:
                 acc += tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
             else:
                 acc += tl.dot(a, b, out_dtype=tl.int32)
+            cb += 1
+            next_tap = cb == c_blocks
+            cb = tl.where(next_tap, 0, cb)
+            j = tl.where(next_tap, j + 1, j)
+            next_row = j == KW
+            j = tl.where(next_row, 0, j)
+            i = tl.where(next_row, i + 1, i)
         c_ptrs = (c_ptr + n[:, None].to(tl.int64) * s_cn + p[:, None] * s_ch + q[:, None] * s_cw
                   + rn[None, :] * s_cc)
         if SCALED:  # the dequantisation in the epilogue: two exact power-of-two factors
