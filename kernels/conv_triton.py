@@ -93,6 +93,13 @@ if HAS_TRITON:
         q = pix % OW
         row_ok = rm < M
         a_row = n.to(tl.int64) * s_an
+        # Tap (i, j) reads source pixel (h0 + di, w0 + dj): the row part is worked out here, once,
+        # and each iteration adds a scalar. Forward: h = p*s - pad + i*d. Grad-input at stride 1:
+        # h = p + pad - i*d (a strided one divides by the stride, below).
+        UNIT_STEP: tl.constexpr = not TRANSPOSED or (SH == 1 and SW == 1)
+        h0 = p + PH if TRANSPOSED else p * SH - PH
+        w0 = q + PW if TRANSPOSED else q * SW - PW
+        a_base = a_ptr + (a_row + h0 * s_ah + w0 * s_aw)
         w_col = w_ptr + rn[None, :].to(tl.int64) * s_wn
         col_ok = rn[None, :] < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if USE_FP16 else tl.int32)
@@ -106,19 +113,19 @@ if HAS_TRITON:
         cb = tl.full((), 0, tl.int32)
         for kb in range(0, TAPS * c_blocks):  # no blocks without channels (c_blocks = 0)
             c = cb * BLOCK_K + rk
-            if TRANSPOSED:  # source pixel (p + pad - i*d) / s, where exact
-                hn = p + PH - i * DH
-                wn = q + PW - j * DW
+            c_ok = c < C
+            if UNIT_STEP:
+                di = -i * DH if TRANSPOSED else i * DH
+                dj = -j * DW if TRANSPOSED else j * DW
+                ok = (h0 >= -di) & (h0 < AH - di) & (w0 >= -dj) & (w0 < AW - dj) & row_ok
+                a_ptrs = a_base[:, None] + (di * s_ah + dj * s_aw) + c[None, :] * s_ac
+            else:  # strided grad-input: source pixel (p + pad - i*d) / s, where exact
+                hn = h0 - i * DH
+                wn = w0 - j * DW
                 h = tl.where(hn >= 0, hn, 0) // SH
                 w = tl.where(wn >= 0, wn, 0) // SW
-                ok = (hn >= 0) & (hn % SH == 0) & (wn >= 0) & (wn % SW == 0)
-            else:
-                h = p * SH - PH + i * DH
-                w = q * SW - PW + j * DW
-                ok = (h >= 0) & (w >= 0)
-            ok = ok & (h < AH) & (w < AW) & row_ok
-            c_ok = c < C
-            a_ptrs = a_ptr + (a_row + h * s_ah + w * s_aw)[:, None] + c[None, :] * s_ac
+                ok = (hn >= 0) & (hn % SH == 0) & (wn >= 0) & (wn % SW == 0) & (h < AH) & (w < AW) & row_ok
+                a_ptrs = a_ptr + (a_row + h * s_ah + w * s_aw)[:, None] + c[None, :] * s_ac
             a = tl.load(a_ptrs, mask=ok[:, None] & c_ok[None, :], other=0)
             b = tl.load(w_col + (i * s_wh + j * s_ww) + c[:, None] * s_wk, mask=c_ok[:, None] & col_ok, other=0)
             if USE_FP16:
