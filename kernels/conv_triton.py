@@ -3,12 +3,14 @@ the kernels, so no im2col buffer exists in memory.
 
 - ``_conv_kernel``: forward, ``y[n, o, p, q] = sum_{c,i,j} x[n, c, p*s - pad + i*d, ...] w[o, c, i, j]``,
   and grad-input (``TRANSPOSED``), ``dx[n, c, h, w] = sum_{o,i,j} dy[n, o, (h + pad - i*d) / s, ...]
-  w[o, c, i, j]`` over the taps where the division is exact and in range. Rows are output pixels;
+  w[o, c, i, j]`` over the taps where the division is exact and in range (a strided one runs as
+  one stride-1 sum per input phase, over that phase's taps only). Rows are output pixels;
   the reduction runs over (tap, channel) with the channel fastest, so channels-last operands are
   read in contiguous runs. int8 mantissas: int32 sums, exact. int16 mantissas (9-16 bits): FP16
   operands with FP32 accumulation, exact up to 12 bits (the paper's hardware mapping).
 - ``_conv_grad_weight_kernel``: the weight gradient, reducing over output pixels in splits whose
-  int32 partials cannot overflow (int8), or in FP16 with FP32 accumulation (int16); on a GPU the
+  int32 partials cannot overflow (int8; with ``FP16_MMA`` on FP16 MMA, exact in runs of 1024
+  pixels), or in FP16 with FP32 accumulation (int16); on a GPU the
   splits are also what fills it (:func:`pixel_split`). ``_sum_scale_kernel`` adds the partials
   (int64 for int32 ones), scales them and writes the parameter's layout in one launch.
 Out-of-range taps load zeros and any strides work. ``*_reference`` functions compute the same with
