@@ -190,8 +190,8 @@ if HAS_TRITON:
         # A program's columns lie in one tap (i, j), so each pixel's source position and bounds
         # are worked out once per pixel, not once per (pixel, column).
         # FP16_MMA (int8 operands): FP16 products summed in FP32 over FLUSH_PIXELS pixels at a
-        # time, then added to the int32 sum. Exact: |m| <= 128, so a run's sum stays below
-        # 1024 * 2**14 = 2**24, where every integer is a float32. The int8 MMA needs both operands
+        # time, then added to the int32 sum. Exact: |m| <= 128, so every partial sum of a run is
+        # at most 1024 * 2**14 = 2**24 in magnitude, where every integer is a float32. The int8 MMA needs both operands
         # K-major in shared memory, and channels-last operands are not, so its loads go through
         # registers with no asynchronous copies; converted to FP16 they pipeline.
         pid_m = tl.program_id(0)
