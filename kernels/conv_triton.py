@@ -66,7 +66,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _divide(x, magic, shift):
-        # x // d for 0 <= x < 2**30 by a multiply and a shift (see division_magic): an integer
+        # x // d for 0 <= x < 2**29 by a multiply and a shift (see division_magic): an integer
         # division by a value known only at run time costs a dozen or more instructions per element
         return ((x.to(tl.int64) * magic) >> shift).to(tl.int32)
 
@@ -361,18 +361,19 @@ def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1
     return out
 
 
-DIVIDEND_LIMIT = 2**30  # division_magic's dividends (pixel indices) stay below this
+DIVIDEND_LIMIT = 2**29  # division_magic's dividends (pixel indices) stay below this
 
 
 def division_magic(d: int) -> tuple[int, int]:
-    """``(magic, shift)`` with ``(x * magic) >> shift == x // d`` for every ``0 <= x < 2**30``,
-    for ``1 <= d < 2**30``: with ``l = ceil(log2 d)``, ``magic = 2**(30 + l) // d + 1``. Then
-    ``magic * d`` exceeds ``2**(30 + l)`` by some ``e <= d <= 2**l``, so ``x * magic / 2**(30 + l)``
-    exceeds ``x / d`` by ``x * e / (d * 2**(30 + l)) < 1 / d``, too little to reach the next
-    integer (Granlund and Montgomery, 1994). ``magic < 2**31 + 1``, so ``x * magic`` fits in int64."""
+    """``(magic, shift)`` with ``(x * magic) >> shift == x // d`` for every ``0 <= x < 2**29``,
+    for ``1 <= d < 2**29``: with ``l = ceil(log2 d)``, ``magic = 2**(29 + l) // d + 1``. Then
+    ``magic * d`` exceeds ``2**(29 + l)`` by some ``e <= d <= 2**l``, so ``x * magic / 2**(29 + l)``
+    exceeds ``x / d`` by ``x * e / (d * 2**(29 + l)) < 1 / d``, too little to reach the next
+    integer (Granlund and Montgomery, 1994). ``magic <= 2**30 + 1``: an int32 argument for every
+    divisor (one kernel signature), and ``x * magic`` fits in int64."""
     if not 1 <= d < DIVIDEND_LIMIT:
         raise ValueError(f"division_magic: divisor {d} must be in 1..{DIVIDEND_LIMIT - 1}")
-    shift = 30 + (d - 1).bit_length()
+    shift = 29 + (d - 1).bit_length()
     return 2**shift // d + 1, shift
 
 
