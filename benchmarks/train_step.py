@@ -296,6 +296,13 @@ def _or_none(measure, key):
         return None
 
 
+def eager_levels(cases: dict) -> dict:
+    """Word length -> the configuration of the real route's eager step at it ("triton 8-bit",
+    "aten 16-bit"): not emulated, compiled, graphed or through the master copy."""
+    return {int(k.split()[1][:-len("-bit")]): k for k in cases
+            if len(k.split()) == 2 and k.endswith("-bit") and not k.startswith("emulate")}
+
+
 def host_profile(run, sync, steps: int = 3, top: int = 25) -> str:
     """Where the host's time goes in ``steps`` calls of ``run`` (``cProfile``, functions by their
     own time), for an eager GPU step the host cannot feed fast enough."""
@@ -407,18 +414,13 @@ def main() -> None:
         print(f"\n{name}, batch {args.batch}, {device}, threads {args.threads}, allocator {args.allocator}, "
               f"torch {torch.__version__}")
         print(tabulate(rows, headers=headers, floatfmt=".3f"))
+        eager = eager_levels(cases)
         if args.device_profile:
-            # "<route> 8-bit" and "<route> 16-bit": the eager steps of the real routes
-            levels = [k for k in cases if len(k.split()) == 2 and k.split()[1] in ("8-bit", "16-bit")
-                      and k.split()[0] != "emulate"]
-            for key in ["autocast bf16", *levels]:
+            for key in ["autocast bf16", *(eager[b] for b in (8, 16) if b in eager)]:
                 print(f"\n{name}: {'device' if device == 'cuda' else 'CPU'} profile of '{key}', 3 steps\n"
                       + device_profile(cases[key], sync, device == "cuda"))
-        if args.host_profile:
-            eager8 = next((k for k in cases if k.endswith(" 8-bit") and not k.startswith(("torch.compile", "emulate"))),
-                          None)
-            if eager8 is not None:
-                print(f"\n{name}: host profile of '{eager8}', 3 steps\n" + host_profile(cases[eager8], sync))
+        if args.host_profile and 8 in eager:
+            print(f"\n{name}: host profile of '{eager[8]}', 3 steps\n" + host_profile(cases[eager[8]], sync))
         if not all(bool(torch.isfinite(q).all()) for q in cases.parameters):
             print("warning: the shared weights became NaN/inf during the run (a configuration diverged); "
                   "steps on non-finite values take other paths, so these ratios do not compare")

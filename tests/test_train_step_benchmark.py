@@ -228,3 +228,12 @@ def test_device_profile_counts_the_steps_kernels(train_step):
     text = train_step.device_profile(step, lambda: None, cuda=False, steps=3)
     rows = [line.split() for line in text.splitlines() if line.split()[:1] == ["aten::mm"]]
     assert len(calls) == 4 and rows and rows[0][-1] == "3"
+
+
+def test_eager_levels_name_the_real_routes_eager_steps(train_step):
+    """``--host-profile`` and ``--device-profile`` profile these: not the emulation, the compiled
+    model, a CUDA-graph replay or the master-copy step."""
+    names = ["fp32 eager", "autocast bf16", "emulate 8-bit", "triton 8-bit", "torch.compile, triton 8-bit",
+             "triton 8-bit, master copy", "triton 8-bit, CUDA graph", "triton 16-bit", "aten 12-bit"]
+    assert train_step.eager_levels(dict.fromkeys(names)) == {8: "triton 8-bit", 16: "triton 16-bit",
+                                                              12: "aten 12-bit"}
