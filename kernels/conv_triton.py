@@ -304,7 +304,9 @@ def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, bias=None,
     ``acc * 2**-(s_x + s_w)``, plus ``bias`` (float32 ``[C_out]``) when given.
     ``quantise_output=(bits, rounding, seed)`` (with ``scale``) returns that output fake-quantised,
     the epilogue reducing max |y| so the quantiser runs its rounding pass only: the values of
-    ``quantise_triton(y, bits, rounding, seed=seed, want_values=True)``."""
+    ``quantise_triton(y, bits, rounding, seed=seed, want_values=True)``; ``(bits, rounding, seed,
+    True)`` returns ``(values, mantissas, exponent)`` from that pass, the exponent marked
+    ``NONFINITE_EXPONENT`` where ``y`` holds NaN/inf (what a batch norm reading them takes)."""
     _check(x_m, w_m, "conv2d_int", fp16_ok=True)
     geometry = tuple(_pair(v, 2) for v in (stride, padding, dilation))
     (sh, sw), (ph, pw), (dh, dw) = geometry
@@ -321,9 +323,11 @@ def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, bias=None,
     _run(x_m, w_m, out, C, (OH, OW), (w_m.stride(1), w_m.stride(0)), geometry, False, scale, bias, amax)
     if quantise_output is None:
         return out
-    bits, rounding, seed = quantise_output
-    return quantise_triton(out, bits, rounding, seed=seed, want_mantissa=False, want_values=True,
-                           amax_slot=amax, out=out)[2]
+    bits, rounding, seed, *parts = quantise_output
+    parts = bool(parts and parts[0])
+    m, e, q, _ = quantise_triton(out, bits, rounding, seed=seed, want_mantissa=parts, want_values=True,
+                                 amax_slot=amax, out=out, mark_nonfinite=parts)
+    return (q, m, e) if parts else q
 
 
 def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1, scale=None) -> torch.Tensor:
@@ -455,7 +459,8 @@ def conv2d_int_reference(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, 
                          quantise_output=None) -> torch.Tensor:
     """int64 twin (float64 sums of int8 products are exact far beyond int32's range); int16
     mantissas are rounded to FP16 first and the float64 result returned. ``quantise_output``
-    runs the separate quantiser on the scaled result (its own reduction pass)."""
+    runs the separate quantiser on the scaled result (its own reduction pass), with the parts
+    as :func:`conv2d_int`."""
     if x_m.dtype == torch.int16:
         acc = F.conv2d(x_m.half().double(), w_m.half().double(), None, stride, padding, dilation)
     else:
@@ -463,9 +468,11 @@ def conv2d_int_reference(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, 
     y = _epilogue_reference(acc, scale, bias)
     if quantise_output is None:
         return y
-    bits, rounding, seed = quantise_output
-    return quantise_triton(y.contiguous(memory_format=torch.channels_last), bits, rounding, seed=seed,
-                           want_mantissa=False, want_values=True)[2]
+    bits, rounding, seed, *parts = quantise_output
+    parts = bool(parts and parts[0])
+    m, e, q, _ = quantise_triton(y.contiguous(memory_format=torch.channels_last), bits, rounding, seed=seed,
+                                 want_mantissa=parts, want_values=True, mark_nonfinite=parts)
+    return (q, m, e) if parts else q
 
 
 def conv2d_grad_input_int_reference(g_m, w_m, input_shape, stride=1, padding=0, dilation=1, scale=None):

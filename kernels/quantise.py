@@ -42,6 +42,8 @@ __all__ = [
     "autotune_bench",
     "autotune",
     "triton_path",
+    "remember_amax_slot",
+    "recorded_amax_slot",
 ]
 
 # Largest exponent whose grid step 2**-s is still representable (down to the smallest subnormal).
@@ -347,6 +349,24 @@ def scale_triton(acc: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor | None 
     return out
 
 
+def remember_amax_slot(t: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Record that the kernel writing ``t`` reduced its max |value| into ``slot`` (int32
+    ``[1, 2]`` as :func:`quantise_triton`'s ``amax_slot``), so that quantising ``t`` per tensor
+    skips its reduction pass; tied to ``t``'s version counter, as the CPU kernels' recorded
+    absmax (``quantise_cpu.remember_absmax``). Returns ``t``."""
+    try:
+        t._muppet_amax_slot = (t._version, slot)
+    except RuntimeError:  # inference tensors keep no version counter
+        pass
+    return t
+
+
+def recorded_amax_slot(t: torch.Tensor) -> torch.Tensor | None:
+    """``t``'s recorded slot (:func:`remember_amax_slot`) while it still holds, else ``None``."""
+    known = getattr(t, "_muppet_amax_slot", None)
+    return known[1] if known is not None and known[0] == t._version else None
+
+
 def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None = None,
                     seed: int | torch.Tensor = 0, offset: int = 0, noise: torch.Tensor | None = None,
                     want_mantissa: bool = True, want_values: bool = False, block: int = 1024,
@@ -394,6 +414,8 @@ def quantise_triton(x: torch.Tensor, bits: int, rounding: str, *, axis: int | No
     m = torch.empty_like(xc, dtype=mantissa_dtype(bits)) if want_mantissa else None
     in_place = out is not None and out.shape == xc.shape and out.stride() == xc.stride()
     q = (out if in_place else torch.empty_like(xc)) if want_values else None
+    if q is not None and getattr(q, "_muppet_amax_slot", None) is not None:
+        q._muppet_amax_slot = None  # written below without a version bump
     if noise is not None:
         noise = (noise if axis in (None, 0) else noise.movedim(axis, 0)).float()
         noise = noise.contiguous(memory_format=torch.channels_last) if channels_last else noise.contiguous()

@@ -116,7 +116,7 @@ def forget_absmax(t: torch.Tensor, hint: bool = False) -> torch.Tensor:
     implies and gathers the true absmax in the same pass, keeping the result only where the
     two exponents agree (the result is the same as after a scan either way)."""
     known = getattr(t, "_muppet_absmax", None) if hint else None
-    t._muppet_absmax = None
+    t._muppet_absmax = t._muppet_amax_slot = None  # the Triton route's record (quantise.remember_amax_slot) too
     t._muppet_absmax_hint = None if known is None or known[0] != t._version else known[1]
     return t
 

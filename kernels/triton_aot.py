@@ -48,12 +48,19 @@ class Variant:
 
 
 def _kernels():
+    from . import batch_norm_triton as bn
     from . import conv_triton, gemm_triton, quantise
 
     return {"scaled_mm": gemm_triton._scaled_mm_kernel, "conv": conv_triton._conv_kernel,
             "conv_grad_weight": conv_triton._conv_grad_weight_kernel, "sum_scale": conv_triton._sum_scale_kernel,
             "absmax": quantise._absmax_kernel, "quantise": quantise._quantise_kernel,
-            "scale": quantise._scale_kernel}
+            "scale": quantise._scale_kernel, "bn_sums": bn._sums_kernel, "bn_stats": bn._stats_kernel,
+            "bn_apply": bn._apply_kernel, "bn_grad_sums": bn._grad_sums_kernel, "bn_factors": bn._factors_kernel,
+            "bn_grad_apply": bn._grad_apply_kernel}
+
+
+# float32 scalar arguments (every other non-pointer, non-constexpr argument is an integer)
+FLOAT_ARGS = {"fmax", "eps_hi", "eps_lo", "mom_hi", "mom_lo"}
 
 
 def _modes():
@@ -102,6 +109,26 @@ def _modes():
         yield "quantise", f"stochastic -> {m}", {**quantise_ptrs, "m_ptr": f"*{m}"}, quantise_flags, (), None
     # 2 bits: qmax = 1; one-element rows: L = 1 (integers Triton would specialise to constants)
     yield "quantise", "2-bit, 1-element rows", {**quantise_ptrs, "m_ptr": "*i8"}, quantise_flags, ("qmax", "L"), None
+    yield from _batch_norm_modes()
+
+
+def _batch_norm_modes():
+    """``batch_norm_triton``'s kernels, with the tiles of a 64-channel map."""
+    f32, tiles = "*fp32", dict(BLOCK_R=64, BLOCK_C=64)
+    for m in ("i8", "i16"):
+        yield "bn_sums", m, {"m_ptr": f"*{m}", "part_ptr": "*i64"}, dict(WIDE=m == "i16", **tiles), (), None
+        yield ("bn_apply", f"{m}, ReLU", {"m_ptr": f"*{m}", "ab_ptr": f32, "y_ptr": f32, "mask_ptr": "*u8",
+                                          "amax_ptr": "*i32"}, dict(RELU=True, **tiles), (), None)
+    yield ("bn_stats", "affine, running", {"part_ptr": "*i64", "s_ptr": "*i32", **{p: f32 for p in (
+        "w_ptr", "b_ptr", "rm_ptr", "rv_ptr", "stats_ptr", "ab_ptr")}},
+        dict(HAS_W=True, HAS_B=True, RUNNING=True, BLOCK_C=64), (), None)
+    grads = {"g_ptr": f32, "m_ptr": "*i8", "mask_ptr": "*u8", "s_ptr": "*i32", "mean_ptr": f32}
+    yield "bn_grad_sums", "i8, ReLU mask", {**grads, "part_ptr": "*fp64"}, dict(MASKED=True, **tiles), (), None
+    yield ("bn_factors", "affine", {"part_ptr": "*fp64", **{p: f32 for p in ("invstd_ptr", "w_ptr", "k_ptr", "gw_ptr",
+                                                                           "gb_ptr")}},
+           dict(HAS_W=True, BLOCK_C=64), (), None)
+    yield ("bn_grad_apply", "i8, ReLU mask", {**grads, "k_ptr": f32, "gx_ptr": f32, "amax_ptr": "*i32"},
+           dict(MASKED=True, **tiles), (), None)
 
 
 def jit_function(kernel):
@@ -151,7 +178,7 @@ def unit_variants() -> list[Variant]:
         if (v.kernel, v.mode) in seen:
             continue
         seen.add((v.kernel, v.mode))
-        fn, fixed = jit_function(kernels[v.kernel]), {*dict(v.pointers), *dict(v.constexprs), *v.unit, "fmax"}
+        fn, fixed = jit_function(kernels[v.kernel]), {*dict(v.pointers), *dict(v.constexprs), *v.unit, *FLOAT_ARGS}
         out += [replace(v, mode=f"{v.mode}, {a} = 1", unit=(*v.unit, a))
                 for a in fn.arg_names if a not in fixed and a not in unspecialised(fn)]
     return out
@@ -194,7 +221,7 @@ def compile_variant(v: Variant, arch: str) -> dict:
     # do_not_specialize (by name or position).
     plain = unspecialised(fn)
     pointers, constexprs = dict(v.pointers), {**dict(v.constexprs), **{a: 1 for a in v.unit if a not in plain}}
-    sig = {a: pointers.get(a) or ("constexpr" if a in constexprs else "fp32" if a == "fmax" else "i32")
+    sig = {a: pointers.get(a) or ("constexpr" if a in constexprs else "fp32" if a in FLOAT_ARGS else "i32")
            for a in fn.arg_names}
     # Also as at launch: torch's allocations are 16-byte aligned and most sizes and strides of the
     # networks' layers are multiples of 16, which Triton specialises on (vector loads); arguments

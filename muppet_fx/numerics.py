@@ -22,6 +22,7 @@ from muppet_fx.kernels.quantise import (
     mantissa_dtype,
     quantise_reference,
     quantise_triton,
+    recorded_amax_slot,
     triton_path,
 )
 from muppet_fx.kernels.quantise_cpu import quantise_cpu
@@ -138,8 +139,9 @@ def quantise_parts(x: torch.Tensor, bits: int, rounding: str, axis: int | None =
     of ``x``'s device. A tensor (or slice) holding NaN/inf gets ``NONFINITE_EXPONENT``, whose
     dequantisation is non-finite, so a diverging run stays visible downstream."""
     if triton_path(x):  # the kernel marks non-finite rows itself
+        slot = recorded_amax_slot(x) if axis is None else None  # reduced by the kernel that wrote x
         return quantise_triton(x, bits, rounding, axis=axis, seed=_triton_seed(None, None, rounding, x.device),
-                               mark_nonfinite=True)[:2]
+                               mark_nonfinite=True, amax_slot=slot)[:2]
     else:  # the C kernel on CPU tensors, the reference route elsewhere
         m, s, _, bad = quantise_cpu(x, bits, rounding, axis=axis)
     if bad is False:

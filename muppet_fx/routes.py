@@ -317,8 +317,8 @@ def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias,
     if mode in ("emulate", "fp32"):  # fp32: the same values, scaled before the product
         x_v = dequantise(x_m, x_s) if x_v is None else x_v
         return F.linear(x_v, dequantise(w_m, w_s, w_axis) if w_v is None else w_v, bias), False
-    if mode in TRITON:
-        q = _with_seed(quantise_output, x_m.device)
+    if mode in TRITON:  # values only: a batch norm after it quantises them again for its mantissas
+        q = _with_seed(quantise_output and quantise_output[:2], x_m.device)
         return _triton().scaled_mm(x_m, x_s, w_m.t(), w_s, bias, b_axis=w_axis,
                                    exact=mode == "triton_exact", quantise_output=q), q is not None
     if mode == "int" and w_axis is None:
@@ -334,12 +334,12 @@ def linear_forward(route, x_m, x_s, w_m, w_s, w_axis, bias,
 
 
 def _with_seed(quantise_output, device: torch.device):
-    """``(bits, rounding[, parts])`` -> ``(bits, rounding, seed)``, the seed drawn on ``device``
+    """``(bits, rounding[, parts])`` -> ``(bits, rounding, seed[, parts])``, the seed drawn on ``device``
     by torch's generator as the separate output quantiser draws it (same stream, same draws)."""
     if quantise_output is None:
         return None
-    bits, rounding = quantise_output[:2]
-    return bits, rounding, _triton_seed(None, None, rounding, device)
+    bits, rounding, *parts = quantise_output
+    return bits, rounding, _triton_seed(None, None, rounding, device), *parts
 
 
 def linear_grad_input(route, g_m, g_s, w_m, w_s, w_axis):
@@ -415,7 +415,8 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
     if _int_conv(mode, x_m, groups, w_axis) and _triton_conv(mode, x_m, w_m):
         b = None if bias is None else bias.detach().float().contiguous()  # dequantised and biased in the epilogue
         q = _with_seed(quantise_output, x_m.device)
-        return _conv_triton().conv2d_int(x_m, w_m, stride, padding, dilation, (x_s, w_s), b, q), q is not None
+        y = _conv_triton().conv2d_int(x_m, w_m, stride, padding, dilation, (x_s, w_s), b, q)
+        return (y[0], y[1:]) if isinstance(y, tuple) else (y, q is not None)
     if _int_conv(mode, x_m, groups, w_axis):
         e = _exponent(x_s, w_s)
         out_size = conv_out_size(x_m, w_m, stride, padding, dilation)

@@ -143,13 +143,17 @@ def _forward_oracle(m, e, w, b, rm, rv, momentum, eps=1e-5):
             (1 - momentum) * rv.double() + momentum * var * count / (count - 1), x, alpha, beta)
 
 
-def _check_forward(m, e, w, b, momentum=0.1):
+def _check_forward(m, e, w, b, momentum=0.1, forward=batch_norm_forward, device="cpu"):
+    """``forward(m, e, w, b, running_mean, running_var, momentum, eps)`` (on ``device``)
+    against :func:`_forward_oracle`."""
     C = m.shape[1]
     rm, rv = torch.linspace(-1, 1, C), torch.linspace(0.5, 2, C)
     y_o, mean_o, invstd_o, rm_o, rv_o, x, alpha, beta = _forward_oracle(m, e, w, b, rm, rv, momentum)
-    got = batch_norm_forward(m, e, w, b, rm, rv, momentum, 1e-5)
+    on = [None if t is None else t.to(device) for t in (m, w, b, rm, rv)]
+    got = forward(on[0], e, *on[1:], momentum, 1e-5)
     assert got is not None
-    y, mean, invstd = got
+    y, mean, invstd = (t.cpu() for t in got)
+    rm, rv = on[3].cpu(), on[4].cpu()
     assert y.dtype == torch.float32 and y.shape == m.shape and y.stride() == m.stride()
     assert (mean.double() - mean_o).abs().le(EPS * mean_o.abs()).all()
     assert (invstd.double() - invstd_o).abs().le(EPS * invstd_o).all()

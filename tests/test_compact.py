@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from muppet_fx import MuppetConfig, compact, prepare
+from muppet_fx import MuppetConfig, compact, ops, prepare
 from muppet_fx.compact import compact_batch_norm, compact_relu
-from muppet_fx.kernels import batch_norm_cpu
+from muppet_fx.kernels import batch_norm_cpu, batch_norm_triton
 from muppet_fx.kernels.relu_cpu import relu_mask_backward, relu_with_mask
 
 
@@ -59,8 +59,11 @@ def _run(bits, compact, momentum=0.1, channels_last=True, backend="auto"):
 
 @pytest.fixture
 def aten_batch_norm_backward(monkeypatch):
-    """The compact batch norm on ATen (its backward on the dequantised input), not the C kernels."""
+    """The compact batch norm on ATen (its backward on the dequantised input), not the C or
+    Triton kernels."""
     monkeypatch.setattr(batch_norm_cpu, "_library", lambda: None)
+    for name in ("batch_norm_forward", "batch_norm_backward"):
+        monkeypatch.setattr(batch_norm_triton, name, lambda *a, **k: None)
 
 
 @pytest.mark.parametrize("bits", [4, 8, 12, 16])
@@ -230,6 +233,39 @@ def test_bit_identical_on_the_cuda_code_path(monkeypatch, aten_batch_norm_backwa
     _, stock = _run(8, False, backend="triton")
     _, compact = _run(8, True, backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(stock, compact))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="forces the CUDA code path onto CPU tensors: needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("bits", [8, 12])
+def test_cuda_code_path_batch_norms_run_on_the_mantissas(bits, monkeypatch):
+    """On the CUDA code path the convolutions hand their mantissas over from the output
+    quantiser's pass (no batch norm after a convolution quantises again), the Triton batch-norm
+    kernels read them, and every value and gradient stays within float32 rounding of the stock
+    ops' (their statistics are exact sums, ATen's are float32 ones)."""
+    from muppet_fx.kernels import quantise
+
+    monkeypatch.setattr(quantise, "FORCE_TRITON_PATH", True)
+    _, stock = _run(bits, False, backend="triton")
+    calls, requantised = [], []
+    for name in ("batch_norm_forward", "batch_norm_backward"):
+        real = getattr(batch_norm_triton, name)
+        monkeypatch.setattr(batch_norm_triton, name,
+                            lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    parts = ops.quantise_parts
+
+    def spy(x, bits, rounding, *a, **k):
+        if rounding == "nearest":  # a layer output quantised again for the batch norm after it
+            requantised.append(x.dim())
+        return parts(x, bits, rounding, *a, **k)
+    monkeypatch.setattr(ops, "quantise_parts", spy)
+    _, got = _run(bits, True, backend="triton")
+    assert calls.count("batch_norm_forward") == 3 and calls.count("batch_norm_backward") == 3
+    assert requantised == [2]  # the linear layer's output only: the GEMM hands over its values alone
+    for a, b in zip(stock, got):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        bound = 1e-5 * (b.abs().max() + 1) if b.is_floating_point() else 0
+        assert (a.double() - b.double()).abs().max() <= bound, ((a - b).abs().max().item(), bound)
 
 
 def test_nchw_inputs_and_24_bits_take_the_fallbacks(aten_batch_norm_backward):
