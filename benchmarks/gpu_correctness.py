@@ -13,6 +13,8 @@ forward, grad-input and grad-weight, and 4096^3. Oracles:
   product (float32 accumulation), plus one rounding;
 - the GEMM epilogue's output quantisation: bit-equal to the separate quantiser on the same seed;
 - the convolution epilogue's dequantisation (subnormal scales included): bit-equal to torch's;
+- the batch norm from mantissas: within float32 rounding bounds of float64 (forward and
+  backward, ReLU fused);
 - the quantiser: nearest rounding bit-equal to the torch reference, stochastic rounding
   unbiased within 6 standard errors over 16M draws, and fresh draws at each replay of a
   captured quantisation (its seed drawn on the device).
@@ -182,6 +184,43 @@ def quantiser(n):
     return f"nearest bit-equal; stochastic mean error {bias:.2g} (6 SE {6 * se:.2g})"
 
 
+@check("batch norm from mantissas")
+def batch_norm(C, hw, batch):
+    """``batch_norm_triton`` on a channels-last int8 map (ReLU fused) against float64 on the
+    dequantised input: ``y`` within eight float32 roundings of its terms, every gradient within
+    eight roundings of a float32 reduction's error (``sqrt(R)`` times the largest term)."""
+    from muppet_fx.kernels import batch_norm_triton
+
+    eps32 = torch.finfo(torch.float32).eps
+    m = _ints((batch, C, hw, hw), 127, torch.int8).contiguous(memory_format=torch.channels_last)
+    s = torch.tensor(7, dtype=torch.int32, device=DEVICE)
+    w, b = torch.randn(C, device=DEVICE), torch.randn(C, device=DEVICE)
+    y, mean, invstd, mask = batch_norm_triton.batch_norm_forward(m, s, w, b, None, None, 0.1, 1e-5, relu=True)
+    g = torch.randn_like(y)
+    gx, gw, gb = batch_norm_triton.batch_norm_backward(g, m, s, mean, invstd, w, (True, True, True), relu_mask=mask)
+    x = m.double() * 2.0**-7
+    dims, view = [0, 2, 3], [1, -1, 1, 1]
+    mean64, var64 = x.mean(dims), x.var(dims, unbiased=False)
+    alpha = (var64 + 1e-5).rsqrt() * w.double()
+    y64 = (x * alpha.view(view) + (b.double() - mean64 * alpha).view(view)).clamp_min(0)
+    bound = 8 * eps32 * ((x * alpha.view(view)).abs() + (mean64 * alpha).abs().view(view) + b.double().abs().view(view)
+                         + y64.abs())
+    worst = ((y.double() - y64).abs() / bound).max().item()
+    assert worst <= 1, f"y off by {worst:.2f} of its bound"
+    gm = torch.where(y64 > 0, g.double(), 0.0)
+    refs = torch.ops.aten.native_batch_norm_backward(gm, x, w.double(), None, None, mean.double(), invstd.double(),
+                                                     True, 1e-5, [True, True, True])
+    R = x.numel() // C
+    xhat = (x - mean.double().view(view)) * invstd.double().view(view)
+    terms = (gm.abs().max(), (gm * xhat).abs().max(), gm.abs().max())
+    ratios = []
+    for name, got, ref, term in zip(("input", "weight", "bias"), (gx, gw, gb), refs, terms):
+        bound = 8 * eps32 * (R**0.5 * term + ref.abs().max())
+        ratios.append(((got.double() - ref).abs().max() / bound).item())
+        assert ratios[-1] <= 1, f"{name} gradient off by {ratios[-1]:.2f} of its bound"
+    return f"y at {worst:.2g} of its bound, gradients at {max(ratios):.2g}"
+
+
 @check("stochastic rounding replayed in a CUDA graph")
 def graphed_rounding(n):
     """The training seeds are drawn on the device by torch's generator: each replay of a
@@ -243,6 +282,8 @@ def main() -> None:
     for cin, cout, hw, k, s in convs:
         conv_int8(cin, cout, hw, k, s, args.batch)
         conv_fp16(cin, cout, hw, k, s, args.batch)
+    for cin, cout, hw, k, stride in convs:  # each convolution's output map
+        batch_norm(cout, -(-hw // stride), args.batch)
     quantiser(4096 if args.tiny else 1 << 24)
     graphed_rounding(4096 if args.tiny else 1 << 24)
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all passed", flush=True)
