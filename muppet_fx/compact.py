@@ -17,7 +17,9 @@ value, and ReLU keeps its float32 output. Here:
   reading the exponent on the device (``kernels/batch_norm_triton``); elsewhere the stock ops
   run on the identical input;
 - ReLU saves a one-byte mask ``out != 0`` (what ``threshold_backward`` tests: ``out <= 0``
-  gives 0, NaN passes the gradient) and backward is ``where(mask, grad, 0)``.
+  gives 0, NaN passes the gradient) and backward is ``where(mask, grad, 0)``: one C pass each
+  way on the CPU (``kernels/relu_cpu``), one Triton kernel on the Triton route
+  (``kernels/relu_triton``).
 
 Where the stock ops run, outputs and gradients are bit-identical to them. The C kernels differ
 from ATen by float32 rounding: their statistics are exact where ATen's float32 sums are not,
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from muppet_fx.custom_ops import transformed
-from muppet_fx.kernels import batch_norm_triton
+from muppet_fx.kernels import batch_norm_triton, relu_triton
 from muppet_fx.kernels.batch_norm_cpu import batch_norm_backward, batch_norm_forward
 from muppet_fx.kernels.quantise import triton_path
 from muppet_fx.kernels.quantise_cpu import forget_absmax
@@ -208,18 +210,18 @@ def _take_parts(site, input: Tensor):
 
 
 def _relu_and_mask(x: Tensor) -> tuple[Tensor, Tensor]:
-    fused = relu_with_mask(x)  # one C pass on the CPU
+    fused = relu_triton.relu_with_mask(x) if triton_path(x) else relu_with_mask(x)  # one pass: C or Triton
     y, mask = fused if fused is not None else (torch.relu(x), None)
     return y, (mask if mask is not None else (y != 0).view(torch.uint8))
 
 
 def _add_relu_and_mask(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    fused = add_relu_with_mask(a, b)  # one C pass on the CPU
+    fused = relu_triton.add_relu_with_mask(a, b) if triton_path(a) else add_relu_with_mask(a, b)
     return fused if fused is not None else _relu_and_mask(a + b)
 
 
 def _relu_backward(grad: Tensor, mask: Tensor) -> Tensor:
-    gx = relu_mask_backward(grad, mask)
+    gx = relu_triton.relu_mask_backward(grad, mask) if triton_path(grad) else relu_mask_backward(grad, mask)
     if gx is None and grad.device.type == "cpu" and mask.stride() != grad.stride() and mask.shape == grad.shape:
         gx = relu_mask_backward(grad.contiguous(memory_format=_order(mask)), mask)
     return gx if gx is not None else torch.where(mask.view(torch.bool), grad, 0.0)
