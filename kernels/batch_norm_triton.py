@@ -74,6 +74,17 @@ if HAS_TRITON:
         tl.store(out + C, s2, mask=cols < C)
 
     @triton.jit
+    def _totals(part_ptr, P, C, cols, cmask, DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
+        # the sums kernels' [P, 2, C] partials added over P for the channels cols
+        t1 = tl.zeros([BLOCK_C], dtype=DTYPE)
+        t2 = tl.zeros([BLOCK_C], dtype=DTYPE)
+        for p in range(P):
+            row = part_ptr + p * 2 * C + cols
+            t1 += tl.load(row, mask=cmask, other=0)
+            t2 += tl.load(row + C, mask=cmask, other=0)
+        return t1, t2
+
+    @triton.jit
     def _stats_kernel(part_ptr, P, C, R, s_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, stats_ptr, ab_ptr,
                       eps_hi, eps_lo, mom_hi, mom_lo, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       RUNNING: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -81,12 +92,7 @@ if HAS_TRITON:
         # float64, scaled by 2**-s; y = m * a + b with a = alpha * 2**-s, b = bias - mean * alpha
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        s1 = tl.zeros([BLOCK_C], dtype=tl.int64)
-        s2 = tl.zeros([BLOCK_C], dtype=tl.int64)
-        for p in range(P):
-            row = part_ptr + p * 2 * C + cols
-            s1 += tl.load(row, mask=cmask, other=0)
-            s2 += tl.load(row + C, mask=cmask, other=0)
+        s1, s2 = _totals(part_ptr, P, C, cols, cmask, tl.int64, BLOCK_C)
         scale = pow2_f32(-tl.load(s_ptr).to(tl.int32)).to(tl.float64)
         n = _float64(R, 0, BLOCK_C)
         t1 = s1.to(tl.float64)
@@ -161,12 +167,7 @@ if HAS_TRITON:
         # gradient sum_gxc * invstd and the bias gradient sum_g
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        sg = tl.zeros([BLOCK_C], dtype=tl.float64)
-        sx = tl.zeros([BLOCK_C], dtype=tl.float64)
-        for p in range(P):
-            row = part_ptr + p * 2 * C + cols
-            sg += tl.load(row, mask=cmask, other=0.0)
-            sx += tl.load(row + C, mask=cmask, other=0.0)
+        sg, sx = _totals(part_ptr, P, C, cols, cmask, tl.float64, BLOCK_C)
         n = _float64(R, 0, BLOCK_C)
         inv = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
         w = tl.full([BLOCK_C], 1.0, tl.float64)
