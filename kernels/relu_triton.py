@@ -45,10 +45,12 @@ if HAS_TRITON:
         tl.store(out_ptr + offs, tl.where(keep, tl.load(g_ptr + offs, mask=inside, other=0.0), 0.0), mask=inside)
 
 
-def _applies(*ts: torch.Tensor, dtype=torch.float32) -> bool:
+def _applies(*ts: torch.Tensor) -> bool:
+    """Float32 tensors on the Triton route, dense, of one shape, memory order and device."""
     a = ts[0]
-    return (HAS_TRITON and triton_path(a) and a.dtype == dtype and is_dense(a)
-            and all(t.device == a.device and t.shape == a.shape and t.stride() == a.stride() for t in ts[1:]))
+    return (HAS_TRITON and triton_path(a) and is_dense(a) and all(
+        t.dtype == torch.float32 and t.device == a.device and t.shape == a.shape and t.stride() == a.stride()
+        for t in ts))
 
 
 def _forward(a: torch.Tensor, b: torch.Tensor | None):
@@ -70,7 +72,7 @@ def relu_with_mask(x: torch.Tensor):
 def add_relu_with_mask(a: torch.Tensor, b: torch.Tensor):
     """``(relu(a + b), mask)`` in one pass, for float32 tensors of one shape and memory order;
     ``None`` where not applicable."""
-    return _forward(a, b) if _applies(a) and _applies(b) and _applies(a, b) else None
+    return _forward(a, b) if _applies(a, b) else None
 
 
 def relu_mask_backward(grad: torch.Tensor, mask: torch.Tensor):
