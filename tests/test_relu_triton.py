@@ -70,6 +70,7 @@ def test_declines_what_it_does_not_cover(device):
     assert relu_triton.relu_with_mask(a.double()) is None
     assert relu_triton.relu_with_mask(a.transpose(1, 2)) is None  # not dense in a walkable order
     assert relu_triton.add_relu_with_mask(a, a[:1]) is None  # broadcasting
+    assert relu_triton.add_relu_with_mask(a, a.double()) is None
     assert relu_triton.add_relu_with_mask(a, a.contiguous(memory_format=torch.channels_last)) is None
     mask = torch.ones_like(a, dtype=torch.uint8)
     assert relu_triton.relu_mask_backward(a, mask.bool()) is None
