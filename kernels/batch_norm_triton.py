@@ -75,13 +75,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _totals(part_ptr, P, C, cols, cmask, DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
-        # the sums kernels' [P, 2, C] partials added over P for the channels cols
+        # the sums kernels' [P, 2, C] partials added over P for the channels cols, 32 rows of
+        # partials per load: one row per iteration would wait out a load's latency P times
         t1 = tl.zeros([BLOCK_C], dtype=DTYPE)
         t2 = tl.zeros([BLOCK_C], dtype=DTYPE)
-        for p in range(P):
-            row = part_ptr + p * 2 * C + cols
-            t1 += tl.load(row, mask=cmask, other=0)
-            t2 += tl.load(row + C, mask=cmask, other=0)
+        for p0 in range(0, P, 32):
+            ps = p0 + tl.arange(0, 32)
+            offs = ps[:, None] * 2 * C + cols[None, :]
+            inside = (ps < P)[:, None] & cmask[None, :]
+            t1 += tl.sum(tl.load(part_ptr + offs, mask=inside, other=0), axis=0)
+            t2 += tl.sum(tl.load(part_ptr + offs + C, mask=inside, other=0), axis=0)
         return t1, t2
 
     @triton.jit

@@ -83,9 +83,11 @@ def test_forward_sums_stay_exact_past_int32(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (64, 16, 8, 8), (2, 80, 3, 5), (7, 33), (2, 5, 3, 4, 6)])
+@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (64, 16, 8, 8), (2, 80, 3, 5), (7, 33), (2, 5, 3, 4, 6),
+                                   (40, 16, 16, 16)])
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
 def test_backward_matches_float64_aten(device, shape, dtype):
+    """The last shape has 40 row programs: their partial sums are added 32 rows at a time."""
     g, m, e, x, w, mean, invstd = _case(shape, dtype, len(shape) > 2)
     on = [t.to(device) for t in (g, m, mean, invstd, w)]
     got = batch_norm_triton.batch_norm_backward(on[0], on[1], _s(e, device), *on[2:], (True, True, True))
