@@ -74,6 +74,12 @@ if HAS_TRITON:
         tl.store(out + C, s2, mask=cols < C)
 
     @triton.jit
+    def _clear_slot(amax_ptr):
+        # the next kernel's absmax slot, zeroed here rather than by a fill launch of its own
+        if tl.program_id(0) == 0:
+            tl.store(amax_ptr + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
+
+    @triton.jit
     def _totals(part_ptr, P, C, cols, cmask, DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
         # the sums kernels' [P, 2, C] partials added over P for the channels cols, 32 rows of
         # partials per load: one row per iteration would wait out a load's latency P times
@@ -88,11 +94,12 @@ if HAS_TRITON:
         return t1, t2
 
     @triton.jit
-    def _stats_kernel(part_ptr, P, C, R, s_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, stats_ptr, ab_ptr,
+    def _stats_kernel(part_ptr, P, C, R, s_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, stats_ptr, ab_ptr, amax_ptr,
                       eps_hi, eps_lo, mom_hi, mom_lo, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       RUNNING: tl.constexpr, BLOCK_C: tl.constexpr):
         # batch_norm_cpu.c's statistics: mean and variance of the mantissas from exact sums in
         # float64, scaled by 2**-s; y = m * a + b with a = alpha * 2**-s, b = bias - mean * alpha
+        _clear_slot(amax_ptr)
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
         s1, s2 = _totals(part_ptr, P, C, cols, cmask, tl.int64, BLOCK_C)
@@ -164,10 +171,11 @@ if HAS_TRITON:
         tl.store(out + C, sx, mask=cols < C)
 
     @triton.jit
-    def _factors_kernel(part_ptr, P, C, R, invstd_ptr, w_ptr, k_ptr, gw_ptr, gb_ptr, HAS_W: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+    def _factors_kernel(part_ptr, P, C, R, invstd_ptr, w_ptr, k_ptr, gw_ptr, gb_ptr, amax_ptr,
+                        HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
         # gx = k * (g - k_g - (x - mean) * k_x) as batch_norm_cpu.c's factors(); the weight
         # gradient sum_gxc * invstd and the bias gradient sum_g
+        _clear_slot(amax_ptr)
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
         sg, sx = _totals(part_ptr, P, C, cols, cmask, tl.float64, BLOCK_C)
@@ -222,6 +230,11 @@ def _float32(v: float) -> float:
     return struct.unpack("<f", struct.pack("<f", v))[0]
 
 
+def _slot(device: torch.device) -> torch.Tensor:
+    """An absmax slot for an output pass; the statistics kernel before that pass zeroes it."""
+    return torch.empty((1, 2), dtype=torch.int32, device=device)
+
+
 def _parts(v: float) -> tuple[float, float]:
     """A float64 ``v`` as float32 ``(hi, lo)`` with ``hi + lo`` within 2**-48 of ``v``: Triton
     passes Python floats to kernels as float32."""
@@ -253,13 +266,13 @@ def batch_norm_forward(m: torch.Tensor, s: torch.Tensor, weight, bias, running_m
     stats = torch.empty((2, C), dtype=torch.float32, device=m.device)
     ab = torch.empty((2, C), dtype=torch.float32, device=m.device)
     running = running_mean is not None and running_var is not None
+    amax = _slot(m.device)
     _stats_kernel[(triton.cdiv(C, 64),)](
         part, programs, C, R, s, *(stats if t is None else t for t in (weight, bias, running_mean, running_var)),
-        stats, ab, *_parts(eps), *_parts(momentum),
+        stats, ab, amax, *_parts(eps), *_parts(momentum),
         HAS_W=weight is not None, HAS_B=bias is not None, RUNNING=running, BLOCK_C=64)
     y = torch.empty_like(m, dtype=torch.float32)
     mask = torch.empty_like(m, dtype=torch.uint8) if relu else y
-    amax = torch.zeros((1, 2), dtype=torch.int32, device=m.device)
     _apply_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](m, ab, y, mask, amax, R, C, RELU=relu,
                                                                        BLOCK_R=block_r, BLOCK_C=block_c)
     return (remember_amax_slot(y, amax), stats[0], stats[1]) + ((mask,) if relu else ())
@@ -288,12 +301,12 @@ def batch_norm_backward(grad: torch.Tensor, m: torch.Tensor, s: torch.Tensor, me
                                                            BLOCK_R=block_r, BLOCK_C=block_c)
     k = torch.empty((3, C), dtype=torch.float32, device=m.device)
     wb = torch.empty((2, C), dtype=torch.float32, device=m.device)
-    _factors_kernel[(triton.cdiv(C, 64),)](part, programs, C, R, invstd, k if weight is None else weight, k, wb[0], wb[1],
-                                           HAS_W=weight is not None, BLOCK_C=64)
+    amax = _slot(m.device)
+    _factors_kernel[(triton.cdiv(C, 64),)](part, programs, C, R, invstd, k if weight is None else weight, k, wb[0],
+                                           wb[1], amax, HAS_W=weight is not None, BLOCK_C=64)
     gx = None
     if need[0]:
         gx = torch.empty_like(grad)
-        amax = torch.zeros((1, 2), dtype=torch.int32, device=m.device)
         _grad_apply_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
             grad, m, mask, s, mean, k, gx, amax, R, C, MASKED=masked, BLOCK_R=block_r, BLOCK_C=block_c)
         remember_amax_slot(gx, amax)

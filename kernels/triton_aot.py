@@ -124,13 +124,13 @@ def _batch_norm_modes():
         yield "bn_sums", m, {"m_ptr": f"*{m}", "part_ptr": "*i64"}, dict(WIDE=m == "i16", **tiles), (), None
         yield ("bn_apply", f"{m}, ReLU", {"m_ptr": f"*{m}", "ab_ptr": f32, "y_ptr": f32, "mask_ptr": "*u8",
                                           "amax_ptr": "*i32"}, dict(RELU=True, **tiles), (), None)
-    yield ("bn_stats", "affine, running", {"part_ptr": "*i64", "s_ptr": "*i32", **{p: f32 for p in (
+    yield ("bn_stats", "affine, running", {"part_ptr": "*i64", "s_ptr": "*i32", "amax_ptr": "*i32", **{p: f32 for p in (
         "w_ptr", "b_ptr", "rm_ptr", "rv_ptr", "stats_ptr", "ab_ptr")}},
         dict(HAS_W=True, HAS_B=True, RUNNING=True, BLOCK_C=64), (), None)
     grads = {"g_ptr": f32, "m_ptr": "*i8", "mask_ptr": "*u8", "s_ptr": "*i32", "mean_ptr": f32}
     yield "bn_grad_sums", "i8, ReLU mask", {**grads, "part_ptr": "*fp64"}, dict(MASKED=True, **tiles), (), None
-    yield ("bn_factors", "affine", {"part_ptr": "*fp64", **{p: f32 for p in ("invstd_ptr", "w_ptr", "k_ptr", "gw_ptr",
-                                                                           "gb_ptr")}},
+    yield ("bn_factors", "affine", {"part_ptr": "*fp64", "amax_ptr": "*i32", **{p: f32 for p in (
+        "invstd_ptr", "w_ptr", "k_ptr", "gw_ptr", "gb_ptr")}},
            dict(HAS_W=True, BLOCK_C=64), (), None)
     yield ("bn_grad_apply", "i8, ReLU mask", {**grads, "k_ptr": f32, "gx_ptr": f32, "amax_ptr": "*i32"},
            dict(MASKED=True, **tiles), (), None)

@@ -197,3 +197,21 @@ def test_outputs_carry_their_max_for_the_next_quantiser(device, poison, monkeypa
     assert bool(gx.isnan().any()) == poison and (int(quantise_parts(gx, 8, "nearest")[1]) == -(2**30)) == poison
     y.mul_(2.0)
     assert quantise.recorded_amax_slot(y) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_slots_are_zeroed_by_the_kernels(device, monkeypatch):
+    """The output passes' absmax slots come uninitialised (no fill launch): the statistics
+    kernel before each pass zeroes them. Slots handed over full of a large value still give
+    the outputs' true maxima."""
+    from muppet_fx.kernels import quantise
+
+    monkeypatch.setattr(batch_norm_triton, "_slot", lambda device: torch.full((1, 2), 0x7F000000, dtype=torch.int32,
+                                                                             device=device))
+    g, m, e, _, w, _, _ = _case((3, 24, 5, 7), torch.int8, True, seed=12)
+    g, m, w = g.to(device), m.to(device), w.to(device)
+    y, mean, invstd = batch_norm_triton.batch_norm_forward(m, _s(e, device), w, None, None, None, 0.1, 1e-5)
+    gx, _, _ = batch_norm_triton.batch_norm_backward(g, m, _s(e, device), mean, invstd, w, (True, False, False))
+    for t in (y, gx):
+        slot = quantise.recorded_amax_slot(t)
+        assert slot[0, 0].view(torch.float32) == t.abs().max() and slot[0, 1] == 0
