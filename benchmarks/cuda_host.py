@@ -8,7 +8,7 @@ routes' Python, the tensor bookkeeping, the launch decisions) and none of the ke
 level:
 - **launches per step**, per kernel, and the step's **torch launches**: its aten ops that are
   neither views, nor allocations, nor host reads (what would launch a kernel on a GPU; the
-  batch norm's C kernels are switched off, as on a GPU);
+  batch norm's and ReLU's C kernels are switched off, as on a GPU);
 - **compilations**: the distinct specialisation keys among those launches, worked out as Triton
   does at launch (integers equal to 1, integers and pointers divisible by 16, dtypes and
   constexpr flags; arguments a kernel marks ``do_not_specialize`` excepted), times the
@@ -64,11 +64,11 @@ class Recorder:
         recorder = self
         for cls, _ in self._saved:
             cls.run = lambda kernel, *a, **k: recorder._run(kernel, *a, **k)
-        self._force = (quantise.FORCE_TRITON_PATH, routes.resolve_route, compact.batch_norm_forward,
-                       compact.batch_norm_backward)
+        self._force = (quantise.FORCE_TRITON_PATH, routes.resolve_route,
+                       *(getattr(compact, name) for name in _CPU_KERNELS))
         quantise.FORCE_TRITON_PATH = True
-        # the batch norm's C kernels take CPU exponents; on a GPU the ATen batch norm runs
-        compact.batch_norm_forward = compact.batch_norm_backward = lambda *a, **k: None
+        for name in _CPU_KERNELS:  # on a GPU these C kernels never run: the Triton ones or torch ops do
+            setattr(compact, name, lambda *a, **k: None)
         real = routes.resolve_route
         routes.resolve_route = lambda backend, device, exact: ("triton" if backend == "triton"
                                                                else real(backend, device, exact))
@@ -77,8 +77,14 @@ class Recorder:
     def __exit__(self, *exc):
         for cls, run in self._saved:
             cls.run = run
-        (quantise.FORCE_TRITON_PATH, routes.resolve_route, compact.batch_norm_forward,
-         compact.batch_norm_backward) = self._force
+        quantise.FORCE_TRITON_PATH, routes.resolve_route = self._force[:2]
+        for name, fn in zip(_CPU_KERNELS, self._force[2:]):
+            setattr(compact, name, fn)
+
+
+# compact's C kernels (batch norm, ReLU), which would take the stubbed step's CPU tensors
+_CPU_KERNELS = ("batch_norm_forward", "batch_norm_backward", "relu_with_mask", "add_relu_with_mask",
+                "relu_mask_backward")
 
 
 # aten ops that launch no kernel on a GPU: allocations and host-side reads (views are told by
