@@ -28,7 +28,7 @@ import torch
 
 from .quantise import HAS_TRITON, remember_amax_slot
 
-__all__ = ["batch_norm_forward", "batch_norm_backward", "rows_layout"]
+__all__ = ["batch_norm_forward", "batch_norm_backward"]
 
 if HAS_TRITON:
     import triton
@@ -211,7 +211,7 @@ TILE = 4096  # values per tile
 PROGRAMS = 512  # row programs of the sums kernels at most (a few per SM)
 
 
-def rows_layout(t: torch.Tensor) -> bool:
+def _rows_layout(t: torch.Tensor) -> bool:
     """Channels (dim 1) fastest in memory and the rest dense: a channels-last map of any rank,
     or ``[N, C]`` rows, walked as ``[numel / C, C]``."""
     return t.dim() >= 2 and t.movedim(1, -1).is_contiguous()
@@ -243,7 +243,7 @@ def _parts(v: float) -> tuple[float, float]:
 
 
 def _applies(m: torch.Tensor, s: torch.Tensor, *params) -> bool:
-    return (HAS_TRITON and m.dtype in (torch.int8, torch.int16) and m.numel() > 0 and rows_layout(m)
+    return (HAS_TRITON and m.dtype in (torch.int8, torch.int16) and m.numel() > 0 and _rows_layout(m)
             and s.numel() == 1 and s.device == m.device and m.numel() // m.shape[1] >= 2
             and all(p is None or (p.dtype == torch.float32 and p.is_contiguous() and p.device == m.device)
                     for p in params))

@@ -323,10 +323,16 @@ def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, bias=None,
     _run(x_m, w_m, out, C, (OH, OW), (w_m.stride(1), w_m.stride(0)), geometry, False, scale, bias, amax)
     if quantise_output is None:
         return out
+    return _quantise_output(out, quantise_output, amax)
+
+
+def _quantise_output(y, quantise_output, amax=None):
+    """``y`` quantised in place as ``quantise_output=(bits, rounding, seed[, parts])`` asks (see
+    :func:`conv2d_int`); ``amax``: the epilogue's reduction of max |y|, if it made one."""
     bits, rounding, seed, *parts = quantise_output
     parts = bool(parts and parts[0])
-    m, e, q, _ = quantise_triton(out, bits, rounding, seed=seed, want_mantissa=parts, want_values=True,
-                                 amax_slot=amax, out=out, mark_nonfinite=parts)
+    m, e, q, _ = quantise_triton(y, bits, rounding, seed=seed, want_mantissa=parts, want_values=True,
+                                 amax_slot=amax, out=y, mark_nonfinite=parts)
     return (q, m, e) if parts else q
 
 
@@ -468,11 +474,7 @@ def conv2d_int_reference(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, 
     y = _epilogue_reference(acc, scale, bias)
     if quantise_output is None:
         return y
-    bits, rounding, seed, *parts = quantise_output
-    parts = bool(parts and parts[0])
-    m, e, q, _ = quantise_triton(y.contiguous(memory_format=torch.channels_last), bits, rounding, seed=seed,
-                                 want_mantissa=parts, want_values=True, mark_nonfinite=parts)
-    return (q, m, e) if parts else q
+    return _quantise_output(y.contiguous(memory_format=torch.channels_last), quantise_output)
 
 
 def conv2d_grad_input_int_reference(g_m, w_m, input_shape, stride=1, padding=0, dilation=1, scale=None):
