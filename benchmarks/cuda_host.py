@@ -122,9 +122,11 @@ def specialisation(fn, args, constexprs, honour_plain: bool = True) -> tuple:
     return tuple(key), tuple(sorted(constexprs.items()))
 
 
-def step_fn(net, x, y):
+def step_fn(net, x, y, opt=None):
     def step():
         F.cross_entropy(net(x), y).backward()
+        if opt is not None:
+            opt.step()
         for p in net.parameters():
             p.grad = None
     return step
@@ -138,6 +140,8 @@ def main() -> None:
     p.add_argument("--levels", type=lambda v: tuple(int(b) for b in v.split(",")), default=(8, 16))
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--master", action="store_true", help="steps end with an SGD step, MuPPET's through "
+                   "MasterCopyOptimizer (each gradient quantised)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -152,10 +156,22 @@ def main() -> None:
         rows, launch_rows = [], []
         for bits in args.levels:
             pm = muppet_fx.prepare(model, ladder=(bits, "fp32"), backend="triton")
+            # fused, as on a GPU: the NaN check stays on the device (the stubbed kernels leave
+            # garbage in the gradients, and a host check would skip the quantisation)
+            sgd = (lambda params: torch.optim.SGD(params, lr=0.0, momentum=0.9, fused=True)) if args.master else None
+            opt, ref_opt = (muppet_fx.MasterCopyOptimizer(sgd(pm.parameters()), pm), sgd(reference.parameters())) \
+                if args.master else (None, None)
             with Recorder() as rec:
                 x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+                if opt is not None:  # a finite first step initialises the optimiser's state (checked path)
+                    F.cross_entropy(pm(x), y).backward()
+                    for p in pm.parameters():
+                        p.grad.nan_to_num_(0.0, 0.0, 0.0)
+                    opt.step()
+                    opt.zero_grad()
+                    rec.calls.clear()
                 with TorchLaunches() as torch_launches:
-                    step_fn(pm, x, y)()
+                    step_fn(pm, x, y, opt)()
                 per_kernel = collections.defaultdict(lambda: [0, set(), set(), 0])
                 for kernel, configs, without, with_plain in rec.calls:
                     r = per_kernel[kernel]
@@ -165,8 +181,8 @@ def main() -> None:
                     r[3] = configs
                 rec.recording = False
                 xs, ys = torch.randn(args.host_batch, 3, 32, 32), torch.randint(0, 10, (args.host_batch,))
-                timed = {"fp32 eager, CPU kernels": step_fn(reference, xs, ys),
-                         f"{bits}-bit triton route, kernels stubbed": step_fn(pm, xs, ys)}
+                timed = {"fp32 eager, CPU kernels": step_fn(reference, xs, ys, ref_opt),
+                         f"{bits}-bit triton route, kernels stubbed": step_fn(pm, xs, ys, opt)}
                 for f in timed.values():
                     f()
                 times = {k: [] for k in timed}
@@ -182,7 +198,7 @@ def main() -> None:
                          sum(len(r[2]) * r[3] for r in per_kernel.values())]
                         + [statistics.median(v) * 1e3 for v in times.values()])
         print(f"\n{name}: recorded at batch {args.batch}, timed at batch {args.host_batch}, threads {args.threads}, "
-              f"torch {torch.__version__}")
+              f"torch {torch.__version__}{', with MasterCopyOptimizer(SGD)' if args.master else ''}")
         print(tabulate(launch_rows, headers=["level", "kernel", "launches", "keys without", "keys with",
                                              "configs", "compilations without", "compilations with"]))
         print(tabulate(rows, headers=["level", "Triton launches per step", "torch launches per step",

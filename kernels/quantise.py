@@ -275,6 +275,30 @@ if HAS_TRITON:
         tl.atomic_max(slot_ptr + row * 2, a.to(tl.int32, bitcast=True))
         tl.atomic_max(slot_ptr + row * 2 + 1, tl.max(tl.where(finite | ~mask, 0, 1), axis=0))
 
+    @triton.jit
+    def rounded_mantissas(x, s, u, STOCHASTIC: tl.constexpr):
+        # m = round(x * 2**s) (NaN/inf read as 0): floor + (u < fraction) with STOCHASTIC, else
+        # half to even. 2**s is applied as two factors 2**h * 2**(s-h), h = floor(s / 2).
+        h = s >> 1
+        finite = (x == x) & (tl.abs(x) < float("inf"))
+        v = tl.where(finite, x, 0.0) * pow2_f32(h) * pow2_f32(s - h)
+        f = tl.floor(v)
+        d = v - f
+        if STOCHASTIC:
+            m = f + tl.where(u < d, 1.0, 0.0)
+        else:
+            half = f * 0.5
+            odd = tl.floor(half) != half
+            m = f + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
+        return m
+
+    @triton.jit
+    def dequantised_values(m, s, x, fmax):
+        # m * 2**-s clamped to +-fmax; a non-finite x passes through
+        h = s >> 1
+        q = tl.minimum(tl.maximum(m * pow2_f32(-h) * pow2_f32(h - s), -fmax), fmax)
+        return tl.where((x == x) & (tl.abs(x) < float("inf")), q, x)
+
     # seed and offset change from call to call: specialising on them would compile variants.
     # qmax is 1 at 2 bits, and Triton turns an integer argument equal to 1 into a Python int
     # constant, on which _exponent_of's .to() fails.
@@ -286,7 +310,7 @@ if HAS_TRITON:
         MARK_NONFINITE: tl.constexpr, WRITE_M: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # s[row] from the row's max |x|; m = round(x * 2**s); q = m * 2**-s (non-finite x passes
-        # through to q). 2**s is applied as two factors 2**h * 2**(s-h), h = floor(s / 2).
+        # through to q).
         # MARK_NONFINITE: a row holding NaN/inf reports NONFINITE_EXPONENT as its s.
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
@@ -296,15 +320,11 @@ if HAS_TRITON:
                 tl.store(s_ptr + row, tl.where(tl.load(slot_ptr + row * 2 + 1) > 0, -(2**30), s))
             else:
                 tl.store(s_ptr + row, s)
-        h = s >> 1
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < L
         idx = row * L + offs
         x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        finite = (x == x) & (tl.abs(x) < float("inf"))
-        v = tl.where(finite, x, 0.0) * pow2_f32(h) * pow2_f32(s - h)
-        f = tl.floor(v)
-        d = v - f
+        u = 0.0
         if STOCHASTIC:
             if NOISE_FROM_PTR:
                 u = tl.load(noise_ptr + idx, mask=mask, other=0.0)
@@ -312,17 +332,11 @@ if HAS_TRITON:
                 u = tl.rand(tl.load(seed_ptr), (idx + offset).to(tl.int32))
             else:
                 u = tl.rand(seed, (idx + offset).to(tl.int32))
-            m = f + tl.where(u < d, 1.0, 0.0)
-        else:  # half to even
-            half = f * 0.5
-            odd = tl.floor(half) != half
-            m = f + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
+        m = rounded_mantissas(x, s, u, STOCHASTIC)
         if WRITE_M:
             tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=mask)
         if WRITE_Q:
-            q = tl.minimum(tl.maximum(m * pow2_f32(-h) * pow2_f32(h - s), -fmax), fmax)
-            q = tl.where(finite, q, x)
-            tl.store(q_ptr + idx, q.to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(q_ptr + idx, dequantised_values(m, s, x, fmax).to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _scale_kernel(acc_ptr, out_ptr, sa_ptr, sb_ptr, n, HAS_SB: tl.constexpr, BLOCK: tl.constexpr):

@@ -250,3 +250,51 @@ void requantise_i32(const int32_t *acc, int64_t n, float up_hi, float up_lo, flo
         }
     }
 }
+
+/* The exponent of SPEC section 1 from absmax_bits `top` (finite): the largest s with
+ * amax * 2**s <= qmax = 2**(bits-1) - 1, capped at max_exp, 0 for amax = 0. amax = sig * 2**e
+ * exactly, and sig * 2**t with t = bits - 2 - log2(sig) lies in [2**(bits-2), 2**(bits-1)),
+ * so t or t - 1 is the largest t with sig * 2**t <= qmax; then s = t - e. */
+static int exponent_of_bits(uint32_t top, int bits, int max_exp) {
+    if (top == 0) return 0;
+    uint32_t field = (top >> 23) & 0xFFu;
+    uint64_t sig = field ? ((top & 0x7FFFFFu) | 0x800000u) : (top & 0x7FFFFFu);
+    int e = field ? (int)field - 150 : -149;
+    uint64_t qmax = ((uint64_t)1 << (bits - 1)) - 1;
+    int t = bits - 2 - (63 - __builtin_clzll(sig));
+    int fits = t >= 0 ? (sig << t) <= qmax : sig <= (qmax << -t);
+    int s = (fits ? t : t - 1) - e;
+    return s < max_exp ? s : max_exp;
+}
+
+/* One dense float32 tensor quantised in place (values only), as quantise_* with its own
+ * absmax pass: exps[0] receives the exponent, or INT32_MIN (tensor untouched) where a NaN or
+ * inf is present. */
+static void quantise_values_one(float *x, int64_t n, int bits, int max_exp, int stochastic, uint64_t seed,
+                                int nthreads, int32_t *exps) {
+    uint32_t top = n > PAR_MIN ? absmax_bits(x, n, nthreads) : block_absmax(x, n);
+    if (top >= 0x7f800000U) {
+        *exps = INT32_MIN;
+        return;
+    }
+    int s = exponent_of_bits(top, bits, max_exp), h = s >> 1, l = s - h; /* h = floor(s / 2) */
+    quantise_i8(x, n, ldexpf(1.0f, h), ldexpf(1.0f, l), ldexpf(1.0f, -h), ldexpf(1.0f, -l), 3.402823466e38f,
+                stochastic, seed, NULL, NULL, x, 0, NULL, NULL, n > PAR_MIN ? nthreads : 1, NULL,
+                (float)(((int64_t)1 << (bits - 1)) - 1));
+    *exps = s;
+}
+
+/* `count` tensors (an optimiser's gradients) in one call: large ones one after another on every
+ * thread, the small ones spread over the threads, one tensor each. Every tensor gets exactly
+ * what quantise_* gives it alone with its seed (the draws depend on seed and index only). */
+void quantise_values_many(const int64_t *ptrs, const int64_t *ns, const uint64_t *seeds, int count, int bits,
+                          int max_exp, int stochastic, int nthreads, int32_t *exps) {
+    for (int t = 0; t < count; ++t)
+        if (ns[t] > PAR_MIN)
+            quantise_values_one((float *)(intptr_t)ptrs[t], ns[t], bits, max_exp, stochastic, seeds[t], nthreads,
+                                exps + t);
+#pragma omp parallel for schedule(dynamic) num_threads(nthreads)
+    for (int t = 0; t < count; ++t)
+        if (ns[t] <= PAR_MIN)
+            quantise_values_one((float *)(intptr_t)ptrs[t], ns[t], bits, max_exp, stochastic, seeds[t], 1, exps + t);
+}

@@ -25,7 +25,7 @@ from .cbuild import WIDE_VECTORS, load_c_library
 from .quantise import MAX_EXPONENT, dequantise_reference, is_dense, mantissa_dtype, quantise_reference
 
 __all__ = ["quantise_cpu", "dequantise_cpu", "requantise_accumulator", "host_exponent", "c_kernel_available",
-           "remember_absmax", "carry_absmax", "forget_absmax", "absmax"]
+           "remember_absmax", "carry_absmax", "forget_absmax", "absmax", "quantise_many_in_place"]
 
 _SOURCE = Path(__file__).with_name("quantise_cpu.c")
 _DEQ = {torch.int8: "dequantise_i8", torch.int16: "dequantise_i16", torch.int32: "dequantise_i32",
@@ -44,6 +44,8 @@ def _library():
             lib.absmax_bits.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             lib.absmax_i32.restype = ctypes.c_int64
             lib.absmax_i32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+            lib.quantise_values_many.restype = None
+            lib.quantise_values_many.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
             lib.requantise_i32.restype = None
             lib.requantise_i32.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 5
                                            + [ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p,
@@ -203,6 +205,38 @@ def quantise_cpu(x: torch.Tensor, bits: int, rounding: str, *, axis: int | None 
     if q is xc:  # overwritten in place by the kernel (no version bump): a recorded absmax no longer holds
         forget_absmax(xc)
     return m, torch.scalar_tensor(s, dtype=torch.int32), q, False  # (3x faster than torch.tensor)
+
+
+def quantise_many_in_place(tensors: list, bits: int, rounding: str, seeds: list) -> list[int]:
+    """Quantises float32 CPU tensors in place to ``bits`` (values only), each with its own
+    exponent and its own ``seeds[i]``, in one C call: each ends up holding what
+    ``quantise_cpu(t, bits, rounding, seed=seeds[i], want_mantissa=False, want_values=True,
+    out=t)`` writes, without a Python round trip per tensor (an optimiser's gradients: 65 on
+    ResNet-20, hundreds on a transformer). Returns the indices it left untouched, for the
+    per-tensor route: tensors that are not dense float32 CPU ones or that hold a NaN or inf."""
+    lib = _library()
+    if lib is None or rounding not in ("nearest", "stochastic") or not 2 <= bits <= 24:
+        return list(range(len(tensors)))
+    picked = [i for i, t in enumerate(tensors) if t.dtype == torch.float32 and t.device.type == "cpu"
+              and t.numel() and is_dense(t)]
+    chosen = set(picked)
+    left = [i for i in range(len(tensors)) if i not in chosen]
+    if not picked:
+        return left
+    count = len(picked)
+    ptrs = (ctypes.c_int64 * count)(*(tensors[i].data_ptr() for i in picked))
+    sizes = (ctypes.c_int64 * count)(*(tensors[i].numel() for i in picked))
+    draws = (ctypes.c_uint64 * count)(*((seeds[i] or 0) & (2**64 - 1) for i in picked))
+    exps = (ctypes.c_int32 * count)()
+    lib.quantise_values_many(ptrs, sizes, draws, count, bits, MAX_EXPONENT[torch.float32],
+                             int(rounding == "stochastic"), torch.get_num_threads(), exps)
+    for k, i in enumerate(picked):
+        t = tensors[i]
+        if exps[k] == -(2**31):  # NaN or inf present: untouched
+            left.append(i)
+        elif getattr(t, "_muppet_absmax", None) is not None or getattr(t, "_muppet_absmax_hint", None) is not None:
+            forget_absmax(t)  # written through its pointer, no version bump
+    return sorted(left)
 
 
 def _exponent_of(top: int, bits: int) -> int:

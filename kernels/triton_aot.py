@@ -49,7 +49,7 @@ class Variant:
 
 def _kernels():
     from . import batch_norm_triton as bn
-    from . import conv_triton, gemm_triton, quantise, relu_triton
+    from . import conv_triton, gemm_triton, quantise, quantise_many, relu_triton
 
     return {"scaled_mm": gemm_triton._scaled_mm_kernel, "conv": conv_triton._conv_kernel,
             "conv_grad_weight": conv_triton._conv_grad_weight_kernel, "sum_scale": conv_triton._sum_scale_kernel,
@@ -57,7 +57,8 @@ def _kernels():
             "scale": quantise._scale_kernel, "bn_sums": bn._sums_kernel, "bn_stats": bn._stats_kernel,
             "bn_apply": bn._apply_kernel, "bn_grad_sums": bn._grad_sums_kernel, "bn_factors": bn._factors_kernel,
             "bn_grad_apply": bn._grad_apply_kernel, "relu_mask": relu_triton._relu_mask_kernel,
-            "relu_mask_backward": relu_triton._mask_backward_kernel}
+            "relu_mask_backward": relu_triton._mask_backward_kernel,
+            "many_absmax": quantise_many._many_absmax_kernel, "many_quantise": quantise_many._many_quantise_kernel}
 
 
 # float32 scalar arguments (every other non-pointer, non-constexpr argument is an integer)
@@ -110,6 +111,10 @@ def _modes():
         yield "quantise", f"stochastic -> {m}", {**quantise_ptrs, "m_ptr": f"*{m}"}, quantise_flags, (), None
     # 2 bits: qmax = 1; one-element rows: L = 1 (integers Triton would specialise to constants)
     yield "quantise", "2-bit, 1-element rows", {**quantise_ptrs, "m_ptr": "*i8"}, quantise_flags, ("qmax", "L"), None
+    many = {"flat_ptr": "*fp32", "table_ptr": "*i64", "slot_ptr": "*i32"}
+    yield "many_absmax", "fp32", many, dict(BLOCK=1024), (), None
+    yield ("many_quantise", "stochastic", {**many, "seed_ptr": "*i64"}, dict(STOCHASTIC=True, BLOCK=1024), (),
+           None)
     yield from _batch_norm_modes()
     relu = {"a_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "mask_ptr": "*u8", "amax_ptr": "*i32"}
     yield "relu_mask", "sum", relu, dict(ADD=True, BLOCK=1024), (), None

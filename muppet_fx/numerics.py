@@ -25,7 +25,8 @@ from muppet_fx.kernels.quantise import (
     recorded_amax_slot,
     triton_path,
 )
-from muppet_fx.kernels.quantise_cpu import quantise_cpu
+from muppet_fx.kernels.quantise_cpu import quantise_cpu, quantise_many_in_place
+from muppet_fx.kernels.quantise_many import quantise_many_triton
 
 __all__ = ["QTensor", "quantise", "fake_quantise", "ROUNDINGS", "BACKENDS"]
 
@@ -193,6 +194,48 @@ def fake_quantise_inplace(y: torch.Tensor, bits: int, rounding: str, seed: int |
                                want_mantissa=False, want_values=True)[2]
     generator = None if seed is None else torch.Generator(device=y.device).manual_seed(seed)
     return _run(y, bits, rounding, None, "reference", generator, None, None, values=True)[2]
+
+
+def fake_quantise_many_inplace(tensors: list, bits: int, rounding: str, seeds: list | None = None) -> None:
+    """:func:`fake_quantise_inplace` of each tensor, written into it, batched: the CPU ones in
+    one C call, the Triton route's in six launches per device. Tensor ``i`` gets what
+    ``fake_quantise_inplace`` gives it with seed ``seeds[i]``. A seed of ``None`` is drawn as
+    there: from torch's CPU generator, in order (one draw of n values is n draws of one), or
+    on the tensor's device for the Triton route. Tensors neither batch takes (other dtypes, odd
+    strides, NaN/inf on the CPU) go one by one."""
+    seeds = list(seeds) if seeds is not None else [None] * len(tensors)
+    stochastic = rounding == "stochastic"
+    cpu = [i for i, t in enumerate(tensors) if t.device.type == "cpu" and not triton_path(t)]
+    rest = sorted(set(range(len(tensors))) - set(cpu))
+    if cpu:
+        missing = [i for i in cpu if seeds[i] is None] if stochastic else []
+        for i, seed in zip(missing, torch.randint(0, 2**62, (len(missing),)).tolist() if missing else []):
+            seeds[i] = seed
+        rest += [cpu[k] for k in quantise_many_in_place([tensors[i] for i in cpu], bits, rounding,
+                                                         [seeds[i] for i in cpu])]
+    by_device: dict = {}
+    for i in rest:
+        t = tensors[i]
+        if HAS_TRITON and triton_path(t) and t.dtype == torch.float32 and t.numel() and is_dense(t):
+            by_device.setdefault(t.device, []).append(i)
+    done = set()
+    for device, picked in by_device.items():
+        given = [seeds[i] for i in picked]
+        if not stochastic:
+            drawn = torch.zeros(len(picked), dtype=torch.int64, device=device)  # unread: no draw
+        elif all(seed is None for seed in given):
+            drawn = torch.randint(0, 2**62, (len(picked),), dtype=torch.int64, device=device)
+        elif None in given or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            continue  # one by one (host seeds would need a copy to the device, which a capture forbids)
+        else:
+            drawn = torch.tensor(given, dtype=torch.int64, device=device)
+        if quantise_many_triton([tensors[i] for i in picked], bits, rounding, drawn):
+            done.update(picked)
+    for i in rest:
+        if i not in done:
+            q = fake_quantise_inplace(tensors[i], bits, rounding, seed=seeds[i])
+            if q is not tensors[i]:
+                tensors[i].copy_(q)
 
 
 def quantise(x: torch.Tensor, bits: int, rounding: str = "stochastic", *,

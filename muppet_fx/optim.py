@@ -7,7 +7,7 @@ import torch
 
 from muppet_fx.config import FP32
 from muppet_fx.distributed import is_distributed, shared_seed, unwrap
-from muppet_fx.numerics import fake_quantise_inplace
+from muppet_fx.numerics import fake_quantise_many_inplace
 
 __all__ = ["MasterCopyOptimizer", "PrecisionLR"]
 
@@ -121,12 +121,9 @@ class MasterCopyOptimizer(torch.optim.Optimizer):
         st = self.pm_state
         if st.level == FP32:
             return
-        seeds = [None] * len(grads) if self.generator is None else \
+        seeds = None if self.generator is None else \
             torch.randint(0, 2**62, (len(grads),), generator=self.generator).tolist()
-        for g, seed in zip(grads, seeds):
-            q = fake_quantise_inplace(g, st.bwd_bits, "stochastic", seed=seed)
-            if q is not g:
-                g.copy_(q)
+        fake_quantise_many_inplace(grads, st.bwd_bits, "stochastic", seeds)
 
     # hooks belong to the wrapped optimiser, which takes the steps and holds the state
     def register_step_pre_hook(self, hook):

@@ -56,7 +56,8 @@ def test_every_variant_compiles(all_rows, rows):
     assert sum(" = 1" in r["mode"] for r in all_rows) >= 100
     assert {r["kernel"] for r in rows} == {"scaled_mm", "conv", "conv_grad_weight", "sum_scale", "absmax", "quantise",
                                            "scale", "bn_sums", "bn_stats", "bn_apply", "bn_grad_sums", "bn_factors",
-                                           "bn_grad_apply", "relu_mask", "relu_mask_backward"}
+                                           "bn_grad_apply", "relu_mask", "relu_mask_backward", "many_absmax",
+                                           "many_quantise"}
     per_arch = defaultdict(set)
     for r in rows:
         per_arch[r["arch"]].add((r["kernel"], r["mode"], r["config"]))
