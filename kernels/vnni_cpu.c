@@ -117,51 +117,68 @@ typedef struct {
 
 /* One image: the gradient as gp[oh][group][co][q] (0 past OW and Cout), and the input once
  * per kernel column j as xp[j][h][group][c][q] (int8: u = x + 128, 128 in the padding; int16:
- * x, 0 in the padding). int8: the gradient's channel sums added into gsum; int16: the largest
- * |g| and |x| raised into tops[0], tops[1]. */
+ * x, 0 in the padding). int8: the gradient's channel sums added into gsum, taken from the
+ * packed groups (one vpdpbusd of ones per 4 columns); int16: the largest |g| and |x| raised
+ * into tops[0], tops[1]. Where 16 channels make a pixel 16 bytes, 4 consecutive columns are
+ * 64 contiguous bytes: one load instead of four. */
 static void pack_image(const gw_shape *s, const int8_t *gn, const int8_t *xn, const int8_t *zero, int8_t *gp,
                        int8_t *xp, int32_t *gs, int64_t *gsum, int64_t *tops) {
+    static const uint8_t order[64] = {
+        0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
+        6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+        12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
     const int Q = s->Q;
+    const __m512i perm = _mm512_loadu_si512(order), ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x80);
+    const int g_runs = Q == 4 && s->Cout == 16 && s->gsW == 16, x_runs = Q == 4 && s->C == 16 && s->xsW == 16
+                                                                        && s->SW == 1;
     __m512i gtop = _mm512_setzero_si512(), xtop = _mm512_setzero_si512();
-    if (!s->wide) {
-        for (int64_t co = 0; co < s->Coutp; ++co) gs[co] = 0;
+    for (int64_t c0 = 0; c0 < s->Coutp && Q == 4; c0 += 16) {
+        __m512i sum = _mm512_setzero_si512();
         for (int64_t oh = 0; oh < s->OH; ++oh)
-            for (int64_t c0 = 0; c0 < s->Cout; c0 += 16) { /* 16 channels per vector: a loop over 16 stays scalar */
-                __mmask16 m = first_lanes(s->Cout - c0);
-                __m512i sum = _mm512_loadu_si512(gs + c0);
-                for (int64_t ow = 0; ow < s->OW; ++ow)
-                    sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(
-                                                    _mm_maskz_loadu_epi8(m, gn + oh * s->gsH + ow * s->gsW + c0)));
-                _mm512_storeu_si512(gs + c0, sum);
+            for (int64_t q0 = 0; q0 < s->groups; ++q0) {
+                int8_t *dst = gp + ((oh * s->groups + q0) * s->Coutp + c0) * 4;
+                if (g_runs && 4 * q0 + 3 < s->OW) {
+                    __m512i v = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(gn + oh * s->gsH + 4 * q0 * 16));
+                    _mm512_storeu_si512(dst, v);
+                } else {
+                    const int8_t *r[4];
+                    int64_t left = s->Cout - c0;
+                    for (int q = 0; q < 4; ++q)
+                        r[q] = (4 * q0 + q < s->OW ? gn + oh * s->gsH + (4 * q0 + q) * s->gsW : zero) + c0;
+                    interleave4(r, left >= 16 ? 16 : (int)left, 0, dst);
+                }
+                sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(dst)); /* lane c: its 4 columns */
             }
-        for (int64_t co = 0; co < s->Coutp; ++co) gsum[co] += gs[co];
+        _mm512_storeu_si512(gs + c0, sum);
     }
-    for (int64_t oh = 0; oh < s->OH; ++oh)
+    if (Q == 4)
+        for (int64_t co = 0; co < s->Coutp; ++co) gsum[co] += gs[co];
+    for (int64_t oh = 0; oh < s->OH && Q == 2; ++oh)
         for (int64_t q0 = 0; q0 < s->groups; ++q0) {
-            const int8_t *src[4];
-            for (int q = 0; q < Q; ++q) src[q] = Q * q0 + q < s->OW ? gn + oh * s->gsH + (Q * q0 + q) * s->gsW : zero;
+            const int8_t *src[2];
+            for (int q = 0; q < 2; ++q) src[q] = 2 * q0 + q < s->OW ? gn + oh * s->gsH + (2 * q0 + q) * s->gsW : zero;
             for (int64_t c0 = 0; c0 < s->Coutp; c0 += 16) {
                 int64_t left = s->Cout - c0;
-                int n = left >= 16 ? 16 : (int)left;
-                int8_t *dst = gp + ((oh * s->groups + q0) * s->Coutp + c0) * 4;
-                if (Q == 4) {
-                    const int8_t *r[4] = {src[0] + c0, src[1] + c0, src[2] + c0, src[3] + c0};
-                    interleave4(r, n, 0, dst);
-                } else {
-                    const int8_t *r[2] = {src[0] + 2 * c0, src[1] + 2 * c0};
-                    gtop = _mm512_max_epu16(gtop, interleave2(r, n, dst));
-                }
+                const int8_t *r[2] = {src[0] + 2 * c0, src[1] + 2 * c0};
+                gtop = _mm512_max_epu16(gtop, interleave2(r, left >= 16 ? 16 : (int)left,
+                                                          gp + ((oh * s->groups + q0) * s->Coutp + c0) * 4));
             }
         }
     for (int j = 0; j < s->KW; ++j)
         for (int64_t h = 0; h < s->H; ++h)
             for (int64_t q0 = 0; q0 < s->groups; ++q0) {
+                int8_t *dst = xp + ((j * s->H + h) * s->groups + q0) * s->C * 4;
+                int64_t w0 = 4 * q0 + (int64_t)j * s->DW - s->PW;
+                if (x_runs && w0 >= 0 && w0 + 3 < s->W && 4 * q0 + 3 < s->OW) {
+                    __m512i v = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(xn + h * s->xsH + w0 * 16));
+                    _mm512_storeu_si512(dst, _mm512_xor_si512(v, flip));
+                    continue;
+                }
                 const int8_t *src[4];
                 for (int q = 0; q < Q; ++q) {
                     int64_t w = s->SW * (Q * q0 + q) + (int64_t)j * s->DW - s->PW;
                     src[q] = w >= 0 && w < s->W && Q * q0 + q < s->OW ? xn + h * s->xsH + w * s->xsW : zero;
                 }
-                int8_t *dst = xp + ((j * s->H + h) * s->groups + q0) * s->C * 4;
                 for (int64_t c0 = 0; c0 < s->C; c0 += 16) {
                     if (Q == 4) {
                         const int8_t *r[4] = {src[0] + c0, src[1] + c0, src[2] + c0, src[3] + c0};

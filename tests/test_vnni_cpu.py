@@ -33,6 +33,7 @@ def _operands(N, C, Cout, H, W, k, stride, padding, dilation, seed=0, channels_l
     (2, 64, 64, 8, 8, 3, 1, 1, 1),
     (2, 16, 7, 9, 11, 5, 2, 2, 2),     # dilated 5x5
     (2, 16, 16, 6, 6, 3, 1, 0, 1),     # unpadded
+    (2, 16, 16, 12, 14, 3, 1, 2, 2),   # dilated at stride 1: 16-channel columns loaded 4 at a time
     (33, 16, 16, 4, 4, 3, 1, 1, 1),    # an odd batch over two threads, several images per chunk
     (2, 128, 129, 3, 5, 3, 1, 2, 1),   # padded wider than the kernel
 ])
