@@ -65,8 +65,9 @@ def _bn_forward(x, m, s, weight, bias, running_mean, running_var, momentum, eps,
         out = batch_norm_triton.batch_norm_forward(m, s, weight, bias, running_mean, running_var, momentum, eps, relu)
     elif s.numel() == 1 and s.device.type == "cpu":  # two C passes over the mantissas
         out = batch_norm_forward(m, -int(s), weight, bias, running_mean, running_var, momentum, eps, relu)
-    if out is None:
-        out = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+    if out is None:  # on the dequantised mantissas: x itself may hold unquantised values (ops._fq_parts)
+        out = torch.native_batch_norm(dequantise(m, s), weight, bias, running_mean, running_var, True, momentum,
+                                      eps)
         if relu:
             y, mask = _relu_and_mask(out[0])
             out = (y, out[1], out[2], mask)
@@ -86,6 +87,19 @@ def _bn_backward(grad, m, s, weight, mean, invstd, mask, eps, need):
         grad = _relu_backward(grad, mask)
     return torch.ops.aten.native_batch_norm_backward(
         grad, dequantise(m, s), weight, None, None, mean, invstd, True, eps, list(need))
+
+
+class _ValuesOf(torch.autograd.Function):
+    """``values`` (a layer output's quantised values) forward, the gradient to ``x`` (that
+    output, left unquantised) unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, values):
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 class _GridBatchNorm(torch.autograd.Function):
@@ -184,6 +198,8 @@ def compact_batch_norm(site, input: Tensor, bn: nn.Module, relu: bool = False) -
     if (not _active(st, input) or not st.config.quantise_outputs or type(bn) not in BATCH_NORMS
             or not bn.training or not bn.track_running_stats or bits is None or bits > 16
             or input.dtype != torch.float32 or (compiling and parts is None)):
+        if parts is not None and site.output_values_unread:  # the layer left input unquantised (ops._fq_parts)
+            input = _ValuesOf.apply(input, dequantise(*parts))
         y = bn(input)
         return compact_relu(site, y) if relu else y
     bn._check_input_dim(input)

@@ -44,21 +44,24 @@ def _fq(x: Tensor, bits: int, rounding: str) -> Tensor:
     return fake_quantise_inplace(x.float(), bits, rounding)
 
 
-def _fq_parts(y: Tensor, bits: int, rounding: str, quantised, parts: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _fq_parts(y: Tensor, bits: int, rounding: str, quantised, parts: int) -> tuple[Tensor, Tensor, Tensor]:
     """The layer output ``y`` fake-quantised (unless the route ``quantised`` it already: True,
     or the ``(mantissas, exponent)`` its pass wrote) and, with ``parts``, its mantissas and
     exponent for the compact batch norm that reads it (``compact_batch_norm``), written by the
-    same CPU pass; empty tensors without ``parts``."""
+    same CPU pass; empty tensors without ``parts``. ``parts == 2``: that batch norm is the
+    output's only reader, so the CPU pass writes the mantissas alone and ``y`` keeps its
+    unquantised values (``ops._wants_output_parts``)."""
     y = y.float()
     if isinstance(quantised, tuple):  # the route's requantisation wrote the mantissas too
         return y, *quantised
     if not parts:
         return (y if quantised else _fq(y, bits, rounding)), *_no_parts(y)
     if not quantised and y.device.type == "cpu" and not triton_path(y):
-        m, e, v, bad = quantise_cpu(y, bits, rounding, want_mantissa=True, want_values=True, out=y)
+        values = parts != 2
+        m, e, v, bad = quantise_cpu(y, bits, rounding, want_mantissa=True, want_values=values, out=y if values else None)
         if bad is False:
-            return v, m, e
-        y = v
+            return (v if values else y), m, e
+        y = v if values else _fq(y, bits, rounding)  # NaN/inf: the reference route, values included
     elif not quantised:
         y = _fq(y, bits, rounding)
     return y, *quantise_parts(y, bits, "nearest")  # grid values quantise to themselves
@@ -172,7 +175,7 @@ def _register_layer_autograd(op, backward_op, geometry: int, grad_layout) -> Non
 # ---------------------------------------------------------------------------------- linear
 @custom_op("muppet_fx::linear")
 def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int, rounding: str,
-            grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str, out_parts: bool = False
+            grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str, out_parts: int = 0
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
     x2 = x.reshape(-1, x.shape[-1])
@@ -187,7 +190,7 @@ def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], bits: int, bwd_bits: int,
 
 
 @_linear.register_fake
-def _(x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out, route, out_parts=False):
+def _(x, w, b, bits, bwd_bits, rounding, grad_rounding, w_axis, quant_out, route, out_parts=0):
     y = x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)
     return (y, *_fake_parts(x, bits), *_fake_parts(w, bits, w_axis), *_fake_out_parts(y, bits, quant_out and out_parts))
 
@@ -223,14 +226,14 @@ _register_layer_autograd(_linear, _linear_backward, geometry=0, grad_layout=Tens
 @custom_op("muppet_fx::conv")
 def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding: list[int],
           dilation: list[int], groups: int, bits: int, bwd_bits: int, rounding: str,
-          grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str, out_parts: bool = False
+          grad_rounding: str, w_axis: Optional[int], quant_out: bool, route: str, out_parts: int = 0
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     route = routes.for_level(route, bits)
     values = routes.on_values(route, bits, conv=True, x=x)
     x_m, x_s, x_v = _quantise_operand(x.float(), bits, rounding, values)
     w_m, w_s, w_v = _quantise_operand(w.float(), bits, rounding, values, w_axis)
     y, done = routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding, dilation,
-                                  groups, (bits, rounding, out_parts) if quant_out else None, x_v=x_v, w_v=w_v)
+                                  groups, (bits, rounding, bool(out_parts)) if quant_out else None, x_v=x_v, w_v=w_v)
     y = _conv_layout(y)
     y, y_m, y_s = _fq_parts(y, bits, rounding, done, out_parts) if quant_out else (y, *_no_parts(y))
     return _own(y, x_m, x_s, w_m, w_s, y_m, y_s)
@@ -238,7 +241,7 @@ def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding:
 
 @_conv.register_fake
 def _(x, w, b, stride, padding, dilation, groups, bits, bwd_bits, rounding, grad_rounding,
-      w_axis, quant_out, route, out_parts=False):
+      w_axis, quant_out, route, out_parts=0):
     spatial = routes.conv_out_size(x, w, stride, padding, dilation)
     y = _conv_layout(x.new_empty((x.shape[0], w.shape[0], *spatial), dtype=torch.float32))
     return (y, *_fake_parts(x, bits, keep_layout=True), *_fake_parts(w, bits, w_axis),
@@ -556,13 +559,15 @@ def quant_linear(site, input: Tensor, weight: Tensor, bias: Tensor | None = None
     return _leave_parts(site, _result(y, input), y_m, y_s, parts)
 
 
-def _wants_output_parts(site, input: Tensor, weight: Tensor) -> bool:
+def _wants_output_parts(site, input: Tensor, weight: Tensor) -> int:
     """Whether the compact batch norm reading this layer's output will keep it as mantissas
-    (the conditions of ``compact._active``, known here), so the output quantiser hands them over."""
+    (the conditions of ``compact._active``, known here), so the output quantiser hands them over:
+    0 (no), 1 (yes), 2 (yes, and the batch norm is the output's only reader: no values needed)."""
     st = site.state
     c = st.config
-    return (site.feeds_batch_norm and c.compact_activations and c.quantise_outputs and st.fwd_bits <= 16
-            and torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
+    wanted = (site.feeds_batch_norm and c.compact_activations and c.quantise_outputs and st.fwd_bits <= 16
+              and torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
+    return 0 if not wanted else 2 if site.output_values_unread else 1
 
 
 def _leave_parts(site, y: Tensor, y_m: Tensor, y_s: Tensor, parts: bool) -> Tensor:

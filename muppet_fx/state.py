@@ -29,6 +29,9 @@ class Site:
     # Set by the memory pass where a compact batch norm reads this layer's output; the layer
     # then leaves ``(output, mantissas, exponent)`` here for that batch norm, which takes them.
     feeds_batch_norm: bool = False
+    # ... and where that batch norm is the output's only reader: the quantiser then writes the
+    # mantissas alone (the batch norm reads nothing else; the float32 values stay unquantised).
+    output_values_unread: bool = False
     output_parts: tuple | None = field(default=None, repr=False)
 
     def record(self, x_exp: torch.Tensor | None, w_exp: torch.Tensor | None) -> None:

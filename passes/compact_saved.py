@@ -44,7 +44,9 @@ def _after_quantised_layer(node: fx.Node, ctx: RewriteContext) -> bool:
 
 def _rewrite_batch_norm(node: fx.Node, ctx: RewriteContext) -> None:
     site = node.args[0].args[0]  # the producer's site node
-    getattr(ctx.sites, site.target.split(".", 1)[1]).feeds_batch_norm = True
+    holder = getattr(ctx.sites, site.target.split(".", 1)[1])
+    holder.feeds_batch_norm = True
+    holder.output_values_unread = len(node.args[0].users) == 1
     bn = ctx.attr_node(node, node.target)
     node.op, node.target, node.args = "call_function", compact_batch_norm, (site, node.args[0], bn)
 

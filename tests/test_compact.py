@@ -45,9 +45,9 @@ class Net(nn.Module):
         return torch.relu(self.b4(self.fc(z.flatten(1))))
 
 
-def _run(bits, compact, momentum=0.1, channels_last=True, backend="auto"):
+def _run(bits, compact, momentum=0.1, channels_last=True, backend="auto", net=None):
     torch.manual_seed(0)
-    net = Net(momentum)
+    net = Net(momentum) if net is None else net
     pm = prepare(net, ladder=(bits, "fp32"), compact_activations=compact, backend=backend)
     x = torch.randn(4, 3, 8, 8)
     x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
@@ -315,9 +315,8 @@ def test_layer_outputs_hand_their_mantissas_to_the_batch_norm(bits, monkeypatch)
     assert all(s.output_parts is None for s in sites)
 
 
-def test_handed_over_mantissas_equal_a_fresh_quantisation_of_the_output(monkeypatch):
-    """What the batch norm saves: the output's own mantissas and exponent, which dequantise to
-    the very tensor it normalised (bit for bit)."""
+def _handed_over(monkeypatch, bits=8, net=None):
+    """(batch norm input, mantissas, exponent) of every compact batch norm in one step of _run."""
     saved = []
     forward = compact._GridBatchNorm.forward
 
@@ -326,11 +325,75 @@ def test_handed_over_mantissas_equal_a_fresh_quantisation_of_the_output(monkeypa
         saved.append((x.detach().clone(), *args[-2]))
         return y
     monkeypatch.setattr(compact._GridBatchNorm, "forward", staticmethod(spy))
-    _run(8, True)
+    _run(bits, True, net=net)
+    return saved
+
+
+def test_handed_over_mantissas_are_the_output_rounded(monkeypatch):
+    """What the batch norm saves and normalises: the output's own mantissas and exponent. A
+    batch norm that is its layer's only reader reads nothing else, so the output quantiser
+    writes the mantissas alone, and the float32 output keeps its unquantised values, each
+    within one grid step of its mantissa's value."""
+    saved = _handed_over(monkeypatch)
     assert len(saved) == 3
-    for x, m, s in saved:
+    for i, (x, m, s) in enumerate(saved):
         assert m.dtype == torch.int8 and m.shape == x.shape and m.stride() == x.stride()
-        assert torch.equal(m.float() * 2.0 ** -int(s), x)
+        q = m.float() * 2.0 ** -int(s)
+        assert (q - x).abs().max() < 2.0 ** -int(s)
+        # c1's route quantises from its integer accumulator (both at once); c2's and fc's
+        # outputs go through the separate quantiser
+        assert torch.equal(q, x) == (i == 0)
+
+
+class TwoReaders(Net):
+    """c2's output is also read by a second layer: its values must be written."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Conv2d(8, 8, 1, bias=False)
+
+    def forward(self, x):
+        x = self.r1(self.b1(self.c1(x)))
+        h = self.c2(x)
+        y = F.relu(self.b2(h)) + self.side(h)
+        return torch.relu(self.b4(self.fc(y.flatten(1))))
+
+
+def test_an_output_with_another_reader_is_quantised_in_full(monkeypatch):
+    saved = _handed_over(monkeypatch, net=TwoReaders())
+    assert len(saved) == 3
+    x, m, s = saved[1]  # b2, reading c2 (also read by side)
+    assert torch.equal(m.float() * 2.0 ** -int(s), x)
+    x, m, s = saved[2]  # b4, fc's only reader
+    assert not torch.equal(m.float() * 2.0 ** -int(s), x)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_unwritten_values_change_no_result(frozen, monkeypatch):
+    """Outputs, gradients and buffers equal those of the same run with every layer output
+    quantised in full, bit for bit, with the batch norms training (they read the mantissas) and
+    frozen in eval mode while the rest trains (they decline and normalise the mantissas'
+    values, the gradient passing to the layer as it would through the quantised output)."""
+    results, wants = [], ops._wants_output_parts
+    for unread in (True, False):
+        asked = []
+        monkeypatch.setattr(ops, "_wants_output_parts",
+                            lambda *a: asked.append(wants(*a)) or (asked[-1] if unread else min(asked[-1], 1)))
+        torch.manual_seed(0)
+        net = Net()
+        pm = prepare(net, ladder=(8, "fp32"), compact_activations=True)
+        if frozen:
+            for m in net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+        torch.manual_seed(1)
+        out = pm(x)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        results.append([out.detach(), x.grad] + [p.grad for p in net.parameters()] + list(net.buffers()))
+        assert asked == [2, 2, 2]  # every layer's output had the batch norm as its only reader
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("bits", [8, 12, 16])
@@ -348,6 +411,8 @@ def test_handed_over_mantissas_dequantise_to_the_output_at_every_exponent(bits):
         with torch.no_grad():
             net[0].weight.mul_(2.0 ** k)
         site = next(iter(prepare(net, ladder=(bits, "fp32"))._muppet_state.sites.values()))
+        assert site.output_values_unread
+        site.output_values_unread = False  # the output's values in full, as a second reader gets them
         y = quant_conv(site, x, net[0].weight, None, 1, 1, 1, 1).detach()
         _, m, s = site.output_parts
         exponents.add(int(s))
