@@ -306,7 +306,9 @@ def conv2d_int(x_m, w_m, stride=1, padding=0, dilation=1, scale=None, bias=None,
     the epilogue reducing max |y| so the quantiser runs its rounding pass only: the values of
     ``quantise_triton(y, bits, rounding, seed=seed, want_values=True)``; ``(bits, rounding, seed,
     True)`` returns ``(values, mantissas, exponent)`` from that pass, the exponent marked
-    ``NONFINITE_EXPONENT`` where ``y`` holds NaN/inf (what a batch norm reading them takes)."""
+    ``NONFINITE_EXPONENT`` where ``y`` holds NaN/inf (what a batch norm reading them takes);
+    with ``2`` for ``True`` the pass writes the mantissas alone, and ``values`` are the
+    epilogue's unquantised ones (for a batch norm that reads nothing else)."""
     _check(x_m, w_m, "conv2d_int", fp16_ok=True)
     geometry = tuple(_pair(v, 2) for v in (stride, padding, dilation))
     (sh, sw), (ph, pw), (dh, dw) = geometry
@@ -330,10 +332,11 @@ def _quantise_output(y, quantise_output, amax=None):
     """``y`` quantised in place as ``quantise_output=(bits, rounding, seed[, parts])`` asks (see
     :func:`conv2d_int`); ``amax``: the epilogue's reduction of max |y|, if it made one."""
     bits, rounding, seed, *parts = quantise_output
+    values = not (parts and parts[0] == 2)  # 2: the mantissas alone
     parts = bool(parts and parts[0])
-    m, e, q, _ = quantise_triton(y, bits, rounding, seed=seed, want_mantissa=parts, want_values=True,
-                                 amax_slot=amax, out=y, mark_nonfinite=parts)
-    return (q, m, e) if parts else q
+    m, e, q, _ = quantise_triton(y, bits, rounding, seed=seed, want_mantissa=parts, want_values=values,
+                                 amax_slot=amax, out=y if values else None, mark_nonfinite=parts)
+    return (q if values else y, m, e) if parts else q
 
 
 def conv2d_grad_input_int(g_m, w_m, input_shape, stride=1, padding=0, dilation=1, scale=None) -> torch.Tensor:

@@ -109,6 +109,9 @@ def _modes():
                           WRITE_M=True, WRITE_Q=True, BLOCK=1024)
     for m in ("i8", "i16"):
         yield "quantise", f"stochastic -> {m}", {**quantise_ptrs, "m_ptr": f"*{m}"}, quantise_flags, (), None
+    # a layer output only its batch norm reads: the mantissas alone
+    yield ("quantise", "stochastic -> i8, mantissas only", {**quantise_ptrs, "m_ptr": "*i8"},
+           {**quantise_flags, "WRITE_Q": False}, (), None)
     # 2 bits: qmax = 1; one-element rows: L = 1 (integers Triton would specialise to constants)
     yield "quantise", "2-bit, 1-element rows", {**quantise_ptrs, "m_ptr": "*i8"}, quantise_flags, ("qmax", "L"), None
     many = {"flat_ptr": "*fp32", "table_ptr": "*i64", "slot_ptr": "*i32"}

@@ -233,7 +233,7 @@ def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: list[int], padding:
     x_m, x_s, x_v = _quantise_operand(x.float(), bits, rounding, values)
     w_m, w_s, w_v = _quantise_operand(w.float(), bits, rounding, values, w_axis)
     y, done = routes.conv_forward(route, x_m, x_s, w_m, w_s, w_axis, b, stride, padding, dilation,
-                                  groups, (bits, rounding, bool(out_parts)) if quant_out else None, x_v=x_v, w_v=w_v)
+                                  groups, (bits, rounding, out_parts) if quant_out else None, x_v=x_v, w_v=w_v)
     y = _conv_layout(y)
     y, y_m, y_s = _fq_parts(y, bits, rounding, done, out_parts) if quant_out else (y, *_no_parts(y))
     return _own(y, x_m, x_s, w_m, w_s, y_m, y_s)

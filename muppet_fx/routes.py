@@ -395,7 +395,9 @@ def conv_forward(route, x_m, x_s, w_m, w_s, w_axis, bias, stride, padding, dilat
                  quantise_output: tuple[int, str] | None = None, x_v=None, w_v=None):
     """Returns ``(y, quantised)``: with ``quantise_output=(bits, rounding)`` the integer route
     may quantise the output straight from its accumulator (``quantised`` is then True; with
-    ``(bits, rounding, True)`` the output's ``(mantissas, exponent)`` from the same pass).
+    ``(bits, rounding, True)`` the output's ``(mantissas, exponent)`` from the same pass, and with
+    ``(bits, rounding, 2)`` the Triton route may leave the values unquantised, as
+    ``ops._fq_parts`` describes).
     ``x_v``, ``w_v``: the operands' dequantised values where the quantiser wrote them."""
     mode = _conv_mode(route, x_m, w_m)
     short = route == "aten_wide" and conv_out_size(x_m, w_m, stride, padding, dilation)[-1] < amx_cpu.MIN_WIDTH

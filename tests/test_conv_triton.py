@@ -244,6 +244,11 @@ def test_output_quantised_in_the_epilogue(device, bits, rounding):
     assert torch.equal(fused, want) and fused.unique().numel() <= 2**bits
     with pytest.raises(ValueError, match="needs scale"):
         conv2d_int(x, w, *geometry, quantise_output=(bits, rounding, 99))
+    # with the mantissas: the same rounding; with the mantissas alone (2), the values unwritten
+    values, m, e = conv2d_int(x, w, *geometry, scale=s, bias=bias, quantise_output=(bits, rounding, 99, True))
+    unread, m2, e2 = conv2d_int(x, w, *geometry, scale=s, bias=bias, quantise_output=(bits, rounding, 99, 2))
+    assert torch.equal(values, want) and torch.equal(m.float() * 2.0 ** -int(e), want)
+    assert torch.equal(m2, m) and torch.equal(e2, e) and torch.equal(unread, plain)
 
 
 @given(d=st.integers(1, 2**29 - 1), x=st.integers(0, 2**29 - 1))
