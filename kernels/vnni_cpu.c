@@ -119,8 +119,8 @@ typedef struct {
  * per kernel column j as xp[j][h][group][c][q] (int8: u = x + 128, 128 in the padding; int16:
  * x, 0 in the padding). int8: the gradient's channel sums added into gsum, taken from the
  * packed groups (one vpdpbusd of ones per 4 columns); int16: the largest |g| and |x| raised
- * into tops[0], tops[1]. Where 16 channels make a pixel 16 bytes, 4 consecutive columns are
- * 64 contiguous bytes: one load instead of four. */
+ * into tops[0], tops[1]. Where 16 channels make a pixel 16 bytes (int8), 4 consecutive columns
+ * are 64 contiguous bytes: one load instead of four; 2 int16 columns likewise. */
 static void pack_image(const gw_shape *s, const int8_t *gn, const int8_t *xn, const int8_t *zero, int8_t *gp,
                        int8_t *xp, int32_t *gs, int64_t *gsum, int64_t *tops) {
     static const uint8_t order[64] = {
@@ -153,8 +153,19 @@ static void pack_image(const gw_shape *s, const int8_t *gn, const int8_t *xn, co
     }
     if (Q == 4)
         for (int64_t co = 0; co < s->Coutp; ++co) gsum[co] += gs[co];
+    static const uint16_t pairs[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i pair = _mm512_loadu_si512(pairs); /* interleave2's order */
+    const int g_pairs = Q == 2 && s->Cout == 16 && s->gsW == 32, x_pairs = Q == 2 && s->C == 16 && s->xsW == 32
+                                                                          && s->SW == 1;
     for (int64_t oh = 0; oh < s->OH && Q == 2; ++oh)
         for (int64_t q0 = 0; q0 < s->groups; ++q0) {
+            if (g_pairs && 2 * q0 + 1 < s->OW) { /* two 16-channel int16 columns: 64 contiguous bytes */
+                __m512i v = _mm512_permutexvar_epi16(pair, _mm512_loadu_si512(gn + oh * s->gsH + 2 * q0 * 32));
+                _mm512_storeu_si512(gp + (oh * s->groups + q0) * s->Coutp * 4, v);
+                gtop = _mm512_max_epu16(gtop, _mm512_abs_epi16(v));
+                continue;
+            }
             const int8_t *src[2];
             for (int q = 0; q < 2; ++q) src[q] = 2 * q0 + q < s->OW ? gn + oh * s->gsH + (2 * q0 + q) * s->gsW : zero;
             for (int64_t c0 = 0; c0 < s->Coutp; c0 += 16) {
@@ -169,6 +180,14 @@ static void pack_image(const gw_shape *s, const int8_t *gn, const int8_t *xn, co
             for (int64_t q0 = 0; q0 < s->groups; ++q0) {
                 int8_t *dst = xp + ((j * s->H + h) * s->groups + q0) * s->C * 4;
                 int64_t w0 = 4 * q0 + (int64_t)j * s->DW - s->PW;
+                if (x_pairs && 2 * q0 + (int64_t)j * s->DW - s->PW >= 0
+                    && 2 * q0 + (int64_t)j * s->DW - s->PW + 1 < s->W && 2 * q0 + 1 < s->OW) {
+                    __m512i v = _mm512_permutexvar_epi16(
+                        pair, _mm512_loadu_si512(xn + h * s->xsH + (2 * q0 + (int64_t)j * s->DW - s->PW) * 32));
+                    _mm512_storeu_si512(dst, v);
+                    xtop = _mm512_max_epu16(xtop, _mm512_abs_epi16(v));
+                    continue;
+                }
                 if (x_runs && w0 >= 0 && w0 + 3 < s->W && 4 * q0 + 3 < s->OW) {
                     __m512i v = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(xn + h * s->xsH + w0 * 16));
                     _mm512_storeu_si512(dst, _mm512_xor_si512(v, flip));
