@@ -82,5 +82,6 @@ step 01-correctness 150 $PY benchmarks/gpu_correctness.py --batch 128
 # -rf --tb=line: each failure's assertion in the summary, which pytest prints on the SIGINT of a limit too.
 # On a GPU the suite keeps one autotuning configuration per kernel (MUPPET_FX_AUTOTUNE=0, tests/conftest.py).
 step 04-tests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line --maxfail=10 tests/test_quantise_triton.py \
-    tests/test_batch_norm_triton.py tests/test_relu_triton.py tests/test_gemm_triton.py tests/test_conv_triton.py \
+    tests/test_quantise_many.py tests/test_batch_norm_triton.py tests/test_relu_triton.py tests/test_gemm_triton.py \
+    tests/test_conv_triton.py \
     tests/test_routes.py tests/test_compact.py

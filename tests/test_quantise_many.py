@@ -147,9 +147,10 @@ def test_triton_batch_equals_each_tensor_alone(device, bits, rounding):
 
 
 @needs_triton
-def test_triton_batch_checks_its_arguments_and_caches_its_table():
-    a, b = torch.randn(5), torch.randn(2000)
-    seeds = torch.tensor([1, 2])
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_batch_checks_its_arguments_and_caches_its_table(device):
+    a, b = torch.randn(5, device=device), torch.randn(2000, device=device)
+    seeds = torch.tensor([1, 2], device=device)
     with pytest.raises(ValueError, match=r"tensor 1 \(torch.bfloat16"):
         quantise_many.quantise_many_triton([a, b.bfloat16()], 8, "nearest", seeds)
     with pytest.raises(ValueError, match="seeds must be int64 of shape"):
@@ -165,7 +166,8 @@ def test_triton_batch_checks_its_arguments_and_caches_its_table():
 
 
 @needs_triton
-def test_optimiser_quantises_gradients_in_one_batch_on_the_triton_route(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_optimiser_quantises_gradients_in_one_batch_on_the_triton_route(device, monkeypatch):
     monkeypatch.setattr(quantise, "FORCE_TRITON_PATH", True)  # CPU tensors too, in the interpreter
     calls = []
     real = quantise_many.quantise_many_triton
@@ -177,7 +179,7 @@ def test_optimiser_quantises_gradients_in_one_batch_on_the_triton_route(monkeypa
     monkeypatch.setattr(numerics, "quantise_triton", alone)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 5))
-    grads = [torch.randn_like(p) for p in net.parameters()]
+    grads = [torch.randn_like(p, device=device) for p in net.parameters()]
     seeds = list(range(40, 44))
     batch = [g.clone() for g in grads]
     fake_quantise_many_inplace(batch, 8, "stochastic", seeds)
