@@ -7,9 +7,10 @@ indices it would get alone), two kernels reduce and quantise every tensor's bloc
 exponent and seed, and one multi-tensor copy writes them back: six launches whatever the count.
 Each tensor gets bit for bit what :func:`quantise_triton` gives it with that seed.
 
-The block table depends on the sizes only and is cached per device. Built during a CUDA-graph
-capture it would need a host-to-device copy there, which a capture forbids: the launcher then
-declines (returns ``False``) and the caller quantises per tensor.
+The block table depends on the sizes only and is cached per device, for the last eight sets of
+sizes. Built during a CUDA-graph capture it would need a host-to-device copy there, which a
+capture forbids: the launcher then declines (returns ``False``) and the caller quantises per
+tensor.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ if HAS_TRITON:
 __all__ = ["quantise_many_triton"]
 
 BLOCK = 1024
-_TABLES: dict = {}
+_TABLES: dict = {}  # (device, sizes) -> block table, the most recent _KEPT of them
+_KEPT = 8  # sizes that change from step to step (a sparse gradient's values) must not pile up
 
 if HAS_TRITON:
 
@@ -80,7 +82,11 @@ def _table(sizes: tuple, device: torch.device) -> torch.Tensor | None:
         for n in sizes[:-1]:
             starts.append(starts[-1] + n)
         table = torch.tensor(owner + index + starts + list(sizes), dtype=torch.int64, device=device)
-        _TABLES[key] = table
+        while len(_TABLES) >= _KEPT:
+            del _TABLES[next(iter(_TABLES))]  # the oldest
+    else:
+        del _TABLES[key]  # re-inserted below as the most recent
+    _TABLES[key] = table
     return table
 
 

@@ -163,6 +163,11 @@ def test_triton_batch_checks_its_arguments_and_caches_its_table(device):
     assert table.tolist() == [0, 1, 1, 0, 0, 1, 0, 5, 5, 2000]  # owners, block indices, starts, sizes
     assert quantise_many.quantise_many_triton([b.clone()[:5].clone(), a.repeat(400)], 8, "nearest", seeds)
     assert len(quantise_many._TABLES) == 1  # the same sizes: the same table
+    for n in range(1, 21):  # sizes changing every step (a sparse gradient's values): a bounded cache
+        assert quantise_many.quantise_many_triton([a, torch.randn(n, device=device)], 8, "nearest", seeds)
+    assert len(quantise_many._TABLES) == quantise_many._KEPT
+    assert [k[1] for k in quantise_many._TABLES][-1] == (5, 20)  # the latest kept, the oldest gone
+    assert not any(k[1] == (5, 2000) for k in quantise_many._TABLES)
 
 
 @needs_triton
