@@ -211,3 +211,16 @@ def test_master_copy_optimizer_step_unchanged_by_the_batch():
     for g, p in zip(grads, pm.parameters()):
         q = fake_quantise_inplace(g, 8, "stochastic")
         assert torch.equal(q, p.grad)
+
+
+def test_batch_without_a_c_compiler_goes_tensor_by_tensor(monkeypatch):
+    from muppet_fx.kernels import quantise_cpu as qc
+
+    monkeypatch.setattr(qc, "_lib", False)  # no C library: every tensor on the reference route
+    tensors = [torch.randn(5, 3), torch.randn(40)]
+    assert quantise_many_in_place([t.clone() for t in tensors], 8, "stochastic", [1, 2]) == [0, 1]
+    batch = [t.clone() for t in tensors]
+    fake_quantise_many_inplace(batch, 8, "stochastic", [11, 12])
+    for t, b, s in zip(tensors, batch, [11, 12]):
+        assert torch.equal(b, fake_quantise_inplace(t.clone(), 8, "stochastic", seed=s))
+        assert not torch.equal(b, t) and b.unique().numel() <= 256
