@@ -259,6 +259,14 @@ if HAS_TRITON:
         tl.atomic_max(amax_ptr + 1, bad.to(tl.int32))
 
     @triton.jit
+    def reduce_into_slot(x, mask, slot_ptr):
+        # a block's share of slot = (bits of max |x| over finite entries, non-finite flag), by
+        # atomic maxima (masked-off x must read as 0)
+        finite = (x == x) & (tl.abs(x) < float("inf"))
+        tl.atomic_max(slot_ptr, tl.max(tl.where(finite, tl.abs(x), 0.0), axis=0).to(tl.int32, bitcast=True))
+        tl.atomic_max(slot_ptr + 1, tl.max(tl.where(finite | ~mask, 0, 1), axis=0))
+
+    @triton.jit
     def _absmax_kernel(
         x_ptr, slot_ptr,  # pointers; slot[row] = (bits of max |x| over finite entries, non-finite flag)
         L,  # size
@@ -270,10 +278,7 @@ if HAS_TRITON:
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < L
         x = tl.load(x_ptr + row * L + offs, mask=mask, other=0.0).to(tl.float32)
-        finite = (x == x) & (tl.abs(x) < float("inf"))
-        a = tl.max(tl.where(finite, tl.abs(x), 0.0), axis=0)
-        tl.atomic_max(slot_ptr + row * 2, a.to(tl.int32, bitcast=True))
-        tl.atomic_max(slot_ptr + row * 2 + 1, tl.max(tl.where(finite | ~mask, 0, 1), axis=0))
+        reduce_into_slot(x, mask, slot_ptr + row * 2)
 
     @triton.jit
     def rounded_mantissas(x, s, u, STOCHASTIC: tl.constexpr):

@@ -272,14 +272,14 @@ static int exponent_of_bits(uint32_t top, int bits, int max_exp) {
  * inf is present. */
 static void quantise_values_one(float *x, int64_t n, int bits, int max_exp, int stochastic, uint64_t seed,
                                 int nthreads, int32_t *exps) {
-    uint32_t top = n > PAR_MIN ? absmax_bits(x, n, nthreads) : block_absmax(x, n);
+    uint32_t top = absmax_bits(x, n, nthreads); /* both take one thread up to PAR_MIN values */
     if (top >= 0x7f800000U) {
         *exps = INT32_MIN;
         return;
     }
     int s = exponent_of_bits(top, bits, max_exp), h = s >> 1, l = s - h; /* h = floor(s / 2) */
     quantise_i8(x, n, ldexpf(1.0f, h), ldexpf(1.0f, l), ldexpf(1.0f, -h), ldexpf(1.0f, -l), 3.402823466e38f,
-                stochastic, seed, NULL, NULL, x, 0, NULL, NULL, n > PAR_MIN ? nthreads : 1, NULL,
+                stochastic, seed, NULL, NULL, x, 0, NULL, NULL, nthreads, NULL,
                 (float)(((int64_t)1 << (bits - 1)) - 1));
     *exps = s;
 }

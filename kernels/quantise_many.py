@@ -22,7 +22,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .quantise import _exponent_of, dequantised_values, rounded_mantissas
+    from .quantise import _exponent_of, dequantised_values, reduce_into_slot, rounded_mantissas
 
 __all__ = ["quantise_many_triton"]
 
@@ -33,40 +33,39 @@ _KEPT = 8  # sizes that change from step to step (a sparse gradient's values) mu
 if HAS_TRITON:
 
     @triton.jit
-    def _many_absmax_kernel(flat_ptr, table_ptr, slot_ptr, n_blocks, n_tensors, BLOCK: tl.constexpr):
+    def _block(table_ptr, n_blocks, n_tensors, BLOCK: tl.constexpr):
+        # this program's tensor t, the offsets of its block within t, their mask, and t's start
+        # in the flat buffer (table: block -> tensor, block -> index in the tensor, then per
+        # tensor its start and its length)
         b = tl.program_id(0)
         t = tl.load(table_ptr + b)
         offs = tl.load(table_ptr + n_blocks + b) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < tl.load(table_ptr + 2 * n_blocks + n_tensors + t)
-        x = tl.load(flat_ptr + tl.load(table_ptr + 2 * n_blocks + t) + offs, mask=mask, other=0.0)
-        # finite non-negative float32 bit patterns order like the values: an integer atomic max
-        finite = (x == x) & (tl.abs(x) < float("inf"))
-        tl.atomic_max(slot_ptr + t * 2, tl.max(tl.where(finite, tl.abs(x), 0.0), axis=0).to(tl.int32, bitcast=True))
-        tl.atomic_max(slot_ptr + t * 2 + 1, tl.max(tl.where(finite | ~mask, 0, 1), axis=0))
+        return t, offs, offs < tl.load(table_ptr + 2 * n_blocks + n_tensors + t), tl.load(table_ptr + 2 * n_blocks + t)
+
+    @triton.jit
+    def _many_absmax_kernel(flat_ptr, table_ptr, slot_ptr, n_blocks, n_tensors, BLOCK: tl.constexpr):
+        t, offs, mask, start = _block(table_ptr, n_blocks, n_tensors, BLOCK)
+        reduce_into_slot(tl.load(flat_ptr + start + offs, mask=mask, other=0.0), mask, slot_ptr + t * 2)
 
     # qmax is 1 at 2 bits: unspecialised, as in quantise._quantise_kernel
     @triton.jit(do_not_specialize=["qmax"])
     def _many_quantise_kernel(flat_ptr, table_ptr, slot_ptr, seed_ptr, n_blocks, n_tensors, fmax, qmax, log2_qmax,
                               max_exp, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
         # each tensor's exponent from its slot; draws tl.rand(seed[t], index within the tensor)
-        b = tl.program_id(0)
-        t = tl.load(table_ptr + b)
-        offs = tl.load(table_ptr + n_blocks + b) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < tl.load(table_ptr + 2 * n_blocks + n_tensors + t)
-        ptrs = flat_ptr + tl.load(table_ptr + 2 * n_blocks + t) + offs
-        x = tl.load(ptrs, mask=mask, other=0.0)
+        t, offs, mask, start = _block(table_ptr, n_blocks, n_tensors, BLOCK)
+        x = tl.load(flat_ptr + start + offs, mask=mask, other=0.0)
         s = _exponent_of(tl.load(slot_ptr + t * 2), qmax, log2_qmax, max_exp)
         u = 0.0
         if STOCHASTIC:
             u = tl.rand(tl.load(seed_ptr + t), offs.to(tl.int32))
-        tl.store(ptrs, dequantised_values(rounded_mantissas(x, s, u, STOCHASTIC), s, x, fmax), mask=mask)
+        tl.store(flat_ptr + start + offs, dequantised_values(rounded_mantissas(x, s, u, STOCHASTIC), s, x, fmax),
+                 mask=mask)
 
 
 def _memory_order(t: torch.Tensor) -> torch.Tensor:
     """A 1-d view of a dense tensor in its memory order (the order the per-tensor kernel walks
     a channels-last tensor in)."""
-    dims = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -d))
-    return t.permute(dims).reshape(-1) if dims != list(range(t.dim())) else t.reshape(-1)
+    return t.permute(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -d))).reshape(-1)
 
 
 def _table(sizes: tuple, device: torch.device) -> torch.Tensor | None:

@@ -59,29 +59,30 @@ static inline int64_t max_u16(__m512i v) {
 
 /* dst[c * 4 + q] = rows[q][c] ^ flip for c < 16 (n valid bytes per row, the rest 0 ^ flip):
  * four rows of 16 bytes interleaved into 64. */
+static const uint8_t ORDER4[64] = {
+    0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
+    6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+    12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+static const uint16_t ORDER2[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
 static inline void interleave4(const int8_t *const rows[4], int n, uint8_t flip, int8_t *dst) {
-    static const uint8_t order[64] = {
-        0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
-        6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
-        12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
     __mmask16 m = first_lanes(n);
     __m512i v = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(m, rows[0]));
     v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(m, rows[1]), 1);
     v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(m, rows[2]), 2);
     v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(m, rows[3]), 3);
-    v = _mm512_permutexvar_epi8(_mm512_loadu_si512(order), v);
+    v = _mm512_permutexvar_epi8(_mm512_loadu_si512(ORDER4), v);
     _mm512_storeu_si512(dst, _mm512_xor_si512(v, _mm512_set1_epi8((char)flip)));
 }
 
 /* The int16 twin: dst[c * 2 + q] = rows[q][c] for c < 16 (n valid channels, the rest 0), two
  * rows of 16 int16 interleaved into 32; returns max |value| in 16-bit lanes (|-32768| = 0x8000). */
 static inline __m512i interleave2(const int8_t *const rows[2], int n, int8_t *dst) {
-    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     __mmask16 m = first_lanes(n);
     __m512i v = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m, rows[0]));
     v = _mm512_inserti64x4(v, _mm256_maskz_loadu_epi16(m, rows[1]), 1);
-    v = _mm512_permutexvar_epi16(_mm512_loadu_si512(order), v);
+    v = _mm512_permutexvar_epi16(_mm512_loadu_si512(ORDER2), v);
     _mm512_storeu_si512(dst, v);
     return _mm512_abs_epi16(v);
 }
@@ -123,21 +124,18 @@ typedef struct {
  * are 64 contiguous bytes: one load instead of four; 2 int16 columns likewise. */
 static void pack_image(const gw_shape *s, const int8_t *gn, const int8_t *xn, const int8_t *zero, int8_t *gp,
                        int8_t *xp, int32_t *gs, int64_t *gsum, int64_t *tops) {
-    static const uint8_t order[64] = {
-        0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
-        6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
-        12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
     const int Q = s->Q;
-    const __m512i perm = _mm512_loadu_si512(order), ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x80);
-    const int g_runs = Q == 4 && s->Cout == 16 && s->gsW == 16, x_runs = Q == 4 && s->C == 16 && s->xsW == 16
-                                                                        && s->SW == 1;
+    const __m512i perm = _mm512_loadu_si512(ORDER4), pair = _mm512_loadu_si512(ORDER2), ones = _mm512_set1_epi8(1),
+                  flip = _mm512_set1_epi8((char)0x80);
+    /* 16 channels, so that a group's Q columns are 64 contiguous bytes (the input's at stride 1) */
+    const int g_run = s->Cout == 16 && s->gsW == 64 / Q, x_run = s->C == 16 && s->xsW == 64 / Q && s->SW == 1;
     __m512i gtop = _mm512_setzero_si512(), xtop = _mm512_setzero_si512();
     for (int64_t c0 = 0; c0 < s->Coutp && Q == 4; c0 += 16) {
         __m512i sum = _mm512_setzero_si512();
         for (int64_t oh = 0; oh < s->OH; ++oh)
             for (int64_t q0 = 0; q0 < s->groups; ++q0) {
                 int8_t *dst = gp + ((oh * s->groups + q0) * s->Coutp + c0) * 4;
-                if (g_runs && 4 * q0 + 3 < s->OW) {
+                if (g_run && 4 * q0 + 3 < s->OW) {
                     __m512i v = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(gn + oh * s->gsH + 4 * q0 * 16));
                     _mm512_storeu_si512(dst, v);
                 } else {
@@ -153,14 +151,9 @@ static void pack_image(const gw_shape *s, const int8_t *gn, const int8_t *xn, co
     }
     if (Q == 4)
         for (int64_t co = 0; co < s->Coutp; ++co) gsum[co] += gs[co];
-    static const uint16_t pairs[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i pair = _mm512_loadu_si512(pairs); /* interleave2's order */
-    const int g_pairs = Q == 2 && s->Cout == 16 && s->gsW == 32, x_pairs = Q == 2 && s->C == 16 && s->xsW == 32
-                                                                          && s->SW == 1;
     for (int64_t oh = 0; oh < s->OH && Q == 2; ++oh)
         for (int64_t q0 = 0; q0 < s->groups; ++q0) {
-            if (g_pairs && 2 * q0 + 1 < s->OW) { /* two 16-channel int16 columns: 64 contiguous bytes */
+            if (g_run && 2 * q0 + 1 < s->OW) {
                 __m512i v = _mm512_permutexvar_epi16(pair, _mm512_loadu_si512(gn + oh * s->gsH + 2 * q0 * 32));
                 _mm512_storeu_si512(gp + (oh * s->groups + q0) * s->Coutp * 4, v);
                 gtop = _mm512_max_epu16(gtop, _mm512_abs_epi16(v));
@@ -179,18 +172,16 @@ static void pack_image(const gw_shape *s, const int8_t *gn, const int8_t *xn, co
         for (int64_t h = 0; h < s->H; ++h)
             for (int64_t q0 = 0; q0 < s->groups; ++q0) {
                 int8_t *dst = xp + ((j * s->H + h) * s->groups + q0) * s->C * 4;
-                int64_t w0 = 4 * q0 + (int64_t)j * s->DW - s->PW;
-                if (x_pairs && 2 * q0 + (int64_t)j * s->DW - s->PW >= 0
-                    && 2 * q0 + (int64_t)j * s->DW - s->PW + 1 < s->W && 2 * q0 + 1 < s->OW) {
-                    __m512i v = _mm512_permutexvar_epi16(
-                        pair, _mm512_loadu_si512(xn + h * s->xsH + (2 * q0 + (int64_t)j * s->DW - s->PW) * 32));
-                    _mm512_storeu_si512(dst, v);
-                    xtop = _mm512_max_epu16(xtop, _mm512_abs_epi16(v));
-                    continue;
-                }
-                if (x_runs && w0 >= 0 && w0 + 3 < s->W && 4 * q0 + 3 < s->OW) {
-                    __m512i v = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(xn + h * s->xsH + w0 * 16));
-                    _mm512_storeu_si512(dst, _mm512_xor_si512(v, flip));
+                int64_t w0 = Q * q0 + (int64_t)j * s->DW - s->PW; /* the group's first column, at stride 1 */
+                if (x_run && w0 >= 0 && w0 + Q - 1 < s->W && Q * q0 + Q - 1 < s->OW) {
+                    __m512i v = _mm512_loadu_si512(xn + h * s->xsH + w0 * s->xsW);
+                    if (Q == 4) {
+                        _mm512_storeu_si512(dst, _mm512_xor_si512(_mm512_permutexvar_epi8(perm, v), flip));
+                    } else {
+                        v = _mm512_permutexvar_epi16(pair, v);
+                        _mm512_storeu_si512(dst, v);
+                        xtop = _mm512_max_epu16(xtop, _mm512_abs_epi16(v));
+                    }
                     continue;
                 }
                 const int8_t *src[4];
