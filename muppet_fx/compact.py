@@ -57,15 +57,15 @@ def _active(state, x: Tensor) -> bool:
             and (torch.compiler.is_compiling() or not transformed(x)))
 
 
-def _bn_forward(x, m, s, weight, bias, running_mean, running_var, momentum, eps, relu):
-    """``(y, mean, invstd, mask)`` of the training-mode batch norm of ``x = m * 2**-s`` (then
-    ReLU with ``relu``; ``mask`` is ``None`` without)."""
+def _bn_forward(m, s, weight, bias, running_mean, running_var, momentum, eps, relu):
+    """``(y, mean, invstd, mask)`` of the training-mode batch norm of ``m * 2**-s`` (then ReLU
+    with ``relu``; ``mask`` is ``None`` without)."""
     out = None
     if triton_path(m):  # three launches reading the mantissas and the exponent on the device
         out = batch_norm_triton.batch_norm_forward(m, s, weight, bias, running_mean, running_var, momentum, eps, relu)
     elif s.numel() == 1 and s.device.type == "cpu":  # two C passes over the mantissas
         out = batch_norm_forward(m, -int(s), weight, bias, running_mean, running_var, momentum, eps, relu)
-    if out is None:  # on the dequantised mantissas: x itself may hold unquantised values (ops._fq_parts)
+    if out is None:  # the layer's output itself may hold unquantised values (ops._fq_parts)
         out = torch.native_batch_norm(dequantise(m, s), weight, bias, running_mean, running_var, True, momentum,
                                       eps)
         if relu:
@@ -109,7 +109,7 @@ class _GridBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, bits, parts, relu):
         m, s = parts if parts is not None else quantise_parts(x.detach(), bits, "nearest")
-        y, mean, invstd, mask = _bn_forward(x, m, s, weight, bias, running_mean, running_var, momentum, eps, relu)
+        y, mean, invstd, mask = _bn_forward(m, s, weight, bias, running_mean, running_var, momentum, eps, relu)
         ctx.save_for_backward(m, s, weight, mean, invstd, mask)
         ctx.eps = eps
         return y
@@ -129,7 +129,7 @@ def _grid_batch_norm(x: Tensor, m: Tensor, s: Tensor, weight: Optional[Tensor], 
                      running_mean: Tensor, running_var: Tensor, momentum: float, eps: float,
                      relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     running_mean, running_var = running_mean.clone(), running_var.clone()
-    y, mean, invstd, mask = _bn_forward(x, m, s, weight, bias, running_mean, running_var, momentum, eps, relu)
+    y, mean, invstd, mask = _bn_forward(m, s, weight, bias, running_mean, running_var, momentum, eps, relu)
     mask = mask if mask is not None else m.new_empty(0, dtype=torch.uint8)
     # mean and invstd share one storage; a recorded absmax leaves a compiled graph only as a
     # guess the next quantiser checks (forget_absmax)

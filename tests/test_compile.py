@@ -99,7 +99,7 @@ def test_compiled_ops_leave_no_recorded_absmax():
     s = torch.tensor(5, dtype=torch.int32)
     x = m.float() * 2.0 ** -5
     stats = torch.zeros(8), torch.ones(8)
-    eager = compact._bn_forward(x, m, s, None, None, *stats, 0.1, 1e-5, True)[0]
+    eager = compact._bn_forward(m, s, None, None, *stats, 0.1, 1e-5, True)[0]
     assert getattr(eager, "_muppet_absmax", None) is not None  # the kernel records
     y = torch.ops.muppet_fx.grid_batch_norm(x, m, s, None, None, *stats, 0.1, 1e-5, True)[0]
     assert torch.equal(y, eager) and getattr(y, "_muppet_absmax", None) is None
