@@ -13,7 +13,9 @@ range test picks in the first epoch, 8-bit gradients, layer outputs in FP32 as i
 paper), int8, int16 (fixed word length throughout), fp16 (half weights, activations and
 gradients with loss scaling; bf16 on CPU).
 Writes to --out: metrics.csv, policy-<mode>.json, policy-<mode>.png, report.md and
-checkpoint-<mode>.pt after every epoch.
+checkpoint-<mode>.pt after every epoch. --compare trains its modes side by side, taking turns
+epoch by epoch, each on its own random stream (the results equal each mode's run alone), so
+that their wall times compare on a machine whose speed drifts during the run.
 
 Under torchrun the same command trains data-parallel (DistributedDataParallel; gloo on CPU,
 NCCL on CUDA): --batch-size stays the global batch, split evenly over the ranks; each rank
@@ -59,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="resnet20", help="resnet20, resnet18, alexnet, googlenet, a "
                    "torchvision classifier name or timm:<name> for a timm model (default resnet20)")
     p.add_argument("--mode", default="muppet", help=f"one of {', '.join(MODES)} (default muppet)")
-    p.add_argument("--compare", default=None, help="comma-separated modes run one after another on "
-                   "the same seed, e.g. fp32,muppet,amp,cpt; one table at the end")
+    p.add_argument("--compare", default=None, help="comma-separated modes trained side by side on the "
+                   "same seed, taking turns epoch by epoch, e.g. fp32,muppet,amp,cpt; one table at the end")
     p.add_argument("--data-dir", default=None, help="folder with train.npz/test.npz or "
                    "cifar-10-batches-py (default: the first of ./data/cifar10, ../shared/data/cifar10)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 with torchvision if missing")
@@ -175,6 +177,7 @@ class Run:
     metrics: list = field(default_factory=list)
     elapsed: float = 0.0
     start_epoch: int = 0
+    random: tuple = ()  # torch's generator states as this run left them (own_random_stream)
 
 
 class StepLR:
@@ -320,52 +323,80 @@ def evaluate(run: Run, x, y, args) -> float:
     return correct / total
 
 
-def run_mode(mode: str, args, data) -> Run:
-    (x, y), (xt, yt) = data
-    steps = math.ceil(len(x) / args.batch_size)
-    run = make_run(mode, args, steps)
-    out = Path(args.out)
-    ckpt = out / f"checkpoint-{mode}.pt"
+def start_mode(mode: str, args, data) -> Run:
+    """The mode's run, resumed from its checkpoint where ``--resume`` finds one."""
+    (x, _), _ = data
+    run = make_run(mode, args, math.ceil(len(x) / args.batch_size))
+    ckpt = Path(args.out) / f"checkpoint-{mode}.pt"
     if args.resume and ckpt.exists():
         extra = muppet_fx.load_checkpoint(ckpt, model=unwrap(run.net), optimizer=run.optimizer,
                                           manager=run.manager, scheduler=run.scheduler)
         run.start_epoch, run.metrics, run.elapsed = extra["epoch"], extra["metrics"], extra["elapsed"]
         say(args, f"[{mode}] resumed from {ckpt} at epoch {run.start_epoch}")
-    for epoch in range(run.start_epoch, args.epochs):
-        level = _level(run)
-        t0 = time.perf_counter()
-        loss, acc = train_epoch(run, x, y, epoch, args)
-        if run.manager is not None:
-            run.manager.end_epoch()
-            forced = mode == "muppet" and epoch + 1 >= args.epochs - args.fp32_epochs \
-                and run.manager.level != "fp32"
-            if forced:  # the FP32 stage always gets its epochs
-                old = run.manager.level
-                run.manager.state.set_level("fp32")
-                run.manager.fp32_start = epoch + 1
-                run.manager.history[-1].update(switched=True, forced=True)
-                say(args, f"[{mode}] epoch {epoch}: {old} -> fp32 (forced: last {args.fp32_epochs} epochs are FP32)")
-        run.scheduler.step()
-        run.elapsed += time.perf_counter() - t0
-        test_acc = evaluate(run, xt, yt, args)
-        lr = run.optimizer.param_groups[0]["lr"]
-        run.metrics.append({"mode": mode, "epoch": epoch, "level": level, "train_loss": round(loss, 4),
-                            "train_acc": round(acc, 4), "test_acc": round(test_acc, 4),
-                            "epoch_time_s": round(time.perf_counter() - t0, 2), "lr_next": lr})
-        comm = "" if run.comm is None else f"  comm {run.comm.bytes_sent / max(run.comm.fp32_bytes, 1):.2f}x fp32 bytes"
-        say(args, f"[{mode}] epoch {epoch:3d}  level {str(level):>9}  loss {loss:.3f}  train {acc:.3f}  "
-              f"test {test_acc:.3f}  {run.metrics[-1]['epoch_time_s']:.1f}s{comm}")
-        if run.comm is not None:
-            run.comm.reset_counters()  # the ratio printed is per epoch
-        if args.rank > 0:  # rank 0 writes for everyone: the ranks hold identical state
-            continue
-        muppet_fx.save_checkpoint(ckpt, model=unwrap(run.net), optimizer=run.optimizer, manager=run.manager,
-                                  scheduler=run.scheduler,
-                                  extra={"epoch": epoch + 1, "model": args.model, "mode": mode,
-                                         "metrics": run.metrics, "elapsed": run.elapsed})
-    if run.manager is not None and run.manager.history and args.rank == 0:
-        muppet_fx.plot_policy(run.manager.history, out / f"policy-{mode}.png")
+    run.random = _random_state(args.device)
     return run
+
+
+def _random_state(device: str):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state() if device == "cuda" else None)
+
+
+@contextlib.contextmanager
+def own_random_stream(run: Run, device: str):
+    """torch's global generators as ``run`` left them: each mode draws (stochastic rounding,
+    the seeds of its kernels) from its own stream, as if it trained alone, while the modes
+    take turns epoch by epoch."""
+    cpu, cuda = run.random
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+    try:
+        yield
+    finally:
+        run.random = _random_state(device)
+
+
+def run_epoch(run: Run, epoch: int, args, data) -> None:
+    """One epoch of ``run``: train, let the policy decide, evaluate, log, checkpoint."""
+    (x, y), (xt, yt) = data
+    mode, out = run.mode, Path(args.out)
+    ckpt = out / f"checkpoint-{mode}.pt"
+    level = _level(run)
+    t0 = time.perf_counter()
+    loss, acc = train_epoch(run, x, y, epoch, args)
+    if run.manager is not None:
+        run.manager.end_epoch()
+        forced = mode == "muppet" and epoch + 1 >= args.epochs - args.fp32_epochs \
+            and run.manager.level != "fp32"
+        if forced:  # the FP32 stage always gets its epochs
+            old = run.manager.level
+            run.manager.state.set_level("fp32")
+            run.manager.fp32_start = epoch + 1
+            run.manager.history[-1].update(switched=True, forced=True)
+            say(args, f"[{mode}] epoch {epoch}: {old} -> fp32 (forced: last {args.fp32_epochs} epochs are FP32)")
+    run.scheduler.step()
+    run.elapsed += time.perf_counter() - t0
+    test_acc = evaluate(run, xt, yt, args)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.metrics.append({"mode": mode, "epoch": epoch, "level": level, "train_loss": round(loss, 4),
+                        "train_acc": round(acc, 4), "test_acc": round(test_acc, 4),
+                        "epoch_time_s": round(time.perf_counter() - t0, 2), "lr_next": lr})
+    comm = "" if run.comm is None else f"  comm {run.comm.bytes_sent / max(run.comm.fp32_bytes, 1):.2f}x fp32 bytes"
+    say(args, f"[{mode}] epoch {epoch:3d}  level {str(level):>9}  loss {loss:.3f}  train {acc:.3f}  "
+          f"test {test_acc:.3f}  {run.metrics[-1]['epoch_time_s']:.1f}s{comm}")
+    if run.comm is not None:
+        run.comm.reset_counters()  # the ratio printed is per epoch
+    if args.rank > 0:  # rank 0 writes for everyone: the ranks hold identical state
+        return
+    muppet_fx.save_checkpoint(ckpt, model=unwrap(run.net), optimizer=run.optimizer, manager=run.manager,
+                              scheduler=run.scheduler,
+                              extra={"epoch": epoch + 1, "model": args.model, "mode": mode,
+                                     "metrics": run.metrics, "elapsed": run.elapsed})
+
+
+def finish_mode(run: Run, args) -> None:
+    if run.manager is not None and run.manager.history and args.rank == 0:
+        muppet_fx.plot_policy(run.manager.history, Path(args.out) / f"policy-{run.mode}.png")
 
 
 def say(args, line: str) -> None:
@@ -419,8 +450,18 @@ def main(argv=None) -> list[Run]:
         x, y = x[: args.subset], y[: args.subset]
     if args.test_subset:
         xt, yt = xt[: args.test_subset], yt[: args.test_subset]
+    data = ((x, y), (xt, yt))
     with distributed(args):
-        runs = [run_mode(mode, args, ((x, y), (xt, yt))) for mode in args.modes]
+        # the modes take turns epoch by epoch: a machine that speeds up or slows down over the
+        # run does so for every mode alike, so their wall times compare
+        runs = [start_mode(mode, args, data) for mode in args.modes]
+        for epoch in range(args.epochs):
+            for run in runs:
+                if epoch >= run.start_epoch:
+                    with own_random_stream(run, args.device):
+                        run_epoch(run, epoch, args, data)
+        for run in runs:
+            finish_mode(run, args)
     if args.rank == 0:
         print(write_outputs(runs, args))
     return runs

@@ -138,3 +138,22 @@ def test_cpt_range_test_picks_the_cycle_floor(npz_dir, tmp_path):
     state = manager.state
     assert state.fwd_bits == muppet_fx.policies.cpt_bits(manager.iteration, b_min, 8, manager.policy.period)
     assert state.bwd_bits == 8 and not state.config.quantise_outputs
+
+
+def test_compared_modes_take_turns_each_on_its_own_random_stream(npz_dir, tmp_path, capsys):
+    """``--compare`` trains the modes epoch by epoch in turn, so that a machine whose speed drifts
+    over the run slows every mode alike. Each mode still draws its stochastic rounding from its
+    own stream: two quantised modes side by side train exactly as each does alone."""
+    steps = ("--epochs", "2", "--fp32-epochs", "0")
+    both = train_resnet.main(_args(npz_dir, tmp_path / "both", "--compare", "muppet,int8", *steps))
+    order = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "  level " in line]
+    assert order == ["[muppet]", "[int8]", "[muppet]", "[int8]"]
+
+    def results(run):
+        return [{k: v for k, v in m.items() if k != "epoch_time_s"} for m in run.metrics]
+
+    for run in both:
+        alone = train_resnet.main(_args(npz_dir, tmp_path / run.mode, "--mode", run.mode, *steps))[0]
+        assert results(run) == results(alone), run.mode
+        for a, b in zip(run.model.parameters(), alone.model.parameters()):
+            assert torch.equal(a, b)
