@@ -130,44 +130,47 @@ static void pack_image(const gw_shape *s, const int8_t *gn, const int8_t *xn, co
     /* 16 channels, so that a group's Q columns are 64 contiguous bytes (the input's at stride 1) */
     const int g_run = s->Cout == 16 && s->gsW == 64 / Q, x_run = s->C == 16 && s->xsW == 64 / Q && s->SW == 1;
     __m512i gtop = _mm512_setzero_si512(), xtop = _mm512_setzero_si512();
-    for (int64_t c0 = 0; c0 < s->Coutp && Q == 4; c0 += 16) {
-        __m512i sum = _mm512_setzero_si512();
+    if (Q == 4) { /* int8 gradient, with its channel sums */
+        for (int64_t c0 = 0; c0 < s->Coutp; c0 += 16) {
+            __m512i sum = _mm512_setzero_si512();
+            for (int64_t oh = 0; oh < s->OH; ++oh)
+                for (int64_t q0 = 0; q0 < s->groups; ++q0) {
+                    int8_t *dst = gp + ((oh * s->groups + q0) * s->Coutp + c0) * 4;
+                    if (g_run && 4 * q0 + 3 < s->OW) {
+                        __m512i v = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(gn + oh * s->gsH + 4 * q0 * 16));
+                        _mm512_storeu_si512(dst, v);
+                    } else {
+                        const int8_t *r[4];
+                        int64_t left = s->Cout - c0;
+                        for (int q = 0; q < 4; ++q)
+                            r[q] = (4 * q0 + q < s->OW ? gn + oh * s->gsH + (4 * q0 + q) * s->gsW : zero) + c0;
+                        interleave4(r, left >= 16 ? 16 : (int)left, 0, dst);
+                    }
+                    sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(dst)); /* lane c: its 4 columns */
+                }
+            _mm512_storeu_si512(gs + c0, sum);
+        }
+        for (int64_t co = 0; co < s->Coutp; ++co) gsum[co] += gs[co];
+    } else { /* int16 gradient, with its largest magnitude */
         for (int64_t oh = 0; oh < s->OH; ++oh)
             for (int64_t q0 = 0; q0 < s->groups; ++q0) {
-                int8_t *dst = gp + ((oh * s->groups + q0) * s->Coutp + c0) * 4;
-                if (g_run && 4 * q0 + 3 < s->OW) {
-                    __m512i v = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(gn + oh * s->gsH + 4 * q0 * 16));
-                    _mm512_storeu_si512(dst, v);
-                } else {
-                    const int8_t *r[4];
-                    int64_t left = s->Cout - c0;
-                    for (int q = 0; q < 4; ++q)
-                        r[q] = (4 * q0 + q < s->OW ? gn + oh * s->gsH + (4 * q0 + q) * s->gsW : zero) + c0;
-                    interleave4(r, left >= 16 ? 16 : (int)left, 0, dst);
+                if (g_run && 2 * q0 + 1 < s->OW) {
+                    __m512i v = _mm512_permutexvar_epi16(pair, _mm512_loadu_si512(gn + oh * s->gsH + 2 * q0 * 32));
+                    _mm512_storeu_si512(gp + (oh * s->groups + q0) * s->Coutp * 4, v);
+                    gtop = _mm512_max_epu16(gtop, _mm512_abs_epi16(v));
+                    continue;
                 }
-                sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(dst)); /* lane c: its 4 columns */
+                const int8_t *src[2];
+                for (int q = 0; q < 2; ++q)
+                    src[q] = 2 * q0 + q < s->OW ? gn + oh * s->gsH + (2 * q0 + q) * s->gsW : zero;
+                for (int64_t c0 = 0; c0 < s->Coutp; c0 += 16) {
+                    int64_t left = s->Cout - c0;
+                    const int8_t *r[2] = {src[0] + 2 * c0, src[1] + 2 * c0};
+                    gtop = _mm512_max_epu16(gtop, interleave2(r, left >= 16 ? 16 : (int)left,
+                                                              gp + ((oh * s->groups + q0) * s->Coutp + c0) * 4));
+                }
             }
-        _mm512_storeu_si512(gs + c0, sum);
     }
-    if (Q == 4)
-        for (int64_t co = 0; co < s->Coutp; ++co) gsum[co] += gs[co];
-    for (int64_t oh = 0; oh < s->OH && Q == 2; ++oh)
-        for (int64_t q0 = 0; q0 < s->groups; ++q0) {
-            if (g_run && 2 * q0 + 1 < s->OW) {
-                __m512i v = _mm512_permutexvar_epi16(pair, _mm512_loadu_si512(gn + oh * s->gsH + 2 * q0 * 32));
-                _mm512_storeu_si512(gp + (oh * s->groups + q0) * s->Coutp * 4, v);
-                gtop = _mm512_max_epu16(gtop, _mm512_abs_epi16(v));
-                continue;
-            }
-            const int8_t *src[2];
-            for (int q = 0; q < 2; ++q) src[q] = 2 * q0 + q < s->OW ? gn + oh * s->gsH + (2 * q0 + q) * s->gsW : zero;
-            for (int64_t c0 = 0; c0 < s->Coutp; c0 += 16) {
-                int64_t left = s->Cout - c0;
-                const int8_t *r[2] = {src[0] + 2 * c0, src[1] + 2 * c0};
-                gtop = _mm512_max_epu16(gtop, interleave2(r, left >= 16 ? 16 : (int)left,
-                                                          gp + ((oh * s->groups + q0) * s->Coutp + c0) * 4));
-            }
-        }
     for (int j = 0; j < s->KW; ++j)
         for (int64_t h = 0; h < s->H; ++h)
             for (int64_t q0 = 0; q0 < s->groups; ++q0) {

@@ -58,7 +58,8 @@ def _fq_parts(y: Tensor, bits: int, rounding: str, quantised, parts: int) -> tup
         return (y if quantised else _fq(y, bits, rounding)), *_no_parts(y)
     if not quantised and y.device.type == "cpu" and not triton_path(y):
         values = parts != 2
-        m, e, v, bad = quantise_cpu(y, bits, rounding, want_mantissa=True, want_values=values, out=y if values else None)
+        m, e, v, bad = quantise_cpu(y, bits, rounding, want_mantissa=True, want_values=values,
+                                    out=y if values else None)
         if bad is False:
             return (v if values else y), m, e
         y = v if values else _fq(y, bits, rounding)  # NaN/inf: the reference route, values included
@@ -71,7 +72,7 @@ def _no_parts(like: Tensor) -> tuple[Tensor, Tensor]:
     return like.new_empty(0, dtype=torch.int8), like.new_empty(0, dtype=torch.int32)
 
 
-def _fake_out_parts(y: Tensor, bits: int, parts: bool) -> tuple[Tensor, Tensor]:
+def _fake_out_parts(y: Tensor, bits: int, parts: int) -> tuple[Tensor, Tensor]:
     return _fake_parts(y, bits, keep_layout=True) if parts else _no_parts(y)
 
 
@@ -570,7 +571,7 @@ def _wants_output_parts(site, input: Tensor, weight: Tensor) -> int:
     return 0 if not wanted else 2 if site.output_values_unread else 1
 
 
-def _leave_parts(site, y: Tensor, y_m: Tensor, y_s: Tensor, parts: bool) -> Tensor:
+def _leave_parts(site, y: Tensor, y_m: Tensor, y_s: Tensor, parts: int) -> Tensor:
     site.output_parts = (y, y_m, y_s) if parts and y_m.numel() else None
     return y
 
