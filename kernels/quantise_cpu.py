@@ -6,7 +6,8 @@ its arithmetic. Here a float32 tensor costs two passes: an integer max over the 
 recorded the absmax, or where a guess of it (``forget_absmax(t, hint=True)``) holds, which
 the pass itself checks. The exponent is computed on
 the host, which costs no synchronisation for a CPU tensor. Stochastic rounding draws its
-uniforms from a counter-based hash of ``(seed, index)``; results depend on the seed only.
+uniforms from generators seeded per block by a hash of ``(seed, block)``; results depend on the
+seed only.
 
 Inputs the C kernel does not cover (non-float32 dtypes, per-channel exponents, NaN/inf
 present) and machines without a C compiler take the reference route; the results follow the

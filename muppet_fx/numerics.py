@@ -252,8 +252,8 @@ def quantise(x: torch.Tensor, bits: int, rounding: str = "stochastic", *,
         axis: ``None`` for one exponent per tensor, or the dimension that gets one exponent
             per slice (``0`` = per output channel for weights).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cpu"``.
-        seed: seed of the counter-based draws of the triton and cpu backends (default: drawn
-            from ``generator``).
+        seed: seed of the triton and cpu backends' draws (a result depends on it alone, never
+            on the thread count or launch grid; default: drawn from ``generator``).
         noise: explicit uniforms in ``[0, 1)`` for stochastic rounding, shape of ``x``.
 
     Returns:

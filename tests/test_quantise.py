@@ -223,7 +223,7 @@ def test_qtensor_is_public_and_frozen():
 
 
 def test_cpu_kernel_thread_count_independent():
-    """Counter-based draws: the same seed gives the same result with 1 or 2 threads."""
+    """Draws seeded per block: the same seed gives the same result with 1 or 2 threads."""
     from muppet_fx.kernels.quantise_cpu import c_kernel_available
 
     if not c_kernel_available():
@@ -260,6 +260,35 @@ def test_cpu_draws_unbiased_and_uncorrelated(seeds):
         assert abs(u.mean().item() - 0.5) <= 0.5 * se
         assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()) <= se
     assert abs(torch.corrcoef(torch.stack(up))[0, 1].item()) <= se
+
+
+@pytest.mark.parametrize("seed", [3, 2**40 + 11])
+def test_cpu_uniforms_are_uniform_and_pairwise_independent(seed):
+    """The draws themselves, read to 4 bits: with one seed, values at the fractions k/16 round
+    up exactly where u < k/16, so the count of fractions an element rounds down at is
+    floor(16 u). Over 2**18 elements those bins must pass a chi-square test (15 degrees of
+    freedom), and so must the joint bins of element pairs (255 degrees) at the lags where the
+    generators could repeat themselves: the next element, the same generator's next output
+    (32 apart), the same generator of the next 2048-element block, and a far block."""
+    from muppet_fx.kernels.quantise_cpu import c_kernel_available
+
+    if not c_kernel_available():
+        pytest.skip("no C compiler: the cpu backend runs the reference route")
+    n = 2**18
+    bins = torch.zeros(n - 1, dtype=torch.long)
+    for k in range(1, 16):
+        x = torch.full((n,), k / 16)
+        x[0] = 127.0  # exponent 0: the scaled value is the fraction itself
+        bins += 1 - quantise(x, 8, seed=seed, backend="cpu").mantissa[1:].long()
+
+    def chi2(counts):
+        expected = counts.sum() / counts.numel()
+        return (((counts.double() - expected) ** 2) / expected).sum().item()
+
+    assert chi2(torch.bincount(bins, minlength=16)) < 15 + 8 * (2 * 15) ** 0.5
+    for lag in (1, 32, 2048, 2048 * 37 + 5):
+        pair = bins[:-lag] * 16 + bins[lag:]
+        assert chi2(torch.bincount(pair, minlength=256)) < 255 + 8 * (2 * 255) ** 0.5, lag
 
 
 def test_cpu_backend_without_compiler(monkeypatch):
